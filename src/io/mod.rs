@@ -1,0 +1,2 @@
+//! The only module that talks to the OS with `unsafe`: TUN device, UDP batching, ethtool ioctls.
+#![allow(unsafe_code)]

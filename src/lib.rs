@@ -1,0 +1,25 @@
+//! flannel-rs: a drop-in Rust reimplementation of flannel's data plane.
+//!
+//! Layers, top to bottom (dependencies only point down):
+//!
+//! * [`daemon`] wires everything: flags → config → lease store → backend → reconcile loop.
+//! * [`backend`] turns leases into desired host state with pure planners, then applies them:
+//!   userspace VXLAN (TUN + UDP), kernel VXLAN (netlink) or host-gw routes.
+//! * [`lease`] is the lease model (flannel's JSON), the watcher that diffs snapshots into
+//!   events, and the stores (local directory, etcd, Kubernetes).
+//! * [`config`] is flanneld's flags and `FLANNELD_*` environment, net-conf.json and subnet.env.
+//! * [`dataplane`] is the sans-IO packet core: peer table, encap/decap, verdicts, counters.
+//! * [`wire`] is zero-copy views over packet bytes and the internet checksum.
+//! * [`io`] is the only module that talks to the OS with `unsafe`: TUN, UDP batching, ethtool.
+//! * [`netlink`] programs links, addresses, routes, neighbours and FDB entries, each call
+//!   documented as the `ip`/`bridge` command it equals.
+
+pub mod backend;
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod io;
+pub mod lease;
+pub mod masq;
+pub mod netlink;
+pub mod wire;
