@@ -1,1 +1,29 @@
-//! TODO
+//! Backends: turn peers into host state. Pure planners decide; reconcilers apply.
+
+pub mod hostgw;
+pub mod kernel;
+pub mod plan;
+pub mod userspace;
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::wire::MacAddr;
+
+/// One remote node's subnet of one address family, as every backend sees it: already validated
+/// from its lease (public IP parsed, VTEP MAC parsed, subnet inside Network). A dual-stack lease
+/// becomes two peers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Peer {
+    /// The remote node's pod subnet of this family.
+    pub subnet: IpNet,
+    /// The underlay address that reaches the remote node (its `PublicIP`/`PublicIPv6`).
+    pub public_ip: IpAddr,
+    /// Lease backend type (`vxlan`, `host-gw`, ...).
+    pub backend_type: String,
+    /// Remote VTEP MAC for vxlan leases.
+    pub vtep_mac: Option<MacAddr>,
+    /// Remote VNI for vxlan leases.
+    pub vni: Option<u32>,
+}

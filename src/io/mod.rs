@@ -1,2 +1,7 @@
 //! The only module that talks to the OS with `unsafe`: TUN device, UDP batching, ethtool ioctls.
 #![allow(unsafe_code)]
+
+pub mod ethtool;
+pub mod netns;
+pub mod tun;
+pub mod udp;
