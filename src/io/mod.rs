@@ -2,6 +2,7 @@
 #![allow(unsafe_code)]
 
 pub mod ethtool;
+pub mod iface;
 pub mod netns;
 pub mod tun;
 pub mod udp;

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the demo, benchmarks and tests need. Idempotent: does nothing
+# when every tool is already present.
+set -euo pipefail
+
+need=()
+check() { command -v "$1" >/dev/null 2>&1 || need+=("$2"); }
+check ip iproute2
+check bridge iproute2
+check iperf3 iperf3
+check etcd etcd-server
+check etcdctl etcd-client
+check iptables iptables
+check iptables-restore iptables
+check ping iputils-ping
+check ethtool ethtool
+check tshark tshark
+check tcpdump tcpdump
+check protoc protobuf-compiler
+check pgrep procps
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" != 0 ]; then
+  echo "install-deps: missing ${need[*]}; run as root (apt-get) or install them" >&2
+  exit 1
+fi
+echo "install-deps: installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# shellcheck disable=SC2207
+apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
