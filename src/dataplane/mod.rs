@@ -1,1 +1,325 @@
-//! TODO
+//! The sans-IO packet core of the userspace VXLAN backend.
+//!
+//! The IO layer reads an inner IP packet from TUN (with [`VXLAN_HEADROOM`] bytes free in front
+//! of it) and calls [`encap`]; it receives a VXLAN datagram from the UDP socket and calls
+//! [`decap`]. Each returns a verdict saying what to send where, with ranges into the same
+//! buffer: headers are written in place, payloads are never copied. Offloaded TUN
+//! super-packets are split by [`offload::gso_split`] into an arena already laid out for
+//! in-place encapsulation.
+//!
+//! Nothing here does IO, reads a clock, allocates on the per-packet path (except the
+//! caller-owned GSO arena) or logs: every outcome is a verdict, and every drop has a
+//! [`DropReason`] that the caller counts in [`Counters`].
+
+mod counters;
+mod decap;
+mod drop;
+mod encap;
+pub mod offload;
+mod peers;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::Range;
+
+use crate::wire::MacAddr;
+
+pub use counters::{Counters, CountersSnapshot};
+pub use decap::decap;
+pub use drop::DropReason;
+pub use encap::encap;
+pub use peers::PeerTable;
+
+/// Bytes the IO layer must leave free in front of an inner packet: 8 (VXLAN) + 14 (inner
+/// Ethernet).
+pub const VXLAN_HEADROOM: usize = 22;
+
+/// A remote node's VTEP, from its lease: where to send frames for its pod subnet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RemoteVtep {
+    /// Underlay address of the remote node (the lease's `PublicIP`/`PublicIPv6`).
+    pub public_ip: IpAddr,
+    /// The remote VTEP MAC (`VtepMAC` in the lease's backend data): inner destination MAC.
+    pub mac: MacAddr,
+    /// The remote VNI (`VNI` in the lease's backend data), written in the VXLAN header.
+    pub vni: u32,
+}
+
+/// This node's VTEP: what the kernel's `flannel.<VNI>` device would be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LocalVtep {
+    /// VNI accepted on receive.
+    pub vni: u32,
+    /// Our VTEP MAC: inner source MAC on send, required inner destination MAC on receive.
+    pub mac: MacAddr,
+    /// Our VTEP IPv4 address (the subnet's network address, e.g. `10.244.1.0`): answers ARP
+    /// and sources ICMP errors.
+    pub addr_v4: Option<Ipv4Addr>,
+    /// Our VTEP IPv6 address: sources ICMPv6 errors.
+    pub addr_v6: Option<Ipv6Addr>,
+}
+
+/// What to do with a packet read from TUN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EncapVerdict {
+    /// Send `buf[frame]` (VXLAN header + inner Ethernet + packet) as one UDP datagram to
+    /// `dst` on the VXLAN port.
+    Transmit {
+        /// The remote node's public IP.
+        dst: IpAddr,
+        /// The VXLAN payload to send.
+        frame: Range<usize>,
+    },
+    /// No peer owns the destination: write `buf[packet]` (an ICMP/ICMPv6 destination
+    /// unreachable addressed to the sender) back to TUN.
+    ReplyToTun {
+        /// The ICMP error packet.
+        packet: Range<usize>,
+    },
+    /// Drop the packet and count the reason.
+    Drop(DropReason),
+}
+
+/// What to do with a VXLAN datagram received from the underlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecapVerdict {
+    /// Write `buf[packet]` (the inner IP packet, trimmed to its header's length) to TUN.
+    Deliver {
+        /// The inner IP packet.
+        packet: Range<usize>,
+    },
+    /// Send `buf[frame]` (a VXLAN datagram, e.g. an ARP reply) back to `dst` on the VXLAN
+    /// port.
+    Reply {
+        /// The sender's public IP.
+        dst: IpAddr,
+        /// The VXLAN payload to send.
+        frame: Range<usize>,
+    },
+    /// Drop the datagram and count the reason.
+    Drop(DropReason),
+}
+
+const _: () =
+    assert!(VXLAN_HEADROOM == crate::wire::vxlan::HEADER_LEN + crate::wire::ethernet::HEADER_LEN);
+
+/// Writes the 22-byte VXLAN + Ethernet header template into `hdr`.
+#[inline]
+fn write_headers(
+    hdr: &mut [u8; VXLAN_HEADROOM],
+    vni: u32,
+    dst: MacAddr,
+    src: MacAddr,
+    ethertype: u16,
+) {
+    let vni = ((vni & crate::wire::vxlan::MAX_VNI) << 8).to_be_bytes();
+    let et = ethertype.to_be_bytes();
+    *hdr = [
+        crate::wire::vxlan::FLAG_I,
+        0,
+        0,
+        0,
+        vni[0],
+        vni[1],
+        vni[2],
+        vni[3],
+        dst.0[0],
+        dst.0[1],
+        dst.0[2],
+        dst.0[3],
+        dst.0[4],
+        dst.0[5],
+        src.0[0],
+        src.0[1],
+        src.0[2],
+        src.0[3],
+        src.0[4],
+        src.0[5],
+        et[0],
+        et[1],
+    ];
+}
+
+/// A validated inner IP packet: its length per its header and its addresses.
+#[derive(Debug, Clone, Copy)]
+struct IpInfo {
+    /// Version (4 or 6).
+    version: u8,
+    /// Total length according to the header (≤ the bytes present).
+    len: usize,
+    /// Source address.
+    src: IpAddr,
+    /// Destination address.
+    dst: IpAddr,
+}
+
+/// Validates an IP packet enough to forward it: version, header and total lengths.
+#[inline]
+fn inspect_ip(p: &[u8]) -> Result<IpInfo, DropReason> {
+    use crate::wire::{ipv4, ipv6};
+    match p.first().map(|b| b >> 4) {
+        None => Err(DropReason::Truncated),
+        Some(4) => {
+            let pkt = ipv4::Packet::new_checked(p).map_err(DropReason::from_wire)?;
+            Ok(IpInfo {
+                version: 4,
+                len: usize::from(pkt.total_len()),
+                src: pkt.src_addr().into(),
+                dst: pkt.dst_addr().into(),
+            })
+        }
+        Some(6) => {
+            let pkt = ipv6::Packet::new_checked(p).map_err(DropReason::from_wire)?;
+            Ok(IpInfo {
+                version: 6,
+                len: pkt.total_len(),
+                src: pkt.src_addr().into(),
+                dst: pkt.dst_addr().into(),
+            })
+        }
+        Some(_) => Err(DropReason::MalformedIp),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Packet builders shared by the data-plane tests.
+    use super::*;
+    use crate::wire::{checksum, ipv4, ipv6, IpProtocol};
+
+    /// An IPv4 packet with `payload` and a valid header checksum.
+    pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![0u8; 20 + payload.len()];
+        let repr = ipv4::Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::from(proto),
+            payload_len: payload.len(),
+            hop_limit: 64,
+        };
+        repr.emit(&mut ipv4::Packet::new_unchecked(&mut v[..]))
+            .unwrap();
+        v[20..].copy_from_slice(payload);
+        v
+    }
+
+    /// An IPv6 packet with `payload`.
+    pub fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, nh: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![0u8; 40 + payload.len()];
+        let repr = ipv6::Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::from(nh),
+            payload_len: payload.len(),
+            hop_limit: 64,
+        };
+        repr.emit(&mut ipv6::Packet::new_unchecked(&mut v[..]))
+            .unwrap();
+        v[40..].copy_from_slice(payload);
+        v
+    }
+
+    /// `packet` placed after `headroom` zero bytes, with `tail` spare bytes after it.
+    pub fn with_headroom(packet: &[u8], headroom: usize, tail: usize) -> (Vec<u8>, Range<usize>) {
+        let mut v = vec![0u8; headroom];
+        v.extend_from_slice(packet);
+        v.resize(v.len() + tail, 0);
+        (v, headroom..headroom + packet.len())
+    }
+
+    /// True if the one's-complement sum of `data` verifies (is 0xffff).
+    pub fn verifies(data: &[u8]) -> bool {
+        checksum::tests::naive_sum(data) == 0xffff
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::*;
+    use super::*;
+    use ipnet::IpNet;
+    use proptest::prelude::*;
+
+    fn arb_public() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<u16>().prop_map(|x| IpAddr::V4(Ipv4Addr::new(198, 18, (x >> 8) as u8, x as u8))),
+            any::<u16>().prop_map(|x| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, x))),
+        ]
+    }
+
+    fn arb_mac() -> impl Strategy<Value = MacAddr> {
+        any::<[u8; 6]>().prop_map(MacAddr::local_unicast)
+    }
+
+    /// An inner packet from node A's subnet to node B's, IPv4 or IPv6, any payload.
+    fn arb_inner() -> impl Strategy<Value = Vec<u8>> {
+        let v4 = (
+            any::<u8>(),
+            any::<u8>(),
+            any::<u8>(),
+            proptest::collection::vec(any::<u8>(), 0..1500),
+        )
+            .prop_map(|(s, d, p, pl)| {
+                ipv4_packet(
+                    Ipv4Addr::new(10, 244, 1, s),
+                    Ipv4Addr::new(10, 244, 2, d),
+                    p,
+                    &pl,
+                )
+            });
+        let v6 = (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u8>(),
+            proptest::collection::vec(any::<u8>(), 0..1500),
+        )
+            .prop_map(|(s, d, nh, pl)| {
+                let s = Ipv6Addr::from((0xfd10_0244_0001_0000u128 << 64) | u128::from(s));
+                let d = Ipv6Addr::from((0xfd10_0244_0002_0000u128 << 64) | u128::from(d));
+                ipv6_packet(s, d, nh, &pl)
+            });
+        prop_oneof![v4, v6]
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn encap_then_decap_is_identity(
+            inner in arb_inner(), vni in 0u32..=crate::wire::vxlan::MAX_VNI,
+            pub_a in arb_public(), pub_b in arb_public(), mac_a in arb_mac(), mac_b in arb_mac(),
+            headroom in 22usize..64, tail in 0usize..16, rx_offset in 0usize..8,
+        ) {
+            prop_assume!(pub_a != pub_b);
+            let node = |mac| LocalVtep {
+                vni, mac, addr_v4: None, addr_v6: None,
+            };
+            let (a, b) = (node(mac_a), node(mac_b));
+            let table_a = PeerTable::new([
+                (net("10.244.2.0/24"), RemoteVtep { public_ip: pub_b, mac: mac_b, vni }),
+                (net("fd10:244:2::/64"), RemoteVtep { public_ip: pub_b, mac: mac_b, vni }),
+            ]);
+            let table_b = PeerTable::new([
+                (net("10.244.1.0/24"), RemoteVtep { public_ip: pub_a, mac: mac_a, vni }),
+                (net("fd10:244:1::/64"), RemoteVtep { public_ip: pub_a, mac: mac_a, vni }),
+            ]);
+            let (mut tx, range) = with_headroom(&inner, headroom, tail);
+            let v = encap(&mut tx, range, &table_a, &a);
+            let EncapVerdict::Transmit { dst, frame } = v else {
+                return Err(TestCaseError::fail(format!("{v:?}")));
+            };
+            prop_assert_eq!(dst, pub_b);
+            prop_assert_eq!(frame.len(), VXLAN_HEADROOM + inner.len());
+            // "The network": the UDP payload lands at some offset of B's receive buffer.
+            let mut rx = vec![0xa5u8; rx_offset];
+            rx.extend_from_slice(&tx[frame]);
+            let n = rx.len();
+            let v = decap(&mut rx, rx_offset..n, pub_a, &table_b, &b);
+            let DecapVerdict::Deliver { packet } = v else {
+                return Err(TestCaseError::fail(format!("{v:?}")));
+            };
+            prop_assert_eq!(&rx[packet], &inner[..]);
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! TUN → underlay: wrap an inner IP packet in Ethernet + VXLAN in place.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::Range;
+
+use super::DropReason;
+use super::{
+    inspect_ip, write_headers, EncapVerdict, IpInfo, LocalVtep, PeerTable, VXLAN_HEADROOM,
+};
+use crate::wire::{checksum, ipv4, ipv6, EtherType, IpProtocol};
+
+/// Encapsulates the inner IP packet `buf[packet]` for the peer owning its destination.
+///
+/// Call once per packet read from TUN, with at least [`VXLAN_HEADROOM`] bytes of `buf` free
+/// in front of `packet`. The VXLAN header (the peer's VNI, I flag) and the inner Ethernet
+/// header (remote VTEP MAC ← our MAC, EtherType from the IP version) are written into
+/// `buf[packet.start - 22..packet.start]`; the packet is trimmed to its header's length.
+///
+/// When no peer owns the destination and we have a VTEP address of that family, an
+/// ICMP/ICMPv6 destination unreachable for the sender is written into `buf` and returned as
+/// [`EncapVerdict::ReplyToTun`] (never for ICMP errors, non-first fragments, or
+/// multicast/unspecified addresses; not rate limited here).
+pub fn encap(
+    buf: &mut [u8],
+    packet: Range<usize>,
+    table: &PeerTable,
+    local: &LocalVtep,
+) -> EncapVerdict {
+    let Range { start, end } = packet;
+    if start < VXLAN_HEADROOM || start > end || end > buf.len() {
+        return EncapVerdict::Drop(DropReason::InvalidBuffer);
+    }
+    let info = match buf.get(start..end).map(inspect_ip) {
+        Some(Ok(info)) => info,
+        Some(Err(r)) => return EncapVerdict::Drop(r),
+        None => return EncapVerdict::Drop(DropReason::InvalidBuffer),
+    };
+    let Some(peer) = table.lookup(info.dst) else {
+        return unreachable(buf, start, &info, local);
+    };
+    let ethertype = if info.version == 4 {
+        EtherType::Ipv4
+    } else {
+        EtherType::Ipv6
+    };
+    let mut hdr = [0u8; VXLAN_HEADROOM];
+    write_headers(&mut hdr, peer.vni, peer.mac, local.mac, ethertype.into());
+    let frame_start = start - VXLAN_HEADROOM;
+    match buf.get_mut(frame_start..start) {
+        Some(h) => h.copy_from_slice(&hdr),
+        None => return EncapVerdict::Drop(DropReason::InvalidBuffer),
+    }
+    EncapVerdict::Transmit {
+        dst: peer.public_ip,
+        frame: frame_start..start + info.len,
+    }
+}
+
+/// ICMPv4 "destination unreachable" type and "net unreachable" code (what flannel's old UDP
+/// backend sent).
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_NET_UNREACH: u8 = 0;
+/// ICMPv6 "destination unreachable" type and "no route to destination" code.
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_NO_ROUTE: u8 = 0;
+/// Largest ICMP error datagram: 576 bytes for IPv4 (RFC 1812 §4.3.2.3), the minimum MTU 1280
+/// for IPv6 (RFC 4443 §2.4(c)).
+const MAX_ERROR_V4: usize = 576;
+const MAX_ERROR_V6: usize = 1280;
+
+/// True if RFC 1812 §4.3.2.7 / RFC 4443 §2.4(e) allow an ICMP error about this packet.
+fn may_send_error(p: &[u8], info: &IpInfo) -> bool {
+    match (info.src, info.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let Ok(pkt) = ipv4::Packet::new_checked(p) else {
+                return false;
+            };
+            let unicast = |a: Ipv4Addr| {
+                !(a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_loopback())
+            };
+            if !unicast(s) || d.is_multicast() || d.is_broadcast() || pkt.frag_offset() != 0 {
+                return false;
+            }
+            if pkt.next_header() == IpProtocol::Icmp {
+                // Only informational messages (echo, timestamp, ...) may trigger errors.
+                return matches!(
+                    pkt.payload().first(),
+                    Some(0 | 8 | 13 | 14 | 15 | 16 | 17 | 18)
+                );
+            }
+            true
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let Ok(pkt) = ipv6::Packet::new_checked(p) else {
+                return false;
+            };
+            if s.is_unspecified() || s.is_multicast() || s.is_loopback() || d.is_multicast() {
+                return false;
+            }
+            match pkt.next_header() {
+                // Error messages have types below 128.
+                IpProtocol::Icmpv6 => pkt.payload().first().is_some_and(|t| *t >= 128),
+                // Fragment header: only the first fragment (offset zero).
+                IpProtocol::Ipv6Frag => pkt
+                    .payload()
+                    .get(2..4)
+                    .is_some_and(|o| u16::from_be_bytes([o[0], o[1]]) & 0xfff8 == 0),
+                _ => true,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// Builds a destination-unreachable error for the packet at `buf[start..]` in place, or drops
+/// with `NoRoute` when that is not allowed or possible.
+fn unreachable(buf: &mut [u8], start: usize, info: &IpInfo, local: &LocalVtep) -> EncapVerdict {
+    let no_route = EncapVerdict::Drop(DropReason::NoRoute);
+    let Some(orig) = buf.get(start..start + info.len) else {
+        return no_route;
+    };
+    if !may_send_error(orig, info) {
+        return no_route;
+    }
+    let (our, hdr_len, max, min_quote) = match (info.src, local.addr_v4, local.addr_v6) {
+        (IpAddr::V4(_), Some(a), _) => (IpAddr::V4(a), 20 + 8, MAX_ERROR_V4, ipv4::HEADER_LEN),
+        (IpAddr::V6(_), _, Some(a)) => (IpAddr::V6(a), 40 + 8, MAX_ERROR_V6, ipv6::HEADER_LEN),
+        _ => return no_route,
+    };
+    let mut quote = info.len.min(max - hdr_len);
+    // Place the error header in front of the quoted original when the headroom allows it,
+    // otherwise move the quote back to make room.
+    let (reply_start, quote_at) = if start >= hdr_len {
+        (start - hdr_len, start)
+    } else {
+        quote = quote.min(buf.len().saturating_sub(hdr_len));
+        if quote < min_quote {
+            return no_route;
+        }
+        buf.copy_within(start..start + quote, hdr_len);
+        (0, hdr_len)
+    };
+    let reply_len = hdr_len + quote;
+    let Some(reply) = buf.get_mut(reply_start..reply_start + reply_len) else {
+        return no_route;
+    };
+    let icmp_len = reply_len - (hdr_len - 8);
+    match (our, info.src) {
+        (IpAddr::V4(ours), IpAddr::V4(sender)) => {
+            write_ipv4_header(reply, ours, sender, reply_len);
+            let icmp = &mut reply[20..];
+            icmp[..8].copy_from_slice(&[ICMP_DEST_UNREACH, ICMP_NET_UNREACH, 0, 0, 0, 0, 0, 0]);
+            let c = checksum::checksum(icmp);
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        }
+        (IpAddr::V6(ours), IpAddr::V6(sender)) => {
+            write_ipv6_header(reply, ours, sender, icmp_len);
+            let icmp = &mut reply[40..];
+            icmp[..8].copy_from_slice(&[ICMPV6_DEST_UNREACH, ICMPV6_NO_ROUTE, 0, 0, 0, 0, 0, 0]);
+            let ph = checksum::pseudo_header(
+                &our,
+                &info.src,
+                IpProtocol::Icmpv6.into(),
+                icmp_len as u32,
+            );
+            let c = !checksum::add(ph, checksum::sum(icmp));
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        }
+        _ => return no_route,
+    }
+    debug_assert_eq!(quote_at, reply_start + hdr_len);
+    EncapVerdict::ReplyToTun {
+        packet: reply_start..reply_start + reply_len,
+    }
+}
+
+fn write_ipv4_header(reply: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, total: usize) {
+    let repr = ipv4::Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Icmp,
+        payload_len: total - ipv4::HEADER_LEN,
+        hop_limit: 64,
+    };
+    let mut p = ipv4::Packet::new_unchecked(&mut *reply);
+    if repr.emit(&mut p).is_ok() {
+        // Linux sends ICMP errors with precedence "internetwork control".
+        p.set_dscp_ecn(0xc0);
+        p.fill_checksum();
+    }
+}
+
+fn write_ipv6_header(reply: &mut [u8], src: Ipv6Addr, dst: Ipv6Addr, payload: usize) {
+    let repr = ipv6::Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: payload,
+        hop_limit: 64,
+    };
+    let _ = repr.emit(&mut ipv6::Packet::new_unchecked(reply));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::super::*;
+    use crate::wire::{checksum, ethernet, ipv4, ipv6, vxlan, EtherType, IpProtocol, MacAddr};
+    use ipnet::IpNet;
+
+    pub(crate) fn local() -> LocalVtep {
+        LocalVtep {
+            vni: 1,
+            mac: MacAddr([0x02, 0xaa, 0, 0, 0, 1]),
+            addr_v4: Some(Ipv4Addr::new(10, 244, 1, 0)),
+            addr_v6: Some("fd10:244:1::".parse().unwrap()),
+        }
+    }
+
+    pub(crate) fn peer() -> RemoteVtep {
+        RemoteVtep {
+            public_ip: "198.18.0.2".parse().unwrap(),
+            mac: MacAddr([0x02, 0xbb, 0, 0, 0, 2]),
+            vni: 1,
+        }
+    }
+
+    pub(crate) fn table() -> PeerTable {
+        PeerTable::new([
+            ("10.244.2.0/24".parse::<IpNet>().unwrap(), peer()),
+            ("fd10:244:2::/64".parse::<IpNet>().unwrap(), peer()),
+        ])
+    }
+
+    fn v4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn encap_ipv4_writes_headers() {
+        let inner = ipv4_packet(
+            v4("10.244.1.5"),
+            v4("10.244.2.7"),
+            17,
+            &[1, 2, 3, 4, 0, 12, 0, 0, 9, 9, 9, 9],
+        );
+        let (mut buf, range) = with_headroom(&inner, 30, 0);
+        let v = encap(&mut buf, range, &table(), &local());
+        let EncapVerdict::Transmit { dst, frame } = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(dst, peer().public_ip);
+        assert_eq!(frame, 8..30 + inner.len());
+        let f = &buf[frame];
+        assert_eq!(&f[..8], &[0x08, 0, 0, 0, 0, 0, 1, 0]);
+        let eth = ethernet::Frame::new_checked(&f[8..]).unwrap();
+        assert_eq!(eth.dst_addr(), peer().mac);
+        assert_eq!(eth.src_addr(), local().mac);
+        assert_eq!(eth.ethertype(), EtherType::Ipv4);
+        assert_eq!(eth.payload(), &inner[..]);
+    }
+
+    #[test]
+    fn encap_ipv6_uses_peer_vni_and_trims() {
+        let inner = ipv6_packet(
+            "fd10:244:1::5".parse().unwrap(),
+            "fd10:244:2::9".parse().unwrap(),
+            17,
+            &[0; 16],
+        );
+        let (buf, range) = with_headroom(&inner, 22, 0);
+        let mut padded = buf.clone();
+        padded.extend_from_slice(&[0xee; 5]);
+        let mut t = peer();
+        t.vni = 0x123456;
+        let table = PeerTable::new([("fd10:244:2::/64".parse::<IpNet>().unwrap(), t)]);
+        let v = encap(&mut padded, range.start..range.end + 5, &table, &local());
+        let EncapVerdict::Transmit { frame, .. } = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(frame, 0..buf.len(), "trailing bytes trimmed");
+        let vx = vxlan::Packet::new_checked(&padded[frame.clone()]).unwrap();
+        assert_eq!(vx.vni(), 0x123456);
+        assert_eq!(&padded[20..22], &[0x86, 0xdd]);
+    }
+
+    #[test]
+    fn bad_inputs_give_reasons() {
+        let t = table();
+        let l = local();
+        let ok = ipv4_packet(v4("10.244.1.5"), v4("10.244.2.7"), 17, &[0; 8]);
+        let run = |bytes: &[u8], headroom: usize| {
+            let (mut b, r) = with_headroom(bytes, headroom, 0);
+            encap(&mut b, r, &t, &l)
+        };
+        assert_eq!(run(&ok, 21), EncapVerdict::Drop(DropReason::InvalidBuffer));
+        let mut b = vec![0u8; 40];
+        assert_eq!(
+            encap(&mut b, 22..41, &t, &l),
+            EncapVerdict::Drop(DropReason::InvalidBuffer)
+        );
+        #[allow(clippy::reversed_empty_ranges)]
+        let rev = 30..25;
+        assert_eq!(
+            encap(&mut b, rev, &t, &l),
+            EncapVerdict::Drop(DropReason::InvalidBuffer)
+        );
+        assert_eq!(run(&[], 22), EncapVerdict::Drop(DropReason::Truncated));
+        assert_eq!(
+            run(&ok[..19], 22),
+            EncapVerdict::Drop(DropReason::Truncated)
+        );
+        assert_eq!(
+            run(&ok[..ok.len() - 1], 22),
+            EncapVerdict::Drop(DropReason::Truncated)
+        );
+        let mut bad_ihl = ok.clone();
+        bad_ihl[0] = 0x43;
+        assert_eq!(
+            run(&bad_ihl, 22),
+            EncapVerdict::Drop(DropReason::MalformedIp)
+        );
+        let mut v5 = ok.clone();
+        v5[0] = 0x55;
+        assert_eq!(run(&v5, 22), EncapVerdict::Drop(DropReason::MalformedIp));
+        let six = ipv6_packet(
+            "fd10:244:1::5".parse().unwrap(),
+            "fd10:244:2::9".parse().unwrap(),
+            17,
+            &[0; 8],
+        );
+        assert_eq!(
+            run(&six[..47], 22),
+            EncapVerdict::Drop(DropReason::Truncated)
+        );
+        assert_eq!(
+            run(&six[..39], 22),
+            EncapVerdict::Drop(DropReason::Truncated)
+        );
+    }
+
+    #[test]
+    fn no_route_builds_icmp_unreachable_v4() {
+        let udp = [0x30, 0x39, 0x00, 0x35, 0x00, 0x0c, 0, 0, 1, 2, 3, 4];
+        let inner = ipv4_packet(v4("10.244.1.5"), v4("10.99.0.1"), 17, &udp);
+        for headroom in [22, 28, 64] {
+            let (mut buf, range) = with_headroom(&inner, headroom, 8);
+            let v = encap(&mut buf, range, &table(), &local());
+            let EncapVerdict::ReplyToTun { packet } = v else {
+                panic!("{v:?}")
+            };
+            let p = ipv4::Packet::new_checked(&buf[packet.clone()]).unwrap();
+            assert!(p.verify_checksum());
+            assert_eq!(p.src_addr(), v4("10.244.1.0"));
+            assert_eq!(p.dst_addr(), v4("10.244.1.5"));
+            assert_eq!(p.next_header(), IpProtocol::Icmp);
+            assert_eq!(usize::from(p.total_len()), packet.len());
+            let icmp = p.payload();
+            assert_eq!(&icmp[..2], &[3, 0]);
+            assert!(verifies(icmp));
+            assert_eq!(&icmp[8..], &inner[..], "quotes the whole original");
+        }
+    }
+
+    #[test]
+    fn no_route_builds_icmpv6_unreachable() {
+        let s: Ipv6Addr = "fd10:244:1::5".parse().unwrap();
+        let inner = ipv6_packet(
+            s,
+            "fd10:99::1".parse().unwrap(),
+            58,
+            &[128, 0, 0, 0, 0, 1, 0, 1],
+        );
+        for headroom in [22, 48, 100] {
+            let (mut buf, range) = with_headroom(&inner, headroom, 30);
+            let v = encap(&mut buf, range, &table(), &local());
+            let EncapVerdict::ReplyToTun { packet } = v else {
+                panic!("{v:?}")
+            };
+            let p = ipv6::Packet::new_checked(&buf[packet.clone()]).unwrap();
+            assert_eq!(p.src_addr(), local().addr_v6.unwrap());
+            assert_eq!(p.dst_addr(), s);
+            assert_eq!(p.next_header(), IpProtocol::Icmpv6);
+            assert_eq!(p.total_len(), packet.len());
+            let icmp = p.payload();
+            assert_eq!(&icmp[..2], &[1, 0]);
+            let ph =
+                checksum::pseudo_header(&p.src_addr().into(), &s.into(), 58, icmp.len() as u32);
+            assert_eq!(checksum::add(ph, checksum::sum(icmp)), 0xffff);
+            assert_eq!(&icmp[8..], &inner[..]);
+        }
+    }
+
+    #[test]
+    fn long_packets_are_quoted_up_to_the_limit() {
+        let inner = ipv4_packet(v4("10.244.1.5"), v4("10.99.0.1"), 6, &[7; 1400]);
+        let (mut buf, range) = with_headroom(&inner, 22, 0);
+        let EncapVerdict::ReplyToTun { packet } = encap(&mut buf, range, &table(), &local()) else {
+            panic!()
+        };
+        assert_eq!(packet.len(), 576);
+        assert_eq!(&buf[packet.start + 28..packet.end], &inner[..548]);
+    }
+
+    #[test]
+    fn no_icmp_about_errors_fragments_or_without_address() {
+        let t = table();
+        let run = |p: &[u8], l: &LocalVtep| {
+            let (mut b, r) = with_headroom(p, 22, 64);
+            encap(&mut b, r, &t, l)
+        };
+        let no_route = EncapVerdict::Drop(DropReason::NoRoute);
+        let err = ipv4_packet(
+            v4("10.244.1.5"),
+            v4("10.99.0.1"),
+            1,
+            &[3, 1, 0, 0, 0, 0, 0, 0],
+        );
+        assert_eq!(run(&err, &local()), no_route);
+        let mut frag = ipv4_packet(v4("10.244.1.5"), v4("10.99.0.1"), 17, &[0; 8]);
+        ipv4::Packet::new_unchecked(&mut frag[..]).set_frag(false, false, 8);
+        assert_eq!(run(&frag, &local()), no_route);
+        let mcast = ipv4_packet(v4("10.244.1.5"), v4("239.1.1.1"), 17, &[0; 8]);
+        assert_eq!(run(&mcast, &local()), no_route);
+        let unspec = ipv4_packet(v4("0.0.0.0"), v4("10.99.0.1"), 17, &[0; 8]);
+        assert_eq!(run(&unspec, &local()), no_route);
+        let ok = ipv4_packet(v4("10.244.1.5"), v4("10.99.0.1"), 17, &[0; 8]);
+        let mut noaddr = local();
+        noaddr.addr_v4 = None;
+        assert_eq!(run(&ok, &noaddr), no_route);
+        let s: Ipv6Addr = "fd10:244:1::5".parse().unwrap();
+        let d: Ipv6Addr = "fd10:99::1".parse().unwrap();
+        let err6 = ipv6_packet(s, d, 58, &[1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(run(&err6, &local()), no_route);
+        let frag6 = ipv6_packet(s, d, 44, &[17, 0, 0x00, 0x08, 0, 0, 0, 1]);
+        assert_eq!(run(&frag6, &local()), no_route);
+        let first6 = ipv6_packet(s, d, 44, &[17, 0, 0x00, 0x01, 0, 0, 0, 1]);
+        assert!(matches!(
+            run(&first6, &local()),
+            EncapVerdict::ReplyToTun { .. }
+        ));
+        let mut noaddr6 = local();
+        noaddr6.addr_v6 = None;
+        assert_eq!(run(&ipv6_packet(s, d, 17, &[0; 8]), &noaddr6), no_route);
+    }
+}
