@@ -1,1 +1,421 @@
-//! TODO
+//! The userspace VXLAN data plane: a TUN device and a UDP socket, one thread per direction.
+//!
+//! Control flow: the daemon builds a [`PeerTable`] from the current peers and swaps it in
+//! atomically ([`UserspaceVxlan::sync`]); the packet threads load it per packet and never
+//! block on the control plane. Per-packet outcomes are counted in [`Counters`], not logged.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tracing::{debug, warn};
+
+use crate::backend::Peer;
+use crate::dataplane::offload::{
+    complete_partial_checksum, gso_split, GsoKind, Segments, VirtioNetHdr,
+};
+use crate::dataplane::{
+    decap, encap, Counters, DecapVerdict, EncapVerdict, LocalVtep, PeerTable,
+    RemoteVtep, VXLAN_HEADROOM,
+};
+use crate::io::tun::{Tun, TunOffload, VNET_HDR_LEN};
+use crate::io::udp::VxlanSocket;
+use crate::wire::MacAddr;
+
+/// How often blocked reads wake up to look for shutdown.
+const POLL: Duration = Duration::from_millis(200);
+/// Receive buffers hold the largest datagram plus room for a vnet header.
+const BUF_LEN: usize = 65_536 + 64;
+/// Largest UDP payload one GSO send may carry.
+const MAX_GSO_BYTES: usize = 65_000;
+/// Most segments the kernel accepts in one UDP GSO send (UDP_MAX_SEGMENTS on older kernels).
+const MAX_GSO_SEGMENTS: usize = 64;
+
+/// What the userspace data plane needs to start.
+#[derive(Debug, Clone)]
+pub struct UserspaceConfig {
+    /// TUN device name (`flannel.<VNI>`).
+    pub device: String,
+    /// Our VNI.
+    pub vni: u32,
+    /// UDP port for VXLAN (flannel's default 8472).
+    pub port: u16,
+    /// Underlay address the socket binds to.
+    pub bind: IpAddr,
+    /// Our VTEP MAC, published in the lease.
+    pub mac: MacAddr,
+    /// Our VTEP addresses (the lease subnets' network addresses).
+    pub local: LocalVtep,
+    /// Accept TCP super-packets from the kernel (TSO) and segment them here, sending the
+    /// segments with UDP GSO. Off means one packet per TUN read.
+    pub tso: bool,
+}
+
+/// A peer the data plane could not use, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedPeer {
+    /// The peer's subnet.
+    pub subnet: ipnet::IpNet,
+    /// Why it was skipped.
+    pub reason: &'static str,
+}
+
+/// A running userspace data plane. Dropping it stops the threads and closes the TUN device,
+/// which removes the device with its address and routes.
+#[derive(Debug)]
+pub struct UserspaceVxlan {
+    table: Arc<ArcSwap<PeerTable>>,
+    counters: Arc<Counters>,
+    io_errors: Arc<IoErrors>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    device: String,
+}
+
+impl UserspaceVxlan {
+    /// Opens the TUN device and the socket and starts the packet threads. The device is
+    /// configured (address, MTU, routes) by the caller afterwards.
+    pub fn start(cfg: &UserspaceConfig) -> io::Result<UserspaceVxlan> {
+        let offload = TunOffload {
+            vnet_hdr: true,
+            tso: cfg.tso,
+        };
+        let tun = Arc::new(Tun::open(&cfg.device, offload)?);
+        let sock = VxlanSocket::bind(SocketAddr::new(cfg.bind, cfg.port), POLL)?;
+        let table = Arc::new(ArcSwap::from_pointee(PeerTable::new(Vec::new())));
+        let counters = Arc::new(Counters::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let local = Arc::new(cfg.local);
+
+        let io_errors = Arc::new(IoErrors::default());
+        let tx = Worker {
+            io_errors: io_errors.clone(),
+            tun: tun.clone(),
+            sock: sock.try_clone()?,
+            table: table.clone(),
+            counters: counters.clone(),
+            stop: stop.clone(),
+            local: local.clone(),
+            port: cfg.port,
+        };
+        let rx = Worker {
+            io_errors: io_errors.clone(),
+            tun,
+            sock,
+            table: table.clone(),
+            counters: counters.clone(),
+            stop: stop.clone(),
+            local,
+            port: cfg.port,
+        };
+        let threads = vec![
+            std::thread::Builder::new()
+                .name("vxlan-tx".into())
+                .spawn(move || tx.run_tx())?,
+            std::thread::Builder::new()
+                .name("vxlan-rx".into())
+                .spawn(move || rx.run_rx())?,
+        ];
+        Ok(UserspaceVxlan {
+            table,
+            counters,
+            io_errors,
+            stop,
+            threads,
+            device: cfg.device.clone(),
+        })
+    }
+
+    /// The TUN device name.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// Packet and drop counters.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// IO failure counters.
+    pub fn io_errors(&self) -> &Arc<IoErrors> {
+        &self.io_errors
+    }
+
+    /// Replaces the peer table with one built from `peers`; returns the peers it could not use.
+    pub fn sync(&self, peers: &[Peer]) -> Vec<SkippedPeer> {
+        let (entries, skipped) = plan_table(peers);
+        debug!(peers = entries.len(), "userspace peer table swapped");
+        self.table.store(Arc::new(PeerTable::new(entries)));
+        skipped
+    }
+
+    /// Stops the packet threads and closes the device.
+    pub fn shutdown(mut self) {
+        self.stop_threads();
+    }
+
+    fn stop_threads(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for UserspaceVxlan {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
+/// The pure part of [`UserspaceVxlan::sync`]: which peers become table entries.
+pub fn plan_table(peers: &[Peer]) -> (Vec<(ipnet::IpNet, RemoteVtep)>, Vec<SkippedPeer>) {
+    let mut entries = Vec::with_capacity(peers.len());
+    let mut skipped = Vec::new();
+    for p in peers {
+        if p.backend_type != "vxlan" {
+            skipped.push(SkippedPeer {
+                subnet: p.subnet,
+                reason: "not a vxlan lease",
+            });
+            continue;
+        }
+        let (Some(mac), Some(vni)) = (p.vtep_mac, p.vni) else {
+            skipped.push(SkippedPeer {
+                subnet: p.subnet,
+                reason: "vxlan lease without VtepMAC/VNI",
+            });
+            continue;
+        };
+        entries.push((
+            p.subnet,
+            RemoteVtep {
+                public_ip: p.public_ip,
+                mac,
+                vni,
+            },
+        ));
+    }
+    (entries, skipped)
+}
+
+/// IO failures of the packet threads (the sans-IO core's [`Counters`] cover verdicts).
+#[derive(Debug, Default)]
+pub struct IoErrors {
+    send_failed: AtomicU64,
+    tun_write_failed: AtomicU64,
+}
+
+impl IoErrors {
+    fn count_send_failure(&self) {
+        self.send_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count_tun_write_failure(&self) {
+        self.tun_write_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// UDP sends the kernel refused.
+    pub fn send_failed(&self) -> u64 {
+        self.send_failed.load(Ordering::Relaxed)
+    }
+
+    /// TUN writes the kernel refused.
+    pub fn tun_write_failed(&self) -> u64 {
+        self.tun_write_failed.load(Ordering::Relaxed)
+    }
+}
+
+struct Worker {
+    io_errors: Arc<IoErrors>,
+    tun: Arc<Tun>,
+    sock: VxlanSocket,
+    table: Arc<ArcSwap<PeerTable>>,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+    local: Arc<LocalVtep>,
+    port: u16,
+}
+
+impl Worker {
+    /// TUN → VXLAN. The packet is read so that its vnet header ends exactly where the
+    /// VXLAN + Ethernet headroom ends; encap then overwrites the consumed vnet header. TSO
+    /// super-packets are split into an arena laid out for one UDP GSO send per batch.
+    fn run_tx(self) {
+        let mut buf = vec![0u8; BUF_LEN];
+        let mut arena = Vec::with_capacity(2 * BUF_LEN);
+        let mut gso_ok = true;
+        let off = VXLAN_HEADROOM - VNET_HDR_LEN;
+        while !self.stop.load(Ordering::Relaxed) {
+            let n = match self.tun.recv(&mut buf[off..], POLL) {
+                Ok(Some(n)) => n,
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!(error = %e, "TUN read failed");
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+            };
+            let end = off + n;
+            let hdr = match VirtioNetHdr::parse(buf.get(off..end).unwrap_or_default()) {
+                Ok(h) => h,
+                Err(reason) => {
+                    self.counters.count_drop(reason);
+                    continue;
+                }
+            };
+            let table = self.table.load();
+            if hdr.gso_kind() == GsoKind::None {
+                if hdr.needs_csum() {
+                    let (start, offset) = (hdr.csum_start.into(), hdr.csum_offset.into());
+                    let packet = &mut buf[VXLAN_HEADROOM..end];
+                    if let Err(reason) = complete_partial_checksum(packet, start, offset) {
+                        self.counters.count_drop(reason);
+                        continue;
+                    }
+                }
+                self.encap_and_send(&mut buf, VXLAN_HEADROOM..end, &table);
+                continue;
+            }
+            let segs = match gso_split(&buf[VXLAN_HEADROOM..end], &hdr, &mut arena, VXLAN_HEADROOM)
+            {
+                Ok(s) => s,
+                Err(reason) => {
+                    self.counters.count_drop(reason);
+                    continue;
+                }
+            };
+            if segs.len() == 1 {
+                let Some(p) = segs.packet(0) else { continue };
+                self.encap_and_send(&mut arena, p, &table);
+            } else {
+                self.send_segments(&mut arena, &segs, &table, &mut gso_ok);
+            }
+        }
+    }
+
+    fn encap_and_send(&self, buf: &mut [u8], packet: std::ops::Range<usize>, table: &PeerTable) {
+        match encap(buf, packet, table, &self.local) {
+            EncapVerdict::Transmit { dst, frame } => {
+                let len = frame.len();
+                match self.sock.send_to(&buf[frame], SocketAddr::new(dst, self.port)) {
+                    Ok(()) => self.counters.count_tx(len),
+                    Err(_) => self.io_errors.count_send_failure(),
+                }
+            }
+            EncapVerdict::ReplyToTun { packet } => {
+                let start = packet.start - VNET_HDR_LEN;
+                buf[start..packet.start].fill(0);
+                let _ = self.tun.send(&buf[start..packet.end]);
+                self.counters.count_reply();
+            }
+            EncapVerdict::Drop(reason) => self.counters.count_drop(reason),
+        }
+    }
+
+    /// Encapsulates every segment in place and sends them with UDP GSO in batches that fit
+    /// one datagram send (64 KiB); falls back to one send per segment if the kernel refuses.
+    fn send_segments(&self, arena: &mut [u8], segs: &Segments, table: &PeerTable, gso_ok: &mut bool) {
+        let stride = segs.stride();
+        let mut dst = None;
+        let mut frames = 0usize;
+        for (i, p) in segs.iter().enumerate() {
+            match encap(arena, p, table, &self.local) {
+                EncapVerdict::Transmit { dst: d, frame } => {
+                    debug_assert_eq!(frame.start, i * stride);
+                    dst = Some(d);
+                    frames = frame.end;
+                }
+                // Every segment has the same destination: one verdict stands for all.
+                EncapVerdict::ReplyToTun { packet } => {
+                    let start = packet.start - VNET_HDR_LEN;
+                    arena[start..packet.start].fill(0);
+                    let _ = self.tun.send(&arena[start..packet.end]);
+                    self.counters.count_reply();
+                    return;
+                }
+                EncapVerdict::Drop(reason) => {
+                    self.counters.count_drop(reason);
+                    return;
+                }
+            }
+        }
+        let Some(dst) = dst else { return };
+        let to = SocketAddr::new(dst, self.port);
+        let per_send = (MAX_GSO_BYTES / stride).clamp(1, MAX_GSO_SEGMENTS);
+        let mut start = 0;
+        while start < frames {
+            let stop = (start + per_send * stride).min(frames);
+            let chunk = &arena[start..stop];
+            let sent = if *gso_ok && chunk.len() > stride {
+                match self.sock.send_gso(chunk, stride as u16, to) {
+                    Ok(()) => true,
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) => {
+                        warn!(error = %e, "UDP GSO refused; sending segments one by one from now on");
+                        *gso_ok = false;
+                        false
+                    }
+                    Err(_) => {
+                        self.io_errors.count_send_failure();
+                        true
+                    }
+                }
+            } else {
+                false
+            };
+            if sent {
+                for seg in chunk.chunks(stride) {
+                    self.counters.count_tx(seg.len());
+                }
+            } else {
+                for seg in chunk.chunks(stride) {
+                    match self.sock.send_to(seg, to) {
+                        Ok(()) => self.counters.count_tx(seg.len()),
+                        Err(_) => self.io_errors.count_send_failure(),
+                    }
+                }
+            }
+            start = stop;
+        }
+    }
+
+    /// VXLAN → TUN. The inner packet is written with a zeroed vnet header placed over the
+    /// already-parsed tail of the inner Ethernet header, so nothing is copied.
+    fn run_rx(self) {
+        let mut buf = vec![0u8; BUF_LEN];
+        while !self.stop.load(Ordering::Relaxed) {
+            let (n, src) = match self.sock.recv_from(&mut buf) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!(error = %e, "UDP receive failed");
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+            };
+            let table = self.table.load();
+            match decap(&mut buf, 0..n, src.ip(), &table, &self.local) {
+                DecapVerdict::Deliver { packet } => {
+                    let start = packet.start - VNET_HDR_LEN;
+                    let len = packet.len();
+                    buf[start..packet.start].fill(0);
+                    match self.tun.send(&buf[start..packet.end]) {
+                        Ok(()) => self.counters.count_rx(len),
+                        Err(_) => self.io_errors.count_tun_write_failure(),
+                    }
+                }
+                DecapVerdict::Reply { dst, frame } => {
+                    let _ = self
+                        .sock
+                        .send_to(&buf[frame], SocketAddr::new(dst, self.port));
+                    self.counters.count_reply();
+                }
+                DecapVerdict::Drop(reason) => self.counters.count_drop(reason),
+            }
+        }
+    }
+}
