@@ -1,1 +1,80 @@
-fn main() {}
+//! `flanneld`: parse flags and environment, then run the daemon until SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+
+use flannel_rs::config::flags::{self, Command};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let env = |name: &str| std::env::var(name).ok();
+    let flags = match flags::parse(&args, &env) {
+        Ok(Command::Run(f)) => f,
+        Ok(Command::Doctor(_)) => {
+            eprintln!("flanneld doctor is not implemented yet");
+            return ExitCode::from(2);
+        }
+        Ok(Command::Help(text)) => {
+            eprint!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            eprintln!("{}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("flanneld: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(flags.verbosity);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flanneld: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(flannel_rs::daemon::run(flags, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("flanneld: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the default disposition still ends the process.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("received SIGTERM"),
+        _ = int.recv() => tracing::info!("received SIGINT"),
+    }
+}
+
+/// klog-style verbosity: 0 info, 1-4 debug, 5+ trace; `RUST_LOG` overrides.
+fn init_logging(verbosity: i32) {
+    let level = match verbosity {
+        i32::MIN..=0 => "info",
+        1..=4 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -27,3 +27,143 @@ pub struct Peer {
     /// Remote VNI for vxlan leases.
     pub vni: Option<u32>,
 }
+
+/// Why a lease was not turned into peers. The message names the node (its subnet and public
+/// IP) so an operator can find it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// The lease has no IPv4 subnet.
+    #[error("lease of {public_ip} has no IPv4 subnet")]
+    NoSubnet {
+        /// The node's public IP.
+        public_ip: std::net::Ipv4Addr,
+    },
+    /// The subnet is not inside Network.
+    #[error("lease {subnet} of node {public_ip}: subnet is outside Network {network}")]
+    OutsideNetwork {
+        /// The lease subnet.
+        subnet: IpNet,
+        /// The node's public IP.
+        public_ip: std::net::Ipv4Addr,
+        /// The configured Network.
+        network: IpNet,
+    },
+    /// The public IP is unusable (unset, multicast, loopback, ...).
+    #[error("lease {subnet}: PublicIP {public_ip} is not a usable unicast address")]
+    BadPublicIp {
+        /// The lease subnet.
+        subnet: IpNet,
+        /// The public IP as read.
+        public_ip: std::net::Ipv4Addr,
+    },
+    /// vxlan backend data is missing or malformed.
+    #[error("lease {subnet} of node {public_ip}: {reason}")]
+    BadBackendData {
+        /// The lease subnet.
+        subnet: IpNet,
+        /// The node's public IP.
+        public_ip: std::net::Ipv4Addr,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Two leases claim overlapping subnets; the later one is skipped.
+    #[error("lease {subnet} of node {public_ip} overlaps {other}; skipped")]
+    Overlap {
+        /// The skipped lease's subnet.
+        subnet: IpNet,
+        /// The skipped lease's public IP.
+        public_ip: std::net::Ipv4Addr,
+        /// The subnet it overlaps.
+        other: IpNet,
+    },
+}
+
+/// Turns leases into validated IPv4 peers (pure). Invalid leases are reported, not fatal: the
+/// other peers keep working. Leases are taken in subnet order so overlap decisions do not
+/// depend on arrival order.
+pub fn peers_from_leases<'a>(
+    leases: impl IntoIterator<Item = &'a crate::lease::Lease>,
+    net: &crate::config::netconf::NetConfig,
+) -> (Vec<Peer>, Vec<PeerError>) {
+    let mut leases: Vec<&crate::lease::Lease> = leases.into_iter().collect();
+    leases.sort_by_key(|l| l.subnet);
+    let mut peers: Vec<Peer> = Vec::with_capacity(leases.len());
+    let mut problems = Vec::new();
+    for lease in leases {
+        let public_ip = lease.attrs.public_ip;
+        let Some(subnet4) = lease.subnet else {
+            problems.push(PeerError::NoSubnet { public_ip });
+            continue;
+        };
+        let subnet = IpNet::V4(subnet4);
+        if let Some(network) = net.network {
+            if !network.contains(&subnet4) {
+                problems.push(PeerError::OutsideNetwork {
+                    subnet,
+                    public_ip,
+                    network: IpNet::V4(network),
+                });
+                continue;
+            }
+        }
+        if public_ip.is_unspecified()
+            || public_ip.is_multicast()
+            || public_ip.is_broadcast()
+            || public_ip.is_loopback()
+        {
+            problems.push(PeerError::BadPublicIp { subnet, public_ip });
+            continue;
+        }
+        let (vtep_mac, vni) = if lease.attrs.backend_type == "vxlan" {
+            match lease.attrs.vxlan_data() {
+                Ok(Some(d)) if d.vtep_mac.is_unicast() => (Some(d.vtep_mac), Some(d.vni)),
+                Ok(Some(d)) => {
+                    problems.push(PeerError::BadBackendData {
+                        subnet,
+                        public_ip,
+                        reason: format!("VtepMAC {} is not a unicast MAC", d.vtep_mac),
+                    });
+                    continue;
+                }
+                Ok(None) => {
+                    problems.push(PeerError::BadBackendData {
+                        subnet,
+                        public_ip,
+                        reason: "vxlan lease without BackendData".into(),
+                    });
+                    continue;
+                }
+                Err(e) => {
+                    problems.push(PeerError::BadBackendData {
+                        subnet,
+                        public_ip,
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
+            }
+        } else {
+            (None, None)
+        };
+        if let Some(other) = peers.iter().find(|p| overlaps(p.subnet, subnet)) {
+            problems.push(PeerError::Overlap {
+                subnet,
+                public_ip,
+                other: other.subnet,
+            });
+            continue;
+        }
+        peers.push(Peer {
+            subnet,
+            public_ip: IpAddr::V4(public_ip),
+            backend_type: lease.attrs.backend_type.clone(),
+            vtep_mac,
+            vni,
+        });
+    }
+    (peers, problems)
+}
+
+fn overlaps(a: IpNet, b: IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}

@@ -1,4 +1,350 @@
-//! Daemon wiring: flags → config → store → backend → reconcile loop.
+//! Daemon wiring: flags → store → network config → external interface → backend → lease →
+//! firewall rules → subnet.env → watch loop (plan, then reconcile).
+//!
+//! Start-up follows flanneld's order (compat §2); anything that fails before the node is
+//! ready ends the process with a message naming the cause.
 
 pub mod extif;
 pub mod http;
+pub mod metrics;
+mod plane;
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::backend::{peers_from_leases, Peer};
+use crate::config::flags::Flags;
+use crate::config::netconf::{BackendConfig, NetConfig, NetConfigError};
+use crate::config::subnet_env::{read_previous_subnets, SubnetEnv};
+use crate::io::iface;
+use crate::lease::dir::DirStore;
+use crate::lease::store::{LeaseStore, StoreError, WatchUpdate};
+use crate::lease::{Lease, LeaseAttrs, LeaseWatcher};
+use crate::wire::MacAddr;
+
+use self::extif::{ExternalInterface, SelectError, Selection};
+use self::metrics::DaemonMetrics;
+use self::plane::Plane;
+
+/// How often every peer is re-applied even without lease changes (flannel's host-gw route
+/// check period); repairs routes, neighbours and FDB entries removed by hand.
+const RESYNC: Duration = Duration::from_secs(10);
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A flag combination this build does not support yet.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The network config is invalid.
+    #[error("invalid network config: {0}")]
+    NetConfig(#[from] NetConfigError),
+    /// The lease store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No usable external interface.
+    #[error(transparent)]
+    Interface(#[from] SelectError),
+    /// Backend or lease set-up failed (flannel's wording).
+    #[error("Error registering network: {0}")]
+    Register(String),
+    /// An OS call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let context = context.into();
+    move |source| DaemonError::Io { context, source }
+}
+
+/// Runs flanneld until `shutdown` completes.
+pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    info!("CLI flags config: {flags:?}");
+    let store = open_store(&flags)?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let metrics = Arc::new(DaemonMetrics::default());
+    start_http(&flags, &ready, &metrics).await?;
+    tokio::pin!(shutdown);
+
+    let json = tokio::select! {
+        j = fetch_config(store.as_ref()) => j,
+        _ = &mut shutdown => return Ok(()),
+    };
+    let net = NetConfig::parse(&json)?;
+    net.validate()?;
+    let network = match (net.enable_ipv4, net.network, net.enable_ipv6) {
+        (true, Some(n), false) => n,
+        (_, _, true) => {
+            return Err(DaemonError::Unsupported(
+                "EnableIPv6 is not supported by flannel-rs yet: run an IPv4 overlay".into(),
+            ))
+        }
+        _ => {
+            return Err(DaemonError::Unsupported(
+                "none defined stack: EnableIPv4 is false and EnableIPv6 is false".into(),
+            ))
+        }
+    };
+    let backend = net.backend()?.clone();
+    let ext = external_interface(&flags)?;
+    info!(
+        iface = %ext.name, iface_addr = %ext.iface_addr, ext_addr = %ext.ext_addr,
+        "using interface"
+    );
+
+    let previous = read_previous_subnets(&flags.subnet_file);
+    let mut attrs = LeaseAttrs {
+        public_ip: ext.ext_addr,
+        backend_type: backend.kind().to_owned(),
+        ..LeaseAttrs::default()
+    };
+    let vtep_mac = match &backend {
+        BackendConfig::Vxlan(vx) => {
+            let mac = choose_vtep_mac(store.as_ref(), &ext, vx.vni, &flags).await;
+            attrs.backend_data = Some(
+                crate::lease::VxlanBackendData {
+                    vni: vx.vni,
+                    vtep_mac: mac,
+                }
+                .to_raw(),
+            );
+            Some(mac)
+        }
+        BackendConfig::HostGw => {
+            if ext.ext_addr != ext.iface_addr {
+                return Err(DaemonError::Register(
+                    "your PublicIP differs from interface IP, meaning that probably you're on a NAT, which is not supported by host-gw backend".into(),
+                ));
+            }
+            None
+        }
+        BackendConfig::Other { kind } => {
+            return Err(DaemonError::Unsupported(format!(
+                "unknown backend type: {kind} (flannel-rs implements vxlan and host-gw)"
+            )))
+        }
+    };
+
+    let lease = store.acquire(&net, &attrs, &previous).await?;
+    let subnet = lease
+        .subnet
+        .ok_or_else(|| DaemonError::Register("IPv4 is enabled but the lease has no IPv4".into()))?;
+    info!(%subnet, store = %store.name(), "acquired lease");
+
+    let mut plane = Plane::start(&flags, &backend, &ext, network, subnet, vtep_mac)
+        .await
+        .map_err(|e| DaemonError::Register(e.to_string()))?;
+    let mtu = plane.mtu();
+    metrics.set_plane(plane.metrics_source());
+
+    let mut firewall = plane::Firewall::new(&flags, network, subnet, &previous);
+    firewall.ensure().await;
+
+    let env = SubnetEnv {
+        network: Some(network),
+        subnet: Some(subnet),
+        ipv6_network: None,
+        ipv6_subnet: None,
+        mtu,
+        ipmasq: flags.ip_masq,
+    };
+    match env.write_atomic(&flags.subnet_file) {
+        Ok(()) => {
+            ready.store(true, Ordering::Relaxed);
+            info!(file = %flags.subnet_file.display(), "wrote subnet file; flannel is ready");
+        }
+        Err(e) => warn!(file = %flags.subnet_file.display(), error = %e, "failed to write subnet file"),
+    }
+
+    let store: Arc<dyn LeaseStore> = Arc::from(store);
+    let (tx, mut rx) = mpsc::channel(64);
+    let watch_task = tokio::spawn(supervise_watch(store.clone(), tx));
+    let mut watcher = LeaseWatcher::new(lease.subnet, lease.ipv6_subnet);
+    let mut peers: Vec<Peer> = Vec::new();
+    let mut resync = tokio::time::interval(RESYNC);
+    let mut fw_resync =
+        tokio::time::interval(Duration::from_secs(u64::from(flags.iptables_resync.max(1))));
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    fw_resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            update = rx.recv() => {
+                let Some(update) = update else { break };
+                let events = watcher.apply(update);
+                if events.is_empty() {
+                    continue;
+                }
+                for ev in &events {
+                    debug!(event = ?ev, "lease event");
+                }
+                peers = current_peers(&watcher, &net, &metrics);
+                plane.sync(&peers).await;
+                metrics.set_peers(peers.len());
+            }
+            _ = resync.tick() => plane.sync(&peers).await,
+            _ = fw_resync.tick() => firewall.ensure().await,
+            () = plane.device_event() => {
+                warn!("overlay device changed under us; replaying every peer");
+                plane.recover().await;
+                plane.sync(&peers).await;
+            }
+        }
+    }
+    watch_task.abort();
+    info!("shutting down");
+    plane.shutdown().await;
+    info!("Exiting cleanly...");
+    Ok(())
+}
+
+fn open_store(flags: &Flags) -> Result<Box<dyn LeaseStore>, DaemonError> {
+    if let Some(dir) = &flags.lease_dir {
+        return Ok(Box::new(DirStore::new(dir.clone())));
+    }
+    if flags.kube_subnet_mgr {
+        return Err(DaemonError::Unsupported(
+            "--kube-subnet-mgr is not implemented by flannel-rs yet; use --lease-dir".into(),
+        ));
+    }
+    Err(DaemonError::Unsupported(format!(
+        "the etcd store ({}) is not implemented by flannel-rs yet; use --lease-dir",
+        flags.etcd_endpoints.join(",")
+    )))
+}
+
+/// Fetches the network config, retrying every second forever like flannel.
+async fn fetch_config(store: &dyn LeaseStore) -> String {
+    loop {
+        match store.network_config().await {
+            Ok(json) => return json,
+            Err(e) => {
+                warn!(error = %e, "Couldn't fetch network config");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn start_http(
+    flags: &Flags,
+    ready: &Arc<AtomicBool>,
+    metrics: &Arc<DaemonMetrics>,
+) -> Result<(), DaemonError> {
+    let m = metrics.clone();
+    let state = http::HealthState {
+        ready: ready.clone(),
+        metrics: Arc::new(move || m.render()),
+    };
+    for port in [flags.healthz_port, flags.metrics_port] {
+        if port > 0 {
+            let addr = SocketAddr::new(flags.healthz_ip, port);
+            http::spawn(addr, state.clone())
+                .await
+                .map_err(io_err(format!("listen on {addr}")))?;
+            info!(%addr, "serving /healthz, /readyz and /metrics");
+        }
+    }
+    Ok(())
+}
+
+fn external_interface(flags: &Flags) -> Result<ExternalInterface, DaemonError> {
+    let ifaces = iface::interfaces().map_err(io_err("list interfaces"))?;
+    let default_route = iface::default_route_interface_v4().unwrap_or(None);
+    let can_reach_source = match flags.iface_can_reach {
+        Some(ip) => Some(
+            iface::source_for(ip).map_err(io_err(format!("find the route to {ip}")))?,
+        ),
+        None => None,
+    };
+    Ok(extif::select(
+        &ifaces,
+        &Selection {
+            iface: &flags.iface,
+            iface_regex: &flags.iface_regex,
+            can_reach_source,
+            public_ip: flags.public_ip,
+            default_route_iface: default_route.as_deref(),
+        },
+    )?)
+}
+
+/// The VTEP MAC to publish: the one our previous lease (same public IP) carried, so peers'
+/// entries stay valid across restarts; else the existing kernel device's; else a new random
+/// locally administered address.
+async fn choose_vtep_mac(
+    store: &dyn LeaseStore,
+    ext: &ExternalInterface,
+    vni: u32,
+    flags: &Flags,
+) -> MacAddr {
+    if let Ok(leases) = store.list().await {
+        let previous = leases
+            .iter()
+            .filter(|l| l.attrs.public_ip == ext.ext_addr)
+            .find_map(|l| l.attrs.vxlan_data().ok().flatten())
+            .filter(|d| d.vni == vni && d.vtep_mac.is_unicast());
+        if let Some(d) = previous {
+            info!(mac = %d.vtep_mac, "reusing the VTEP MAC of our previous lease");
+            return d.vtep_mac;
+        }
+    }
+    if let Some(mac) = plane::existing_device_mac(flags, vni).await {
+        info!(%mac, "reusing the VTEP MAC of the existing device");
+        return mac;
+    }
+    let mut bytes = [0u8; 6];
+    if getrandom::fill(&mut bytes).is_err() {
+        // Fall back to something unique per node rather than failing start-up.
+        bytes[2..].copy_from_slice(&ext.ext_addr.octets());
+    }
+    MacAddr::local_unicast(bytes)
+}
+
+/// Restarts the store watch after failures (store outage): the data plane keeps forwarding
+/// with the peers it has meanwhile.
+async fn supervise_watch(store: Arc<dyn LeaseStore>, tx: mpsc::Sender<WatchUpdate>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match store.watch(tx.clone()).await {
+            Ok(()) => return,
+            Err(e) => {
+                warn!(error = %e, store = %store.name(), "lease watch failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+fn current_peers(watcher: &LeaseWatcher, net: &NetConfig, metrics: &DaemonMetrics) -> Vec<Peer> {
+    let leases: Vec<&Lease> = watcher.leases().collect();
+    let (peers, problems) = peers_from_leases(leases.iter().copied(), net);
+    for p in &problems {
+        warn!("skipping lease: {p}");
+    }
+    metrics.set_skipped_leases(problems.len());
+    peers
+}
+
+/// The address a daemon binds its data-plane socket to.
+pub fn bind_address(ext: &ExternalInterface) -> IpAddr {
+    IpAddr::V4(ext.iface_addr)
+}
