@@ -1,0 +1,473 @@
+//! A lease store in a local directory (`--lease-dir DIR`), for labs, tests and small clusters on
+//! shared storage: no etcd, same data model.
+//!
+//! Layout: `DIR/config` holds the network config JSON; `DIR/subnets/<key>` holds one lease whose
+//! name is the etcd key segment (`10.244.1.0-24`, `10.244.1.0-24&fd00:1::-64`) and whose
+//! contents are exactly upstream's etcd value. Several daemons may share one DIR.
+//!
+//! Acquisition is flannel's etcd algorithm (compat §6.3): reuse the lease carrying our public
+//! IP if it fits the config (else delete it), else the previous subnet from subnet.env if free
+//! and compatible, else a random free subnet among the first 100 between SubnetMin and
+//! SubnetMax. Creation is exclusive — the lease is written to a temporary file and hard-linked
+//! to its final name, which fails if the name exists — so two daemons starting at once never
+//! own the same IPv4 subnet; the loser retries (10 attempts, then upstream's "max retries"
+//! error). Reuse rewrites the file atomically (temporary file + rename).
+//!
+//! No TTL: there is no server to expire keys, and wall-clock expiry checked by each reader
+//! would let a paused node lose its subnet to a newcomer while its pods still use it. A dead
+//! node's lease stays until an operator deletes its file; a restarting node gets the same
+//! subnet back through its public IP. Leases therefore carry `expiration: None`.
+//!
+//! Watching polls the directory (every 200 ms by default) and sends a full snapshot whenever a
+//! file appeared, vanished or changed. A file that is not a valid lease is skipped with one
+//! warning naming it per distinct content, counted in [`DirStore::corrupt_files`]; it still
+//! blocks its subnet from allocation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use ipnet::{Ipv4Net, Ipv6Net};
+use tokio::sync::mpsc;
+
+use super::store::{LeaseStore, StoreError, WatchUpdate};
+use super::{Lease, LeaseAttrs, SubnetKey};
+use crate::config::netconf::{NetConfig, Subnet};
+use crate::config::subnet_env::{temp_path, write_file_atomic, PreviousSubnets};
+
+/// Attempts before giving up on a contended allocation (upstream's `raceRetries`).
+const RACE_RETRIES: usize = 10;
+/// Free candidates collected before picking one at random (upstream's limit).
+const MAX_CANDIDATES: usize = 100;
+/// Default watch poll interval.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The directory lease store; see the module docs.
+#[derive(Debug, Clone)]
+pub struct DirStore {
+    dir: PathBuf,
+    poll: Duration,
+    corrupt: Arc<AtomicU64>,
+}
+
+/// One file in `DIR/subnets`.
+#[derive(Debug)]
+struct Entry {
+    name: String,
+    content: Vec<u8>,
+}
+
+impl DirStore {
+    /// A store rooted at `dir` (created on first acquisition).
+    pub fn new(dir: impl Into<PathBuf>) -> DirStore {
+        DirStore {
+            dir: dir.into(),
+            poll: DEFAULT_POLL_INTERVAL,
+            corrupt: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Changes the watch poll interval.
+    pub fn with_poll_interval(mut self, poll: Duration) -> DirStore {
+        self.poll = poll;
+        self
+    }
+
+    /// The store directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `DIR/subnets`.
+    pub fn subnets_dir(&self) -> PathBuf {
+        self.dir.join("subnets")
+    }
+
+    /// `DIR/config`.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config")
+    }
+
+    /// How many corrupt lease files (counting each distinct content once) watches have seen.
+    pub fn corrupt_files(&self) -> u64 {
+        self.corrupt.load(Ordering::Relaxed)
+    }
+
+    /// Reads the network config JSON.
+    pub fn network_config_blocking(&self) -> Result<String, StoreError> {
+        let path = self.config_path();
+        fs::read_to_string(&path).map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                StoreError::ConfigNotFound(path.display().to_string())
+            } else {
+                StoreError::Io { path, source }
+            }
+        })
+    }
+
+    /// The valid leases currently in the directory (corrupt files skipped, not counted).
+    pub fn list(&self) -> Result<Vec<Lease>, StoreError> {
+        Ok(read_entries(&self.subnets_dir())?
+            .iter()
+            .filter_map(|e| decode(e).ok())
+            .collect())
+    }
+
+    /// [`LeaseStore::acquire`], synchronously (it only touches local files).
+    pub fn acquire_blocking(
+        &self,
+        config: &NetConfig,
+        attrs: &LeaseAttrs,
+        previous: &PreviousSubnets,
+    ) -> Result<Lease, StoreError> {
+        let range4 = config
+            .ipv4_range()?
+            .ok_or(StoreError::Ipv4Required("directory"))?;
+        let range6 = config.ipv6_range()?;
+        let subnets = self.subnets_dir();
+        fs::create_dir_all(&subnets).map_err(|source| StoreError::Io {
+            path: subnets.clone(),
+            source,
+        })?;
+        let lease_for = |ipv4: Ipv4Net, ipv6: Option<Ipv6Net>| Lease {
+            subnet: Some(ipv4),
+            ipv6_subnet: ipv6,
+            attrs: attrs.clone(),
+            expiration: None,
+        };
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StoreError::Io { path, source }
+        };
+
+        for _ in 0..RACE_RETRIES {
+            let entries = read_entries(&subnets)?;
+            let mut taken4: Vec<Ipv4Net> = Vec::new();
+            let mut taken6: Vec<Ipv6Net> = Vec::new();
+            let mut mine: Option<(String, Lease)> = None;
+            for e in &entries {
+                if let Ok(key) = canonical_key(&e.name) {
+                    taken4.push(key.ipv4);
+                    taken6.extend(key.ipv6);
+                }
+                if let Ok(lease) = decode(e) {
+                    let ours = !attrs.public_ip.is_unspecified()
+                        && lease.attrs.public_ip == attrs.public_ip;
+                    if ours && mine.is_none() {
+                        mine = Some((e.name.clone(), lease));
+                    }
+                }
+            }
+
+            // 1. Our own lease from a previous run, found by public IP.
+            if let Some((name, lease)) = mine {
+                let path = subnets.join(&name);
+                let fits4 = lease.subnet.is_some_and(|s| range4.is_compatible(&s));
+                let fits6 = match (&range6, lease.ipv6_subnet) {
+                    (None, None) => true,
+                    (Some(r), Some(s)) => r.is_compatible(&s),
+                    _ => false,
+                };
+                if let (true, true, Some(ipv4)) = (fits4, fits6, lease.subnet) {
+                    write_file_atomic(&path, attrs.to_json().as_bytes(), 0o644)
+                        .map_err(io_err(&path))?;
+                    tracing::info!(lease = %name, public_ip = %attrs.public_ip, "found lease for current IP, reusing");
+                    return Ok(lease_for(ipv4, lease.ipv6_subnet));
+                }
+                tracing::info!(lease = %name, public_ip = %attrs.public_ip, "found lease for current IP but not compatible with current config, deleting");
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(StoreError::Io { path, source: e }),
+                }
+                taken4.retain(|t| Some(*t) != lease.subnet);
+                taken6.retain(|t| Some(*t) != lease.ipv6_subnet);
+            }
+
+            // 2. The subnet subnet.env says we had.
+            let mut chosen = None;
+            if let Some(prev4) = previous.ipv4 {
+                let prev6 = range6.and(previous.ipv6);
+                let free = !taken4.iter().any(|t| t.overlaps(&prev4))
+                    && !prev6.is_some_and(|p| taken6.iter().any(|t| t.overlaps(&p)));
+                let fits = range4.is_compatible(&prev4)
+                    && match (&range6, prev6) {
+                        (None, _) => true,
+                        (Some(r), Some(p)) => r.is_compatible(&p),
+                        (Some(_), None) => false,
+                    };
+                if free && fits {
+                    tracing::info!(subnet = %prev4, ipv6_subnet = ?prev6, "found previously leased subnet, reusing");
+                    chosen = Some((prev4, prev6));
+                } else if !fits {
+                    tracing::warn!(subnet = %prev4, "previously leased subnet is not compatible with the network config, ignoring");
+                } else {
+                    tracing::info!(subnet = %prev4, "previously leased subnet is taken by another node");
+                }
+            }
+
+            // 3. A random free subnet.
+            let (ipv4, ipv6) = match chosen {
+                Some(c) => c,
+                None => {
+                    let free4 = range4.free_subnets(&taken4, MAX_CANDIDATES);
+                    let free6 = range6.map(|r| r.free_subnets(&taken6, MAX_CANDIDATES));
+                    let ipv4 = *pick(&free4)?.ok_or(StoreError::OutOfSubnets)?;
+                    let ipv6 = match &free6 {
+                        None => None,
+                        Some(list) => Some(*pick(list)?.ok_or(StoreError::OutOfSubnets)?),
+                    };
+                    (ipv4, ipv6)
+                }
+            };
+
+            let key = SubnetKey { ipv4, ipv6 };
+            let path = subnets.join(key.to_string());
+            match create_exclusive(&path, attrs.to_json().as_bytes()) {
+                Ok(()) => {
+                    tracing::info!(lease = %key, public_ip = %attrs.public_ip, "allocated lease");
+                    return Ok(lease_for(ipv4, ipv6));
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    tracing::debug!(lease = %key, "lost the race for a subnet, retrying");
+                }
+                Err(source) => return Err(StoreError::Io { path, source }),
+            }
+        }
+        Err(StoreError::MaxRetries)
+    }
+}
+
+/// A uniformly random element (`Ok(None)` when empty).
+fn pick<T>(items: &[T]) -> Result<Option<&T>, StoreError> {
+    if items.is_empty() {
+        return Ok(None);
+    }
+    let r = getrandom::u64().map_err(|e| StoreError::Io {
+        path: PathBuf::from("getrandom"),
+        source: io::Error::other(e.to_string()),
+    })?;
+    let len = u64::try_from(items.len()).unwrap_or(u64::MAX);
+    let idx = usize::try_from(r % len).unwrap_or(0);
+    Ok(items.get(idx))
+}
+
+/// Writes `bytes` to a new file at `path`, failing with `AlreadyExists` if it exists. Readers
+/// never see a partial file: the contents are complete before the name appears.
+fn create_exclusive(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let tmp = temp_path(path)?;
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        f.set_permissions(fs::Permissions::from_mode(0o644))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::hard_link(&tmp, path)
+    })();
+    let _ = fs::remove_file(&tmp);
+    result?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// The files in `dir` that may be leases (hidden temporaries and subdirectories skipped). A
+/// missing directory is empty.
+fn read_entries(dir: &Path) -> Result<Vec<Entry>, StoreError> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(StoreError::Io {
+                path: dir.to_owned(),
+                source,
+            })
+        }
+    };
+    let mut out = Vec::new();
+    for item in rd {
+        let item = item.map_err(|source| StoreError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let name = item.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || item.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        match fs::read(item.path()) {
+            Ok(content) => out.push(Entry { name, content }),
+            // Deleted between listing and reading.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: item.path(),
+                    source,
+                })
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// A file name that is exactly a subnet key.
+fn canonical_key(name: &str) -> Result<SubnetKey, String> {
+    let key: SubnetKey = name.parse().map_err(|e: super::LeaseError| e.to_string())?;
+    if key.to_string() == name {
+        Ok(key)
+    } else {
+        Err(format!(
+            "file name {name:?} is not a canonical subnet key (want {key})"
+        ))
+    }
+}
+
+/// The lease in one file, or why it is not one.
+fn decode(e: &Entry) -> Result<Lease, String> {
+    canonical_key(&e.name)?;
+    let text = std::str::from_utf8(&e.content).map_err(|_| "not UTF-8".to_owned())?;
+    Lease::from_kv(&e.name, text).map_err(|err| err.to_string())
+}
+
+impl DirStore {
+    /// Decodes a scan, warning once per (file, content) about corrupt files.
+    fn decode_all(&self, entries: &[Entry], warned: &mut HashMap<String, Vec<u8>>) -> Vec<Lease> {
+        let mut leases = Vec::new();
+        let mut still_bad = HashMap::new();
+        for e in entries {
+            match decode(e) {
+                Ok(lease) => leases.push(lease),
+                Err(reason) => {
+                    if warned.get(&e.name) != Some(&e.content) {
+                        let path = self.subnets_dir().join(&e.name);
+                        tracing::warn!(file = %path.display(), %reason, "skipping corrupt lease file");
+                        self.corrupt.fetch_add(1, Ordering::Relaxed);
+                    }
+                    still_bad.insert(e.name.clone(), e.content.clone());
+                }
+            }
+        }
+        *warned = still_bad;
+        leases
+    }
+
+    async fn watch_loop(&self, tx: mpsc::Sender<WatchUpdate>) -> Result<(), StoreError> {
+        let mut last: Option<BTreeMap<String, Vec<u8>>> = None;
+        let mut warned = HashMap::new();
+        let mut last_error: Option<String> = None;
+        loop {
+            let dir = self.subnets_dir();
+            let scan = tokio::task::spawn_blocking(move || read_entries(&dir))
+                .await
+                .map_err(|e| StoreError::Unavailable {
+                    store: "directory",
+                    message: e.to_string(),
+                })?;
+            match scan {
+                Ok(entries) => {
+                    last_error = None;
+                    let state: BTreeMap<String, Vec<u8>> = entries
+                        .iter()
+                        .map(|e| (e.name.clone(), e.content.clone()))
+                        .collect();
+                    if last.as_ref() != Some(&state) {
+                        let leases = self.decode_all(&entries, &mut warned);
+                        if tx.send(WatchUpdate::Snapshot(leases)).await.is_err() {
+                            return Ok(());
+                        }
+                        last = Some(state);
+                    }
+                }
+                Err(e) => {
+                    // Keep the last snapshot; say so once per distinct error.
+                    let text = e.to_string();
+                    if last_error.as_deref() != Some(text.as_str()) {
+                        tracing::warn!(error = %text, "cannot scan lease directory; retrying");
+                        last_error = Some(text);
+                    }
+                }
+            }
+            tokio::select! {
+                () = tx.closed() => return Ok(()),
+                () = tokio::time::sleep(self.poll) => {}
+            }
+        }
+    }
+}
+
+impl LeaseStore for DirStore {
+    fn name(&self) -> String {
+        format!("directory lease store at {}", self.dir.display())
+    }
+
+    fn network_config(&self) -> BoxFuture<'_, Result<String, StoreError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || this.network_config_blocking())
+                .await
+                .map_err(|e| StoreError::Unavailable {
+                    store: "directory",
+                    message: e.to_string(),
+                })?
+        })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        config: &'a NetConfig,
+        attrs: &'a LeaseAttrs,
+        previous: &'a PreviousSubnets,
+    ) -> BoxFuture<'a, Result<Lease, StoreError>> {
+        let this = self.clone();
+        let (config, attrs, previous) = (config.clone(), attrs.clone(), *previous);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || this.acquire_blocking(&config, &attrs, &previous))
+                .await
+                .map_err(|e| StoreError::Unavailable {
+                    store: "directory",
+                    message: e.to_string(),
+                })?
+        })
+    }
+
+    fn watch(&self, tx: mpsc::Sender<WatchUpdate>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.watch_loop(tx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_names_only() {
+        assert!(canonical_key("10.1.2.0-24").is_ok());
+        assert!(canonical_key("10.1.2.0-24&fd00:1::-64").is_ok());
+        assert!(canonical_key("x10.1.2.0-24").is_err());
+        assert!(canonical_key("10.1.2.5-24").is_err());
+        assert!(canonical_key("README").is_err());
+    }
+
+    #[test]
+    fn pick_is_in_range() {
+        let items = [1, 2, 3];
+        for _ in 0..50 {
+            let v = pick(&items).expect("random").expect("non-empty");
+            assert!(items.contains(v));
+        }
+        assert_eq!(pick::<u8>(&[]).expect("random"), None);
+    }
+}

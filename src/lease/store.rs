@@ -1,0 +1,86 @@
+//! The interface every lease store implements: the local directory store ([`super::dir`]) now,
+//! etcd and Kubernetes later.
+//!
+//! Methods return boxed futures (`futures::future::BoxFuture`) rather than native `async fn`,
+//! so the trait stays dyn-compatible: the daemon picks a store from the flags at run time and
+//! holds it as `Box<dyn LeaseStore>`. The boxing costs one allocation per call, on calls that
+//! happen a handful of times per process lifetime.
+
+use core::fmt;
+use std::io;
+use std::path::PathBuf;
+
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use super::{Lease, LeaseAttrs, LeaseEvent};
+use crate::config::netconf::{NetConfig, NetConfigError};
+use crate::config::subnet_env::PreviousSubnets;
+
+/// What a store's watch reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchUpdate {
+    /// The complete current set of leases (own lease included; the watcher filters it).
+    Snapshot(Vec<Lease>),
+    /// Changes since the previous update.
+    Events(Vec<LeaseEvent>),
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file or directory operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The network config does not exist in the store.
+    #[error("flannel config not found at {0}: write the network config JSON there, e.g. {{\"Network\": \"10.244.0.0/16\", \"Backend\": {{\"Type\": \"vxlan\"}}}}")]
+    ConfigNotFound(String),
+    /// The network config is unusable for allocation.
+    #[error(transparent)]
+    Config(#[from] NetConfigError),
+    /// The store's keys need an IPv4 subnet but the config disables IPv4.
+    #[error("the {0} store needs EnableIPv4: its lease keys always carry an IPv4 subnet")]
+    Ipv4Required(&'static str),
+    /// No free subnet between SubnetMin and SubnetMax (upstream's message).
+    #[error("out of subnets")]
+    OutOfSubnets,
+    /// Every attempt lost a race for the chosen subnet (upstream's message).
+    #[error("max retries reached trying to acquire a subnet")]
+    MaxRetries,
+    /// The store cannot be reached or answered with an error.
+    #[error("{store} store unavailable: {message}")]
+    Unavailable {
+        /// Which store.
+        store: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// A source of the network config and of leases.
+pub trait LeaseStore: Send + Sync + fmt::Debug {
+    /// A description for logs (flannel's `Name()`).
+    fn name(&self) -> String;
+
+    /// The network config JSON (net-conf.json / the etcd `config` value), unparsed.
+    fn network_config(&self) -> BoxFuture<'_, Result<String, StoreError>>;
+
+    /// Obtains this node's lease for `attrs`, trying `previous` (from subnet.env) when the
+    /// store allocates subnets itself. `config` is the parsed network config.
+    fn acquire<'a>(
+        &'a self,
+        config: &'a NetConfig,
+        attrs: &'a LeaseAttrs,
+        previous: &'a PreviousSubnets,
+    ) -> BoxFuture<'a, Result<Lease, StoreError>>;
+
+    /// Sends updates into `tx` until it is closed (then returns `Ok`), starting with a
+    /// [`WatchUpdate::Snapshot`] of the current leases.
+    fn watch(&self, tx: mpsc::Sender<WatchUpdate>) -> BoxFuture<'_, Result<(), StoreError>>;
+}

@@ -1,0 +1,328 @@
+//! The local directory lease store (`--lease-dir`): allocation, reuse, races between daemons
+//! sharing one directory, watching and corrupt files. Only touches a private temp directory.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use flannel_rs::config::netconf::NetConfig;
+use flannel_rs::config::subnet_env::PreviousSubnets;
+use flannel_rs::lease::dir::DirStore;
+use flannel_rs::lease::store::{LeaseStore, StoreError, WatchUpdate};
+use flannel_rs::lease::{Lease, LeaseAttrs, VxlanBackendData};
+use ipnet::Ipv4Net;
+use tokio::sync::mpsc;
+
+/// A scratch directory removed on drop (also when a test fails).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let mut n = [0u8; 8];
+        getrandom::fill(&mut n).expect("random");
+        let dir = std::env::temp_dir().join(format!(
+            "flannel-rs-dir-{tag}-{:016x}",
+            u64::from_le_bytes(n)
+        ));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const VXLAN_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+
+fn store_with(dir: &Path, config: &str) -> (DirStore, NetConfig) {
+    std::fs::write(dir.join("config"), config).expect("write config");
+    let store = DirStore::new(dir).with_poll_interval(Duration::from_millis(50));
+    let text = store.network_config_blocking().expect("config readable");
+    let cfg = NetConfig::parse(&text).expect("parses");
+    cfg.validate().expect("valid");
+    (store, cfg)
+}
+
+fn attrs(last: u8, mac_last: u8) -> LeaseAttrs {
+    let data = VxlanBackendData {
+        vni: 1,
+        vtep_mac: flannel_rs::wire::MacAddr([0x0e, 0, 0, 0, 0, mac_last]),
+    };
+    LeaseAttrs {
+        public_ip: Ipv4Addr::new(198, 51, 100, last),
+        backend_type: "vxlan".into(),
+        backend_data: Some(data.to_raw()),
+        ..LeaseAttrs::default()
+    }
+}
+
+fn lease_file(dir: &Path, lease: &Lease) -> PathBuf {
+    dir.join("subnets")
+        .join(lease.key().expect("has v4").to_string())
+}
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().expect("net")
+}
+
+#[test]
+fn acquire_in_empty_dir() {
+    let tmp = TempDir::new("empty");
+    let (store, cfg) = store_with(&tmp.0, VXLAN_CONFIG);
+    let a = attrs(1, 1);
+    let lease = store
+        .acquire_blocking(&cfg, &a, &PreviousSubnets::default())
+        .expect("acquired");
+    let range = cfg.ipv4_range().expect("ok").expect("v4");
+    assert!(range.is_compatible(&lease.subnet.expect("v4")), "{lease:?}");
+    assert_eq!(lease.ipv6_subnet, None);
+    assert_eq!((&lease.attrs, lease.expiration), (&a, None));
+    // The file is exactly flannel's etcd value, readable by others.
+    let text = std::fs::read_to_string(lease_file(&tmp.0, &lease)).expect("lease file");
+    assert_eq!(text, a.to_json());
+    assert_eq!(store.list().expect("list"), vec![lease]);
+}
+
+#[test]
+fn reuse_on_restart_by_public_ip() {
+    let tmp = TempDir::new("reuse");
+    let (store, cfg) = store_with(&tmp.0, VXLAN_CONFIG);
+    let first = store
+        .acquire_blocking(&cfg, &attrs(2, 7), &PreviousSubnets::default())
+        .expect("first");
+    // Other nodes join meanwhile.
+    for n in 10..14 {
+        store
+            .acquire_blocking(&cfg, &attrs(n, n), &PreviousSubnets::default())
+            .expect("other");
+    }
+    // A fresh store instance (daemon restart) with the same public IP and the VtepMAC the
+    // caller preserved gets the same subnet; the file is unchanged.
+    let restarted = DirStore::new(&tmp.0);
+    let again = restarted
+        .acquire_blocking(&cfg, &attrs(2, 7), &PreviousSubnets::default())
+        .expect("again");
+    assert_eq!(again.subnet, first.subnet);
+    assert_eq!(
+        std::fs::read_to_string(lease_file(&tmp.0, &again)).expect("file"),
+        attrs(2, 7).to_json()
+    );
+    // A new MAC (device recreated) keeps the subnet and rewrites the data.
+    let newmac = restarted
+        .acquire_blocking(&cfg, &attrs(2, 8), &PreviousSubnets::default())
+        .expect("mac");
+    assert_eq!(newmac.subnet, first.subnet);
+    assert_eq!(
+        std::fs::read_to_string(lease_file(&tmp.0, &newmac)).expect("file"),
+        attrs(2, 8).to_json()
+    );
+    assert_eq!(restarted.list().expect("list").len(), 5);
+}
+
+#[test]
+fn previous_subnet_hint_and_incompatible_lease() {
+    let tmp = TempDir::new("hint");
+    let (store, cfg) = store_with(&tmp.0, VXLAN_CONFIG);
+    let hint = PreviousSubnets {
+        ipv4: Some(net("10.244.77.0/24")),
+        ipv6: None,
+    };
+    let l = store
+        .acquire_blocking(&cfg, &attrs(3, 3), &hint)
+        .expect("hint");
+    assert_eq!(l.subnet, Some(net("10.244.77.0/24")));
+    // Taken by someone else now: another node with the same hint gets a different subnet.
+    let other = store
+        .acquire_blocking(&cfg, &attrs(4, 4), &hint)
+        .expect("other");
+    assert_ne!(other.subnet, l.subnet);
+    // Out of range hint: ignored.
+    let far = PreviousSubnets {
+        ipv4: Some(net("10.99.1.0/24")),
+        ipv6: None,
+    };
+    let l5 = store
+        .acquire_blocking(&cfg, &attrs(5, 5), &far)
+        .expect("far");
+    assert_ne!(l5.subnet, far.ipv4);
+
+    // The network moves: our old lease no longer fits, so it is deleted and replaced.
+    let (store2, cfg2) = store_with(
+        &tmp.0,
+        r#"{"Network":"10.245.0.0/16","Backend":{"Type":"vxlan"}}"#,
+    );
+    let moved = store2
+        .acquire_blocking(&cfg2, &attrs(3, 3), &hint)
+        .expect("moved");
+    assert!(net("10.245.0.0/16").contains(&moved.subnet.expect("v4")));
+    assert!(
+        !lease_file(&tmp.0, &l).exists(),
+        "incompatible lease deleted"
+    );
+    assert!(
+        lease_file(&tmp.0, &other).exists(),
+        "other nodes' leases untouched"
+    );
+}
+
+#[test]
+fn out_of_subnets_and_corrupt_files_block_their_subnet() {
+    let tmp = TempDir::new("full");
+    // /22 with /24 subnets: SubnetMin 10.9.1.0 .. SubnetMax 10.9.3.0, three subnets.
+    let (store, cfg) = store_with(
+        &tmp.0,
+        r#"{"Network":"10.9.0.0/22","Backend":{"Type":"host-gw"}}"#,
+    );
+    std::fs::create_dir_all(tmp.0.join("subnets")).expect("mkdir");
+    std::fs::write(tmp.0.join("subnets/10.9.1.0-24"), "{garbage").expect("corrupt");
+    std::fs::write(tmp.0.join("subnets/10.9.3.0-24"), r#"{"PublicIP":"x"}"#).expect("corrupt");
+    let l = store
+        .acquire_blocking(&cfg, &attrs(1, 1), &PreviousSubnets::default())
+        .expect("last free");
+    assert_eq!(l.subnet, Some(net("10.9.2.0/24")));
+    let e = store
+        .acquire_blocking(&cfg, &attrs(2, 2), &PreviousSubnets::default())
+        .expect_err("full");
+    assert!(matches!(e, StoreError::OutOfSubnets), "{e}");
+    assert_eq!(e.to_string(), "out of subnets");
+}
+
+#[test]
+fn dual_stack_keys() {
+    let tmp = TempDir::new("dual");
+    let (store, cfg) = store_with(
+        &tmp.0,
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd42:1::/48","Backend":{"Type":"vxlan"}}"#,
+    );
+    let mut a = attrs(1, 1);
+    a.public_ipv6 = Some("2001:db8::1".parse().expect("v6"));
+    let l = store
+        .acquire_blocking(&cfg, &a, &PreviousSubnets::default())
+        .expect("dual");
+    let v6 = l.ipv6_subnet.expect("v6 subnet");
+    assert_eq!(v6.prefix_len(), 64);
+    let name = lease_file(&tmp.0, &l);
+    assert!(name.to_string_lossy().contains('&'), "{}", name.display());
+    let listed = store.list().expect("list");
+    assert_eq!(listed, vec![l]);
+}
+
+#[test]
+fn config_errors() {
+    let tmp = TempDir::new("cfg");
+    let store = DirStore::new(&tmp.0);
+    let e = store.network_config_blocking().expect_err("missing config");
+    assert!(e.to_string().contains("flannel config not found"), "{e}");
+    let (store, cfg) = store_with(
+        &tmp.0,
+        r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd42:2::/48","Backend":{"Type":"vxlan"}}"#,
+    );
+    let e = store
+        .acquire_blocking(&cfg, &attrs(1, 1), &PreviousSubnets::default())
+        .expect_err("v6 only");
+    assert!(matches!(e, StoreError::Ipv4Required(_)), "{e}");
+}
+
+#[test]
+fn eight_daemons_racing_get_distinct_subnets() {
+    let tmp = TempDir::new("race");
+    // /20 → 15 candidate /24s, so random picks collide often and the retry path runs.
+    let (_, cfg) = store_with(
+        &tmp.0,
+        r#"{"Network":"10.30.0.0/20","Backend":{"Type":"vxlan"}}"#,
+    );
+    for round in 0..5u8 {
+        let sub = tmp.0.join(format!("round{round}"));
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        let barrier = Arc::new(Barrier::new(8));
+        let handles: Vec<_> = (0..8u8)
+            .map(|i| {
+                let (dir, cfg, barrier) = (sub.clone(), cfg.clone(), Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    let store = DirStore::new(dir);
+                    barrier.wait();
+                    store.acquire_blocking(&cfg, &attrs(i + 1, i), &PreviousSubnets::default())
+                })
+            })
+            .collect();
+        let leases: Vec<Lease> = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread").expect("acquired"))
+            .collect();
+        let subnets: BTreeSet<_> = leases.iter().map(|l| l.subnet).collect();
+        assert_eq!(subnets.len(), 8, "round {round}: {leases:?}");
+        // Every file holds the attributes of the daemon that got it.
+        for l in &leases {
+            let text = std::fs::read_to_string(lease_file(&sub, l)).expect("file");
+            assert_eq!(text, l.attrs.to_json());
+        }
+        let listed = DirStore::new(&sub).list().expect("list");
+        assert_eq!(listed.len(), 8);
+        let leftovers = std::fs::read_dir(sub.join("subnets")).expect("dir").count();
+        assert_eq!(leftovers, 8, "no temporary files left");
+    }
+}
+
+async fn next_snapshot(rx: &mut mpsc::Receiver<WatchUpdate>) -> Vec<Lease> {
+    match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+        Ok(Some(WatchUpdate::Snapshot(leases))) => leases,
+        other => panic!("expected a snapshot within 1 s, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sees_add_update_remove_and_skips_corrupt() {
+    let tmp = TempDir::new("watch");
+    let (store, cfg) = store_with(&tmp.0, VXLAN_CONFIG);
+    assert_eq!(store.network_config().await.expect("config"), VXLAN_CONFIG);
+    let (tx, mut rx) = mpsc::channel(8);
+    // Through the trait object, as the daemon holds stores.
+    let watcher: Box<dyn LeaseStore> = Box::new(store.clone());
+    assert!(watcher.name().contains("directory lease store"));
+    let task = tokio::spawn(async move { watcher.watch(tx).await });
+
+    assert!(
+        next_snapshot(&mut rx).await.is_empty(),
+        "initial snapshot of an empty dir"
+    );
+
+    // Add (through the async trait API).
+    let lease = store
+        .acquire(&cfg, &attrs(1, 1), &PreviousSubnets::default())
+        .await
+        .expect("acquire");
+    assert_eq!(next_snapshot(&mut rx).await, vec![lease.clone()]);
+
+    // Update: another file content for the same key.
+    let path = lease_file(&tmp.0, &lease);
+    std::fs::write(&path, attrs(9, 9).to_json()).expect("update");
+    let updated = next_snapshot(&mut rx).await;
+    assert_eq!(updated.len(), 1);
+    assert_eq!(updated[0].attrs, attrs(9, 9));
+
+    // A corrupt file is skipped, warned about once, and does not disturb the others.
+    let bad = tmp.0.join("subnets/10.244.200.0-24");
+    std::fs::write(&bad, "{not json").expect("corrupt");
+    assert_eq!(next_snapshot(&mut rx).await, updated);
+    assert_eq!(store.corrupt_files(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.corrupt_files(), 1, "warned once, not every poll");
+    assert!(rx.try_recv().is_err(), "no snapshot without a change");
+    std::fs::write(&bad, "{\"PublicIP\":5}").expect("corrupt differently");
+    assert_eq!(next_snapshot(&mut rx).await, updated);
+    assert_eq!(store.corrupt_files(), 2, "a new content is a new warning");
+
+    // Remove.
+    std::fs::remove_file(&path).expect("remove");
+    assert!(next_snapshot(&mut rx).await.is_empty());
+
+    // Closing the receiver ends the watch cleanly.
+    drop(rx);
+    let result = tokio::time::timeout(Duration::from_secs(1), task).await;
+    assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
+}
