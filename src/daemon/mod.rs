@@ -150,7 +150,10 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     let mtu = plane.mtu();
     metrics.set_plane(plane.metrics_source());
 
-    let mut firewall = plane::Firewall::new(&flags, network, subnet, &previous);
+    let previous_env = SubnetEnv::read(&flags.subnet_file)
+        .ok()
+        .and_then(|e| e.network.zip(e.subnet));
+    let mut firewall = plane::Firewall::new(&flags, network, subnet, previous_env);
     firewall.ensure().await;
 
     let env = SubnetEnv {

@@ -12,7 +12,6 @@ use crate::backend::userspace::{UserspaceConfig, UserspaceVxlan};
 use crate::backend::Peer;
 use crate::config::flags::{Dataplane, Flags};
 use crate::config::netconf::BackendConfig;
-use crate::config::subnet_env::PreviousSubnets;
 use crate::dataplane::LocalVtep;
 use crate::masq::iptables::{ensure_async, Iptables, MasqConfig, Rule};
 use crate::netlink::route::{Route, RouteScope};
@@ -273,7 +272,7 @@ impl Firewall {
         flags: &Flags,
         network: Ipv4Net,
         subnet: Ipv4Net,
-        previous: &PreviousSubnets,
+        previous: Option<(Ipv4Net, Ipv4Net)>,
     ) -> Firewall {
         let wanted = flags.ip_masq || flags.iptables_forward_rules;
         let ipt = if wanted {
@@ -294,10 +293,7 @@ impl Firewall {
                     subnet: subnet.into(),
                     random_fully: flags.ip_masq_fully_random_disable.then_some(false),
                 },
-                previous
-                    .network
-                    .zip(previous.ipv4)
-                    .map(|(n, s)| (IpNet::V4(n), IpNet::V4(s))),
+                previous.map(|(n, s)| (IpNet::V4(n), IpNet::V4(s))),
             )
         });
         Firewall {
