@@ -10,13 +10,28 @@ use std::time::Duration;
 use common::*;
 use netns_harness::{privileged_test_guard, Cluster, NodeKind, NodeSpec};
 
-fn script(name: &str, body: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("nh-fake-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    std::fs::write(&p, body).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
+/// A directory of stand-in scripts, removed when the test ends.
+struct Scripts(PathBuf);
+
+impl Scripts {
+    fn new(test: &str) -> Scripts {
+        let dir = std::env::temp_dir().join(format!("nh-fake-{}-{test}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scripts(dir)
+    }
+
+    fn script(&self, name: &str, body: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, body).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+}
+
+impl Drop for Scripts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A stand-in flanneld: records its argv next to the subnet file, publishes a vxlan lease for
@@ -48,10 +63,11 @@ fn missing_or_bad_flanneld_is_a_clear_error() {
         return;
     }
     let _g = serial();
+    let scripts = Scripts::new("bad");
     for (path, expect) in [
         (PathBuf::from("/nonexistent/flanneld"), "No such file"),
         (std::env::temp_dir(), "not a regular file"),
-        (script("not-exec", "#!/bin/sh\n"), "not executable"),
+        (scripts.script("not-exec", "#!/bin/sh\n"), "not executable"),
     ] {
         if expect == "not executable" {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -77,7 +93,8 @@ fn flanneld_that_dies_reports_its_log_and_cleans_up() {
         return;
     }
     let _g = serial();
-    let bad = script(
+    let scripts = Scripts::new("dying");
+    let bad = scripts.script(
         "dying-flanneld",
         "#!/bin/sh\necho 'error parsing subnet config: boom' >&2\nexit 3\n",
     );
@@ -105,7 +122,8 @@ fn flanneld_that_never_gets_ready_times_out() {
         return;
     }
     let _g = serial();
-    let idle = script("idle-flanneld", "#!/bin/sh\necho waiting\nexec sleep 60\n");
+    let scripts = Scripts::new("idle");
+    let idle = scripts.script("idle-flanneld", "#!/bin/sh\necho waiting\nexec sleep 60\n");
     let prefix = test_prefix();
     let mut spec = spec(&[NodeKind::Kernel], 1);
     spec.flanneld = Some(idle);
@@ -130,7 +148,8 @@ fn flanneld_command_line_pods_restart_and_stop() {
         return;
     }
     let _g = serial();
-    let fake = script("fake-flanneld", FAKE);
+    let scripts = Scripts::new("fake");
+    let fake = scripts.script("fake-flanneld", FAKE);
     let mut spec = spec(&[], 2);
     spec.nodes = vec![
         NodeSpec {
