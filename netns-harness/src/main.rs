@@ -1,1 +1,527 @@
-fn main() {}
+//! `netns-harness`: build, check, benchmark, capture and tear down network-namespace clusters
+//! of flanneld (and kernel-ref) nodes.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use netns_harness::cluster::{list_runs, teardown_by_prefix};
+use netns_harness::{
+    capture, proto, CaptureOpts, Cluster, ClusterSpec, NodeKind, NodeSpec, DEFAULT_BASE_DIR,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "netns-harness",
+    version,
+    about = "Network-namespace clusters for flannel-rs: up, check, bench, capture, down"
+)]
+struct Cli {
+    /// Directory holding run directories.
+    #[arg(long, global = true, default_value = DEFAULT_BASE_DIR)]
+    base_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct BuildArgs {
+    /// Number of nodes (default: number of --kinds, else 2).
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Pods per node.
+    #[arg(long, default_value_t = 2)]
+    pods: usize,
+    /// Node kinds, comma separated: userspace, kernel, kernel-ref (one kind = all nodes).
+    #[arg(long)]
+    kinds: Option<String>,
+    /// flanneld binary (default: `flanneld` next to this executable).
+    #[arg(long)]
+    flanneld: Option<PathBuf>,
+    /// Extra argument for every flanneld (repeatable), e.g. --flanneld-arg=-v --flanneld-arg=2.
+    #[arg(long = "flanneld-arg", allow_hyphen_values = true)]
+    flanneld_args: Vec<String>,
+    /// net-conf JSON (default {"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}).
+    #[arg(long)]
+    net_conf: Option<String>,
+    /// Run flanneld with --ip-masq (kernel-ref nodes install flannel's masquerade rules).
+    #[arg(long)]
+    ip_masq: bool,
+    /// Leave tx checksum offload on node eth0 (negative control for `capture verify`).
+    #[arg(long, hide = true)]
+    underlay_tx_offload: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Build a cluster and leave it running; prints the run id and state file.
+    Up(BuildArgs),
+    /// Connectivity matrix of a running cluster; exit status 1 if any probe fails.
+    Check {
+        /// Run prefix (default: the newest run).
+        #[arg(long)]
+        run: Option<String>,
+        /// Retry for up to this many seconds until everything passes.
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+    },
+    /// Stop every process of a run and delete its namespaces and directory. Idempotent.
+    Down {
+        /// Run prefix (default: the newest run).
+        #[arg(long)]
+        run: Option<String>,
+        /// Tear down every run whose owning process (a test, a demo) died without cleaning up.
+        #[arg(long, conflicts_with = "run")]
+        stale: bool,
+    },
+    /// Throughput (iperf3) and latency per path of a running cluster.
+    Bench {
+        /// Run prefix (default: the newest run).
+        #[arg(long)]
+        run: Option<String>,
+        /// iperf3 duration per path.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+    },
+    /// up (2 userspace + 2 kernel-ref nodes) → check → bench → down, cleaning up on any exit.
+    Demo {
+        #[command(flatten)]
+        build: BuildArgs,
+        /// iperf3 duration per path.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Seconds the check may retry while daemons converge.
+        #[arg(long, default_value_t = 15)]
+        wait: u64,
+    },
+    /// Packet capture on the underlay bridge, verified with tshark.
+    Capture {
+        #[command(subcommand)]
+        action: CaptureCmd,
+    },
+    /// Show runs, or one run's nodes, pods and processes.
+    Status {
+        /// Run prefix (default: list all runs).
+        #[arg(long)]
+        run: Option<String>,
+    },
+    /// Run a command inside one of the run's namespaces (`n1`, `n1p2`, `ul` or a full name).
+    Exec {
+        /// Run prefix (default: the newest run).
+        #[arg(long)]
+        run: Option<String>,
+        /// Namespace.
+        ns: String,
+        /// Command and arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Add a node to a running cluster.
+    AddNode {
+        /// Run prefix (default: the newest run).
+        #[arg(long)]
+        run: Option<String>,
+        /// userspace, kernel or kernel-ref.
+        kind: String,
+    },
+    /// Remove a node (flanneld, lease, namespaces) from a running cluster.
+    RemoveNode {
+        /// Run prefix (default: the newest run).
+        #[arg(long)]
+        run: Option<String>,
+        /// Node name (`n3`).
+        node: String,
+    },
+    /// Responders for one pod (started by the harness inside pod namespaces).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long, default_value_t = proto::TCP_PORT)]
+        tcp_port: u16,
+        #[arg(long, default_value_t = proto::UDP_PORT)]
+        udp_port: u16,
+        #[arg(long, default_value_t = proto::DNS_PORT)]
+        dns_port: u16,
+        /// Exit after this many seconds regardless.
+        #[arg(long, default_value_t = 6 * 3600)]
+        lifetime_secs: u64,
+    },
+    /// One probe (run by `check` inside a namespace).
+    #[command(hide = true)]
+    Probe {
+        kind: ProbeArg,
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaptureCmd {
+    /// Start tcpdump in the underlay namespace.
+    Start {
+        #[arg(long)]
+        run: Option<String>,
+        /// Interface in the underlay namespace.
+        #[arg(long, default_value = "br0")]
+        iface: String,
+        /// Stop after this many packets.
+        #[arg(long, default_value_t = 100_000)]
+        packets: u64,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        seconds: u32,
+        /// pcap filter expression.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Stop the newest running capture and print its file.
+    Stop {
+        #[arg(long)]
+        run: Option<String>,
+    },
+    /// Verify checksums in a capture with tshark; exit status 1 on any bad checksum.
+    Verify {
+        #[arg(long)]
+        run: Option<String>,
+        /// pcap file (default: the newest capture of the run).
+        #[arg(long)]
+        pcap: Option<PathBuf>,
+        /// VXLAN UDP port (default: the run's net-conf port, else 8472).
+        #[arg(long)]
+        port: Option<u16>,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ProbeArg {
+    Tcp,
+    Udp,
+    Dns,
+}
+
+fn spec_from(b: &BuildArgs, default_kinds: &str) -> Result<ClusterSpec> {
+    let kinds = NodeKind::parse_list(b.kinds.as_deref().unwrap_or(default_kinds))?;
+    let n = b.nodes.unwrap_or(if b.kinds.is_some() {
+        kinds.len()
+    } else {
+        default_kinds.split(',').count()
+    });
+    let kinds: Vec<NodeKind> = match kinds.len() {
+        0 => bail!("--kinds is empty"),
+        1 => vec![kinds[0]; n],
+        l if l == n => kinds,
+        l => bail!("--kinds lists {l} kinds but --nodes is {n}"),
+    };
+    let mut spec = ClusterSpec::new(&kinds, b.pods);
+    spec.nodes = kinds.into_iter().map(NodeSpec::from).collect();
+    spec.flanneld = b.flanneld.clone();
+    spec.flanneld_args = b.flanneld_args.clone();
+    spec.net_conf = b.net_conf.clone();
+    spec.ip_masq = b.ip_masq;
+    spec.underlay_tx_offload = b.underlay_tx_offload;
+    Ok(spec)
+}
+
+fn with_base(mut spec: ClusterSpec, base: &Path) -> ClusterSpec {
+    spec.base_dir = base.to_path_buf();
+    spec
+}
+
+fn newest_pcap(cluster: &Cluster) -> Option<PathBuf> {
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(cluster.run_dir())
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pcap"))
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .collect();
+    files.sort();
+    files.pop().map(|f| f.1)
+}
+
+fn status(cli: &Cli, run: Option<&str>) -> Result<ExitCode> {
+    let Some(run) = run else {
+        let runs = list_runs(&cli.base_dir);
+        if runs.is_empty() {
+            println!("no runs in {}", cli.base_dir.display());
+        }
+        for (prefix, _) in runs {
+            match Cluster::load(&cli.base_dir, Some(&prefix)) {
+                Ok(c) => println!(
+                    "{prefix}  nodes {}  pods {}  owner {}",
+                    c.nodes().len(),
+                    c.pods().len(),
+                    c.state()
+                        .owner
+                        .as_ref()
+                        .map(|o| format!(
+                            "pid {} ({})",
+                            o.pid,
+                            if o.alive() { "alive" } else { "dead" }
+                        ))
+                        .unwrap_or_else(|| "detached".into())
+                ),
+                Err(e) => println!("{prefix}  unreadable state: {e:#}"),
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let c = Cluster::load(&cli.base_dir, Some(run))?;
+    println!("run {}  dir {}", c.prefix(), c.run_dir().display());
+    for n in c.nodes() {
+        println!(
+            "  {} {:<10} ns {} eth0 {} subnet {} mtu {} flanneld {}",
+            n.name,
+            n.kind.as_str(),
+            n.ns,
+            n.underlay_ip,
+            n.subnet
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "-".into()),
+            n.mtu,
+            n.flanneld
+                .as_ref()
+                .map(|r| format!(
+                    "pid {} ({})",
+                    r.pid,
+                    if r.alive() { "alive" } else { "dead" }
+                ))
+                .unwrap_or_else(|| "-".into())
+        );
+        for p in &n.pods {
+            println!("     {} {} ns {}", p.name, p.ip, p.ns);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match &cli.cmd {
+        Cmd::Up(b) => {
+            let spec = with_base(spec_from(b, "userspace,userspace")?, &cli.base_dir);
+            let mut c = Cluster::up(&spec)?;
+            c.detach()?;
+            println!("run {}", c.prefix());
+            println!("state {}", c.state_path().display());
+            for n in c.nodes() {
+                println!(
+                    "  {} {} {} {}",
+                    n.name,
+                    n.kind,
+                    n.underlay_ip,
+                    n.subnet.map(|s| s.to_string()).unwrap_or_default()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check { run, wait } => {
+            let c = Cluster::load(&cli.base_dir, run.as_deref())?;
+            let m = c.check_until_pass(Duration::from_secs(*wait));
+            print!("{m}");
+            Ok(if m.all_pass() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Cmd::Down { run, stale } => {
+            if *stale {
+                for (prefix, _) in list_runs(&cli.base_dir) {
+                    let owner_dead = Cluster::load(&cli.base_dir, Some(&prefix))
+                        .map(|c| c.state().owner.as_ref().is_some_and(|o| !o.alive()))
+                        .unwrap_or(true);
+                    if owner_dead {
+                        println!("tearing down stale run {prefix}");
+                        teardown_run(&cli.base_dir, &prefix)?;
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let prefix = match run {
+                Some(p) => p.clone(),
+                None => match list_runs(&cli.base_dir).first() {
+                    Some(r) => r.0.clone(),
+                    None => {
+                        println!("no runs in {}: nothing to do", cli.base_dir.display());
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                },
+            };
+            teardown_run(&cli.base_dir, &prefix)?;
+            println!("run {prefix} removed");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench { run, seconds } => {
+            netns_harness::install_signal_handler()?;
+            let mut c = Cluster::load(&cli.base_dir, run.as_deref())?;
+            let r = c.bench(*seconds)?;
+            print!("{r}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo {
+            build,
+            seconds,
+            wait,
+        } => demo(&cli, build, *seconds, *wait),
+        Cmd::Capture { action } => capture_cmd(&cli, action),
+        Cmd::Status { run } => status(&cli, run.as_deref()),
+        Cmd::Exec { run, ns, command } => {
+            let c = Cluster::load(&cli.base_dir, run.as_deref())?;
+            let args: Vec<&str> = command.iter().map(String::as_str).collect();
+            let out = c.exec_timeout(ns, &args, Duration::from_secs(600))?;
+            std::io::stdout().write_all(&out.stdout)?;
+            std::io::stderr().write_all(&out.stderr)?;
+            Ok(ExitCode::from(
+                out.status
+                    .code()
+                    .and_then(|c| u8::try_from(c).ok())
+                    .unwrap_or(1),
+            ))
+        }
+        Cmd::AddNode { run, kind } => {
+            let mut c = Cluster::load(&cli.base_dir, run.as_deref())?;
+            let name = c.add_node(kind.parse()?)?;
+            println!("added {name}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::RemoveNode { run, node } => {
+            let mut c = Cluster::load(&cli.base_dir, run.as_deref())?;
+            c.remove_node(node)?;
+            println!("removed {node}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Serve {
+            tcp_port,
+            udp_port,
+            dns_port,
+            lifetime_secs,
+        } => {
+            proto::serve(&proto::ServeOpts {
+                tcp_port: *tcp_port,
+                udp_port: *udp_port,
+                dns_port: *dns_port,
+                lifetime: Duration::from_secs(*lifetime_secs),
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Probe {
+            kind,
+            addr,
+            timeout_ms,
+        } => {
+            let t = Duration::from_millis((*timeout_ms).min(2000));
+            let rtt = match kind {
+                ProbeArg::Tcp => proto::probe_tcp(*addr, t),
+                ProbeArg::Udp => proto::probe_udp(*addr, t),
+                ProbeArg::Dns => proto::probe_dns(*addr, t),
+            }?;
+            println!("ok {:.3} ms", rtt.as_secs_f64() * 1e3);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn teardown_run(base: &Path, prefix: &str) -> Result<()> {
+    match Cluster::load(base, Some(prefix)) {
+        Ok(mut c) => c.teardown(),
+        // No readable state: still remove namespaces and the directory by prefix.
+        Err(_) => teardown_by_prefix(base, prefix),
+    }
+}
+
+fn demo(cli: &Cli, build: &BuildArgs, seconds: u32, wait: u64) -> Result<ExitCode> {
+    netns_harness::install_signal_handler()?;
+    let spec = with_base(
+        spec_from(build, "userspace,userspace,kernel-ref,kernel-ref")?,
+        &cli.base_dir,
+    );
+    // The cluster's drop guard tears down on error, panic and (through the interrupt flag
+    // every wait polls) SIGINT/SIGTERM.
+    let mut c = Cluster::up(&spec)?;
+    println!("run {} ({})", c.prefix(), c.run_dir().display());
+    let m = c.check_until_pass(Duration::from_secs(wait));
+    print!("{m}");
+    netns_harness::sys::check_interrupted()?;
+    let r = c.bench(seconds)?;
+    print!("{r}");
+    c.teardown()?;
+    Ok(if m.all_pass() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn capture_cmd(cli: &Cli, action: &CaptureCmd) -> Result<ExitCode> {
+    match action {
+        CaptureCmd::Start {
+            run,
+            iface,
+            packets,
+            seconds,
+            filter,
+        } => {
+            let mut c = Cluster::load(&cli.base_dir, run.as_deref())?;
+            let cap = c.start_capture(&CaptureOpts {
+                iface: iface.clone(),
+                max_packets: *packets,
+                max_seconds: *seconds,
+                filter: filter.clone(),
+            })?;
+            println!("capture {} -> {}", cap.name, cap.pcap.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        CaptureCmd::Stop { run } => {
+            let mut c = Cluster::load(&cli.base_dir, run.as_deref())?;
+            let cap = c
+                .captures()
+                .pop()
+                .ok_or_else(|| anyhow!("no running capture in run {}", c.prefix()))?;
+            let path = c.stop_capture(&cap.name)?;
+            println!("{}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        CaptureCmd::Verify { run, pcap, port } => {
+            let (path, port) = match (pcap, Cluster::load(&cli.base_dir, run.as_deref())) {
+                (Some(p), c) => (
+                    p.clone(),
+                    port.or_else(|| {
+                        c.ok()
+                            .and_then(|c| c.net_conf().ok())
+                            .map(|n| n.effective_port())
+                    })
+                    .unwrap_or(8472),
+                ),
+                (None, Ok(c)) => (
+                    newest_pcap(&c).context("no capture file in the run directory")?,
+                    port.unwrap_or(c.net_conf()?.effective_port()),
+                ),
+                (None, Err(e)) => return Err(e),
+            };
+            let r = capture::verify_pcap(&path, port)?;
+            println!("{}", path.display());
+            println!("{r}");
+            Ok(if r.all_checksums_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("netns-harness: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! Packet capture on the underlay bridge and its verification with tshark as an independent
+//! dissector (field problem P2): every VXLAN frame's outer IPv4/UDP checksums and inner
+//! IPv4/TCP/UDP/ICMP checksums are validated.
+//!
+//! tshark 4.0 names used (checked with `tshark -G fields` / `-G values` / `-G defaultprefs`):
+//! `vxlan.vni`, `ip.checksum.status`, `udp.checksum`, `udp.checksum.status`,
+//! `tcp.checksum.status`, `icmp.checksum.status`; status values 0 Bad, 1 Good, 2 Unverified,
+//! 3 Not present, 4 Illegal; preferences `ip.check_checksum`, `udp.check_checksum`,
+//! `tcp.check_checksum` (all FALSE by default).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+use crate::cluster::{CaptureState, Cluster};
+use crate::cmd;
+use crate::sys;
+
+/// How to capture.
+#[derive(Debug, Clone)]
+pub struct CaptureOpts {
+    /// Interface inside the underlay namespace (default `br0`; in promiscuous mode the bridge
+    /// device sees every frame forwarded between nodes).
+    pub iface: String,
+    /// Stop after this many packets.
+    pub max_packets: u64,
+    /// Stop after this many seconds.
+    pub max_seconds: u32,
+    /// Optional pcap filter expression (e.g. `udp port 8472`).
+    pub filter: Option<String>,
+}
+
+impl Default for CaptureOpts {
+    fn default() -> Self {
+        CaptureOpts {
+            iface: "br0".into(),
+            max_packets: 100_000,
+            max_seconds: 300,
+            filter: None,
+        }
+    }
+}
+
+/// A capture started by [`Cluster::start_capture`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    /// Name within the run (`cap1`, ...).
+    pub name: String,
+    /// The pcap file being written.
+    pub pcap: PathBuf,
+}
+
+/// What tshark found in a capture.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CaptureReport {
+    /// Frames in the file.
+    pub frames: u64,
+    /// Frames decoded as VXLAN.
+    pub vxlan_frames: u64,
+    /// VNIs seen.
+    pub vnis: BTreeSet<u32>,
+    /// VXLAN frames whose outer UDP checksum is zero (allowed for IPv4, RFC 7348).
+    pub outer_udp_zero: u64,
+    /// Bad outer IPv4 header checksums.
+    pub bad_outer_ip: u64,
+    /// Bad (non-zero, wrong) outer UDP checksums.
+    pub bad_outer_udp: u64,
+    /// Inner IPv4 packets / bad inner IPv4 header checksums.
+    pub inner_ip: u64,
+    /// Bad inner IPv4 header checksums.
+    pub bad_inner_ip: u64,
+    /// Inner TCP segments.
+    pub inner_tcp: u64,
+    /// Bad inner TCP checksums.
+    pub bad_inner_tcp: u64,
+    /// Inner UDP datagrams.
+    pub inner_udp: u64,
+    /// Bad inner UDP checksums.
+    pub bad_inner_udp: u64,
+    /// Inner ICMP messages.
+    pub inner_icmp: u64,
+    /// Bad inner ICMP checksums.
+    pub bad_inner_icmp: u64,
+    /// Frame numbers of the first few frames with a bad checksum.
+    pub bad_examples: Vec<u64>,
+}
+
+impl CaptureReport {
+    /// Sum of all bad-checksum counters.
+    pub fn bad_total(&self) -> u64 {
+        self.bad_outer_ip
+            + self.bad_outer_udp
+            + self.bad_inner_ip
+            + self.bad_inner_tcp
+            + self.bad_inner_udp
+            + self.bad_inner_icmp
+    }
+
+    /// At least one VXLAN frame and no bad checksum anywhere.
+    pub fn all_checksums_ok(&self) -> bool {
+        self.vxlan_frames > 0 && self.bad_total() == 0
+    }
+}
+
+impl std::fmt::Display for CaptureReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "frames {}  vxlan {}  vnis {:?}",
+            self.frames, self.vxlan_frames, self.vnis
+        )?;
+        writeln!(
+            f,
+            "outer: bad ipv4 {}  bad udp {}  zero udp checksum {} (allowed)",
+            self.bad_outer_ip, self.bad_outer_udp, self.outer_udp_zero
+        )?;
+        writeln!(
+            f,
+            "inner: ipv4 {} (bad {})  tcp {} (bad {})  udp {} (bad {})  icmp {} (bad {})",
+            self.inner_ip,
+            self.bad_inner_ip,
+            self.inner_tcp,
+            self.bad_inner_tcp,
+            self.inner_udp,
+            self.bad_inner_udp,
+            self.inner_icmp,
+            self.bad_inner_icmp
+        )?;
+        let verdict = if self.all_checksums_ok() {
+            "PASS"
+        } else if self.vxlan_frames == 0 {
+            "FAIL (no VXLAN frames)"
+        } else {
+            "FAIL (bad checksums)"
+        };
+        write!(f, "RESULT: {verdict}")?;
+        if !self.bad_examples.is_empty() {
+            write!(f, "; first bad frames {:?}", self.bad_examples)?;
+        }
+        Ok(())
+    }
+}
+
+const BAD: &str = "0";
+
+fn statuses(field: &str) -> Vec<&str> {
+    field.split(',').filter(|s| !s.is_empty()).collect()
+}
+
+/// Folds one tshark output line (fields: frame.number, vxlan.vni, ip.checksum.status,
+/// udp.checksum, udp.checksum.status, tcp.checksum.status, icmp.checksum.status; each with all
+/// occurrences, comma separated, outermost first) into the report.
+pub fn account_line(r: &mut CaptureReport, line: &str) {
+    let f: Vec<&str> = line.split('|').collect();
+    let get = |i: usize| f.get(i).copied().unwrap_or("");
+    r.frames += 1;
+    let vni = get(1);
+    if vni.is_empty() {
+        return;
+    }
+    r.vxlan_frames += 1;
+    for v in statuses(vni) {
+        if let Ok(n) = v.parse() {
+            r.vnis.insert(n);
+        }
+    }
+    let mut bad = false;
+    let ip = statuses(get(2));
+    if ip.first() == Some(&BAD) {
+        r.bad_outer_ip += 1;
+        bad = true;
+    }
+    if ip.len() > 1 {
+        r.inner_ip += 1;
+        if ip[1..].contains(&BAD) {
+            r.bad_inner_ip += 1;
+            bad = true;
+        }
+    }
+    let udp_vals = statuses(get(3));
+    let udp = statuses(get(4));
+    if udp_vals.first().is_some_and(|v| {
+        v.trim_start_matches("0x")
+            .trim_start_matches('0')
+            .is_empty()
+    }) {
+        r.outer_udp_zero += 1;
+    } else if udp.first() == Some(&BAD) {
+        r.bad_outer_udp += 1;
+        bad = true;
+    }
+    if udp.len() > 1 {
+        r.inner_udp += 1;
+        if udp[1..].contains(&BAD) {
+            r.bad_inner_udp += 1;
+            bad = true;
+        }
+    }
+    let tcp = statuses(get(5));
+    if !tcp.is_empty() {
+        r.inner_tcp += 1;
+        if tcp.contains(&BAD) {
+            r.bad_inner_tcp += 1;
+            bad = true;
+        }
+    }
+    let icmp = statuses(get(6));
+    if !icmp.is_empty() {
+        r.inner_icmp += 1;
+        if icmp.contains(&BAD) {
+            r.bad_inner_icmp += 1;
+            bad = true;
+        }
+    }
+    if bad && r.bad_examples.len() < 10 {
+        if let Ok(n) = get(0).parse() {
+            r.bad_examples.push(n);
+        }
+    }
+}
+
+/// Verifies a pcap with tshark: decode `udp.port == vxlan_port` as VXLAN, validate checksums.
+pub fn verify_pcap(pcap: &Path, vxlan_port: u16) -> Result<CaptureReport> {
+    if !pcap.is_file() {
+        bail!("capture file {} does not exist", pcap.display());
+    }
+    let out = cmd::run(
+        Command::new("tshark")
+            .arg("-n")
+            .arg("-r")
+            .arg(pcap)
+            .args(["-d", &format!("udp.port=={vxlan_port},vxlan")])
+            .args(["-o", "ip.check_checksum:TRUE"])
+            .args(["-o", "udp.check_checksum:TRUE"])
+            .args(["-o", "tcp.check_checksum:TRUE"])
+            .args(["-T", "fields", "-E", "occurrence=a", "-E", "separator=|"])
+            .args([
+                "-e",
+                "frame.number",
+                "-e",
+                "vxlan.vni",
+                "-e",
+                "ip.checksum.status",
+            ])
+            .args(["-e", "udp.checksum", "-e", "udp.checksum.status"])
+            .args(["-e", "tcp.checksum.status", "-e", "icmp.checksum.status"]),
+        Duration::from_secs(600),
+    )?;
+    if !out.status.success() {
+        bail!(
+            "tshark failed on {} ({}): {}",
+            pcap.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let mut r = CaptureReport::default();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if !line.trim().is_empty() {
+            account_line(&mut r, line);
+        }
+    }
+    Ok(r)
+}
+
+impl Cluster {
+    /// Starts `tcpdump` on the underlay (bounded by packet count and duration), waiting until it
+    /// listens.
+    pub fn start_capture(&mut self, opts: &CaptureOpts) -> Result<Capture> {
+        let n = self.state.captures.len() + 1;
+        let name = (n..n + 1000)
+            .map(|i| format!("cap{i}"))
+            .find(|c| !self.run_dir().join(format!("{c}.pcap")).exists())
+            .unwrap_or_else(|| format!("cap{n}"));
+        let pcap = self.run_dir().join(format!("{name}.pcap"));
+        let log = self.run_dir().join(format!("{name}.log"));
+        let ns = self.underlay_ns();
+        let count = opts.max_packets.max(1).to_string();
+        let secs = opts.max_seconds.max(1).to_string();
+        let pcap_s = pcap.to_string_lossy().into_owned();
+        let mut args: Vec<&str> = vec![
+            "tcpdump",
+            "-n",
+            "-i",
+            &opts.iface,
+            "-s",
+            "0",
+            "-U",
+            "--immediate-mode",
+            "-Z",
+            "root",
+            "-w",
+            &pcap_s,
+            "-c",
+            &count,
+            "-G",
+            &secs,
+            "-W",
+            "1",
+        ];
+        if let Some(f) = &opts.filter {
+            args.push(f);
+        }
+        let (mut child, rec) = cmd::spawn_in_ns(&ns, &args, &log, &format!("tcpdump {name}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("listening on")) {
+                break;
+            }
+            if let Some(st) = child.try_wait()? {
+                bail!("tcpdump exited ({st}): {}", cmd::tail(&log, 5));
+            }
+            if Instant::now() >= deadline || sys::interrupted() {
+                cmd::stop_process(&rec, Some(child));
+                sys::check_interrupted()?;
+                bail!("tcpdump did not start listening: {}", cmd::tail(&log, 5));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.children.insert(rec.pid, child);
+        self.state.captures.push(CaptureState {
+            name: name.clone(),
+            ns,
+            iface: opts.iface.clone(),
+            pcap: pcap.clone(),
+            proc: rec,
+        });
+        self.save()?;
+        Ok(Capture { name, pcap })
+    }
+
+    /// Stops a capture (SIGTERM lets tcpdump flush) and returns the pcap path.
+    pub fn stop_capture(&mut self, capture: &str) -> Result<PathBuf> {
+        let Some(i) = self.state.captures.iter().position(|c| c.name == capture) else {
+            bail!("no running capture {capture:?}");
+        };
+        let c = self.state.captures.remove(i);
+        let child = self.children.remove(&c.proc.pid);
+        if !cmd::stop_process(&c.proc, child) {
+            bail!("tcpdump pid {} did not stop", c.proc.pid);
+        }
+        self.save()?;
+        Ok(c.pcap)
+    }
+
+    /// Names of running captures, oldest first.
+    pub fn captures(&self) -> Vec<Capture> {
+        self.state
+            .captures
+            .iter()
+            .map(|c| Capture {
+                name: c.name.clone(),
+                pcap: c.pcap.clone(),
+            })
+            .collect()
+    }
+
+    /// Verifies a pcap with this run's VXLAN port.
+    pub fn verify_capture(&self, pcap: &Path) -> Result<CaptureReport> {
+        verify_pcap(pcap, self.net_conf()?.effective_port())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accounting() {
+        let mut r = CaptureReport::default();
+        // Good TCP frame, good ICMP frame with outer zero checksum, non-VXLAN frame.
+        account_line(&mut r, "1|1|1,1|0xaa8a|1|1|");
+        account_line(&mut r, "2|1|1,1|0x0000|3||1");
+        account_line(&mut r, "3||1|0x1234|1||");
+        assert_eq!((r.frames, r.vxlan_frames), (3, 2));
+        assert_eq!(r.outer_udp_zero, 1);
+        assert_eq!((r.inner_tcp, r.inner_icmp, r.inner_ip), (1, 1, 2));
+        assert!(r.all_checksums_ok(), "{r}");
+        // Bad outer UDP and bad inner TCP (the GSO/partial-checksum signature).
+        account_line(&mut r, "4|1|1,1|0x5555|0|0|");
+        // Inner UDP with bad checksum, inner IP bad.
+        account_line(&mut r, "5|1|1,0|0x5555,0x1111|1,0||");
+        assert_eq!(r.bad_outer_udp, 1);
+        assert_eq!(r.bad_inner_tcp, 1);
+        assert_eq!(r.bad_inner_udp, 1);
+        assert_eq!(r.bad_inner_ip, 1);
+        assert_eq!(r.bad_examples, vec![4, 5]);
+        assert!(!r.all_checksums_ok());
+        assert!(r.to_string().contains("bad checksums"));
+        assert!(!CaptureReport::default().all_checksums_ok());
+    }
+}

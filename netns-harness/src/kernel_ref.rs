@@ -1,0 +1,346 @@
+//! `kernel-ref` nodes: the harness itself plays upstream flannel's vxlan backend
+//! (flannel-compat §7), with `ip`/`bridge` commands instead of netlink, so every other node can
+//! be compared with, and must interoperate with, the real kernel programming.
+//!
+//! The planner [`plan`] is pure: desired peers from the lease directory, diffed against what was
+//! programmed before. [`apply`] runs the commands in flannel's order.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::cmd;
+use crate::lease::{Lease, NetConf};
+use crate::net::{self, Cidr};
+
+/// One remote node as programmed on a kernel-ref node (neighbour + FDB + route).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerEntry {
+    /// The peer's subnet (network form).
+    pub subnet: Cidr,
+    /// The peer's VTEP MAC.
+    pub vtep_mac: String,
+    /// The peer's public (underlay) address.
+    pub public_ip: Ipv4Addr,
+}
+
+/// One step of the reconciliation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelOp {
+    /// Replace neighbour, FDB, route for a new or changed peer (flannel's "Added" event).
+    Add(PeerEntry),
+    /// Delete neighbour, FDB, route of a vanished peer (flannel's "Removed" event).
+    Remove(PeerEntry),
+}
+
+/// Desired peers for a node owning `own`: every other vxlan lease with a valid MAC and IPv4
+/// public address (flannel ignores non-vxlan leases and does not compare VNIs).
+pub fn desired_peers(own: &Cidr, leases: &[Lease]) -> Vec<PeerEntry> {
+    let mut out: Vec<PeerEntry> = leases
+        .iter()
+        .filter(|l| l.subnet.trunc() != own.trunc())
+        .filter_map(|l| {
+            let vx = l.vxlan()?;
+            if !net::valid_mac(&vx.vtep_mac) {
+                return None;
+            }
+            Some(PeerEntry {
+                subnet: l.subnet.trunc(),
+                vtep_mac: vx.vtep_mac,
+                public_ip: l.public_ip()?,
+            })
+        })
+        .collect();
+    out.sort_by_key(|p| p.subnet);
+    out
+}
+
+/// The operations that take a node from `programmed` to the peers the `leases` describe:
+/// removals first, then additions/updates, each in subnet order.
+pub fn plan(own: &Cidr, leases: &[Lease], programmed: &[PeerEntry]) -> Vec<KernelOp> {
+    let desired = desired_peers(own, leases);
+    let mut ops: Vec<KernelOp> = programmed
+        .iter()
+        .filter(|p| !desired.iter().any(|d| d.subnet == p.subnet))
+        .cloned()
+        .map(KernelOp::Remove)
+        .collect();
+    ops.extend(
+        desired
+            .into_iter()
+            .filter(|d| !programmed.contains(d))
+            .map(KernelOp::Add),
+    );
+    ops
+}
+
+/// Applies one op in namespace `ns` on device `dev`, exactly as flannel orders it: neighbour,
+/// FDB, route on add (undoing earlier steps when a later one fails); best-effort deletes on
+/// remove. Like flannel, an update does not delete the FDB entry of a peer's *old* MAC.
+pub fn apply(ns: &str, dev: &str, op: &KernelOp) -> Result<()> {
+    match op {
+        KernelOp::Add(p) => {
+            let gw = p.subnet.network().to_string();
+            let mac = p.vtep_mac.as_str();
+            let dst = p.public_ip.to_string();
+            let subnet = p.subnet.to_string();
+            cmd::ip(&[
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                &gw,
+                "lladdr",
+                mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ])?;
+            if let Err(e) = cmd::bridge(&[
+                "-n",
+                ns,
+                "fdb",
+                "replace",
+                mac,
+                "dev",
+                dev,
+                "dst",
+                &dst,
+                "self",
+                "permanent",
+            ]) {
+                let _ = cmd::ip(&["-n", ns, "neigh", "del", &gw, "dev", dev]);
+                return Err(e);
+            }
+            if let Err(e) = cmd::ip(&[
+                "-n", ns, "route", "replace", &subnet, "via", &gw, "dev", dev, "onlink",
+            ]) {
+                let _ = cmd::ip(&["-n", ns, "neigh", "del", &gw, "dev", dev]);
+                let _ = cmd::bridge(&["-n", ns, "fdb", "del", mac, "dev", dev, "self"]);
+                return Err(e);
+            }
+            Ok(())
+        }
+        KernelOp::Remove(p) => {
+            let gw = p.subnet.network().to_string();
+            let subnet = p.subnet.to_string();
+            let mut first_err = None;
+            let steps: [Vec<&str>; 3] = [
+                vec!["-n", ns, "neigh", "del", &gw, "dev", dev],
+                vec!["-n", ns, "fdb", "del", &p.vtep_mac, "dev", dev, "self"],
+                vec!["-n", ns, "route", "del", &subnet, "dev", dev],
+            ];
+            for (i, args) in steps.iter().enumerate() {
+                let r = if i == 1 {
+                    cmd::bridge(args)
+                } else {
+                    cmd::ip(args)
+                };
+                if let Err(e) = r {
+                    first_err.get_or_insert(e);
+                }
+            }
+            match first_err {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// The device name flannel uses for a VNI.
+pub fn device_name(vni: u32) -> String {
+    format!("flannel.{vni}")
+}
+
+/// Creates and configures the node's `flannel.<VNI>` (flannel-compat §7.1, §7.3): vxlan with
+/// the given MAC, local underlay address, `eth0` as lower device, destination port, no
+/// learning, MTU, `accept_ra=0`, address `<subnet network>/32`, up.
+pub fn create_vtep(
+    ns: &str,
+    conf: &NetConf,
+    mac: &str,
+    local: Ipv4Addr,
+    subnet: &Cidr,
+    mtu: u32,
+) -> Result<()> {
+    let dev = device_name(conf.vni);
+    let vni = conf.vni.to_string();
+    let port = conf.effective_port().to_string();
+    let local = local.to_string();
+    cmd::ip(&[
+        "-n",
+        ns,
+        "link",
+        "add",
+        &dev,
+        "address",
+        mac,
+        "type",
+        "vxlan",
+        "id",
+        &vni,
+        "local",
+        &local,
+        "dev",
+        "eth0",
+        "dstport",
+        &port,
+        "nolearning",
+    ])?;
+    cmd::ip(&["-n", ns, "link", "set", &dev, "mtu", &mtu.to_string()])?;
+    // sysctl spells the '.' inside an interface name as '/'.
+    cmd::sysctl(
+        ns,
+        &format!("net.ipv6.conf.{}.accept_ra", dev.replace('.', "/")),
+        "0",
+    )?;
+    let addr = format!("{}/32", subnet.network());
+    cmd::ip(&["-n", ns, "addr", "add", &addr, "dev", &dev])?;
+    cmd::ip(&["-n", ns, "link", "set", &dev, "up"])?;
+    Ok(())
+}
+
+/// flannel's iptables rules (flannel-compat §9.1) for a kernel-ref node: the forward rules
+/// always, the masquerade rules with `--ip-masq`. Applied with one `iptables-restore --noflush`
+/// inside the node's namespace.
+pub fn install_rules(
+    ns: &str,
+    network: &Cidr,
+    own: &Cidr,
+    ip_masq: bool,
+    scratch: &Path,
+) -> Result<()> {
+    let try_with = |random_fully: bool| -> Result<()> {
+        let text = rules_text(network, own, ip_masq, random_fully);
+        std::fs::write(scratch, text).with_context(|| format!("write {}", scratch.display()))?;
+        let path = scratch.to_string_lossy().into_owned();
+        cmd::ns_ok(ns, &["iptables-restore", "--noflush", &path]).map(|_| ())
+    };
+    try_with(true).or_else(|_| try_with(false))
+}
+
+/// The `iptables-restore` payload.
+pub fn rules_text(network: &Cidr, own: &Cidr, ip_masq: bool, random_fully: bool) -> String {
+    let n = network.trunc().to_string();
+    let p = own.trunc().to_string();
+    let rf = if random_fully { " --random-fully" } else { "" };
+    let mut t = String::new();
+    if ip_masq {
+        let c = "-m comment --comment \"flanneld masq\"";
+        t.push_str("*nat\n:FLANNEL-POSTRTG - [0:0]\n");
+        t.push_str(&format!("-A POSTROUTING {c} -j FLANNEL-POSTRTG\n"));
+        t.push_str(&format!(
+            "-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {c} -j RETURN\n"
+        ));
+        t.push_str(&format!("-A FLANNEL-POSTRTG -s {p} -d {n} {c} -j RETURN\n"));
+        t.push_str(&format!("-A FLANNEL-POSTRTG -s {n} -d {p} {c} -j RETURN\n"));
+        t.push_str(&format!(
+            "-A FLANNEL-POSTRTG ! -s {n} -d {p} {c} -j RETURN\n"
+        ));
+        t.push_str(&format!(
+            "-A FLANNEL-POSTRTG -s {n} ! -d 224.0.0.0/4 {c} -j MASQUERADE{rf}\n"
+        ));
+        t.push_str(&format!(
+            "-A FLANNEL-POSTRTG ! -s {n} -d {n} {c} -j MASQUERADE{rf}\n"
+        ));
+        t.push_str("COMMIT\n");
+    }
+    let c = "-m comment --comment \"flanneld forward\"";
+    t.push_str("*filter\n:FLANNEL-FWD - [0:0]\n");
+    t.push_str(&format!("-A FORWARD {c} -j FLANNEL-FWD\n"));
+    t.push_str(&format!("-A FLANNEL-FWD -s {n} {c} -j ACCEPT\n"));
+    t.push_str(&format!("-A FLANNEL-FWD -d {n} {c} -j ACCEPT\n"));
+    t.push_str("COMMIT\n");
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::LeaseAttrs;
+
+    fn lease(subnet: &str, ip: &str, mac: &str) -> Lease {
+        Lease {
+            subnet: subnet.parse().unwrap(),
+            attrs: LeaseAttrs {
+                public_ip: ip.into(),
+                public_ipv6: None,
+                backend_type: "vxlan".into(),
+                backend_data: serde_json::json!({"VNI": 1, "VtepMAC": mac}),
+            },
+        }
+    }
+
+    fn peer(subnet: &str, ip: &str, mac: &str) -> PeerEntry {
+        PeerEntry {
+            subnet: subnet.parse().unwrap(),
+            vtep_mac: mac.into(),
+            public_ip: ip.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn plan_adds_skips_self_and_foreign_backends() {
+        let own: Cidr = "10.244.1.0/24".parse().unwrap();
+        let mut hostgw = lease("10.244.4.0/24", "198.18.0.4", "0e:00:00:00:00:04");
+        hostgw.attrs.backend_type = "host-gw".into();
+        let leases = vec![
+            lease("10.244.1.0/24", "198.18.0.1", "0e:00:00:00:00:01"),
+            lease("10.244.3.0/24", "198.18.0.3", "0e:00:00:00:00:03"),
+            lease("10.244.2.0/24", "198.18.0.2", "0e:00:00:00:00:02"),
+            lease("10.244.5.0/24", "198.18.0.5", "not-a-mac"),
+            hostgw,
+        ];
+        let ops = plan(&own, &leases, &[]);
+        assert_eq!(
+            ops,
+            vec![
+                KernelOp::Add(peer("10.244.2.0/24", "198.18.0.2", "0e:00:00:00:00:02")),
+                KernelOp::Add(peer("10.244.3.0/24", "198.18.0.3", "0e:00:00:00:00:03")),
+            ]
+        );
+    }
+
+    #[test]
+    fn plan_removes_and_updates() {
+        let own: Cidr = "10.244.1.0/24".parse().unwrap();
+        let programmed = vec![
+            peer("10.244.2.0/24", "198.18.0.2", "0e:00:00:00:00:02"),
+            peer("10.244.3.0/24", "198.18.0.3", "0e:00:00:00:00:03"),
+        ];
+        let leases = vec![
+            lease("10.244.2.0/24", "198.18.0.2", "0e:00:00:00:00:22"),
+            lease("10.244.1.0/24", "198.18.0.1", "0e:00:00:00:00:01"),
+        ];
+        let ops = plan(&own, &leases, &programmed);
+        assert_eq!(
+            ops,
+            vec![
+                KernelOp::Remove(peer("10.244.3.0/24", "198.18.0.3", "0e:00:00:00:00:03")),
+                KernelOp::Add(peer("10.244.2.0/24", "198.18.0.2", "0e:00:00:00:00:22")),
+            ]
+        );
+        let steady = vec![peer("10.244.2.0/24", "198.18.0.2", "0e:00:00:00:00:22")];
+        assert!(plan(&own, &leases, &steady).is_empty());
+    }
+
+    #[test]
+    fn rules_match_flannel_golden_text() {
+        let n: Cidr = "10.244.0.0/16".parse().unwrap();
+        let p: Cidr = "10.244.1.0/24".parse().unwrap();
+        let t = rules_text(&n, &p, true, true);
+        assert!(t.contains(
+            "-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully\n"
+        ));
+        assert!(t.contains("-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.1.0/24 -m comment --comment \"flanneld masq\" -j RETURN\n"));
+        let t = rules_text(&n, &p, false, true);
+        assert!(!t.contains("*nat"));
+        assert!(t.contains(
+            "-A FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT\n"
+        ));
+    }
+}

@@ -1,0 +1,205 @@
+//! Small IPv4 prefix and MAC helpers (the harness stays free of flannel-rs and of extra crates).
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// An IPv4 prefix `a.b.c.d/len`; `addr` keeps host bits (so `10.244.1.1/24` round-trips).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    /// Address as written.
+    pub addr: Ipv4Addr,
+    /// Prefix length, 0..=32.
+    pub len: u8,
+}
+
+impl Cidr {
+    /// Builds a prefix; `len` must be at most 32.
+    pub fn new(addr: Ipv4Addr, len: u8) -> Result<Cidr> {
+        if len > 32 {
+            bail!("prefix length {len} > 32");
+        }
+        Ok(Cidr { addr, len })
+    }
+
+    /// The netmask as an integer.
+    pub fn mask(&self) -> u32 {
+        if self.len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.len))
+        }
+    }
+
+    /// The network address (host bits cleared).
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+
+    /// The same prefix with host bits cleared.
+    pub fn trunc(&self) -> Cidr {
+        Cidr {
+            addr: self.network(),
+            len: self.len,
+        }
+    }
+
+    /// Number of addresses in the prefix.
+    pub fn size(&self) -> u64 {
+        1u64 << (32 - u32::from(self.len))
+    }
+
+    /// The address `n` positions after the network address, if still inside the prefix.
+    pub fn nth(&self, n: u64) -> Option<Ipv4Addr> {
+        if n >= self.size() {
+            return None;
+        }
+        let base = u64::from(u32::from(self.network()));
+        u32::try_from(base + n).ok().map(Ipv4Addr::from)
+    }
+
+    /// True when `ip` lies inside the prefix.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.network())
+    }
+
+    /// True when `other` lies entirely inside this prefix.
+    pub fn contains_cidr(&self, other: &Cidr) -> bool {
+        other.len >= self.len && self.contains(other.network())
+    }
+
+    /// True when the two prefixes share any address.
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        self.contains(other.network()) || other.contains(self.network())
+    }
+
+    /// flannel's etcd key form: `10.244.1.0-24`.
+    pub fn key(&self) -> String {
+        format!("{}-{}", self.network(), self.len)
+    }
+
+    /// Parses flannel's key form `a.b.c.d-len` (IPv4 part only; a `&v6` suffix is ignored).
+    pub fn from_key(key: &str) -> Result<Cidr> {
+        let v4 = key.split('&').next().unwrap_or(key);
+        let (a, l) = v4
+            .rsplit_once('-')
+            .ok_or_else(|| anyhow!("lease key {key:?} is not a.b.c.d-len"))?;
+        Cidr::new(
+            a.parse().with_context(|| format!("lease key {key:?}"))?,
+            l.parse().with_context(|| format!("lease key {key:?}"))?,
+        )
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Cidr> {
+        let (a, l) = s
+            .split_once('/')
+            .ok_or_else(|| anyhow!("{s:?} is not a.b.c.d/len"))?;
+        Cidr::new(
+            a.trim()
+                .parse()
+                .with_context(|| format!("bad address in {s:?}"))?,
+            l.trim()
+                .parse()
+                .with_context(|| format!("bad prefix length in {s:?}"))?,
+        )
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Cidr, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The underlay range every node address comes from (RFC 2544 benchmarking space).
+pub fn underlay_range() -> Cidr {
+    Cidr {
+        addr: Ipv4Addr::new(198, 18, 0, 0),
+        len: 15,
+    }
+}
+
+/// The only range pod networks may use (inside namespaces).
+pub fn pod_range() -> Cidr {
+    Cidr {
+        addr: Ipv4Addr::new(10, 244, 0, 0),
+        len: 16,
+    }
+}
+
+/// Random bytes from the kernel.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut b = [0u8; N];
+    let mut f = std::fs::File::open("/dev/urandom").context("open /dev/urandom")?;
+    std::io::Read::read_exact(&mut f, &mut b).context("read /dev/urandom")?;
+    Ok(b)
+}
+
+/// A random locally administered unicast MAC in flannel's lower-case colon form.
+pub fn random_mac() -> Result<String> {
+    let mut b: [u8; 6] = random_bytes()?;
+    b[0] = (b[0] & 0xfe) | 0x02;
+    Ok(b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":"))
+}
+
+/// Checks the lower-case colon form `aa:bb:cc:dd:ee:ff`.
+pub fn valid_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_arith() {
+        let c: Cidr = "10.244.3.1/24".parse().unwrap();
+        assert_eq!(c.network(), Ipv4Addr::new(10, 244, 3, 0));
+        assert_eq!(c.nth(1), Some(Ipv4Addr::new(10, 244, 3, 1)));
+        assert_eq!(c.nth(256), None);
+        assert_eq!(c.key(), "10.244.3.0-24");
+        assert_eq!(Cidr::from_key("10.244.3.0-24").unwrap(), c.trunc());
+        assert!(pod_range().contains_cidr(&c));
+        assert!(!c.contains(Ipv4Addr::new(10, 244, 4, 0)));
+        let z: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(z.contains(Ipv4Addr::new(1, 2, 3, 4)));
+        assert!(z.overlaps(&c));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!(Cidr::from_key("garbage").is_err());
+    }
+
+    #[test]
+    fn mac_form() {
+        let m = random_mac().unwrap();
+        assert!(valid_mac(&m), "{m}");
+        let first = u8::from_str_radix(&m[..2], 16).unwrap();
+        assert_eq!(first & 0x03, 0x02, "local unicast");
+        assert!(!valid_mac("0E:00:00:00:00"));
+    }
+}

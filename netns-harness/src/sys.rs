@@ -1,0 +1,93 @@
+//! The few OS calls std does not offer: signals to PIDs, effective uid, and a SIGINT/SIGTERM
+//! handler that only raises a flag. Every other module stays safe code.
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// Signals the harness sends to processes it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Polite stop request.
+    Term,
+    /// Forced stop.
+    Kill,
+}
+
+/// Sends `sig` to `pid`. Returns false when the process does not exist (ESRCH) or the call failed.
+pub fn send_signal(pid: u32, sig: Signal) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        // 0 and negative PIDs address process groups; the harness never means that.
+        return false;
+    }
+    let signo = match sig {
+        Signal::Term => libc::SIGTERM,
+        Signal::Kill => libc::SIGKILL,
+    };
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours; pid > 0 so it targets
+    // exactly one process.
+    unsafe { libc::kill(pid, signo) == 0 }
+}
+
+/// True when the effective user is root (network namespaces need CAP_SYS_ADMIN/CAP_NET_ADMIN).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no arguments, cannot fail and touches no memory.
+    unsafe { libc::geteuid() == 0 }
+}
+
+extern "C" fn on_signal(signo: libc::c_int) {
+    // Only async-signal-safe work here: two atomic stores.
+    LAST_SIGNAL.store(signo, Ordering::SeqCst);
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Installs a SIGINT/SIGTERM handler that sets the [`interrupted`] flag. Every waiting loop of
+/// the harness polls that flag, fails with "interrupted", and the [`crate::Cluster`] drop guard
+/// tears everything down. `SA_RESETHAND` restores the default action, so a second Ctrl-C kills
+/// the process at once.
+pub fn install_signal_handler() -> std::io::Result<()> {
+    for signo in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESETHAND;
+        // SAFETY: sa_mask is a valid sigset_t owned by `action`.
+        unsafe { libc::sigemptyset(&mut action.sa_mask) };
+        // SAFETY: `action` is fully initialised, the handler only performs atomic stores (async
+        // signal safe), and a null old-action pointer is allowed.
+        let rc = unsafe { libc::sigaction(signo, &action, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// True once SIGINT or SIGTERM arrived after [`install_signal_handler`].
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// The signal that set [`interrupted`], if any.
+pub fn last_signal() -> Option<i32> {
+    match LAST_SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// Fails with a recognisable error when a stop signal arrived.
+pub fn check_interrupted() -> anyhow::Result<()> {
+    if interrupted() {
+        anyhow::bail!(
+            "interrupted by signal {} (tearing down)",
+            last_signal().unwrap_or(0)
+        );
+    }
+    Ok(())
+}

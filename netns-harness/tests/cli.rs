@@ -1,0 +1,194 @@
+//! The `netns-harness` binary end to end: up → check → capture → down across processes, and the
+//! demo's teardown on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use netns_harness::privileged_test_guard;
+use netns_harness::sys::{send_signal, Signal};
+
+fn base_dir(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("nh-cli-{tag}-{}", std::process::id()))
+}
+
+/// Runs built by child processes are not owned by this test: remove whatever is left under
+/// the test's base directory when the test ends, passing or failing.
+struct BaseGuard(PathBuf);
+
+impl Drop for BaseGuard {
+    fn drop(&mut self) {
+        for (prefix, _) in netns_harness::list_runs(&self.0) {
+            match netns_harness::Cluster::load(&self.0, Some(&prefix)) {
+                Ok(mut c) => {
+                    let _ = c.teardown();
+                }
+                Err(_) => {
+                    let _ = netns_harness::teardown_by_prefix(&self.0, &prefix);
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn harness(base: &Path, args: &[&str]) -> Output {
+    let out = Command::new(harness_bin())
+        .arg("--base-dir")
+        .arg(base)
+        .args(args)
+        .output()
+        .unwrap();
+    println!(
+        "$ netns-harness {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn up_check_capture_down_across_processes() {
+    if !privileged_test_guard("up_check_capture_down_across_processes") {
+        return;
+    }
+    let _g = serial();
+    let base = base_dir("up");
+    let _cleanup = BaseGuard(base.clone());
+    let out = harness(
+        &base,
+        &["up", "--nodes", "2", "--pods", "1", "--kinds", "kernel-ref"],
+    );
+    assert!(out.status.success());
+    let run = text(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("run ").map(str::to_string))
+        .expect("run id printed");
+    assert!(text(&out).contains("state.json"));
+    assert_eq!(leftover_namespaces(&run).len(), 5);
+
+    let out = harness(
+        &base,
+        &[
+            "capture",
+            "start",
+            "--packets",
+            "2000",
+            "--filter",
+            "udp port 8472",
+        ],
+    );
+    assert!(out.status.success());
+    let out = harness(&base, &["check"]);
+    assert!(out.status.success());
+    assert!(text(&out).contains("RESULT: PASS"));
+    assert!(text(&out).contains("n1p1 (pod)"));
+    let out = harness(&base, &["capture", "stop"]);
+    assert!(out.status.success());
+    let out = harness(&base, &["capture", "verify"]);
+    assert!(out.status.success());
+    assert!(text(&out).contains("RESULT: PASS"));
+
+    // A broken path must make `check` fail: drop n2's route to n1's pods.
+    let sub1 = {
+        let c = netns_harness::Cluster::load(&base, Some(&run)).unwrap();
+        c.node_subnet("n1").unwrap().to_string()
+    };
+    let out = harness(&base, &["exec", "n2", "--", "ip", "route", "del", &sub1]);
+    assert!(out.status.success());
+    let out = harness(&base, &["check"]);
+    assert!(
+        !out.status.success(),
+        "check must fail with a missing route"
+    );
+    assert!(text(&out).contains("FAIL n2p1 -> n1p1"));
+
+    let out = harness(&base, &["down"]);
+    assert!(out.status.success());
+    assert!(leftover_namespaces(&run).is_empty());
+    assert!(!base.join(&run).exists());
+    let out = harness(&base, &["down"]);
+    assert!(out.status.success(), "down is idempotent");
+    let out = harness(&base, &["down", "--run", &run]);
+    assert!(out.status.success(), "down of a vanished run is fine");
+}
+
+#[test]
+fn demo_tears_down_on_sigterm() {
+    if !privileged_test_guard("demo_tears_down_on_sigterm") {
+        return;
+    }
+    let _g = serial();
+    let base = base_dir("demo");
+    let _cleanup = BaseGuard(base.clone());
+    let mut child = Command::new(harness_bin())
+        .arg("--base-dir")
+        .arg(&base)
+        .args([
+            "demo",
+            "--kinds",
+            "kernel-ref",
+            "--nodes",
+            "2",
+            "--pods",
+            "1",
+            "--seconds",
+            "30",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("demo: {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let mut run = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Wait until the check finished: the bench (30 s per path) is running.
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("demo output");
+        if let Some(r) = line.strip_prefix("run ") {
+            run = r.split_whitespace().next().map(str::to_string);
+        }
+        if line.starts_with("RESULT: PASS") {
+            break;
+        }
+        assert!(!line.starts_with("RESULT: FAIL"), "{line}");
+    }
+    let run = run.expect("run id");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!leftover_namespaces(&run).is_empty());
+    assert!(send_signal(child.id(), Signal::Term));
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "demo did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "teardown took {:?}",
+        t.elapsed()
+    );
+    assert!(leftover_namespaces(&run).is_empty());
+    assert!(!base.join(&run).exists());
+}
