@@ -13,8 +13,8 @@ use crate::backend::Peer;
 use crate::config::flags::{Dataplane, Flags};
 use crate::config::netconf::BackendConfig;
 use crate::dataplane::LocalVtep;
-use crate::masq::iptables::{ensure_async, Iptables, MasqConfig, Rule};
-use crate::netlink::route::{Route, RouteScope};
+use crate::masq::{ensure_async, Iptables, MasqConfig, Rule};
+use crate::netlink::{Route, RouteScope};
 use crate::netlink::{IpFamily, Netlink};
 use crate::wire::MacAddr;
 
