@@ -1,1 +1,174 @@
-//! TODO
+//! host-gw: one route per peer, `<subnet> via <peer public IP> dev <iface>`.
+//!
+//! One [`HostGw`] per address family. The daemon calls [`HostGw::sync`] on every lease change
+//! and every 10 s (flannel's `routeCheck`), which also re-adds routes deleted behind our back
+//! and removes routes of peers that are gone (including those left while we were down).
+
+use ipnet::IpNet;
+use std::net::IpAddr;
+
+use super::kernel::{apply_ops, read_routes, SyncReport};
+use super::plan::{self, HostGwPlanConfig};
+use super::Peer;
+use crate::netlink::{IpFamily, Netlink, NetlinkError};
+
+/// Interval of the route check, as flannel (`routeCheckRetries` seconds).
+pub const ROUTE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Configuration of one family's host-gw routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostGwConfig {
+    /// External interface name.
+    pub iface: String,
+    /// The address of this family found on the external interface.
+    pub iface_addr: IpAddr,
+    /// Our public address of this family (`--public-ip`, annotations).
+    pub public_ip: IpAddr,
+    /// Network of this family.
+    pub network: IpNet,
+    /// Our lease subnet of this family.
+    pub subnet: IpNet,
+}
+
+/// Why host-gw cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum HostGwError {
+    /// The public IP is not the interface address: peers could not route to us directly.
+    #[error("your PublicIP differs from interface IP, meaning that probably you're on a NAT, which is not supported by host-gw backend")]
+    BehindNat,
+    /// The configuration is inconsistent.
+    #[error("invalid host-gw configuration: {0}")]
+    Config(String),
+    /// The external interface does not exist.
+    #[error("external interface {0} not found")]
+    IfaceMissing(String),
+    /// A netlink request failed.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+}
+
+/// flannel's NAT check: host-gw needs the public IP to be the interface's own address.
+pub fn check_not_nat(iface_addr: IpAddr, public_ip: IpAddr) -> Result<(), HostGwError> {
+    if iface_addr == public_ip {
+        Ok(())
+    } else {
+        Err(HostGwError::BehindNat)
+    }
+}
+
+/// host-gw routes of one address family.
+#[derive(Debug)]
+pub struct HostGw {
+    nl: Netlink,
+    cfg: HostGwConfig,
+    family: IpFamily,
+    mtu: u32,
+}
+
+impl HostGw {
+    /// Checks the configuration (refusing to run behind NAT) and the interface. Runs in the
+    /// network namespace of the calling thread; needs a tokio runtime.
+    pub async fn setup(cfg: HostGwConfig) -> Result<Self, HostGwError> {
+        check_not_nat(cfg.iface_addr, cfg.public_ip)?;
+        let family = IpFamily::of_net(cfg.subnet);
+        if IpFamily::of_net(cfg.network) != family || !cfg.network.contains(&cfg.subnet) {
+            return Err(HostGwError::Config(format!(
+                "subnet {} is not inside network {}",
+                cfg.subnet, cfg.network
+            )));
+        }
+        let nl = Netlink::connect()?;
+        let link = nl
+            .link_by_name(&cfg.iface)
+            .await?
+            .ok_or_else(|| HostGwError::IfaceMissing(cfg.iface.clone()))?;
+        Ok(HostGw {
+            nl,
+            family,
+            mtu: link.mtu.unwrap_or(1500),
+            cfg,
+        })
+    }
+
+    /// MTU of the external interface (host-gw adds no overhead): FLANNEL_MTU.
+    pub fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
+    /// Programs `<subnet> via <public IP> dev <iface>` for every host-gw peer of this family,
+    /// re-adds missing ones and removes stale ones. Failures are reported, not fatal.
+    pub async fn sync(&mut self, peers: &[Peer]) -> SyncReport {
+        let mut report = SyncReport::default();
+        // The interface may have been recreated with a new index: look it up every time.
+        let link = match self.nl.link_by_name(&self.cfg.iface).await {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                let e = NetlinkError::Invalid {
+                    op: format!("ip link show dev {}", self.cfg.iface),
+                    detail: "external interface not found".into(),
+                };
+                report.fail(None, "host-gw sync".to_owned(), &e);
+                return report;
+            }
+            Err(e) => {
+                report.fail(None, "host-gw sync".to_owned(), &e);
+                return report;
+            }
+        };
+        let pcfg = HostGwPlanConfig {
+            ifindex: link.index,
+            network: self.cfg.network,
+            own_subnet: self.cfg.subnet,
+        };
+        let plan = plan::plan_host_gw(&pcfg, peers);
+        for s in &plan.skipped {
+            tracing::debug!(subnet = %s.peer.subnet, reason = %s.reason, "peer not programmed");
+        }
+        report.planned = plan.peers.len();
+        report.skipped = plan.skipped.clone();
+        let current = match read_routes(&self.nl, self.family).await {
+            Ok(routes) => plan::KernelState {
+                routes,
+                ..Default::default()
+            },
+            Err(e) => {
+                report.fail(None, "host-gw sync".to_owned(), &e);
+                return report;
+            }
+        };
+        let ops = plan.diff(&current);
+        let iface = self.cfg.iface.clone();
+        let index = link.index;
+        apply_ops(&self.nl, &ops, index, &mut report, move |i| {
+            if i == index {
+                iface.clone()
+            } else {
+                format!("ifindex {i}")
+            }
+        })
+        .await;
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nat_refused_with_flannels_message() {
+        let e = check_not_nat(
+            "198.18.0.1".parse().unwrap(),
+            "203.0.113.1".parse().unwrap(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "your PublicIP differs from interface IP, meaning that probably you're on a NAT, \
+             which is not supported by host-gw backend"
+        );
+        assert!(
+            check_not_nat("198.18.0.1".parse().unwrap(), "198.18.0.1".parse().unwrap()).is_ok()
+        );
+    }
+}

@@ -1,1 +1,1095 @@
-//! TODO
+//! Pure planner for the kernel backends: desired kernel state from (own config, peers), and
+//! the ordered operations that turn the current state into it.
+//!
+//! * VXLAN (flannel's "1 route, 1 ARP entry and 1 FDB entry per host"), per peer:
+//!   neighbour `<subnet network address>` → VTEP MAC on `flannel.<VNI>`, FDB VTEP MAC →
+//!   `dst <public IP>`, route `<subnet> via <subnet network address> dev flannel.<VNI> onlink`.
+//!   With DirectRouting and an on-link peer: only `<subnet> via <public IP>`.
+//! * host-gw: route `<subnet> via <public IP> dev <iface>`.
+//!
+//! [`Plan::diff`] orders operations as flannel does: per peer neighbour, FDB, then route (the
+//! kernel never has to ARP for the onlink gateway); then removals, routes first, then FDB
+//! entries, then neighbours. It only touches entries an [`Ownership`] claims.
+//!
+//! A peer's VNI is not compared with ours, as upstream: every node of a cluster shares the
+//! Backend configuration.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::Peer;
+use crate::wire::MacAddr;
+
+/// `BackendType` of VXLAN leases.
+pub const BACKEND_VXLAN: &str = "vxlan";
+/// `BackendType` of host-gw leases.
+pub const BACKEND_HOST_GW: &str = "host-gw";
+
+/// A permanent neighbour (ARP/NDP) entry on the VXLAN device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Neigh {
+    /// Remote subnet's network address (the onlink gateway of its route).
+    pub ip: IpAddr,
+    /// Remote VTEP MAC.
+    pub mac: MacAddr,
+}
+
+/// A permanent FDB entry on the VXLAN device: frames for `mac` go to `dst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fdb {
+    /// Remote VTEP MAC.
+    pub mac: MacAddr,
+    /// Remote public (underlay) address.
+    pub dst: IpAddr,
+}
+
+/// A main-table unicast route, as the planner sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteEntry {
+    /// Destination prefix.
+    pub dst: IpNet,
+    /// Gateway (`via`).
+    pub via: Option<IpAddr>,
+    /// Output device index; `None` in a desired route means "whatever the kernel resolves".
+    pub dev: Option<u32>,
+    /// `onlink` flag.
+    pub onlink: bool,
+    /// Metric as the kernel stores it (see [`default_metric`]).
+    pub metric: u32,
+}
+
+impl RouteEntry {
+    /// Whether this (current) route is exactly the desired route `want`.
+    pub fn satisfies(&self, want: &RouteEntry) -> bool {
+        self.dst == want.dst
+            && self.via == want.via
+            && self.onlink == want.onlink
+            && self.metric == want.metric
+            && (want.dev.is_none() || self.dev == want.dev)
+    }
+
+    /// The kernel's identity of a route in a table: destination and metric.
+    pub fn key(&self) -> (IpNet, u32) {
+        (self.dst, self.metric)
+    }
+}
+
+impl fmt::Display for RouteEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.dst)?;
+        if let Some(via) = self.via {
+            write!(f, " via {via}")?;
+        }
+        if let Some(dev) = self.dev {
+            write!(f, " dev ifindex {dev}")?;
+        }
+        if self.metric != 0 {
+            write!(f, " metric {}", self.metric)?;
+        }
+        if self.onlink {
+            f.write_str(" onlink")?;
+        }
+        Ok(())
+    }
+}
+
+/// The metric a route gets when added without one: 0 for IPv4, 1024 for IPv6.
+pub fn default_metric(dst: IpNet) -> u32 {
+    match dst {
+        IpNet::V4(_) => 0,
+        IpNet::V6(_) => 1024,
+    }
+}
+
+/// The kernel entries a backend manages, current (as read) or desired.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelState {
+    /// Permanent neighbours on the VXLAN device: address → MAC.
+    pub neighbours: BTreeMap<IpAddr, MacAddr>,
+    /// Permanent `self` FDB entries on the VXLAN device: MAC → remotes, in kernel order
+    /// (the first remote is the one `replace` rewrites).
+    pub fdb: BTreeMap<MacAddr, Vec<IpAddr>>,
+    /// Main-table unicast routes.
+    pub routes: Vec<RouteEntry>,
+}
+
+/// Which current kernel entries a backend may change or remove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ownership {
+    /// Every route through this device is ours (the VXLAN device); `None` for host-gw.
+    pub device: Option<u32>,
+    /// Routes with a gateway to a prefix inside Network are ours (host-gw, DirectRouting,
+    /// left-overs of another backend)…
+    pub network: IpNet,
+    /// …except routes to our own subnet, which belong to the local bridge.
+    pub own_subnet: IpNet,
+}
+
+impl Ownership {
+    /// Whether `route` (already known to be a user-installed main-table unicast route) is ours.
+    pub fn owns_route(&self, route: &RouteEntry) -> bool {
+        if self.device.is_some() && route.dev == self.device {
+            return true;
+        }
+        route.via.is_some() && route.dst != self.own_subnet && contains_net(self.network, route.dst)
+    }
+}
+
+fn contains_net(outer: IpNet, inner: IpNet) -> bool {
+    outer.contains(&inner)
+}
+
+/// Why a peer is not programmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    /// The lease is of another backend type (flannel: "ignoring non-vxlan …").
+    WrongBackend,
+    /// A VXLAN lease without a VTEP MAC.
+    NoVtepMac,
+    /// A VXLAN lease whose VTEP MAC is not unicast (zero, multicast or broadcast).
+    InvalidVtepMac,
+    /// The peer claims our own subnet.
+    OwnSubnet,
+    /// The peer's subnet is outside Network.
+    OutsideNetwork,
+    /// Another peer (earlier in subnet order) holds the same subnet.
+    DuplicateSubnet {
+        /// The public IP of the peer that won.
+        holder: IpAddr,
+    },
+    /// Another peer's subnet has the same network address (the neighbour entry's key).
+    NeighbourConflict {
+        /// The subnet that holds that neighbour address.
+        holder: IpNet,
+    },
+    /// The VTEP MAC is already mapped to another public IP by another peer.
+    MacConflict {
+        /// The subnet of the peer that holds the MAC.
+        holder: IpNet,
+    },
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SkipReason::WrongBackend => f.write_str("lease of another backend type"),
+            SkipReason::NoVtepMac => f.write_str("vxlan lease without VtepMAC"),
+            SkipReason::InvalidVtepMac => f.write_str("VtepMAC is not a unicast address"),
+            SkipReason::OwnSubnet => f.write_str("claims our own subnet"),
+            SkipReason::OutsideNetwork => f.write_str("subnet outside Network"),
+            SkipReason::DuplicateSubnet { holder } => {
+                write!(f, "subnet already leased to {holder}")
+            }
+            SkipReason::NeighbourConflict { holder } => {
+                write!(f, "same network address as subnet {holder}")
+            }
+            SkipReason::MacConflict { holder } => {
+                write!(
+                    f,
+                    "VtepMAC already used by subnet {holder} with another public IP"
+                )
+            }
+        }
+    }
+}
+
+/// A peer left out of the plan, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The peer as given.
+    pub peer: Peer,
+    /// Why.
+    pub reason: SkipReason,
+}
+
+/// The entries one peer needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerPlan {
+    /// The peer's subnet (network form).
+    pub subnet: IpNet,
+    /// Neighbour entry (VXLAN without DirectRouting).
+    pub neigh: Option<Neigh>,
+    /// FDB entry (VXLAN without DirectRouting).
+    pub fdb: Option<Fdb>,
+    /// The route.
+    pub route: RouteEntry,
+}
+
+/// Desired state of one backend device, per peer, plus what was left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Per-peer entries, sorted by subnet.
+    pub peers: Vec<PeerPlan>,
+    /// Peers not programmed, sorted.
+    pub skipped: Vec<Skipped>,
+    /// Peers of the other address family (handled by the other device), not counted as skipped.
+    pub other_family: usize,
+    /// What the plan may change.
+    pub ownership: Ownership,
+}
+
+/// Inputs of [`plan_vxlan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VxlanPlanConfig {
+    /// Index of `flannel.<VNI>` / `flannel-v6.<VNI>`.
+    pub ifindex: u32,
+    /// Network (this family).
+    pub network: IpNet,
+    /// Our own lease subnet (this family).
+    pub own_subnet: IpNet,
+}
+
+/// Inputs of [`plan_host_gw`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostGwPlanConfig {
+    /// Index of the external interface.
+    pub ifindex: u32,
+    /// Network (this family).
+    pub network: IpNet,
+    /// Our own lease subnet (this family).
+    pub own_subnet: IpNet,
+}
+
+/// VXLAN plan. `is_onlink(public_ip)` is the DirectRouting decision made outside (a route
+/// lookup); pass `|_| false` when DirectRouting is off.
+pub fn plan_vxlan(
+    cfg: &VxlanPlanConfig,
+    peers: &[Peer],
+    is_onlink: impl Fn(IpAddr) -> bool,
+) -> Plan {
+    let ownership = Ownership {
+        device: Some(cfg.ifindex),
+        network: cfg.network.trunc(),
+        own_subnet: cfg.own_subnet.trunc(),
+    };
+    build(ownership, BACKEND_VXLAN, peers, |subnet, peer| {
+        let metric = default_metric(subnet);
+        if is_onlink(peer.public_ip) {
+            return Ok(PeerPlan {
+                subnet,
+                neigh: None,
+                fdb: None,
+                route: RouteEntry {
+                    dst: subnet,
+                    via: Some(peer.public_ip),
+                    dev: None,
+                    onlink: false,
+                    metric,
+                },
+            });
+        }
+        let mac = peer.vtep_mac.ok_or(SkipReason::NoVtepMac)?;
+        if !mac.is_unicast() {
+            return Err(SkipReason::InvalidVtepMac);
+        }
+        let gw = subnet.network();
+        Ok(PeerPlan {
+            subnet,
+            neigh: Some(Neigh { ip: gw, mac }),
+            fdb: Some(Fdb {
+                mac,
+                dst: peer.public_ip,
+            }),
+            route: RouteEntry {
+                dst: subnet,
+                via: Some(gw),
+                dev: Some(cfg.ifindex),
+                onlink: true,
+                metric,
+            },
+        })
+    })
+}
+
+/// host-gw plan: `<subnet> via <public IP> dev <iface>` per peer.
+pub fn plan_host_gw(cfg: &HostGwPlanConfig, peers: &[Peer]) -> Plan {
+    let ownership = Ownership {
+        device: None,
+        network: cfg.network.trunc(),
+        own_subnet: cfg.own_subnet.trunc(),
+    };
+    build(ownership, BACKEND_HOST_GW, peers, |subnet, peer| {
+        Ok(PeerPlan {
+            subnet,
+            neigh: None,
+            fdb: None,
+            route: RouteEntry {
+                dst: subnet,
+                via: Some(peer.public_ip),
+                dev: Some(cfg.ifindex),
+                onlink: false,
+                metric: default_metric(subnet),
+            },
+        })
+    })
+}
+
+fn same_family(a: IpNet, b: IpNet) -> bool {
+    matches!(
+        (a, b),
+        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
+    )
+}
+
+/// Shared skeleton: filter, sort, resolve conflicts (first in subnet order wins).
+fn build(
+    ownership: Ownership,
+    backend: &str,
+    peers: &[Peer],
+    entries: impl Fn(IpNet, &Peer) -> Result<PeerPlan, SkipReason>,
+) -> Plan {
+    let mut other_family = 0;
+    let mut skipped = Vec::new();
+    let mut candidates: Vec<(IpNet, &Peer)> = Vec::new();
+    // Sorted and deduplicated first, so any order of the same peers gives the same plan.
+    let mut all: Vec<(IpNet, &Peer)> = peers.iter().map(|p| (p.subnet.trunc(), p)).collect();
+    all.sort();
+    all.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+    for (subnet, peer) in all {
+        if !same_family(subnet, ownership.network) {
+            other_family += 1;
+            continue;
+        }
+        let reason = if peer.backend_type != backend {
+            Some(SkipReason::WrongBackend)
+        } else if subnet == ownership.own_subnet {
+            Some(SkipReason::OwnSubnet)
+        } else if !contains_net(ownership.network, subnet) {
+            Some(SkipReason::OutsideNetwork)
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => skipped.push(Skipped {
+                peer: peer.clone(),
+                reason,
+            }),
+            None => candidates.push((subnet, peer)),
+        }
+    }
+
+    let mut out: Vec<PeerPlan> = Vec::new();
+    let mut by_subnet: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
+    let mut neigh_holder: BTreeMap<IpAddr, IpNet> = BTreeMap::new();
+    let mut mac_holder: BTreeMap<MacAddr, (IpAddr, IpNet)> = BTreeMap::new();
+    for (subnet, peer) in candidates {
+        let skip = |reason| Skipped {
+            peer: peer.clone(),
+            reason,
+        };
+        if let Some(holder) = by_subnet.get(&subnet) {
+            skipped.push(skip(SkipReason::DuplicateSubnet { holder: *holder }));
+            continue;
+        }
+        let plan = match entries(subnet, peer) {
+            Ok(p) => p,
+            Err(reason) => {
+                skipped.push(skip(reason));
+                continue;
+            }
+        };
+        if let Some(n) = plan.neigh {
+            if let Some(holder) = neigh_holder.get(&n.ip) {
+                skipped.push(skip(SkipReason::NeighbourConflict { holder: *holder }));
+                continue;
+            }
+        }
+        if let Some(f) = plan.fdb {
+            if let Some((dst, holder)) = mac_holder.get(&f.mac) {
+                if *dst != f.dst {
+                    skipped.push(skip(SkipReason::MacConflict { holder: *holder }));
+                    continue;
+                }
+            }
+        }
+        by_subnet.insert(subnet, peer.public_ip);
+        if let Some(n) = plan.neigh {
+            neigh_holder.insert(n.ip, subnet);
+        }
+        if let Some(f) = plan.fdb {
+            mac_holder.entry(f.mac).or_insert((f.dst, subnet));
+        }
+        out.push(plan);
+    }
+    skipped.sort_by(|a, b| {
+        a.peer
+            .cmp(&b.peer)
+            .then_with(|| a.reason.to_string().cmp(&b.reason.to_string()))
+    });
+    Plan {
+        peers: out,
+        skipped,
+        other_family,
+        ownership,
+    }
+}
+
+/// One kernel change. Additions name the peer subnet they serve so that a failure can skip
+/// the rest of that peer's additions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `ip neigh replace <ip> lladdr <mac> dev <vxlan> nud permanent`.
+    NeighReplace {
+        /// Peer subnet served.
+        peer: IpNet,
+        /// Entry.
+        neigh: Neigh,
+    },
+    /// `bridge fdb replace <mac> dev <vxlan> dst <dst> self permanent`.
+    FdbReplace {
+        /// Peer subnet served.
+        peer: IpNet,
+        /// Entry.
+        fdb: Fdb,
+    },
+    /// `ip route replace <route>`.
+    RouteReplace {
+        /// Peer subnet served.
+        peer: IpNet,
+        /// Route.
+        route: RouteEntry,
+    },
+    /// `ip route del <route>` of one of several routes sharing the key of a route the peer
+    /// needs (a `replace` would overwrite only one of them); precedes its `RouteReplace`.
+    RouteClear {
+        /// Peer subnet served.
+        peer: IpNet,
+        /// Route.
+        route: RouteEntry,
+    },
+    /// `ip route del <route>`.
+    RouteDel {
+        /// Route.
+        route: RouteEntry,
+    },
+    /// `bridge fdb del <mac> dev <vxlan> dst <dst> self`.
+    FdbDel {
+        /// Entry.
+        fdb: Fdb,
+    },
+    /// `ip neigh del <ip> dev <vxlan>`.
+    NeighDel {
+        /// Entry.
+        neigh: Neigh,
+    },
+}
+
+impl Op {
+    /// The peer subnet an addition serves; `None` for removals.
+    pub fn peer(&self) -> Option<IpNet> {
+        match self {
+            Op::NeighReplace { peer, .. }
+            | Op::FdbReplace { peer, .. }
+            | Op::RouteReplace { peer, .. }
+            | Op::RouteClear { peer, .. } => Some(*peer),
+            _ => None,
+        }
+    }
+
+    /// True for removals.
+    pub fn is_removal(&self) -> bool {
+        self.peer().is_none()
+    }
+
+    /// The iproute2 command. Neighbour and FDB operations act on `device` (the VXLAN device);
+    /// `dev_name` names device indexes.
+    pub fn describe(&self, device: u32, dev_name: impl Fn(u32) -> String) -> String {
+        let route = |r: &RouteEntry| {
+            let mut s = r.dst.to_string();
+            if let Some(via) = r.via {
+                s.push_str(&format!(" via {via}"));
+            }
+            if let Some(dev) = r.dev {
+                s.push_str(&format!(" dev {}", dev_name(dev)));
+            }
+            if r.metric != 0 && r.metric != default_metric(r.dst) {
+                s.push_str(&format!(" metric {}", r.metric));
+            }
+            if r.onlink {
+                s.push_str(" onlink");
+            }
+            s
+        };
+        let dev = dev_name(device);
+        match self {
+            Op::NeighReplace { neigh, .. } => format!(
+                "ip neigh replace {} lladdr {} dev {dev} nud permanent",
+                neigh.ip, neigh.mac
+            ),
+            Op::FdbReplace { fdb, .. } => format!(
+                "bridge fdb replace {} dev {dev} dst {} self permanent",
+                fdb.mac, fdb.dst
+            ),
+            Op::RouteReplace { route: r, .. } => format!("ip route replace {}", route(r)),
+            Op::RouteDel { route: r } | Op::RouteClear { route: r, .. } => {
+                format!("ip route del {}", route(r))
+            }
+            Op::FdbDel { fdb } => {
+                format!("bridge fdb del {} dev {dev} dst {} self", fdb.mac, fdb.dst)
+            }
+            Op::NeighDel { neigh } => format!("ip neigh del {} dev {dev}", neigh.ip),
+        }
+    }
+}
+
+impl Plan {
+    /// The state the plan wants (for comparisons and tests).
+    pub fn desired_state(&self) -> KernelState {
+        let mut s = KernelState::default();
+        for p in &self.peers {
+            if let Some(n) = p.neigh {
+                s.neighbours.insert(n.ip, n.mac);
+            }
+            if let Some(f) = p.fdb {
+                s.fdb.entry(f.mac).or_insert_with(|| vec![f.dst]);
+            }
+            s.routes.push(p.route);
+        }
+        s
+    }
+
+    /// Ordered operations turning `current` into the plan. `current` holds what the caller
+    /// read from the kernel: permanent neighbours and `self` FDB entries of the VXLAN device,
+    /// and user-installed main-table unicast routes; routes the [`Ownership`] does not claim
+    /// are left alone.
+    pub fn diff(&self, current: &KernelState) -> Vec<Op> {
+        let owned: Vec<&RouteEntry> = current
+            .routes
+            .iter()
+            .filter(|r| self.ownership.owns_route(r))
+            .collect();
+        let mut ops = Vec::new();
+
+        // Additions, per peer: neighbour, FDB, route.
+        let mut fdb_seen: BTreeSet<MacAddr> = BTreeSet::new();
+        let mut replaced_keys: BTreeSet<(IpNet, u32)> = BTreeSet::new();
+        let mut cleared_first: Vec<&RouteEntry> = Vec::new();
+        for p in &self.peers {
+            if let Some(n) = p.neigh {
+                if current.neighbours.get(&n.ip) != Some(&n.mac) {
+                    ops.push(Op::NeighReplace {
+                        peer: p.subnet,
+                        neigh: n,
+                    });
+                }
+            }
+            if let Some(f) = p.fdb {
+                if fdb_seen.insert(f.mac) {
+                    let has = current.fdb.get(&f.mac).is_some_and(|v| v.contains(&f.dst));
+                    if !has {
+                        ops.push(Op::FdbReplace {
+                            peer: p.subnet,
+                            fdb: f,
+                        });
+                    }
+                }
+            }
+            if !owned.iter().any(|r| r.satisfies(&p.route)) {
+                // Several routes with the same kernel key: `replace` would overwrite only one
+                // of them, unpredictably, so remove them all first.
+                let same_key: Vec<&RouteEntry> = current
+                    .routes
+                    .iter()
+                    .filter(|r| r.key() == p.route.key())
+                    .collect();
+                if same_key.len() > 1 {
+                    for r in same_key {
+                        ops.push(Op::RouteClear {
+                            peer: p.subnet,
+                            route: *r,
+                        });
+                        cleared_first.push(r);
+                    }
+                }
+                replaced_keys.insert(p.route.key());
+                ops.push(Op::RouteReplace {
+                    peer: p.subnet,
+                    route: p.route,
+                });
+            }
+        }
+
+        // Removals: routes, then FDB entries, then neighbours.
+        let desired = self.desired_state();
+        for r in &owned {
+            if cleared_first.contains(r) {
+                continue;
+            }
+            if desired.routes.iter().any(|d| r.satisfies(d)) {
+                continue;
+            }
+            if replaced_keys.contains(&r.key()) {
+                // Overwritten in place by the replace above.
+                continue;
+            }
+            ops.push(Op::RouteDel { route: **r });
+        }
+        for (mac, dsts) in &current.fdb {
+            let keep: Option<IpAddr> = match desired.fdb.get(mac).and_then(|v| v.first()) {
+                None => None,
+                Some(d) if dsts.contains(d) => Some(*d),
+                // `replace` rewrites the first remote to the desired one.
+                Some(_) => dsts.first().copied(),
+            };
+            for dst in dsts {
+                if Some(*dst) != keep {
+                    ops.push(Op::FdbDel {
+                        fdb: Fdb {
+                            mac: *mac,
+                            dst: *dst,
+                        },
+                    });
+                }
+            }
+        }
+        for (ip, mac) in &current.neighbours {
+            if !desired.neighbours.contains_key(ip) {
+                ops.push(Op::NeighDel {
+                    neigh: Neigh { ip: *ip, mac: *mac },
+                });
+            }
+        }
+        ops
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn mac(last: u8) -> MacAddr {
+        MacAddr([0x02, 0, 0, 0, 0, last])
+    }
+
+    fn vx_peer(subnet: &str, ip: &str, m: u8) -> Peer {
+        Peer {
+            subnet: subnet.parse().unwrap(),
+            public_ip: ip.parse().unwrap(),
+            backend_type: BACKEND_VXLAN.into(),
+            vtep_mac: Some(mac(m)),
+            vni: Some(1),
+        }
+    }
+
+    fn vx_cfg() -> VxlanPlanConfig {
+        VxlanPlanConfig {
+            ifindex: 10,
+            network: "10.244.0.0/16".parse().unwrap(),
+            own_subnet: "10.244.1.0/24".parse().unwrap(),
+        }
+    }
+
+    /// The kernel's semantics of each operation, as far as the planner relies on them.
+    fn apply(state: &mut KernelState, op: &Op) {
+        match op {
+            Op::NeighReplace { neigh, .. } => {
+                state.neighbours.insert(neigh.ip, neigh.mac);
+            }
+            Op::NeighDel { neigh } => {
+                state.neighbours.remove(&neigh.ip);
+            }
+            Op::FdbReplace { fdb, .. } => {
+                let v = state.fdb.entry(fdb.mac).or_default();
+                if !v.contains(&fdb.dst) {
+                    match v.first_mut() {
+                        Some(first) => *first = fdb.dst,
+                        None => v.push(fdb.dst),
+                    }
+                }
+            }
+            Op::FdbDel { fdb } => {
+                if let Some(v) = state.fdb.get_mut(&fdb.mac) {
+                    v.retain(|d| *d != fdb.dst);
+                    if v.is_empty() {
+                        state.fdb.remove(&fdb.mac);
+                    }
+                }
+            }
+            Op::RouteReplace { route, .. } => {
+                // The kernel resolves an unspecified device; model it as device 99.
+                let mut stored = *route;
+                if stored.dev.is_none() {
+                    stored.dev = Some(99);
+                }
+                match state.routes.iter_mut().find(|r| r.key() == route.key()) {
+                    Some(r) => *r = stored,
+                    None => state.routes.push(stored),
+                }
+            }
+            Op::RouteDel { route } | Op::RouteClear { route, .. } => {
+                if let Some(i) = state.routes.iter().position(|r| {
+                    r.key() == route.key()
+                        && (route.via.is_none() || r.via == route.via)
+                        && (route.dev.is_none() || r.dev == route.dev)
+                }) {
+                    state.routes.remove(i);
+                }
+            }
+        }
+    }
+
+    fn apply_all(state: &KernelState, ops: &[Op]) -> KernelState {
+        let mut s = state.clone();
+        for op in ops {
+            apply(&mut s, op);
+        }
+        s
+    }
+
+    /// The current state matches the plan on everything the plan owns.
+    fn matches_plan(state: &KernelState, plan: &Plan) -> bool {
+        let desired = plan.desired_state();
+        if state.neighbours != desired.neighbours || state.fdb != desired.fdb {
+            return false;
+        }
+        let owned: Vec<&RouteEntry> = state
+            .routes
+            .iter()
+            .filter(|r| plan.ownership.owns_route(r))
+            .collect();
+        owned.len() == desired.routes.len()
+            && desired
+                .routes
+                .iter()
+                .all(|d| owned.iter().filter(|r| r.satisfies(d)).count() == 1)
+    }
+
+    #[test]
+    fn vxlan_triplet_per_peer() {
+        let peers = vec![vx_peer("10.244.2.0/24", "198.18.0.2", 2)];
+        let plan = plan_vxlan(&vx_cfg(), &peers, |_| false);
+        assert!(plan.skipped.is_empty());
+        let ops = plan.diff(&KernelState::default());
+        let described: Vec<String> = ops
+            .iter()
+            .map(|o| o.describe(10, |i| format!("if{i}")))
+            .collect();
+        assert_eq!(
+            described,
+            vec![
+                "ip neigh replace 10.244.2.0 lladdr 02:00:00:00:00:02 dev if10 nud permanent",
+                "bridge fdb replace 02:00:00:00:00:02 dev if10 dst 198.18.0.2 self permanent",
+                "ip route replace 10.244.2.0/24 via 10.244.2.0 dev if10 onlink",
+            ]
+        );
+    }
+
+    #[test]
+    fn direct_routing_only_route() {
+        let peers = vec![
+            vx_peer("10.244.2.0/24", "198.18.0.2", 2),
+            vx_peer("10.244.3.0/24", "203.0.113.3", 3),
+        ];
+        let onlink: IpAddr = "198.18.0.2".parse().unwrap();
+        let plan = plan_vxlan(&vx_cfg(), &peers, |ip| ip == onlink);
+        let ops = plan.diff(&KernelState::default());
+        let described: Vec<String> = ops
+            .iter()
+            .map(|o| o.describe(10, |i| format!("if{i}")))
+            .collect();
+        assert_eq!(
+            described,
+            vec![
+                "ip route replace 10.244.2.0/24 via 198.18.0.2",
+                "ip neigh replace 10.244.3.0 lladdr 02:00:00:00:00:03 dev if10 nud permanent",
+                "bridge fdb replace 02:00:00:00:00:03 dev if10 dst 203.0.113.3 self permanent",
+                "ip route replace 10.244.3.0/24 via 10.244.3.0 dev if10 onlink",
+            ]
+        );
+    }
+
+    #[test]
+    fn host_gw_routes_and_skips() {
+        let cfg = HostGwPlanConfig {
+            ifindex: 3,
+            network: "10.244.0.0/16".parse().unwrap(),
+            own_subnet: "10.244.1.0/24".parse().unwrap(),
+        };
+        let mut hg = vx_peer("10.244.2.0/24", "198.18.0.2", 2);
+        hg.backend_type = BACKEND_HOST_GW.into();
+        let vx = vx_peer("10.244.3.0/24", "198.18.0.3", 3);
+        let mut v6 = vx_peer("fd42::/64", "2001:db8::3", 3);
+        v6.backend_type = BACKEND_HOST_GW.into();
+        let plan = plan_host_gw(&cfg, &[hg, vx.clone(), v6]);
+        assert_eq!(plan.other_family, 1);
+        assert_eq!(
+            plan.skipped,
+            vec![Skipped {
+                peer: vx,
+                reason: SkipReason::WrongBackend
+            }]
+        );
+        let ops = plan.diff(&KernelState::default());
+        assert_eq!(
+            ops.iter()
+                .map(|o| o.describe(10, |i| format!("if{i}")))
+                .collect::<Vec<_>>(),
+            vec!["ip route replace 10.244.2.0/24 via 198.18.0.2 dev if3"]
+        );
+    }
+
+    #[test]
+    fn conflicts_are_skipped_deterministically() {
+        let peers = vec![
+            vx_peer("10.244.2.0/24", "198.18.0.2", 2),
+            vx_peer("10.244.2.0/24", "198.18.0.9", 9), // duplicate subnet
+            vx_peer("10.244.2.0/25", "198.18.0.8", 8), // same neighbour address
+            vx_peer("10.244.4.0/24", "198.18.0.4", 2), // MAC 2 with another IP
+            vx_peer("10.244.1.0/24", "198.18.0.1", 1), // our own subnet
+            vx_peer("10.245.0.0/24", "198.18.0.5", 5), // outside Network
+            Peer {
+                vtep_mac: Some(MacAddr::BROADCAST),
+                ..vx_peer("10.244.6.0/24", "198.18.0.6", 6)
+            },
+        ];
+        let plan = plan_vxlan(&vx_cfg(), &peers, |_| false);
+        assert_eq!(plan.peers.len(), 1);
+        let reasons: Vec<String> = plan.skipped.iter().map(|s| s.reason.to_string()).collect();
+        assert_eq!(reasons.len(), 6, "{reasons:?}");
+        assert!(reasons.iter().any(|r| r.contains("unicast")));
+        let mut rev = peers.clone();
+        rev.reverse();
+        assert_eq!(plan_vxlan(&vx_cfg(), &rev, |_| false), plan);
+    }
+
+    #[test]
+    fn removal_order_and_ownership() {
+        let plan = plan_vxlan(&vx_cfg(), &[], |_| false);
+        let mut current = KernelState::default();
+        current
+            .neighbours
+            .insert("10.244.9.0".parse().unwrap(), mac(9));
+        current
+            .fdb
+            .insert(mac(9), vec!["198.18.0.9".parse().unwrap()]);
+        let stale = RouteEntry {
+            dst: "10.244.9.0/24".parse().unwrap(),
+            via: Some("10.244.9.0".parse().unwrap()),
+            dev: Some(10),
+            onlink: true,
+            metric: 0,
+        };
+        // Not ours: connected route of the bridge, a route outside Network on another device.
+        let bridge = RouteEntry {
+            dst: "10.244.1.0/24".parse().unwrap(),
+            via: Some("10.244.1.1".parse().unwrap()),
+            dev: Some(4),
+            onlink: false,
+            metric: 0,
+        };
+        let other = RouteEntry {
+            dst: "192.168.77.0/24".parse().unwrap(),
+            via: Some("198.18.0.254".parse().unwrap()),
+            dev: Some(2),
+            onlink: false,
+            metric: 0,
+        };
+        current.routes = vec![stale, bridge, other];
+        let ops = plan.diff(&current);
+        assert_eq!(
+            ops.iter()
+                .map(|o| o.describe(10, |i| format!("if{i}")))
+                .collect::<Vec<_>>(),
+            vec![
+                "ip route del 10.244.9.0/24 via 10.244.9.0 dev if10 onlink",
+                "bridge fdb del 02:00:00:00:00:09 dev if10 dst 198.18.0.9 self",
+                "ip neigh del 10.244.9.0 dev if10",
+            ]
+        );
+    }
+
+    #[test]
+    fn mac_change_replaces_without_gap() {
+        let peers = vec![vx_peer("10.244.2.0/24", "198.18.0.2", 7)];
+        let plan = plan_vxlan(&vx_cfg(), &peers, |_| false);
+        let old = plan_vxlan(
+            &vx_cfg(),
+            &[vx_peer("10.244.2.0/24", "198.18.0.2", 2)],
+            |_| false,
+        );
+        let current = apply_all(&KernelState::default(), &old.diff(&KernelState::default()));
+        let ops = plan.diff(&current);
+        assert!(matches!(ops[0], Op::NeighReplace { .. }));
+        assert!(matches!(ops[1], Op::FdbReplace { .. }));
+        assert!(matches!(ops[2], Op::FdbDel { .. }));
+        assert_eq!(ops.len(), 3);
+        assert!(matches_plan(&apply_all(&current, &ops), &plan));
+    }
+
+    #[test]
+    fn multi_remote_fdb_and_duplicate_routes_converge() {
+        let plan = plan_vxlan(
+            &vx_cfg(),
+            &[vx_peer("10.244.2.0/24", "198.18.0.2", 2)],
+            |_| false,
+        );
+        let mut current = KernelState::default();
+        current.fdb.insert(
+            mac(2),
+            vec!["198.18.0.7".parse().unwrap(), "198.18.0.8".parse().unwrap()],
+        );
+        let r = |via: &str| RouteEntry {
+            dst: "10.244.2.0/24".parse().unwrap(),
+            via: Some(via.parse().unwrap()),
+            dev: Some(10),
+            onlink: true,
+            metric: 0,
+        };
+        current.routes = vec![r("10.244.2.7"), r("10.244.2.8")];
+        let ops = plan.diff(&current);
+        let after = apply_all(&current, &ops);
+        assert!(matches_plan(&after, &plan), "{ops:?} -> {after:?}");
+        assert!(plan.diff(&after).is_empty());
+    }
+
+    fn arb_peer() -> impl Strategy<Value = Peer> {
+        (
+            0u8..24,
+            prop_oneof![Just(24u8), Just(25u8)],
+            0u8..16,
+            0u8..12,
+            prop_oneof![4 => Just(BACKEND_VXLAN), 1 => Just(BACKEND_HOST_GW)],
+            proptest::bool::weighted(0.9),
+            proptest::bool::weighted(0.1),
+        )
+            .prop_map(|(third, len, host, m, backend, has_mac, v6)| {
+                if v6 {
+                    Peer {
+                        subnet: format!("fd42:0:0:{third}::/64").parse().unwrap(),
+                        public_ip: format!("2001:db8::{host}").parse().unwrap(),
+                        backend_type: backend.into(),
+                        vtep_mac: has_mac.then_some(MacAddr([2, 0, 0, 0, 0, m])),
+                        vni: Some(1),
+                    }
+                } else {
+                    Peer {
+                        subnet: IpNet::new(format!("10.244.{third}.0").parse().unwrap(), len)
+                            .unwrap(),
+                        public_ip: format!("198.18.0.{host}").parse().unwrap(),
+                        backend_type: backend.into(),
+                        vtep_mac: has_mac.then_some(MacAddr([2, 0, 0, 0, 0, m])),
+                        vni: Some(1),
+                    }
+                }
+            })
+    }
+
+    fn arb_route() -> impl Strategy<Value = RouteEntry> {
+        (
+            0u8..30,
+            0u8..16,
+            prop_oneof![Just(2u32), Just(10u32)],
+            any::<bool>(),
+            prop_oneof![Just(0u32), Just(100u32)],
+        )
+            .prop_map(|(third, gw, dev, onlink, metric)| RouteEntry {
+                dst: format!("10.244.{third}.0/24").parse().unwrap(),
+                via: Some(format!("198.18.0.{gw}").parse().unwrap()),
+                dev: Some(dev),
+                onlink,
+                metric,
+            })
+    }
+
+    fn arb_current() -> impl Strategy<Value = KernelState> {
+        (
+            proptest::collection::btree_map(0u8..30, 0u8..12, 0..8),
+            proptest::collection::btree_map(
+                0u8..12,
+                proptest::collection::vec(0u8..16, 1..3),
+                0..6,
+            ),
+            proptest::collection::vec(arb_route(), 0..8),
+        )
+            .prop_map(|(neigh, fdb, routes)| {
+                let mut s = KernelState::default();
+                for (third, m) in neigh {
+                    s.neighbours.insert(
+                        format!("10.244.{third}.0").parse().unwrap(),
+                        MacAddr([2, 0, 0, 0, 0, m]),
+                    );
+                }
+                for (m, dsts) in fdb {
+                    let mut v: Vec<IpAddr> = Vec::new();
+                    for d in dsts {
+                        let ip: IpAddr = format!("198.18.0.{d}").parse().unwrap();
+                        if !v.contains(&ip) {
+                            v.push(ip);
+                        }
+                    }
+                    s.fdb.insert(MacAddr([2, 0, 0, 0, 0, m]), v);
+                }
+                // One route per kernel key, as a table holds without `append`.
+                let mut seen = BTreeSet::new();
+                s.routes = routes
+                    .into_iter()
+                    .filter(|r| seen.insert(r.key()))
+                    .collect();
+                s
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_order_same_plan(mut peers in proptest::collection::vec(arb_peer(), 0..12), seed in any::<u64>(), onlink_mask in any::<u16>()) {
+            let onlink = |ip: IpAddr| match ip {
+                IpAddr::V4(v4) => onlink_mask & (1 << (v4.octets()[3] % 16)) != 0,
+                IpAddr::V6(_) => false,
+            };
+            let a = plan_vxlan(&vx_cfg(), &peers, onlink);
+            // A deterministic shuffle driven by the seed.
+            let n = peers.len();
+            let mut s = seed;
+            for i in (1..n).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                peers.swap(i, (s >> 33) as usize % (i + 1));
+            }
+            let b = plan_vxlan(&vx_cfg(), &peers, onlink);
+            prop_assert_eq!(&a, &b);
+            prop_assert_eq!(a.peers.len() + a.skipped.len() + a.other_family, n - dup_count(&peers));
+        }
+
+        #[test]
+        fn diff_converges(peers in proptest::collection::vec(arb_peer(), 0..12), current in arb_current(), onlink_mask in any::<u16>(), host_gw in proptest::bool::weighted(0.2)) {
+            let onlink = |ip: IpAddr| match ip {
+                IpAddr::V4(v4) => onlink_mask & (1 << (v4.octets()[3] % 16)) != 0,
+                IpAddr::V6(_) => false,
+            };
+            let plan = if host_gw {
+                plan_host_gw(&HostGwPlanConfig { ifindex: 2, network: "10.244.0.0/16".parse().unwrap(), own_subnet: "10.244.1.0/24".parse().unwrap() }, &peers)
+            } else {
+                plan_vxlan(&vx_cfg(), &peers, onlink)
+            };
+            let mut current = current;
+            if host_gw {
+                current.neighbours.clear();
+                current.fdb.clear();
+            }
+            let ops = plan.diff(&current);
+            let after = apply_all(&current, &ops);
+            prop_assert!(matches_plan(&after, &plan), "ops {:?}\nafter {:?}", ops, after);
+            let again = plan.diff(&after);
+            prop_assert!(again.is_empty(), "second diff {:?}", again);
+            // Routes the plan does not own are untouched.
+            let foreign_before: Vec<_> = current.routes.iter().filter(|r| !plan.ownership.owns_route(r)).collect();
+            let foreign_after: Vec<_> = after.routes.iter().filter(|r| !plan.ownership.owns_route(r)).collect();
+            prop_assert_eq!(foreign_before, foreign_after);
+            // Additions come before removals, and each peer's additions are in triplet order.
+            let first_removal = ops.iter().position(Op::is_removal).unwrap_or(ops.len());
+            let last_add = ops.iter().rposition(|o| !o.is_removal()).map_or(0, |i| i + 1);
+            prop_assert!(first_removal >= last_add, "removal before addition: {:?}", ops);
+        }
+    }
+
+    fn dup_count(peers: &[Peer]) -> usize {
+        let mut v: Vec<(IpNet, &Peer)> = peers.iter().map(|p| (p.subnet.trunc(), p)).collect();
+        v.sort();
+        let before = v.len();
+        v.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+        before - v.len()
+    }
+}
