@@ -177,9 +177,12 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     let watch_task = tokio::spawn(supervise_watch(store.clone(), tx));
     let mut watcher = LeaseWatcher::new(lease.subnet, lease.ipv6_subnet);
     let mut peers: Vec<Peer> = Vec::new();
-    let mut resync = tokio::time::interval(RESYNC);
-    let mut fw_resync =
-        tokio::time::interval(Duration::from_secs(u64::from(flags.iptables_resync.max(1))));
+    // Nothing is programmed (or removed as stale) before the store's first snapshot: an
+    // empty peer set at start-up would tear down every peer's entries of a restarted daemon.
+    let mut synced = false;
+    let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
+    let fw_period = Duration::from_secs(u64::from(flags.iptables_resync.max(1)));
+    let mut fw_resync = tokio::time::interval_at(tokio::time::Instant::now() + fw_period, fw_period);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     fw_resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -189,22 +192,22 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
             update = rx.recv() => {
                 let Some(update) = update else { break };
                 let events = watcher.apply(update);
-                if events.is_empty() {
-                    continue;
-                }
                 for ev in &events {
                     debug!(event = ?ev, "lease event");
+                }
+                if events.is_empty() && synced {
+                    continue;
                 }
                 peers = current_peers(&watcher, &net, &metrics);
                 plane.sync(&peers).await;
                 metrics.set_peers(peers.len());
+                synced = true;
             }
-            _ = resync.tick() => plane.sync(&peers).await,
+            _ = resync.tick(), if synced => plane.sync(&peers).await,
             _ = fw_resync.tick() => firewall.ensure().await,
             () = plane.device_event() => {
                 warn!("overlay device changed under us; replaying every peer");
-                plane.recover().await;
-                plane.sync(&peers).await;
+                plane.recover(&peers).await;
             }
         }
     }

@@ -176,9 +176,9 @@ impl Plane {
     }
 
     /// Recreates the overlay device after [`Plane::device_event`].
-    pub(super) async fn recover(&mut self) {
+    pub(super) async fn recover(&mut self, peers: &[Peer]) {
         if let Plane::Kernel(k) = self {
-            if let Err(e) = k.recover(&[]).await {
+            if let Err(e) = k.recover(peers).await {
                 warn!(error = %e, "recreating the VXLAN device failed; retrying on the next event");
             }
         }

@@ -1,0 +1,176 @@
+//! Shared helpers for the privileged cluster tests of the root crate: they drive the
+//! netns-harness (which launches our `flanneld` as a black box) and run one cluster at a time.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use netns_harness::{Cluster, ClusterSpec, NodeKind};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Cluster tests of one binary run one at a time: 2 cores, and timing assertions.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Our daemon, as cargo built it for this test binary.
+pub fn flanneld() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_flanneld"))
+}
+
+/// The harness binary next to it (scripts/test builds every workspace binary first).
+pub fn harness_bin() -> PathBuf {
+    let p = flanneld().with_file_name("netns-harness");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --workspace --bins` first (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+/// A spec for these node kinds with our binaries.
+pub fn spec(kinds: &[NodeKind], pods: usize) -> ClusterSpec {
+    let mut s = ClusterSpec::new(kinds, pods);
+    s.flanneld = Some(flanneld());
+    s.harness_bin = Some(harness_bin());
+    s.flanneld_args = vec!["-v=1".into()];
+    s
+}
+
+/// Output of a command in a namespace of the cluster (stdout + stderr), whatever its status.
+pub fn run(c: &Cluster, ns: &str, args: &[&str]) -> (bool, String) {
+    let out = c.exec(ns, args).expect("exec");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Stdout of a command that must succeed.
+pub fn sh(c: &Cluster, ns: &str, args: &[&str]) -> String {
+    let out = c.exec_ok(ns, args).expect("exec");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One ping with a 1 s timeout.
+pub fn ping_ok(c: &Cluster, from: &str, to: &str) -> bool {
+    run(c, from, &["ping", "-c", "1", "-W", "1", to]).0
+}
+
+/// Polls `f` every 50 ms until it is true or `limit` passes; returns the time it took.
+pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The run's namespaces still present.
+pub fn leftover(prefix: &str) -> Vec<String> {
+    netns_harness::cluster::run_namespaces(prefix).expect("ip netns list")
+}
+
+/// Tears the cluster down and asserts nothing of it is left.
+pub fn teardown(mut c: Cluster) {
+    let prefix = c.prefix().to_string();
+    c.teardown().expect("teardown");
+    drop(c);
+    assert!(leftover(&prefix).is_empty(), "namespaces left: {:?}", leftover(&prefix));
+}
+
+/// Python run inside a namespace: sends `mb` MiB of deterministic bytes over TCP to
+/// `dst:port` and prints the SHA-256 of what it sent.
+pub const TCP_SEND: &str = r#"
+import hashlib, socket, sys
+dst, port, mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+block = hashlib.sha256(b"flannel-rs").digest() * 2048
+h = hashlib.sha256()
+s = socket.create_connection((dst, port), timeout=30)
+for i in range(mb * 16):
+    chunk = bytes([i % 251]) + block[1:]
+    h.update(chunk)
+    s.sendall(chunk)
+s.shutdown(socket.SHUT_WR)
+s.recv(1)
+print(h.hexdigest())
+"#;
+
+/// Python run inside a namespace: accepts one TCP connection on `port`, prints the SHA-256
+/// and size of everything received. Bounded by a 120 s timeout.
+pub const TCP_RECV: &str = r#"
+import hashlib, socket, sys
+port = int(sys.argv[1])
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", port)); l.listen(1); l.settimeout(120)
+c, _ = l.accept(); c.settimeout(120)
+h = hashlib.sha256(); n = 0
+while True:
+    b = c.recv(1 << 16)
+    if not b:
+        break
+    h.update(b); n += len(b)
+c.close()
+print(h.hexdigest(), n)
+"#;
+
+/// Sends `mb` MiB from pod `from` to pod `to` over TCP; returns (sent digest, received digest,
+/// received bytes).
+pub fn transfer(c: &Cluster, from: &str, to: &str, mb: usize, port: u16) -> (String, String, usize) {
+    let to_ns = c.pod(to).expect("pod").ns.clone();
+    let from_ns = c.pod(from).expect("pod").ns.clone();
+    let dst = c.pod_ip(to).expect("pod ip").to_string();
+    let recv = std::process::Command::new("ip")
+        .args(["netns", "exec", &to_ns, "python3", "-c", TCP_RECV, &port.to_string()])
+        .output_async();
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = std::process::Command::new("timeout")
+        .args(["120", "ip", "netns", "exec", &from_ns, "python3", "-c", TCP_SEND, &dst])
+        .args([port.to_string(), mb.to_string()])
+        .output()
+        .expect("sender");
+    assert!(sent.status.success(), "sender: {}", String::from_utf8_lossy(&sent.stderr));
+    let got = recv.join();
+    let got_text = String::from_utf8_lossy(&got.stdout).into_owned();
+    let mut parts = got_text.split_whitespace();
+    let digest = parts.next().unwrap_or_default().to_string();
+    let bytes = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    (
+        String::from_utf8_lossy(&sent.stdout).trim().to_string(),
+        digest,
+        bytes,
+    )
+}
+
+/// A child process whose output is collected on a thread.
+pub struct Pending(std::thread::JoinHandle<std::process::Output>);
+
+impl Pending {
+    pub fn join(self) -> std::process::Output {
+        self.0.join().expect("collector thread")
+    }
+}
+
+pub trait OutputAsync {
+    fn output_async(&mut self) -> Pending;
+}
+
+impl OutputAsync for std::process::Command {
+    fn output_async(&mut self) -> Pending {
+        let child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        Pending(std::thread::spawn(move || {
+            child.wait_with_output().expect("wait")
+        }))
+    }
+}
