@@ -8,6 +8,7 @@
 
 pub mod annotations;
 pub mod dir;
+pub mod etcd;
 pub mod store;
 pub mod watcher;
 

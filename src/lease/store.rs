@@ -53,6 +53,19 @@ pub enum StoreError {
     /// Every attempt lost a race for the chosen subnet (upstream's message).
     #[error("max retries reached trying to acquire a subnet")]
     MaxRetries,
+    /// The etcd store has no `<prefix>/config` key (upstream's message, then the key).
+    #[error("flannel config not found in etcd store. Did you create your config using etcdv3 API? (key {key})")]
+    EtcdConfigNotFound {
+        /// The key that was read.
+        key: String,
+    },
+    /// This node's lease disappeared from the store or now belongs to another node; the
+    /// daemon shuts down, as upstream does (upstream's message).
+    #[error("Lease has been revoked. Shutting down daemon.")]
+    LeaseRevoked {
+        /// The lease's store key.
+        key: String,
+    },
     /// The store cannot be reached or answered with an error.
     #[error("{store} store unavailable: {message}")]
     Unavailable {
@@ -87,4 +100,19 @@ pub trait LeaseStore: Send + Sync + fmt::Debug {
     /// Sends updates into `tx` until it is closed (then returns `Ok`), starting with a
     /// [`WatchUpdate::Snapshot`] of the current leases.
     fn watch(&self, tx: mpsc::Sender<WatchUpdate>) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Extends `lease` in stores whose leases expire, returning it with the new expiration.
+    /// Stores without expiry return it unchanged.
+    fn renew_lease<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<Lease, StoreError>> {
+        Box::pin(async move { Ok(lease.clone()) })
+    }
+
+    /// Looks after this node's lease for the daemon's lifetime (upstream's `CompleteLease`):
+    /// renews it before it expires and returns [`StoreError::LeaseRevoked`] once it is gone.
+    /// Transient store errors are retried, never returned. Stores without expiring leases
+    /// never complete. The daemon selects on this next to its shutdown signal.
+    fn complete_lease<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), StoreError>> {
+        let _ = lease;
+        Box::pin(futures::future::pending())
+    }
 }
