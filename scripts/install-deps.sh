@@ -18,6 +18,7 @@ check tshark tshark
 check tcpdump tcpdump
 check protoc protobuf-compiler
 check pgrep procps
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

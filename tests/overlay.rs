@@ -46,7 +46,11 @@ fn userspace_and_kernel_ref_interoperate() {
     let size = (mtu - 28).to_string();
     for (from, to) in [("n1p1", "n2p1"), ("n1p1", "n3p1"), ("n3p1", "n1p1")] {
         let dst = c.pod_ip(to).expect("ip").to_string();
-        let (ok, out) = run(&c, from, &["ping", "-M", "do", "-s", &size, "-c", "2", "-W", "2", &dst]);
+        let (ok, out) = run(
+            &c,
+            from,
+            &["ping", "-M", "do", "-s", &size, "-c", "2", "-W", "2", &dst],
+        );
         assert!(ok, "{from}->{to} at MTU: {out}");
     }
     // One byte more from a pod whose own link would allow it: the node must answer with
@@ -54,13 +58,23 @@ fn userspace_and_kernel_ref_interoperate() {
     run(&c, "n1p1", &["ip", "link", "set", "eth0", "mtu", "1500"]);
     let dst = c.pod_ip("n2p1").expect("ip").to_string();
     let bigger = (mtu - 27).to_string();
-    let (ok, out) = run(&c, "n1p1", &["ping", "-M", "do", "-s", &bigger, "-c", "2", "-W", "2", &dst]);
+    let (ok, out) = run(
+        &c,
+        "n1p1",
+        &[
+            "ping", "-M", "do", "-s", &bigger, "-c", "2", "-W", "2", &dst,
+        ],
+    );
     assert!(!ok, "{out}");
     assert!(
         out.contains("Frag needed") && out.contains(&format!("mtu = {mtu}")),
         "expected an ICMP fragmentation-needed error: {out}"
     );
-    run(&c, "n1p1", &["ip", "link", "set", "eth0", "mtu", &mtu.to_string()]);
+    run(
+        &c,
+        "n1p1",
+        &["ip", "link", "set", "eth0", "mtu", &mtu.to_string()],
+    );
 
     let pcap = c.stop_capture(&cap.name).expect("capture stop");
     let report = c.verify_capture(&pcap).expect("tshark");
@@ -101,7 +115,9 @@ fn peers_follow_lease_changes_within_two_seconds() {
     let n2p1 = c.pod_ip("n2p1").expect("ip").to_string();
     let n1p1_ns = c.pod("n1p1").expect("pod").ns.clone();
     let background = std::process::Command::new("ip")
-        .args(["netns", "exec", &n1p1_ns, "ping", "-i", "0.05", "-c", "80", "-W", "1", &n2p1])
+        .args([
+            "netns", "exec", &n1p1_ns, "ping", "-i", "0.05", "-c", "80", "-W", "1", &n2p1,
+        ])
         .output_async();
 
     let n4 = c.add_node(Userspace).expect("add node");
@@ -123,16 +139,29 @@ fn peers_follow_lease_changes_within_two_seconds() {
             eprintln!("{from}->{to}: {}", ping_ok(&c, from, to));
         }
         for n in ["n1", "n2", &n4] {
-            eprintln!("--- {n} log\n{}", std::fs::read_to_string(c.flanneld_log(n)).unwrap_or_default());
+            eprintln!(
+                "--- {n} log\n{}",
+                std::fs::read_to_string(c.flanneld_log(n)).unwrap_or_default()
+            );
         }
-        eprintln!("{:?}", std::fs::read_dir(c.lease_dir().subnets_dir()).map(|d| d.map(|e| e.map(|e| e.file_name())).collect::<Vec<_>>()));
+        eprintln!(
+            "{:?}",
+            std::fs::read_dir(c.lease_dir().subnets_dir())
+                .map(|d| d.map(|e| e.map(|e| e.file_name())).collect::<Vec<_>>())
+        );
     }
-    assert!(took.is_some_and(|t| t <= Duration::from_secs(2)), "new node not reachable from every node within 2 s: {took:?}");
+    assert!(
+        took.is_some_and(|t| t <= Duration::from_secs(2)),
+        "new node not reachable from every node within 2 s: {took:?}"
+    );
     let m = c.check();
     assert!(m.all_pass(), "{m}");
     let bg = background.join();
     let bg_text = String::from_utf8_lossy(&bg.stdout);
-    assert!(bg_text.contains(" 0% packet loss"), "traffic disturbed by the join: {bg_text}");
+    assert!(
+        bg_text.contains(" 0% packet loss"),
+        "traffic disturbed by the join: {bg_text}"
+    );
 
     // Removing n2's lease: peers drop it within 2 s, and our data plane then answers with
     // "net unreachable" instead of forwarding to a node that left.
@@ -142,7 +171,10 @@ fn peers_follow_lease_changes_within_two_seconds() {
         let (ok, out) = run(&c, "n1p1", &["ping", "-c", "1", "-W", "1", &n2p1]);
         !ok && out.contains("Unreachable")
     });
-    assert!(took.is_some(), "n1 still forwards to the removed lease after 2 s");
+    assert!(
+        took.is_some(),
+        "n1 still forwards to the removed lease after 2 s"
+    );
     teardown(c);
 }
 
@@ -177,7 +209,11 @@ for _ in range(5):
     let (ok, out) = run(&c, "n2", &["python3", "-c", sender, &n1_ip, &mac, &n1p1]);
     assert!(ok, "{out}");
     // From an address that is no node's public IP: an otherwise valid frame.
-    run(&c, "ul", &["ip", "addr", "add", "198.18.0.250/24", "dev", "br0"]);
+    run(
+        &c,
+        "ul",
+        &["ip", "addr", "add", "198.18.0.250/24", "dev", "br0"],
+    );
     let (ok, out) = run(&c, "ul", &["python3", "-c", sender, &n1_ip, &mac, &n1p1]);
     assert!(ok, "{out}");
 
@@ -208,7 +244,11 @@ for _ in range(5):
     let named = wait_for(Duration::from_secs(2), || {
         std::fs::read_to_string(&log).is_ok_and(|l| l.contains("10.244.250.0-24"))
     });
-    assert!(named.is_some(), "no warning naming the corrupt lease in {}", log.display());
+    assert!(
+        named.is_some(),
+        "no warning naming the corrupt lease in {}",
+        log.display()
+    );
     let m = c.check();
     assert!(m.all_pass(), "{m}");
     teardown(c);
@@ -220,8 +260,7 @@ fn sigterm_removes_the_device_and_restart_keeps_lease_and_mac() {
         return;
     }
     let _g = serial();
-    let mut c =
-        netns_harness::Cluster::up(&spec(&[Userspace, Userspace], 1)).expect("cluster up");
+    let mut c = netns_harness::Cluster::up(&spec(&[Userspace, Userspace], 1)).expect("cluster up");
     assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
     let mac = published_mac(&c, "n1");
     let subnet = c.node("n1").expect("n1").subnet;
@@ -233,8 +272,16 @@ fn sigterm_removes_the_device_and_restart_keeps_lease_and_mac() {
     assert!(log.contains("Exiting cleanly"), "{log}");
 
     c.start_flanneld("n1").expect("start");
-    assert_eq!(c.node("n1").expect("n1").subnet, subnet, "lease changed across restart");
-    assert_eq!(published_mac(&c, "n1"), mac, "VTEP MAC changed across restart");
+    assert_eq!(
+        c.node("n1").expect("n1").subnet,
+        subnet,
+        "lease changed across restart"
+    );
+    assert_eq!(
+        published_mac(&c, "n1"),
+        mac,
+        "VTEP MAC changed across restart"
+    );
     let m = c.check_until_pass(Duration::from_secs(5));
     assert!(m.all_pass(), "{m}");
     teardown(c);

@@ -19,8 +19,8 @@ use crate::dataplane::offload::{
     complete_partial_checksum, gso_split, GsoKind, Segments, VirtioNetHdr,
 };
 use crate::dataplane::{
-    decap, encap, Counters, DecapVerdict, EncapVerdict, LocalVtep, PeerTable,
-    RemoteVtep, VXLAN_HEADROOM,
+    decap, encap, Counters, DecapVerdict, EncapVerdict, LocalVtep, PeerTable, RemoteVtep,
+    VXLAN_HEADROOM,
 };
 use crate::io::tun::{Tun, TunOffload, VNET_HDR_LEN};
 use crate::io::udp::VxlanSocket;
@@ -302,7 +302,10 @@ impl Worker {
         match encap(buf, packet, table, &self.local) {
             EncapVerdict::Transmit { dst, frame } => {
                 let len = frame.len();
-                match self.sock.send_to(&buf[frame], SocketAddr::new(dst, self.port)) {
+                match self
+                    .sock
+                    .send_to(&buf[frame], SocketAddr::new(dst, self.port))
+                {
                     Ok(()) => self.counters.count_tx(len),
                     Err(_) => self.io_errors.count_send_failure(),
                 }
@@ -319,7 +322,13 @@ impl Worker {
 
     /// Encapsulates every segment in place and sends them with UDP GSO in batches that fit
     /// one datagram send (64 KiB); falls back to one send per segment if the kernel refuses.
-    fn send_segments(&self, arena: &mut [u8], segs: &Segments, table: &PeerTable, gso_ok: &mut bool) {
+    fn send_segments(
+        &self,
+        arena: &mut [u8],
+        segs: &Segments,
+        table: &PeerTable,
+        gso_ok: &mut bool,
+    ) {
         let stride = segs.stride();
         let mut dst = None;
         let mut frames = 0usize;
@@ -354,7 +363,12 @@ impl Worker {
             let sent = if *gso_ok && chunk.len() > stride {
                 match self.sock.send_gso(chunk, stride as u16, to) {
                     Ok(()) => true,
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) => {
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
+                        ) =>
+                    {
                         warn!(error = %e, "UDP GSO refused; sending segments one by one from now on");
                         *gso_ok = false;
                         false

@@ -72,12 +72,31 @@ impl DaemonMetrics {
         {
             let s = counters.snapshot();
             let mut counter = |name: &str, help: &str, v: u64| {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+                );
             };
-            counter("flannel_vxlan_rx_packets_total", "Inner packets delivered to TUN.", s.rx_packets);
-            counter("flannel_vxlan_rx_bytes_total", "Inner bytes delivered to TUN.", s.rx_bytes);
-            counter("flannel_vxlan_tx_packets_total", "VXLAN datagrams sent.", s.tx_packets);
-            counter("flannel_vxlan_tx_bytes_total", "VXLAN bytes sent.", s.tx_bytes);
+            counter(
+                "flannel_vxlan_rx_packets_total",
+                "Inner packets delivered to TUN.",
+                s.rx_packets,
+            );
+            counter(
+                "flannel_vxlan_rx_bytes_total",
+                "Inner bytes delivered to TUN.",
+                s.rx_bytes,
+            );
+            counter(
+                "flannel_vxlan_tx_packets_total",
+                "VXLAN datagrams sent.",
+                s.tx_packets,
+            );
+            counter(
+                "flannel_vxlan_tx_bytes_total",
+                "VXLAN bytes sent.",
+                s.tx_bytes,
+            );
             counter(
                 "flannel_vxlan_send_failures_total",
                 "UDP sends the kernel refused.",

@@ -169,7 +169,9 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
             ready.store(true, Ordering::Relaxed);
             info!(file = %flags.subnet_file.display(), "wrote subnet file; flannel is ready");
         }
-        Err(e) => warn!(file = %flags.subnet_file.display(), error = %e, "failed to write subnet file"),
+        Err(e) => {
+            warn!(file = %flags.subnet_file.display(), error = %e, "failed to write subnet file")
+        }
     }
 
     let store: Arc<dyn LeaseStore> = Arc::from(store);
@@ -182,13 +184,25 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     let mut synced = false;
     let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
     let fw_period = Duration::from_secs(u64::from(flags.iptables_resync.max(1)));
-    let mut fw_resync = tokio::time::interval_at(tokio::time::Instant::now() + fw_period, fw_period);
+    let mut fw_resync =
+        tokio::time::interval_at(tokio::time::Instant::now() + fw_period, fw_period);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     fw_resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let complete = store.complete_lease(&lease);
+    tokio::pin!(complete);
+    let mut outcome = Ok(());
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            r = &mut complete => {
+                // Only returns when our own lease is gone (etcd): flannel shuts down then.
+                if let Err(e) = r {
+                    tracing::error!("{e}");
+                    outcome = Err(DaemonError::Store(e));
+                }
+                break;
+            }
             update = rx.recv() => {
                 let Some(update) = update else { break };
                 let events = watcher.apply(update);
@@ -214,8 +228,10 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     watch_task.abort();
     info!("shutting down");
     plane.shutdown().await;
-    info!("Exiting cleanly...");
-    Ok(())
+    if outcome.is_ok() {
+        info!("Exiting cleanly...");
+    }
+    outcome
 }
 
 fn open_store(flags: &Flags) -> Result<Box<dyn LeaseStore>, DaemonError> {
@@ -227,10 +243,9 @@ fn open_store(flags: &Flags) -> Result<Box<dyn LeaseStore>, DaemonError> {
             "--kube-subnet-mgr is not implemented by flannel-rs yet; use --lease-dir".into(),
         ));
     }
-    Err(DaemonError::Unsupported(format!(
-        "the etcd store ({}) is not implemented by flannel-rs yet; use --lease-dir",
-        flags.etcd_endpoints.join(",")
-    )))
+    let etcd = crate::lease::etcd::EtcdStore::from_flags(flags)
+        .map_err(|e| DaemonError::Unsupported(e.to_string()))?;
+    Ok(Box::new(etcd))
 }
 
 /// Fetches the network config, retrying every second forever like flannel.
@@ -272,9 +287,7 @@ fn external_interface(flags: &Flags) -> Result<ExternalInterface, DaemonError> {
     let ifaces = iface::interfaces().map_err(io_err("list interfaces"))?;
     let default_route = iface::default_route_interface_v4().unwrap_or(None);
     let can_reach_source = match flags.iface_can_reach {
-        Some(ip) => Some(
-            iface::source_for(ip).map_err(io_err(format!("find the route to {ip}")))?,
-        ),
+        Some(ip) => Some(iface::source_for(ip).map_err(io_err(format!("find the route to {ip}")))?),
         None => None,
     };
     Ok(extif::select(

@@ -14,8 +14,8 @@ use crate::config::flags::{Dataplane, Flags};
 use crate::config::netconf::BackendConfig;
 use crate::dataplane::LocalVtep;
 use crate::masq::{ensure_async, Iptables, MasqConfig, Rule};
-use crate::netlink::{Route, RouteScope};
 use crate::netlink::{IpFamily, Netlink};
+use crate::netlink::{Route, RouteScope};
 use crate::wire::MacAddr;
 
 use super::extif::ExternalInterface;
@@ -118,7 +118,11 @@ impl Plane {
                     keep_tx_checksum: flags.vxlan_tx_checksum_offload,
                 })
                 .await?;
-                info!(device = kv.name(), mtu = kv.mtu(), "kernel VXLAN device ready");
+                info!(
+                    device = kv.name(),
+                    mtu = kv.mtu(),
+                    "kernel VXLAN device ready"
+                );
                 Ok(Plane::Kernel(Box::new(kv)))
             }
             (BackendConfig::HostGw, _) => Ok(Plane::HostGw(
@@ -229,7 +233,9 @@ async fn configure_tun(
     subnet: Ipv4Net,
 ) -> Result<(), String> {
     let index = crate::io::iface::index_of(device).map_err(|e| e.to_string())?;
-    nl.link_set_mtu(index, mtu).await.map_err(|e| e.to_string())?;
+    nl.link_set_mtu(index, mtu)
+        .await
+        .map_err(|e| e.to_string())?;
     let addr = IpNet::V4(Ipv4Net::new(subnet.network(), 32).map_err(|e| e.to_string())?);
     match nl.addr_add(index, addr).await {
         Err(e) if !e.is_exists() => return Err(e.to_string()),

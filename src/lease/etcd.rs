@@ -940,6 +940,10 @@ impl LeaseStore for EtcdStore {
         Box::pin(self.acquire_lease(config, attrs, previous))
     }
 
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>> {
+        Box::pin(async move { EtcdStore::list(self).await.map(|(leases, _)| leases) })
+    }
+
     fn watch(&self, tx: mpsc::Sender<WatchUpdate>) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.watch_leases(tx))
     }

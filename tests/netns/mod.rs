@@ -83,7 +83,11 @@ pub fn teardown(mut c: Cluster) {
     let prefix = c.prefix().to_string();
     c.teardown().expect("teardown");
     drop(c);
-    assert!(leftover(&prefix).is_empty(), "namespaces left: {:?}", leftover(&prefix));
+    assert!(
+        leftover(&prefix).is_empty(),
+        "namespaces left: {:?}",
+        leftover(&prefix)
+    );
 }
 
 /// Python run inside a namespace: sends `mb` MiB of deterministic bytes over TCP to
@@ -123,20 +127,40 @@ print(h.hexdigest(), n)
 
 /// Sends `mb` MiB from pod `from` to pod `to` over TCP; returns (sent digest, received digest,
 /// received bytes).
-pub fn transfer(c: &Cluster, from: &str, to: &str, mb: usize, port: u16) -> (String, String, usize) {
+pub fn transfer(
+    c: &Cluster,
+    from: &str,
+    to: &str,
+    mb: usize,
+    port: u16,
+) -> (String, String, usize) {
     let to_ns = c.pod(to).expect("pod").ns.clone();
     let from_ns = c.pod(from).expect("pod").ns.clone();
     let dst = c.pod_ip(to).expect("pod ip").to_string();
     let recv = std::process::Command::new("ip")
-        .args(["netns", "exec", &to_ns, "python3", "-c", TCP_RECV, &port.to_string()])
+        .args([
+            "netns",
+            "exec",
+            &to_ns,
+            "python3",
+            "-c",
+            TCP_RECV,
+            &port.to_string(),
+        ])
         .output_async();
     std::thread::sleep(Duration::from_millis(300));
     let sent = std::process::Command::new("timeout")
-        .args(["120", "ip", "netns", "exec", &from_ns, "python3", "-c", TCP_SEND, &dst])
+        .args([
+            "120", "ip", "netns", "exec", &from_ns, "python3", "-c", TCP_SEND, &dst,
+        ])
         .args([port.to_string(), mb.to_string()])
         .output()
         .expect("sender");
-    assert!(sent.status.success(), "sender: {}", String::from_utf8_lossy(&sent.stderr));
+    assert!(
+        sent.status.success(),
+        "sender: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
     let got = recv.join();
     let got_text = String::from_utf8_lossy(&got.stdout).into_owned();
     let mut parts = got_text.split_whitespace();
