@@ -443,6 +443,18 @@ impl LeaseStore for DirStore {
         })
     }
 
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || DirStore::list(&this))
+                .await
+                .map_err(|e| StoreError::Unavailable {
+                    store: "directory",
+                    message: e.to_string(),
+                })?
+        })
+    }
+
     fn watch(&self, tx: mpsc::Sender<WatchUpdate>) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.watch_loop(tx))
     }

@@ -80,6 +80,10 @@ pub trait LeaseStore: Send + Sync + fmt::Debug {
         previous: &'a PreviousSubnets,
     ) -> BoxFuture<'a, Result<Lease, StoreError>>;
 
+    /// Every lease currently in the store (own included), e.g. to find the VTEP MAC our
+    /// previous lease published.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>>;
+
     /// Sends updates into `tx` until it is closed (then returns `Ok`), starting with a
     /// [`WatchUpdate::Snapshot`] of the current leases.
     fn watch(&self, tx: mpsc::Sender<WatchUpdate>) -> BoxFuture<'_, Result<(), StoreError>>;
