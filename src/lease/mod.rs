@@ -8,6 +8,7 @@
 
 pub mod annotations;
 pub mod dir;
+pub mod kube;
 pub mod store;
 pub mod watcher;
 
