@@ -6,6 +6,13 @@
 //! values (compat §5.2–§5.4), written with a strategic-merge PATCH on `nodes/<name>/status`
 //! (so the RBAC of `kube-flannel.yml` suffices), and only when something changed.
 //!
+//! Daemon use, in this order (flannel's `main.go` order): [`KubeStore::connect`];
+//! [`LeaseStore::network_config`]; [`LeaseStore::stored_public_ips`] (overrides
+//! `--public-ip(v6)` before the external interface is chosen); [`LeaseStore::stored_vtep_macs`]
+//! (the MAC to create the vxlan device with); [`LeaseStore::acquire`]; after the backend runs,
+//! [`LeaseStore::mark_network_available`] once (errors are only logged, like upstream);
+//! [`LeaseStore::watch`] for the peers.
+//!
 //! Deliberate differences from upstream, all on the safe side:
 //!
 //! * A peer whose annotations cannot be used (bad `public-ip` or `public-ip-overwrite`,
@@ -555,15 +562,27 @@ impl KubeStore {
                 };
                 debug!(%rv, "watching nodes");
                 futures::pin_mut!(stream);
+                let opened = tokio::time::Instant::now();
+                let mut delivered = false;
                 loop {
                     let item = tokio::select! {
                         () = tx.closed() => return Ok(()),
                         item = stream.next() => item,
                     };
                     let events = match item {
-                        // The server ended the watch (timeout): resume from `rv`.
-                        None => break,
+                        // The server ended the watch (timeout): resume from `rv`, pausing
+                        // first if it ended at once without news (no tight loop).
+                        None => {
+                            if !delivered && opened.elapsed() < Duration::from_secs(1) {
+                                debug!("node watch ended at once; pausing before resuming");
+                                if !backoff.wait(&tx).await {
+                                    return Ok(());
+                                }
+                            }
+                            break;
+                        }
                         Some(Ok(event)) => {
+                            delivered = true;
                             backoff.succeeded();
                             match event {
                                 WatchEvent::Added(node) | WatchEvent::Modified(node) => {
