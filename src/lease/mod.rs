@@ -9,6 +9,7 @@
 pub mod annotations;
 pub mod dir;
 pub mod etcd;
+pub mod kube;
 pub mod store;
 pub mod watcher;
 

@@ -8,6 +8,7 @@
 
 use core::fmt;
 use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use futures::future::BoxFuture;
@@ -16,6 +17,13 @@ use tokio::sync::mpsc;
 use super::{Lease, LeaseAttrs, LeaseEvent};
 use crate::config::netconf::{NetConfig, NetConfigError};
 use crate::config::subnet_env::PreviousSubnets;
+use crate::wire::MacAddr;
+
+/// Public addresses a store holds for this node: (IPv4, IPv6).
+pub type StoredPublicIps = (Option<Ipv4Addr>, Option<Ipv6Addr>);
+
+/// VTEP MACs a store holds for this node: (IPv4 vxlan device, IPv6 vxlan device).
+pub type StoredVtepMacs = (Option<MacAddr>, Option<MacAddr>);
 
 /// What a store's watch reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +82,10 @@ pub enum StoreError {
         /// What went wrong.
         message: String,
     },
+    /// A Kubernetes store failure other than an unreachable API server (node name, pod CIDR,
+    /// annotations, net-conf.json).
+    #[error(transparent)]
+    Kube(#[from] super::kube::KubeError),
 }
 
 /// A source of the network config and of leases.
@@ -114,5 +126,26 @@ pub trait LeaseStore: Send + Sync + fmt::Debug {
     fn complete_lease<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), StoreError>> {
         let _ = lease;
         Box::pin(futures::future::pending())
+    }
+
+    /// Public addresses configured for this node in the store, which override `--public-ip` /
+    /// `--public-ipv6` at start (kube: the `node-public-ip(v6)` annotations). Stores without
+    /// such a setting return `(None, None)`. Call before choosing the external interface.
+    fn stored_public_ips(&self) -> BoxFuture<'_, Result<StoredPublicIps, StoreError>> {
+        Box::pin(async { Ok((None, None)) })
+    }
+
+    /// The VTEP MACs (IPv4, IPv6) this node published before, to create the vxlan device with
+    /// so peers' entries stay valid across restarts (kube: the node's own `backend-data` /
+    /// `backend-v6-data` annotations). `(None, None)` when unknown or not applicable.
+    fn stored_vtep_macs(&self) -> BoxFuture<'_, Result<StoredVtepMacs, StoreError>> {
+        Box::pin(async { Ok((None, None)) })
+    }
+
+    /// Tells the store that the network is up on this node, once the backend runs (kube: the
+    /// node condition NetworkUnavailable=False, part of flannel's `CompleteLease`). A no-op for
+    /// stores without such a notion.
+    fn mark_network_available(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
     }
 }
