@@ -21,13 +21,20 @@ fn expected_triplets(c: &Cluster, node: &str) -> (Vec<String>, Vec<String>, Vec<
         let net = l.subnet.network();
         routes.push(format!("{} via {net} onlink", l.subnet));
         neigh.push(format!("{net} lladdr {} PERMANENT", vx.vtep_mac));
-        fdb.push(format!("{} dst {} self permanent", vx.vtep_mac, l.attrs.public_ip));
+        fdb.push(format!(
+            "{} dst {} self permanent",
+            vx.vtep_mac, l.attrs.public_ip
+        ));
     }
     (routes, neigh, fdb)
 }
 
 fn lines(text: &str) -> Vec<String> {
-    let mut v: Vec<String> = text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+    let mut v: Vec<String> = text
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
     v.sort();
     v
 }
@@ -37,8 +44,14 @@ fn assert_programmed_like_flannel(c: &Cluster, node: &str) {
     routes.sort();
     neigh.sort();
     fdb.sort();
-    assert_eq!(lines(&sh(c, node, &["ip", "route", "show", "dev", "flannel.1"])), routes);
-    assert_eq!(lines(&sh(c, node, &["ip", "neigh", "show", "dev", "flannel.1"])), neigh);
+    assert_eq!(
+        lines(&sh(c, node, &["ip", "route", "show", "dev", "flannel.1"])),
+        routes
+    );
+    assert_eq!(
+        lines(&sh(c, node, &["ip", "neigh", "show", "dev", "flannel.1"])),
+        neigh
+    );
     // `bridge fdb show dev` also lists the device's own permanent entries; keep peers only.
     let fdb_now: Vec<String> = lines(&sh(c, node, &["bridge", "fdb", "show", "dev", "flannel.1"]))
         .into_iter()
@@ -62,16 +75,31 @@ fn kernel_userspace_and_reference_nodes_interoperate() {
 
     // The device as flannel creates it, with checksum offload off (field problem P2).
     let link = sh(&c, "n1", &["ip", "-d", "link", "show", "flannel.1"]);
-    assert!(link.contains("vxlan id 1 local 198.18.0.1 dev eth0"), "{link}");
-    assert!(link.contains("nolearning") && link.contains("mtu 1450"), "{link}");
+    assert!(
+        link.contains("vxlan id 1 local 198.18.0.1 dev eth0"),
+        "{link}"
+    );
+    assert!(
+        link.contains("nolearning") && link.contains("mtu 1450"),
+        "{link}"
+    );
     let k = sh(&c, "n1", &["ethtool", "-k", "flannel.1"]);
     assert!(k.contains("tx-checksum-ip-generic: off"), "{k}");
     assert_programmed_like_flannel(&c, "n1");
 
     // flannel's masquerade and forward rules, golden text of its e2e suite.
     let net = "10.244.0.0/16";
-    let own = c.node("n1").expect("n1").subnet.expect("subnet").to_string();
-    let nat = sh(&c, "n1", &["iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG"]);
+    let own = c
+        .node("n1")
+        .expect("n1")
+        .subnet
+        .expect("subnet")
+        .to_string();
+    let nat = sh(
+        &c,
+        "n1",
+        &["iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG"],
+    );
     let want = [
         "-N FLANNEL-POSTRTG".to_string(),
         "-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment \"flanneld masq\" -j RETURN".into(),
@@ -107,7 +135,9 @@ fn restart_in_kernel_mode_loses_no_packets() {
     let ns = c.pod("n1p1").expect("pod").ns.clone();
     // 600 pings every 10 ms: 6 s around the restart.
     let pings = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns, "ping", "-i", "0.01", "-c", "600", "-W", "1", &dst])
+        .args([
+            "netns", "exec", &ns, "ping", "-i", "0.01", "-c", "600", "-W", "1", &dst,
+        ])
         .output_async();
     std::thread::sleep(Duration::from_millis(1000));
     c.restart_flanneld("n1").expect("restart");
@@ -146,14 +176,20 @@ fn start_up_removes_stale_and_foreign_entries() {
         let neigh = sh(&c, "n1", &["ip", "neigh", "show", "dev", "flannel.1"]);
         let fdb = sh(&c, "n1", &["bridge", "fdb", "show", "dev", "flannel.1"]);
         let stale = gone.network().to_string();
-        ![&routes, &neigh, &fdb]
-            .iter()
-            .any(|t| t.contains(&stale) || t.contains("10.244.250.") || t.contains("02:00:00:00:00:fa"))
+        ![&routes, &neigh, &fdb].iter().any(|t| {
+            t.contains(&stale) || t.contains("10.244.250.") || t.contains("02:00:00:00:00:fa")
+        })
     });
-    assert!(clean.is_some(), "stale or hand-added entries still present 2 s after start");
+    assert!(
+        clean.is_some(),
+        "stale or hand-added entries still present 2 s after start"
+    );
     assert_programmed_like_flannel(&c, "n1");
     let log = std::fs::read_to_string(c.flanneld_log("n1")).expect("log");
-    assert!(log.contains("10.244.250.0"), "removal of the hand-added entries not logged");
+    assert!(
+        log.contains("10.244.250.0"),
+        "removal of the hand-added entries not logged"
+    );
     assert!(c.check().all_pass());
     teardown(c);
 }
@@ -174,7 +210,10 @@ fn deleted_device_is_recreated_and_peers_replayed() {
     let took = wait_for(Duration::from_secs(5), || {
         targets.iter().all(|t| ping_ok(&c, "n1p1", t))
     });
-    assert!(took.is_some(), "connectivity not restored within 5 s of deleting flannel.1");
+    assert!(
+        took.is_some(),
+        "connectivity not restored within 5 s of deleting flannel.1"
+    );
     assert_programmed_like_flannel(&c, "n1");
     assert!(c.check().all_pass());
     teardown(c);
@@ -192,22 +231,31 @@ fn host_gw_and_direct_routing() {
     assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
     let peer = c.node("n2").expect("n2");
     let routes = sh(&c, "n1", &["ip", "route"]);
-    let want = format!("{} via {} dev eth0", peer.subnet.expect("subnet"), peer.underlay_ip);
+    let want = format!(
+        "{} via {} dev eth0",
+        peer.subnet.expect("subnet"),
+        peer.underlay_ip
+    );
     assert!(routes.contains(&want), "{routes}");
     let (has_vxlan, _) = run(&c, "n1", &["ip", "link", "show", "flannel.1"]);
     assert!(!has_vxlan, "host-gw must not create a vxlan device");
     teardown(c);
 
     let mut s = spec(&[Kernel, Kernel, Userspace], 1);
-    s.net_conf =
-        Some(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#.into());
+    s.net_conf = Some(
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#.into(),
+    );
     let c = Cluster::up(&s).expect("DirectRouting cluster up");
     let m = c.check_until_pass(Duration::from_secs(5));
     assert!(m.all_pass(), "{m}");
     let routes = sh(&c, "n1", &["ip", "route"]);
     for peer in ["n2", "n3"] {
         let p = c.node(peer).expect("peer");
-        let want = format!("{} via {} dev eth0", p.subnet.expect("subnet"), p.underlay_ip);
+        let want = format!(
+            "{} via {} dev eth0",
+            p.subnet.expect("subnet"),
+            p.underlay_ip
+        );
         assert!(routes.contains(&want), "{routes}");
     }
     teardown(c);

@@ -73,7 +73,7 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonEr
 /// Runs flanneld until `shutdown` completes.
 pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     info!("CLI flags config: {flags:?}");
-    let store = open_store(&flags)?;
+    let store = open_store(&flags).await?;
     let ready = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(DaemonMetrics::default());
     start_http(&flags, &ready, &metrics).await?;
@@ -84,7 +84,11 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
         _ = &mut shutdown => return Ok(()),
     };
     let net = NetConfig::parse(&json)?;
-    net.validate()?;
+    // flannel validates allocation settings only where it allocates (etcd); the Kubernetes
+    // manager takes podCIDRs as they are.
+    if !flags.kube_subnet_mgr {
+        net.validate()?;
+    }
     let network = match (net.enable_ipv4, net.network, net.enable_ipv6) {
         (true, Some(n), false) => n,
         (_, _, true) => {
@@ -99,6 +103,19 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
         }
     };
     let backend = net.backend()?.clone();
+    let mut flags = flags;
+    match store.stored_public_ips().await {
+        // kube: the node-public-ip annotation acts like --public-ip (flannel ≥ v0.25.3).
+        Ok((Some(ip), _)) => {
+            info!(%ip, "using the public IP stored for this node");
+            flags.public_ip = Some(ip);
+        }
+        Ok(_) => {}
+        Err(e @ StoreError::Unavailable { .. }) => {
+            warn!(error = %e, "could not read stored public IP")
+        }
+        Err(e) => return Err(e.into()),
+    }
     let ext = external_interface(&flags)?;
     info!(
         iface = %ext.name, iface_addr = %ext.iface_addr, ext_addr = %ext.ext_addr,
@@ -174,6 +191,9 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
         }
     }
 
+    if let Err(e) = store.mark_network_available().await {
+        warn!(error = %e, "could not mark the node's network available");
+    }
     let store: Arc<dyn LeaseStore> = Arc::from(store);
     let (tx, mut rx) = mpsc::channel(64);
     let watch_task = tokio::spawn(supervise_watch(store.clone(), tx));
@@ -234,14 +254,14 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     outcome
 }
 
-fn open_store(flags: &Flags) -> Result<Box<dyn LeaseStore>, DaemonError> {
+async fn open_store(flags: &Flags) -> Result<Box<dyn LeaseStore>, DaemonError> {
     if let Some(dir) = &flags.lease_dir {
         return Ok(Box::new(DirStore::new(dir.clone())));
     }
     if flags.kube_subnet_mgr {
-        return Err(DaemonError::Unsupported(
-            "--kube-subnet-mgr is not implemented by flannel-rs yet; use --lease-dir".into(),
-        ));
+        let env = |name: &str| std::env::var(name).ok();
+        let kube = crate::lease::kube::KubeStore::connect(flags, &env).await?;
+        return Ok(Box::new(kube));
     }
     let etcd = crate::lease::etcd::EtcdStore::from_flags(flags)
         .map_err(|e| DaemonError::Unsupported(e.to_string()))?;
@@ -311,6 +331,12 @@ async fn choose_vtep_mac(
     vni: u32,
     flags: &Flags,
 ) -> MacAddr {
+    if let Ok((Some(mac), _)) = store.stored_vtep_macs().await {
+        if mac.is_unicast() {
+            info!(%mac, "reusing the VTEP MAC stored for this node");
+            return mac;
+        }
+    }
     if let Ok(leases) = store.list().await {
         let previous = leases
             .iter()
