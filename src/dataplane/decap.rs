@@ -4,7 +4,8 @@ use std::net::IpAddr;
 use std::ops::Range;
 
 use super::{
-    inspect_ip, write_headers, DecapVerdict, DropReason, LocalVtep, PeerTable, VXLAN_HEADROOM,
+    headroom_mut, inspect_ip, write_headers, DecapVerdict, DropReason, LocalVtep, PeerTable,
+    VXLAN_HEADROOM,
 };
 use crate::wire::{arp, vxlan, EtherType, MacAddr};
 
@@ -92,18 +93,11 @@ fn answer_arp(buf: &mut [u8], start: usize, src: IpAddr, local: &LocalVtep) -> D
         target_protocol_addr: request.source_protocol_addr,
     };
     let end = arp_at + arp::PACKET_LEN;
-    let mut hdr = [0u8; VXLAN_HEADROOM];
-    write_headers(
-        &mut hdr,
-        local.vni,
-        request.source_hardware_addr,
-        local.mac,
-        EtherType::Arp.into(),
-    );
-    let Some(h) = buf.get_mut(start..arp_at) else {
+    let Some(hdr) = headroom_mut(buf, start) else {
         return DecapVerdict::Drop(DropReason::Truncated);
     };
-    h.copy_from_slice(&hdr);
+    let (vni, dst_mac) = (local.vni, request.source_hardware_addr);
+    write_headers(hdr, vni, dst_mac, local.mac, EtherType::Arp.into());
     match buf.get_mut(arp_at..end) {
         Some(a) => reply.emit(&mut arp::Packet::new_unchecked(a)),
         None => return DecapVerdict::Drop(DropReason::Truncated),

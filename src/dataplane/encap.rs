@@ -3,9 +3,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 
-use super::DropReason;
 use super::{
-    inspect_ip, write_headers, EncapVerdict, IpInfo, LocalVtep, PeerTable, VXLAN_HEADROOM,
+    headroom_mut, inspect_ip, write_headers, DropReason, EncapVerdict, IpInfo, LocalVtep,
+    PeerTable, VXLAN_HEADROOM,
 };
 use crate::wire::{checksum, ipv4, ipv6, EtherType, IpProtocol};
 
@@ -43,13 +43,11 @@ pub fn encap(
     } else {
         EtherType::Ipv6
     };
-    let mut hdr = [0u8; VXLAN_HEADROOM];
-    write_headers(&mut hdr, peer.vni, peer.mac, local.mac, ethertype.into());
     let frame_start = start - VXLAN_HEADROOM;
-    match buf.get_mut(frame_start..start) {
-        Some(h) => h.copy_from_slice(&hdr),
-        None => return EncapVerdict::Drop(DropReason::InvalidBuffer),
-    }
+    let Some(hdr) = headroom_mut(buf, frame_start) else {
+        return EncapVerdict::Drop(DropReason::InvalidBuffer);
+    };
+    write_headers(hdr, peer.vni, peer.mac, local.mac, ethertype.into());
     EncapVerdict::Transmit {
         dst: peer.public_ip,
         frame: frame_start..start + info.len,

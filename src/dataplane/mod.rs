@@ -102,6 +102,12 @@ pub enum DecapVerdict {
 const _: () =
     assert!(VXLAN_HEADROOM == crate::wire::vxlan::HEADER_LEN + crate::wire::ethernet::HEADER_LEN);
 
+/// The 22 bytes of `buf` starting at `at`, if present.
+#[inline]
+fn headroom_mut(buf: &mut [u8], at: usize) -> Option<&mut [u8; VXLAN_HEADROOM]> {
+    buf.get_mut(at..)?.first_chunk_mut::<VXLAN_HEADROOM>()
+}
+
 /// Writes the 22-byte VXLAN + Ethernet header template into `hdr`.
 #[inline]
 fn write_headers(
@@ -111,32 +117,12 @@ fn write_headers(
     src: MacAddr,
     ethertype: u16,
 ) {
-    let vni = ((vni & crate::wire::vxlan::MAX_VNI) << 8).to_be_bytes();
-    let et = ethertype.to_be_bytes();
-    *hdr = [
-        crate::wire::vxlan::FLAG_I,
-        0,
-        0,
-        0,
-        vni[0],
-        vni[1],
-        vni[2],
-        vni[3],
-        dst.0[0],
-        dst.0[1],
-        dst.0[2],
-        dst.0[3],
-        dst.0[4],
-        dst.0[5],
-        src.0[0],
-        src.0[1],
-        src.0[2],
-        src.0[3],
-        src.0[4],
-        src.0[5],
-        et[0],
-        et[1],
-    ];
+    let vni = (vni & crate::wire::vxlan::MAX_VNI) << 8;
+    hdr[..4].copy_from_slice(&[crate::wire::vxlan::FLAG_I, 0, 0, 0]);
+    hdr[4..8].copy_from_slice(&vni.to_be_bytes());
+    hdr[8..14].copy_from_slice(&dst.0);
+    hdr[14..20].copy_from_slice(&src.0);
+    hdr[20..].copy_from_slice(&ethertype.to_be_bytes());
 }
 
 /// A validated inner IP packet: its length per its header and its addresses.

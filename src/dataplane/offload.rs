@@ -673,7 +673,7 @@ mod tests {
 
         #[test]
         fn uso_split_verifies(payload in proptest::collection::vec(any::<u8>(), 1..5000),
-                              gso in 1u16..1400, v6 in any::<bool>()) {
+                              gso in 4u16..1400, v6 in any::<bool>()) {
             let mut u = vec![0x30, 0x39, 0x14, 0x51, 0, 0, 0, 0];
             u.extend_from_slice(&payload);
             let ul = u.len() as u16;
