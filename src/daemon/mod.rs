@@ -259,13 +259,27 @@ async fn open_store(flags: &Flags) -> Result<Box<dyn LeaseStore>, DaemonError> {
         return Ok(Box::new(DirStore::new(dir.clone())));
     }
     if flags.kube_subnet_mgr {
-        let env = |name: &str| std::env::var(name).ok();
-        let kube = crate::lease::kube::KubeStore::connect(flags, &env).await?;
-        return Ok(Box::new(kube));
+        #[cfg(feature = "kube")]
+        {
+            let env = |name: &str| std::env::var(name).ok();
+            let kube = crate::lease::kube::KubeStore::connect(flags, &env).await?;
+            return Ok(Box::new(kube));
+        }
+        #[cfg(not(feature = "kube"))]
+        return Err(DaemonError::Unsupported(
+            "--kube-subnet-mgr: this flanneld was built without the kube feature".into(),
+        ));
     }
-    let etcd = crate::lease::etcd::EtcdStore::from_flags(flags)
-        .map_err(|e| DaemonError::Unsupported(e.to_string()))?;
-    Ok(Box::new(etcd))
+    #[cfg(feature = "etcd")]
+    {
+        let etcd = crate::lease::etcd::EtcdStore::from_flags(flags)
+            .map_err(|e| DaemonError::Unsupported(e.to_string()))?;
+        Ok(Box::new(etcd))
+    }
+    #[cfg(not(feature = "etcd"))]
+    Err(DaemonError::Unsupported(
+        "the etcd store: this flanneld was built without the etcd feature; use --lease-dir".into(),
+    ))
 }
 
 /// Fetches the network config, retrying every second forever like flannel.

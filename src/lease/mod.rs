@@ -8,7 +8,9 @@
 
 pub mod annotations;
 pub mod dir;
+#[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "kube")]
 pub mod kube;
 pub mod store;
 pub mod watcher;

@@ -85,6 +85,7 @@ pub enum StoreError {
     /// A Kubernetes store failure other than an unreachable API server (node name, pod CIDR,
     /// annotations, net-conf.json).
     #[error(transparent)]
+    #[cfg(feature = "kube")]
     Kube(#[from] super::kube::KubeError),
 }
 
