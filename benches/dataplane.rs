@@ -33,6 +33,8 @@ fn local(mac_last: u8, addr: Ipv4Addr) -> LocalVtep {
         mac: MacAddr([2, 0, 0, 0, 0xff, mac_last]),
         addr_v4: Some(addr),
         addr_v6: None,
+        error_source_v4: None,
+        error_source_v6: None,
     }
 }
 
@@ -83,6 +85,8 @@ fn bench_encap_decap(c: &mut Criterion) {
         mac: MacAddr([2, 0, 0, 0, 0, 42]),
         addr_v4: Some(Ipv4Addr::new(10, 0, 42, 0)),
         addr_v6: None,
+        error_source_v4: None,
+        error_source_v6: None,
     };
     let mut rx_peers: Vec<(IpNet, RemoteVtep)> = table(99).iter().map(|(n, v)| (*n, *v)).collect();
     rx_peers.push((

@@ -64,6 +64,8 @@ fn view_b() -> (PeerTable, LocalVtep) {
         mac: MAC_B,
         addr_v4: Some(VTEP_B),
         addr_v6: Some(VTEP_B6.parse().unwrap()),
+        error_source_v4: None,
+        error_source_v6: None,
     };
     (table, local)
 }
@@ -84,6 +86,8 @@ fn view_a() -> (PeerTable, LocalVtep) {
         mac: MAC_A,
         addr_v4: Some(VTEP_A),
         addr_v6: Some(VTEP_A6.parse().unwrap()),
+        error_source_v4: None,
+        error_source_v6: None,
     };
     (table, local)
 }

@@ -115,10 +115,10 @@ impl UserspaceVxlan {
         let threads = vec![
             std::thread::Builder::new()
                 .name("vxlan-tx".into())
-                .spawn(move || tx.run_tx())?,
+                .spawn(move || tx.guarded("tx", Worker::run_tx))?,
             std::thread::Builder::new()
                 .name("vxlan-rx".into())
-                .spawn(move || rx.run_rx())?,
+                .spawn(move || rx.guarded("rx", Worker::run_rx))?,
         ];
         Ok(UserspaceVxlan {
             table,
@@ -208,6 +208,7 @@ pub fn plan_table(peers: &[Peer]) -> (Vec<(ipnet::IpNet, RemoteVtep)>, Vec<Skipp
 pub struct IoErrors {
     send_failed: AtomicU64,
     tun_write_failed: AtomicU64,
+    panics: AtomicU64,
 }
 
 impl IoErrors {
@@ -217,6 +218,15 @@ impl IoErrors {
 
     fn count_tun_write_failure(&self) {
         self.tun_write_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count_panic(&self) {
+        self.panics.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Packet loops restarted after a panic (a bug: should stay 0).
+    pub fn panics(&self) -> u64 {
+        self.panics.load(Ordering::Relaxed)
     }
 
     /// UDP sends the kernel refused.
@@ -242,10 +252,23 @@ struct Worker {
 }
 
 impl Worker {
+    /// Runs a packet loop until shutdown. Nothing in it should panic; if something does
+    /// anyway, the loop is restarted (and counted) rather than leaving the node silently
+    /// without a data path.
+    fn guarded(self, name: &str, run: fn(&Worker)) {
+        while !self.stop.load(Ordering::Relaxed) {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&self)));
+            if result.is_err() {
+                self.io_errors.count_panic();
+                tracing::error!(thread = name, "packet loop panicked; restarting it");
+            }
+        }
+    }
+
     /// TUN → VXLAN. The packet is read so that its vnet header ends exactly where the
     /// VXLAN + Ethernet headroom ends; encap then overwrites the consumed vnet header. TSO
     /// super-packets are split into an arena laid out for one UDP GSO send per batch.
-    fn run_tx(self) {
+    fn run_tx(&self) {
         let mut buf = vec![0u8; BUF_LEN];
         let mut arena = Vec::with_capacity(2 * BUF_LEN);
         let mut gso_ok = true;
@@ -298,6 +321,25 @@ impl Worker {
         }
     }
 
+    /// Writes an error the core built in `buf[packet]` (e.g. ICMP net unreachable) back to
+    /// TUN behind a zeroed vnet header, moving it when the header does not fit in front.
+    fn reply_to_tun(&self, buf: &mut [u8], mut packet: std::ops::Range<usize>) {
+        if packet.start < VNET_HDR_LEN {
+            let len = packet.len();
+            if VNET_HDR_LEN + len > buf.len() {
+                return;
+            }
+            buf.copy_within(packet, VNET_HDR_LEN);
+            packet = VNET_HDR_LEN..VNET_HDR_LEN + len;
+        }
+        let start = packet.start - VNET_HDR_LEN;
+        buf[start..packet.start].fill(0);
+        match self.tun.send(&buf[start..packet.end]) {
+            Ok(()) => self.counters.count_reply(),
+            Err(_) => self.io_errors.count_tun_write_failure(),
+        }
+    }
+
     fn encap_and_send(&self, buf: &mut [u8], packet: std::ops::Range<usize>, table: &PeerTable) {
         match encap(buf, packet, table, &self.local) {
             EncapVerdict::Transmit { dst, frame } => {
@@ -310,12 +352,7 @@ impl Worker {
                     Err(_) => self.io_errors.count_send_failure(),
                 }
             }
-            EncapVerdict::ReplyToTun { packet } => {
-                let start = packet.start - VNET_HDR_LEN;
-                buf[start..packet.start].fill(0);
-                let _ = self.tun.send(&buf[start..packet.end]);
-                self.counters.count_reply();
-            }
+            EncapVerdict::ReplyToTun { packet } => self.reply_to_tun(buf, packet),
             EncapVerdict::Drop(reason) => self.counters.count_drop(reason),
         }
     }
@@ -341,10 +378,7 @@ impl Worker {
                 }
                 // Every segment has the same destination: one verdict stands for all.
                 EncapVerdict::ReplyToTun { packet } => {
-                    let start = packet.start - VNET_HDR_LEN;
-                    arena[start..packet.start].fill(0);
-                    let _ = self.tun.send(&arena[start..packet.end]);
-                    self.counters.count_reply();
+                    self.reply_to_tun(arena, packet);
                     return;
                 }
                 EncapVerdict::Drop(reason) => {
@@ -399,7 +433,7 @@ impl Worker {
 
     /// VXLAN → TUN. The inner packet is written with a zeroed vnet header placed over the
     /// already-parsed tail of the inner Ethernet header, so nothing is copied.
-    fn run_rx(self) {
+    fn run_rx(&self) {
         let mut buf = vec![0u8; BUF_LEN];
         while !self.stop.load(Ordering::Relaxed) {
             let (n, src) = match self.sock.recv_from(&mut buf) {

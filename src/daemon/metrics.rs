@@ -107,6 +107,11 @@ impl DaemonMetrics {
                 "TUN writes the kernel refused.",
                 io_errors.tun_write_failed(),
             );
+            counter(
+                "flannel_vxlan_packet_loop_panics_total",
+                "Packet loops restarted after a panic (a bug; should stay 0).",
+                io_errors.panics(),
+            );
             let _ = writeln!(
                 out,
                 "# HELP flannel_vxlan_drops_total Packets dropped by the data plane, by reason.\n# TYPE flannel_vxlan_drops_total counter"

@@ -92,6 +92,11 @@ impl Plane {
                         mac,
                         addr_v4: Some(subnet.network()),
                         addr_v6: None,
+                        // Network's first address: never a node's (SubnetMin skips the
+                        // first subnet), so errors from it pass the kernel's martian check.
+                        error_source_v4: (network.network() != subnet.network())
+                            .then_some(network.network()),
+                        error_source_v6: None,
                     },
                     tso: true,
                 };

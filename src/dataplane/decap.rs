@@ -122,6 +122,8 @@ mod tests {
             mac: MacAddr([0x02, 0xbb, 0, 0, 0, 2]),
             addr_v4: Some(Ipv4Addr::new(10, 244, 2, 0)),
             addr_v6: Some("fd10:244:2::".parse().unwrap()),
+            error_source_v4: None,
+            error_source_v6: None,
         }
     }
 

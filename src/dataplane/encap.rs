@@ -120,7 +120,9 @@ fn unreachable(buf: &mut [u8], start: usize, info: &IpInfo, local: &LocalVtep) -
     if !may_send_error(orig, info) {
         return no_route;
     }
-    let (our, hdr_len, max, min_quote) = match (info.src, local.addr_v4, local.addr_v6) {
+    let v4 = local.error_source_v4.or(local.addr_v4);
+    let v6 = local.error_source_v6.or(local.addr_v6);
+    let (our, hdr_len, max, min_quote) = match (info.src, v4, v6) {
         (IpAddr::V4(_), Some(a), _) => (IpAddr::V4(a), 20 + 8, MAX_ERROR_V4, ipv4::HEADER_LEN),
         (IpAddr::V6(_), _, Some(a)) => (IpAddr::V6(a), 40 + 8, MAX_ERROR_V6, ipv6::HEADER_LEN),
         _ => return no_route,
@@ -212,6 +214,8 @@ mod tests {
             mac: MacAddr([0x02, 0xaa, 0, 0, 0, 1]),
             addr_v4: Some(Ipv4Addr::new(10, 244, 1, 0)),
             addr_v6: Some("fd10:244:1::".parse().unwrap()),
+            error_source_v4: None,
+            error_source_v6: None,
         }
     }
 

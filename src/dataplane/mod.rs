@@ -56,6 +56,13 @@ pub struct LocalVtep {
     pub addr_v4: Option<Ipv4Addr>,
     /// Our VTEP IPv6 address: sources ICMPv6 errors.
     pub addr_v6: Option<Ipv6Addr>,
+    /// Source of the ICMP errors we write back to TUN, when it must differ from `addr_v4`:
+    /// the kernel drops packets arriving on TUN from one of its own addresses (a "martian"
+    /// with `accept_local=0`), and our VTEP address is assigned to the TUN device. The
+    /// daemon uses Network's first address, which no node has.
+    pub error_source_v4: Option<Ipv4Addr>,
+    /// Same for ICMPv6.
+    pub error_source_v6: Option<Ipv6Addr>,
 }
 
 /// What to do with a packet read from TUN.
@@ -279,7 +286,7 @@ mod tests {
         ) {
             prop_assume!(pub_a != pub_b);
             let node = |mac| LocalVtep {
-                vni, mac, addr_v4: None, addr_v6: None,
+                vni, mac, addr_v4: None, addr_v6: None, error_source_v4: None, error_source_v6: None,
             };
             let (a, b) = (node(mac_a), node(mac_b));
             let table_a = PeerTable::new([
