@@ -260,3 +260,64 @@ fn host_gw_and_direct_routing() {
     }
     teardown(c);
 }
+
+#[test]
+fn bad_leases_are_skipped_with_a_warning_naming_the_node() {
+    if !privileged_test_guard("bad_leases_are_skipped_with_a_warning_naming_the_node") {
+        return;
+    }
+    let _g = serial();
+    let c = Cluster::up(&spec(&[Kernel, Kernel], 1)).expect("cluster up");
+    assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
+    let dir = c.lease_dir().subnets_dir();
+    let bad = [
+        // Public IP that is not an address.
+        (
+            "10.244.201.0-24",
+            r#"{"PublicIP":"not-an-ip","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:02:01"}}"#,
+            "10.244.201.0-24",
+        ),
+        // VTEP MAC that is not a MAC.
+        (
+            "10.244.202.0-24",
+            r#"{"PublicIP":"198.18.0.202","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz:zz"}}"#,
+            "10.244.202.0",
+        ),
+        // Subnet outside Network.
+        (
+            "10.99.3.0-24",
+            r#"{"PublicIP":"198.18.0.203","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:02:03"}}"#,
+            "10.99.3.0",
+        ),
+    ];
+    for (key, value, _) in &bad {
+        std::fs::write(dir.join(key), value).expect("write lease");
+    }
+    let log = c.flanneld_log("n1");
+    let named = wait_for(Duration::from_secs(3), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        bad.iter().all(|(_, _, name)| text.contains(name))
+    });
+    assert!(
+        named.is_some(),
+        "not every bad lease was named in {}",
+        log.display()
+    );
+    let routes = sh(&c, "n1", &["ip", "route"]);
+    for (_, _, name) in &bad {
+        assert!(!routes.contains(name), "{name} was programmed: {routes}");
+    }
+    assert_programmed_like_flannel_except(&c, "n1", &["10.244.201.", "10.244.202.", "10.99.3."]);
+    assert!(c.check().all_pass());
+    teardown(c);
+}
+
+/// Like `assert_programmed_like_flannel`, for a lease dir that also holds invalid leases.
+fn assert_programmed_like_flannel_except(c: &Cluster, node: &str, skip: &[&str]) {
+    let routes = lines(&sh(c, node, &["ip", "route", "show", "dev", "flannel.1"]));
+    let peers: Vec<String> = c.node_names().into_iter().filter(|n| n != node).collect();
+    assert_eq!(routes.len(), peers.len(), "{routes:?}");
+    for r in &routes {
+        assert!(!skip.iter().any(|s| r.contains(s)), "{r}");
+    }
+}

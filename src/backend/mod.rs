@@ -167,3 +167,73 @@ pub fn peers_from_leases<'a>(
 fn overlaps(a: IpNet, b: IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::netconf::NetConfig;
+    use crate::lease::Lease;
+
+    fn lease(key: &str, json: &str) -> Lease {
+        Lease::from_kv(key, json).expect("lease")
+    }
+
+    fn vxlan(ip: &str, mac: &str) -> String {
+        format!(
+            r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+        )
+    }
+
+    #[test]
+    fn valid_leases_become_peers_and_bad_ones_are_named() {
+        let net = NetConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
+            .expect("net-conf");
+        let leases = [
+            lease("10.244.2.0-24", &vxlan("198.18.0.2", "02:00:00:00:00:02")),
+            lease("10.245.1.0-24", &vxlan("198.18.0.3", "02:00:00:00:00:03")),
+            lease("10.244.4.0-24", &vxlan("198.18.0.4", "01:00:5e:00:00:04")),
+            lease("10.244.5.0-24", &vxlan("0.0.0.0", "02:00:00:00:00:05")),
+            lease("10.244.2.128-25", &vxlan("198.18.0.6", "02:00:00:00:00:06")),
+            lease(
+                "10.244.7.0-24",
+                r#"{"PublicIP":"198.18.0.7","PublicIPv6":null,"BackendType":"vxlan"}"#,
+            ),
+            lease(
+                "10.244.8.0-24",
+                r#"{"PublicIP":"198.18.0.8","PublicIPv6":null,"BackendType":"host-gw"}"#,
+            ),
+        ];
+        let (peers, problems) = peers_from_leases(leases.iter().rev(), &net);
+        let subnets: Vec<String> = peers.iter().map(|p| p.subnet.to_string()).collect();
+        assert_eq!(subnets, ["10.244.2.0/24", "10.244.8.0/24"]);
+        assert_eq!(peers[0].vtep_mac, "02:00:00:00:00:02".parse().ok());
+        assert_eq!(peers[0].vni, Some(1));
+        assert_eq!(peers[1].vtep_mac, None);
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 5, "{text:#?}");
+        for needle in [
+            "10.245.1.0/24 of node 198.18.0.3: subnet is outside Network",
+            "10.244.4.0/24 of node 198.18.0.4: VtepMAC 01:00:5e:00:00:04 is not a unicast MAC",
+            "10.244.5.0/24: PublicIP 0.0.0.0 is not a usable unicast address",
+            "10.244.2.128/25 of node 198.18.0.6 overlaps 10.244.2.0/24",
+            "10.244.7.0/24 of node 198.18.0.7: vxlan lease without BackendData",
+        ] {
+            assert!(
+                text.iter().any(|t| t.contains(needle)),
+                "{needle}: {text:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn peer_order_does_not_depend_on_arrival_order() {
+        let net = NetConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
+            .expect("net-conf");
+        let a = lease("10.244.3.0-24", &vxlan("198.18.0.3", "02:00:00:00:00:03"));
+        let b = lease("10.244.3.0-25", &vxlan("198.18.0.9", "02:00:00:00:00:09"));
+        let (p1, _) = peers_from_leases([&a, &b], &net);
+        let (p2, _) = peers_from_leases([&b, &a], &net);
+        assert_eq!(p1, p2);
+        assert_eq!(p1.len(), 1);
+    }
+}
