@@ -16,6 +16,8 @@ pub fn local() -> LocalVtep {
         mac: LOCAL_MAC,
         addr_v4: Some(Ipv4Addr::new(10, 244, 1, 0)),
         addr_v6: Some("fd10:244:1::".parse().unwrap()),
+        error_source_v4: Some(Ipv4Addr::new(10, 244, 0, 0)),
+        error_source_v6: None,
     }
 }
 
