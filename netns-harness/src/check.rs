@@ -225,6 +225,8 @@ struct Task {
     kind: ProbeKind,
     ns: String,
     ip: Ipv4Addr,
+    /// None: the responder's port for the kind.
+    port: Option<u16>,
 }
 
 /// Concurrent probes (each is a short child process; bounded so a broken cluster still
@@ -258,11 +260,11 @@ fn run_probe(bin: Option<&std::path::Path>, t: &Task) -> ProbeOutcome {
                     detail: "no netns-harness binary to run the probe".into(),
                 };
             };
-            let port = match kind {
+            let port = t.port.unwrap_or(match kind {
                 ProbeKind::Tcp => proto::TCP_PORT,
                 ProbeKind::Udp => proto::UDP_PORT,
                 _ => proto::DNS_PORT,
-            };
+            });
             let bin = bin.to_string_lossy();
             cmd::run(
                 &mut cmd::ns_command(
@@ -311,6 +313,127 @@ fn run_probe(bin: Option<&std::path::Path>, t: &Task) -> ProbeOutcome {
 }
 
 impl Cluster {
+    /// One probe from namespace `from` (`n1`, `n1p2` or a full name of this run) to `ip`:
+    /// ICMP ignores `port`; TCP, UDP and DNS use `port` (None: the responders' port).
+    pub fn probe(
+        &self,
+        from: &str,
+        kind: ProbeKind,
+        ip: Ipv4Addr,
+        port: Option<u16>,
+    ) -> ProbeOutcome {
+        let ns = match self.resolve_ns(from) {
+            Ok(ns) => ns,
+            Err(e) => {
+                return ProbeOutcome {
+                    kind,
+                    ok: false,
+                    detail: format!("{e:#}"),
+                }
+            }
+        };
+        run_probe(
+            self.harness_bin(),
+            &Task {
+                cell: 0,
+                kind,
+                ns,
+                ip,
+                port,
+            },
+        )
+    }
+
+    /// Emulates a ClusterIP the way kube-proxy (iptables mode) handles traffic from the node
+    /// itself: in `node`'s nat table, OUTPUT marks packets to `vip:vip_port` that do not come
+    /// from the cluster network for masquerading (KUBE-MARK-MASQ) and DNATs them to `pod`'s
+    /// responder (`proto_name` `tcp` or `udp`); POSTROUTING masquerades marked packets
+    /// (KUBE-POSTROUTING), so the pod answers the node's overlay address. Adds a host route
+    /// for the VIP via `eth0` when the node has no route to it (flat runs have no default
+    /// route) so the packet reaches OUTPUT; it never leaves untranslated.
+    pub fn add_cluster_ip(
+        &self,
+        node: &str,
+        vip: Ipv4Addr,
+        vip_port: u16,
+        pod: &str,
+        proto_name: &str,
+    ) -> anyhow::Result<()> {
+        let n = self
+            .node(node)
+            .ok_or_else(|| anyhow::anyhow!("no node {node:?}"))?;
+        let dst = self
+            .pod_ip(pod)
+            .ok_or_else(|| anyhow::anyhow!("no pod {pod:?}"))?;
+        let port = match proto_name {
+            "tcp" => proto::TCP_PORT,
+            "udp" => proto::UDP_PORT,
+            other => anyhow::bail!("ClusterIP protocol {other:?}: tcp or udp"),
+        };
+        let network = self.net_conf()?.network.to_string();
+        let ns = n.ns.clone();
+        let vip_s = format!("{vip}/32");
+        let vport = vip_port.to_string();
+        let routed = cmd::run(
+            &mut cmd::ns_command(&ns, &["ip", "route", "get", &vip.to_string()]),
+            cmd::SHORT,
+        )?
+        .status
+        .success();
+        if !routed {
+            cmd::ip(&["-n", &ns, "route", "add", &vip_s, "dev", "eth0"])?;
+        }
+        let service: [&str; 8] = [
+            "-d", &vip_s, "-p", proto_name, "--dport", &vport, "-m", "comment",
+        ];
+        let comment = "netns-harness ClusterIP";
+        let mut mark = vec![
+            "iptables", "-w", "-t", "nat", "-A", "OUTPUT", "!", "-s", &network,
+        ];
+        mark.extend(service);
+        mark.extend([
+            "--comment",
+            comment,
+            "-j",
+            "MARK",
+            "--set-xmark",
+            "0x4000/0x4000",
+        ]);
+        cmd::ns_ok(&ns, &mark)?;
+        let target = format!("{dst}:{port}");
+        let mut dnat = vec!["iptables", "-w", "-t", "nat", "-A", "OUTPUT"];
+        dnat.extend(service);
+        dnat.extend([
+            "--comment",
+            comment,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &target,
+        ]);
+        cmd::ns_ok(&ns, &dnat)?;
+        let masq = [
+            "POSTROUTING",
+            "-m",
+            "mark",
+            "--mark",
+            "0x4000/0x4000",
+            "-m",
+            "comment",
+            "--comment",
+            comment,
+            "-j",
+            "MASQUERADE",
+        ];
+        let rule =
+            |op: &'static str| [&["iptables", "-w", "-t", "nat", op][..], &masq[..]].concat();
+        let present = cmd::run(&mut cmd::ns_command(&ns, &rule("-C")), cmd::SHORT)?;
+        if !present.status.success() {
+            cmd::ns_ok(&ns, &rule("-A"))?;
+        }
+        Ok(())
+    }
+
     /// Runs the connectivity matrix.
     pub fn check(&self) -> Matrix {
         let mut m = Matrix {
@@ -334,13 +457,17 @@ impl Cluster {
         };
         for n in self.nodes() {
             m.legend.push(format!(
-                "{} {:<10} underlay {:<13} subnet {}",
+                "{} {:<10} underlay {:<13} subnet {}{}",
                 n.name,
                 n.kind.as_str(),
                 n.underlay_ip,
                 n.subnet
                     .map(|s| s.to_string())
-                    .unwrap_or_else(|| "-".into())
+                    .unwrap_or_else(|| "-".into()),
+                match (n.site, n.public_ip) {
+                    (Some(s), Some(p)) => format!("  site {s} NAT {p}"),
+                    _ => String::new(),
+                }
             ));
         }
         let pods = self.pods();
@@ -373,6 +500,7 @@ impl Cluster {
                         kind: *k,
                         ns: sp.ns.clone(),
                         ip: dp.ip,
+                        port: None,
                     });
                 }
             }
@@ -398,6 +526,7 @@ impl Cluster {
                         kind: *k,
                         ns: n.ns.clone(),
                         ip: dp.ip,
+                        port: None,
                     });
                 }
             }

@@ -20,12 +20,17 @@ use crate::kernel_ref::{self, KernelOp, PeerEntry};
 use crate::lease::{self, LeaseAttrs, LeaseDir, NetConf, SubnetEnv, VxlanData};
 use crate::net::{self, Cidr};
 use crate::proto;
+use crate::store::{self, ControlPlane, StoreKind};
 use crate::sys;
 
 /// Where run directories live unless the spec says otherwise.
 pub const DEFAULT_BASE_DIR: &str = "/tmp/netns-harness";
 /// Most nodes a run can hold (underlay addresses 198.18.0.1 ..= 198.18.0.250).
 pub const MAX_NODES: usize = 250;
+/// Most nodes of a two-site run (public addresses 203.0.113.1 ..= 203.0.113.200).
+pub const MAX_SITE_NODES: usize = 200;
+/// The sites of a two-site run.
+pub const SITES: [u8; 2] = [1, 2];
 /// Most pods per node.
 pub const MAX_PODS: usize = 50;
 
@@ -140,6 +145,19 @@ pub struct ClusterSpec {
     pub prefix: Option<String>,
     /// How long a flanneld gets to write subnet.env.
     pub ready_timeout: Duration,
+    /// The lease store every node uses (default: the lease directory).
+    pub store: StoreKind,
+    /// Empty: every node on one underlay bridge (198.18.0.0/24). Otherwise one site (1 or 2)
+    /// per node: the two-site NAT topology (field problem P1), each site on its own private
+    /// bridge (198.18.`s`.0/24) behind a 1:1 NAT router to the public bridge 203.0.113.0/24,
+    /// where the control plane lives.
+    pub sites: Vec<u8>,
+    /// etcd binary for `StoreKind::Etcd` (None: `$NETNS_HARNESS_ETCD`, `/usr/bin/etcd`,
+    /// `PATH`).
+    pub etcd_bin: Option<PathBuf>,
+    /// test-apiserver binary for `StoreKind::Kube` (None: `$NETNS_HARNESS_APISERVER`, else
+    /// next to this executable or its `deps/` parent).
+    pub apiserver_bin: Option<PathBuf>,
 }
 
 impl ClusterSpec {
@@ -158,6 +176,10 @@ impl ClusterSpec {
             base_dir: PathBuf::from(DEFAULT_BASE_DIR),
             prefix: None,
             ready_timeout: Duration::from_secs(20),
+            store: StoreKind::Dir,
+            sites: Vec::new(),
+            etcd_bin: None,
+            apiserver_bin: None,
         }
     }
 }
@@ -186,8 +208,14 @@ pub struct NodeState {
     pub index: u32,
     /// Overlay provider.
     pub kind: NodeKind,
-    /// eth0 address.
+    /// eth0 address (the private site address in a two-site run).
     pub underlay_ip: Ipv4Addr,
+    /// Site (1 or 2) in a two-site run.
+    #[serde(default)]
+    pub site: Option<u8>,
+    /// The 1:1 NAT public address (two-site runs): peers reach the node there.
+    #[serde(default)]
+    pub public_ip: Option<Ipv4Addr>,
     /// Lease subnet (network form), known once the node is ready.
     pub subnet: Option<Cidr>,
     /// FLANNEL_MTU.
@@ -253,6 +281,15 @@ pub struct RunState {
     /// The process that owns the run and tears it down when it ends (None when detached, e.g.
     /// after the CLI `up`). `down --stale` removes runs whose owner died.
     pub owner: Option<ProcRecord>,
+    /// The lease store.
+    #[serde(default)]
+    pub store: StoreKind,
+    /// etcd or the API server (network stores only).
+    #[serde(default)]
+    pub control_plane: Option<ControlPlane>,
+    /// Two-site NAT topology.
+    #[serde(default)]
+    pub sites: bool,
 }
 
 /// A live run. Dropping an owning `Cluster` tears everything down (also on panic); a cluster
@@ -265,7 +302,7 @@ pub struct Cluster {
     torn_down: bool,
 }
 
-fn log(msg: impl AsRef<str>) {
+pub(crate) fn log(msg: impl AsRef<str>) {
     if std::env::var_os("NETNS_HARNESS_QUIET").is_none() {
         eprintln!("[netns-harness] {}", msg.as_ref());
     }
@@ -285,7 +322,7 @@ pub fn sibling_binary(name: &str) -> Option<PathBuf> {
     cands.into_iter().find(|p| p.is_file())
 }
 
-fn check_executable(path: &Path, what: &str, hint: &str) -> Result<PathBuf> {
+pub(crate) fn check_executable(path: &Path, what: &str, hint: &str) -> Result<PathBuf> {
     let meta = std::fs::metadata(path).map_err(|e| {
         anyhow!(
             "{what} binary {} is not usable: {e}. {hint}",
@@ -440,6 +477,11 @@ pub fn teardown_by_prefix(base_dir: &Path, prefix: &str) -> Result<()> {
     }
 }
 
+/// The private address of a site's router (the nodes' default gateway).
+fn site_gateway(site: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, site, 254)
+}
+
 /// Runs with a state file under `base_dir`, newest first: (prefix, state modification time).
 pub fn list_runs(base_dir: &Path) -> Vec<(String, SystemTime)> {
     let mut runs: Vec<(String, SystemTime)> = std::fs::read_dir(base_dir)
@@ -475,6 +517,27 @@ impl Cluster {
         if spec.pods_per_node > MAX_PODS {
             bail!("at most {MAX_PODS} pods per node");
         }
+        let sites = !spec.sites.is_empty();
+        if sites {
+            if spec.sites.len() != spec.nodes.len() {
+                bail!(
+                    "sites lists {} entries for {} nodes: give one site (1 or 2) per node",
+                    spec.sites.len(),
+                    spec.nodes.len()
+                );
+            }
+            if let Some(s) = spec.sites.iter().find(|s| !SITES.contains(s)) {
+                bail!("site {s} does not exist: a two-site run has sites 1 and 2");
+            }
+            if spec.nodes.len() > MAX_SITE_NODES {
+                bail!("at most {MAX_SITE_NODES} nodes in a two-site run");
+            }
+        }
+        let store_bin = match spec.store {
+            StoreKind::Dir => None,
+            StoreKind::Etcd => Some(store::resolve_etcd(spec.etcd_bin.as_deref())?),
+            StoreKind::Kube => Some(store::resolve_apiserver(spec.apiserver_bin.as_deref())?),
+        };
         let net_conf = spec
             .net_conf
             .clone()
@@ -532,6 +595,9 @@ impl Cluster {
                 captures: Vec::new(),
                 extra_procs: Vec::new(),
                 owner: Some(ProcRecord::new(std::process::id(), "owner")),
+                store: spec.store,
+                control_plane: None,
+                sites,
             },
             children: HashMap::new(),
             teardown_on_drop: true,
@@ -544,10 +610,16 @@ impl Cluster {
             cluster.state.prefix,
             cluster.state.run_dir.display()
         ));
-        cluster.lease_dir().init(&cluster.state.net_conf)?;
+        if spec.store == StoreKind::Dir {
+            cluster.lease_dir().init(&cluster.state.net_conf)?;
+        }
         cluster.create_underlay()?;
-        for node in &spec.nodes {
-            cluster.create_node(node)?;
+        if let Some(bin) = store_bin {
+            let ip = cluster.control_plane_ip();
+            cluster.setup_control_plane(bin, ip)?;
+        }
+        for (i, node) in spec.nodes.iter().enumerate() {
+            cluster.create_node(node, spec.sites.get(i).copied())?;
             cluster.save()?;
         }
         cluster.sync_kernel_refs()?;
@@ -773,7 +845,161 @@ impl Cluster {
         cmd::ip(&["-n", &ul, "link", "set", "lo", "up"])?;
         cmd::ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
         cmd::ip(&["-n", &ul, "link", "set", "br0", "up"])?;
+        if self.state.sites {
+            for site in SITES {
+                let br = format!("br{site}");
+                cmd::ip(&["-n", &ul, "link", "add", &br, "type", "bridge"])?;
+                cmd::ip(&["-n", &ul, "link", "set", &br, "up"])?;
+                self.create_router(site)?;
+            }
+        }
         Ok(())
+    }
+
+    /// The router namespace of a site (`<prefix>-r<site>`).
+    pub fn router_ns(&self, site: u8) -> String {
+        format!("{}-r{site}", self.state.prefix)
+    }
+
+    /// The control plane's address: 198.18.0.254 on the underlay bridge, or 203.0.113.254 on
+    /// the public bridge of a two-site run.
+    pub fn control_plane_ip(&self) -> Ipv4Addr {
+        if self.state.sites {
+            Ipv4Addr::new(203, 0, 113, 254)
+        } else {
+            Ipv4Addr::new(198, 18, 0, 254)
+        }
+    }
+
+    /// A site router: `eth0` 198.18.`site`.254/24 on the site bridge, `eth1`
+    /// 203.0.113.(240+`site`)/24 on the public bridge `br0`, forwarding on, redirects and
+    /// reverse-path filtering off. Nodes get 1:1 NAT rules as they are added.
+    fn create_router(&mut self, site: u8) -> Result<()> {
+        let ul = self.underlay_ns();
+        let ns = self.router_ns(site);
+        let (priv_if, pub_if) = (format!("r{site}p"), format!("r{site}u"));
+        cmd::ip(&["netns", "add", &ns])?;
+        cmd::ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        for (ul_if, ns_if, br) in [
+            (&priv_if, "eth0", format!("br{site}")),
+            (&pub_if, "eth1", "br0".to_string()),
+        ] {
+            cmd::ip(&[
+                "-n", &ul, "link", "add", ul_if, "type", "veth", "peer", "name", ns_if, "netns",
+                &ns,
+            ])?;
+            cmd::ip(&["-n", &ul, "link", "set", ul_if, "master", &br])?;
+            cmd::ip(&["-n", &ul, "link", "set", ul_if, "up"])?;
+            if !self.state.underlay_tx_offload {
+                cmd::ns_ok(&ns, &["ethtool", "-K", ns_if, "tx", "off"])?;
+            }
+        }
+        let private = format!("{}/24", site_gateway(site));
+        let public = format!("{}/24", Ipv4Addr::new(203, 0, 113, 240 + site));
+        cmd::ip(&["-n", &ns, "addr", "add", &private, "dev", "eth0"])?;
+        cmd::ip(&["-n", &ns, "addr", "add", &public, "dev", "eth1"])?;
+        cmd::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        cmd::ip(&["-n", &ns, "link", "set", "eth1", "up"])?;
+        cmd::sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+        for key in [
+            "net.ipv4.conf.all.rp_filter",
+            "net.ipv4.conf.default.rp_filter",
+            "net.ipv4.conf.eth0.rp_filter",
+            "net.ipv4.conf.eth1.rp_filter",
+            "net.ipv4.conf.all.send_redirects",
+            "net.ipv4.conf.eth0.send_redirects",
+        ] {
+            cmd::sysctl(&ns, key, "0")?;
+        }
+        log(format!(
+            "site {site}: router {ns} {private} <-> {public} (1:1 NAT)"
+        ));
+        Ok(())
+    }
+
+    /// The site router's 1:1 NAT for one node: the router owns the node's public address and
+    /// translates it to and from the node's private address (also for traffic between nodes
+    /// of the same site, so every peer sees one address per node).
+    fn add_nat(&self, site: u8, private: Ipv4Addr, public: Ipv4Addr) -> Result<()> {
+        let ns = self.router_ns(site);
+        let (pv, pb) = (private.to_string(), public.to_string());
+        cmd::ip(&["-n", &ns, "addr", "add", &format!("{pb}/32"), "dev", "eth1"])?;
+        cmd::ns_ok(
+            &ns,
+            &[
+                "iptables",
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-d",
+                &pb,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &pv,
+            ],
+        )?;
+        cmd::ns_ok(
+            &ns,
+            &[
+                "iptables",
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                &pv,
+                "-j",
+                "SNAT",
+                "--to-source",
+                &pb,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Undoes [`add_nat`](Self::add_nat) (best effort).
+    fn remove_nat(&self, site: u8, private: Ipv4Addr, public: Ipv4Addr) {
+        let ns = self.router_ns(site);
+        let (pv, pb) = (private.to_string(), public.to_string());
+        let _ = cmd::ns_ok(
+            &ns,
+            &[
+                "iptables",
+                "-w",
+                "-t",
+                "nat",
+                "-D",
+                "PREROUTING",
+                "-d",
+                &pb,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &pv,
+            ],
+        );
+        let _ = cmd::ns_ok(
+            &ns,
+            &[
+                "iptables",
+                "-w",
+                "-t",
+                "nat",
+                "-D",
+                "POSTROUTING",
+                "-s",
+                &pv,
+                "-j",
+                "SNAT",
+                "--to-source",
+                &pb,
+            ],
+        );
+        let _ = cmd::ip(&["-n", &ns, "addr", "del", &format!("{pb}/32"), "dev", "eth1"]);
     }
 
     /// Adds a node (namespaces, lease or flanneld, pods, responders) and re-syncs kernel-ref
@@ -782,12 +1008,18 @@ impl Cluster {
         self.add_node_spec(&NodeSpec::from(kind))
     }
 
-    /// [`add_node`](Self::add_node) with per-node flanneld arguments.
+    /// [`add_node`](Self::add_node) with per-node flanneld arguments (site 1 in a two-site
+    /// run).
     pub fn add_node_spec(&mut self, spec: &NodeSpec) -> Result<String> {
+        self.add_node_at(spec, None)
+    }
+
+    /// Adds a node to a site (two-site runs; `None`: site 1; ignored otherwise).
+    pub fn add_node_at(&mut self, spec: &NodeSpec, site: Option<u8>) -> Result<String> {
         if spec.kind.runs_flanneld() && self.state.flanneld.is_none() {
             self.state.flanneld = Some(resolve_flanneld(None)?);
         }
-        let i = self.create_node(spec)?;
+        let i = self.create_node(spec, site)?;
         self.save()?;
         self.sync_kernel_refs()?;
         self.create_pods(i)?;
@@ -795,20 +1027,35 @@ impl Cluster {
         Ok(self.state.nodes[i].name.clone())
     }
 
-    fn create_node(&mut self, spec: &NodeSpec) -> Result<usize> {
+    fn create_node(&mut self, spec: &NodeSpec, site: Option<u8>) -> Result<usize> {
         sys::check_interrupted()?;
-        if self.state.nodes.len() >= MAX_NODES {
-            bail!("at most {MAX_NODES} nodes");
+        let max = if self.state.sites {
+            MAX_SITE_NODES
+        } else {
+            MAX_NODES
+        };
+        if self.state.nodes.len() >= max {
+            bail!("at most {max} nodes");
         }
+        let site = if self.state.sites {
+            let s = site.unwrap_or(SITES[0]);
+            if !SITES.contains(&s) {
+                bail!("site {s} does not exist: a two-site run has sites 1 and 2");
+            }
+            Some(s)
+        } else {
+            None
+        };
         // Indices are never reused within a run (a removed node keeps its directory), so stale
         // neighbour entries for a removed node's underlay address cannot alias a new node.
         let start = self.state.nodes.iter().map(|n| n.index).max().unwrap_or(0) + 1;
-        let index = (start..=MAX_NODES as u32)
+        let index = (start..=max as u32)
             .find(|i| !self.state.run_dir.join(format!("n{i}")).exists())
-            .ok_or_else(|| anyhow!("no free node index (at most {MAX_NODES} per run)"))?;
+            .ok_or_else(|| anyhow!("no free node index (at most {max} per run)"))?;
         let name = format!("n{index}");
         let ns = format!("{}-{name}", self.state.prefix);
-        let underlay_ip = Ipv4Addr::new(198, 18, 0, index as u8);
+        let underlay_ip = Ipv4Addr::new(198, 18, site.unwrap_or(0), index as u8);
+        let public_ip = site.map(|_| Ipv4Addr::new(203, 0, 113, index as u8));
         debug_assert!(net::underlay_range().contains(underlay_ip));
         std::fs::create_dir_all(self.state.run_dir.join(&name))?;
         self.state.nodes.push(NodeState {
@@ -817,6 +1064,8 @@ impl Cluster {
             index,
             kind: spec.kind,
             underlay_ip,
+            site,
+            public_ip,
             subnet: None,
             mtu: 0,
             vtep_mac: None,
@@ -835,7 +1084,8 @@ impl Cluster {
         cmd::ip(&[
             "-n", &ul, "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &ns,
         ])?;
-        cmd::ip(&["-n", &ul, "link", "set", &name, "master", "br0"])?;
+        let bridge = site.map_or_else(|| "br0".to_string(), |s| format!("br{s}"));
+        cmd::ip(&["-n", &ul, "link", "set", &name, "master", &bridge])?;
         cmd::ip(&["-n", &ul, "link", "set", &name, "up"])?;
         cmd::ip(&[
             "-n",
@@ -856,6 +1106,19 @@ impl Cluster {
             cmd::ns_ok(&ns, &["ethtool", "-K", "eth0", "tx", "off"])?;
         }
         cmd::sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+        if let (Some(site), Some(public)) = (site, public_ip) {
+            let gw = site_gateway(site).to_string();
+            cmd::ip(&[
+                "-n", &ns, "route", "add", "default", "via", &gw, "dev", "eth0",
+            ])?;
+            self.add_nat(site, underlay_ip, public)?;
+        }
+        if self.state.store == StoreKind::Kube {
+            // kube-controller-manager's part: the Node with its pod CIDR exists before the
+            // node's flanneld starts.
+            let cidr = self.pod_cidr_for(index)?;
+            self.kube_create_node(&name, &cidr, underlay_ip)?;
+        }
 
         match spec.kind {
             NodeKind::KernelRef => self.setup_kernel_ref(pos)?,
@@ -866,21 +1129,33 @@ impl Cluster {
         Ok(pos)
     }
 
-    fn setup_kernel_ref(&mut self, pos: usize) -> Result<()> {
+    /// The lease attributes a kernel-ref node publishes: its detected (eth0) address, vxlan
+    /// with its VTEP MAC.
+    pub(crate) fn kernel_ref_attrs(&self, node: &NodeState) -> Result<LeaseAttrs> {
         let conf = self.net_conf()?;
-        let mac = net::random_mac()?;
-        let node = &self.state.nodes[pos];
-        let (ns, name, ip) = (node.ns.clone(), node.name.clone(), node.underlay_ip);
-        let attrs = LeaseAttrs {
-            public_ip: ip.to_string(),
+        let mac = node
+            .vtep_mac
+            .clone()
+            .ok_or_else(|| anyhow!("{} has no VTEP MAC", node.name))?;
+        Ok(LeaseAttrs {
+            public_ip: node.underlay_ip.to_string(),
             public_ipv6: None,
             backend_type: "vxlan".into(),
             backend_data: serde_json::to_value(VxlanData {
                 vni: conf.vni,
-                vtep_mac: mac.clone(),
+                vtep_mac: mac,
             })?,
-        };
-        let subnet = self.lease_dir().acquire(&conf, &attrs)?;
+        })
+    }
+
+    fn setup_kernel_ref(&mut self, pos: usize) -> Result<()> {
+        let conf = self.net_conf()?;
+        let mac = net::random_mac()?;
+        self.state.nodes[pos].vtep_mac = Some(mac.clone());
+        let node = &self.state.nodes[pos];
+        let (ns, name, ip) = (node.ns.clone(), node.name.clone(), node.underlay_ip);
+        let attrs = self.kernel_ref_attrs(node)?;
+        let subnet = self.publish_kernel_ref_lease(&name, &attrs)?;
         let mtu = conf.mtu.unwrap_or(1500).saturating_sub(50);
         {
             let node = &mut self.state.nodes[pos];
@@ -922,17 +1197,16 @@ impl Cluster {
             .flanneld
             .as_ref()
             .ok_or_else(|| anyhow!("no flanneld binary configured"))?;
-        let mut v = vec![
-            bin.to_string_lossy().into_owned(),
-            "--lease-dir".into(),
-            self.lease_dir().root().to_string_lossy().into_owned(),
+        let mut v = vec![bin.to_string_lossy().into_owned()];
+        v.extend(self.store_args());
+        v.extend([
             "--subnet-file".into(),
             self.subnet_env_path(&n.name).to_string_lossy().into_owned(),
             "--iface".into(),
             "eth0".into(),
             "--dataplane".into(),
             dataplane.into(),
-        ];
+        ]);
         if self.state.ip_masq {
             v.push("--ip-masq".into());
         }
@@ -957,11 +1231,22 @@ impl Cluster {
         let before = file_identity(&env_path);
         let log_path = self.flanneld_log(&name);
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let kube = self.state.store == StoreKind::Kube;
         let (mut child, rec) =
-            cmd::spawn_in_ns(&ns, &argv, &log_path, &format!("flanneld {name}"))?;
+            cmd::spawn_in_ns_with(&ns, &argv, &log_path, &format!("flanneld {name}"), |c| {
+                if kube {
+                    // How kube-flannel.yml names the node (downward API).
+                    c.env("NODE_NAME", &name);
+                }
+            })?;
         log(format!(
-            "{name}: started flanneld pid {}: {}",
+            "{name}: started flanneld pid {}: {}{}",
             rec.pid,
+            if kube {
+                format!("NODE_NAME={name} ")
+            } else {
+                String::new()
+            },
             args.join(" ")
         ));
         let limit = Duration::from_secs(self.state.ready_timeout_secs);
@@ -1013,15 +1298,16 @@ impl Cluster {
         ));
         // flannel publishes its lease before writing subnet.env; give a daemon a moment, then
         // say loudly if kernel-ref nodes will never learn about this node.
-        let lease = self.lease_dir().lease_path(&subnet);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !lease.exists() && Instant::now() < deadline && !sys::interrupted() {
+        let mut published = self.store_has_lease(&subnet);
+        while !published && Instant::now() < deadline && !sys::interrupted() {
             std::thread::sleep(Duration::from_millis(25));
+            published = self.store_has_lease(&subnet);
         }
-        if !lease.exists() {
+        if !published {
             log(format!(
-                "{name}: WARNING: no lease file {} after subnet.env; other nodes cannot learn this node",
-                lease.display()
+                "{name}: WARNING: no lease for {subnet} in the {} store after subnet.env; other nodes cannot learn this node",
+                self.state.store
             ));
         }
         self.save()?;
@@ -1203,10 +1489,18 @@ impl Cluster {
         Ok(())
     }
 
-    /// Recomputes every kernel-ref node's neighbour/FDB/route entries from the lease directory
-    /// and applies the differences. Returns how many peer operations were applied.
+    /// Recomputes every kernel-ref node's neighbour/FDB/route entries from the run's store
+    /// (lease directory, etcd or Node objects) and applies the differences. Returns how many peer operations were applied.
     pub fn sync_kernel_refs(&mut self) -> Result<usize> {
-        let (leases, bad) = self.lease_dir().read_all()?;
+        if !self
+            .state
+            .nodes
+            .iter()
+            .any(|n| n.kind == NodeKind::KernelRef && n.subnet.is_some())
+        {
+            return Ok(0);
+        }
+        let (leases, bad) = self.leases()?;
         for b in &bad {
             log(format!("ignoring lease file {b}"));
         }
@@ -1271,17 +1565,11 @@ impl Cluster {
         if let Err(e) = delete_namespace(&node.ns) {
             errors.push(format!("{e:#}"));
         }
-        // Its lease: the file for its subnet, if it still names this node's address.
-        let ld = self.lease_dir();
-        if let Some(subnet) = node.subnet {
-            let (leases, _) = ld.read_all()?;
-            if leases
-                .iter()
-                .any(|l| l.subnet == subnet && l.public_ip() == Some(node.underlay_ip))
-            {
-                ld.remove(&subnet)?;
-            }
+        if let (Some(site), Some(public)) = (node.site, node.public_ip) {
+            self.remove_nat(site, node.underlay_ip, public);
         }
+        // Its lease (file or key, if it still names this node's address) or its Node object.
+        self.withdraw_node(&node)?;
         self.save()?;
         self.sync_kernel_refs()?;
         log(format!("{}: removed", node.name));
@@ -1316,6 +1604,10 @@ impl Cluster {
         }
         let mut procs: Vec<ProcRecord> = Vec::new();
         procs.extend(self.state.captures.drain(..).map(|c| c.proc));
+        if let Some(cp) = self.state.control_plane.as_mut() {
+            procs.extend(cp.server.take());
+            procs.extend(cp.maintenance.take());
+        }
         procs.append(&mut self.state.extra_procs);
         for n in &mut self.state.nodes {
             for p in &mut n.pods {

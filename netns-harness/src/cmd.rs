@@ -183,6 +183,17 @@ impl ProcRecord {
 /// the terminal reaches only the harness, which then stops it by PID), stdout and stderr
 /// appended to `log`.
 pub fn spawn_in_ns(ns: &str, args: &[&str], log: &Path, what: &str) -> Result<(Child, ProcRecord)> {
+    spawn_in_ns_with(ns, args, log, what, |_| {})
+}
+
+/// [`spawn_in_ns`] with a hook to adjust the command first (environment variables).
+pub fn spawn_in_ns_with(
+    ns: &str,
+    args: &[&str],
+    log: &Path,
+    what: &str,
+    configure: impl FnOnce(&mut Command),
+) -> Result<(Child, ProcRecord)> {
     let f = File::options()
         .create(true)
         .append(true)
@@ -194,6 +205,7 @@ pub fn spawn_in_ns(ns: &str, args: &[&str], log: &Path, what: &str) -> Result<(C
         .stdout(Stdio::from(f))
         .stderr(Stdio::from(f2))
         .process_group(0);
+    configure(&mut cmd);
     let line = display(&cmd);
     let child = cmd
         .spawn()

@@ -8,11 +8,17 @@
 //! * `p-n<i>p<j>`: pod `j` of node `i`, wired like the flannel CNI plugin + bridge plugin from
 //!   the node's `subnet.env` (`cni0` bridge, `10.244.X.(j+1)`, default route via `10.244.X.1`),
 //!   with TCP/UDP/DNS responders;
+//! * `p-cp` (etcd and kube runs, see [`store`]): the control plane, etcd or the test
+//!   Kubernetes API server, on the underlay bridge at 198.18.0.254;
+//! * two-site runs (`ClusterSpec::sites`, field problem P1): each site's nodes on a private
+//!   bridge 198.18.`s`.0/24 behind a 1:1 NAT router `p-r<s>` to the public bridge
+//!   203.0.113.0/24, where the control plane lives;
 //! * `/tmp/netns-harness/p/`: the lease directory, per-node `subnet.env` and logs, captures,
-//!   and `state.json` for later commands.
+//!   store data and logs, and `state.json` for later commands.
 //!
-//! Nothing is ever created in the root namespace; every address is in 198.18.0.0/15 or
-//! 10.244.0.0/16 inside the run's namespaces. [`Cluster`] tears everything down on drop
+//! Nothing is ever created in the root namespace; every address is in 198.18.0.0/15,
+//! 203.0.113.0/24 or 10.244.0.0/16 inside the run's namespaces (plus emulated ClusterIPs,
+//! which exist only in one node's nat table). [`Cluster`] tears everything down on drop
 //! (also on panic), stopping only the processes it started, by PID.
 //!
 //! ```no_run
@@ -29,10 +35,12 @@ pub mod capture;
 pub mod check;
 pub mod cluster;
 pub mod cmd;
+pub mod http;
 pub mod kernel_ref;
 pub mod lease;
 pub mod net;
 pub mod proto;
+pub mod store;
 pub mod sys;
 
 pub use bench::{BenchPath, BenchReport, BenchRow};
@@ -44,6 +52,7 @@ pub use cluster::{
 };
 pub use lease::{LeaseDir, NetConf, SubnetEnv};
 pub use net::Cidr;
+pub use store::{ControlPlane, StoreKind};
 pub use sys::{install_signal_handler, interrupted, is_root};
 
 /// For privileged tests: true when the caller may go on. Not root and `CI` is not `"true"`:

@@ -12,7 +12,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use netns_harness::cluster::{list_runs, teardown_by_prefix};
 use netns_harness::{
-    capture, proto, CaptureOpts, Cluster, ClusterSpec, NodeKind, NodeSpec, DEFAULT_BASE_DIR,
+    capture, proto, CaptureOpts, Cluster, ClusterSpec, NodeKind, NodeSpec, StoreKind,
+    DEFAULT_BASE_DIR,
 };
 
 #[derive(Parser, Debug)]
@@ -55,6 +56,19 @@ struct BuildArgs {
     /// Leave tx checksum offload on node eth0 (negative control for `capture verify`).
     #[arg(long, hide = true)]
     underlay_tx_offload: bool,
+    /// Lease store: dir (lease directory), etcd (etcd in the control-plane namespace) or kube
+    /// (test API server in the control-plane namespace, flanneld --kube-subnet-mgr).
+    #[arg(long, default_value = "dir")]
+    store: String,
+    /// Two-site NAT topology: one site (1 or 2) per node, comma separated, e.g. 1,1,2.
+    #[arg(long)]
+    sites: Option<String>,
+    /// etcd binary (default /usr/bin/etcd).
+    #[arg(long)]
+    etcd: Option<PathBuf>,
+    /// test-apiserver binary (default: next to this executable).
+    #[arg(long)]
+    apiserver: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -126,8 +140,39 @@ enum Cmd {
         /// Run prefix (default: the newest run).
         #[arg(long)]
         run: Option<String>,
+        /// Site (two-site runs; default 1).
+        #[arg(long)]
+        site: Option<u8>,
         /// userspace, kernel or kernel-ref.
         kind: String,
+    },
+    /// Stop (outage) or start the run's etcd / API server, by PID, same port and data.
+    Store {
+        /// Run prefix (default: the newest run).
+        #[arg(long)]
+        run: Option<String>,
+        /// stop, start or status.
+        action: StoreAction,
+    },
+    /// Set or remove an annotation on a node's Node object (kube runs), like `kubectl
+    /// annotate`: KEY=VALUE sets, KEY- removes.
+    Annotate {
+        /// Run prefix (default: the newest run).
+        #[arg(long)]
+        run: Option<String>,
+        /// Node name (`n2`).
+        node: String,
+        /// KEY=VALUE or KEY-.
+        annotation: String,
+    },
+    /// Restart a node's flanneld (or republish a kernel-ref node's lease, as a restarted
+    /// flannel would).
+    Restart {
+        /// Run prefix (default: the newest run).
+        #[arg(long)]
+        run: Option<String>,
+        /// Node name (`n2`).
+        node: String,
     },
     /// Remove a node (flanneld, lease, namespaces) from a running cluster.
     RemoveNode {
@@ -198,6 +243,13 @@ enum CaptureCmd {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
+enum StoreAction {
+    Stop,
+    Start,
+    Status,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
 enum ProbeArg {
     Tcp,
     Udp,
@@ -224,6 +276,20 @@ fn spec_from(b: &BuildArgs, default_kinds: &str) -> Result<ClusterSpec> {
     spec.net_conf = b.net_conf.clone();
     spec.ip_masq = b.ip_masq;
     spec.underlay_tx_offload = b.underlay_tx_offload;
+    spec.store = b.store.parse::<StoreKind>()?;
+    spec.etcd_bin = b.etcd.clone();
+    spec.apiserver_bin = b.apiserver.clone();
+    if let Some(sites) = &b.sites {
+        spec.sites = sites
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                s.trim()
+                    .parse::<u8>()
+                    .map_err(|_| anyhow!("--sites: {s:?} is not a site number (1 or 2)"))
+            })
+            .collect::<Result<_>>()?;
+    }
     Ok(spec)
 }
 
@@ -273,13 +339,18 @@ fn status(cli: &Cli, run: Option<&str>) -> Result<ExitCode> {
     };
     let c = Cluster::load(&cli.base_dir, Some(run))?;
     println!("run {}  dir {}", c.prefix(), c.run_dir().display());
+    println!("store {}", store_line(&c));
     for n in c.nodes() {
         println!(
-            "  {} {:<10} ns {} eth0 {} subnet {} mtu {} flanneld {}",
+            "  {} {:<10} ns {} eth0 {}{} subnet {} mtu {} flanneld {}",
             n.name,
             n.kind.as_str(),
             n.ns,
             n.underlay_ip,
+            match (n.site, n.public_ip) {
+                (Some(s), Some(p)) => format!(" (site {s}, public {p})"),
+                _ => String::new(),
+            },
             n.subnet
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| "-".into()),
@@ -300,6 +371,33 @@ fn status(cli: &Cli, run: Option<&str>) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn store_line(c: &Cluster) -> String {
+    match c.control_plane() {
+        None => format!("{} at {}", c.store_kind(), c.lease_dir().root().display()),
+        Some(cp) => {
+            let pid = |r: &Option<netns_harness::cmd::ProcRecord>| {
+                r.as_ref()
+                    .map(|r| {
+                        format!(
+                            "pid {} ({})",
+                            r.pid,
+                            if r.alive() { "alive" } else { "dead" }
+                        )
+                    })
+                    .unwrap_or_else(|| "stopped".into())
+            };
+            format!(
+                "{} at {} in {}: server {}, maintenance {}",
+                cp.kind,
+                cp.url(),
+                cp.ns,
+                pid(&cp.server),
+                pid(&cp.maintenance)
+            )
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.cmd {
         Cmd::Up(b) => {
@@ -308,6 +406,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             c.detach()?;
             println!("run {}", c.prefix());
             println!("state {}", c.state_path().display());
+            println!("store {}", store_line(&c));
             for n in c.nodes() {
                 println!(
                     "  {} {} {} {}",
@@ -383,10 +482,42 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .unwrap_or(1),
             ))
         }
-        Cmd::AddNode { run, kind } => {
+        Cmd::AddNode { run, site, kind } => {
             let mut c = Cluster::load(&cli.base_dir, run.as_deref())?;
-            let name = c.add_node(kind.parse()?)?;
+            let name = c.add_node_at(&NodeSpec::from(kind.parse::<NodeKind>()?), *site)?;
             println!("added {name}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Store { run, action } => {
+            let mut c = Cluster::load(&cli.base_dir, run.as_deref())?;
+            match action {
+                StoreAction::Stop => c.stop_store()?,
+                StoreAction::Start => c.start_store()?,
+                StoreAction::Status => {}
+            }
+            println!("store {}", store_line(&c));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Annotate {
+            run,
+            node,
+            annotation,
+        } => {
+            let c = Cluster::load(&cli.base_dir, run.as_deref())?;
+            match annotation.split_once('=') {
+                Some((k, v)) => c.kube_annotate(node, k, Some(v))?,
+                None => match annotation.strip_suffix('-') {
+                    Some(k) => c.kube_annotate(node, k, None)?,
+                    None => bail!("annotation must be KEY=VALUE or KEY-"),
+                },
+            }
+            println!("node/{node} annotated");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Restart { run, node } => {
+            let mut c = Cluster::load(&cli.base_dir, run.as_deref())?;
+            c.restart_node(node)?;
+            println!("{node} restarted");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::RemoveNode { run, node } => {

@@ -1,5 +1,6 @@
-//! The few OS calls std does not offer: signals to PIDs, effective uid, and a SIGINT/SIGTERM
-//! handler that only raises a flag. Every other module stays safe code.
+//! The few OS calls std does not offer: signals to PIDs, effective uid, entering a network
+//! namespace on one thread, and a SIGINT/SIGTERM handler that only raises a flag. Every other
+//! module stays safe code.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -38,6 +39,29 @@ pub fn send_signal(pid: u32, sig: Signal) -> bool {
 pub fn is_root() -> bool {
     // SAFETY: geteuid(2) has no arguments, cannot fail and touches no memory.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Moves the calling *thread* into the named network namespace (`/run/netns/<ns>`, as
+/// `ip netns add` creates it). Only for short-lived helper threads that open a socket there
+/// and end: sockets keep their namespace after the thread is gone, and no other thread of the
+/// process is affected.
+pub(crate) fn enter_netns(ns: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if ns.is_empty() || ns.contains('/') || ns.starts_with('.') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("invalid namespace name {ns:?}"),
+        ));
+    }
+    let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
+    // SAFETY: setns(2) takes a file descriptor we own (kept open by `f` for the duration of the
+    // call) and a flag; it touches no memory of ours and changes only this thread's network
+    // namespace.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 extern "C" fn on_signal(signo: libc::c_int) {

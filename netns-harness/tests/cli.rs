@@ -192,3 +192,81 @@ fn demo_tears_down_on_sigterm() {
     assert!(leftover_namespaces(&run).is_empty());
     assert!(!base.join(&run).exists());
 }
+
+/// `--store` and `--sites` from the command line, across processes: an etcd run through an
+/// outage with a node added meanwhile; a two-site kube run fixed with `annotate` + `restart`.
+#[test]
+fn stores_and_sites_across_processes() {
+    if !privileged_test_guard("stores_and_sites_across_processes") {
+        return;
+    }
+    let _g = serial();
+    let base = base_dir("stores");
+    let _cleanup = BaseGuard(base.clone());
+    let out = harness(
+        &base,
+        &[
+            "up",
+            "--nodes",
+            "2",
+            "--pods",
+            "1",
+            "--kinds",
+            "kernel-ref",
+            "--store",
+            "etcd",
+        ],
+    );
+    assert!(out.status.success());
+    assert!(text(&out).contains("store etcd at http://198.18.0.254:2379"));
+    let run = text(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("run ").map(str::to_string))
+        .expect("run id printed");
+    // Underlay, two nodes, two pods, control plane.
+    assert_eq!(leftover_namespaces(&run).len(), 6);
+    let out = harness(&base, &["store", "stop"]);
+    assert!(out.status.success());
+    assert!(text(&out).contains("server stopped"), "{}", text(&out));
+    assert!(harness(&base, &["add-node", "kernel-ref"]).status.success());
+    let out = harness(&base, &["store", "start"]);
+    assert!(out.status.success());
+    assert!(text(&out).contains("(alive), maintenance stopped"));
+    let out = harness(&base, &["check"]);
+    assert!(out.status.success());
+    assert!(text(&out).contains("n3p1 (pod)"));
+    assert!(harness(&base, &["down"]).status.success());
+    assert!(leftover_namespaces(&run).is_empty());
+
+    let out = harness(
+        &base,
+        &[
+            "up",
+            "--nodes",
+            "2",
+            "--pods",
+            "1",
+            "--kinds",
+            "kernel-ref",
+            "--store",
+            "kube",
+            "--sites",
+            "1,2",
+        ],
+    );
+    assert!(out.status.success());
+    let out = harness(&base, &["check"]);
+    assert!(
+        !out.status.success(),
+        "cross-site must fail without the overwrite"
+    );
+    for (n, ip) in [("n1", "203.0.113.1"), ("n2", "203.0.113.2")] {
+        let ann = format!("flannel.alpha.coreos.com/public-ip-overwrite={ip}");
+        assert!(harness(&base, &["annotate", n, &ann]).status.success());
+        assert!(harness(&base, &["restart", n]).status.success());
+    }
+    let out = harness(&base, &["check"]);
+    assert!(out.status.success());
+    assert!(text(&out).contains("site 2 NAT 203.0.113.2"));
+    assert!(harness(&base, &["down"]).status.success());
+}

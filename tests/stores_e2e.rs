@@ -1,0 +1,431 @@
+//! Our flanneld on the etcd and Kubernetes stores, end to end in netns-harness clusters: the
+//! full connectivity matrix with userspace, kernel and kernel-ref (upstream-flannel
+//! programming) nodes; field problem P1 (nodes behind 1:1 NAT need `public-ip-overwrite`) on
+//! the Kubernetes store; and store outages of 60 s during which not a single pod-to-pod ping
+//! is lost, with a change made during the outage applied within 5 s of the store's return.
+//!
+//! Privileged: run as root (`CI=true` makes them mandatory). Needs `/usr/bin/etcd` and the
+//! workspace binaries (`cargo build --workspace --bins`, as `scripts/test` does).
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use netns_harness::check::ProbeKind;
+use netns_harness::store::annotation;
+use netns_harness::{privileged_test_guard, Cluster, ClusterSpec, NodeKind, StoreKind};
+
+use NodeKind::{Kernel, KernelRef, Userspace};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Cluster tests of this binary run one at a time (2 cores, timing assertions).
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn flanneld() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_flanneld"))
+}
+
+/// A workspace binary next to flanneld (built by `cargo build --workspace --bins`).
+fn sibling(name: &str) -> PathBuf {
+    let p = flanneld().with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --workspace --bins` first (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+fn spec(store: StoreKind, kinds: &[NodeKind], pods: usize) -> ClusterSpec {
+    let mut s = ClusterSpec::new(kinds, pods);
+    s.flanneld = Some(flanneld());
+    s.harness_bin = Some(sibling("netns-harness"));
+    s.flanneld_args = vec!["-v=1".into()];
+    s.store = store;
+    if store == StoreKind::Kube {
+        s.apiserver_bin = Some(sibling("test-apiserver"));
+    }
+    s
+}
+
+/// Tears the cluster down and asserts nothing of it is left.
+fn teardown(mut c: Cluster) {
+    let prefix = c.prefix().to_string();
+    c.teardown().expect("teardown");
+    drop(c);
+    let left = netns_harness::cluster::run_namespaces(&prefix).expect("ip netns list");
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+}
+
+fn ping_once(c: &Cluster, from: &str, to: Ipv4Addr) -> bool {
+    c.probe(from, ProbeKind::Icmp, to, None).ok
+}
+
+/// The connectivity matrix with every node kind on `store`, then a flanneld restart that
+/// must get the same lease back from the store.
+fn full_matrix(store: StoreKind) -> Cluster {
+    let mut c = Cluster::up(&spec(store, &[Userspace, Userspace, KernelRef, Kernel], 2))
+        .expect("cluster up");
+    let m = c.check_until_pass(Duration::from_secs(15));
+    println!("{m}");
+    assert!(m.all_pass(), "{m}");
+    // Every node's lease is in the store, naming its address.
+    let (leases, bad) = c.leases().expect("read store");
+    assert!(bad.is_empty(), "{bad:?}");
+    for n in c.nodes() {
+        let l = leases
+            .iter()
+            .find(|l| Some(l.subnet) == n.subnet)
+            .unwrap_or_else(|| panic!("no lease for {} in {leases:?}", n.name));
+        assert_eq!(l.public_ip(), Some(n.underlay_ip), "{}", n.name);
+        assert!(l.vxlan().is_some(), "{}: {l:?}", n.name);
+    }
+    let before = c.node_subnet("n1").expect("subnet");
+    c.restart_flanneld("n1").expect("restart");
+    assert_eq!(c.node_subnet("n1"), Some(before), "lease reused on restart");
+    let m = c.check_until_pass(Duration::from_secs(15));
+    assert!(m.all_pass(), "after restart: {m}");
+    c
+}
+
+#[test]
+fn full_matrix_on_etcd_store() {
+    if !privileged_test_guard("full_matrix_on_etcd_store") {
+        return;
+    }
+    let _g = serial();
+    let c = full_matrix(StoreKind::Etcd);
+    let cmd = c.flanneld_command("n2").expect("command").join(" ");
+    assert!(
+        cmd.contains("--etcd-endpoints http://198.18.0.254:2379"),
+        "{cmd}"
+    );
+    assert!(!cmd.contains("--lease-dir"), "{cmd}");
+    teardown(c);
+}
+
+#[test]
+fn full_matrix_on_kube_store() {
+    if !privileged_test_guard("full_matrix_on_kube_store") {
+        return;
+    }
+    let _g = serial();
+    let c = full_matrix(StoreKind::Kube);
+    // What flanneld wrote on its Node (compat §5.3, §5.6); its lease is the podCIDR.
+    for n in ["n1", "n2", "n4"] {
+        let node = c.kube_node(n).expect("get").expect("node");
+        let ann = &node["metadata"]["annotations"];
+        assert_eq!(ann[annotation("kube-subnet-manager")], "true", "{n}");
+        assert_eq!(ann[annotation("backend-type")], "vxlan", "{n}");
+        assert_eq!(
+            ann[annotation("public-ip")],
+            c.node_ip(n).expect("ip").to_string().as_str(),
+            "{n}"
+        );
+        assert_eq!(
+            node["spec"]["podCIDR"],
+            c.node_subnet(n).expect("subnet").to_string().as_str(),
+            "{n}"
+        );
+        let conditions = node["status"]["conditions"].as_array().cloned();
+        assert!(
+            conditions.unwrap_or_default().iter().any(|cond| {
+                cond["type"] == "NetworkUnavailable"
+                    && cond["status"] == "False"
+                    && cond["reason"] == "FlannelIsUp"
+            }),
+            "{n}: {node}"
+        );
+    }
+    let cmd = c.flanneld_command("n2").expect("command").join(" ");
+    assert!(
+        cmd.contains("--kube-subnet-mgr --kube-api-url http://198.18.0.254:6443 --net-config-path"),
+        "{cmd}"
+    );
+    teardown(c);
+}
+
+/// Field problem P1 on the Kubernetes store: two sites behind 1:1 NAT. Nodes publish their
+/// private addresses, so every cross-site path fails (and a ClusterIP from node A to a pod on
+/// the other site too); `public-ip-overwrite` plus a restart of that node only, for each node,
+/// restores the whole matrix and the ClusterIP.
+#[test]
+fn p1_public_ip_overwrite_on_kube_store() {
+    if !privileged_test_guard("p1_public_ip_overwrite_on_kube_store") {
+        return;
+    }
+    let _g = serial();
+    let mut s = spec(
+        StoreKind::Kube,
+        &[Userspace, KernelRef, Kernel, Userspace],
+        1,
+    );
+    s.sites = vec![1, 1, 2, 2];
+    let mut c = Cluster::up(&s).expect("cluster up");
+    // Same-site paths work (give the daemons a moment); every cross-site path fails.
+    let same_site =
+        |c: &Cluster, cell: &netns_harness::Cell| site_of(c, &cell.src) == site_of(c, &cell.dst);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let m = loop {
+        let m = c.check();
+        let same_ok = m
+            .cells
+            .iter()
+            .filter(|cell| same_site(&c, cell))
+            .all(|cell| cell.ok());
+        if same_ok || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!("before the overwrite:\n{m}");
+    let mut cross = 0;
+    for cell in &m.cells {
+        if same_site(&c, cell) {
+            assert!(cell.ok(), "same-site {} -> {}:\n{m}", cell.src, cell.dst);
+        } else {
+            cross += 1;
+            assert!(
+                cell.results.iter().all(|r| !r.ok),
+                "cross-site {} -> {} must fail while nodes publish private addresses:\n{m}",
+                cell.src,
+                cell.dst
+            );
+        }
+    }
+    assert!(cross >= 8, "{m}");
+    // The published address is the private one, which the other site cannot reach.
+    let n3 = c.kube_node("n3").expect("get").expect("node");
+    assert_eq!(
+        n3["metadata"]["annotations"][annotation("public-ip")],
+        "198.18.2.3"
+    );
+    let vip = Ipv4Addr::new(10, 96, 0, 10);
+    c.add_cluster_ip("n1", vip, 80, "n3p1", "tcp")
+        .expect("ClusterIP");
+    let before = c.probe("n1", ProbeKind::Tcp, vip, Some(80));
+    assert!(
+        !before.ok,
+        "ClusterIP must fail before the overwrite: {before:?}"
+    );
+
+    // The report's fix, node by node: annotate, restart that node only.
+    let pid = |c: &Cluster, n: &str| c.node(n).and_then(|n| n.flanneld.clone()).map(|r| r.pid);
+    let mut pids: Vec<(String, Option<u32>)> = c
+        .node_names()
+        .into_iter()
+        .map(|n| {
+            let p = pid(&c, &n);
+            (n, p)
+        })
+        .collect();
+    for name in c.node_names() {
+        let public = c.node(&name).expect("node").public_ip.expect("public");
+        c.kube_annotate(
+            &name,
+            &annotation("public-ip-overwrite"),
+            Some(&public.to_string()),
+        )
+        .expect("annotate");
+        c.restart_node(&name).expect("restart");
+        for (other, before) in &mut pids {
+            if *other == name {
+                *before = pid(&c, other);
+            } else {
+                assert_eq!(pid(&c, other), *before, "{other} was restarted too");
+            }
+        }
+        let node = c.kube_node(&name).expect("get").expect("node");
+        assert_eq!(
+            node["metadata"]["annotations"][annotation("public-ip")],
+            public.to_string().as_str(),
+            "{name}"
+        );
+        if c.node(&name).expect("node").kind != KernelRef {
+            let log = std::fs::read_to_string(c.flanneld_log(&name)).unwrap_or_default();
+            assert!(
+                log.contains(&format!("Overriding public ip with '{public}'")),
+                "{name}: flanneld did not log the override"
+            );
+        }
+    }
+    let m = c.check_until_pass(Duration::from_secs(20));
+    println!("after the overwrite:\n{m}");
+    assert!(m.all_pass(), "{m}");
+    let after = c.probe("n1", ProbeKind::Tcp, vip, Some(80));
+    assert!(
+        after.ok,
+        "ClusterIP from n1 to a pod on the other site: {after:?}"
+    );
+    for n in ["n1", "n3", "n4"] {
+        assert!(c.flanneld_running(n), "{n} flanneld died");
+    }
+    teardown(c);
+}
+
+/// The site of a node (`n1`) or of a pod's node (`n1p1`).
+fn site_of(c: &Cluster, name: &str) -> Option<u8> {
+    if let Some(n) = c.node(name) {
+        return n.site;
+    }
+    c.pods()
+        .into_iter()
+        .find(|(_, p)| p.name == name)
+        .and_then(|(n, _)| n.site)
+}
+
+/// `ping -i 0.1 -c <count>` from a pod, collected on a thread.
+struct BackgroundPing {
+    what: String,
+    count: u32,
+    handle: std::thread::JoinHandle<Output>,
+}
+
+impl BackgroundPing {
+    fn start(c: &Cluster, from: &str, to: &str, count: u32) -> BackgroundPing {
+        let ns = c.pod(from).expect("pod").ns.clone();
+        let dst = c.pod_ip(to).expect("pod ip").to_string();
+        let limit = (count / 10 + 30).to_string();
+        let child = Command::new("timeout")
+            .args([
+                &limit, "ip", "netns", "exec", &ns, "ping", "-n", "-i", "0.1",
+            ])
+            .args(["-W", "1", "-c", &count.to_string(), &dst])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ping");
+        BackgroundPing {
+            what: format!("{from} -> {to}"),
+            count,
+            handle: std::thread::spawn(move || child.wait_with_output().expect("wait ping")),
+        }
+    }
+
+    /// (transmitted, received) and the output.
+    fn finish(self) -> (String, u32, u32, u32, String) {
+        let out = self.handle.join().expect("ping thread");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stats = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or("");
+        let num = |word: &str| -> u32 {
+            stats
+                .split(',')
+                .find(|p| p.contains(word))
+                .and_then(|p| p.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        let tail: Vec<&str> = text.lines().rev().take(4).collect();
+        (
+            self.what,
+            self.count,
+            num("transmitted"),
+            num("received"),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        )
+    }
+}
+
+/// A 60 s outage of the store: pod-to-pod pings every 100 ms across it lose nothing; a
+/// kernel-ref node added during the outage (written to the store's data through the
+/// maintenance instance, invisible to the daemons) is reachable from every flanneld node's
+/// pods within 5 s of the store's return.
+fn outage(store: StoreKind) {
+    let mut c = Cluster::up(&spec(store, &[Userspace, Kernel, KernelRef], 1)).expect("cluster up");
+    let m = c.check_until_pass(Duration::from_secs(15));
+    assert!(m.all_pass(), "{m}");
+
+    let pings = [
+        BackgroundPing::start(&c, "n1p1", "n2p1", 800),
+        BackgroundPing::start(&c, "n2p1", "n3p1", 800),
+        BackgroundPing::start(&c, "n3p1", "n1p1", 800),
+    ];
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+
+    c.stop_store().expect("stop store");
+    let stopped = Instant::now();
+    assert!(!c.store_running());
+    let n4 = c.add_node(KernelRef).expect("add a node during the outage");
+    let n4p1 = format!("{n4}p1");
+    let n4_ip = c.pod_ip(&n4p1).expect("pod ip");
+    // The kernel-ref nodes learned it from the store's data; the daemons cannot yet.
+    assert!(ping_once(&c, "n3p1", n4_ip), "kernel-ref to kernel-ref");
+    std::thread::sleep(Duration::from_secs(20));
+    for from in ["n1p1", "n2p1"] {
+        assert!(
+            !ping_once(&c, from, n4_ip),
+            "{from} reached {n4p1} while the store was down"
+        );
+    }
+    for n in ["n1", "n2"] {
+        assert!(c.flanneld_running(n), "{n} flanneld died during the outage");
+    }
+    let outage = Duration::from_secs(60).saturating_sub(stopped.elapsed());
+    std::thread::sleep(outage);
+
+    c.start_store().expect("start store");
+    let returned = Instant::now();
+    println!(
+        "{store} store down for {:?}",
+        returned.duration_since(stopped)
+    );
+    let mut pending = vec!["n1p1", "n2p1"];
+    while !pending.is_empty() && returned.elapsed() < Duration::from_secs(10) {
+        pending.retain(|from| !ping_once(&c, from, n4_ip));
+        if !pending.is_empty() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let applied = returned.elapsed();
+    println!("change made during the outage applied {applied:?} after the store returned");
+    assert!(pending.is_empty(), "{pending:?} never reached {n4p1}");
+    assert!(
+        applied <= Duration::from_secs(5),
+        "change applied {applied:?} after the store's return (limit 5 s)"
+    );
+    for p in pings {
+        let (what, count, tx, rx, tail) = p.finish();
+        println!("{what}: {tx} sent, {rx} received");
+        assert_eq!(tx, count, "{what}: ping did not run to the end:\n{tail}");
+        assert_eq!(rx, tx, "{what}: pings lost across the outage:\n{tail}");
+    }
+    // 800 pings 100 ms apart all answered: they spanned the whole outage and the return.
+    assert!(
+        returned.duration_since(started) + Duration::from_secs(3) < Duration::from_secs(79),
+        "the pings ended too soon after the return"
+    );
+    let m = c.check_until_pass(Duration::from_secs(10));
+    assert!(m.all_pass(), "after the outage: {m}");
+    teardown(c);
+}
+
+#[test]
+fn etcd_outage_loses_no_ping_and_applies_changes_on_return() {
+    if !privileged_test_guard("etcd_outage_loses_no_ping_and_applies_changes_on_return") {
+        return;
+    }
+    let _g = serial();
+    outage(StoreKind::Etcd);
+}
+
+#[test]
+fn api_server_outage_loses_no_ping_and_applies_changes_on_return() {
+    if !privileged_test_guard("api_server_outage_loses_no_ping_and_applies_changes_on_return") {
+        return;
+    }
+    let _g = serial();
+    outage(StoreKind::Kube);
+}
