@@ -15,12 +15,13 @@ use arc_swap::ArcSwap;
 use tracing::{debug, warn};
 
 use crate::backend::Peer;
+use crate::dataplane::coalesce::Coalescer;
 use crate::dataplane::offload::{
     complete_partial_checksum, gso_split, GsoKind, Segments, VirtioNetHdr,
 };
 use crate::dataplane::{
-    decap, encap, Counters, DecapVerdict, EncapVerdict, LocalVtep, PeerTable, RemoteVtep,
-    VXLAN_HEADROOM,
+    decap, encap, Counters, DecapVerdict, DropReason, EncapVerdict, LocalVtep, PeerTable,
+    RemoteVtep, VXLAN_HEADROOM,
 };
 use crate::io::tun::{Tun, TunOffload, VNET_HDR_LEN};
 use crate::io::udp::VxlanSocket;
@@ -34,6 +35,11 @@ const BUF_LEN: usize = 65_536 + 64;
 const MAX_GSO_BYTES: usize = 65_000;
 /// Most segments the kernel accepts in one UDP GSO send (UDP_MAX_SEGMENTS on older kernels).
 const MAX_GSO_SEGMENTS: usize = 64;
+/// Messages per receive call (`recvmmsg`); each may hold a UDP GRO batch.
+const RX_SLOTS: usize = 64;
+/// Bytes per receive slot: the largest UDP payload (UDP GRO batches stay below 64 KiB too),
+/// plus an odd amount so that slot starts do not all fall into the same cache sets.
+const RX_SLOT: usize = 65_536 + 320;
 
 /// What the userspace data plane needs to start.
 #[derive(Debug, Clone)]
@@ -51,7 +57,8 @@ pub struct UserspaceConfig {
     /// Our VTEP addresses (the lease subnets' network addresses).
     pub local: LocalVtep,
     /// Accept TCP super-packets from the kernel (TSO) and segment them here, sending the
-    /// segments with UDP GSO. Off means one packet per TUN read.
+    /// segments with UDP GSO; on receive, use UDP GRO and merge TCP segments into
+    /// super-packets for the TUN. Off means one packet per TUN read and write.
     pub tso: bool,
 }
 
@@ -86,6 +93,10 @@ impl UserspaceVxlan {
         };
         let tun = Arc::new(Tun::open(&cfg.device, offload)?);
         let sock = VxlanSocket::bind(SocketAddr::new(cfg.bind, cfg.port), POLL)?;
+        if cfg.tso {
+            let gro = sock.enable_gro();
+            debug!(gro, "UDP receive offload");
+        }
         let table = Arc::new(ArcSwap::from_pointee(PeerTable::new(Vec::new())));
         let counters = Arc::new(Counters::new());
         let stop = Arc::new(AtomicBool::new(false));
@@ -101,6 +112,7 @@ impl UserspaceVxlan {
             stop: stop.clone(),
             local: local.clone(),
             port: cfg.port,
+            coalesce: cfg.tso,
         };
         let rx = Worker {
             io_errors: io_errors.clone(),
@@ -111,6 +123,7 @@ impl UserspaceVxlan {
             stop: stop.clone(),
             local,
             port: cfg.port,
+            coalesce: cfg.tso,
         };
         let threads = vec![
             std::thread::Builder::new()
@@ -249,6 +262,8 @@ struct Worker {
     stop: Arc<AtomicBool>,
     local: Arc<LocalVtep>,
     port: u16,
+    /// Merge received TCP segments into super-packets before writing them to TUN.
+    coalesce: bool,
 }
 
 impl Worker {
@@ -431,39 +446,85 @@ impl Worker {
         }
     }
 
-    /// VXLAN → TUN. The inner packet is written with a zeroed vnet header placed over the
-    /// already-parsed tail of the inner Ethernet header, so nothing is copied.
+    /// VXLAN → TUN. One `recvmmsg` fetches a batch of messages (each a datagram or a UDP
+    /// GRO run of them); every datagram is decapsulated in place; the inner packets are
+    /// merged into TCP super-packets where the kernel's GRO would have merged them and
+    /// written with one TUN write each. Unmerged packets are written with a zeroed vnet
+    /// header placed over the already-parsed tail of their inner Ethernet header.
     fn run_rx(&self) {
-        let mut buf = vec![0u8; BUF_LEN];
+        let mut buf = vec![0u8; RX_SLOTS * RX_SLOT];
+        let mut msgs = Vec::with_capacity(RX_SLOTS);
+        let mut packets = Vec::with_capacity(RX_SLOTS);
+        let mut coalescer = Coalescer::new();
         while !self.stop.load(Ordering::Relaxed) {
-            let (n, src) = match self.sock.recv_from(&mut buf) {
-                Ok(Some(r)) => r,
-                Ok(None) => continue,
-                Err(e) => {
-                    warn!(error = %e, "UDP receive failed");
-                    std::thread::sleep(POLL);
+            if let Err(e) = self.sock.recv_batch(&mut buf, RX_SLOT, &mut msgs) {
+                warn!(error = %e, "UDP receive failed");
+                std::thread::sleep(POLL);
+                continue;
+            }
+            if msgs.is_empty() {
+                continue;
+            }
+            let table = self.table.load();
+            packets.clear();
+            for m in &msgs {
+                if m.truncated {
+                    self.counters.count_drop(DropReason::Truncated);
                     continue;
                 }
-            };
-            let table = self.table.load();
-            match decap(&mut buf, 0..n, src.ip(), &table, &self.local) {
-                DecapVerdict::Deliver { packet } => {
-                    let start = packet.start - VNET_HDR_LEN;
-                    let len = packet.len();
-                    buf[start..packet.start].fill(0);
-                    match self.tun.send(&buf[start..packet.end]) {
-                        Ok(()) => self.counters.count_rx(len),
-                        Err(_) => self.io_errors.count_tun_write_failure(),
+                for d in m.datagrams() {
+                    match decap(&mut buf, d, m.src.ip(), &table, &self.local) {
+                        DecapVerdict::Deliver { packet } => packets.push(packet),
+                        DecapVerdict::Reply { dst, frame } => {
+                            let _ = self
+                                .sock
+                                .send_to(&buf[frame], SocketAddr::new(dst, self.port));
+                            self.counters.count_reply();
+                        }
+                        DecapVerdict::Drop(reason) => self.counters.count_drop(reason),
                     }
                 }
-                DecapVerdict::Reply { dst, frame } => {
-                    let _ = self
-                        .sock
-                        .send_to(&buf[frame], SocketAddr::new(dst, self.port));
-                    self.counters.count_reply();
-                }
-                DecapVerdict::Drop(reason) => self.counters.count_drop(reason),
             }
+            if !self.coalesce {
+                for p in &packets {
+                    self.deliver_one(&mut buf, p.clone());
+                }
+                continue;
+            }
+            coalescer.coalesce(&mut buf, &packets);
+            for w in coalescer.writes() {
+                let pieces = coalescer.pieces(w);
+                let sent = match pieces {
+                    [one] if w.segments == 1 => {
+                        self.deliver_one(&mut buf, one.clone());
+                        continue;
+                    }
+                    _ => self.tun.send_gather(&w.hdr.to_bytes(), &buf, pieces),
+                };
+                match sent {
+                    Ok(()) => w.segment_lens().for_each(|l| self.counters.count_rx(l)),
+                    Err(_) => self.io_errors.count_tun_write_failure(),
+                }
+            }
+        }
+    }
+
+    /// Writes one inner packet `buf[packet]` to TUN behind a zeroed vnet header, in place
+    /// when the bytes in front of it are free (they are after decap).
+    fn deliver_one(&self, buf: &mut [u8], packet: std::ops::Range<usize>) {
+        let len = packet.len();
+        let sent = match packet.start.checked_sub(VNET_HDR_LEN) {
+            Some(start) if packet.end <= buf.len() => {
+                buf[start..packet.start].fill(0);
+                self.tun.send(&buf[start..packet.end])
+            }
+            _ => self
+                .tun
+                .send_gather(&[0; VNET_HDR_LEN], buf, std::slice::from_ref(&packet)),
+        };
+        match sent {
+            Ok(()) => self.counters.count_rx(len),
+            Err(_) => self.io_errors.count_tun_write_failure(),
         }
     }
 }

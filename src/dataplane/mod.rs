@@ -11,6 +11,7 @@
 //! caller-owned GSO arena) or logs: every outcome is a verdict, and every drop has a
 //! [`DropReason`] that the caller counts in [`Counters`].
 
+pub mod coalesce;
 mod counters;
 mod decap;
 mod drop;

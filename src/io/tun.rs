@@ -146,6 +146,51 @@ impl Tun {
             };
         }
     }
+
+    /// Writes one packet gathered from `hdr` (its vnet header) and the `pieces` of `buf`, in
+    /// order, with one `writev`. With `vnet_hdr`, `hdr` may describe a TSO super-packet
+    /// (`GSO_TCPV4`/`GSO_TCPV6` with a partial checksum): the kernel accepts those on write
+    /// whatever `TUNSETOFFLOAD` enabled, which only governs what it hands to reads.
+    pub fn send_gather(
+        &self,
+        hdr: &[u8],
+        buf: &[u8],
+        pieces: &[std::ops::Range<usize>],
+    ) -> io::Result<()> {
+        const MAX: usize = 130;
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX];
+        let mut n = 0;
+        for part in std::iter::once(Some(hdr)).chain(pieces.iter().map(|r| buf.get(r.clone()))) {
+            let (Some(part), Some(slot)) = (part, iov.get_mut(n)) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "gather write: piece out of range or too many pieces",
+                ));
+            };
+            *slot = libc::iovec {
+                iov_base: part.as_ptr() as *mut libc::c_void,
+                iov_len: part.len(),
+            };
+            n += 1;
+        }
+        loop {
+            // SAFETY: the first `n` iovecs describe live, readable slices of `hdr` and `buf`
+            // that outlive the call; writev only reads through them.
+            let rc = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
+            if rc >= 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => wait_fd(self.fd.as_raw_fd(), libc::POLLOUT, 100)?,
+                _ => return Err(err),
+            };
+        }
+    }
 }
 
 /// Waits until `fd` is ready for `events` or `timeout_ms` passes; true when ready.
@@ -192,4 +237,224 @@ fn read_with_timeout(fd: RawFd, buf: &mut [u8], timeout: Duration) -> io::Result
         return Ok(None);
     }
     read_nonblocking(fd, buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::coalesce::tests::{segments, tcp_packet};
+    use crate::dataplane::coalesce::Coalescer;
+    use std::process::Command;
+
+    /// A network namespace of this test, deleted on drop (also when the test panics).
+    struct Ns(String);
+
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    fn ip(ns: &str, args: &str) {
+        let mut all = vec!["-n", ns];
+        all.extend(args.split_whitespace());
+        let out = Command::new("ip").args(&all).output().expect("ip");
+        assert!(out.status.success(), "ip {args}: {out:?}");
+    }
+
+    fn in_ns(ns: &str, args: &[&str]) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .output()
+            .expect("ip netns exec");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+
+    /// A packet socket on `ifname` that sees IP packets (link header stripped).
+    fn capture(ifname: &str) -> OwnedFd {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2) call; the result is checked.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto)) };
+        assert!(raw >= 0, "{}", io::Error::last_os_error());
+        // SAFETY: `raw` is a fresh descriptor owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let name = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: a valid NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(index > 0);
+        // SAFETY: sockaddr_ll is plain data; all-zero is valid.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = index as i32;
+        // SAFETY: `sll` is a live sockaddr_ll and its size is passed.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        fd
+    }
+
+    /// What `original` looks like after one router hop: TTL / hop limit one less, IPv4 header
+    /// checksum updated.
+    fn forwarded(original: &[u8]) -> Vec<u8> {
+        let mut p = original.to_vec();
+        if p[0] >> 4 == 4 {
+            p[8] -= 1;
+            p[10..12].fill(0);
+            let c = crate::wire::checksum::checksum(&p[..20]);
+            p[10..12].copy_from_slice(&c.to_be_bytes());
+        } else {
+            p[7] -= 1;
+        }
+        p
+    }
+
+    /// The kernel takes a super-packet built by the coalescer on a TUN write and, forwarding
+    /// it out of a device without segmentation offload, cuts it into exactly the segments
+    /// the sender had put on the wire.
+    #[test]
+    fn kernel_resegments_coalesced_writes_byte_for_byte() {
+        if !netns_harness::privileged_test_guard("kernel_resegments_coalesced_writes_byte_for_byte")
+        {
+            return;
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        // The TUN routes into `ns`, which forwards out of va; vb is in `sink`, which does not
+        // forward, so every segment is seen exactly once.
+        let ns = Ns(format!("frs-tun-{}-{nanos}", std::process::id()));
+        let sink = Ns(format!("{}-sink", ns.0));
+        for n in [&ns.0, &sink.0] {
+            let out = Command::new("ip")
+                .args(["netns", "add", n])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+        }
+        let n = ns.0.clone();
+        let sink_name = sink.0.clone();
+        let (tun, sink_name) = std::thread::spawn(move || {
+            crate::io::netns::enter_named(&n).expect("enter netns");
+            let tun = Tun::open(
+                "tgso0",
+                TunOffload {
+                    vnet_hdr: true,
+                    tso: true,
+                },
+            )
+            .expect("open TUN");
+            ip(
+                &n,
+                &format!("link add va type veth peer name vb address 02:00:00:00:00:0b netns {sink_name}"),
+            );
+            ip(&n, "link set lo up");
+            ip(&n, "link set tgso0 up");
+            ip(&n, "link set va up");
+            ip(&sink_name, "link set vb up");
+            ip(&n, "addr add 10.244.1.254/24 dev tgso0");
+            ip(&n, "addr add fd10:244:1::ffff/64 dev tgso0 nodad");
+            ip(&n, "addr add 10.244.2.1/24 dev va");
+            ip(&n, "addr add fd10:244:2::1/64 dev va nodad");
+            ip(&n, "neigh add 10.244.2.7 lladdr 02:00:00:00:00:0b dev va nud permanent");
+            ip(&n, "neigh add fd10:244:2::7 lladdr 02:00:00:00:00:0b dev va nud permanent");
+            in_ns(&n, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            in_ns(&n, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+            // Software segmentation and checksums before va, as on a NIC without offloads.
+            in_ns(&n, &["ethtool", "-K", "va", "tx", "off", "tso", "off", "gso", "off"]);
+            (tun, sink_name)
+        })
+        .join()
+        .expect("namespace setup");
+        let cap = std::thread::spawn(move || {
+            crate::io::netns::enter_named(&sink_name).expect("enter sink netns");
+            capture("vb")
+        })
+        .join()
+        .expect("capture socket");
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        // SAFETY: the option value is a live timeval and its size is passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                cap.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+
+        for v6 in [false, true] {
+            let opts = [1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 3];
+            let payload: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+            let sup = tcp_packet(v6, 1, 77, 0x18, &opts, &payload);
+            let segs = segments(&sup, 1388);
+            assert_eq!(segs.len(), 15);
+            // As the RX thread has them: each segment behind 22 bytes of VXLAN + Ethernet.
+            let mut buf = Vec::new();
+            let mut ranges = Vec::new();
+            for s in &segs {
+                buf.extend_from_slice(&[0xee; 22]);
+                ranges.push(buf.len()..buf.len() + s.len());
+                buf.extend_from_slice(s);
+            }
+            let mut c = Coalescer::new();
+            c.coalesce(&mut buf, &ranges);
+            assert_eq!(c.writes().len(), 1);
+            let w = c.writes()[0];
+            assert_eq!(w.segments, 15);
+            tun.send_gather(&w.hdr.to_bytes(), &buf, c.pieces(&w))
+                .expect("the kernel accepts the TSO write");
+
+            let mut got = Vec::new();
+            let mut frame = vec![0u8; 70_000];
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                // SAFETY: the pointer and length describe the live `frame`.
+                let n = unsafe {
+                    libc::recv(cap.as_raw_fd(), frame.as_mut_ptr().cast(), frame.len(), 0)
+                };
+                if n < 0 {
+                    break; // quiet for 200 ms: everything arrived
+                }
+                let p = &frame[..n as usize];
+                let to_pod = if v6 {
+                    p.len() > 40 && p[0] >> 4 == 6 && p[6] == 6 && p[24..40] == segs[0][24..40]
+                } else {
+                    p.len() > 20 && p[0] >> 4 == 4 && p[9] == 6 && p[16..20] == segs[0][16..20]
+                };
+                if to_pod {
+                    got.push(p.to_vec());
+                }
+            }
+            let want: Vec<Vec<u8>> = segs.iter().map(|s| forwarded(s)).collect();
+            let seqs = |v: &[Vec<u8>]| {
+                v.iter()
+                    .map(|p| (p.len(), p[if v6 { 44 } else { 24 }..][..4].to_vec()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                got.len(),
+                want.len(),
+                "v6={v6} got {:?} want {:?}",
+                seqs(&got),
+                seqs(&want)
+            );
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g, w, "v6={v6} segment {i}");
+            }
+        }
+        drop(tun);
+        drop(ns);
+    }
 }
