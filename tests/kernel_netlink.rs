@@ -122,7 +122,7 @@ impl Netns {
     {
         let path = self.path();
         let handle = std::thread::spawn(move || {
-            ethtool::enter_netns(&path).expect("setns");
+            flannel_rs::io::netns::enter(&path).expect("setns");
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

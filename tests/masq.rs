@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use flannel_rs::io::ethtool::enter_netns;
+use flannel_rs::io::netns::enter as enter_netns;
 use flannel_rs::masq::{Iptables, MasqConfig};
 use flannel_rs::netlink::IpFamily;
 

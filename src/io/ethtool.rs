@@ -3,13 +3,11 @@
 //! then read with `ETHTOOL_GFEATURES` and changed with `ETHTOOL_SFEATURES`.
 //!
 //! Everything here acts in the network namespace of the calling thread (the ioctl socket is
-//! created per call). [`enter_netns`] moves the calling thread into another namespace.
+//! created per call).
 
 use std::ffi::c_void;
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
 
 /// `ETHTOOL_GSTRINGS`: get a string set.
 const ETHTOOL_GSTRINGS: u32 = 0x1b;
@@ -78,21 +76,6 @@ pub fn set_feature(ifname: &str, name: &str, on: bool) -> io::Result<()> {
                 on_off(on)
             ),
         ));
-    }
-    Ok(())
-}
-
-/// Moves the calling thread into the network namespace at `path` (for example
-/// `/var/run/netns/<name>`), like `ip netns exec` does for a process.
-///
-/// Only this thread changes namespace; never call it on a tokio worker thread.
-pub fn enter_netns(path: &Path) -> io::Result<()> {
-    let f = File::open(path)?;
-    // SAFETY: `f` is an open file descriptor for the whole call; setns only reads it and does
-    // not keep it; CLONE_NEWNET restricts the call to network namespaces.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
