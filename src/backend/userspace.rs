@@ -337,19 +337,9 @@ impl Worker {
     }
 
     /// Writes an error the core built in `buf[packet]` (e.g. ICMP net unreachable) back to
-    /// TUN behind a zeroed vnet header, moving it when the header does not fit in front.
-    fn reply_to_tun(&self, buf: &mut [u8], mut packet: std::ops::Range<usize>) {
-        if packet.start < VNET_HDR_LEN {
-            let len = packet.len();
-            if VNET_HDR_LEN + len > buf.len() {
-                return;
-            }
-            buf.copy_within(packet, VNET_HDR_LEN);
-            packet = VNET_HDR_LEN..VNET_HDR_LEN + len;
-        }
-        let start = packet.start - VNET_HDR_LEN;
-        buf[start..packet.start].fill(0);
-        match self.tun.send(&buf[start..packet.end]) {
+    /// TUN.
+    fn reply_to_tun(&self, buf: &mut [u8], packet: std::ops::Range<usize>) {
+        match self.write_plain(buf, packet) {
             Ok(()) => self.counters.count_reply(),
             Err(_) => self.io_errors.count_tun_write_failure(),
         }
@@ -509,11 +499,19 @@ impl Worker {
         }
     }
 
-    /// Writes one inner packet `buf[packet]` to TUN behind a zeroed vnet header, in place
-    /// when the bytes in front of it are free (they are after decap).
+    /// Writes one decapsulated inner packet to TUN.
     fn deliver_one(&self, buf: &mut [u8], packet: std::ops::Range<usize>) {
         let len = packet.len();
-        let sent = match packet.start.checked_sub(VNET_HDR_LEN) {
+        match self.write_plain(buf, packet) {
+            Ok(()) => self.counters.count_rx(len),
+            Err(_) => self.io_errors.count_tun_write_failure(),
+        }
+    }
+
+    /// Writes `buf[packet]` to TUN behind a zeroed vnet header: in place when the bytes in
+    /// front of it are free (after decap, or in the TX headroom), else with a gather write.
+    fn write_plain(&self, buf: &mut [u8], packet: std::ops::Range<usize>) -> std::io::Result<()> {
+        match packet.start.checked_sub(VNET_HDR_LEN) {
             Some(start) if packet.end <= buf.len() => {
                 buf[start..packet.start].fill(0);
                 self.tun.send(&buf[start..packet.end])
@@ -521,10 +519,6 @@ impl Worker {
             _ => self
                 .tun
                 .send_gather(&[0; VNET_HDR_LEN], buf, std::slice::from_ref(&packet)),
-        };
-        match sent {
-            Ok(()) => self.counters.count_rx(len),
-            Err(_) => self.io_errors.count_tun_write_failure(),
         }
     }
 }

@@ -10,7 +10,7 @@ pub mod metrics;
 mod plane;
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -401,9 +401,4 @@ fn current_peers(watcher: &LeaseWatcher, net: &NetConfig, metrics: &DaemonMetric
     }
     metrics.set_skipped_leases(problems.len());
     peers
-}
-
-/// The address a daemon binds its data-plane socket to.
-pub fn bind_address(ext: &ExternalInterface) -> IpAddr {
-    IpAddr::V4(ext.iface_addr)
 }

@@ -85,7 +85,8 @@ impl Plane {
                     device: device.clone(),
                     vni: vx.vni,
                     port: vx.vxlan_port(),
-                    bind: super::bind_address(ext),
+                    // The interface's own address: behind 1:1 NAT the public IP is not local.
+                    bind: ext.iface_addr.into(),
                     mac,
                     local: LocalVtep {
                         vni: vx.vni,
