@@ -8,9 +8,7 @@
 //! workspace binaries (`cargo build --workspace --bins`, as `scripts/test` does).
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use netns_harness::check::ProbeKind;
@@ -19,47 +17,18 @@ use netns_harness::{privileged_test_guard, Cluster, ClusterSpec, NodeKind, Store
 
 use NodeKind::{Kernel, KernelRef, Userspace};
 
-static SERIAL: Mutex<()> = Mutex::new(());
+mod netns;
 
-/// Cluster tests of this binary run one at a time (2 cores, timing assertions).
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+use netns::{serial, sibling, teardown};
 
-fn flanneld() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_flanneld"))
-}
-
-/// A workspace binary next to flanneld (built by `cargo build --workspace --bins`).
-fn sibling(name: &str) -> PathBuf {
-    let p = flanneld().with_file_name(name);
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build --workspace --bins` first (scripts/test does)",
-        p.display()
-    );
-    p
-}
-
+/// A cluster spec with our binaries on `store`.
 fn spec(store: StoreKind, kinds: &[NodeKind], pods: usize) -> ClusterSpec {
-    let mut s = ClusterSpec::new(kinds, pods);
-    s.flanneld = Some(flanneld());
-    s.harness_bin = Some(sibling("netns-harness"));
-    s.flanneld_args = vec!["-v=1".into()];
+    let mut s = netns::spec(kinds, pods);
     s.store = store;
     if store == StoreKind::Kube {
         s.apiserver_bin = Some(sibling("test-apiserver"));
     }
     s
-}
-
-/// Tears the cluster down and asserts nothing of it is left.
-fn teardown(mut c: Cluster) {
-    let prefix = c.prefix().to_string();
-    c.teardown().expect("teardown");
-    drop(c);
-    let left = netns_harness::cluster::run_namespaces(&prefix).expect("ip netns list");
-    assert!(left.is_empty(), "namespaces left: {left:?}");
 }
 
 fn ping_once(c: &Cluster, from: &str, to: Ipv4Addr) -> bool {

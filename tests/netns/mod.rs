@@ -22,7 +22,12 @@ pub fn flanneld() -> PathBuf {
 
 /// The harness binary next to it (scripts/test builds every workspace binary first).
 pub fn harness_bin() -> PathBuf {
-    let p = flanneld().with_file_name("netns-harness");
+    sibling("netns-harness")
+}
+
+/// A workspace binary next to flanneld (built by `cargo build --workspace --bins`).
+pub fn sibling(name: &str) -> PathBuf {
+    let p = flanneld().with_file_name(name);
     assert!(
         p.exists(),
         "{} missing: run `cargo build --workspace --bins` first (scripts/test does)",
