@@ -35,11 +35,13 @@ pub mod capture;
 pub mod check;
 pub mod cluster;
 pub mod cmd;
+pub mod doctor;
 pub mod http;
 pub mod kernel_ref;
 pub mod lease;
 pub mod net;
 pub mod proto;
+pub mod scenario;
 pub mod store;
 pub mod sys;
 
@@ -50,8 +52,10 @@ pub use cluster::{
     list_runs, teardown_by_prefix, Cluster, ClusterSpec, NodeKind, NodeSpec, NodeState, PodState,
     RunState, DEFAULT_BASE_DIR,
 };
+pub use doctor::{DoctorCheck, DoctorReport, DoctorRun, Level};
 pub use lease::{LeaseDir, NetConf, SubnetEnv};
 pub use net::Cidr;
+pub use scenario::{Scenario, ScenarioOpts, ScenarioReport};
 pub use store::{ControlPlane, StoreKind};
 pub use sys::{install_signal_handler, interrupted, is_root};
 
