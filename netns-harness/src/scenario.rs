@@ -1389,10 +1389,15 @@ fn p3_vxlan_port(c: &mut Cluster, opts: &ScenarioOpts) -> Result<Vec<Phase>> {
             let (ip, port) = (ip.clone(), port_s.clone());
             p.expect_on_doctor(
                 i,
-                &format!("FAIL peer-reachable naming {name} at {ip} and UDP {port}"),
+                &format!(
+                    "FAIL peer-reachable naming {name} at {ip} and UDP {port}, fix naming Backend.Port"
+                ),
                 move |r| {
-                    r.find(Level::Fail, "peer-reachable")
-                        .any(|f| f.message.contains(&ip) && f.text().contains(&port))
+                    r.find(Level::Fail, "peer-reachable").any(|f| {
+                        f.message.contains(&ip)
+                            && f.text().contains(&port)
+                            && f.text().contains("Backend.Port")
+                    })
                 },
             );
         }
@@ -1465,8 +1470,13 @@ fn p3_vxlan_port(c: &mut Cluster, opts: &ScenarioOpts) -> Result<Vec<Phase>> {
     p.captures.push((format!("udp {MOVED_PORT}"), new_rep));
     p.captures
         .push((format!("udp {old_port} (must be empty)"), old_rep));
-    p.expect_doctor(c, &t, "PASS peer-reachable for every peer, no FAIL", |r| {
-        r.find(Level::Pass, "peer-reachable").count() >= nodes.len() - 1 && no_fail(r)
+    let what = format!("PASS peer-reachable on UDP {MOVED_PORT} for every peer, no FAIL");
+    p.expect_doctor(c, &t, &what, |r| {
+        r.find(Level::Pass, "peer-reachable")
+            .filter(|x| x.message.contains(&moved))
+            .count()
+            >= nodes.len() - 1
+            && no_fail(r)
     });
     phases.push(p);
     Ok(phases)
