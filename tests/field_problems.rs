@@ -117,6 +117,24 @@ fn p2_cluster_ip_through_masquerade_keeps_checksums_valid() {
         assertion(&r, "daemon-restart", "off again after the restart"),
         Outcome::Pass
     );
+    // The field condition is really there (the kernel node's VXLAN packets are NATed again),
+    // and our userspace plane is immune to it by construction.
+    assert_eq!(
+        assertion(
+            &r,
+            "cluster-ip",
+            "(kernel): encapsulated VXLAN packets carry mark 0x4000"
+        ),
+        Outcome::Pass
+    );
+    assert_eq!(
+        assertion(
+            &r,
+            "cluster-ip",
+            "(userspace): no VXLAN packet carries mark 0x4000"
+        ),
+        Outcome::Pass
+    );
     assert_ne!(
         assertion(&r, "offload-on", "FAIL tx-checksum naming flannel.1"),
         Outcome::Fail

@@ -43,6 +43,8 @@ pub const SERVICE_PORT: u16 = 8080;
 pub const KUBE_MARK: &str = "0x4000/0x4000";
 /// The port the P3 "VXLAN blocked" scenario moves the backend to.
 pub const MOVED_PORT: u16 = 8475;
+/// Comment of the rule counting VXLAN packets that carry kube-proxy's mark.
+const MARKED_VXLAN: &str = "netns-harness: VXLAN packets with mark 0x4000";
 /// Request size of the multi-segment TCP probes.
 const BIG_PROBE: usize = 4000;
 
@@ -692,6 +694,61 @@ impl Cluster {
             .sum())
     }
 
+    /// Adds a counting rule (no target) at the top of `node`'s KUBE-POSTROUTING chain for VXLAN
+    /// packets to `port` that carry kube-proxy's mark; read it with
+    /// [`marked_vxlan_packets`](Self::marked_vxlan_packets).
+    pub fn count_marked_vxlan(&self, node: &str, port: u16) -> Result<()> {
+        let port = port.to_string();
+        self.exec_ok(
+            node,
+            &[
+                "iptables",
+                "-w",
+                "-t",
+                "nat",
+                "-I",
+                "KUBE-POSTROUTING",
+                "1",
+                "-p",
+                "udp",
+                "--dport",
+                &port,
+                "-m",
+                "mark",
+                "--mark",
+                KUBE_MARK,
+                "-m",
+                "comment",
+                "--comment",
+                MARKED_VXLAN,
+            ],
+        )
+        .map(|_| ())
+    }
+
+    /// Packets counted by the [`count_marked_vxlan`](Self::count_marked_vxlan) rule.
+    pub fn marked_vxlan_packets(&self, node: &str) -> Result<u64> {
+        let out = self.exec_ok(
+            node,
+            &[
+                "iptables",
+                "-w",
+                "-t",
+                "nat",
+                "-L",
+                "KUBE-POSTROUTING",
+                "-n",
+                "-v",
+                "-x",
+            ],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find(|l| l.contains(MARKED_VXLAN))
+            .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .ok_or_else(|| anyhow!("{node}: no marked-VXLAN counting rule in KUBE-POSTROUTING"))
+    }
+
     /// Replaces the network config in the run's store (lease directory `config`, etcd
     /// `/coreos.com/network/config`, or the kube `net-conf.json`) and in the run state.
     /// Daemons read it when they start: restart them to apply it. kernel-ref nodes are not
@@ -999,6 +1056,9 @@ fn p2_cluster_ip(c: &mut Cluster, opts: &ScenarioOpts) -> Result<Vec<Phase>> {
     c.add_kube_proxy_service(ka, CLUSTER_IP, SERVICE_PORT, &pod_of(c, kb)?)?;
     c.add_kube_proxy_service(ua, CLUSTER_IP_MIXED, SERVICE_PORT, &pod_of(c, kb)?)?;
     c.add_kube_proxy_service(ka, CLUSTER_IP_MIXED, SERVICE_PORT, &pod_of(c, ub)?)?;
+    for n in [ua, ka] {
+        c.count_marked_vxlan(n, vxlan_port)?;
+    }
     let ((ok, total), pcap) = capture_during(c, &format!("udp port {vxlan_port}"), |c| {
         clusterip_probes(c, &mut p, &clients, 4)
     })?;
@@ -1028,6 +1088,28 @@ fn p2_cluster_ip(c: &mut Cluster, opts: &ScenarioOpts) -> Result<Vec<Phase>> {
             format!("{masq} packets"),
         );
     }
+    // The double NAT of kubernetes#88986: a kernel vxlan device encapsulates in the same
+    // namespace and keeps the skb mark, so the outer UDP packet is masqueraded (with a random
+    // source port) too. Our userspace data plane sends the outer packet from its own socket,
+    // which never carries the service mark.
+    let marked = c.marked_vxlan_packets(ka).unwrap_or(0);
+    p.expect(
+        format!(
+            "{ka} (kernel): encapsulated VXLAN packets carry mark 0x4000 into KUBE-POSTROUTING \
+             (the emulation reproduces the double NAT of kubernetes#88986)"
+        ),
+        marked > 0,
+        format!("{marked} marked VXLAN packets"),
+    );
+    let marked = c.marked_vxlan_packets(ua).unwrap_or(u64::MAX);
+    p.expect(
+        format!(
+            "{ua} (userspace): no VXLAN packet carries mark 0x4000 (the outer packet is never \
+             NATed a second time)"
+        ),
+        marked == 0,
+        format!("{marked} marked VXLAN packets"),
+    );
     let rep = c.verify_capture(&pcap)?;
     p.expect(
         "tshark: every VXLAN frame's outer IPv4/UDP and inner IPv4/TCP checksums are valid",
