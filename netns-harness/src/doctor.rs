@@ -404,6 +404,43 @@ doctor: 1 passed, 1 warnings, 2 failed
         assert_eq!(r.counts(), (1, 1, 2, 0));
     }
 
+    /// Output of the doctor branch's implementation (P3 cause 2 on the kube store, trimmed).
+    const REAL: &str = r#"PASS ip-forward: net.ipv4.ip_forward = 1
+PASS vxlan-device: flannel.1 is up (kernel vxlan, VNI 1)
+PASS tx-checksum: flannel.1: tx-checksum-ip-generic off
+PASS forward-reject: pod traffic in 10.244.0.0/16 is accepted by "-A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT"
+PASS host-firewall: no firewalld or ufw chains
+PASS security-software: no known network-hooking security software running
+FAIL peer-reachable: peer 10.244.2.0/24 at 198.18.0.2 (UDP 8472) does not answer ICMP echo to 10.244.2.0 over the overlay
+  fix: check that UDP 8472 is allowed between the nodes, or move Backend.Port
+  fix: if that node is behind NAT: set flannel.alpha.coreos.com/public-ip-overwrite on that node to an address this node can reach, then restart flanneld there
+PASS peer-reachable: peer 10.244.3.0/24 at 198.18.0.3 (UDP 8472) answers ICMP echo to 10.244.3.0
+PASS subnet-lease: subnet.env and the store agree: 10.244.1.0/24 at 198.18.0.1
+doctor: 8 passed, 0 warnings, 1 failed
+"#;
+
+    #[test]
+    fn parses_the_implementation_output() {
+        let r = DoctorReport::parse(REAL);
+        assert!(
+            r.contract_problems().is_empty(),
+            "{:?}",
+            r.contract_problems()
+        );
+        assert_eq!(r.counts(), (8, 0, 1, 0));
+        assert_eq!(r.by_id("peer-reachable").count(), 2);
+        let fwd = r.find(Level::Pass, "forward-reject").next().unwrap();
+        assert!(
+            fwd.message.ends_with("\"flanneld forward\" -j ACCEPT\""),
+            "{fwd:?}"
+        );
+        let peer = r.find(Level::Fail, "peer-reachable").next().unwrap();
+        assert!(peer.message.contains("198.18.0.2 (UDP 8472)"));
+        assert!(peer.fixes[0].contains("Backend.Port"));
+        assert!(peer.fixes[1].contains("public-ip-overwrite"));
+        assert!(!r.has_mentioning(Level::Fail, "peer-reachable", "198.18.0.3"));
+    }
+
     #[test]
     fn flags_output_outside_the_contract() {
         let r = DoctorReport::parse("Checking node...\nOK ip-forward: fine\nPASS Bad Id: x\n");

@@ -16,6 +16,10 @@
 //! * `/tmp/netns-harness/p/`: the lease directory, per-node `subnet.env` and logs, captures,
 //!   store data and logs, and `state.json` for later commands.
 //!
+//! The field-problem scenarios (P2, P3: break a cluster like a field report, check the matrix
+//! and `flanneld doctor`, fix it, check again) are in [`scenario`]; `flanneld doctor` output is
+//! parsed by [`doctor`].
+//!
 //! Nothing is ever created in the root namespace; every address is in 198.18.0.0/15,
 //! 203.0.113.0/24 or 10.244.0.0/16 inside the run's namespaces (plus emulated ClusterIPs,
 //! which exist only in one node's nat table). [`Cluster`] tears everything down on drop
