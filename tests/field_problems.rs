@@ -8,8 +8,9 @@
 //!   it off again.
 //! * P3: ip_forward=0, a FORWARD REJECT rule, security software and firewalld chains, UDP
 //!   8472 dropped between nodes (fixed by moving `Backend.Port` to 8475 and restarting every
-//!   flanneld): each cause first fails the matrix for exactly the affected pairs and is named
-//!   by `flanneld doctor` on the affected node, then passes after the fix.
+//!   flanneld; then 8475 dropped too, fixed by switching to host-gw): each cause first fails
+//!   the matrix for exactly the affected pairs and is named by `flanneld doctor` on the
+//!   affected node, then passes after the fix.
 //!
 //! Doctor assertions are reported UNVERIFIED (and tolerated) only while `flanneld doctor`
 //! says it is not implemented; with a doctor they are enforced.
@@ -157,7 +158,7 @@ fn p3_checklist_causes_fail_are_named_and_fixed() {
     let _g = serial();
     let reports =
         scenario::run_many(&Scenario::P3, &opts(), |_| {}).expect("P3 scenarios on one cluster");
-    assert_eq!(reports.len(), 4);
+    assert_eq!(reports.len(), 5);
     for r in &reports {
         assert_report(r);
     }
@@ -242,4 +243,22 @@ fn p3_checklist_causes_fail_are_named_and_fixed() {
         assertion(r, "broken", "FAIL peer-reachable naming n2 at 198.18.0.2"),
         Outcome::Fail
     );
+
+    // 2 again, the report's other fix: the (moved) port dropped too, then host-gw.
+    let r = by(Scenario::P3VxlanHostGw);
+    assert_fails_then_passes(r);
+    let fixed = r.phase("fixed").expect("fixed");
+    let (vxlan, plain) = (&fixed.captures[0].1, &fixed.captures[1].1);
+    assert_eq!(vxlan.frames, 0, "{vxlan}");
+    assert!(plain.frames > 0 && plain.vxlan_frames == 0, "{plain}");
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(
+            assertion(
+                r,
+                "fixed",
+                &format!("{node}: a host-gw route to every other node")
+            ),
+            Outcome::Pass
+        );
+    }
 }
