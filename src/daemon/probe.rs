@@ -99,7 +99,7 @@ pub fn unreachable_fixes(peer: &Peer, ctx: &ProbeContext) -> Vec<String> {
                 "host-gw needs every node on one layer-2 network: check that {} is on-link from this node, or use the vxlan backend",
                 peer.public_ip
             ),
-            nat,
+            "check that no firewall or security group between the nodes drops their traffic".to_owned(),
         ];
     }
     if private {
