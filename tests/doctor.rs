@@ -267,3 +267,48 @@ fn doctor_names_each_broken_thing_and_the_daemon_names_unreachable_peers() {
     assert!(out.contains("SKIP peer-reachable: "), "{out}");
     teardown(c);
 }
+
+/// host-gw: no overlay device to check; peers are probed at their public IPs.
+#[test]
+fn doctor_on_host_gw_probes_public_ips() {
+    if !privileged_test_guard("doctor_on_host_gw_probes_public_ips") {
+        return;
+    }
+    let _g = serial();
+    let mut s = spec(&[Kernel, Kernel], 1);
+    s.net_conf = Some(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#.into());
+    let c = Cluster::up(&s).expect("host-gw cluster up");
+    assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
+    let n2_subnet = c.node_subnet("n2").expect("subnet");
+    let n2_ip = c.node_ip("n2").expect("ip");
+
+    let (code, out) = doctor(&c, "n1");
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("SKIP vxlan-device: host-gw backend: no overlay device\n"),
+        "{out}"
+    );
+    let want = format!(
+        "PASS peer-reachable: peer {n2_subnet} at {n2_ip} (host-gw) answers ICMP echo to {n2_ip}\n"
+    );
+    assert!(out.contains(&want), "{want}\n{out}");
+
+    sh(
+        &c,
+        "n2",
+        &["iptables", "-I", "INPUT", "1", "-p", "icmp", "-j", "DROP"],
+    );
+    let out = assert_fails(&c, "n1", &["peer-reachable"]);
+    assert!(
+        out.contains(&format!("FAIL peer-reachable: peer {n2_subnet} at {n2_ip} (host-gw) does not answer ICMP echo to {n2_ip}\n")),
+        "{out}"
+    );
+    assert!(
+        out.contains("  fix: host-gw needs every node on one layer-2 network"),
+        "{out}"
+    );
+    sh(&c, "n2", &["iptables", "-D", "INPUT", "1"]);
+    let (code, out) = doctor(&c, "n1");
+    assert_eq!(code, 0, "{out}");
+    teardown(c);
+}

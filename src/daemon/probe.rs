@@ -99,7 +99,7 @@ pub fn unreachable_fixes(peer: &Peer, ctx: &ProbeContext) -> Vec<String> {
                 "host-gw needs every node on one layer-2 network: check that {} is on-link from this node, or use the vxlan backend",
                 peer.public_ip
             ),
-            nat,
+            "check that no firewall or security group between the nodes drops their traffic".to_owned(),
         ];
     }
     if private {
@@ -115,12 +115,10 @@ pub fn unreachable_fixes(peer: &Peer, ctx: &ProbeContext) -> Vec<String> {
     }
 }
 
-/// One line naming an unreachable peer and the likely fix (the daemon's warning).
+/// One line naming an unreachable peer and the likely fixes, most likely first (the
+/// daemon's warning).
 pub fn unreachable_message(peer: &Peer, target: Ipv4Addr, ctx: &ProbeContext) -> String {
-    let fix = unreachable_fixes(peer, ctx)
-        .into_iter()
-        .next()
-        .unwrap_or_default();
+    let fix = unreachable_fixes(peer, ctx).join("; ");
     format!(
         "peer {} at {} ({}) does not answer: {} ICMP echo requests to {target} in a row went unanswered; {fix}",
         peer.subnet,
@@ -336,12 +334,12 @@ mod tests {
         let m = unreachable_message(&nat, Ipv4Addr::new(10, 244, 1, 0), &ctx(true));
         assert_eq!(
             m,
-            "peer 10.244.1.0/24 at 172.19.0.13 (UDP 8472) does not answer: 3 ICMP echo requests to 10.244.1.0 in a row went unanswered; its public IP 172.19.0.13 is a private address, probably behind NAT: set flannel.alpha.coreos.com/public-ip-overwrite on that node to an address this node can reach, then restart flanneld there"
+            "peer 10.244.1.0/24 at 172.19.0.13 (UDP 8472) does not answer: 3 ICMP echo requests to 10.244.1.0 in a row went unanswered; its public IP 172.19.0.13 is a private address, probably behind NAT: set flannel.alpha.coreos.com/public-ip-overwrite on that node to an address this node can reach, then restart flanneld there; check that UDP 8472 is allowed between the nodes, or move Backend.Port"
         );
         let public = peer("10.244.2.0/24", "198.51.100.7", "vxlan");
         let m = unreachable_message(&public, Ipv4Addr::new(10, 244, 2, 0), &ctx(false));
         assert!(
-            m.ends_with("; check that UDP 8472 is allowed between the nodes, or move Backend.Port"),
+            m.ends_with("went unanswered; check that UDP 8472 is allowed between the nodes, or move Backend.Port; if that node is behind NAT: start flanneld on that node with --public-ip set to an address this node can reach"),
             "{m}"
         );
         let fixes = unreachable_fixes(&public, &ctx(false));

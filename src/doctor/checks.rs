@@ -357,8 +357,13 @@ pub fn peer_reachable(probes: &[PeerProbe], ctx: &ProbeContext) -> Vec<Finding> 
                     Status::Fail,
                     id,
                     format!(
-                        "{head} does not answer ICMP echo to {} over the overlay",
-                        p.target
+                        "{head} does not answer ICMP echo to {}{}",
+                        p.target,
+                        if ctx.backend == "vxlan" {
+                            " over the overlay"
+                        } else {
+                            ""
+                        }
                     ),
                 );
                 for fix in unreachable_fixes(&p.peer, ctx) {
@@ -700,6 +705,19 @@ mod tests {
              doctor: 1 passed, 0 warnings, 2 failed\n"
         );
         assert_eq!(peer_reachable(&[], &ctx())[0].status, Status::Skip);
+        let hg = ProbeContext {
+            backend: "host-gw".into(),
+            ..ctx()
+        };
+        let mut p = probes[0].clone();
+        p.peer.backend_type = "host-gw".into();
+        p.target = "198.51.100.7".parse().expect("ip");
+        let f = &peer_reachable(&[p], &hg)[0];
+        assert_eq!(
+            f.message,
+            "peer 10.244.1.0/24 at 198.51.100.7 (host-gw) does not answer ICMP echo to 198.51.100.7"
+        );
+        assert!(f.fixes[0].starts_with("host-gw needs every node on one layer-2 network"));
     }
 
     fn lease(subnet: &str, ip: &str) -> Lease {

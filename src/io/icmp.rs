@@ -33,6 +33,8 @@ const PAYLOAD: &[u8] = b"flannel-rs probe";
 pub const SEND_GAP: Duration = Duration::from_millis(2);
 /// Targets per round: sequence numbers of one round must not wrap.
 const CHUNK: usize = 4096;
+/// Upper bound on stale packets discarded before a round.
+const MAX_DRAIN: usize = 4096;
 
 /// An echo reply seen on the socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +175,7 @@ impl Pinger {
         timeout: Duration,
         answered: &mut [bool],
     ) {
+        self.drain();
         let mut outstanding: HashMap<u16, usize> = HashMap::with_capacity(pending.len());
         for &i in pending {
             let seq = self.next_seq;
@@ -208,6 +211,26 @@ impl Pinger {
                         *a = true;
                     }
                 }
+            }
+        }
+    }
+
+    /// Discards what queued up since the last round (other pingers' replies), so a full
+    /// receive buffer cannot drop this round's replies.
+    fn drain(&self) {
+        let mut buf = [0u8; 1500];
+        for _ in 0..MAX_DRAIN {
+            // SAFETY: the buffer is live and writable for its length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                return;
             }
         }
     }
