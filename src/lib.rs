@@ -3,6 +3,7 @@
 //! Layers, top to bottom (dependencies only point down):
 //!
 //! * [`daemon`] wires everything: flags → config → lease store → backend → reconcile loop.
+//! * [`doctor`] is `flanneld doctor`: node checks for the field problems, each with its fix.
 //! * [`backend`] turns leases into desired host state with pure planners, then applies them:
 //!   userspace VXLAN (TUN + UDP), kernel VXLAN (netlink) or host-gw routes.
 //! * [`lease`] is the lease model (flannel's JSON), the watcher that diffs snapshots into
@@ -18,6 +19,7 @@ pub mod backend;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod doctor;
 pub mod io;
 pub mod lease;
 pub mod masq;

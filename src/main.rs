@@ -9,10 +9,7 @@ fn main() -> ExitCode {
     let env = |name: &str| std::env::var(name).ok();
     let flags = match flags::parse(&args, &env) {
         Ok(Command::Run(f)) => f,
-        Ok(Command::Doctor(_)) => {
-            eprintln!("flanneld doctor is not implemented yet");
-            return ExitCode::from(2);
-        }
+        Ok(Command::Doctor(f)) => return doctor(&f),
         Ok(Command::Help(text)) => {
             eprint!("{text}");
             return ExitCode::SUCCESS;
@@ -46,6 +43,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `flanneld doctor`: the report on stdout, exit 0/1/2 (see `flannel_rs::doctor`).
+fn doctor(flags: &flags::Flags) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flanneld doctor: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let diagnosis = runtime.block_on(flannel_rs::doctor::diagnose(flags));
+    print!("{}", diagnosis.render());
+    if let Some(e) = &diagnosis.config_error {
+        eprintln!("flanneld doctor: {e}");
+    }
+    ExitCode::from(diagnosis.exit_code())
 }
 
 /// Completes on the first SIGTERM or SIGINT.

@@ -121,8 +121,10 @@ fn full_matrix_on_kube_store() {
 
 /// Field problem P1 on the Kubernetes store: two sites behind 1:1 NAT. Nodes publish their
 /// private addresses, so every cross-site path fails (and a ClusterIP from node A to a pod on
-/// the other site too); `public-ip-overwrite` plus a restart of that node only, for each node,
-/// restores the whole matrix and the ClusterIP.
+/// the other site too), and node A's daemon (log, `flannel_peer_reachable`) and `flanneld
+/// doctor` name each unreachable peer by subnet and published address, with the
+/// `public-ip-overwrite` fix; the overwrite plus a restart of that node only, for each node,
+/// restores the whole matrix, the ClusterIP and the peers' reachability.
 #[test]
 fn p1_public_ip_overwrite_on_kube_store() {
     if !privileged_test_guard("p1_public_ip_overwrite_on_kube_store") {
@@ -135,6 +137,8 @@ fn p1_public_ip_overwrite_on_kube_store() {
         1,
     );
     s.sites = vec![1, 1, 2, 2];
+    s.flanneld_args.push("--peer-probe-interval=1".into());
+    s.nodes[0].extra_args = vec!["--healthz-port=9101".into()];
     let mut c = Cluster::up(&s).expect("cluster up");
     // Same-site paths work (give the daemons a moment); every cross-site path fails.
     let same_site =
@@ -174,6 +178,58 @@ fn p1_public_ip_overwrite_on_kube_store() {
         n3["metadata"]["annotations"][annotation("public-ip")],
         "198.18.2.3"
     );
+    // n1 names the other site's nodes by their unreachable published addresses.
+    let reachable = |c: &Cluster, peer: &str, ip: Ipv4Addr| {
+        format!(
+            "flannel_peer_reachable{{subnet=\"{}\",public_ip=\"{ip}\"}}",
+            c.node_subnet(peer).expect("subnet")
+        )
+    };
+    let private = |c: &Cluster, n: &str| c.node_ip(n).expect("ip");
+    let log_path = c.flanneld_log("n1");
+    let mut text = String::new();
+    let named = wait_until(Duration::from_secs(15), || {
+        text = metrics(&c, "n1", 9101);
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        ["n3", "n4"].iter().all(|n| {
+            let ip = private(&c, n);
+            text.contains(&format!("{} 0\n", reachable(&c, n, ip)))
+                && log.contains(&format!(
+                    "peer {} at {ip} (UDP 8472) does not answer",
+                    c.node_subnet(n).expect("subnet")
+                ))
+        }) && text.contains(&format!("{} 1\n", reachable(&c, "n2", private(&c, "n2"))))
+    });
+    assert!(
+        named,
+        "n1 did not name the unreachable peers:\n{text}\n--- log\n{}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        log.contains("if that node is behind NAT: set flannel.alpha.coreos.com/public-ip-overwrite on that node"),
+        "{log}"
+    );
+    let (code, out) = doctor(&c, "n1");
+    assert_eq!(code, 1, "{out}");
+    for n in ["n3", "n4"] {
+        let want = format!(
+            "FAIL peer-reachable: peer {} at {} (UDP 8472) does not answer",
+            c.node_subnet(n).expect("subnet"),
+            private(&c, n)
+        );
+        assert!(out.contains(&want), "{want}\n{out}");
+    }
+    assert!(
+        out.contains("  fix: if that node is behind NAT: set flannel.alpha.coreos.com/public-ip-overwrite on that node to an address this node can reach, then restart flanneld there\n"),
+        "{out}"
+    );
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("FAIL ")).count(),
+        2,
+        "only the two cross-site peers fail:\n{out}"
+    );
+
     let vip = Ipv4Addr::new(10, 96, 0, 10);
     c.add_cluster_ip("n1", vip, 80, "n3p1", "tcp")
         .expect("ClusterIP");
@@ -231,10 +287,70 @@ fn p1_public_ip_overwrite_on_kube_store() {
         after.ok,
         "ClusterIP from n1 to a pod on the other site: {after:?}"
     );
+    // The daemon and doctor on n1 now see every peer answer at its public address.
+    let public = |c: &Cluster, n: &str| c.node(n).and_then(|n| n.public_ip).expect("public");
+    let up = wait_until(Duration::from_secs(15), || {
+        text = metrics(&c, "n1", 9101);
+        ["n3", "n4"]
+            .iter()
+            .all(|n| text.contains(&format!("{} 1\n", reachable(&c, n, public(&c, n)))))
+    });
+    assert!(up, "{text}");
+    let (code, out) = doctor(&c, "n1");
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("PASS peer-reachable: "))
+            .count(),
+        3,
+        "{out}"
+    );
     for n in ["n1", "n3", "n4"] {
         assert!(c.flanneld_running(n), "{n} flanneld died");
     }
     teardown(c);
+}
+
+/// Polls `f` every 200 ms until it holds or `limit` passes.
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A node's `/metrics` (served on `port` inside its namespace).
+fn metrics(c: &Cluster, node: &str, port: u16) -> String {
+    let fetch = format!(
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())"
+    );
+    netns::run(c, node, &["python3", "-c", &fetch]).1
+}
+
+/// `flanneld doctor` with a node's daemon flags and environment (kube: `NODE_NAME`), in its
+/// namespace: (exit code, stdout).
+fn doctor(c: &Cluster, node: &str) -> (i32, String) {
+    let mut argv = c.flanneld_command(node).expect("flanneld command");
+    argv.insert(1, "doctor".into());
+    let name = format!("NODE_NAME={node}");
+    let mut args: Vec<&str> = vec!["env", &name];
+    args.extend(argv.iter().map(String::as_str));
+    let out = c
+        .exec_timeout(node, &args, Duration::from_secs(60))
+        .expect("run doctor");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!(
+        "--- doctor on {node}: {}\n{text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
 }
 
 /// The site of a node (`n1`) or of a pod's node (`n1p1`).

@@ -16,6 +16,10 @@
 //! * `/tmp/netns-harness/p/`: the lease directory, per-node `subnet.env` and logs, captures,
 //!   store data and logs, and `state.json` for later commands.
 //!
+//! The field-problem scenarios (P2, P3: break a cluster like a field report, check the matrix
+//! and `flanneld doctor`, fix it, check again) are in [`scenario`]; `flanneld doctor` output is
+//! parsed by [`doctor`].
+//!
 //! Nothing is ever created in the root namespace; every address is in 198.18.0.0/15,
 //! 203.0.113.0/24 or 10.244.0.0/16 inside the run's namespaces (plus emulated ClusterIPs,
 //! which exist only in one node's nat table). [`Cluster`] tears everything down on drop
@@ -35,11 +39,13 @@ pub mod capture;
 pub mod check;
 pub mod cluster;
 pub mod cmd;
+pub mod doctor;
 pub mod http;
 pub mod kernel_ref;
 pub mod lease;
 pub mod net;
 pub mod proto;
+pub mod scenario;
 pub mod store;
 pub mod sys;
 
@@ -50,8 +56,10 @@ pub use cluster::{
     list_runs, teardown_by_prefix, Cluster, ClusterSpec, NodeKind, NodeSpec, NodeState, PodState,
     RunState, DEFAULT_BASE_DIR,
 };
+pub use doctor::{DoctorCheck, DoctorReport, DoctorRun, Level};
 pub use lease::{LeaseDir, NetConf, SubnetEnv};
 pub use net::Cidr;
+pub use scenario::{Scenario, ScenarioOpts, ScenarioReport};
 pub use store::{ControlPlane, StoreKind};
 pub use sys::{install_signal_handler, interrupted, is_root};
 

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use netns_harness::cluster::{list_runs, teardown_by_prefix};
 use netns_harness::{
-    capture, proto, CaptureOpts, Cluster, ClusterSpec, NodeKind, NodeSpec, StoreKind,
+    capture, proto, scenario, CaptureOpts, Cluster, ClusterSpec, NodeKind, NodeSpec, StoreKind,
     DEFAULT_BASE_DIR,
 };
 
@@ -113,6 +113,37 @@ enum Cmd {
         #[arg(long, default_value_t = 15)]
         wait: u64,
     },
+    /// Field-problem scenarios (P2, P3): build a cluster, break it like the field report,
+    /// check the matrix and `flanneld doctor`, fix it, check again, tear down. Names:
+    /// p2-cluster-ip, p3-ip-forward, p3-forward-reject, p3-security-software, p3-vxlan-port,
+    /// p3 (the four P3 causes on one cluster), all; `list` describes them. Exit status 1 if an
+    /// assertion failed.
+    Scenario {
+        /// Scenario names (several share one cluster when they can).
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Lease store: dir, etcd or kube.
+        #[arg(long, default_value = "dir")]
+        store: String,
+        /// flanneld binary (default: `flanneld` next to this executable).
+        #[arg(long)]
+        flanneld: Option<PathBuf>,
+        /// Extra argument for every flanneld (repeatable).
+        #[arg(long = "flanneld-arg", allow_hyphen_values = true)]
+        flanneld_args: Vec<String>,
+        /// Seconds a fixed cluster may take to pass the matrix again.
+        #[arg(long, default_value_t = 15)]
+        wait: u64,
+        /// Treat unverified assertions (flanneld without doctor) as failures.
+        #[arg(long)]
+        strict: bool,
+        /// etcd binary (etcd store).
+        #[arg(long)]
+        etcd: Option<PathBuf>,
+        /// test-apiserver binary (kube store).
+        #[arg(long)]
+        apiserver: Option<PathBuf>,
+    },
     /// Packet capture on the underlay bridge, verified with tshark.
     Capture {
         #[command(subcommand)]
@@ -202,6 +233,9 @@ enum Cmd {
         addr: SocketAddr,
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
+        /// TCP only: pad the request to this many bytes (at most 4096).
+        #[arg(long, default_value_t = 0)]
+        bytes: usize,
     },
 }
 
@@ -468,6 +502,59 @@ fn run(cli: Cli) -> Result<ExitCode> {
             wait,
         } => demo(&cli, build, *seconds, *wait),
         Cmd::Capture { action } => capture_cmd(&cli, action),
+        Cmd::Scenario {
+            names,
+            store,
+            flanneld,
+            flanneld_args,
+            wait,
+            strict,
+            etcd,
+            apiserver,
+        } => {
+            if names.iter().any(|n| n == "list") {
+                for s in scenario::Scenario::ALL {
+                    println!("{:<22} {}", s.name(), s.about());
+                }
+                println!("{:<22} the four P3 causes on one cluster", "p3");
+                println!("{:<22} every scenario", "all");
+                return Ok(ExitCode::SUCCESS);
+            }
+            netns_harness::install_signal_handler()?;
+            let list = scenario::parse_names(names)?;
+            let opts = scenario::ScenarioOpts {
+                flanneld: flanneld.clone(),
+                harness_bin: None,
+                flanneld_args: flanneld_args.clone(),
+                base_dir: cli.base_dir.clone(),
+                store: store.parse::<StoreKind>()?,
+                etcd_bin: etcd.clone(),
+                apiserver_bin: apiserver.clone(),
+                converge: Duration::from_secs(*wait),
+            };
+            let reports = scenario::run_many(&list, &opts, |r| {
+                print!("{r}");
+                let _ = std::io::stdout().flush();
+            })?;
+            println!("summary:");
+            let mut ok = true;
+            for r in &reports {
+                let pass = r.passed() && (!*strict || r.unverified().is_empty());
+                ok &= pass;
+                println!(
+                    "  {:<22} {}  ({} failed, {} unverified)",
+                    r.scenario.name(),
+                    if pass { "PASS" } else { "FAIL" },
+                    r.failures().len(),
+                    r.unverified().len()
+                );
+            }
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Cmd::Status { run } => status(&cli, run.as_deref()),
         Cmd::Exec { run, ns, command } => {
             let c = Cluster::load(&cli.base_dir, run.as_deref())?;
@@ -544,10 +631,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             kind,
             addr,
             timeout_ms,
+            bytes,
         } => {
             let t = Duration::from_millis((*timeout_ms).min(2000));
             let rtt = match kind {
-                ProbeArg::Tcp => proto::probe_tcp(*addr, t),
+                ProbeArg::Tcp => proto::probe_tcp_sized(*addr, t, *bytes),
                 ProbeArg::Udp => proto::probe_udp(*addr, t),
                 ProbeArg::Dns => proto::probe_dns(*addr, t),
             }?;

@@ -136,6 +136,16 @@ fn nonce() -> String {
 
 /// TCP request/response: connect, send a line, expect it back. Returns the round-trip time.
 pub fn probe_tcp(addr: SocketAddr, timeout: Duration) -> Result<Duration> {
+    probe_tcp_sized(addr, timeout, 0)
+}
+
+/// Largest request [`probe_tcp_sized`] sends (the responder echoes at most this much).
+pub const MAX_TCP_PROBE: usize = MAX_MSG;
+
+/// [`probe_tcp`] with a request padded to `bytes` (at most [`MAX_TCP_PROBE`]; smaller values
+/// send the short line): a few KB make the request and the echo span several full-size
+/// segments, so GSO/TSO and checksum offload paths are exercised, not only one small packet.
+pub fn probe_tcp_sized(addr: SocketAddr, timeout: Duration, bytes: usize) -> Result<Duration> {
     let start = Instant::now();
     let mut s = TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("tcp connect {addr}"))?;
@@ -144,7 +154,12 @@ pub fn probe_tcp(addr: SocketAddr, timeout: Duration) -> Result<Duration> {
         .max(Duration::from_millis(10));
     s.set_read_timeout(Some(left))?;
     s.set_write_timeout(Some(left))?;
-    let msg = format!("netns-harness {}\n", nonce());
+    let mut msg = format!("netns-harness {}", nonce());
+    let want = bytes.min(MAX_TCP_PROBE);
+    while msg.len() + 1 < want {
+        msg.push(char::from(b'a' + (msg.len() % 26) as u8));
+    }
+    msg.push('\n');
     s.write_all(msg.as_bytes()).context("tcp send")?;
     let mut got = Vec::new();
     let mut buf = [0u8; 512];

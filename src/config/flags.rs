@@ -125,6 +125,9 @@ pub struct Flags {
     pub vxlan_tx_checksum_offload: bool,
     /// `--metrics-port` (addition; 0 disables).
     pub metrics_port: u16,
+    /// `--peer-probe-interval` (addition): seconds between ICMP probes of every peer's VTEP
+    /// (0 disables the prober).
+    pub peer_probe_interval: u32,
 }
 
 impl Default for Flags {
@@ -168,6 +171,7 @@ impl Default for Flags {
             lease_dir: None,
             vxlan_tx_checksum_offload: false,
             metrics_port: 0,
+            peer_probe_interval: 10,
         }
     }
 }
@@ -220,6 +224,7 @@ impl fmt::Debug for Flags {
             .field("lease_dir", &self.lease_dir)
             .field("vxlan_tx_checksum_offload", &self.vxlan_tx_checksum_offload)
             .field("metrics_port", &self.metrics_port)
+            .field("peer_probe_interval", &self.peer_probe_interval)
             .finish()
     }
 }
@@ -358,6 +363,7 @@ const SPECS: &[Spec] = &[
     addition(spec("lease-dir", Kind::Str, "", "use a local directory as the lease store instead of etcd: DIR/config holds the network config JSON, DIR/subnets/<key> one lease each (shareable by several daemons)")),
     addition(spec("vxlan-tx-checksum-offload", Kind::Bool, "", "kernel data plane: keep tx checksum offload on the vxlan device (it is turned off by default)")),
     addition(spec("metrics-port", Kind::Int, "", "the port for the Prometheus metrics server to listen (0 to disable)")),
+    addition(spec("peer-probe-interval", Kind::Int, "10", "seconds between ICMP echo probes of every peer's VTEP address (host-gw: public IP); a peer silent 3 times in a row is logged and exported as flannel_peer_reachable 0 (0 to disable)")),
 ];
 
 fn lookup(name: &str) -> Option<&'static Spec> {
@@ -712,6 +718,7 @@ fn build(values: &BTreeMap<&'static str, (Origin, Vec<String>)>) -> Result<Flags
         lease_dir,
         vxlan_tx_checksum_offload: boolean("vxlan-tx-checksum-offload")?,
         metrics_port: port("metrics-port")?,
+        peer_probe_interval: u32::try_from(int("peer-probe-interval", 0, 86_400)?).unwrap_or(10),
     })
 }
 
@@ -1001,6 +1008,17 @@ mod tests {
         );
         assert_eq!(run(&["--metrics-port=9100"]).metrics_port, 9100);
         assert!(run(&["--vxlan-tx-checksum-offload"]).vxlan_tx_checksum_offload);
+        assert_eq!(Flags::default().peer_probe_interval, 10);
+        assert_eq!(run(&["--peer-probe-interval=0"]).peer_probe_interval, 0);
+        assert_eq!(run(&["--peer-probe-interval", "2"]).peer_probe_interval, 2);
+        assert!(err(&["--peer-probe-interval=-1"])
+            .to_string()
+            .contains("out of range"));
+        let env = |k: &str| (k == "FLANNELD_PEER_PROBE_INTERVAL").then(|| "3".to_owned());
+        match parse(&args(&["doctor"]), &env) {
+            Ok(Command::Doctor(f)) => assert_eq!(f.peer_probe_interval, 3),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -22,12 +22,26 @@ pub enum PlaneMetrics {
     },
 }
 
+/// One peer's probe state, as exported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerGauge {
+    /// The peer's subnet (label `subnet`).
+    pub subnet: String,
+    /// The peer's public IP (label `public_ip`).
+    pub public_ip: String,
+    /// Reachable, unreachable, or not known yet (not exported).
+    pub reachable: Option<bool>,
+    /// Unanswered probes so far.
+    pub failures_total: u64,
+}
+
 /// Gauges and counters the daemon exports on `/metrics`.
 #[derive(Debug, Default)]
 pub struct DaemonMetrics {
     peers: AtomicU64,
     skipped_leases: AtomicU64,
     plane: Mutex<PlaneMetrics>,
+    peer_health: Mutex<Vec<PeerGauge>>,
 }
 
 impl DaemonMetrics {
@@ -48,6 +62,13 @@ impl DaemonMetrics {
         }
     }
 
+    /// Replaces the peers' probe states.
+    pub fn set_peer_health(&self, gauges: Vec<PeerGauge>) {
+        if let Ok(mut g) = self.peer_health.lock() {
+            *g = gauges;
+        }
+    }
+
     /// The Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -64,6 +85,37 @@ impl DaemonMetrics {
             "Leases skipped because they are invalid (see the daemon log).",
             self.skipped_leases.load(Ordering::Relaxed),
         );
+        let health = self
+            .peer_health
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        if !health.is_empty() {
+            let labels = |g: &PeerGauge| {
+                format!("{{subnet=\"{}\",public_ip=\"{}\"}}", g.subnet, g.public_ip)
+            };
+            let _ = writeln!(
+                out,
+                "# HELP flannel_peer_reachable Whether the peer answers ICMP echo over the overlay (0 after 3 unanswered probes in a row).\n# TYPE flannel_peer_reachable gauge"
+            );
+            for g in &health {
+                if let Some(r) = g.reachable {
+                    let _ = writeln!(out, "flannel_peer_reachable{} {}", labels(g), u8::from(r));
+                }
+            }
+            let _ = writeln!(
+                out,
+                "# HELP flannel_peer_probe_failures_total Peer probes that went unanswered.\n# TYPE flannel_peer_probe_failures_total counter"
+            );
+            for g in &health {
+                let _ = writeln!(
+                    out,
+                    "flannel_peer_probe_failures_total{} {}",
+                    labels(g),
+                    g.failures_total
+                );
+            }
+        }
         let plane = self.plane.lock().map(|p| p.clone()).unwrap_or_default();
         if let PlaneMetrics::Userspace {
             counters,
@@ -149,5 +201,40 @@ mod tests {
             text.contains("flannel_vxlan_drops_total{reason=\"unknown_source\"} 1\n"),
             "{text}"
         );
+        assert!(!text.contains("flannel_peer_reachable"), "{text}");
+    }
+
+    #[test]
+    fn renders_peer_reachability() {
+        let m = DaemonMetrics::default();
+        let g = |subnet: &str, reachable, failures_total| PeerGauge {
+            subnet: subnet.into(),
+            public_ip: "198.51.100.7".into(),
+            reachable,
+            failures_total,
+        };
+        m.set_peer_health(vec![
+            g("10.244.1.0/24", Some(false), 3),
+            g("10.244.2.0/24", Some(true), 0),
+            g("10.244.3.0/24", None, 1),
+        ]);
+        let text = m.render();
+        assert!(
+            text.contains(
+                "flannel_peer_reachable{subnet=\"10.244.1.0/24\",public_ip=\"198.51.100.7\"} 0\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "flannel_peer_reachable{subnet=\"10.244.2.0/24\",public_ip=\"198.51.100.7\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("flannel_peer_reachable{subnet=\"10.244.3.0/24\""),
+            "{text}"
+        );
+        assert!(text.contains("flannel_peer_probe_failures_total{subnet=\"10.244.3.0/24\",public_ip=\"198.51.100.7\"} 1\n"), "{text}");
     }
 }

@@ -8,6 +8,7 @@ pub mod extif;
 pub mod http;
 pub mod metrics;
 mod plane;
+pub mod probe;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::backend::{peers_from_leases, Peer};
@@ -170,6 +171,13 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     let previous_env = SubnetEnv::read(&flags.subnet_file)
         .ok()
         .and_then(|e| e.network.zip(e.subnet));
+    let (peers_tx, peers_rx) = watch::channel(Vec::<Peer>::new());
+    let prober = (flags.peer_probe_interval > 0).then(|| {
+        let interval = Duration::from_secs(u64::from(flags.peer_probe_interval));
+        let ctx = probe::ProbeContext::new(&flags, &backend);
+        info!(?interval, "probing peers");
+        tokio::spawn(probe::run(interval, ctx, peers_rx, metrics.clone()))
+    });
     let mut firewall = plane::Firewall::new(&flags, network, subnet, previous_env);
     firewall.ensure().await;
 
@@ -235,6 +243,7 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
                 peers = current_peers(&watcher, &net, &metrics);
                 plane.sync(&peers).await;
                 metrics.set_peers(peers.len());
+                peers_tx.send_replace(peers.clone());
                 synced = true;
             }
             _ = resync.tick(), if synced => plane.sync(&peers).await,
@@ -246,6 +255,9 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
         }
     }
     watch_task.abort();
+    if let Some(p) = prober {
+        p.abort();
+    }
     info!("shutting down");
     plane.shutdown().await;
     if outcome.is_ok() {
@@ -254,7 +266,8 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     outcome
 }
 
-async fn open_store(flags: &Flags) -> Result<Box<dyn LeaseStore>, DaemonError> {
+/// Opens the lease store the flags select: `--lease-dir`, else `--kube-subnet-mgr`, else etcd.
+pub async fn open_store(flags: &Flags) -> Result<Box<dyn LeaseStore>, DaemonError> {
     if let Some(dir) = &flags.lease_dir {
         return Ok(Box::new(DirStore::new(dir.clone())));
     }
@@ -317,7 +330,8 @@ async fn start_http(
     Ok(())
 }
 
-fn external_interface(flags: &Flags) -> Result<ExternalInterface, DaemonError> {
+/// The external interface flannel's rules select for these flags (compat §2.1).
+pub fn external_interface(flags: &Flags) -> Result<ExternalInterface, DaemonError> {
     let ifaces = iface::interfaces().map_err(io_err("list interfaces"))?;
     let default_route = iface::default_route_interface_v4().unwrap_or(None);
     let can_reach_source = match flags.iface_can_reach {

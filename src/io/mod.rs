@@ -1,7 +1,9 @@
-//! The only module that talks to the OS with `unsafe`: TUN device, UDP batching, ethtool ioctls.
+//! The only module that talks to the OS with `unsafe`: TUN device, UDP batching, ethtool ioctls,
+//! raw ICMP probes.
 #![allow(unsafe_code)]
 
 pub mod ethtool;
+pub mod icmp;
 pub mod iface;
 pub mod netns;
 pub mod tun;

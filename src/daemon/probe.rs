@@ -1,0 +1,361 @@
+//! Peer reachability: every peer is probed with ICMP echo over the overlay (vxlan: to the
+//! peer's VTEP address, host-gw: to its public IP), so a node whose VXLAN packets never
+//! arrive (a NATed public IP, a blocked UDP port: field problems P1 and P3) is named in the
+//! log and on `/metrics` instead of silently black-holing pod traffic.
+//!
+//! The decisions (probe target, state transitions, the fix to suggest) are pure functions
+//! shared with `flanneld doctor`; the probing itself is [`crate::io::icmp::Pinger`].
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::backend::Peer;
+use crate::config::flags::Flags;
+use crate::config::netconf::BackendConfig;
+use crate::io::icmp::Pinger;
+use crate::lease::annotations::AnnotationNames;
+
+use super::metrics::{DaemonMetrics, PeerGauge};
+
+/// Consecutive unanswered probes after which a peer counts as unreachable.
+pub const UNREACHABLE_AFTER: u32 = 3;
+/// How long one probe waits for its reply.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How peers are reached, for choosing probe targets and fixes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeContext {
+    /// Backend type of this node (`vxlan`, `host-gw`).
+    pub backend: String,
+    /// VXLAN UDP port (`Backend.Port`, 8472 by default).
+    pub port: u16,
+    /// kube store: the `public-ip-overwrite` annotation name; `None` for etcd/directory
+    /// stores (there `--public-ip` on the peer is the fix).
+    pub overwrite_annotation: Option<String>,
+}
+
+impl ProbeContext {
+    /// The context of a node running with `flags` and `backend`.
+    pub fn new(flags: &Flags, backend: &BackendConfig) -> ProbeContext {
+        let overwrite_annotation = flags.kube_subnet_mgr.then(|| {
+            AnnotationNames::new(&flags.kube_annotation_prefix)
+                .map(|n| n.public_ip_overwrite)
+                .unwrap_or_else(|_| "flannel.alpha.coreos.com/public-ip-overwrite".to_owned())
+        });
+        ProbeContext {
+            backend: backend.kind().to_owned(),
+            port: match backend {
+                BackendConfig::Vxlan(vx) => vx.vxlan_port(),
+                _ => 0,
+            },
+            overwrite_annotation,
+        }
+    }
+}
+
+/// The address to probe for `peer`: the VTEP address flannel gives the peer's overlay device
+/// (its subnet's network address, `/32` on `flannel.<VNI>`) for vxlan, the public IP for
+/// host-gw. `None` for peers of other families or backends.
+pub fn probe_target(peer: &Peer) -> Option<Ipv4Addr> {
+    match (peer.backend_type.as_str(), peer.subnet, peer.public_ip) {
+        ("vxlan", IpNet::V4(net), _) => Some(net.network()),
+        ("host-gw", IpNet::V4(_), IpAddr::V4(ip)) => Some(ip),
+        _ => None,
+    }
+}
+
+/// RFC 1918 private or RFC 6598 shared (CGNAT) address: typical of a node behind NAT whose
+/// published address other sites cannot reach.
+pub fn is_private_or_cgnat(ip: Ipv4Addr) -> bool {
+    let o = ip.octets();
+    ip.is_private() || (o[0] == 100 && (64..128).contains(&o[1]))
+}
+
+/// The fixes to suggest for an unreachable peer, most likely first.
+pub fn unreachable_fixes(peer: &Peer, ctx: &ProbeContext) -> Vec<String> {
+    let nat = match &ctx.overwrite_annotation {
+        Some(a) => format!(
+            "set {a} on that node to an address this node can reach, then restart flanneld there"
+        ),
+        None => {
+            "start flanneld on that node with --public-ip set to an address this node can reach"
+                .to_owned()
+        }
+    };
+    let port = format!(
+        "check that UDP {} is allowed between the nodes, or move Backend.Port",
+        ctx.port
+    );
+    let private = matches!(peer.public_ip, IpAddr::V4(ip) if is_private_or_cgnat(ip));
+    if ctx.backend == "host-gw" {
+        return vec![
+            format!(
+                "host-gw needs every node on one layer-2 network: check that {} is on-link from this node, or use the vxlan backend",
+                peer.public_ip
+            ),
+            "check that no firewall or security group between the nodes drops their traffic".to_owned(),
+        ];
+    }
+    if private {
+        vec![
+            format!(
+                "its public IP {} is a private address, probably behind NAT: {nat}",
+                peer.public_ip
+            ),
+            port,
+        ]
+    } else {
+        vec![port, format!("if that node is behind NAT: {nat}")]
+    }
+}
+
+/// One line naming an unreachable peer and the likely fixes, most likely first (the
+/// daemon's warning).
+pub fn unreachable_message(peer: &Peer, target: Ipv4Addr, ctx: &ProbeContext) -> String {
+    let fix = unreachable_fixes(peer, ctx).join("; ");
+    format!(
+        "peer {} at {} ({}) does not answer: {} ICMP echo requests to {target} in a row went unanswered; {fix}",
+        peer.subnet,
+        peer.public_ip,
+        transport(ctx),
+        UNREACHABLE_AFTER
+    )
+}
+
+/// `UDP 8472` for vxlan, `host-gw` otherwise.
+pub fn transport(ctx: &ProbeContext) -> String {
+    if ctx.backend == "vxlan" {
+        format!("UDP {}", ctx.port)
+    } else {
+        ctx.backend.clone()
+    }
+}
+
+/// What changed for a peer after a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// It has just missed [`UNREACHABLE_AFTER`] probes in a row.
+    Unreachable,
+    /// It answered again after being unreachable.
+    Recovered,
+}
+
+/// One peer's probe history.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerHealth {
+    /// Known state: `None` until it answered once or missed enough probes.
+    pub reachable: Option<bool>,
+    /// Unanswered probes since the last answer.
+    pub consecutive_failures: u32,
+    /// Unanswered probes in total.
+    pub failures_total: u64,
+}
+
+impl PeerHealth {
+    /// Records one probe result.
+    pub fn record(&mut self, answered: bool) -> Option<Transition> {
+        if answered {
+            self.consecutive_failures = 0;
+            let was = self.reachable.replace(true);
+            return (was == Some(false)).then_some(Transition::Recovered);
+        }
+        self.failures_total += 1;
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        if self.consecutive_failures >= UNREACHABLE_AFTER && self.reachable != Some(false) {
+            self.reachable = Some(false);
+            return Some(Transition::Unreachable);
+        }
+        None
+    }
+}
+
+/// Probes every peer in `peers` every `interval` until the task is dropped, logging and
+/// exporting reachability.
+pub async fn run(
+    interval: Duration,
+    ctx: ProbeContext,
+    mut peers: watch::Receiver<Vec<Peer>>,
+    metrics: Arc<DaemonMetrics>,
+) {
+    let mut health: HashMap<(IpNet, IpAddr), PeerHealth> = HashMap::new();
+    let mut pinger: Option<Pinger> = None;
+    let mut open_warned = false;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let current: Vec<Peer> = peers.borrow_and_update().clone();
+        let targets: Vec<(Peer, Ipv4Addr)> = current
+            .into_iter()
+            .filter_map(|p| probe_target(&p).map(|t| (p, t)))
+            .collect();
+        health.retain(|k, _| targets.iter().any(|(p, _)| (p.subnet, p.public_ip) == *k));
+        if targets.is_empty() {
+            metrics.set_peer_health(Vec::new());
+            continue;
+        }
+        let mut p = match pinger.take() {
+            Some(p) => p,
+            None => match Pinger::open() {
+                Ok(p) => p,
+                Err(e) => {
+                    if !open_warned {
+                        warn!(error = %e, "cannot open a raw ICMP socket; peer probing disabled until it can");
+                        open_warned = true;
+                    }
+                    continue;
+                }
+            },
+        };
+        let addrs: Vec<Ipv4Addr> = targets.iter().map(|(_, t)| *t).collect();
+        let done = tokio::task::spawn_blocking(move || {
+            let r = p.probe(&addrs, 1, PROBE_TIMEOUT);
+            (p, r)
+        })
+        .await;
+        let Ok((p, answered)) = done else {
+            warn!("peer probe task failed");
+            continue;
+        };
+        pinger = Some(p);
+        let mut gauges = Vec::with_capacity(targets.len());
+        for ((peer, target), ok) in targets.iter().zip(answered) {
+            let h = health.entry((peer.subnet, peer.public_ip)).or_default();
+            match h.record(ok) {
+                Some(Transition::Unreachable) => warn!(
+                    subnet = %peer.subnet, public_ip = %peer.public_ip, port = ctx.port,
+                    "{}", unreachable_message(peer, *target, &ctx)
+                ),
+                Some(Transition::Recovered) => info!(
+                    subnet = %peer.subnet, public_ip = %peer.public_ip,
+                    "peer {} at {} ({}) answers again", peer.subnet, peer.public_ip, transport(&ctx)
+                ),
+                None if !ok => debug!(subnet = %peer.subnet, %target, "peer probe unanswered"),
+                None => {}
+            }
+            gauges.push(PeerGauge {
+                subnet: peer.subnet.to_string(),
+                public_ip: peer.public_ip.to_string(),
+                reachable: h.reachable,
+                failures_total: h.failures_total,
+            });
+        }
+        metrics.set_peer_health(gauges);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(subnet: &str, ip: &str, backend: &str) -> Peer {
+        Peer {
+            subnet: subnet.parse().expect("subnet"),
+            public_ip: ip.parse().expect("ip"),
+            backend_type: backend.to_owned(),
+            vtep_mac: None,
+            vni: Some(1),
+        }
+    }
+
+    fn ctx(kube: bool) -> ProbeContext {
+        ProbeContext {
+            backend: "vxlan".into(),
+            port: 8472,
+            overwrite_annotation: kube
+                .then(|| "flannel.alpha.coreos.com/public-ip-overwrite".to_owned()),
+        }
+    }
+
+    #[test]
+    fn targets_are_vtep_or_public_ip() {
+        let v = peer("10.244.2.0/24", "198.51.100.7", "vxlan");
+        assert_eq!(probe_target(&v), Some(Ipv4Addr::new(10, 244, 2, 0)));
+        let h = peer("10.244.3.0/24", "198.51.100.8", "host-gw");
+        assert_eq!(probe_target(&h), Some(Ipv4Addr::new(198, 51, 100, 8)));
+        assert_eq!(
+            probe_target(&peer("fd10::/64", "198.51.100.8", "vxlan")),
+            None
+        );
+        assert_eq!(
+            probe_target(&peer("10.244.4.0/24", "198.51.100.9", "udp")),
+            None
+        );
+    }
+
+    #[test]
+    fn private_and_cgnat() {
+        for ip in [
+            "10.200.200.7",
+            "172.19.0.13",
+            "192.168.1.1",
+            "100.64.0.1",
+            "100.127.255.1",
+        ] {
+            assert!(is_private_or_cgnat(ip.parse().expect("ip")), "{ip}");
+        }
+        for ip in ["43.129.71.69", "198.51.100.7", "100.128.0.1", "172.32.0.1"] {
+            assert!(!is_private_or_cgnat(ip.parse().expect("ip")), "{ip}");
+        }
+    }
+
+    #[test]
+    fn three_failures_then_one_warning_then_recovery() {
+        let mut h = PeerHealth::default();
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.reachable, None);
+        assert_eq!(h.record(false), Some(Transition::Unreachable));
+        assert_eq!(h.reachable, Some(false));
+        // Only once while it stays down.
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(true), Some(Transition::Recovered));
+        assert_eq!(h.failures_total, 4);
+        assert_eq!(h.consecutive_failures, 0);
+        // An answer first is not a recovery; two misses are not an outage.
+        let mut h = PeerHealth::default();
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.reachable, Some(true));
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.reachable, Some(true));
+    }
+
+    #[test]
+    fn messages_name_peer_and_fix() {
+        let nat = peer("10.244.1.0/24", "172.19.0.13", "vxlan");
+        let m = unreachable_message(&nat, Ipv4Addr::new(10, 244, 1, 0), &ctx(true));
+        assert_eq!(
+            m,
+            "peer 10.244.1.0/24 at 172.19.0.13 (UDP 8472) does not answer: 3 ICMP echo requests to 10.244.1.0 in a row went unanswered; its public IP 172.19.0.13 is a private address, probably behind NAT: set flannel.alpha.coreos.com/public-ip-overwrite on that node to an address this node can reach, then restart flanneld there; check that UDP 8472 is allowed between the nodes, or move Backend.Port"
+        );
+        let public = peer("10.244.2.0/24", "198.51.100.7", "vxlan");
+        let m = unreachable_message(&public, Ipv4Addr::new(10, 244, 2, 0), &ctx(false));
+        assert!(
+            m.ends_with("went unanswered; check that UDP 8472 is allowed between the nodes, or move Backend.Port; if that node is behind NAT: start flanneld on that node with --public-ip set to an address this node can reach"),
+            "{m}"
+        );
+        let fixes = unreachable_fixes(&public, &ctx(false));
+        assert_eq!(
+            fixes[1],
+            "if that node is behind NAT: start flanneld on that node with --public-ip set to an address this node can reach"
+        );
+        let hg = ProbeContext {
+            backend: "host-gw".into(),
+            ..ctx(true)
+        };
+        let m = unreachable_message(
+            &peer("10.244.3.0/24", "198.51.100.9", "host-gw"),
+            Ipv4Addr::new(198, 51, 100, 9),
+            &hg,
+        );
+        assert!(m.contains("(host-gw)") && m.contains("layer-2"), "{m}");
+    }
+}

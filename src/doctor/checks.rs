@@ -1,0 +1,797 @@
+//! The decisions: pure functions from gathered facts to findings, one per check id.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::Ipv4Net;
+
+use super::iptables::{forward_verdict, host_firewall, parse_filter, ForwardVerdict};
+use super::report::{ids, Finding, Status};
+use crate::backend::Peer;
+use crate::daemon::probe::{transport, unreachable_fixes, ProbeContext};
+use crate::lease::Lease;
+
+/// Parses a boolean-ish sysctl file (`/proc/sys/net/ipv4/ip_forward`): its integer value.
+pub fn parse_sysctl(raw: &str) -> Option<i64> {
+    raw.trim().parse().ok()
+}
+
+/// `ip-forward`: the raw contents of `/proc/sys/net/ipv4/ip_forward`, or why it was unreadable.
+pub fn ip_forward(raw: Result<&str, &str>) -> Finding {
+    let id = ids::IP_FORWARD;
+    match raw.map(parse_sysctl) {
+        Err(e) => Finding::new(Status::Skip, id, format!("cannot read net.ipv4.ip_forward: {e}")),
+        Ok(Some(1)) => Finding::new(Status::Pass, id, "net.ipv4.ip_forward = 1"),
+        Ok(Some(v)) => Finding::new(
+            Status::Fail,
+            id,
+            format!("net.ipv4.ip_forward = {v}: this node does not forward pod traffic"),
+        )
+        .fix("sysctl -w net.ipv4.ip_forward=1, and find the sysctl file that resets it at boot (grep -r ip_forward /etc/sysctl.conf /etc/sysctl.d /usr/lib/sysctl.d /run/sysctl.d), fix it, then sysctl --system"),
+        Ok(None) => Finding::new(
+            Status::Fail,
+            id,
+            format!("net.ipv4.ip_forward has an unexpected value {:?}", raw.unwrap_or_default().trim()),
+        )
+        .fix("sysctl -w net.ipv4.ip_forward=1"),
+    }
+}
+
+/// What the overlay device looks like (from netlink and ethtool).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceFacts {
+    /// `flannel.<VNI>`.
+    pub name: String,
+    /// VNI the network config asks for.
+    pub vni: u32,
+    /// The device, if it exists: kind (`vxlan`, `tun`, ...), up, VNI of a vxlan device.
+    pub link: Option<(Option<String>, bool, Option<u32>)>,
+    /// `tx-checksum-ip-generic` of a kernel vxlan device (`Err`: could not read).
+    pub tx_checksum: Option<Result<bool, String>>,
+}
+
+fn recreate_fix(name: &str) -> String {
+    format!("check the flanneld log (it creates {name} at start and recreates it when it disappears), then restart flanneld; peers are replayed on start")
+}
+
+/// `vxlan-device`: the overlay device exists, is a vxlan or TUN device and is up.
+pub fn vxlan_device(d: &DeviceFacts) -> Finding {
+    let id = ids::VXLAN_DEVICE;
+    let name = &d.name;
+    match &d.link {
+        None => Finding::new(
+            Status::Fail,
+            id,
+            format!("{name} does not exist: this node has no overlay device, pod traffic to other nodes is dropped"),
+        )
+        .fix(recreate_fix(name)),
+        Some((kind, up, vni)) => match kind.as_deref() {
+            Some("vxlan") if *vni != Some(d.vni) => Finding::new(
+                Status::Fail,
+                id,
+                format!(
+                    "{name} is a vxlan device with VNI {} but the network config says VNI {}",
+                    vni.map(|v| v.to_string()).unwrap_or_else(|| "?".into()),
+                    d.vni
+                ),
+            )
+            .fix(format!("ip link del {name}, then restart flanneld (it recreates the device)")),
+            Some(k @ ("vxlan" | "tun")) if !*up => Finding::new(
+                Status::Fail,
+                id,
+                format!("{name} ({}) is down", kind_text(k)),
+            )
+            .fix(format!("ip link set {name} up; if something takes it down (a network restart), restart flanneld")),
+            Some(k @ ("vxlan" | "tun")) => Finding::new(
+                Status::Pass,
+                id,
+                format!("{name} is up ({}, VNI {})", kind_text(k), d.vni),
+            ),
+            other => Finding::new(
+                Status::Fail,
+                id,
+                format!("{name} is a {} device, not vxlan or TUN", other.unwrap_or("plain")),
+            )
+            .fix(format!("ip link del {name}, then restart flanneld")),
+        },
+    }
+}
+
+fn kind_text(kind: &str) -> &'static str {
+    if kind == "tun" {
+        "userspace TUN"
+    } else {
+        "kernel vxlan"
+    }
+}
+
+/// `tx-checksum`: a kernel vxlan device must have `tx-checksum-ip-generic` off (P2).
+pub fn tx_checksum(d: &DeviceFacts) -> Finding {
+    let id = ids::TX_CHECKSUM;
+    let name = &d.name;
+    match (&d.link, &d.tx_checksum) {
+        (None, _) => Finding::new(Status::Skip, id, format!("{name} does not exist")),
+        (Some((Some(k), _, _)), _) if k == "tun" => Finding::new(
+            Status::Pass,
+            id,
+            format!("{name} is a userspace TUN device: flanneld completes every checksum itself"),
+        ),
+        (_, Some(Ok(false))) => Finding::new(
+            Status::Pass,
+            id,
+            format!("{name}: tx-checksum-ip-generic off"),
+        ),
+        (_, Some(Ok(true))) => Finding::new(
+            Status::Fail,
+            id,
+            format!("{name}: tx-checksum-ip-generic on: NATed service traffic into the tunnel can leave with a wrong checksum and be dropped by the receiver (ClusterIP timeouts)"),
+        )
+        .fix(format!("ethtool -K {name} tx-checksum-ip-generic off (flanneld --dataplane=kernel turns it off when it creates the device, unless --vxlan-tx-checksum-offload)")),
+        (_, Some(Err(e))) => Finding::new(
+            Status::Skip,
+            id,
+            format!("{name}: cannot read tx-checksum-ip-generic: {e}"),
+        ),
+        (_, None) => Finding::new(Status::Skip, id, format!("{name}: not a vxlan device")),
+    }
+}
+
+/// `forward-reject`: `iptables -t filter -S` text (or why it could not be listed) and the
+/// pod Network.
+pub fn forward_reject(rules: Result<&str, &str>, network: Option<Ipv4Net>) -> Finding {
+    let id = ids::FORWARD_REJECT;
+    let text = match rules {
+        Ok(t) => t,
+        Err(e) => {
+            return Finding::new(Status::Skip, id, format!("cannot list iptables rules: {e}"))
+        }
+    };
+    let Some(network) = network else {
+        return Finding::new(
+            Status::Skip,
+            id,
+            "the pod Network is unknown (no network config, no subnet.env)",
+        );
+    };
+    match forward_verdict(&parse_filter(text), network) {
+        ForwardVerdict::Accepted(rule) => Finding::new(
+            Status::Pass,
+            id,
+            format!("pod traffic in {network} is accepted by \"{rule}\""),
+        ),
+        ForwardVerdict::Policy(p) if p == "ACCEPT" => Finding::new(
+            Status::Pass,
+            id,
+            format!("no FORWARD rule rejects pod traffic in {network} (policy ACCEPT)"),
+        ),
+        ForwardVerdict::Policy(p) => Finding::new(
+            Status::Fail,
+            id,
+            format!("FORWARD policy is {p} and no rule accepts pod traffic in {network}"),
+        )
+        .fix(format!("run flanneld with --iptables-forward-rules=true (the default), or: iptables -A FORWARD -s {network} -j ACCEPT; iptables -A FORWARD -d {network} -j ACCEPT")),
+        ForwardVerdict::Rejected { rule, partial } => {
+            let which = if partial { "part of the pod traffic" } else { "pod traffic" };
+            let delete = rule.strip_prefix("-A ").map(|r| format!("iptables -D {r}")).unwrap_or_default();
+            Finding::new(
+                Status::Fail,
+                id,
+                format!("\"{rule}\" rejects {which} in {network} before flannel's ACCEPT rules"),
+            )
+            .fix(format!("{delete}, and remove it from the saved firewall rules (/etc/sysconfig/iptables, iptables-persistent, firewalld) so it does not come back"))
+            .fix(format!("or accept the pod network above it: iptables -I FORWARD 1 -s {network} -j ACCEPT; iptables -I FORWARD 1 -d {network} -j ACCEPT"))
+        }
+    }
+}
+
+/// A running process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    /// Process id.
+    pub pid: u32,
+    /// `/proc/<pid>/comm` (at most 15 bytes).
+    pub comm: String,
+    /// Base name of `argv[0]` from `/proc/<pid>/cmdline` (empty for kernel threads).
+    pub exe: String,
+}
+
+/// `host-firewall`: firewalld/ufw chains in the filter table, or a firewalld process
+/// (its nftables backend creates no iptables chains).
+pub fn host_firewall_check(
+    rules: Result<&str, &str>,
+    procs: &[Process],
+    network: Option<Ipv4Net>,
+) -> Finding {
+    let id = ids::HOST_FIREWALL;
+    let hf = rules
+        .map(|t| host_firewall(&parse_filter(t)))
+        .unwrap_or_default();
+    let firewalld_pid = procs
+        .iter()
+        .find(|p| names_of(p).any(|n| n == "firewalld"))
+        .map(|p| p.pid);
+    let net = network
+        .map(|n| n.to_string())
+        .unwrap_or_else(|| "<Network>".into());
+    let mut found = Vec::new();
+    if !hf.firewalld.is_empty() {
+        found.push(format!("firewalld chains {}", hf.firewalld.join(", ")));
+    }
+    if let Some(pid) = firewalld_pid {
+        found.push(format!("firewalld (pid {pid}) running"));
+    }
+    if !hf.ufw.is_empty() {
+        found.push(format!("ufw chains {}", hf.ufw.join(", ")));
+    }
+    if found.is_empty() {
+        return match rules {
+            Ok(_) => Finding::new(Status::Pass, id, "no firewalld or ufw chains"),
+            Err(e) => Finding::new(Status::Skip, id, format!("cannot list iptables rules: {e}")),
+        };
+    }
+    let mut f = Finding::new(
+        Status::Warn,
+        id,
+        format!(
+            "{}: a host firewall may reject forwarded pod traffic or VXLAN packets",
+            found.join("; ")
+        ),
+    );
+    if !hf.firewalld.is_empty() || firewalld_pid.is_some() {
+        f = f.fix(format!("firewalld: firewall-cmd --permanent --zone=trusted --add-source={net}; firewall-cmd --permanent --add-port=8472/udp; firewall-cmd --reload"));
+    }
+    if !hf.ufw.is_empty() {
+        f = f.fix(format!(
+            "ufw: ufw allow 8472/udp; ufw route allow from {net}; ufw route allow to {net}"
+        ));
+    }
+    f
+}
+
+/// Process names of security software seen hooking the network stack in the field (P3).
+pub const SECURITY_SOFTWARE: &[&str] = &[
+    "qaxsafed",
+    "sangfor_watchdog",
+    "YDservice",
+    "start360su_safed",
+    "gov_defence_service",
+    "gov_defence_guard",
+    "wsssr_defence_daemon",
+    "wsssr_defence_service",
+    "wsssr_defence_agent",
+    "kesl",
+    // Symantec Endpoint Protection for Linux.
+    "rtvscand",
+    "smcd",
+    "symcfgd",
+    "sisidsdaemon",
+    "sisamddaemon",
+    "sisipsdaemon",
+];
+
+fn names_of(p: &Process) -> impl Iterator<Item = &str> {
+    [p.exe.as_str(), p.comm.as_str()]
+        .into_iter()
+        .filter(|n| !n.is_empty())
+}
+
+/// The known security product a process is, matching its executable name or its comm
+/// (the kernel cuts comm to 15 bytes, so a 15-byte comm matches by prefix).
+pub fn classify_process(p: &Process) -> Option<&'static str> {
+    SECURITY_SOFTWARE.iter().copied().find(|known| {
+        names_of(p).any(|n| {
+            n.eq_ignore_ascii_case(known)
+                || (n.len() == 15
+                    && known.len() > 15
+                    && known
+                        .to_ascii_lowercase()
+                        .starts_with(&n.to_ascii_lowercase()))
+        })
+    })
+}
+
+/// `security-software`: one WARN per matching process (at most 20), else PASS.
+pub fn security_software(procs: &[Process]) -> Vec<Finding> {
+    let id = ids::SECURITY_SOFTWARE;
+    let hits: Vec<Finding> = procs
+        .iter()
+        .filter_map(|p| classify_process(p).map(|name| (p, name)))
+        .take(20)
+        .map(|(p, name)| {
+            Finding::new(
+                Status::Warn,
+                id,
+                format!("process {name} (pid {}) is known to hook the network stack", p.pid),
+            )
+            .fix(format!("if pod traffic between nodes fails, exempt the pod Network and UDP 8472 in {name}'s policy or stop it (systemctl stop/disable its service) and test again"))
+        })
+        .collect();
+    if hits.is_empty() {
+        vec![Finding::new(
+            Status::Pass,
+            id,
+            "no known network-hooking security software running",
+        )]
+    } else {
+        hits
+    }
+}
+
+/// A probed peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerProbe {
+    /// The peer.
+    pub peer: Peer,
+    /// The address probed.
+    pub target: Ipv4Addr,
+    /// Whether it answered.
+    pub answered: bool,
+}
+
+/// `peer-reachable`: one line per peer.
+pub fn peer_reachable(probes: &[PeerProbe], ctx: &ProbeContext) -> Vec<Finding> {
+    let id = ids::PEER_REACHABLE;
+    if probes.is_empty() {
+        return vec![Finding::new(
+            Status::Skip,
+            id,
+            "no other node's lease in the store",
+        )];
+    }
+    probes
+        .iter()
+        .map(|p| {
+            let head = format!(
+                "peer {} at {} ({})",
+                p.peer.subnet,
+                p.peer.public_ip,
+                transport(ctx)
+            );
+            if p.answered {
+                Finding::new(
+                    Status::Pass,
+                    id,
+                    format!("{head} answers ICMP echo to {}", p.target),
+                )
+            } else {
+                let mut f = Finding::new(
+                    Status::Fail,
+                    id,
+                    format!(
+                        "{head} does not answer ICMP echo to {}{}",
+                        p.target,
+                        if ctx.backend == "vxlan" {
+                            " over the overlay"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
+                for fix in unreachable_fixes(&p.peer, ctx) {
+                    f = f.fix(fix);
+                }
+                f
+            }
+        })
+        .collect()
+}
+
+/// `subnet-lease`: subnet.env (its subnet, or why unreadable) against the store's leases.
+/// `ours` are this node's addresses (interface addresses, `--public-ip`, a stored public IP).
+pub fn subnet_lease(
+    env_subnet: Result<Option<Ipv4Net>, &str>,
+    leases: Result<&[Lease], &str>,
+    ours: &[Ipv4Addr],
+) -> Finding {
+    let id = ids::SUBNET_LEASE;
+    let subnet = match env_subnet {
+        Err(e) => {
+            return Finding::new(Status::Fail, id, format!("subnet.env unreadable: {e}"))
+                .fix("start flanneld (it writes subnet.env once it holds a lease); pods cannot get addresses without it")
+        }
+        Ok(None) => {
+            return Finding::new(Status::Fail, id, "subnet.env has no FLANNEL_SUBNET")
+                .fix("restart flanneld so it rewrites subnet.env")
+        }
+        Ok(Some(s)) => s,
+    };
+    let leases = match leases {
+        Ok(l) => l,
+        Err(e) => {
+            return Finding::new(
+                Status::Skip,
+                id,
+                format!("subnet.env says {subnet}; the store cannot be read: {e}"),
+            )
+        }
+    };
+    let is_ours = |l: &Lease| ours.contains(&l.attrs.public_ip);
+    let mine = leases.iter().find(|l| l.subnet == Some(subnet));
+    let other_of_ours = leases
+        .iter()
+        .find(|l| is_ours(l) && l.subnet != Some(subnet));
+    match (mine, other_of_ours) {
+        (None, Some(o)) => Finding::new(
+            Status::Fail,
+            id,
+            format!(
+                "subnet.env says {subnet} but the store's lease for this node ({}) is {}",
+                o.attrs.public_ip,
+                o.subnet.map(|s| s.to_string()).unwrap_or_default()
+            ),
+        )
+        .fix("restart flanneld so subnet.env and the pod routes follow the store's lease; pods started with the old subnet need restarting"),
+        (None, None) => Finding::new(
+            Status::Fail,
+            id,
+            format!("subnet.env says {subnet} but the store has no lease for it"),
+        )
+        .fix("restart flanneld to acquire a lease (etcd: the lease may have expired while flanneld was down)"),
+        (Some(l), _) if is_ours(l) => Finding::new(
+            Status::Pass,
+            id,
+            format!("subnet.env and the store agree: {subnet} at {}", l.attrs.public_ip),
+        ),
+        (Some(l), Some(o)) => Finding::new(
+            Status::Fail,
+            id,
+            format!(
+                "subnet.env says {subnet}, leased to {}, but this node's lease ({}) is {}",
+                l.attrs.public_ip,
+                o.attrs.public_ip,
+                o.subnet.map(|s| s.to_string()).unwrap_or_default()
+            ),
+        )
+        .fix("restart flanneld so subnet.env follows the store's lease"),
+        (Some(l), None) => Finding::new(
+            Status::Pass,
+            id,
+            format!(
+                "subnet.env and the store agree: {subnet} at {} (not an address of this host: NAT with a public-IP override)",
+                l.attrs.public_ip
+            ),
+        ),
+    }
+}
+
+/// This node's own addresses for [`subnet_lease`]: its interface addresses plus configured
+/// public IPs.
+pub fn own_addresses(iface_addrs: &[IpAddr], extra: &[Option<Ipv4Addr>]) -> Vec<Ipv4Addr> {
+    let mut v: Vec<Ipv4Addr> = iface_addrs
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        })
+        .chain(extra.iter().flatten().copied())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::LeaseAttrs;
+
+    fn render1(f: &Finding) -> String {
+        super::super::report::render(std::slice::from_ref(f))
+    }
+
+    #[test]
+    fn sysctl_values() {
+        assert_eq!(parse_sysctl("1\n"), Some(1));
+        assert_eq!(parse_sysctl(" 0 "), Some(0));
+        assert_eq!(parse_sysctl("x"), None);
+        assert_eq!(parse_sysctl(""), None);
+        assert_eq!(
+            render1(&ip_forward(Ok("1\n"))),
+            "PASS ip-forward: net.ipv4.ip_forward = 1\ndoctor: 1 passed, 0 warnings, 0 failed\n"
+        );
+        let f = ip_forward(Ok("0\n"));
+        assert_eq!(f.status, Status::Fail);
+        assert!(render1(&f).starts_with("FAIL ip-forward: net.ipv4.ip_forward = 0: this node does not forward pod traffic\n  fix: sysctl -w net.ipv4.ip_forward=1, and find the sysctl file"));
+        assert_eq!(ip_forward(Ok("yes")).status, Status::Fail);
+        assert_eq!(ip_forward(Err("permission denied")).status, Status::Skip);
+    }
+
+    fn dev(
+        link: Option<(&str, bool, Option<u32>)>,
+        tx: Option<Result<bool, String>>,
+    ) -> DeviceFacts {
+        DeviceFacts {
+            name: "flannel.1".into(),
+            vni: 1,
+            link: link.map(|(k, up, vni)| (Some(k.to_owned()), up, vni)),
+            tx_checksum: tx,
+        }
+    }
+
+    #[test]
+    fn device_checks() {
+        let d = dev(Some(("vxlan", true, Some(1))), Some(Ok(false)));
+        assert_eq!(
+            vxlan_device(&d).message,
+            "flannel.1 is up (kernel vxlan, VNI 1)"
+        );
+        assert_eq!(tx_checksum(&d).status, Status::Pass);
+        let d = dev(Some(("vxlan", true, Some(1))), Some(Ok(true)));
+        let f = tx_checksum(&d);
+        assert_eq!(f.status, Status::Fail);
+        assert!(
+            f.message
+                .starts_with("flannel.1: tx-checksum-ip-generic on"),
+            "{}",
+            f.message
+        );
+        assert!(f.fixes[0].starts_with("ethtool -K flannel.1 tx-checksum-ip-generic off"));
+        let d = dev(Some(("tun", true, None)), None);
+        assert_eq!(
+            vxlan_device(&d).message,
+            "flannel.1 is up (userspace TUN, VNI 1)"
+        );
+        assert_eq!(tx_checksum(&d).status, Status::Pass);
+        assert_eq!(
+            vxlan_device(&dev(Some(("tun", false, None)), None)).status,
+            Status::Fail
+        );
+        assert_eq!(
+            vxlan_device(&dev(Some(("vxlan", true, Some(2))), None)).status,
+            Status::Fail
+        );
+        assert_eq!(
+            vxlan_device(&dev(Some(("bridge", true, None)), None)).status,
+            Status::Fail
+        );
+        let gone = dev(None, None);
+        assert_eq!(vxlan_device(&gone).status, Status::Fail);
+        assert!(vxlan_device(&gone)
+            .message
+            .starts_with("flannel.1 does not exist"));
+        assert_eq!(tx_checksum(&gone).status, Status::Skip);
+    }
+
+    const FLANNEL_FWD: &str =
+        "-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n-N FLANNEL-FWD\n\
+        -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n\
+        -A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT\n\
+        -A FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT\n";
+
+    #[test]
+    fn forward_reject_names_the_rule() {
+        let n: Ipv4Net = "10.244.0.0/16".parse().expect("net");
+        assert_eq!(
+            forward_reject(Ok(FLANNEL_FWD), Some(n)).status,
+            Status::Pass
+        );
+        let bad = FLANNEL_FWD.replace(
+            "-A FORWARD -m comment",
+            "-A FORWARD -j REJECT --reject-with icmp-host-prohibited\n-A FORWARD -m comment",
+        );
+        let f = forward_reject(Ok(&bad), Some(n));
+        assert_eq!(
+            render1(&f).lines().next(),
+            Some("FAIL forward-reject: \"-A FORWARD -j REJECT --reject-with icmp-host-prohibited\" rejects pod traffic in 10.244.0.0/16 before flannel's ACCEPT rules")
+        );
+        assert!(f.fixes[0]
+            .starts_with("iptables -D FORWARD -j REJECT --reject-with icmp-host-prohibited,"));
+        let after =
+            format!("{FLANNEL_FWD}-A FORWARD -j REJECT --reject-with icmp-host-prohibited\n");
+        assert_eq!(forward_reject(Ok(&after), Some(n)).status, Status::Pass);
+        let drop = "-P FORWARD DROP\n";
+        assert_eq!(forward_reject(Ok(drop), Some(n)).status, Status::Fail);
+        assert_eq!(
+            forward_reject(Err("no iptables"), Some(n)).status,
+            Status::Skip
+        );
+        assert_eq!(forward_reject(Ok(FLANNEL_FWD), None).status, Status::Skip);
+    }
+
+    fn proc(pid: u32, comm: &str, exe: &str) -> Process {
+        Process {
+            pid,
+            comm: comm.into(),
+            exe: exe.into(),
+        }
+    }
+
+    #[test]
+    fn process_names() {
+        assert_eq!(classify_process(&proc(1, "kesl", "kesl")), Some("kesl"));
+        // comm is cut at 15 bytes; no cmdline (e.g. hidden) still matches.
+        assert_eq!(
+            classify_process(&proc(2, "sangfor_watchdo", "")),
+            Some("sangfor_watchdog")
+        );
+        assert_eq!(
+            classify_process(&proc(3, "wsssr_defence_d", "")),
+            Some("wsssr_defence_daemon")
+        );
+        assert_eq!(
+            classify_process(&proc(4, "ydservice", "YDService")),
+            Some("YDservice")
+        );
+        assert_eq!(
+            classify_process(&proc(5, "x", "gov_defence_guard")),
+            Some("gov_defence_guard")
+        );
+        assert_eq!(classify_process(&proc(6, "keslx", "keslx")), None);
+        assert_eq!(classify_process(&proc(7, "sshd", "sshd")), None);
+        // A short prefix is not enough.
+        assert_eq!(classify_process(&proc(8, "sangfor", "")), None);
+        let f = security_software(&[proc(1234, "kesl", "kesl"), proc(9, "bash", "bash")]);
+        assert_eq!(f.len(), 1);
+        assert_eq!(
+            render1(&f[0]).lines().next(),
+            Some("WARN security-software: process kesl (pid 1234) is known to hook the network stack")
+        );
+        assert_eq!(
+            security_software(&[proc(9, "bash", "bash")])[0].status,
+            Status::Pass
+        );
+    }
+
+    #[test]
+    fn host_firewall_chains_and_process() {
+        let n = Some("10.244.0.0/16".parse().expect("net"));
+        let fw = format!("{FLANNEL_FWD}-N FORWARD_IN_ZONES\n-N FORWARD_direct\n");
+        let f = host_firewall_check(Ok(&fw), &[], n);
+        assert_eq!(f.status, Status::Warn);
+        assert!(
+            f.message
+                .starts_with("firewalld chains FORWARD_IN_ZONES, FORWARD_direct"),
+            "{}",
+            f.message
+        );
+        assert!(f.fixes[0].contains("--add-source=10.244.0.0/16"));
+        let ufw = "-P FORWARD DROP\n-N ufw-before-forward\n";
+        let f = host_firewall_check(Ok(ufw), &[], n);
+        assert_eq!(f.status, Status::Warn);
+        assert!(f.fixes[0].starts_with("ufw:"));
+        let f = host_firewall_check(Ok(FLANNEL_FWD), &[proc(77, "firewalld", "firewalld")], n);
+        assert_eq!(f.status, Status::Warn);
+        assert!(f.message.contains("firewalld (pid 77) running"));
+        assert_eq!(
+            host_firewall_check(Ok(FLANNEL_FWD), &[], n).status,
+            Status::Pass
+        );
+        assert_eq!(host_firewall_check(Err("x"), &[], n).status, Status::Skip);
+    }
+
+    fn ctx() -> ProbeContext {
+        ProbeContext {
+            backend: "vxlan".into(),
+            port: 8472,
+            overwrite_annotation: Some("flannel.alpha.coreos.com/public-ip-overwrite".into()),
+        }
+    }
+
+    #[test]
+    fn peers_one_line_each() {
+        let peer = |s: &str, ip: &str| Peer {
+            subnet: s.parse().expect("subnet"),
+            public_ip: ip.parse().expect("ip"),
+            backend_type: "vxlan".into(),
+            vtep_mac: None,
+            vni: Some(1),
+        };
+        let probes = [
+            PeerProbe {
+                peer: peer("10.244.1.0/24", "198.51.100.7"),
+                target: "10.244.1.0".parse().expect("ip"),
+                answered: false,
+            },
+            PeerProbe {
+                peer: peer("10.244.2.0/24", "172.19.0.13"),
+                target: "10.244.2.0".parse().expect("ip"),
+                answered: false,
+            },
+            PeerProbe {
+                peer: peer("10.244.3.0/24", "198.51.100.9"),
+                target: "10.244.3.0".parse().expect("ip"),
+                answered: true,
+            },
+        ];
+        let text = super::super::report::render(&peer_reachable(&probes, &ctx()));
+        assert_eq!(
+            text,
+            "FAIL peer-reachable: peer 10.244.1.0/24 at 198.51.100.7 (UDP 8472) does not answer ICMP echo to 10.244.1.0 over the overlay\n\
+             \x20 fix: check that UDP 8472 is allowed between the nodes, or move Backend.Port\n\
+             \x20 fix: if that node is behind NAT: set flannel.alpha.coreos.com/public-ip-overwrite on that node to an address this node can reach, then restart flanneld there\n\
+             FAIL peer-reachable: peer 10.244.2.0/24 at 172.19.0.13 (UDP 8472) does not answer ICMP echo to 10.244.2.0 over the overlay\n\
+             \x20 fix: its public IP 172.19.0.13 is a private address, probably behind NAT: set flannel.alpha.coreos.com/public-ip-overwrite on that node to an address this node can reach, then restart flanneld there\n\
+             \x20 fix: check that UDP 8472 is allowed between the nodes, or move Backend.Port\n\
+             PASS peer-reachable: peer 10.244.3.0/24 at 198.51.100.9 (UDP 8472) answers ICMP echo to 10.244.3.0\n\
+             doctor: 1 passed, 0 warnings, 2 failed\n"
+        );
+        assert_eq!(peer_reachable(&[], &ctx())[0].status, Status::Skip);
+        let hg = ProbeContext {
+            backend: "host-gw".into(),
+            ..ctx()
+        };
+        let mut p = probes[0].clone();
+        p.peer.backend_type = "host-gw".into();
+        p.target = "198.51.100.7".parse().expect("ip");
+        let f = &peer_reachable(&[p], &hg)[0];
+        assert_eq!(
+            f.message,
+            "peer 10.244.1.0/24 at 198.51.100.7 (host-gw) does not answer ICMP echo to 198.51.100.7"
+        );
+        assert!(f.fixes[0].starts_with("host-gw needs every node on one layer-2 network"));
+    }
+
+    fn lease(subnet: &str, ip: &str) -> Lease {
+        Lease {
+            subnet: Some(subnet.parse().expect("subnet")),
+            ipv6_subnet: None,
+            attrs: LeaseAttrs {
+                public_ip: ip.parse().expect("ip"),
+                ..LeaseAttrs::default()
+            },
+            expiration: None,
+        }
+    }
+
+    #[test]
+    fn subnet_env_against_store() {
+        let leases = [
+            lease("10.244.1.0/24", "198.18.0.1"),
+            lease("10.244.2.0/24", "198.18.0.2"),
+        ];
+        let me: Vec<Ipv4Addr> = vec!["198.18.0.1".parse().expect("ip")];
+        let s1 = Some("10.244.1.0/24".parse().expect("net"));
+        let s2 = Some("10.244.2.0/24".parse().expect("net"));
+        let s9 = Some("10.244.9.0/24".parse().expect("net"));
+        let f = subnet_lease(Ok(s1), Ok(&leases), &me);
+        assert_eq!(f.status, Status::Pass);
+        assert_eq!(
+            f.message,
+            "subnet.env and the store agree: 10.244.1.0/24 at 198.18.0.1"
+        );
+        let f = subnet_lease(Ok(s2), Ok(&leases), &me);
+        assert_eq!(f.status, Status::Fail);
+        assert_eq!(f.message, "subnet.env says 10.244.2.0/24, leased to 198.18.0.2, but this node's lease (198.18.0.1) is 10.244.1.0/24");
+        let f = subnet_lease(Ok(s9), Ok(&leases), &me);
+        assert_eq!(f.message, "subnet.env says 10.244.9.0/24 but the store's lease for this node (198.18.0.1) is 10.244.1.0/24");
+        let f = subnet_lease(Ok(s9), Ok(&leases[1..]), &me);
+        assert_eq!(
+            f.message,
+            "subnet.env says 10.244.9.0/24 but the store has no lease for it"
+        );
+        assert_eq!(
+            subnet_lease(Err("No such file"), Ok(&leases), &me).status,
+            Status::Fail
+        );
+        assert_eq!(
+            subnet_lease(Ok(None), Ok(&leases), &me).status,
+            Status::Fail
+        );
+        assert_eq!(subnet_lease(Ok(s1), Err("down"), &me).status, Status::Skip);
+        // Behind NAT with an override: the lease carries an address not on this host.
+        let f = subnet_lease(Ok(s2), Ok(&leases[1..]), &me);
+        assert_eq!(f.status, Status::Pass);
+        assert!(f.message.contains("NAT"), "{}", f.message);
+    }
+
+    #[test]
+    fn own_addresses_merge() {
+        let a = own_addresses(
+            &[
+                "198.18.0.1".parse().expect("ip"),
+                "fd10::1".parse().expect("ip"),
+            ],
+            &[
+                Some("203.0.113.5".parse().expect("ip")),
+                None,
+                Some("198.18.0.1".parse().expect("ip")),
+            ],
+        );
+        assert_eq!(
+            a,
+            [
+                "198.18.0.1".parse::<Ipv4Addr>().expect("ip"),
+                "203.0.113.5".parse().expect("ip")
+            ]
+        );
+    }
+}

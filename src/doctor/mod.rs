@@ -1,0 +1,166 @@
+//! `flanneld doctor`: checks a live node for the causes of the field problems (P1 NATed
+//! peers, P2 checksum offload, P3 forwarding, firewalls, security software), names each
+//! finding with its fix, and exits 0 (no FAIL), 1 (a FAIL) or 2 (configuration error, e.g.
+//! an unreadable lease store).
+//!
+//! Run it in the node's network namespace with the daemon's flags and environment: it opens
+//! the same store the daemon does, reads the same subnet.env, and probes every peer's VTEP
+//! with the daemon's prober ([`crate::io::icmp`]). Facts are gathered in [`gather`],
+//! decided by the pure functions of [`checks`] and [`iptables`], printed by [`report`].
+//!
+//! When the store cannot be read, every local check still runs and is printed; the store
+//! checks are SKIPped, and the exit code is 2 with the store error on stderr.
+
+pub mod checks;
+pub mod gather;
+pub mod iptables;
+pub mod report;
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use crate::backend::{peers_from_leases, Peer};
+use crate::config::flags::Flags;
+use crate::config::netconf::{BackendConfig, NetConfig, VxlanConfig};
+use crate::config::subnet_env::SubnetEnv;
+use crate::daemon::probe::{probe_target, ProbeContext};
+
+use self::checks::own_addresses;
+use self::report::{ids, Finding, Status};
+
+/// Limit on every lease-store operation (an unreachable etcd or API server).
+const STORE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a probe waits for its reply (2 tries per peer).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The outcome of a run.
+#[derive(Debug)]
+pub struct Diagnosis {
+    /// Every finding, in report order.
+    pub findings: Vec<Finding>,
+    /// The lease store or its network config could not be read (exit code 2).
+    pub config_error: Option<String>,
+}
+
+impl Diagnosis {
+    /// 0 when nothing failed, 1 when a check failed, 2 on a configuration error.
+    pub fn exit_code(&self) -> u8 {
+        if self.config_error.is_some() {
+            2
+        } else {
+            report::exit_code(&self.findings)
+        }
+    }
+
+    /// The report text (stdout).
+    pub fn render(&self) -> String {
+        report::render(&self.findings)
+    }
+}
+
+/// Runs every check for a node configured by `flags` (in the calling thread's namespace).
+pub async fn diagnose(flags: &Flags) -> Diagnosis {
+    let mut config_error = None;
+    let ip_forward = gather::ip_forward();
+    let procs = gather::processes();
+    let rules = gather::filter_rules();
+    let env = SubnetEnv::read(&flags.subnet_file);
+    let env_subnet = env.as_ref().map(|e| e.subnet).map_err(|e| e.to_string());
+    let env_network = env.as_ref().ok().and_then(|e| e.network);
+
+    let store = match tokio::time::timeout(STORE_TIMEOUT, gather::store(flags)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "the lease store did not answer within {}s",
+            STORE_TIMEOUT.as_secs()
+        )),
+    };
+    let net = match &store {
+        Ok(view) => match NetConfig::parse(&view.config) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                config_error = Some(format!("invalid network config in the store: {e}"));
+                None
+            }
+        },
+        Err(e) => {
+            config_error = Some(format!("cannot read the lease store: {e}"));
+            None
+        }
+    };
+    let network = net.as_ref().and_then(|n| n.network).or(env_network);
+    // Without a readable config, assume flannel's defaults (vxlan, VNI 1, port 8472).
+    let backend = net
+        .as_ref()
+        .and_then(|n| n.backend().ok().cloned())
+        .unwrap_or(BackendConfig::Vxlan(VxlanConfig::default()));
+    let ctx = ProbeContext::new(flags, &backend);
+
+    let mut findings = vec![checks::ip_forward(
+        ip_forward.as_deref().map_err(String::as_str),
+    )];
+    match &backend {
+        BackendConfig::Vxlan(vx) => match gather::device(&vx.device_name(), vx.vni).await {
+            Ok(d) => {
+                findings.push(checks::vxlan_device(&d));
+                findings.push(checks::tx_checksum(&d));
+            }
+            Err(e) => {
+                let msg = format!("cannot inspect {}: {e}", vx.device_name());
+                findings.push(Finding::new(Status::Skip, ids::VXLAN_DEVICE, msg.clone()));
+                findings.push(Finding::new(Status::Skip, ids::TX_CHECKSUM, msg));
+            }
+        },
+        other => {
+            let msg = format!("{} backend: no overlay device", other.kind());
+            findings.push(Finding::new(Status::Skip, ids::VXLAN_DEVICE, msg.clone()));
+            findings.push(Finding::new(Status::Skip, ids::TX_CHECKSUM, msg));
+        }
+    }
+    let rules_ref = rules.as_deref().map_err(String::as_str);
+    findings.push(checks::forward_reject(rules_ref, network));
+    findings.push(checks::host_firewall_check(rules_ref, &procs, network));
+    findings.extend(checks::security_software(&procs));
+
+    let stored_ip = store.as_ref().ok().and_then(|v| v.stored_public_ip);
+    let ours = own_addresses(
+        &gather::interface_addresses(),
+        &[flags.public_ip, stored_ip],
+    );
+    match (&store, &net) {
+        (Ok(view), Some(net)) => {
+            let own_subnet = env_subnet.as_ref().ok().copied().flatten();
+            let others = view
+                .leases
+                .iter()
+                .filter(|l| l.subnet != own_subnet && !ours.contains(&l.attrs.public_ip));
+            let (peers, _problems) = peers_from_leases(others, net);
+            let targets: Vec<(Peer, Ipv4Addr)> = peers
+                .into_iter()
+                .filter_map(|p| probe_target(&p).map(|t| (p, t)))
+                .collect();
+            match gather::probe(targets, PROBE_TIMEOUT).await {
+                Ok(probes) => findings.extend(checks::peer_reachable(&probes, &ctx)),
+                Err(e) => findings.push(Finding::new(Status::Skip, ids::PEER_REACHABLE, e)),
+            }
+        }
+        _ => findings.push(Finding::new(
+            Status::Skip,
+            ids::PEER_REACHABLE,
+            "the lease store cannot be read: no peers to probe",
+        )),
+    }
+    let leases = match &store {
+        Ok(v) => Ok(v.leases.as_slice()),
+        Err(e) => Err(e.as_str()),
+    };
+    findings.push(checks::subnet_lease(
+        env_subnet.as_ref().map(|s| *s).map_err(String::as_str),
+        leases,
+        &ours,
+    ));
+    Diagnosis {
+        findings,
+        config_error,
+    }
+}

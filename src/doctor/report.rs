@@ -1,0 +1,177 @@
+//! Findings and their text form (the output contract scenario tests grep for):
+//! `^(PASS|WARN|FAIL|SKIP) <check-id>: <message>$`, indented `  fix: ...` lines, and a last
+//! line `doctor: N passed, N warnings, N failed`.
+
+use core::fmt;
+
+/// A check's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// Nothing wrong found.
+    Pass,
+    /// Something that often breaks pod traffic; not proven here.
+    Warn,
+    /// Breaks pod traffic.
+    Fail,
+    /// Not checked (not applicable, or the facts could not be gathered).
+    Skip,
+}
+
+impl Status {
+    /// `PASS`, `WARN`, `FAIL` or `SKIP`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pass => "PASS",
+            Status::Warn => "WARN",
+            Status::Fail => "FAIL",
+            Status::Skip => "SKIP",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Check ids (fixed: scenario tests and operators rely on them).
+pub mod ids {
+    /// `net.ipv4.ip_forward`.
+    pub const IP_FORWARD: &str = "ip-forward";
+    /// The overlay device exists and is up.
+    pub const VXLAN_DEVICE: &str = "vxlan-device";
+    /// `tx-checksum-ip-generic` off on a kernel vxlan device (field problem P2).
+    pub const TX_CHECKSUM: &str = "tx-checksum";
+    /// No FORWARD rule rejects pod traffic ahead of flannel's accepts.
+    pub const FORWARD_REJECT: &str = "forward-reject";
+    /// firewalld/ufw present.
+    pub const HOST_FIREWALL: &str = "host-firewall";
+    /// Security software known to hook the network stack.
+    pub const SECURITY_SOFTWARE: &str = "security-software";
+    /// One line per peer: does its VTEP answer over the overlay.
+    pub const PEER_REACHABLE: &str = "peer-reachable";
+    /// subnet.env agrees with the store's lease for this node.
+    pub const SUBNET_LEASE: &str = "subnet-lease";
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// Verdict.
+    pub status: Status,
+    /// Check id (see [`ids`]).
+    pub id: &'static str,
+    /// One-line message.
+    pub message: String,
+    /// Suggested fixes, one line each.
+    pub fixes: Vec<String>,
+}
+
+impl Finding {
+    /// A finding without fixes.
+    pub fn new(status: Status, id: &'static str, message: impl Into<String>) -> Finding {
+        Finding {
+            status,
+            id,
+            message: message.into(),
+            fixes: Vec::new(),
+        }
+    }
+
+    /// Adds a fix line.
+    pub fn fix(mut self, fix: impl Into<String>) -> Finding {
+        self.fixes.push(fix.into());
+        self
+    }
+}
+
+/// Newlines and other control characters from gathered text would break the line format.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_owned()
+}
+
+/// The report text, ending with the summary line and a newline.
+pub fn render(findings: &[Finding]) -> String {
+    let mut out = String::new();
+    let (mut pass, mut warn, mut fail) = (0, 0, 0);
+    for f in findings {
+        match f.status {
+            Status::Pass => pass += 1,
+            Status::Warn => warn += 1,
+            Status::Fail => fail += 1,
+            Status::Skip => {}
+        }
+        out.push_str(&format!(
+            "{} {}: {}\n",
+            f.status,
+            f.id,
+            one_line(&f.message)
+        ));
+        for fix in &f.fixes {
+            out.push_str(&format!("  fix: {}\n", one_line(fix)));
+        }
+    }
+    out.push_str(&format!(
+        "doctor: {pass} passed, {warn} warnings, {fail} failed\n"
+    ));
+    out
+}
+
+/// 1 when any check failed, else 0 (2, for configuration errors, is decided by the caller).
+pub fn exit_code(findings: &[Finding]) -> u8 {
+    u8::from(findings.iter().any(|f| f.status == Status::Fail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_contract_format() {
+        let findings = vec![
+            Finding::new(Status::Pass, ids::IP_FORWARD, "net.ipv4.ip_forward = 1"),
+            Finding::new(
+                Status::Fail,
+                ids::PEER_REACHABLE,
+                "peer 10.244.1.0/24 at 198.51.100.7 (UDP 8472) does not answer",
+            )
+            .fix("first\nfix")
+            .fix("second fix"),
+            Finding::new(
+                Status::Warn,
+                ids::SECURITY_SOFTWARE,
+                "process kesl (pid 1234)",
+            ),
+            Finding::new(Status::Skip, ids::TX_CHECKSUM, "host-gw backend"),
+        ];
+        assert_eq!(
+            render(&findings),
+            "PASS ip-forward: net.ipv4.ip_forward = 1\n\
+             FAIL peer-reachable: peer 10.244.1.0/24 at 198.51.100.7 (UDP 8472) does not answer\n\
+             \x20 fix: first fix\n\
+             \x20 fix: second fix\n\
+             WARN security-software: process kesl (pid 1234)\n\
+             SKIP tx-checksum: host-gw backend\n\
+             doctor: 1 passed, 1 warnings, 1 failed\n"
+        );
+        assert_eq!(exit_code(&findings), 1);
+        assert_eq!(exit_code(&findings[2..]), 0);
+        assert_eq!(render(&[]), "doctor: 0 passed, 0 warnings, 0 failed\n");
+    }
+
+    #[test]
+    fn every_line_matches_the_contract_pattern() {
+        let re = regex::Regex::new(r"^((PASS|WARN|FAIL|SKIP) [a-z-]+: .+|  fix: .+|doctor: \d+ passed, \d+ warnings, \d+ failed)$")
+            .expect("regex");
+        let text =
+            render(&[Finding::new(Status::Fail, ids::SUBNET_LEASE, "a\r\nb\tc").fix("x\ny")]);
+        for line in text.lines() {
+            assert!(re.is_match(line), "{line:?}");
+        }
+    }
+}

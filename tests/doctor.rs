@@ -1,0 +1,314 @@
+//! `flanneld doctor` and the daemon's peer prober on a live netns-harness cluster (directory
+//! store): a userspace node, a kernel node and a kernel-ref node (upstream flannel's
+//! programming). Every check PASSes; then one thing at a time is broken in a node's
+//! namespace (ip_forward=0, a REJECT ahead of flannel's FORWARD accepts, tx checksum offload
+//! on flannel.1, UDP 8472 dropped on a peer), doctor names it with the exact check id and
+//! exits 1, and PASSes again once fixed. The daemon names the blocked peer in its log and
+//! exports `flannel_peer_reachable 0` for it.
+//!
+//! Privileged: run as root (`CI=true` makes it mandatory). Needs the workspace binaries
+//! (`cargo build --workspace --bins`, as `scripts/test` does).
+
+mod netns;
+
+use std::time::Duration;
+
+use netns::*;
+use netns_harness::{privileged_test_guard, Cluster, NodeKind};
+
+use NodeKind::{Kernel, KernelRef, Userspace};
+
+/// Runs `flanneld doctor` with `node`'s daemon flags (plus `extra`) in its namespace:
+/// (exit code, stdout, stderr).
+fn doctor_with(c: &Cluster, node: &str, extra: &[&str]) -> (i32, String, String) {
+    let mut argv = c.flanneld_command(node).expect("flanneld command");
+    argv.insert(1, "doctor".into());
+    argv.extend(extra.iter().map(|s| (*s).to_owned()));
+    let args: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = c
+        .exec_timeout(node, &args, Duration::from_secs(60))
+        .expect("run doctor");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn doctor(c: &Cluster, node: &str) -> (i32, String) {
+    let (code, out, err) = doctor_with(c, node, &[]);
+    println!("--- doctor on {node}: exit {code}\n{out}{err}");
+    (code, out)
+}
+
+/// The (status, id) of every check line.
+fn verdicts(report: &str) -> Vec<(String, String)> {
+    let re = regex::Regex::new(r"^(PASS|WARN|FAIL|SKIP) ([a-z-]+): .+$").expect("regex");
+    report
+        .lines()
+        .filter_map(|l| re.captures(l))
+        .map(|c| (c[1].to_owned(), c[2].to_owned()))
+        .collect()
+}
+
+const IDS: [&str; 8] = [
+    "ip-forward",
+    "vxlan-device",
+    "tx-checksum",
+    "forward-reject",
+    "host-firewall",
+    "security-software",
+    "peer-reachable",
+    "subnet-lease",
+];
+
+/// Exit 0 and every line PASS, every check id present, `peers` peer-reachable lines.
+fn assert_all_pass(c: &Cluster, node: &str, peers: usize) -> String {
+    let (code, out) = doctor(c, node);
+    let v = verdicts(&out);
+    assert_eq!(code, 0, "{node}:\n{out}");
+    assert!(v.iter().all(|(s, _)| s == "PASS"), "{node}:\n{out}");
+    for id in IDS {
+        assert!(
+            v.iter().any(|(_, i)| i == id),
+            "{node}: no {id} line:\n{out}"
+        );
+    }
+    let n = v.iter().filter(|(_, i)| i == "peer-reachable").count();
+    assert_eq!(n, peers, "{node}:\n{out}");
+    assert!(
+        out.ends_with(&format!(
+            "doctor: {} passed, 0 warnings, 0 failed\n",
+            v.len()
+        )),
+        "{out}"
+    );
+    out
+}
+
+/// Exit 1 and exactly the checks `ids` FAIL; returns the report.
+fn assert_fails(c: &Cluster, node: &str, ids: &[&str]) -> String {
+    let (code, out) = doctor(c, node);
+    assert_eq!(code, 1, "{node}:\n{out}");
+    let mut failed: Vec<String> = verdicts(&out)
+        .into_iter()
+        .filter(|(s, _)| s == "FAIL")
+        .map(|(_, i)| i)
+        .collect();
+    failed.dedup();
+    assert_eq!(failed, ids, "{node}:\n{out}");
+    out
+}
+
+fn metrics(c: &Cluster, node: &str, port: u16) -> String {
+    let fetch = format!(
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())"
+    );
+    run(c, node, &["python3", "-c", &fetch]).1
+}
+
+fn reachable_line(c: &Cluster, peer: &str) -> String {
+    format!(
+        "flannel_peer_reachable{{subnet=\"{}\",public_ip=\"{}\"}}",
+        c.node_subnet(peer).expect("subnet"),
+        c.node_ip(peer).expect("ip")
+    )
+}
+
+#[test]
+fn doctor_names_each_broken_thing_and_the_daemon_names_unreachable_peers() {
+    if !privileged_test_guard(
+        "doctor_names_each_broken_thing_and_the_daemon_names_unreachable_peers",
+    ) {
+        return;
+    }
+    let _g = serial();
+    let mut s = spec(&[Userspace, Kernel, KernelRef], 1);
+    s.flanneld_args.push("--peer-probe-interval=1".into());
+    s.nodes[0].extra_args = vec!["--healthz-port=9101".into()];
+    let c = Cluster::up(&s).expect("cluster up");
+    let m = c.check_until_pass(Duration::from_secs(10));
+    assert!(m.all_pass(), "{m}");
+
+    // Healthy: a userspace node probes a kernel and a kernel-ref peer, the kernel node a
+    // userspace and a kernel-ref peer; every VTEP answers.
+    let out = assert_all_pass(&c, "n1", 2);
+    for peer in ["n2", "n3"] {
+        let subnet = c.node_subnet(peer).expect("subnet");
+        let vtep = subnet.addr;
+        let want = format!(
+            "PASS peer-reachable: peer {subnet} at {} (UDP 8472) answers ICMP echo to {vtep}\n",
+            c.node_ip(peer).expect("ip")
+        );
+        assert!(out.contains(&want), "{want}\n{out}");
+    }
+    assert_all_pass(&c, "n2", 2);
+    let line_n2 = reachable_line(&c, "n2");
+    let line_n3 = reachable_line(&c, "n3");
+    let mut text = String::new();
+    let up = wait_for(Duration::from_secs(10), || {
+        text = metrics(&c, "n1", 9101);
+        text.contains(&format!("{line_n2} 1\n")) && text.contains(&format!("{line_n3} 1\n"))
+    });
+    assert!(up.is_some(), "{text}");
+
+    // P3.1: ip_forward reset to 0.
+    sh(&c, "n1", &["sysctl", "-w", "net.ipv4.ip_forward=0"]);
+    let out = assert_fails(&c, "n1", &["ip-forward"]);
+    assert!(out.contains(
+        "FAIL ip-forward: net.ipv4.ip_forward = 0: this node does not forward pod traffic\n  fix: sysctl -w net.ipv4.ip_forward=1"
+    ), "{out}");
+    sh(&c, "n1", &["sysctl", "-w", "net.ipv4.ip_forward=1"]);
+    assert_all_pass(&c, "n1", 2);
+
+    // P3.3: a REJECT above flannel's accept rules.
+    sh(
+        &c,
+        "n1",
+        &[
+            "iptables",
+            "-I",
+            "FORWARD",
+            "1",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "icmp-host-prohibited",
+        ],
+    );
+    let out = assert_fails(&c, "n1", &["forward-reject"]);
+    assert!(
+        out.contains("FAIL forward-reject: \"-A FORWARD -j REJECT --reject-with icmp-host-prohibited\" rejects pod traffic in 10.244.0.0/16 before flannel's ACCEPT rules\n"),
+        "{out}"
+    );
+    sh(&c, "n1", &["iptables", "-D", "FORWARD", "1"]);
+    assert_all_pass(&c, "n1", 2);
+
+    // P2: checksum offload turned back on on the kernel node's vxlan device.
+    sh(
+        &c,
+        "n2",
+        &["ethtool", "-K", "flannel.1", "tx-checksum-ip-generic", "on"],
+    );
+    let out = assert_fails(&c, "n2", &["tx-checksum"]);
+    assert!(
+        out.contains("FAIL tx-checksum: flannel.1: tx-checksum-ip-generic on"),
+        "{out}"
+    );
+    sh(
+        &c,
+        "n2",
+        &[
+            "ethtool",
+            "-K",
+            "flannel.1",
+            "tx-checksum-ip-generic",
+            "off",
+        ],
+    );
+    assert_all_pass(&c, "n2", 2);
+
+    // P3.2: VXLAN dropped on the way into n2: n1's doctor and daemon name n2.
+    sh(
+        &c,
+        "n2",
+        &[
+            "iptables", "-I", "INPUT", "1", "-p", "udp", "--dport", "8472", "-j", "DROP",
+        ],
+    );
+    let n2_subnet = c.node_subnet("n2").expect("subnet");
+    let n2_ip = c.node_ip("n2").expect("ip");
+    let out = assert_fails(&c, "n1", &["peer-reachable"]);
+    let want = format!(
+        "FAIL peer-reachable: peer {n2_subnet} at {n2_ip} (UDP 8472) does not answer ICMP echo to {} over the overlay\n  fix: check that UDP 8472 is allowed between the nodes, or move Backend.Port\n",
+        n2_subnet.addr
+    );
+    assert!(out.contains(&want), "{want}\n{out}");
+    assert!(
+        out.contains(&format!(
+            "PASS peer-reachable: peer {}",
+            c.node_subnet("n3").expect("subnet")
+        )),
+        "{out}"
+    );
+    let log_path = c.flanneld_log("n1");
+    let named = format!("peer {n2_subnet} at {n2_ip} (UDP 8472) does not answer");
+    let down = wait_for(Duration::from_secs(15), || {
+        text = metrics(&c, "n1", 9101);
+        text.contains(&format!("{line_n2} 0\n"))
+            && std::fs::read_to_string(&log_path).is_ok_and(|l| l.contains(&named))
+    });
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(down.is_some(), "{text}\n--- log\n{log}");
+    assert!(text.contains(&format!("{line_n3} 1\n")), "{text}");
+    assert_eq!(
+        log.matches(&named).count(),
+        1,
+        "one warning per outage:\n{log}"
+    );
+    assert!(log.contains("WARN"), "{log}");
+
+    sh(&c, "n2", &["iptables", "-D", "INPUT", "1"]);
+    assert_all_pass(&c, "n1", 2);
+    let recovered = format!("peer {n2_subnet} at {n2_ip} (UDP 8472) answers again");
+    let back = wait_for(Duration::from_secs(10), || {
+        text = metrics(&c, "n1", 9101);
+        text.contains(&format!("{line_n2} 1\n"))
+            && std::fs::read_to_string(&log_path).is_ok_and(|l| l.contains(&recovered))
+    });
+    assert!(back.is_some(), "{text}");
+
+    // An unreadable store: local checks still run, store checks SKIP, exit 2.
+    let (code, out, err) =
+        doctor_with(&c, "n1", &["--lease-dir", "/nonexistent/flannel-rs-doctor"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("cannot read the lease store"), "{err}");
+    assert!(out.contains("PASS ip-forward: "), "{out}");
+    assert!(out.contains("SKIP peer-reachable: "), "{out}");
+    teardown(c);
+}
+
+/// host-gw: no overlay device to check; peers are probed at their public IPs.
+#[test]
+fn doctor_on_host_gw_probes_public_ips() {
+    if !privileged_test_guard("doctor_on_host_gw_probes_public_ips") {
+        return;
+    }
+    let _g = serial();
+    let mut s = spec(&[Kernel, Kernel], 1);
+    s.net_conf = Some(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#.into());
+    let c = Cluster::up(&s).expect("host-gw cluster up");
+    assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
+    let n2_subnet = c.node_subnet("n2").expect("subnet");
+    let n2_ip = c.node_ip("n2").expect("ip");
+
+    let (code, out) = doctor(&c, "n1");
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("SKIP vxlan-device: host-gw backend: no overlay device\n"),
+        "{out}"
+    );
+    let want = format!(
+        "PASS peer-reachable: peer {n2_subnet} at {n2_ip} (host-gw) answers ICMP echo to {n2_ip}\n"
+    );
+    assert!(out.contains(&want), "{want}\n{out}");
+
+    sh(
+        &c,
+        "n2",
+        &["iptables", "-I", "INPUT", "1", "-p", "icmp", "-j", "DROP"],
+    );
+    let out = assert_fails(&c, "n1", &["peer-reachable"]);
+    assert!(
+        out.contains(&format!("FAIL peer-reachable: peer {n2_subnet} at {n2_ip} (host-gw) does not answer ICMP echo to {n2_ip}\n")),
+        "{out}"
+    );
+    assert!(
+        out.contains("  fix: host-gw needs every node on one layer-2 network"),
+        "{out}"
+    );
+    sh(&c, "n2", &["iptables", "-D", "INPUT", "1"]);
+    let (code, out) = doctor(&c, "n1");
+    assert_eq!(code, 0, "{out}");
+    teardown(c);
+}
