@@ -220,7 +220,7 @@ fn doctor_names_each_broken_thing_and_the_daemon_names_unreachable_peers() {
     let n2_ip = c.node_ip("n2").expect("ip");
     let out = assert_fails(&c, "n1", &["peer-reachable"]);
     let want = format!(
-        "FAIL peer-reachable: peer {n2_subnet} at {n2_ip} (UDP 8472) does not answer ICMP echo to {} over the overlay\n  fix: check that UDP 8472 is allowed between the nodes, or move Backend.Port\n",
+        "FAIL peer-reachable: peer {n2_subnet} at {n2_ip} (UDP 8472) does not answer ICMP echo to {} over the overlay\n  fix: check that UDP 8472 is allowed between the nodes, or move Backend.Port (nodes on one layer-2 network can use host-gw instead)\n",
         n2_subnet.addr
     );
     assert!(out.contains(&want), "{want}\n{out}");

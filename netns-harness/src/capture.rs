@@ -86,6 +86,9 @@ pub struct CaptureReport {
     pub bad_inner_icmp: u64,
     /// Frame numbers of the first few frames with a bad checksum.
     pub bad_examples: Vec<u64>,
+    /// The same frames' outer and inner addresses (`frame 7: outer a -> b, inner c -> d`),
+    /// so a failure says which node sent them.
+    pub bad_details: Vec<String>,
 }
 
 impl CaptureReport {
@@ -137,7 +140,9 @@ impl std::fmt::Display for CaptureReport {
             "FAIL (bad checksums)"
         };
         write!(f, "RESULT: {verdict}")?;
-        if !self.bad_examples.is_empty() {
+        if !self.bad_details.is_empty() {
+            write!(f, "; first bad frames: {}", self.bad_details.join("; "))?;
+        } else if !self.bad_examples.is_empty() {
             write!(f, "; first bad frames {:?}", self.bad_examples)?;
         }
         Ok(())
@@ -151,8 +156,8 @@ fn statuses(field: &str) -> Vec<&str> {
 }
 
 /// Folds one tshark output line (fields: frame.number, vxlan.vni, ip.checksum.status,
-/// udp.checksum, udp.checksum.status, tcp.checksum.status, icmp.checksum.status; each with all
-/// occurrences, comma separated, outermost first) into the report.
+/// udp.checksum, udp.checksum.status, tcp.checksum.status, icmp.checksum.status, ip.src,
+/// ip.dst; each with all occurrences, comma separated, outermost first) into the report.
 pub fn account_line(r: &mut CaptureReport, line: &str) {
     let f: Vec<&str> = line.split('|').collect();
     let get = |i: usize| f.get(i).copied().unwrap_or("");
@@ -218,6 +223,15 @@ pub fn account_line(r: &mut CaptureReport, line: &str) {
     if bad && r.bad_examples.len() < 10 {
         if let Ok(n) = get(0).parse() {
             r.bad_examples.push(n);
+            let (src, dst) = (statuses(get(7)), statuses(get(8)));
+            let at = |v: &Vec<&str>, i: usize| v.get(i).copied().unwrap_or("?").to_owned();
+            r.bad_details.push(format!(
+                "frame {n}: outer {} -> {}, inner {} -> {}",
+                at(&src, 0),
+                at(&dst, 0),
+                at(&src, 1),
+                at(&dst, 1)
+            ));
         }
     }
 }
@@ -246,7 +260,8 @@ pub fn verify_pcap(pcap: &Path, vxlan_port: u16) -> Result<CaptureReport> {
                 "ip.checksum.status",
             ])
             .args(["-e", "udp.checksum", "-e", "udp.checksum.status"])
-            .args(["-e", "tcp.checksum.status", "-e", "icmp.checksum.status"]),
+            .args(["-e", "tcp.checksum.status", "-e", "icmp.checksum.status"])
+            .args(["-e", "ip.src", "-e", "ip.dst"]),
         Duration::from_secs(600),
     )?;
     if !out.status.success() {
@@ -382,13 +397,24 @@ mod tests {
         // Bad outer UDP and bad inner TCP (the GSO/partial-checksum signature).
         account_line(&mut r, "4|1|1,1|0x5555|0|0|");
         // Inner UDP with bad checksum, inner IP bad.
-        account_line(&mut r, "5|1|1,0|0x5555,0x1111|1,0||");
+        account_line(
+            &mut r,
+            "5|1|1,0|0x5555,0x1111|1,0|||198.18.0.2,10.244.1.2|198.18.0.3,10.244.2.3",
+        );
         assert_eq!(r.bad_outer_udp, 1);
         assert_eq!(r.bad_inner_tcp, 1);
         assert_eq!(r.bad_inner_udp, 1);
         assert_eq!(r.bad_inner_ip, 1);
         assert_eq!(r.bad_examples, vec![4, 5]);
+        assert_eq!(
+            r.bad_details,
+            [
+                "frame 4: outer ? -> ?, inner ? -> ?",
+                "frame 5: outer 198.18.0.2 -> 198.18.0.3, inner 10.244.1.2 -> 10.244.2.3"
+            ]
+        );
         assert!(!r.all_checksums_ok());
+        assert!(r.to_string().contains("frame 5: outer 198.18.0.2"));
         assert!(r.to_string().contains("bad checksums"));
         assert!(!CaptureReport::default().all_checksums_ok());
     }

@@ -1460,15 +1460,10 @@ fn vxlan_blocked(c: &mut Cluster, t: &str, port: u16) -> Result<Phase> {
         .map(|n| (n.name.clone(), n.underlay_ip.to_string()))
         .collect();
     if let Some(i) = p.run_doctor(c, t) {
-        // The contract also asks for a host-gw hint in these fix lines; reported, not asserted.
-        let run = &p.doctor[i];
-        if !run.not_implemented()
-            && !run
-                .report
-                .has_mentioning(Level::Fail, "peer-reachable", "host-gw")
-        {
-            p.note("doctor's peer-reachable fix lines give no host-gw hint (DOCTOR_CONTRACT asks for one)");
-        }
+        // The report's other fix: nodes sharing layer 2 need no UDP at all with host-gw.
+        p.expect_on_doctor(i, "FAIL peer-reachable fix lines mention host-gw", |r| {
+            r.has_mentioning(Level::Fail, "peer-reachable", "host-gw")
+        });
         for (name, ip) in peers {
             let port = port.to_string();
             p.expect_on_doctor(

@@ -6,7 +6,7 @@
 //! The decisions (probe target, state transitions, the fix to suggest) are pure functions
 //! shared with `flanneld doctor`; the probing itself is [`crate::io::icmp::Pinger`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,7 +89,7 @@ pub fn unreachable_fixes(peer: &Peer, ctx: &ProbeContext) -> Vec<String> {
         }
     };
     let port = format!(
-        "check that UDP {} is allowed between the nodes, or move Backend.Port",
+        "check that UDP {} is allowed between the nodes, or move Backend.Port (nodes on one layer-2 network can use host-gw instead)",
         ctx.port
     );
     let private = matches!(peer.public_ip, IpAddr::V4(ip) if is_private_or_cgnat(ip));
@@ -195,7 +195,11 @@ pub async fn run(
             .into_iter()
             .filter_map(|p| probe_target(&p).map(|t| (p, t)))
             .collect();
-        health.retain(|k, _| targets.iter().any(|(p, _)| (p.subnet, p.public_ip) == *k));
+        let live: HashSet<(IpNet, IpAddr)> = targets
+            .iter()
+            .map(|(p, _)| (p.subnet, p.public_ip))
+            .collect();
+        health.retain(|k, _| live.contains(k));
         if targets.is_empty() {
             metrics.set_peer_health(Vec::new());
             continue;
@@ -334,12 +338,12 @@ mod tests {
         let m = unreachable_message(&nat, Ipv4Addr::new(10, 244, 1, 0), &ctx(true));
         assert_eq!(
             m,
-            "peer 10.244.1.0/24 at 172.19.0.13 (UDP 8472) does not answer: 3 ICMP echo requests to 10.244.1.0 in a row went unanswered; its public IP 172.19.0.13 is a private address, probably behind NAT: set flannel.alpha.coreos.com/public-ip-overwrite on that node to an address this node can reach, then restart flanneld there; check that UDP 8472 is allowed between the nodes, or move Backend.Port"
+            "peer 10.244.1.0/24 at 172.19.0.13 (UDP 8472) does not answer: 3 ICMP echo requests to 10.244.1.0 in a row went unanswered; its public IP 172.19.0.13 is a private address, probably behind NAT: set flannel.alpha.coreos.com/public-ip-overwrite on that node to an address this node can reach, then restart flanneld there; check that UDP 8472 is allowed between the nodes, or move Backend.Port (nodes on one layer-2 network can use host-gw instead)"
         );
         let public = peer("10.244.2.0/24", "198.51.100.7", "vxlan");
         let m = unreachable_message(&public, Ipv4Addr::new(10, 244, 2, 0), &ctx(false));
         assert!(
-            m.ends_with("went unanswered; check that UDP 8472 is allowed between the nodes, or move Backend.Port; if that node is behind NAT: start flanneld on that node with --public-ip set to an address this node can reach"),
+            m.ends_with("went unanswered; check that UDP 8472 is allowed between the nodes, or move Backend.Port (nodes on one layer-2 network can use host-gw instead); if that node is behind NAT: start flanneld on that node with --public-ip set to an address this node can reach"),
             "{m}"
         );
         let fixes = unreachable_fixes(&public, &ctx(false));

@@ -696,11 +696,11 @@ mod tests {
         assert_eq!(
             text,
             "FAIL peer-reachable: peer 10.244.1.0/24 at 198.51.100.7 (UDP 8472) does not answer ICMP echo to 10.244.1.0 over the overlay\n\
-             \x20 fix: check that UDP 8472 is allowed between the nodes, or move Backend.Port\n\
+             \x20 fix: check that UDP 8472 is allowed between the nodes, or move Backend.Port (nodes on one layer-2 network can use host-gw instead)\n\
              \x20 fix: if that node is behind NAT: set flannel.alpha.coreos.com/public-ip-overwrite on that node to an address this node can reach, then restart flanneld there\n\
              FAIL peer-reachable: peer 10.244.2.0/24 at 172.19.0.13 (UDP 8472) does not answer ICMP echo to 10.244.2.0 over the overlay\n\
              \x20 fix: its public IP 172.19.0.13 is a private address, probably behind NAT: set flannel.alpha.coreos.com/public-ip-overwrite on that node to an address this node can reach, then restart flanneld there\n\
-             \x20 fix: check that UDP 8472 is allowed between the nodes, or move Backend.Port\n\
+             \x20 fix: check that UDP 8472 is allowed between the nodes, or move Backend.Port (nodes on one layer-2 network can use host-gw instead)\n\
              PASS peer-reachable: peer 10.244.3.0/24 at 198.51.100.9 (UDP 8472) answers ICMP echo to 10.244.3.0\n\
              doctor: 1 passed, 0 warnings, 2 failed\n"
         );
