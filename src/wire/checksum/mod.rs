@@ -42,6 +42,9 @@ fn ne64(bytes: &[u8]) -> u64 {
 const STEP: usize = VECTOR_BLOCK + SCALAR_BLOCK;
 /// Bytes summed by [`VectorSum::add_block`]: sixteen 16-byte vectors.
 const VECTOR_BLOCK: usize = 256;
+/// Buffers shorter than this (headers, small packets) are summed inline by [`tail_sum`]:
+/// below it the vector code's dispatch and set-up cost more than they save.
+const INLINE_MAX: usize = 128;
 /// Bytes summed by [`adc_block`]: eight 64-bit words.
 const SCALAR_BLOCK: usize = 64;
 /// Vector blocks between two folds of [`VectorSum`]; keeps its estimate error below 2^16.
@@ -164,7 +167,7 @@ fn adc_block(block: &[u8; SCALAR_BLOCK], acc: &mut u64, carries: &mut u64) {
 /// ([`x86::sum_long`] picks it once per process).
 #[inline]
 fn sum_native(data: &[u8]) -> u64 {
-    if data.len() < SCALAR_BLOCK {
+    if data.len() < INLINE_MAX {
         return tail_sum(data);
     }
     #[cfg(target_arch = "x86_64")]
