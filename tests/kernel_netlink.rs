@@ -210,6 +210,7 @@ fn vx_peer(subnet: &str, public_ip: &str, m: u8) -> Peer {
         backend_type: "vxlan".into(),
         vtep_mac: Some(mac(m)),
         vni: Some(1),
+        node: None,
     }
 }
 
@@ -669,6 +670,7 @@ fn ipv6_device_and_triplets() {
             backend_type: "vxlan".into(),
             vtep_mac: Some(mac(2)),
             vni: Some(1),
+            node: None,
         }];
         let report = vx.sync(&peers).await;
         assert!(report.is_clean(), "{report:?}");
@@ -723,6 +725,7 @@ fn host_gw_routes_kept_and_cleaned() {
             backend_type: "host-gw".into(),
             vtep_mac: None,
             vni: None,
+            node: None,
         };
         let peers = vec![
             hg_peer("10.244.2.0/24", "198.18.0.5"),
@@ -860,6 +863,7 @@ fn scale_5000_peers() {
                 backend_type: "vxlan".into(),
                 vtep_mac: Some(MacAddr([0x02, 0, 0, 0, (n >> 8) as u8, n as u8])),
                 vni: Some(1),
+                node: None,
             }
         })
         .collect();

@@ -195,7 +195,7 @@ fn p1_public_ip_overwrite_on_kube_store() {
             let ip = private(&c, n);
             text.contains(&format!("{} 0\n", reachable(&c, n, ip)))
                 && log.contains(&format!(
-                    "peer {} at {ip} (UDP 8472) does not answer",
+                    "peer {n} ({} at {ip}, UDP 8472) does not answer",
                     c.node_subnet(n).expect("subnet")
                 ))
         }) && text.contains(&format!("{} 1\n", reachable(&c, "n2", private(&c, "n2"))))
@@ -206,24 +206,22 @@ fn p1_public_ip_overwrite_on_kube_store() {
         std::fs::read_to_string(&log_path).unwrap_or_default()
     );
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    assert!(
-        log.contains("if that node is behind NAT: set flannel.alpha.coreos.com/public-ip-overwrite on that node"),
-        "{log}"
-    );
+    for n in ["n3", "n4"] {
+        let fix = format!("if that node is behind NAT: kubectl annotate node {n} flannel.alpha.coreos.com/public-ip-overwrite=<an address this node can reach>, then restart flanneld there");
+        assert!(log.contains(&fix), "{fix}\n{log}");
+    }
     let (code, out) = doctor(&c, "n1");
     assert_eq!(code, 1, "{out}");
     for n in ["n3", "n4"] {
         let want = format!(
-            "FAIL peer-reachable: peer {} at {} (UDP 8472) does not answer",
+            "FAIL peer-reachable: peer {n} ({} at {}, UDP 8472) does not answer",
             c.node_subnet(n).expect("subnet"),
             private(&c, n)
         );
         assert!(out.contains(&want), "{want}\n{out}");
+        let fix = format!("  fix: if that node is behind NAT: kubectl annotate node {n} flannel.alpha.coreos.com/public-ip-overwrite=<an address this node can reach>, then restart flanneld there\n");
+        assert!(out.contains(&fix), "{fix}\n{out}");
     }
-    assert!(
-        out.contains("  fix: if that node is behind NAT: set flannel.alpha.coreos.com/public-ip-overwrite on that node to an address this node can reach, then restart flanneld there\n"),
-        "{out}"
-    );
     assert_eq!(
         out.lines().filter(|l| l.starts_with("FAIL ")).count(),
         2,

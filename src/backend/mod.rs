@@ -26,6 +26,8 @@ pub struct Peer {
     pub vtep_mac: Option<MacAddr>,
     /// Remote VNI for vxlan leases.
     pub vni: Option<u32>,
+    /// The remote Kubernetes node's name, where the store knows it (for messages).
+    pub node: Option<String>,
 }
 
 /// Why a lease was not turned into peers. The message names the node (its subnet and public
@@ -159,6 +161,7 @@ pub fn peers_from_leases<'a>(
             backend_type: lease.attrs.backend_type.clone(),
             vtep_mac,
             vni,
+            node: lease.node.clone(),
         });
     }
     (peers, problems)

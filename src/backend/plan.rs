@@ -672,6 +672,7 @@ mod tests {
             backend_type: BACKEND_VXLAN.into(),
             vtep_mac: Some(mac(m)),
             vni: Some(1),
+            node: None,
         }
     }
 
@@ -964,6 +965,7 @@ mod tests {
                         backend_type: backend.into(),
                         vtep_mac: has_mac.then_some(MacAddr([2, 0, 0, 0, 0, m])),
                         vni: Some(1),
+                        node: None,
                     }
                 } else {
                     Peer {
@@ -973,6 +975,7 @@ mod tests {
                         backend_type: backend.into(),
                         vtep_mac: has_mac.then_some(MacAddr([2, 0, 0, 0, 0, m])),
                         vni: Some(1),
+                        node: None,
                     }
                 }
             })

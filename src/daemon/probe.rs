@@ -79,11 +79,14 @@ pub fn is_private_or_cgnat(ip: Ipv4Addr) -> bool {
 
 /// The fixes to suggest for an unreachable peer, most likely first.
 pub fn unreachable_fixes(peer: &Peer, ctx: &ProbeContext) -> Vec<String> {
-    let nat = match &ctx.overwrite_annotation {
-        Some(a) => format!(
+    let nat = match (&ctx.overwrite_annotation, &peer.node) {
+        (Some(a), Some(node)) => format!(
+            "kubectl annotate node {node} {a}=<an address this node can reach>, then restart flanneld there"
+        ),
+        (Some(a), None) => format!(
             "set {a} on that node to an address this node can reach, then restart flanneld there"
         ),
-        None => {
+        (None, _) => {
             "start flanneld on that node with --public-ip set to an address this node can reach"
                 .to_owned()
         }
@@ -115,16 +118,32 @@ pub fn unreachable_fixes(peer: &Peer, ctx: &ProbeContext) -> Vec<String> {
     }
 }
 
+/// How messages name a peer: `peer 10.244.1.0/24 at 198.51.100.7 (UDP 8472)`, led by the
+/// node's name where the store knows it (`peer node-b (10.244.1.0/24 at 198.51.100.7, UDP 8472)`).
+pub fn peer_label(peer: &Peer, ctx: &ProbeContext) -> String {
+    match &peer.node {
+        Some(node) => format!(
+            "peer {node} ({} at {}, {})",
+            peer.subnet,
+            peer.public_ip,
+            transport(ctx)
+        ),
+        None => format!(
+            "peer {} at {} ({})",
+            peer.subnet,
+            peer.public_ip,
+            transport(ctx)
+        ),
+    }
+}
+
 /// One line naming an unreachable peer and the likely fixes, most likely first (the
 /// daemon's warning).
 pub fn unreachable_message(peer: &Peer, target: Ipv4Addr, ctx: &ProbeContext) -> String {
     let fix = unreachable_fixes(peer, ctx).join("; ");
     format!(
-        "peer {} at {} ({}) does not answer: {} ICMP echo requests to {target} in a row went unanswered; {fix}",
-        peer.subnet,
-        peer.public_ip,
-        transport(ctx),
-        UNREACHABLE_AFTER
+        "{} does not answer: {UNREACHABLE_AFTER} ICMP echo requests to {target} in a row went unanswered; {fix}",
+        peer_label(peer, ctx),
     )
 }
 
@@ -238,7 +257,7 @@ pub async fn run(
                 ),
                 Some(Transition::Recovered) => info!(
                     subnet = %peer.subnet, public_ip = %peer.public_ip,
-                    "peer {} at {} ({}) answers again", peer.subnet, peer.public_ip, transport(&ctx)
+                    "{} answers again", peer_label(peer, &ctx)
                 ),
                 None if !ok => debug!(subnet = %peer.subnet, %target, "peer probe unanswered"),
                 None => {}
@@ -265,6 +284,7 @@ mod tests {
             backend_type: backend.to_owned(),
             vtep_mac: None,
             vni: Some(1),
+            node: None,
         }
     }
 
@@ -361,5 +381,22 @@ mod tests {
             &hg,
         );
         assert!(m.contains("(host-gw)") && m.contains("layer-2"), "{m}");
+    }
+
+    #[test]
+    fn kube_peers_are_named_with_the_command_that_fixes_them() {
+        let named = Peer {
+            node: Some("worker-b".into()),
+            ..peer("10.244.1.0/24", "172.19.0.13", "vxlan")
+        };
+        let m = unreachable_message(&named, Ipv4Addr::new(10, 244, 1, 0), &ctx(true));
+        assert!(
+            m.starts_with("peer worker-b (10.244.1.0/24 at 172.19.0.13, UDP 8472) does not answer"),
+            "{m}"
+        );
+        assert!(
+            m.contains("kubectl annotate node worker-b flannel.alpha.coreos.com/public-ip-overwrite=<an address this node can reach>, then restart flanneld there"),
+            "{m}"
+        );
     }
 }

@@ -7,7 +7,7 @@ use ipnet::Ipv4Net;
 use super::iptables::{forward_verdict, host_firewall, parse_filter, ForwardVerdict};
 use super::report::{ids, Finding, Status};
 use crate::backend::Peer;
-use crate::daemon::probe::{transport, unreachable_fixes, ProbeContext};
+use crate::daemon::probe::{peer_label, unreachable_fixes, ProbeContext};
 use crate::lease::Lease;
 
 /// Parses a boolean-ish sysctl file (`/proc/sys/net/ipv4/ip_forward`): its integer value.
@@ -340,12 +340,7 @@ pub fn peer_reachable(probes: &[PeerProbe], ctx: &ProbeContext) -> Vec<Finding> 
     probes
         .iter()
         .map(|p| {
-            let head = format!(
-                "peer {} at {} ({})",
-                p.peer.subnet,
-                p.peer.public_ip,
-                transport(ctx)
-            );
+            let head = peer_label(&p.peer, ctx);
             if p.answered {
                 Finding::new(
                     Status::Pass,
@@ -674,6 +669,7 @@ mod tests {
             backend_type: "vxlan".into(),
             vtep_mac: None,
             vni: Some(1),
+            node: None,
         };
         let probes = [
             PeerProbe {
@@ -729,6 +725,7 @@ mod tests {
                 ..LeaseAttrs::default()
             },
             expiration: None,
+            node: None,
         }
     }
 

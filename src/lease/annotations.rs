@@ -148,6 +148,7 @@ pub fn node_to_lease(
             ..LeaseAttrs::default()
         },
         expiration: None,
+        node: None,
     };
     if enable_ipv4 {
         let text = get(&names.public_ip);

@@ -139,6 +139,7 @@ impl DirStore {
             ipv6_subnet: ipv6,
             attrs: attrs.clone(),
             expiration: None,
+            node: None,
         };
         let io_err = |path: &Path| {
             let path = path.to_owned();
@@ -539,6 +540,7 @@ mod tests {
                 ..LeaseAttrs::default()
             },
             expiration: None,
+            node: None,
         };
         let ours = lease("10.244.1.0-24", 1).attrs;
         let none = PreviousSubnets::default();

@@ -486,6 +486,7 @@ impl EtcdStore {
                 ipv6_subnet: subnet_key.ipv6,
                 attrs,
                 expiration: None,
+                node: None,
             }),
             Err(e) => invalid(e.to_string()),
         })
@@ -557,6 +558,7 @@ impl EtcdStore {
                 ipv6_subnet: key.ipv6,
                 attrs: attrs.clone(),
                 expiration,
+                node: None,
             };
             match plan {
                 Plan::Reuse(key) => {
@@ -1200,6 +1202,7 @@ fn bare_lease(key: SubnetKey) -> Lease {
         ipv6_subnet: key.ipv6,
         attrs: LeaseAttrs::default(),
         expiration: None,
+        node: None,
     }
 }
 

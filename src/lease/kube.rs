@@ -421,6 +421,7 @@ impl KubeStore {
             ipv6_subnet: None,
             attrs: attrs.clone(),
             expiration: None,
+            node: Some(name.clone()),
         };
         if config.enable_ipv4 {
             let cidr = v4.ok_or_else(|| KubeError::PodCidr {
@@ -1027,7 +1028,7 @@ impl NodeSet {
         let pod_cidrs = spec.and_then(|s| s.pod_cidrs.as_deref()).unwrap_or(&[]);
         let pod_cidr = spec.and_then(|s| s.pod_cidr.as_deref());
         let names = &self.names;
-        let lease = node_to_lease(
+        let mut lease = node_to_lease(
             names,
             annotations,
             pod_cidr,
@@ -1036,6 +1037,7 @@ impl NodeSet {
             self.enable_ipv6,
         )
         .map_err(|e| e.to_string())?;
+        lease.node = node.metadata.name.clone();
         if self.enable_ipv4 {
             optional_ipv4(annotations, &names.public_ip_overwrite).map_err(|e| e.to_string())?;
         }

@@ -42,6 +42,9 @@ pub struct Lease {
     pub attrs: LeaseAttrs,
     /// When the store drops the lease unless renewed; `None` for stores without TTLs.
     pub expiration: Option<SystemTime>,
+    /// The Kubernetes node holding the lease (kube store), so messages can name it; not part
+    /// of flannel's lease JSON.
+    pub node: Option<String>,
 }
 
 impl Lease {
@@ -65,6 +68,7 @@ impl Lease {
             ipv6_subnet: k.ipv6,
             attrs,
             expiration: None,
+            node: None,
         })
     }
 

@@ -145,6 +145,7 @@ mod tests {
                 ..LeaseAttrs::default()
             },
             expiration: None,
+            node: None,
         }
     }
 
