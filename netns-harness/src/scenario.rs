@@ -684,8 +684,8 @@ impl Cluster {
         Ok(())
     }
 
-    /// Packets counted by the KUBE-POSTROUTING MASQUERADE rule on `node`.
-    pub fn masquerade_packets(&self, node: &str) -> Result<u64> {
+    /// `node`'s KUBE-POSTROUTING rules with exact packet counters (`iptables -L -v -x`).
+    fn postrouting_rules(&self, node: &str) -> Result<String> {
         let out = self.exec_ok(
             node,
             &[
@@ -700,7 +700,13 @@ impl Cluster {
                 "-x",
             ],
         )?;
-        Ok(String::from_utf8_lossy(&out.stdout)
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Packets counted by the KUBE-POSTROUTING MASQUERADE rule on `node`.
+    pub fn masquerade_packets(&self, node: &str) -> Result<u64> {
+        Ok(self
+            .postrouting_rules(node)?
             .lines()
             .filter(|l| l.contains("MASQUERADE"))
             .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
@@ -741,22 +747,8 @@ impl Cluster {
 
     /// Packets counted by the [`count_marked_vxlan`](Self::count_marked_vxlan) rule.
     pub fn marked_vxlan_packets(&self, node: &str) -> Result<u64> {
-        let out = self.exec_ok(
-            node,
-            &[
-                "iptables",
-                "-w",
-                "-t",
-                "nat",
-                "-L",
-                "KUBE-POSTROUTING",
-                "-n",
-                "-v",
-                "-x",
-            ],
-        )?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
+        self.postrouting_rules(node)?
+            .lines()
             .find(|l| l.contains(MARKED_VXLAN))
             .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
             .ok_or_else(|| anyhow!("{node}: no marked-VXLAN counting rule in KUBE-POSTROUTING"))
