@@ -220,19 +220,24 @@ impl Pinger {
     fn drain(&self) {
         let mut buf = [0u8; 1500];
         for _ in 0..MAX_DRAIN {
-            // SAFETY: the buffer is live and writable for its length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
+            if self.recv_now(&mut buf).is_err() {
                 return;
             }
         }
+    }
+
+    /// One queued packet into `buf` without waiting (`WouldBlock` when none is queued).
+    fn recv_now(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: the buffer is live and writable for its length.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 
     fn send(&self, dst: Ipv4Addr, seq: u16) -> io::Result<()> {
@@ -274,23 +279,12 @@ impl Pinger {
         if rc == 0 {
             return Ok(None);
         }
-        // SAFETY: the buffer is live and writable for its length.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                return Ok(Some(0));
-            }
-            return Err(e);
+        match self.recv_now(buf) {
+            Ok(n) => Ok(Some(n)),
+            // Readable but taken meanwhile: an empty read, not a timeout.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Some(0)),
+            Err(e) => Err(e),
         }
-        Ok(Some(usize::try_from(n).unwrap_or(0)))
     }
 }
 
