@@ -21,8 +21,7 @@ use NodeKind::{Kernel, KernelRef, Userspace};
 /// Runs `flanneld doctor` with `node`'s daemon flags (plus `extra`) in its namespace:
 /// (exit code, stdout, stderr).
 fn doctor_with(c: &Cluster, node: &str, extra: &[&str]) -> (i32, String, String) {
-    let mut argv = c.flanneld_command(node).expect("flanneld command");
-    argv.insert(1, "doctor".into());
+    let mut argv = c.doctor_command(node).expect("doctor command");
     argv.extend(extra.iter().map(|s| (*s).to_owned()));
     let args: Vec<&str> = argv.iter().map(String::as_str).collect();
     let out = c

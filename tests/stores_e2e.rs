@@ -334,21 +334,12 @@ fn metrics(c: &Cluster, node: &str, port: u16) -> String {
 /// `flanneld doctor` with a node's daemon flags and environment (kube: `NODE_NAME`), in its
 /// namespace: (exit code, stdout).
 fn doctor(c: &Cluster, node: &str) -> (i32, String) {
-    let mut argv = c.flanneld_command(node).expect("flanneld command");
-    argv.insert(1, "doctor".into());
-    let name = format!("NODE_NAME={node}");
-    let mut args: Vec<&str> = vec!["env", &name];
-    args.extend(argv.iter().map(String::as_str));
-    let out = c
-        .exec_timeout(node, &args, Duration::from_secs(60))
-        .expect("run doctor");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let run = c.doctor(node).expect("run doctor");
     println!(
-        "--- doctor on {node}: {}\n{text}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        "--- doctor on {node}: exit {:?}\n{}{}",
+        run.status, run.stdout, run.stderr
     );
-    (out.status.code().unwrap_or(-1), text)
+    (run.status.unwrap_or(-1), run.stdout)
 }
 
 /// The site of a node (`n1`) or of a pod's node (`n1p1`).
