@@ -131,20 +131,7 @@ impl Tun {
 
     /// Writes one packet (with its vnet header when enabled).
     pub fn send(&self, packet: &[u8]) -> io::Result<()> {
-        loop {
-            // SAFETY: the pointer and length describe the live `packet` slice.
-            let n =
-                unsafe { libc::write(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
-            if n >= 0 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            match err.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => wait_fd(self.fd.as_raw_fd(), libc::POLLOUT, 100)?,
-                _ => return Err(err),
-            };
-        }
+        self.send_gather(packet, &[], &[])
     }
 
     /// Writes one packet gathered from `hdr` (its vnet header) and the `pieces` of `buf`, in
