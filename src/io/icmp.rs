@@ -19,7 +19,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use crate::wire::checksum;
+use crate::wire::{checksum, ipv4, IpProtocol};
 
 /// ICMP type of an echo reply.
 const ECHO_REPLY: u8 = 0;
@@ -62,19 +62,11 @@ pub fn echo_request(ident: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
 /// Parses what a raw IPv4 ICMP socket delivers (IP header, then ICMP) as an echo reply; `None`
 /// for anything else or anything truncated or with a wrong ICMP checksum.
 pub fn parse_echo_reply(packet: &[u8]) -> Option<EchoReply> {
-    let first = *packet.first()?;
-    if first >> 4 != 4 {
+    let ip = ipv4::Packet::new_checked(packet).ok()?;
+    if ip.version() != 4 || ip.next_header() != IpProtocol::Icmp {
         return None;
     }
-    let ihl = usize::from(first & 0x0f) * 4;
-    if ihl < 20 || packet.get(9) != Some(&1) {
-        return None;
-    }
-    let src = packet.get(12..16)?;
-    let from = Ipv4Addr::new(src[0], src[1], src[2], src[3]);
-    let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?]));
-    let end = total.clamp(ihl, packet.len());
-    let icmp = packet.get(ihl..end)?;
+    let icmp = ip.payload();
     if icmp.len() < 8 || icmp[0] != ECHO_REPLY || icmp[1] != 0 {
         return None;
     }
@@ -82,7 +74,7 @@ pub fn parse_echo_reply(packet: &[u8]) -> Option<EchoReply> {
         return None;
     }
     Some(EchoReply {
-        from,
+        from: ip.src_addr(),
         ident: u16::from_be_bytes([icmp[4], icmp[5]]),
         seq: u16::from_be_bytes([icmp[6], icmp[7]]),
     })
