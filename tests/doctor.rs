@@ -124,7 +124,7 @@ fn doctor_names_each_broken_thing_and_the_daemon_names_unreachable_peers() {
     let _g = serial();
     let mut s = spec(&[Userspace, Kernel, KernelRef], 1);
     s.flanneld_args.push("--peer-probe-interval=1".into());
-    s.nodes[0].extra_args = vec!["--healthz-port=9101".into()];
+    s.nodes[0].extra_args = vec!["--metrics-port=9101".into()];
     let c = Cluster::up(&s).expect("cluster up");
     let m = c.check_until_pass(Duration::from_secs(10));
     assert!(m.all_pass(), "{m}");

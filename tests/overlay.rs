@@ -185,7 +185,7 @@ fn bad_datagrams_and_corrupt_leases_are_dropped_and_counted() {
     }
     let _g = serial();
     let mut s = spec(&[Userspace, Userspace], 1);
-    s.nodes[0].extra_args = vec!["--healthz-port=9101".into()];
+    s.nodes[0].extra_args = vec!["--metrics-port=9101".into()];
     let c = netns_harness::Cluster::up(&s).expect("cluster up");
     assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
 

@@ -138,7 +138,7 @@ fn p1_public_ip_overwrite_on_kube_store() {
     );
     s.sites = vec![1, 1, 2, 2];
     s.flanneld_args.push("--peer-probe-interval=1".into());
-    s.nodes[0].extra_args = vec!["--healthz-port=9101".into()];
+    s.nodes[0].extra_args = vec!["--metrics-port=9101".into()];
     let mut c = Cluster::up(&s).expect("cluster up");
     // Same-site paths work (give the daemons a moment); every cross-site path fails.
     let same_site =

@@ -125,6 +125,9 @@ pub struct Flags {
     pub vxlan_tx_checksum_offload: bool,
     /// `--metrics-port` (addition; 0 disables).
     pub metrics_port: u16,
+    /// `--metrics-ip` (addition): where `/metrics` listens; loopback unless told otherwise,
+    /// because the metrics name every peer's subnet and public IP.
+    pub metrics_ip: IpAddr,
     /// `--peer-probe-interval` (addition): seconds between ICMP probes of every peer's VTEP
     /// (0 disables the prober).
     pub peer_probe_interval: u32,
@@ -171,6 +174,7 @@ impl Default for Flags {
             lease_dir: None,
             vxlan_tx_checksum_offload: false,
             metrics_port: 0,
+            metrics_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             peer_probe_interval: 10,
         }
     }
@@ -224,6 +228,7 @@ impl fmt::Debug for Flags {
             .field("lease_dir", &self.lease_dir)
             .field("vxlan_tx_checksum_offload", &self.vxlan_tx_checksum_offload)
             .field("metrics_port", &self.metrics_port)
+            .field("metrics_ip", &self.metrics_ip)
             .field("peer_probe_interval", &self.peer_probe_interval)
             .finish()
     }
@@ -362,7 +367,8 @@ const SPECS: &[Spec] = &[
     addition(spec("dataplane", Kind::Str, "userspace", "VXLAN data plane: \"userspace\" (TUN device + UDP socket in flanneld) or \"kernel\" (the kernel vxlan driver, like upstream flannel)")),
     addition(spec("lease-dir", Kind::Str, "", "use a local directory as the lease store instead of etcd: DIR/config holds the network config JSON, DIR/subnets/<key> one lease each (shareable by several daemons)")),
     addition(spec("vxlan-tx-checksum-offload", Kind::Bool, "", "kernel data plane: keep tx checksum offload on the vxlan device (it is turned off by default)")),
-    addition(spec("metrics-port", Kind::Int, "", "the port for the Prometheus metrics server to listen (0 to disable)")),
+    addition(spec("metrics-port", Kind::Int, "", "the port for the Prometheus /metrics server to listen (0 to disable); /metrics is served only there")),
+    addition(spec("metrics-ip", Kind::Str, "127.0.0.1", "the IP address for the metrics server to listen (the metrics name every peer's subnet and public IP: keep it off pod-reachable addresses)")),
     addition(spec("peer-probe-interval", Kind::Int, "10", "seconds between ICMP echo probes of every peer's VTEP address (host-gw: public IP); a peer silent 3 times in a row is logged and exported as flannel_peer_reachable 0 (0 to disable)")),
 ];
 
@@ -718,6 +724,8 @@ fn build(values: &BTreeMap<&'static str, (Origin, Vec<String>)>) -> Result<Flags
         lease_dir,
         vxlan_tx_checksum_offload: boolean("vxlan-tx-checksum-offload")?,
         metrics_port: port("metrics-port")?,
+        metrics_ip: parsed("metrics-ip", "an IP address")?
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         peer_probe_interval: u32::try_from(int("peer-probe-interval", 0, 86_400)?).unwrap_or(10),
     })
 }

@@ -313,19 +313,29 @@ async fn start_http(
     ready: &Arc<AtomicBool>,
     metrics: &Arc<DaemonMetrics>,
 ) -> Result<(), DaemonError> {
-    let m = metrics.clone();
-    let state = http::HealthState {
-        ready: ready.clone(),
-        metrics: Arc::new(move || m.render()),
-    };
-    for port in [flags.healthz_port, flags.metrics_port] {
-        if port > 0 {
-            let addr = SocketAddr::new(flags.healthz_ip, port);
-            http::spawn(addr, state.clone())
-                .await
-                .map_err(io_err(format!("listen on {addr}")))?;
-            info!(%addr, "serving /healthz, /readyz and /metrics");
-        }
+    if flags.metrics_port > 0 && flags.metrics_port == flags.healthz_port {
+        return Err(DaemonError::Unsupported(format!(
+            "--metrics-port {} equals --healthz-port: /metrics is served on its own port (bound to --metrics-ip, {} by default) so the health port does not publish peer addresses; pick another port",
+            flags.metrics_port, flags.metrics_ip
+        )));
+    }
+    if flags.healthz_port > 0 {
+        let addr = SocketAddr::new(flags.healthz_ip, flags.healthz_port);
+        let health = http::Endpoints::Health {
+            ready: ready.clone(),
+        };
+        http::spawn(addr, health)
+            .await
+            .map_err(io_err(format!("listen on {addr}")))?;
+        info!(%addr, "serving /healthz and /readyz");
+    }
+    if flags.metrics_port > 0 {
+        let addr = SocketAddr::new(flags.metrics_ip, flags.metrics_port);
+        let m = metrics.clone();
+        http::spawn(addr, http::Endpoints::Metrics(Arc::new(move || m.render())))
+            .await
+            .map_err(io_err(format!("listen on {addr}")))?;
+        info!(%addr, "serving /metrics");
     }
     Ok(())
 }
