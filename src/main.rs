@@ -22,7 +22,11 @@ fn main() -> ExitCode {
         Ok(Command::InstallConf { src, dest }) => return install_conf(&src, &dest),
         Err(e) => {
             eprintln!("flanneld: {e}");
-            return ExitCode::from(2);
+            // install-conf's usage error exits 1 like upstream's helper; flag errors exit 2.
+            return match e {
+                flags::FlagError::InstallConfUsage => ExitCode::FAILURE,
+                _ => ExitCode::from(2),
+            };
         }
     };
     init_logging(flags.verbosity);

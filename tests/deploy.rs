@@ -54,7 +54,10 @@ fn context_sources(dockerfile: &str) -> Vec<String> {
             .copied()
             .filter(|a| !a.starts_with("--"))
             .collect();
-        assert!(paths.len() >= 2, "COPY without source and destination: {ins}");
+        assert!(
+            paths.len() >= 2,
+            "COPY without source and destination: {ins}"
+        );
         sources.extend(paths[..paths.len() - 1].iter().map(|s| s.to_string()));
     }
     sources
@@ -63,7 +66,11 @@ fn context_sources(dockerfile: &str) -> Vec<String> {
 /// `.dockerignore` exclusions of a top-level path (the patterns used there: `dir/`,
 /// `**/x`, globs are not needed for the copied paths).
 fn ignored(patterns: &[String], path: &str) -> bool {
-    let first = path.trim_start_matches("./").split('/').next().unwrap_or("");
+    let first = path
+        .trim_start_matches("./")
+        .split('/')
+        .next()
+        .unwrap_or("");
     let mut excluded = false;
     for p in patterns {
         let (neg, pat) = match p.strip_prefix('!') {
@@ -83,7 +90,10 @@ fn every_copied_file_exists_and_is_in_the_context() {
     let dockerfile = read("deploy/Dockerfile");
     let sources = context_sources(&dockerfile);
     for want in ["Cargo.lock", "src", "deploy/install-conf"] {
-        assert!(sources.iter().any(|s| s == want), "{want} not copied: {sources:?}");
+        assert!(
+            sources.iter().any(|s| s == want),
+            "{want} not copied: {sources:?}"
+        );
     }
     let patterns: Vec<String> = read(".dockerignore")
         .lines()
@@ -92,10 +102,19 @@ fn every_copied_file_exists_and_is_in_the_context() {
         .map(String::from)
         .collect();
     for s in &sources {
-        assert!(!s.contains(['*', '?']), "glob in COPY source {s}: list files");
+        assert!(
+            !s.contains(['*', '?']),
+            "glob in COPY source {s}: list files"
+        );
         let p = repo().join(s);
-        assert!(p.exists(), "deploy/Dockerfile copies {s}, missing in the repository");
-        assert!(!ignored(&patterns, s), "{s} is copied but excluded by .dockerignore");
+        assert!(
+            p.exists(),
+            "deploy/Dockerfile copies {s}, missing in the repository"
+        );
+        assert!(
+            !ignored(&patterns, s),
+            "{s} is copied but excluded by .dockerignore"
+        );
     }
     // The helper is a script the image runs directly.
     use std::os::unix::fs::PermissionsExt;
@@ -140,7 +159,9 @@ fn base_images_are_pinned_and_both_platforms_build() {
         assert!(dockerfile.contains(arch), "Dockerfile lacks {arch}");
     }
     assert!(dockerfile.contains("CARGO_PROFILE_RELEASE_STRIP=symbols"));
-    assert!(dockerfile.contains("/opt/bin/flanneld") && dockerfile.contains("/opt/bin/install-conf"));
+    assert!(
+        dockerfile.contains("/opt/bin/flanneld") && dockerfile.contains("/opt/bin/install-conf")
+    );
 }
 
 #[test]

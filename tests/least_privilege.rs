@@ -90,7 +90,11 @@ fn both_planes_pass_the_matrix_with_container_capabilities() {
             .pid;
         assert_eq!(cap_field(pid, "CapBnd"), CONTAINER_CAP_MASK, "{node}");
         assert_eq!(cap_field(pid, "CapEff"), CONTAINER_CAP_MASK, "{node}");
-        assert_eq!(cap_field(pid, "CapEff") & (1 << 21), 0, "{node}: CAP_SYS_ADMIN");
+        assert_eq!(
+            cap_field(pid, "CapEff") & (1 << 21),
+            0,
+            "{node}: CAP_SYS_ADMIN"
+        );
     }
 
     // --ip-masq worked without CAP_SYS_ADMIN: the rules are where the node's iptables sees them.
@@ -133,7 +137,8 @@ fn missing_dev_net_tun_is_one_line_naming_path_and_fix() {
     .map(String::from)
     .to_vec();
     s.ready_timeout = Duration::from_secs(10);
-    let err = netns_harness::Cluster::up(&s).expect_err("flanneld must not start without /dev/net/tun");
+    let err =
+        netns_harness::Cluster::up(&s).expect_err("flanneld must not start without /dev/net/tun");
     let text = format!("{err:#}");
     let line = text
         .lines()
@@ -147,5 +152,8 @@ fn missing_dev_net_tun_is_one_line_naming_path_and_fix() {
         "{line}"
     );
     assert!(line.contains("--dataplane=kernel"), "{line}");
-    assert!(line.starts_with("flanneld: Error registering network: ") || line.contains("ERROR"), "{line}");
+    assert!(
+        line.starts_with("flanneld: Error registering network: ") || line.contains("ERROR"),
+        "{line}"
+    );
 }

@@ -955,7 +955,10 @@ mod tests {
             FlagError::UnexpectedArgument("doctor".into())
         );
         assert_eq!(
-            parse(&args(&["install-conf", "/a/cni-conf.json", "/b/10-flannel.conflist"]), &env),
+            parse(
+                &args(&["install-conf", "/a/cni-conf.json", "/b/10-flannel.conflist"]),
+                &env
+            ),
             Ok(Command::InstallConf {
                 src: "/a/cni-conf.json".into(),
                 dest: "/b/10-flannel.conflist".into()

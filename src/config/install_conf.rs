@@ -11,9 +11,9 @@ use std::path::Path;
 /// Copies `src` to `dest` atomically (mode 0644, like the upstream helper's copy).
 pub fn install(src: &Path, dest: &Path) -> io::Result<()> {
     let data = fs::read(src)?;
-    let name = dest
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "destination has no file name"))?;
+    let name = dest.file_name().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "destination has no file name")
+    })?;
     let dir = match dest.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -45,7 +45,10 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn dir(tag: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("flannel-rs-install-conf-{tag}-{}", std::process::id()));
+        let d = std::env::temp_dir().join(format!(
+            "flannel-rs-install-conf-{tag}-{}",
+            std::process::id()
+        ));
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
         d
@@ -60,8 +63,14 @@ mod tests {
         fs::write(&dest, b"stale").unwrap();
         install(&src, &dest).unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"{\"name\":\"cbr0\"}");
-        assert_eq!(fs::metadata(&dest).unwrap().permissions().mode() & 0o777, 0o644);
-        let names: Vec<_> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(
+            fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        let names: Vec<_> = fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 2, "{names:?}");
         fs::remove_dir_all(&d).unwrap();
     }

@@ -61,8 +61,11 @@ impl Binaries {
 const HINT_CHAINS: [&str; 2] = [":KUBE-IPTABLES-HINT ", ":KUBE-KUBELET-CANARY "];
 
 fn has_hint(save: &str) -> bool {
-    save.lines()
-        .any(|l| HINT_CHAINS.iter().any(|h| l.starts_with(h) || *l == h[..h.len() - 1]))
+    save.lines().any(|l| {
+        HINT_CHAINS
+            .iter()
+            .any(|h| l.starts_with(h) || *l == h[..h.len() - 1])
+    })
 }
 
 fn rule_count(save: &str) -> usize {

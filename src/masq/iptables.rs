@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use super::{forward_rules, masq_rules, render_restore, MasqConfig, RestoreOp, Rule, Table};
 use super::backend_choice::{self, Binaries};
+use super::{forward_rules, masq_rules, render_restore, MasqConfig, RestoreOp, Rule, Table};
 use super::{FWD_CHAIN, POSTRTG_CHAIN};
 use crate::netlink::IpFamily;
 
@@ -574,8 +574,13 @@ mod tests {
         assert_eq!(ipt.program(), "iptables-legacy");
         ipt.setup_forward("10.42.0.0/16".parse().unwrap()).unwrap();
         let cmds = f.commands.lock().unwrap().clone();
-        assert!(cmds.iter().all(|c| c.starts_with("iptables-legacy")), "{cmds:?}");
-        assert!(cmds.iter().any(|c| c.starts_with("iptables-legacy-restore ")));
+        assert!(
+            cmds.iter().all(|c| c.starts_with("iptables-legacy")),
+            "{cmds:?}"
+        );
+        assert!(cmds
+            .iter()
+            .any(|c| c.starts_with("iptables-legacy-restore ")));
     }
 
     #[test]
