@@ -75,11 +75,13 @@ fn rule_count(save: &str) -> usize {
 /// The backend that holds the host's rules, from the `iptables-legacy-save` +
 /// `ip6tables-legacy-save` output and the `iptables-nft-save` + `ip6tables-nft-save` output.
 pub fn choose(legacy_save: &str, nft_save: &str) -> IptablesBackend {
-    if has_hint(nft_save) {
-        IptablesBackend::Nft
-    } else if has_hint(legacy_save) {
-        IptablesBackend::Legacy
-    } else if rule_count(legacy_save) > rule_count(nft_save) {
+    // Hints first (nft's, then legacy's), then the larger rule count; a tie is nft.
+    let legacy = if has_hint(nft_save) {
+        false
+    } else {
+        has_hint(legacy_save) || rule_count(legacy_save) > rule_count(nft_save)
+    };
+    if legacy {
         IptablesBackend::Legacy
     } else {
         IptablesBackend::Nft
