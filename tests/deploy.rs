@@ -187,3 +187,57 @@ fn parser_sees_continuations_and_skips_stage_copies() {
     let df = "FROM x@sha256:00 AS b\n# COPY nothing here\nCOPY a \\\n  b ./\nCOPY --from=b /out /opt\nCOPY --chmod=0755 c /d\n";
     assert_eq!(context_sources(df), ["a", "b", "c"]);
 }
+
+/// `flanneld --version` (the image's binary): `flanneld v<version> (<commit>)` on stderr, the
+/// commit being this checkout's when git can tell.
+#[test]
+fn version_line_names_version_and_commit() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flanneld"))
+        .arg("--version")
+        .output()
+        .expect("flanneld --version");
+    assert!(out.status.success());
+    let line = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    let want_prefix = format!("flanneld v{} (", env!("CARGO_PKG_VERSION"));
+    let commit = line
+        .strip_prefix(&want_prefix)
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("unexpected version line {line:?}"));
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(repo())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    match head {
+        Some(h) => assert_eq!(commit, h),
+        None => assert_eq!(commit, "unknown"),
+    }
+}
+
+/// `flanneld install-conf <src> <dest>` as the install-cni init container runs it.
+#[test]
+fn install_conf_subcommand_installs_the_cni_config() {
+    let dir = std::env::temp_dir().join(format!("flannel-rs-deploy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("cni-conf.json");
+    let dest = dir.join("10-flannel.conflist");
+    std::fs::write(&src, "{\"name\":\"cbr0\",\"cniVersion\":\"0.3.1\"}\n").unwrap();
+    let bin = env!("CARGO_BIN_EXE_flanneld");
+    let ok = std::process::Command::new(bin)
+        .arg("install-conf")
+        .args([&src, &dest])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&src).unwrap());
+    let usage = std::process::Command::new(bin)
+        .args(["install-conf", "only-one"])
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&usage.stderr).contains("usage: flanneld install-conf"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

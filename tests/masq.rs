@@ -297,3 +297,35 @@ fn random_fully_can_be_disabled() {
             .replace(" --random-fully", "")
     );
 }
+
+/// iptables-wrappers' choice made by the daemon: a namespace whose kubelet uses legacy
+/// iptables (its hint chain) gets flannel's rules in legacy, one without rules in nft; each
+/// time the other backend stays empty.
+#[test]
+fn rules_land_in_the_backend_that_holds_the_hosts_rules() {
+    if !privileged() {
+        return;
+    }
+    for (tag, legacy_host) in [("legacy", true), ("nft", false)] {
+        let ns = Netns::new(tag);
+        if legacy_host {
+            ns.exec_line("iptables-legacy -t mangle -N KUBE-IPTABLES-HINT");
+        }
+        let program = ns.run(|| {
+            let ipt = Iptables::detect(IpFamily::V4).expect("iptables");
+            ipt.setup_forward("10.42.0.0/16".parse().unwrap())
+                .expect("forward");
+            ipt.program()
+        });
+        let (used, other) = if legacy_host {
+            ("iptables-legacy", "iptables-nft")
+        } else {
+            ("iptables-nft", "iptables-legacy")
+        };
+        assert_eq!(program, used);
+        let rules = ns.exec(&[used, "-S", "FLANNEL-FWD"]);
+        assert!(rules.contains("-s 10.42.0.0/16"), "{used}: {rules}");
+        let save = ns.exec(&[&format!("{other}-save")]);
+        assert!(!save.contains("FLANNEL"), "{other} got rules too: {save}");
+    }
+}
