@@ -1,10 +1,12 @@
 //! Both data planes under upstream's securityContext: `privileged: false` with a container's
 //! default capabilities plus NET_ADMIN and NET_RAW (kube-flannel.yml), applied with `setpriv`
-//! inside each node's namespace; and the one-line error when `/dev/net/tun` is not there.
+//! inside each node's namespace, started the way a systemd `Type=notify` unit starts it
+//! (`NOTIFY_SOCKET`); and the one-line error when `/dev/net/tun` is not there.
 //! Privileged: run as root (CI=true makes them mandatory).
 
 mod netns;
 
+use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use netns::*;
@@ -76,10 +78,36 @@ fn both_planes_pass_the_matrix_with_container_capabilities() {
         return;
     }
     let _g = serial();
+    let dir = std::env::temp_dir().join(format!("flannel-rs-lp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let notify_path = dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+
     let mut s = spec(&[Userspace, Kernel, KernelRef], 1);
-    s.flanneld_prefix = setpriv_prefix();
+    s.flanneld_prefix = vec![
+        "env".into(),
+        format!("NOTIFY_SOCKET={}", notify_path.display()),
+    ];
+    s.flanneld_prefix.extend(setpriv_prefix());
     s.ip_masq = true;
     let c = netns_harness::Cluster::up(&s).expect("cluster up under setpriv");
+
+    // Each daemon told "systemd" it is ready (after writing subnet.env, which up() waited
+    // for), exactly once.
+    let mut buf = [0u8; 64];
+    for _ in 0..2 {
+        let n = notify.recv(&mut buf).expect("READY=1 from each flanneld");
+        assert_eq!(&buf[..n], b"READY=1");
+    }
+    notify.set_nonblocking(true).expect("nonblocking");
+    assert!(
+        notify.recv(&mut buf).is_err(),
+        "more than one READY=1 per daemon"
+    );
 
     // The daemons really run with only the container's capabilities (no CAP_SYS_ADMIN).
     for node in ["n1", "n2"] {
@@ -113,6 +141,7 @@ fn both_planes_pass_the_matrix_with_container_capabilities() {
         assert_eq!(m.cell(b, a).expect("cell").letters(), "ITUD", "{b}->{a}");
     }
     teardown(c);
+    std::fs::remove_dir_all(&dir).expect("remove temp dir");
 }
 
 #[test]
