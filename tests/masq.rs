@@ -299,17 +299,32 @@ fn random_fully_can_be_disabled() {
 }
 
 /// iptables-wrappers' choice made by the daemon: a namespace whose kubelet uses legacy
-/// iptables (its hint chain) gets flannel's rules in legacy, one without rules in nft; each
-/// time the other backend stays empty.
+/// iptables (its hint chain in legacy) gets flannel's rules in legacy, one whose kubelet uses
+/// nft gets them in nft, the other backend staying empty; a namespace with no rules at all
+/// gets the system's default `iptables`.
 #[test]
 fn rules_land_in_the_backend_that_holds_the_hosts_rules() {
     if !privileged() {
         return;
     }
-    for (tag, legacy_host) in [("legacy", true), ("nft", false)] {
+    for (tag, hint, used, other) in [
+        (
+            "legacy",
+            Some("iptables-legacy"),
+            "iptables-legacy",
+            Some("iptables-nft"),
+        ),
+        (
+            "nft",
+            Some("iptables-nft"),
+            "iptables-nft",
+            Some("iptables-legacy"),
+        ),
+        ("none", None, "iptables", None),
+    ] {
         let ns = Netns::new(tag);
-        if legacy_host {
-            ns.exec_line("iptables-legacy -t mangle -N KUBE-IPTABLES-HINT");
+        if let Some(h) = hint {
+            ns.exec(&[h, "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"]);
         }
         let program = ns.run(|| {
             let ipt = Iptables::detect(IpFamily::V4).expect("iptables");
@@ -317,15 +332,12 @@ fn rules_land_in_the_backend_that_holds_the_hosts_rules() {
                 .expect("forward");
             ipt.program()
         });
-        let (used, other) = if legacy_host {
-            ("iptables-legacy", "iptables-nft")
-        } else {
-            ("iptables-nft", "iptables-legacy")
-        };
-        assert_eq!(program, used);
+        assert_eq!(program, used, "{tag}");
         let rules = ns.exec(&[used, "-S", "FLANNEL-FWD"]);
         assert!(rules.contains("-s 10.42.0.0/16"), "{used}: {rules}");
-        let save = ns.exec(&[&format!("{other}-save")]);
-        assert!(!save.contains("FLANNEL"), "{other} got rules too: {save}");
+        if let Some(other) = other {
+            let save = ns.exec(&[&format!("{other}-save")]);
+            assert!(!save.contains("FLANNEL"), "{other} got rules too: {save}");
+        }
     }
 }

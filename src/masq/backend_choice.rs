@@ -4,8 +4,10 @@
 //! kube-proxy's are in force but invisible to them (and to `iptables` on the host). This is
 //! the decision of kubernetes-sigs/iptables-wrappers (which flannel's image ships): kubelet's
 //! hint chains `KUBE-IPTABLES-HINT` / `KUBE-KUBELET-CANARY` first (nft, then legacy), else the
-//! backend with more rules, nft on a tie. [`choose`] is that decision on the `*-save` outputs;
-//! [`select`] gathers them through a [`Runner`].
+//! backend with more rules. On a tie iptables-wrappers takes nft; we take the system's default
+//! `iptables` (in the image that is Debian's, nft; on a test host it keeps the host's default).
+//! [`choose`] is that decision on the `*-save` outputs; [`select`] gathers them through a
+//! [`Runner`].
 
 use super::iptables::{MasqError, Runner};
 use crate::netlink::IpFamily;
@@ -73,18 +75,20 @@ fn rule_count(save: &str) -> usize {
 }
 
 /// The backend that holds the host's rules, from the `iptables-legacy-save` +
-/// `ip6tables-legacy-save` output and the `iptables-nft-save` + `ip6tables-nft-save` output.
-pub fn choose(legacy_save: &str, nft_save: &str) -> IptablesBackend {
-    // Hints first (nft's, then legacy's), then the larger rule count; a tie is nft.
-    let legacy = if has_hint(nft_save) {
-        false
-    } else {
-        has_hint(legacy_save) || rule_count(legacy_save) > rule_count(nft_save)
-    };
-    if legacy {
-        IptablesBackend::Legacy
-    } else {
-        IptablesBackend::Nft
+/// `ip6tables-legacy-save` output and the `iptables-nft-save` + `ip6tables-nft-save` output;
+/// `None` when nothing tells them apart (no hint, as many rules in each).
+pub fn choose(legacy_save: &str, nft_save: &str) -> Option<IptablesBackend> {
+    // Hints first (nft's, then legacy's), then the larger rule count.
+    if has_hint(nft_save) {
+        return Some(IptablesBackend::Nft);
+    }
+    if has_hint(legacy_save) {
+        return Some(IptablesBackend::Legacy);
+    }
+    match rule_count(legacy_save).cmp(&rule_count(nft_save)) {
+        std::cmp::Ordering::Greater => Some(IptablesBackend::Legacy),
+        std::cmp::Ordering::Less => Some(IptablesBackend::Nft),
+        std::cmp::Ordering::Equal => None,
     }
 }
 
@@ -108,23 +112,22 @@ fn save_all(runner: &dyn Runner, v4: &str, v6: &str) -> Option<String> {
 }
 
 /// Picks the binaries: when both the legacy and the nft variants are installed, the backend
-/// [`choose`] names; otherwise plain `iptables`.
+/// [`choose`] names; otherwise, or when nothing tells them apart, plain `iptables` (the
+/// system's default; in the image Debian's, nft, which is iptables-wrappers' choice then).
 pub fn select(runner: &dyn Runner) -> Binaries {
     let legacy = save_all(runner, "iptables-legacy-save", "ip6tables-legacy-save");
     let nft = save_all(runner, "iptables-nft-save", "ip6tables-nft-save");
-    match (legacy, nft) {
-        (Some(l), Some(n)) => {
-            let choice = choose(&l, &n);
-            tracing::info!(
-                backend = ?choice,
-                legacy_rules = rule_count(&l),
-                nft_rules = rule_count(&n),
-                "iptables backend chosen to match the host's rules"
-            );
-            Binaries::Variant(choice)
-        }
-        _ => Binaries::Plain,
-    }
+    let (Some(l), Some(n)) = (legacy, nft) else {
+        return Binaries::Plain;
+    };
+    let choice = choose(&l, &n);
+    tracing::info!(
+        backend = ?choice,
+        legacy_rules = rule_count(&l),
+        nft_rules = rule_count(&n),
+        "iptables backend chosen to match the host's rules (None: the system default)"
+    );
+    choice.map_or(Binaries::Plain, Binaries::Variant)
 }
 
 #[cfg(test)]
@@ -147,23 +150,26 @@ mod tests {
     #[test]
     fn kubelet_hint_wins_over_rule_counts() {
         // nft hint, even with many more legacy rules (e.g. leftovers of an old Docker).
-        assert_eq!(choose(&rules(50), KUBE_NFT_MANGLE), IptablesBackend::Nft);
+        assert_eq!(
+            choose(&rules(50), KUBE_NFT_MANGLE),
+            Some(IptablesBackend::Nft)
+        );
         let legacy = format!("{}{}", rules(0), KUBE_NFT_MANGLE.replace("nft", "legacy"));
-        assert_eq!(choose(&legacy, &rules(30)), IptablesBackend::Legacy);
+        assert_eq!(choose(&legacy, &rules(30)), Some(IptablesBackend::Legacy));
         // Both hinted: nft is checked first, as in iptables-wrappers.
-        assert_eq!(choose(&legacy, KUBE_NFT_MANGLE), IptablesBackend::Nft);
+        assert_eq!(choose(&legacy, KUBE_NFT_MANGLE), Some(IptablesBackend::Nft));
     }
 
     #[test]
-    fn more_rules_wins_and_a_tie_is_nft() {
-        assert_eq!(choose(&rules(12), &rules(3)), IptablesBackend::Legacy);
-        assert_eq!(choose(&rules(3), &rules(12)), IptablesBackend::Nft);
-        assert_eq!(choose(&rules(4), &rules(4)), IptablesBackend::Nft);
-        assert_eq!(choose("", ""), IptablesBackend::Nft);
+    fn more_rules_wins_and_a_tie_is_undecided() {
+        assert_eq!(choose(&rules(12), &rules(3)), Some(IptablesBackend::Legacy));
+        assert_eq!(choose(&rules(3), &rules(12)), Some(IptablesBackend::Nft));
+        assert_eq!(choose(&rules(4), &rules(4)), None);
+        assert_eq!(choose("", ""), None);
         // Chain declarations and comments are not rules.
         assert_eq!(
             choose("# -A x\n:FOO - [0:0]\n:BAR - [0:0]\n", &rules(0)),
-            IptablesBackend::Nft
+            None
         );
     }
 
@@ -171,7 +177,7 @@ mod tests {
     fn hint_must_be_a_chain_declaration() {
         // A rule that merely mentions the chain name is no hint.
         let mention = "-A INPUT -m comment --comment KUBE-IPTABLES-HINT -j ACCEPT\n";
-        assert_eq!(choose(mention, ""), IptablesBackend::Legacy);
+        assert_eq!(choose(mention, ""), Some(IptablesBackend::Legacy));
     }
 
     #[test]
@@ -233,5 +239,13 @@ mod tests {
             ("ip6tables-nft-save", Ok(KUBE_NFT_MANGLE.into())),
         ]));
         assert_eq!(select(&p), Binaries::Variant(IptablesBackend::Nft));
+        // Both installed, nothing tells them apart: the system default.
+        let p = Programs(BTreeMap::from([
+            ("iptables-legacy-save", Ok(rules(0))),
+            ("ip6tables-legacy-save", Ok(rules(0))),
+            ("iptables-nft-save", Ok(rules(0))),
+            ("ip6tables-nft-save", Ok(rules(0))),
+        ]));
+        assert_eq!(select(&p), Binaries::Plain);
     }
 }
