@@ -25,3 +25,13 @@ pub mod lease;
 pub mod masq;
 pub mod netlink;
 pub mod wire;
+
+/// The `flanneld --version` line: `flanneld v<version> (<git commit>)` (upstream prints
+/// `v<version>` alone; the commit comes from build.rs, "unknown" outside a git checkout).
+pub fn version_line() -> String {
+    format!(
+        "flanneld v{} ({})",
+        env!("CARGO_PKG_VERSION"),
+        env!("FLANNELD_GIT_COMMIT")
+    )
+}

@@ -15,12 +15,18 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Ok(Command::Version) => {
-            eprintln!("{}", env!("CARGO_PKG_VERSION"));
+            // Upstream prints its version alone to stderr; we add the name and commit.
+            eprintln!("{}", flannel_rs::version_line());
             return ExitCode::SUCCESS;
         }
+        Ok(Command::InstallConf { src, dest }) => return install_conf(&src, &dest),
         Err(e) => {
             eprintln!("flanneld: {e}");
-            return ExitCode::from(2);
+            // install-conf's usage error exits 1 like upstream's helper; flag errors exit 2.
+            return match e {
+                flags::FlagError::InstallConfUsage => ExitCode::FAILURE,
+                _ => ExitCode::from(2),
+            };
         }
     };
     init_logging(flags.verbosity);
@@ -63,6 +69,18 @@ fn doctor(flags: &flags::Flags) -> ExitCode {
         eprintln!("flanneld doctor: {e}");
     }
     ExitCode::from(diagnosis.exit_code())
+}
+
+/// `flanneld install-conf <src> <dest>`: upstream's `/opt/bin/install-conf` (the Helm chart's
+/// `install-cni` init container): copy the CNI config atomically, usage error exit 1.
+fn install_conf(src: &std::path::Path, dest: &std::path::Path) -> ExitCode {
+    match flannel_rs::config::install_conf::install(src, dest) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error installing {:?}: {e}", src.display().to_string());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Completes on the first SIGTERM or SIGINT.

@@ -297,3 +297,47 @@ fn random_fully_can_be_disabled() {
             .replace(" --random-fully", "")
     );
 }
+
+/// iptables-wrappers' choice made by the daemon: a namespace whose kubelet uses legacy
+/// iptables (its hint chain in legacy) gets flannel's rules in legacy, one whose kubelet uses
+/// nft gets them in nft, the other backend staying empty; a namespace with no rules at all
+/// gets the system's default `iptables`.
+#[test]
+fn rules_land_in_the_backend_that_holds_the_hosts_rules() {
+    if !privileged() {
+        return;
+    }
+    for (tag, hint, used, other) in [
+        (
+            "legacy",
+            Some("iptables-legacy"),
+            "iptables-legacy",
+            Some("iptables-nft"),
+        ),
+        (
+            "nft",
+            Some("iptables-nft"),
+            "iptables-nft",
+            Some("iptables-legacy"),
+        ),
+        ("none", None, "iptables", None),
+    ] {
+        let ns = Netns::new(tag);
+        if let Some(h) = hint {
+            ns.exec(&[h, "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"]);
+        }
+        let program = ns.run(|| {
+            let ipt = Iptables::detect(IpFamily::V4).expect("iptables");
+            ipt.setup_forward("10.42.0.0/16".parse().unwrap())
+                .expect("forward");
+            ipt.program()
+        });
+        assert_eq!(program, used, "{tag}");
+        let rules = ns.exec(&[used, "-S", "FLANNEL-FWD"]);
+        assert!(rules.contains("-s 10.42.0.0/16"), "{used}: {rules}");
+        if let Some(other) = other {
+            let save = ns.exec(&[&format!("{other}-save")]);
+            assert!(!save.contains("FLANNEL"), "{other} got rules too: {save}");
+        }
+    }
+}

@@ -131,6 +131,9 @@ pub struct ClusterSpec {
     pub flanneld: Option<PathBuf>,
     /// Arguments given to every flanneld (e.g. `-v 2`), before per-node ones.
     pub flanneld_args: Vec<String>,
+    /// A command that wraps every flanneld launch inside the node's namespace (e.g. `setpriv`
+    /// with a container's capability set); empty: flanneld runs directly.
+    pub flanneld_prefix: Vec<String>,
     /// The `netns-harness` binary used for responders and probes (None:
     /// `$NETNS_HARNESS_BIN`, else next to this executable or its `deps/` parent).
     pub harness_bin: Option<PathBuf>,
@@ -170,6 +173,7 @@ impl ClusterSpec {
             ip_masq: false,
             flanneld: None,
             flanneld_args: Vec::new(),
+            flanneld_prefix: Vec::new(),
             harness_bin: None,
             responders: true,
             underlay_tx_offload: false,
@@ -262,6 +266,9 @@ pub struct RunState {
     pub flanneld: Option<PathBuf>,
     /// Common flanneld args.
     pub flanneld_args: Vec<String>,
+    /// Launch wrapper of every flanneld ([`ClusterSpec::flanneld_prefix`]).
+    #[serde(default)]
+    pub flanneld_prefix: Vec<String>,
     /// netns-harness binary (when resolved).
     pub harness_bin: Option<PathBuf>,
     /// Responders in pods.
@@ -586,6 +593,7 @@ impl Cluster {
                 ip_masq: spec.ip_masq,
                 flanneld,
                 flanneld_args: spec.flanneld_args.clone(),
+                flanneld_prefix: spec.flanneld_prefix.clone(),
                 harness_bin,
                 responders: spec.responders,
                 underlay_tx_offload: spec.underlay_tx_offload,
@@ -1226,7 +1234,8 @@ impl Cluster {
         }
         let name = self.state.nodes[pos].name.clone();
         let ns = self.state.nodes[pos].ns.clone();
-        let args = self.flanneld_command(&name)?;
+        let mut args = self.state.flanneld_prefix.clone();
+        args.extend(self.flanneld_command(&name)?);
         let env_path = self.subnet_env_path(&name);
         let before = file_identity(&env_path);
         let log_path = self.flanneld_log(&name);

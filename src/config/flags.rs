@@ -32,6 +32,14 @@ pub enum Command {
     Help(String),
     /// `--version`: print the version (to stderr, like flannel) and exit 0.
     Version,
+    /// `flanneld install-conf <src> <dest>`: upstream's `/opt/bin/install-conf` (copy the CNI
+    /// config atomically), so the image's `install-cni` init container works unchanged.
+    InstallConf {
+        /// The file to install (the ConfigMap's `cni-conf.json`).
+        src: PathBuf,
+        /// Where (e.g. `/etc/cni/net.d/10-flannel.conflist`).
+        dest: PathBuf,
+    },
 }
 
 /// Which data plane carries VXLAN traffic (flannel-rs addition).
@@ -251,6 +259,9 @@ pub enum FlagError {
         "unexpected argument {0:?}: flanneld takes only flags (and an optional leading `doctor`)"
     )]
     UnexpectedArgument(String),
+    /// `install-conf` without exactly a source and a destination.
+    #[error("usage: flanneld install-conf <src> <dest>")]
+    InstallConfUsage,
     /// A value that does not parse or is out of range.
     #[error("invalid value {value:?} for {origin}: {reason}")]
     InvalidValue {
@@ -392,6 +403,17 @@ enum Origin {
 /// Parses flanneld's arguments (everything after the program name). `env` looks up an
 /// environment variable (pass `|k| std::env::var(k).ok()` in the daemon).
 pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Command, FlagError> {
+    if let Some((first, rest)) = args.split_first() {
+        if first == "install-conf" {
+            return match rest {
+                [src, dest] => Ok(Command::InstallConf {
+                    src: src.into(),
+                    dest: dest.into(),
+                }),
+                _ => Err(FlagError::InstallConfUsage),
+            };
+        }
+    }
     let (doctor, rest) = match args.split_first() {
         Some((first, rest)) if first == "doctor" => (true, rest),
         _ => (false, args),
@@ -749,7 +771,9 @@ fn backtrace_at_ok(s: &str) -> bool {
 /// The `--help` text: flanneld's flags in Go's `PrintDefaults` layout, then our additions,
 /// the `doctor` subcommand and the environment rule.
 pub fn help_text() -> String {
-    let mut out = String::from("Usage: flanneld [OPTION]...\n       flanneld doctor [OPTION]...\n");
+    let mut out = String::from(
+        "Usage: flanneld [OPTION]...\n       flanneld doctor [OPTION]...\n       flanneld install-conf <src> <dest>\n",
+    );
     let section = |out: &mut String, which: Section| {
         let mut specs: Vec<&Spec> = SPECS.iter().filter(|s| s.section == which).collect();
         specs.sort_by_key(|s| s.name);
@@ -777,6 +801,7 @@ pub fn help_text() -> String {
     section(&mut out, Section::Addition);
     out.push_str(
         "\nSubcommands:\n  doctor\n    \tcheck this node's configuration, devices, leases and peers, then exit\n\
+         \x20 install-conf <src> <dest>\n    \tcopy a CNI config into place atomically (the image's /opt/bin/install-conf)\n\
          \nEvery flag may be written -flag or --flag, with =value or as the next argument (booleans\n\
          only with =). A flag not given on the command line is taken from the environment variable\n\
          FLANNELD_<FLAG> (upper case, '-' replaced by '_', e.g. FLANNELD_IFACE=eth0) when it is\n\
@@ -936,6 +961,21 @@ mod tests {
         assert_eq!(
             err(&["--iface=x", "doctor"]),
             FlagError::UnexpectedArgument("doctor".into())
+        );
+        assert_eq!(
+            parse(
+                &args(&["install-conf", "/a/cni-conf.json", "/b/10-flannel.conflist"]),
+                &env
+            ),
+            Ok(Command::InstallConf {
+                src: "/a/cni-conf.json".into(),
+                dest: "/b/10-flannel.conflist".into()
+            })
+        );
+        assert_eq!(err(&["install-conf", "/a"]), FlagError::InstallConfUsage);
+        assert_eq!(
+            err(&["install-conf", "/a", "/b", "/c"]),
+            FlagError::InstallConfUsage
         );
     }
 

@@ -7,6 +7,7 @@
 
 pub mod flags;
 pub(crate) mod gojson;
+pub mod install_conf;
 pub mod netconf;
 pub mod subnet_env;
 

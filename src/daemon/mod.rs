@@ -7,6 +7,7 @@
 pub mod extif;
 pub mod http;
 pub mod metrics;
+pub mod notify;
 mod plane;
 pub mod probe;
 
@@ -197,6 +198,12 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
         Err(e) => {
             warn!(file = %flags.subnet_file.display(), error = %e, "failed to write subnet file")
         }
+    }
+    // Like flanneld, tell systemd (Type=notify units) once the subnet file step is done.
+    match notify::notify_ready() {
+        Ok(true) => debug!("sent READY=1 to NOTIFY_SOCKET"),
+        Ok(false) => {}
+        Err(e) => warn!(error = %e, "could not notify systemd (NOTIFY_SOCKET)"),
     }
 
     if let Err(e) = store.mark_network_available().await {

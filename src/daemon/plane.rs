@@ -13,6 +13,7 @@ use crate::backend::Peer;
 use crate::config::flags::{Dataplane, Flags};
 use crate::config::netconf::BackendConfig;
 use crate::dataplane::LocalVtep;
+use crate::io::tun::TunOpenError;
 use crate::masq::{ensure_async, Iptables, MasqConfig, Rule};
 use crate::netlink::{IpFamily, Netlink};
 use crate::netlink::{Route, RouteScope};
@@ -35,6 +36,9 @@ pub enum PlaneError {
         /// What failed.
         reason: String,
     },
+    /// `/dev/net/tun` is missing or cannot be opened (typically a container without it).
+    #[error("{0}: the userspace data plane needs it; mount the host's /dev/net/tun into the container (hostPath /dev/net/tun, type: CharDevice) or run with --dataplane=kernel")]
+    TunDevice(String),
     /// The kernel VXLAN device could not be set up.
     #[error(transparent)]
     Kernel(#[from] crate::backend::kernel::KernelError),
@@ -101,7 +105,12 @@ impl Plane {
                     },
                     tso: true,
                 };
-                let dp = UserspaceVxlan::start(&cfg).map_err(|e| fail(e.to_string()))?;
+                let dp = UserspaceVxlan::start(&cfg).map_err(|e| {
+                    match e.get_ref().and_then(|i| i.downcast_ref::<TunOpenError>()) {
+                        Some(open) => PlaneError::TunDevice(open.to_string()),
+                        None => fail(e.to_string()),
+                    }
+                })?;
                 configure_tun(&nl, &device, mtu, network, subnet)
                     .await
                     .map_err(fail)?;

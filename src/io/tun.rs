@@ -18,6 +18,15 @@ const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO6: libc::c_uint = 0x04;
 
+/// The TUN clone device every userspace data plane needs.
+pub const TUN_PATH: &str = "/dev/net/tun";
+
+/// Opening [`TUN_PATH`] failed (carried inside the `io::Error` so callers can tell this
+/// deployment problem apart from later configuration errors).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open {TUN_PATH}: {0}")]
+pub struct TunOpenError(pub io::Error);
+
 /// Length of the `virtio_net_hdr` that prefixes every packet when `vnet_hdr` is on.
 pub const VNET_HDR_LEN: usize = 10;
 
@@ -62,7 +71,8 @@ impl Tun {
             )
         };
         if raw < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), TunOpenError(e)));
         }
         // SAFETY: `raw` is a freshly opened descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };

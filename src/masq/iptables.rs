@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use super::backend_choice::{self, Binaries};
 use super::{forward_rules, masq_rules, render_restore, MasqConfig, RestoreOp, Rule, Table};
 use super::{FWD_CHAIN, POSTRTG_CHAIN};
 use crate::netlink::IpFamily;
@@ -122,18 +123,28 @@ fn parse_version(s: &str) -> Option<(u32, u32, u32)> {
 }
 
 impl Iptables {
-    /// Finds the version of `iptables`/`ip6tables` to choose `-w`, `--wait` and
-    /// `--random-fully` support as go-iptables does.
+    /// Picks the legacy or nft binaries the way iptables-wrappers does
+    /// ([`backend_choice::select`]: plain `iptables` unless both variants are installed), then
+    /// finds their version to choose `-w`, `--wait` and `--random-fully` support as
+    /// go-iptables does.
     pub fn detect(family: IpFamily) -> Result<Self, MasqError> {
-        Self::detect_with(family, Arc::new(SystemRunner))
+        let runner: Arc<dyn Runner> = Arc::new(SystemRunner);
+        let binaries = backend_choice::select(runner.as_ref());
+        Self::detect_binaries(family, runner, binaries)
     }
 
-    /// [`detect`](Iptables::detect) with another runner.
+    /// [`detect`](Iptables::detect) with another runner and plain `iptables`.
     pub fn detect_with(family: IpFamily, runner: Arc<dyn Runner>) -> Result<Self, MasqError> {
-        let (iptables, restore) = match family {
-            IpFamily::V4 => ("iptables", "iptables-restore"),
-            IpFamily::V6 => ("ip6tables", "ip6tables-restore"),
-        };
+        Self::detect_binaries(family, runner, Binaries::Plain)
+    }
+
+    /// [`detect`](Iptables::detect) with another runner and given binaries.
+    pub fn detect_binaries(
+        family: IpFamily,
+        runner: Arc<dyn Runner>,
+        binaries: Binaries,
+    ) -> Result<Self, MasqError> {
+        let (iptables, restore) = (binaries.iptables(family), binaries.restore(family));
         let out = runner.run(iptables, &["--version".to_owned()], None)?;
         let v = parse_version(&out).ok_or_else(|| MasqError::Version(out.clone()))?;
         Ok(Iptables {
@@ -154,6 +165,11 @@ impl Iptables {
     /// The family this applier manages.
     pub fn family(&self) -> IpFamily {
         self.family
+    }
+
+    /// The `iptables` binary this applier runs (e.g. `iptables-nft`).
+    pub fn program(&self) -> &'static str {
+        self.iptables
     }
 
     fn iptables(&self, args: &[&str]) -> Result<String, MasqError> {
@@ -544,6 +560,27 @@ mod tests {
         let nat = f.tables.lock().unwrap().get("nat").cloned().unwrap();
         assert!(!nat.iter().any(|l| l.contains("10.42.9.0/24")), "{nat:?}");
         assert!(nat.iter().any(|l| l.contains("10.42.1.0/24")));
+    }
+
+    #[test]
+    fn chosen_backend_binaries_are_run() {
+        use crate::masq::backend_choice::IptablesBackend;
+        let f = Arc::new(Fake {
+            version: "iptables v1.8.9 (legacy)".into(),
+            ..Default::default()
+        });
+        let legacy = Binaries::Variant(IptablesBackend::Legacy);
+        let ipt = Iptables::detect_binaries(IpFamily::V4, f.clone(), legacy).unwrap();
+        assert_eq!(ipt.program(), "iptables-legacy");
+        ipt.setup_forward("10.42.0.0/16".parse().unwrap()).unwrap();
+        let cmds = f.commands.lock().unwrap().clone();
+        assert!(
+            cmds.iter().all(|c| c.starts_with("iptables-legacy")),
+            "{cmds:?}"
+        );
+        assert!(cmds
+            .iter()
+            .any(|c| c.starts_with("iptables-legacy-restore ")));
     }
 
     #[test]

@@ -26,6 +26,7 @@
 //! }
 //! ```
 
+pub mod backend_choice;
 mod iptables;
 
 use std::fmt;
