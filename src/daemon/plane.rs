@@ -6,6 +6,7 @@ use std::sync::Arc;
 use ipnet::{IpNet, Ipv4Net};
 use tracing::{info, warn};
 
+use crate::backend::handoff;
 use crate::backend::hostgw::{HostGw, HostGwConfig};
 use crate::backend::kernel::{KernelVxlan, KernelVxlanConfig};
 use crate::backend::userspace::{UserspaceConfig, UserspaceVxlan};
@@ -54,6 +55,7 @@ pub(super) enum Plane {
         dp: UserspaceVxlan,
         nl: Netlink,
         mtu: u32,
+        handoff: Handoff,
     },
     /// The kernel's vxlan device, programmed like flannel.
     Kernel(Box<KernelVxlan>),
@@ -80,7 +82,27 @@ impl Plane {
                     reason,
                 };
                 let nl = Netlink::connect().map_err(|e| fail(e.to_string()))?;
-                remove_foreign_device(&nl, &device).await;
+                let path = handoff_path(flags, &device);
+                let (predecessor, inherited) = match path.as_deref() {
+                    Some(p) => match handoff::connect(p, &device) {
+                        Ok(Some((pred, inh))) => {
+                            info!(
+                                predecessor = pred.pid(),
+                                "taking over the data plane of the running flanneld"
+                            );
+                            (Some(pred), Some(inh))
+                        }
+                        Ok(None) => (None, None),
+                        Err(e) => {
+                            warn!(error = %e, "no handover from a running flanneld; opening the device");
+                            (None, None)
+                        }
+                    },
+                    None => (None, None),
+                };
+                if inherited.is_none() {
+                    remove_foreign_device(&nl, &device).await;
+                }
                 let cfg = UserspaceConfig {
                     device: device.clone(),
                     vni: vx.vni,
@@ -101,12 +123,34 @@ impl Plane {
                     },
                     tso: true,
                 };
-                let dp = UserspaceVxlan::start(&cfg).map_err(|e| fail(e.to_string()))?;
+                let handed_over = inherited.is_some();
+                let dp = match UserspaceVxlan::start(&cfg, inherited) {
+                    // A persistent TUN left with other flags (another program's, or an
+                    // incompatible version's): not ours to attach to; recreate it.
+                    Err(e) if !handed_over && e.raw_os_error() == Some(libc::EINVAL) => {
+                        warn!(%device, error = %e, "the existing TUN device is incompatible; recreating it");
+                        if let Ok(Some(link)) = nl.link_by_name(&device).await {
+                            let _ = nl.link_del(link.index).await;
+                        }
+                        UserspaceVxlan::start(&cfg, None)
+                    }
+                    r => r,
+                }
+                .map_err(|e| fail(e.to_string()))?;
                 configure_tun(&nl, &device, mtu, network, subnet)
                     .await
                     .map_err(fail)?;
-                info!(%device, mtu, %mac, port = cfg.port, "userspace VXLAN data plane running");
-                Ok(Plane::Userspace { dp, nl, mtu })
+                info!(%device, mtu, %mac, port = cfg.port, handed_over, "userspace VXLAN data plane ready");
+                Ok(Plane::Userspace {
+                    dp,
+                    nl,
+                    mtu,
+                    handoff: Handoff {
+                        path,
+                        predecessor,
+                        listener: None,
+                    },
+                })
             }
             (BackendConfig::Vxlan(vx), Some(mac)) => {
                 let kv = KernelVxlan::setup(KernelVxlanConfig {
@@ -167,9 +211,12 @@ impl Plane {
     /// Brings the data plane to the state `peers` ask for.
     pub(super) async fn sync(&mut self, peers: &[Peer]) {
         match self {
-            Plane::Userspace { dp, .. } => {
+            Plane::Userspace { dp, handoff, .. } => {
                 for s in dp.sync(peers) {
                     warn!(subnet = %s.subnet, reason = s.reason, "peer not programmed");
+                }
+                if !dp.serving() {
+                    start_serving(dp, handoff).await;
                 }
             }
             Plane::Kernel(k) => log_report(k.sync(peers).await),
@@ -194,12 +241,76 @@ impl Plane {
         }
     }
 
-    /// Stops the data plane. Userspace mode removes its device (and with it its routes);
-    /// kernel and host-gw state stays so forwarding continues while the daemon is away.
+    /// Stops the data plane. Nothing is torn down: the userspace TUN device is persistent
+    /// (the next start, or a successor that already took over, keeps its address and
+    /// routes), and kernel and host-gw state stays so forwarding continues while the daemon
+    /// is away.
     pub(super) async fn shutdown(self) {
-        if let Plane::Userspace { dp, nl, .. } = self {
-            dp.shutdown();
+        if let Plane::Userspace {
+            dp, nl, handoff, ..
+        } = self
+        {
+            if let Some(l) = handoff.listener {
+                l.close();
+            }
+            let _ = tokio::task::spawn_blocking(move || dp.shutdown()).await;
             drop(nl);
+        }
+    }
+}
+
+/// Handover state of the userspace data plane.
+#[derive(Debug)]
+pub(super) struct Handoff {
+    /// Where we listen for a successor (None: the run directory is unusable).
+    path: Option<std::path::PathBuf>,
+    /// The flanneld we took the descriptors from, until we serve.
+    predecessor: Option<handoff::Predecessor>,
+    /// Our own listener, once we serve.
+    listener: Option<handoff::Listener>,
+}
+
+/// The handover socket: next to subnet.env (`/run/flannel` by default, a hostPath both the old
+/// and the new pod mount).
+fn handoff_path(flags: &Flags, device: &str) -> Option<std::path::PathBuf> {
+    let dir = flags.subnet_file.parent()?;
+    let dir = if dir.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        dir
+    };
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        warn!(dir = %dir.display(), error = %e, "no run directory; zero-loss handover disabled");
+        return None;
+    }
+    Some(handoff::socket_path(dir, device))
+}
+
+/// First sync done: start the packet threads, tell the predecessor (if any) to stop reading,
+/// then listen for a successor.
+async fn start_serving(dp: &mut UserspaceVxlan, state: &mut Handoff) {
+    if let Err(e) = dp.serve() {
+        warn!(error = %e, "starting the packet threads failed; retrying on the next sync");
+        return;
+    }
+    if let Some(pred) = state.predecessor.take() {
+        match tokio::task::spawn_blocking(move || pred.finish()).await {
+            Ok(Ok(pid)) => info!(
+                predecessor = pid,
+                "the previous flanneld released the data plane"
+            ),
+            Ok(Err(e)) => {
+                warn!(error = %e, "the previous flanneld did not confirm the handover; serving anyway")
+            }
+            Err(e) => warn!(error = %e, "handover task failed"),
+        }
+    }
+    if let Some(path) = &state.path {
+        match handoff::Listener::spawn(path, dp.device(), dp.handover()) {
+            Ok(l) => state.listener = Some(l),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot listen for a successor; zero-loss handover disabled")
+            }
         }
     }
 }
@@ -230,7 +341,9 @@ async fn remove_foreign_device(nl: &Netlink, device: &str) {
 
 /// `ip link set <dev> mtu <mtu> up; ip addr add <subnet network>/32 dev <dev>;
 /// ip route replace <Network> dev <dev>`: the whole Network goes through the TUN device, the
-/// /32 gives host-originated packets a source inside our subnet.
+/// /32 gives host-originated packets a source inside our subnet. On a device kept from a
+/// previous run this reconciles: other IPv4 addresses (an old lease's) are removed, what is
+/// already right is left alone, so forwarding is never interrupted.
 async fn configure_tun(
     nl: &Netlink,
     device: &str,
@@ -243,9 +356,21 @@ async fn configure_tun(
         .await
         .map_err(|e| e.to_string())?;
     let addr = IpNet::V4(Ipv4Net::new(subnet.network(), 32).map_err(|e| e.to_string())?);
-    match nl.addr_add(index, addr).await {
-        Err(e) if !e.is_exists() => return Err(e.to_string()),
-        _ => {}
+    let present = nl
+        .addr_list(index, IpFamily::V4)
+        .await
+        .map_err(|e| e.to_string())?;
+    for stale in present.iter().filter(|a| **a != addr) {
+        warn!(%device, address = %stale, "removing an address our lease no longer has");
+        if let Err(e) = nl.addr_del(index, *stale).await {
+            warn!(%device, address = %stale, error = %e, "could not remove it");
+        }
+    }
+    if !present.contains(&addr) {
+        match nl.addr_add(index, addr).await {
+            Err(e) if !e.is_exists() => return Err(e.to_string()),
+            _ => {}
+        }
     }
     nl.link_set_up(index).await.map_err(|e| e.to_string())?;
     let mut route = Route::via(IpNet::V4(network), subnet.network().into()).dev(index);

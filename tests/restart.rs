@@ -1,0 +1,158 @@
+//! Restarts and upgrades of the userspace data plane under traffic: pings every 10 ms between
+//! pods on two nodes while node n1's flanneld is (a) replaced by a new one started while it
+//! runs (the handover), (b) killed with SIGKILL and started again, (c) stopped with SIGTERM
+//! and started again. Privileged: run as root (CI=true makes them mandatory).
+
+mod netns;
+
+use std::time::Duration;
+
+use netns::*;
+use netns_harness::{privileged_test_guard, Cluster, NodeKind};
+
+/// Pings sent per phase: 10 s at 10 ms, the operation starting 1 s in.
+const PINGS: usize = 1000;
+const INTERVAL_MS: usize = 10;
+
+/// What one ping run saw.
+#[derive(Debug)]
+struct PingRun {
+    sent: usize,
+    answered: usize,
+    /// Longest run of consecutive unanswered sequence numbers, in milliseconds.
+    longest_gap_ms: usize,
+}
+
+impl PingRun {
+    fn lost(&self) -> usize {
+        self.sent - self.answered
+    }
+}
+
+/// Parses `ping` output: every `icmp_seq=N` reply line; `sent` from the summary.
+fn parse_ping(text: &str) -> PingRun {
+    let sent = text
+        .lines()
+        .find_map(|l| {
+            l.split(" packets transmitted")
+                .next()
+                .filter(|_| l.contains(" packets transmitted"))
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    let mut seen = vec![false; sent + 1];
+    for l in text.lines().filter(|l| l.contains("bytes from")) {
+        let seq = l
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("icmp_seq="))
+            .and_then(|n| n.parse::<usize>().ok());
+        if let Some(slot) = seq.and_then(|s| seen.get_mut(s)) {
+            *slot = true;
+        }
+    }
+    let answered = seen[1..].iter().filter(|s| **s).count();
+    let (mut run, mut longest) = (0, 0);
+    for s in &seen[1..] {
+        run = if *s { 0 } else { run + 1 };
+        longest = longest.max(run);
+    }
+    PingRun {
+        sent,
+        answered,
+        longest_gap_ms: longest * INTERVAL_MS,
+    }
+}
+
+/// Pings from n2's pod to n1's pod every 10 ms while `op` runs on the cluster (1 s in).
+fn pings_across(c: &mut Cluster, op: impl FnOnce(&mut Cluster)) -> PingRun {
+    let dst = c.pod_ip("n1p1").expect("ip").to_string();
+    let ns = c.pod("n2p1").expect("pod").ns.clone();
+    let count = PINGS.to_string();
+    let pings = std::process::Command::new("timeout")
+        .args([
+            "40", "ip", "netns", "exec", &ns, "ping", "-i", "0.01", "-c", &count, "-W", "1", &dst,
+        ])
+        .output_async();
+    std::thread::sleep(Duration::from_millis(1000));
+    op(c);
+    let out = pings.join();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let run = parse_ping(&text);
+    assert_eq!(
+        run.sent,
+        PINGS,
+        "ping did not finish: {}",
+        &text[text.len().saturating_sub(400)..]
+    );
+    run
+}
+
+/// The index of n1's flannel.1 (it must exist).
+fn ifindex(c: &Cluster) -> String {
+    sh(c, "n1", &["cat", "/sys/class/net/flannel.1/ifindex"])
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn userspace_handover_restart_and_crash_under_pings() {
+    if !privileged_test_guard("userspace_handover_restart_and_crash_under_pings") {
+        return;
+    }
+    let _g = serial();
+    let mut c =
+        Cluster::up(&spec(&[NodeKind::Userspace, NodeKind::Userspace], 1)).expect("cluster up");
+    assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
+    let index = ifindex(&c);
+
+    // (a) A new flanneld started while the old one runs takes over; then the old one stops.
+    let a = pings_across(&mut c, |c| c.handoff_flanneld("n1").expect("handover"));
+    println!(
+        "handover upgrade: {} of {} lost, longest gap {} ms",
+        a.lost(),
+        a.sent,
+        a.longest_gap_ms
+    );
+    let log = std::fs::read_to_string(c.flanneld_log("n1")).expect("log");
+    assert!(log.contains("taking over the data plane"), "{log}");
+    assert!(log.contains("Exiting cleanly"), "{log}");
+
+    // (b) kill -9 and an immediate restart: the device outlives the process.
+    let b = pings_across(&mut c, |c| {
+        c.kill_flanneld("n1").expect("kill");
+        let (exists, _) = run(c, "n1", &["ip", "link", "show", "flannel.1"]);
+        assert!(exists, "flannel.1 vanished with the killed process");
+        c.start_flanneld("n1").expect("start");
+    });
+    println!(
+        "kill -9 and restart: {} of {} lost, longest gap {} ms",
+        b.lost(),
+        b.sent,
+        b.longest_gap_ms
+    );
+
+    // (c) SIGTERM, then start.
+    let cc = pings_across(&mut c, |c| c.restart_flanneld("n1").expect("restart"));
+    println!(
+        "SIGTERM and restart: {} of {} lost, longest gap {} ms",
+        cc.lost(),
+        cc.sent,
+        cc.longest_gap_ms
+    );
+
+    assert_eq!(
+        ifindex(&c),
+        index,
+        "the device was recreated instead of adopted"
+    );
+    let m = c.check_until_pass(Duration::from_secs(5));
+    assert!(m.all_pass(), "{m}");
+    teardown(c);
+
+    assert_eq!(a.lost(), 0, "handover lost pings: {a:?}");
+    assert!(b.longest_gap_ms < 200, "kill -9 outage too long: {b:?}");
+    assert!(
+        cc.longest_gap_ms < 200,
+        "SIGTERM restart outage too long: {cc:?}"
+    );
+}
