@@ -87,6 +87,17 @@ fn pings_across(c: &mut Cluster, op: impl FnOnce(&mut Cluster)) -> PingRun {
     run
 }
 
+/// A flanneld this test started itself: killed by PID (and reaped) when dropped, also on a
+/// failed assertion.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The index of n1's flannel.1 (it must exist).
 fn ifindex(c: &Cluster) -> String {
     sh(c, "n1", &["cat", "/sys/class/net/flannel.1/ifindex"])
@@ -116,6 +127,19 @@ fn userspace_handover_restart_and_crash_under_pings() {
     let log = std::fs::read_to_string(c.flanneld_log("n1")).expect("log");
     assert!(log.contains("taking over the data plane"), "{log}");
     assert!(log.contains("Exiting cleanly"), "{log}");
+    // The adopted descriptors carry TSO super-packets both ways (vnet header, UDP GSO/GRO).
+    let (sent, got, bytes) = transfer(&c, "n2p1", "n1p1", 8, 9101);
+    assert_eq!(
+        (bytes, &sent),
+        (8 << 20, &got),
+        "n2p1->n1p1 after the handover"
+    );
+    let (sent, got, bytes) = transfer(&c, "n1p1", "n2p1", 8, 9102);
+    assert_eq!(
+        (bytes, &sent),
+        (8 << 20, &got),
+        "n1p1->n2p1 after the handover"
+    );
 
     // (b) kill -9 and an immediate restart: the device outlives the process.
     let b = pings_across(&mut c, |c| {
@@ -147,6 +171,46 @@ fn userspace_handover_restart_and_crash_under_pings() {
     );
     let m = c.check_until_pass(Duration::from_secs(5));
     assert!(m.all_pass(), "{m}");
+
+    // (d) A running flanneld that offers no handover (here: its socket file is gone, as with
+    // a version before the handover): the new one waits for the device and port to be free
+    // instead of failing or taking them; it serves once the old one is stopped.
+    let sock = c.node_dir("n1").join("flannel.1.handoff.sock");
+    std::fs::remove_file(&sock).expect("remove the handover socket file");
+    let argv = c.flanneld_command("n1").expect("command");
+    let ns = c.node("n1").expect("n1").ns.clone();
+    let log_path = c.node_dir("n1").join("flanneld-successor.log");
+    let log = std::fs::File::create(&log_path).expect("log");
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .args(&argv)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn the successor");
+    let successor = Reap(child);
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let waits = wait_for(Duration::from_secs(15), || {
+        read_log().contains("offers no handover")
+    });
+    assert!(waits.is_some(), "{}", read_log());
+    let d = pings_across(&mut c, |c| {
+        c.stop_flanneld("n1").expect("stop the old flanneld");
+        let serving = wait_for(Duration::from_secs(5), || {
+            read_log().contains("the device and port are free now")
+        });
+        assert!(serving.is_some(), "{}", read_log());
+    });
+    println!(
+        "no handover offered, old stopped: {} of {} lost, longest gap {} ms",
+        d.lost(),
+        d.sent,
+        d.longest_gap_ms
+    );
+    let m = c.check_until_pass(Duration::from_secs(5));
+    assert!(m.all_pass(), "{m}");
+    drop(successor);
     teardown(c);
 
     assert_eq!(a.lost(), 0, "handover lost pings: {a:?}");

@@ -2,6 +2,7 @@
 //! firewall rules that go with it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::{IpNet, Ipv4Net};
 use tracing::{info, warn};
@@ -124,17 +125,10 @@ impl Plane {
                     tso: true,
                 };
                 let handed_over = inherited.is_some();
-                let dp = match UserspaceVxlan::start(&cfg, inherited) {
-                    // A persistent TUN left with other flags (another program's, or an
-                    // incompatible version's): not ours to attach to; recreate it.
-                    Err(e) if !handed_over && e.raw_os_error() == Some(libc::EINVAL) => {
-                        warn!(%device, error = %e, "the existing TUN device is incompatible; recreating it");
-                        if let Ok(Some(link)) = nl.link_by_name(&device).await {
-                            let _ = nl.link_del(link.index).await;
-                        }
-                        UserspaceVxlan::start(&cfg, None)
-                    }
-                    r => r,
+                let dp = if handed_over {
+                    UserspaceVxlan::start(&cfg, inherited)
+                } else {
+                    open_userspace(&nl, &cfg).await
                 }
                 .map_err(|e| fail(e.to_string()))?;
                 configure_tun(&nl, &device, mtu, network, subnet)
@@ -255,6 +249,57 @@ impl Plane {
             }
             let _ = tokio::task::spawn_blocking(move || dp.shutdown()).await;
             drop(nl);
+        }
+    }
+}
+
+/// How long a start waits for a device or port held by a process that offers no handover.
+const BUSY_WAIT: Duration = Duration::from_secs(30);
+
+/// Opens the userspace data plane without a handover. A persistent TUN/TAP device of our
+/// name with other flags (EINVAL: another program's, or an incompatible version's) is not
+/// ours: it is recreated. A device or port held by a process that offers no handover
+/// (EBUSY/EADDRINUSE: a flanneld from before the handover, or one whose run directory we do
+/// not share) is waited for, up to [`BUSY_WAIT`], then the start fails naming the cause.
+async fn open_userspace(nl: &Netlink, cfg: &UserspaceConfig) -> std::io::Result<UserspaceVxlan> {
+    let device = &cfg.device;
+    let deadline = tokio::time::Instant::now() + BUSY_WAIT;
+    let mut recreated = false;
+    let mut waiting = false;
+    loop {
+        let e = match UserspaceVxlan::start(cfg, None) {
+            Ok(dp) => {
+                if waiting {
+                    info!(%device, "the device and port are free now");
+                }
+                return Ok(dp);
+            }
+            Err(e) => e,
+        };
+        match e.raw_os_error() {
+            Some(libc::EINVAL) if !recreated => {
+                warn!(%device, error = %e, "the existing device is not a compatible TUN device; recreating it");
+                if let Ok(Some(link)) = nl.link_by_name(device).await {
+                    if let Err(e) = nl.link_del(link.index).await {
+                        warn!(%device, error = %e, "could not remove it");
+                    }
+                }
+                recreated = true;
+            }
+            Some(libc::EBUSY | libc::EADDRINUSE) if tokio::time::Instant::now() < deadline => {
+                if !waiting {
+                    warn!(%device, port = cfg.port, error = %e, "the device or the VXLAN port is held by a process that offers no handover (a flanneld from before it?); waiting up to 30 s for it to exit");
+                    waiting = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Some(libc::EBUSY | libc::EADDRINUSE) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{e}: still held after 30 s by a process that offers no handover (another flanneld without a shared run directory?)"),
+                ))
+            }
+            _ => return Err(e),
         }
     }
 }
