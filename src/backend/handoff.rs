@@ -344,3 +344,69 @@ fn serve_one(
 fn peer_pid(stream: &UnixStream) -> u32 {
     crate::io::handoff::peer_pid(stream).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("frs-handoff-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("temp dir");
+        d
+    }
+
+    #[test]
+    fn nobody_listening_means_no_predecessor() {
+        let dir = temp_dir("none");
+        let path = socket_path(&dir, "flannel.1");
+        assert!(matches!(connect(&path, "flannel.1"), Ok(None)));
+        // A stale socket file whose process is gone: connection refused, same answer.
+        drop(UnixListener::bind(&path).expect("bind"));
+        assert!(path.exists());
+        assert!(matches!(connect(&path, "flannel.1"), Ok(None)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A fake predecessor: checks the greeting, then answers `reply` (without descriptors).
+    fn fake_predecessor(path: &Path, reply: &'static [u8]) -> JoinHandle<String> {
+        let l = UnixListener::bind(path).expect("bind");
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).expect("read");
+            s.write_all(reply).expect("reply");
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        })
+    }
+
+    #[test]
+    fn a_refusal_and_a_reply_without_descriptors_are_errors() {
+        let dir = temp_dir("refuse");
+        let path = socket_path(&dir, "flannel.1");
+        let t = fake_predecessor(&path, b"refused busy\n");
+        let r = connect(&path, "flannel.1");
+        assert!(
+            matches!(&r, Err(HandoffError::Refused(why)) if why == "busy"),
+            "{r:?}"
+        );
+        assert_eq!(
+            t.join().expect("thread"),
+            "flannel-rs-handoff 1 flannel.1\n"
+        );
+
+        std::fs::remove_file(&path).expect("rm");
+        let t = fake_predecessor(&path, b"fds 42\n");
+        let r = connect(&path, "flannel.1");
+        assert!(matches!(&r, Err(HandoffError::Protocol(_))), "{r:?}");
+        t.join().expect("thread");
+
+        std::fs::remove_file(&path).expect("rm");
+        let t = fake_predecessor(&path, b"hello there\n");
+        let r = connect(&path, "flannel.1");
+        assert!(matches!(&r, Err(HandoffError::Protocol(_))), "{r:?}");
+        t.join().expect("thread");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
