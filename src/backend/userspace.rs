@@ -93,8 +93,8 @@ pub struct UserspaceVxlan {
     /// Packet threads still running (a handover waits for 0).
     live: Arc<AtomicUsize>,
     threads: Vec<JoinHandle<()>>,
-    tun: Arc<Tun>,
-    sock: VxlanSocket,
+    /// The device and socket; None once handed over and closed.
+    io: Option<(Arc<Tun>, VxlanSocket)>,
     local: Arc<LocalVtep>,
     port: u16,
     tso: bool,
@@ -145,8 +145,7 @@ impl UserspaceVxlan {
             stop: Arc::new(AtomicBool::new(false)),
             live: Arc::new(AtomicUsize::new(0)),
             threads: Vec::new(),
-            tun: Arc::new(tun),
-            sock,
+            io: Some((Arc::new(tun), sock)),
             local: Arc::new(cfg.local),
             port: cfg.port,
             tso: cfg.tso,
@@ -158,6 +157,9 @@ impl UserspaceVxlan {
     /// [`UserspaceVxlan::sync`]: a predecessor keeps forwarding until then, and packets read
     /// with an empty table would be answered "unreachable".
     pub fn serve(&mut self) -> io::Result<()> {
+        let Some((tun, sock)) = &self.io else {
+            return Ok(());
+        };
         if !self.threads.is_empty() {
             return Ok(());
         }
@@ -167,8 +169,8 @@ impl UserspaceVxlan {
         ] {
             let w = Worker {
                 io_errors: self.io_errors.clone(),
-                tun: self.tun.clone(),
-                sock: self.sock.try_clone()?,
+                tun: tun.clone(),
+                sock: sock.try_clone()?,
                 table: self.table.clone(),
                 counters: self.counters.clone(),
                 stop: self.stop.clone(),
@@ -195,19 +197,28 @@ impl UserspaceVxlan {
         Ok(())
     }
 
-    /// Whether the packet threads were started.
+    /// Whether the packet threads were started (or the plane was handed over and closed).
     pub fn serving(&self) -> bool {
-        !self.threads.is_empty()
+        !self.threads.is_empty() || self.io.is_none()
     }
 
     /// What a handover needs: the descriptors to pass on and a way to stop reading them.
-    pub fn handover(&self) -> Handover {
-        Handover {
-            tun: self.tun.clone(),
-            sock: self.sock.try_clone().ok(),
+    /// None once closed.
+    pub fn handover(&self) -> Option<Handover> {
+        let (tun, sock) = self.io.as_ref()?;
+        Some(Handover {
+            tun: tun.clone(),
+            sock: sock.try_clone().ok(),
             stop: self.stop.clone(),
             live: self.live.clone(),
-        }
+        })
+    }
+
+    /// After a handover: stops the threads (already stopped) and closes our descriptors, so
+    /// that only the successor holds the device (if it crashes, its restart can attach).
+    pub fn close_handed_over(&mut self) {
+        self.stop_threads();
+        self.io = None;
     }
 
     /// The TUN device name.

@@ -211,6 +211,11 @@ impl Plane {
                 }
                 if !dp.serving() {
                     start_serving(dp, handoff).await;
+                } else if handoff.listener.as_ref().is_some_and(|l| l.released()) {
+                    // Handed over: only the successor may hold the device now.
+                    handoff.listener = None;
+                    dp.close_handed_over();
+                    info!("closed the handed-over device and socket");
                 }
             }
             Plane::Kernel(k) => log_report(k.sync(peers).await),
@@ -351,7 +356,10 @@ async fn start_serving(dp: &mut UserspaceVxlan, state: &mut Handoff) {
         }
     }
     if let Some(path) = &state.path {
-        match handoff::Listener::spawn(path, dp.device(), dp.handover()) {
+        let Some(handover) = dp.handover() else {
+            return;
+        };
+        match handoff::Listener::spawn(path, dp.device(), handover) {
             Ok(l) => state.listener = Some(l),
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "cannot listen for a successor; zero-loss handover disabled")
