@@ -98,6 +98,20 @@ impl Drop for Reap {
     }
 }
 
+/// Starts flanneld (`argv`) in namespace `ns` outside the harness, logging to `log`.
+fn spawn_logged(ns: &str, argv: &[String], log: &std::path::Path) -> Reap {
+    let log = std::fs::File::create(log).expect("log");
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(argv)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn flanneld");
+    Reap(child)
+}
+
 /// The index of n1's flannel.1 (it must exist).
 fn ifindex(c: &Cluster) -> String {
     sh(c, "n1", &["cat", "/sys/class/net/flannel.1/ifindex"])
@@ -172,24 +186,44 @@ fn userspace_handover_restart_and_crash_under_pings() {
     let m = c.check_until_pass(Duration::from_secs(5));
     assert!(m.all_pass(), "{m}");
 
+    // (e) After a handover the old flanneld (still running until it is stopped) closes its
+    // copies of the descriptors, so when the successor crashes, the next start attaches to
+    // the device at once instead of finding it held.
+    let argv = c.flanneld_command("n1").expect("command");
+    let ns = c.node("n1").expect("n1").ns.clone();
+    let succ_log = c.node_dir("n1").join("flanneld-successor-e.log");
+    let successor = spawn_logged(&ns, &argv, &succ_log);
+    let old_log = c.flanneld_log("n1");
+    let closed = wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(&old_log)
+            .is_ok_and(|l| l.contains("closed the handed-over device and socket"))
+    });
+    assert!(
+        closed.is_some(),
+        "old: {}\nsuccessor: {}",
+        std::fs::read_to_string(&old_log).unwrap_or_default(),
+        std::fs::read_to_string(&succ_log).unwrap_or_default()
+    );
+    drop(successor); // SIGKILL: the successor crashes
+    let err = c
+        .handoff_flanneld("n1")
+        .expect_err("the passive old flanneld has nothing to hand over");
+    assert!(
+        err.to_string().contains("did not log the handover"),
+        "{err:#}"
+    );
+    let log = std::fs::read_to_string(c.flanneld_log("n1")).expect("log");
+    assert!(!log.contains("offers no handover"), "{log}");
+    let m = c.check_until_pass(Duration::from_secs(5));
+    assert!(m.all_pass(), "{m}");
+
     // (d) A running flanneld that offers no handover (here: its socket file is gone, as with
     // a version before the handover): the new one waits for the device and port to be free
     // instead of failing or taking them; it serves once the old one is stopped.
     let sock = c.node_dir("n1").join("flannel.1.handoff.sock");
     std::fs::remove_file(&sock).expect("remove the handover socket file");
-    let argv = c.flanneld_command("n1").expect("command");
-    let ns = c.node("n1").expect("n1").ns.clone();
     let log_path = c.node_dir("n1").join("flanneld-successor.log");
-    let log = std::fs::File::create(&log_path).expect("log");
-    let child = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns])
-        .args(&argv)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("spawn the successor");
-    let successor = Reap(child);
+    let successor = spawn_logged(&ns, &argv, &log_path);
     let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let waits = wait_for(Duration::from_secs(15), || {
         read_log().contains("offers no handover")
