@@ -270,8 +270,8 @@ for _ in range(5):
 }
 
 #[test]
-fn sigterm_removes_the_device_and_restart_keeps_lease_and_mac() {
-    if !privileged_test_guard("sigterm_removes_the_device_and_restart_keeps_lease_and_mac") {
+fn sigterm_keeps_the_device_and_restart_keeps_lease_and_mac() {
+    if !privileged_test_guard("sigterm_keeps_the_device_and_restart_keeps_lease_and_mac") {
         return;
     }
     let _g = serial();
@@ -279,10 +279,18 @@ fn sigterm_removes_the_device_and_restart_keeps_lease_and_mac() {
     assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
     let mac = published_mac(&c, "n1");
     let subnet = c.node("n1").expect("n1").subnet;
+    let index = sh(&c, "n1", &["cat", "/sys/class/net/flannel.1/ifindex"]);
 
+    // SIGTERM leaves the device, its address and its route in place (as upstream's kernel
+    // device stays), so the next start attaches to it.
     c.stop_flanneld("n1").expect("stop");
     let (exists, _) = run(&c, "n1", &["ip", "link", "show", "flannel.1"]);
-    assert!(!exists, "flannel.1 still exists after SIGTERM");
+    assert!(exists, "flannel.1 removed by SIGTERM");
+    let addrs = sh(&c, "n1", &["ip", "-4", "addr", "show", "dev", "flannel.1"]);
+    let own = format!("{}/32", subnet.expect("subnet").addr);
+    assert!(addrs.contains(&own), "{addrs}");
+    let routes = sh(&c, "n1", &["ip", "route", "show", "dev", "flannel.1"]);
+    assert!(routes.contains("10.244.0.0/16"), "{routes}");
     let log = std::fs::read_to_string(c.flanneld_log("n1")).expect("log");
     assert!(log.contains("Exiting cleanly"), "{log}");
 
@@ -296,6 +304,11 @@ fn sigterm_removes_the_device_and_restart_keeps_lease_and_mac() {
         published_mac(&c, "n1"),
         mac,
         "VTEP MAC changed across restart"
+    );
+    assert_eq!(
+        sh(&c, "n1", &["cat", "/sys/class/net/flannel.1/ifindex"]),
+        index,
+        "the device was recreated instead of adopted"
     );
     let m = c.check_until_pass(Duration::from_secs(5));
     assert!(m.all_pass(), "{m}");

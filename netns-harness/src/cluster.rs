@@ -1336,6 +1336,64 @@ impl Cluster {
         self.save()
     }
 
+    /// Upgrades a node's flanneld the way a surge rollout does: starts a second one while the
+    /// first runs, waits until it is ready and the first one logged that it handed the data
+    /// plane over (up to 10 s), then stops the first one (SIGTERM, by PID). The first one is
+    /// stopped in every case; an error says what did not happen.
+    pub fn handoff_flanneld(&mut self, node: &str) -> Result<()> {
+        let pos = self.node_index(node)?;
+        let old = self.state.nodes[pos]
+            .flanneld
+            .take()
+            .filter(ProcRecord::alive)
+            .ok_or_else(|| anyhow!("no running flanneld on {node} to hand over from"))?;
+        let old_child = self.children.remove(&old.pid);
+        let log_path = self.flanneld_log(node);
+        let marker = "handed the data plane over";
+        let count = || std::fs::read_to_string(&log_path).map_or(0, |l| l.matches(marker).count());
+        let before = count();
+        let started = self.start_flanneld(node);
+        let handed = started.is_ok()
+            && (0..400).any(|_| {
+                std::thread::sleep(Duration::from_millis(25));
+                count() > before
+            });
+        let stopped = cmd::stop_process(&old, old_child);
+        log(format!(
+            "{node}: handover to a new flanneld: {}; old pid {} stopped: {stopped}",
+            if handed { "released" } else { "NOT released" },
+            old.pid
+        ));
+        started?;
+        if !handed {
+            bail!("the old flanneld on {node} did not log the handover within 10 s");
+        }
+        if !stopped {
+            bail!("the old flanneld pid {} on {node} did not stop", old.pid);
+        }
+        Ok(())
+    }
+
+    /// Kills a node's flanneld with SIGKILL (a crash: nothing is cleaned up) and waits until
+    /// it is gone.
+    pub fn kill_flanneld(&mut self, node: &str) -> Result<()> {
+        let pos = self.node_index(node)?;
+        if let Some(rec) = self.state.nodes[pos].flanneld.take() {
+            let mut child = self.children.remove(&rec.pid);
+            let running = match child.as_mut() {
+                Some(c) => matches!(c.try_wait(), Ok(None)),
+                None => rec.alive(),
+            };
+            if running {
+                sys::send_signal(rec.pid, sys::Signal::Kill);
+            }
+            if !cmd::stop_process(&rec, child) {
+                bail!("flanneld pid {} on {node} did not die", rec.pid);
+            }
+        }
+        self.save()
+    }
+
     /// Stops and starts a node's flanneld; ready when it rewrote subnet.env.
     pub fn restart_flanneld(&mut self, node: &str) -> Result<()> {
         self.stop_flanneld(node)?;

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -71,76 +71,154 @@ pub struct SkippedPeer {
     pub reason: &'static str,
 }
 
-/// A running userspace data plane. Dropping it stops the threads and closes the TUN device,
-/// which removes the device with its address and routes.
+/// Descriptors of a running data plane handed over by the previous flanneld
+/// ([`crate::backend::handoff`]): its TUN device and its UDP socket.
+#[derive(Debug)]
+pub struct Inherited {
+    /// The TUN descriptor (the same open file the predecessor reads).
+    pub tun: std::os::fd::OwnedFd,
+    /// The UDP socket (the same socket, with its receive queue).
+    pub sock: std::os::fd::OwnedFd,
+}
+
+/// A userspace data plane: the device and socket, and once [`UserspaceVxlan::serve`] ran,
+/// the packet threads. The TUN device is persistent: stopping, dropping or crashing leaves
+/// it in place with its address and routes, and the next start attaches to it.
 #[derive(Debug)]
 pub struct UserspaceVxlan {
     table: Arc<ArcSwap<PeerTable>>,
     counters: Arc<Counters>,
     io_errors: Arc<IoErrors>,
     stop: Arc<AtomicBool>,
+    /// Packet threads still running (a handover waits for 0).
+    live: Arc<AtomicUsize>,
     threads: Vec<JoinHandle<()>>,
+    /// The device and socket; None once handed over and closed.
+    io: Option<(Arc<Tun>, VxlanSocket)>,
+    local: Arc<LocalVtep>,
+    port: u16,
+    tso: bool,
     device: String,
 }
 
 impl UserspaceVxlan {
-    /// Opens the TUN device and the socket and starts the packet threads. The device is
-    /// configured (address, MTU, routes) by the caller afterwards.
-    pub fn start(cfg: &UserspaceConfig) -> io::Result<UserspaceVxlan> {
+    /// Opens (or attaches to) the persistent TUN device and binds the socket, or adopts the
+    /// predecessor's descriptors; a handed-over socket bound elsewhere (the port or address
+    /// changed) is closed and a new one bound. No packet is read before
+    /// [`UserspaceVxlan::serve`]. The device is configured (address, MTU, routes) by the
+    /// caller.
+    pub fn start(
+        cfg: &UserspaceConfig,
+        inherited: Option<Inherited>,
+    ) -> io::Result<UserspaceVxlan> {
         let offload = TunOffload {
             vnet_hdr: true,
             tso: cfg.tso,
         };
-        let tun = Arc::new(Tun::open(&cfg.device, offload)?);
-        let sock = VxlanSocket::bind(SocketAddr::new(cfg.bind, cfg.port), POLL)?;
+        let addr = SocketAddr::new(cfg.bind, cfg.port);
+        let (tun, sock) = match inherited {
+            Some(inh) => {
+                let tun = Tun::adopt(inh.tun, &cfg.device, offload)?;
+                let sock = match VxlanSocket::adopt(inh.sock, addr, POLL) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(error = %e, "not using the handed-over socket; binding a new one");
+                        VxlanSocket::bind(addr, POLL)?
+                    }
+                };
+                (tun, sock)
+            }
+            None => (
+                Tun::open(&cfg.device, offload)?,
+                VxlanSocket::bind(addr, POLL)?,
+            ),
+        };
+        tun.set_persist(true)?;
         if cfg.tso {
             let gro = sock.enable_gro();
             debug!(gro, "UDP receive offload");
         }
-        let table = Arc::new(ArcSwap::from_pointee(PeerTable::new(Vec::new())));
-        let counters = Arc::new(Counters::new());
-        let stop = Arc::new(AtomicBool::new(false));
-        let local = Arc::new(cfg.local);
-
-        let io_errors = Arc::new(IoErrors::default());
-        let tx = Worker {
-            io_errors: io_errors.clone(),
-            tun: tun.clone(),
-            sock: sock.try_clone()?,
-            table: table.clone(),
-            counters: counters.clone(),
-            stop: stop.clone(),
-            local: local.clone(),
-            port: cfg.port,
-            coalesce: cfg.tso,
-        };
-        let rx = Worker {
-            io_errors: io_errors.clone(),
-            tun,
-            sock,
-            table: table.clone(),
-            counters: counters.clone(),
-            stop: stop.clone(),
-            local,
-            port: cfg.port,
-            coalesce: cfg.tso,
-        };
-        let threads = vec![
-            std::thread::Builder::new()
-                .name("vxlan-tx".into())
-                .spawn(move || tx.guarded("tx", Worker::run_tx))?,
-            std::thread::Builder::new()
-                .name("vxlan-rx".into())
-                .spawn(move || rx.guarded("rx", Worker::run_rx))?,
-        ];
         Ok(UserspaceVxlan {
-            table,
-            counters,
-            io_errors,
-            stop,
-            threads,
+            table: Arc::new(ArcSwap::from_pointee(PeerTable::new(Vec::new()))),
+            counters: Arc::new(Counters::new()),
+            io_errors: Arc::new(IoErrors::default()),
+            stop: Arc::new(AtomicBool::new(false)),
+            live: Arc::new(AtomicUsize::new(0)),
+            threads: Vec::new(),
+            io: Some((Arc::new(tun), sock)),
+            local: Arc::new(cfg.local),
+            port: cfg.port,
+            tso: cfg.tso,
             device: cfg.device.clone(),
         })
+    }
+
+    /// Starts the packet threads (once; later calls do nothing). Call it after the first
+    /// [`UserspaceVxlan::sync`]: a predecessor keeps forwarding until then, and packets read
+    /// with an empty table would be answered "unreachable".
+    pub fn serve(&mut self) -> io::Result<()> {
+        let Some((tun, sock)) = &self.io else {
+            return Ok(());
+        };
+        if !self.threads.is_empty() {
+            return Ok(());
+        }
+        for (name, run) in [
+            ("tx", Worker::run_tx as fn(&Worker)),
+            ("rx", Worker::run_rx as fn(&Worker)),
+        ] {
+            let w = Worker {
+                io_errors: self.io_errors.clone(),
+                tun: tun.clone(),
+                sock: sock.try_clone()?,
+                table: self.table.clone(),
+                counters: self.counters.clone(),
+                stop: self.stop.clone(),
+                local: self.local.clone(),
+                port: self.port,
+                coalesce: self.tso,
+            };
+            let live = self.live.clone();
+            live.fetch_add(1, Ordering::SeqCst);
+            let spawned = std::thread::Builder::new()
+                .name(format!("vxlan-{name}"))
+                .spawn(move || {
+                    w.guarded(name, run);
+                    live.fetch_sub(1, Ordering::SeqCst);
+                });
+            match spawned {
+                Ok(t) => self.threads.push(t),
+                Err(e) => {
+                    self.live.fetch_sub(1, Ordering::SeqCst);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the packet threads were started (or the plane was handed over and closed).
+    pub fn serving(&self) -> bool {
+        !self.threads.is_empty() || self.io.is_none()
+    }
+
+    /// What a handover needs: the descriptors to pass on and a way to stop reading them.
+    /// None once closed.
+    pub fn handover(&self) -> Option<Handover> {
+        let (tun, sock) = self.io.as_ref()?;
+        Some(Handover {
+            tun: tun.clone(),
+            sock: sock.try_clone().ok(),
+            stop: self.stop.clone(),
+            live: self.live.clone(),
+        })
+    }
+
+    /// After a handover: stops the threads (already stopped) and closes our descriptors, so
+    /// that only the successor holds the device (if it crashes, its restart can attach).
+    pub fn close_handed_over(&mut self) {
+        self.stop_threads();
+        self.io = None;
     }
 
     /// The TUN device name.
@@ -166,13 +244,14 @@ impl UserspaceVxlan {
         skipped
     }
 
-    /// Stops the packet threads and closes the device.
+    /// Stops the packet threads (each finishes the packet it holds) and closes our
+    /// descriptors. The device stays, with its address and routes.
     pub fn shutdown(mut self) {
         self.stop_threads();
     }
 
     fn stop_threads(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -182,6 +261,42 @@ impl UserspaceVxlan {
 impl Drop for UserspaceVxlan {
     fn drop(&mut self) {
         self.stop_threads();
+    }
+}
+
+/// The parts of a running data plane a handover to a successor uses, shareable with the
+/// thread that talks to it.
+#[derive(Debug)]
+pub struct Handover {
+    tun: Arc<Tun>,
+    sock: Option<VxlanSocket>,
+    stop: Arc<AtomicBool>,
+    live: Arc<AtomicUsize>,
+}
+
+impl Handover {
+    /// The TUN and socket descriptors, in the order [`Inherited`] expects.
+    pub fn fds(&self) -> Option<[std::os::fd::BorrowedFd<'_>; 2]> {
+        Some([self.tun.as_fd(), self.sock.as_ref()?.as_fd()])
+    }
+
+    /// Stops reading: every packet thread finishes the packet (or batch) it holds and
+    /// exits. Returns whether they all did within `limit`.
+    pub fn release(&self, limit: Duration) -> bool {
+        self.stop.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + limit;
+        while self.live.load(Ordering::SeqCst) > 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+
+    /// Whether [`Handover::release`] was called.
+    pub fn released(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
     }
 }
 

@@ -141,7 +141,16 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints, limits: Limits) 
 
 /// Binds `addr` and serves `endpoints` in a background task.
 pub async fn spawn(addr: SocketAddr, endpoints: Endpoints) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    // SO_REUSEPORT: during a handover (a surge rollout) the new flanneld starts while the
+    // old one still holds the port.
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(128)?;
     tokio::spawn(serve(listener, endpoints, Limits::default()));
     Ok(())
 }

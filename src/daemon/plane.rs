@@ -2,10 +2,12 @@
 //! firewall rules that go with it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::{IpNet, Ipv4Net};
 use tracing::{info, warn};
 
+use crate::backend::handoff;
 use crate::backend::hostgw::{HostGw, HostGwConfig};
 use crate::backend::kernel::{KernelVxlan, KernelVxlanConfig};
 use crate::backend::userspace::{UserspaceConfig, UserspaceVxlan};
@@ -58,6 +60,7 @@ pub(super) enum Plane {
         dp: UserspaceVxlan,
         nl: Netlink,
         mtu: u32,
+        handoff: Handoff,
     },
     /// The kernel's vxlan device, programmed like flannel.
     Kernel(Box<KernelVxlan>),
@@ -84,7 +87,27 @@ impl Plane {
                     reason,
                 };
                 let nl = Netlink::connect().map_err(|e| fail(e.to_string()))?;
-                remove_foreign_device(&nl, &device).await;
+                let path = handoff_path(flags, &device);
+                let (predecessor, inherited) = match path.as_deref() {
+                    Some(p) => match handoff::connect(p, &device) {
+                        Ok(Some((pred, inh))) => {
+                            info!(
+                                predecessor = pred.pid(),
+                                "taking over the data plane of the running flanneld"
+                            );
+                            (Some(pred), Some(inh))
+                        }
+                        Ok(None) => (None, None),
+                        Err(e) => {
+                            warn!(error = %e, "no handover from a running flanneld; opening the device");
+                            (None, None)
+                        }
+                    },
+                    None => (None, None),
+                };
+                if inherited.is_none() {
+                    remove_foreign_device(&nl, &device).await;
+                }
                 let cfg = UserspaceConfig {
                     device: device.clone(),
                     vni: vx.vni,
@@ -105,7 +128,13 @@ impl Plane {
                     },
                     tso: true,
                 };
-                let dp = UserspaceVxlan::start(&cfg).map_err(|e| {
+                let handed_over = inherited.is_some();
+                let dp = if handed_over {
+                    UserspaceVxlan::start(&cfg, inherited)
+                } else {
+                    open_userspace(&nl, &cfg).await
+                }
+                .map_err(|e| {
                     match e.get_ref().and_then(|i| i.downcast_ref::<TunOpenError>()) {
                         Some(open) => PlaneError::TunDevice(open.to_string()),
                         None => fail(e.to_string()),
@@ -114,8 +143,17 @@ impl Plane {
                 configure_tun(&nl, &device, mtu, network, subnet)
                     .await
                     .map_err(fail)?;
-                info!(%device, mtu, %mac, port = cfg.port, "userspace VXLAN data plane running");
-                Ok(Plane::Userspace { dp, nl, mtu })
+                info!(%device, mtu, %mac, port = cfg.port, handed_over, "userspace VXLAN data plane ready");
+                Ok(Plane::Userspace {
+                    dp,
+                    nl,
+                    mtu,
+                    handoff: Handoff {
+                        path,
+                        predecessor,
+                        listener: None,
+                    },
+                })
             }
             (BackendConfig::Vxlan(vx), Some(mac)) => {
                 let kv = KernelVxlan::setup(KernelVxlanConfig {
@@ -176,9 +214,17 @@ impl Plane {
     /// Brings the data plane to the state `peers` ask for.
     pub(super) async fn sync(&mut self, peers: &[Peer]) {
         match self {
-            Plane::Userspace { dp, .. } => {
+            Plane::Userspace { dp, handoff, .. } => {
                 for s in dp.sync(peers) {
                     warn!(subnet = %s.subnet, reason = s.reason, "peer not programmed");
+                }
+                if !dp.serving() {
+                    start_serving(dp, handoff).await;
+                } else if handoff.listener.as_ref().is_some_and(|l| l.released()) {
+                    // Handed over: only the successor may hold the device now.
+                    handoff.listener = None;
+                    dp.close_handed_over();
+                    info!("closed the handed-over device and socket");
                 }
             }
             Plane::Kernel(k) => log_report(k.sync(peers).await),
@@ -203,12 +249,130 @@ impl Plane {
         }
     }
 
-    /// Stops the data plane. Userspace mode removes its device (and with it its routes);
-    /// kernel and host-gw state stays so forwarding continues while the daemon is away.
+    /// Stops the data plane. Nothing is torn down: the userspace TUN device is persistent
+    /// (the next start, or a successor that already took over, keeps its address and
+    /// routes), and kernel and host-gw state stays so forwarding continues while the daemon
+    /// is away.
     pub(super) async fn shutdown(self) {
-        if let Plane::Userspace { dp, nl, .. } = self {
-            dp.shutdown();
+        if let Plane::Userspace {
+            dp, nl, handoff, ..
+        } = self
+        {
+            if let Some(l) = handoff.listener {
+                l.close();
+            }
+            let _ = tokio::task::spawn_blocking(move || dp.shutdown()).await;
             drop(nl);
+        }
+    }
+}
+
+/// How long a start waits for a device or port held by a process that offers no handover.
+const BUSY_WAIT: Duration = Duration::from_secs(30);
+
+/// Opens the userspace data plane without a handover. A persistent TUN/TAP device of our
+/// name with other flags (EINVAL: another program's, or an incompatible version's) is not
+/// ours: it is recreated. A device or port held by a process that offers no handover
+/// (EBUSY/EADDRINUSE: a flanneld from before the handover, or one whose run directory we do
+/// not share) is waited for, up to [`BUSY_WAIT`], then the start fails naming the cause.
+async fn open_userspace(nl: &Netlink, cfg: &UserspaceConfig) -> std::io::Result<UserspaceVxlan> {
+    let device = &cfg.device;
+    let deadline = tokio::time::Instant::now() + BUSY_WAIT;
+    let mut recreated = false;
+    let mut waiting = false;
+    loop {
+        let e = match UserspaceVxlan::start(cfg, None) {
+            Ok(dp) => {
+                if waiting {
+                    info!(%device, "the device and port are free now");
+                }
+                return Ok(dp);
+            }
+            Err(e) => e,
+        };
+        match e.raw_os_error() {
+            Some(libc::EINVAL) if !recreated => {
+                warn!(%device, error = %e, "the existing device is not a compatible TUN device; recreating it");
+                if let Ok(Some(link)) = nl.link_by_name(device).await {
+                    if let Err(e) = nl.link_del(link.index).await {
+                        warn!(%device, error = %e, "could not remove it");
+                    }
+                }
+                recreated = true;
+            }
+            Some(libc::EBUSY | libc::EADDRINUSE) if tokio::time::Instant::now() < deadline => {
+                if !waiting {
+                    warn!(%device, port = cfg.port, error = %e, "the device or the VXLAN port is held by a process that offers no handover (a flanneld from before it?); waiting up to 30 s for it to exit");
+                    waiting = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Some(libc::EBUSY | libc::EADDRINUSE) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{e}: still held after 30 s by a process that offers no handover (another flanneld without a shared run directory?)"),
+                ))
+            }
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Handover state of the userspace data plane.
+#[derive(Debug)]
+pub(super) struct Handoff {
+    /// Where we listen for a successor (None: the run directory is unusable).
+    path: Option<std::path::PathBuf>,
+    /// The flanneld we took the descriptors from, until we serve.
+    predecessor: Option<handoff::Predecessor>,
+    /// Our own listener, once we serve.
+    listener: Option<handoff::Listener>,
+}
+
+/// The handover socket: next to subnet.env (`/run/flannel` by default, a hostPath both the old
+/// and the new pod mount).
+fn handoff_path(flags: &Flags, device: &str) -> Option<std::path::PathBuf> {
+    let dir = flags.subnet_file.parent()?;
+    let dir = if dir.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        dir
+    };
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        warn!(dir = %dir.display(), error = %e, "no run directory; zero-loss handover disabled");
+        return None;
+    }
+    Some(handoff::socket_path(dir, device))
+}
+
+/// First sync done: start the packet threads, tell the predecessor (if any) to stop reading,
+/// then listen for a successor.
+async fn start_serving(dp: &mut UserspaceVxlan, state: &mut Handoff) {
+    if let Err(e) = dp.serve() {
+        warn!(error = %e, "starting the packet threads failed; retrying on the next sync");
+        return;
+    }
+    if let Some(pred) = state.predecessor.take() {
+        match tokio::task::spawn_blocking(move || pred.finish()).await {
+            Ok(Ok(pid)) => info!(
+                predecessor = pid,
+                "the previous flanneld released the data plane"
+            ),
+            Ok(Err(e)) => {
+                warn!(error = %e, "the previous flanneld did not confirm the handover; serving anyway")
+            }
+            Err(e) => warn!(error = %e, "handover task failed"),
+        }
+    }
+    if let Some(path) = &state.path {
+        let Some(handover) = dp.handover() else {
+            return;
+        };
+        match handoff::Listener::spawn(path, dp.device(), handover) {
+            Ok(l) => state.listener = Some(l),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot listen for a successor; zero-loss handover disabled")
+            }
         }
     }
 }
@@ -239,7 +403,9 @@ async fn remove_foreign_device(nl: &Netlink, device: &str) {
 
 /// `ip link set <dev> mtu <mtu> up; ip addr add <subnet network>/32 dev <dev>;
 /// ip route replace <Network> dev <dev>`: the whole Network goes through the TUN device, the
-/// /32 gives host-originated packets a source inside our subnet.
+/// /32 gives host-originated packets a source inside our subnet. On a device kept from a
+/// previous run this reconciles: other IPv4 addresses (an old lease's) are removed, what is
+/// already right is left alone, so forwarding is never interrupted.
 async fn configure_tun(
     nl: &Netlink,
     device: &str,
@@ -252,9 +418,21 @@ async fn configure_tun(
         .await
         .map_err(|e| e.to_string())?;
     let addr = IpNet::V4(Ipv4Net::new(subnet.network(), 32).map_err(|e| e.to_string())?);
-    match nl.addr_add(index, addr).await {
-        Err(e) if !e.is_exists() => return Err(e.to_string()),
-        _ => {}
+    let present = nl
+        .addr_list(index, IpFamily::V4)
+        .await
+        .map_err(|e| e.to_string())?;
+    for stale in present.iter().filter(|a| **a != addr) {
+        warn!(%device, address = %stale, "removing an address our lease no longer has");
+        if let Err(e) = nl.addr_del(index, *stale).await {
+            warn!(%device, address = %stale, error = %e, "could not remove it");
+        }
+    }
+    if !present.contains(&addr) {
+        match nl.addr_add(index, addr).await {
+            Err(e) if !e.is_exists() => return Err(e.to_string()),
+            _ => {}
+        }
     }
     nl.link_set_up(index).await.map_err(|e| e.to_string())?;
     let mut route = Route::via(IpNet::V4(network), subnet.network().into()).dev(index);

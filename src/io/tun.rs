@@ -11,6 +11,8 @@ use std::time::Duration;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const IFF_TUN: libc::c_short = 0x0001;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
@@ -39,7 +41,8 @@ pub struct TunOffload {
     pub tso: bool,
 }
 
-/// An open TUN device. Closing it removes a non-persistent device with its addresses/routes.
+/// An open TUN device. Closing it removes a non-persistent device with its addresses/routes;
+/// a persistent one ([`Tun::set_persist`]) stays, routes included, until it is deleted.
 #[derive(Debug)]
 pub struct Tun {
     fd: OwnedFd,
@@ -92,21 +95,7 @@ impl Tun {
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        if offload.vnet_hdr {
-            let size: libc::c_int = VNET_HDR_LEN as libc::c_int;
-            // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which is valid.
-            if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ, &size) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let mut flags = TUN_F_CSUM;
-            if offload.tso {
-                flags |= TUN_F_TSO4 | TUN_F_TSO6;
-            }
-            // SAFETY: TUNSETOFFLOAD takes the flags by value.
-            if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
+        set_offload(&fd, offload)?;
         // SAFETY: the kernel NUL-terminated the name it chose within IFNAMSIZ bytes.
         let actual = unsafe { CStr::from_ptr(req.name.as_ptr()) }
             .to_string_lossy()
@@ -116,6 +105,59 @@ impl Tun {
             name: actual,
             offload,
         })
+    }
+
+    /// Adopts a TUN descriptor another process opened (handed over with `SCM_RIGHTS`): checks
+    /// that it is attached to a TUN device named `name` with the packet format `offload`
+    /// needs (no packet info, vnet header), then sets the offloads again.
+    pub fn adopt(fd: OwnedFd, name: &str, offload: TunOffload) -> io::Result<Tun> {
+        let mut req = IfReqFlags {
+            name: [0; libc::IFNAMSIZ],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNGETIFF writes an ifreq-sized struct; `req` is one and outlives the call.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNGETIFF, &mut req) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel NUL-terminated the device name within IFNAMSIZ bytes.
+        let actual = unsafe { CStr::from_ptr(req.name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let want = IFF_TUN | IFF_NO_PI | if offload.vnet_hdr { IFF_VNET_HDR } else { 0 };
+        let mask = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR;
+        if actual != name || req.flags & mask != want {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "handed-over descriptor is TUN {actual:?} with flags {:#x}, want {name:?} with {want:#x}",
+                    req.flags
+                ),
+            ));
+        }
+        set_nonblocking(&fd)?;
+        set_offload(&fd, offload)?;
+        Ok(Tun {
+            fd,
+            name: actual,
+            offload,
+        })
+    }
+
+    /// Makes the device outlive this descriptor (`TUNSETPERSIST`): when the process exits or
+    /// crashes, the device keeps its address and routes and the next start attaches to it.
+    pub fn set_persist(&self, on: bool) -> io::Result<()> {
+        // SAFETY: TUNSETPERSIST takes its argument by value.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), TUNSETPERSIST, libc::c_ulong::from(on)) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The descriptor, to hand over to a successor process.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
     }
 
     /// The interface name the kernel gave the device.
@@ -190,6 +232,26 @@ impl Tun {
     }
 }
 
+/// Sets the vnet header size and the offloads the kernel may hand to reads (per open file).
+fn set_offload(fd: &OwnedFd, offload: TunOffload) -> io::Result<()> {
+    if offload.vnet_hdr {
+        let size: libc::c_int = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which is valid.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ, &size) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut flags = TUN_F_CSUM;
+        if offload.tso {
+            flags |= TUN_F_TSO4 | TUN_F_TSO6;
+        }
+        // SAFETY: TUNSETOFFLOAD takes the flags by value.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Waits until `fd` is ready for `events` or `timeout_ms` passes; true when ready.
 pub(crate) fn wait_fd(fd: RawFd, events: libc::c_short, timeout_ms: i32) -> io::Result<bool> {
     let mut pfd = libc::pollfd {
@@ -207,6 +269,21 @@ pub(crate) fn wait_fd(fd: RawFd, events: libc::c_short, timeout_ms: i32) -> io::
         return Err(err);
     }
     Ok(n > 0)
+}
+
+/// Sets `O_NONBLOCK` (a file status flag: shared with every process holding the same open
+/// file, which for a handed-over descriptor is already set).
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no pointers involved.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 pub(crate) fn read_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {

@@ -70,6 +70,33 @@ impl VxlanSocket {
         Ok(VxlanSocket { sock })
     }
 
+    /// Adopts a socket another process bound (handed over with `SCM_RIGHTS`) if it is a UDP
+    /// socket bound to `addr`; the receive timeout is set again (it is per socket, so this
+    /// also changes the previous owner's, to the same value).
+    pub fn adopt(
+        fd: std::os::fd::OwnedFd,
+        addr: SocketAddr,
+        recv_timeout: Duration,
+    ) -> io::Result<VxlanSocket> {
+        let kind = getsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_TYPE)?;
+        let sock = UdpSocket::from(fd);
+        let local = sock.local_addr()?;
+        if kind != libc::SOCK_DGRAM || local != addr {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("handed-over socket is bound to {local} (type {kind}), want UDP {addr}"),
+            ));
+        }
+        sock.set_read_timeout(Some(recv_timeout))?;
+        Ok(VxlanSocket { sock })
+    }
+
+    /// The descriptor, to hand over to a successor process.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.sock.as_fd()
+    }
+
     /// A second handle on the same socket, for another thread.
     pub fn try_clone(&self) -> io::Result<VxlanSocket> {
         Ok(VxlanSocket {
