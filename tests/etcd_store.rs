@@ -12,10 +12,10 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use etcd_client::{Client, CompactionOptions, PutOptions};
 use etcd_server::EtcdServer;
 use flannel_rs::config::netconf::NetConfig;
 use flannel_rs::config::subnet_env::PreviousSubnets;
+use flannel_rs::lease::etcd::client::{Client, ConnectOptions};
 use flannel_rs::lease::etcd::{EtcdConfig, EtcdStore, LEASE_TTL};
 use flannel_rs::lease::store::{LeaseStore, StoreError, WatchUpdate};
 use flannel_rs::lease::{Lease, LeaseAttrs, LeaseEvent, VxlanBackendData};
@@ -76,7 +76,7 @@ impl Env {
     async fn start(tag: &str) -> Option<Env> {
         logs();
         let server = EtcdServer::start(tag)?;
-        let raw = Client::connect([server.endpoint()], None)
+        let raw = Client::connect(&[server.endpoint()], ConnectOptions::default())
             .await
             .expect("connect raw client");
         let prefix = format!("/flannel-rs-test/{tag}");
@@ -99,7 +99,7 @@ impl Env {
     async fn put_config(&self, config: &str) -> NetConfig {
         self.raw
             .clone()
-            .put(format!("{}/config", self.prefix), config, None)
+            .put(format!("{}/config", self.prefix), config, 0)
             .await
             .expect("put config");
         let text = self
@@ -122,23 +122,17 @@ impl Env {
         let resp = self
             .raw
             .clone()
-            .get(self.key(subnet_key), None)
+            .get(self.key(subnet_key))
             .await
             .expect("get");
-        resp.kvs()
-            .first()
-            .map(|kv| (kv.value().to_vec(), kv.lease()))
+        resp.kvs.first().map(|kv| (kv.value.clone(), kv.lease))
     }
 
     /// Writes a lease value as upstream flannel does: attached to a fresh 24 h etcd lease.
     async fn put_as_flannel(&self, subnet_key: &str, value: &str) {
-        let mut raw = self.raw.clone();
-        let grant = raw.lease_grant(86_400, None).await.expect("grant");
-        raw.put(
-            self.key(subnet_key),
-            value,
-            Some(PutOptions::new().with_lease(grant.id())),
-        )
+        let grant = self.raw.lease_grant(86_400).await.expect("grant");
+        self.raw
+            .put(self.key(subnet_key), value, grant.id)
         .await
         .expect("put lease");
     }
@@ -146,7 +140,7 @@ impl Env {
     async fn put_plain(&self, subnet_key: &str, value: &[u8]) {
         self.raw
             .clone()
-            .put(self.key(subnet_key), value, None)
+            .put(self.key(subnet_key), value, 0)
             .await
             .expect("put");
     }
@@ -154,7 +148,7 @@ impl Env {
     async fn delete(&self, subnet_key: &str) {
         self.raw
             .clone()
-            .delete(self.key(subnet_key), None)
+            .delete(self.key(subnet_key))
             .await
             .expect("delete");
     }
@@ -162,10 +156,10 @@ impl Env {
     async fn ttl(&self, lease_id: i64) -> i64 {
         self.raw
             .clone()
-            .lease_time_to_live(lease_id, None)
+            .lease_time_to_live(lease_id)
             .await
             .expect("ttl")
-            .ttl()
+            .ttl
     }
 }
 
@@ -322,7 +316,7 @@ async fn values_are_flannels_json_byte_for_byte() {
     let dual_cfg = r#"{"Network":"10.245.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:42::/48","Backend":{"Type":"vxlan"}}"#;
     env.raw
         .clone()
-        .put(format!("{dual_prefix}/config"), dual_cfg, None)
+        .put(format!("{dual_prefix}/config"), dual_cfg, 0)
         .await
         .expect("put");
     let dual = EtcdStore::new(&EtcdConfig {
@@ -344,11 +338,11 @@ async fn values_are_flannels_json_byte_for_byte() {
     let resp = env
         .raw
         .clone()
-        .get(format!("{dual_prefix}/subnets/{key}"), None)
+        .get(format!("{dual_prefix}/subnets/{key}"))
         .await
         .expect("get");
     assert_eq!(
-        resp.kvs().first().map(|kv| kv.value()),
+        resp.kvs.first().map(|kv| kv.value.as_slice()),
         Some(FIXTURE_DUAL.as_bytes())
     );
 }
@@ -591,15 +585,11 @@ async fn watch_sees_add_update_remove_and_expiry() {
         "delete: {e:?}"
     );
     // Expiry of the etcd lease is a removal too.
-    let mut raw = env.raw.clone();
-    let grant = raw.lease_grant(2, None).await.expect("grant");
-    raw.put(
-        env.key("10.244.3.0-24"),
-        value(3, 3),
-        Some(PutOptions::new().with_lease(grant.id())),
-    )
-    .await
-    .expect("put");
+    let grant = env.raw.lease_grant(2).await.expect("grant");
+    env.raw
+        .put(env.key("10.244.3.0-24"), value(3, 3), grant.id)
+        .await
+        .expect("put");
     let e = wait_event(&mut rx, PROMPT, |_| true).await;
     assert!(matches!(&e, LeaseEvent::Added(_)), "{e:?}");
     let e = wait_event(&mut rx, PROMPT, |_| true).await;
@@ -631,15 +621,15 @@ async fn compaction_mid_watch_relists_and_continues() {
     }
     env.put_as_flannel("10.244.2.0-24", &value(2, 2)).await;
     env.delete("10.244.1.0-24").await;
-    let mut raw = env.raw.clone();
+    let raw = env.raw.clone();
     let rev = raw
-        .get("compaction-marker", None)
+        .get("compaction-marker")
         .await
         .expect("get")
-        .header()
-        .map(|h| h.revision())
+        .header
+        .map(|h| h.revision)
         .expect("header");
-    raw.compact(rev, Some(CompactionOptions::new().with_physical()))
+    raw.compact(rev, true)
         .await
         .expect("compact");
 
@@ -691,7 +681,7 @@ async fn watch_survives_etcd_restart() {
     .await
     .expect("restart");
     env.server = server;
-    env.raw = Client::connect([env.server.endpoint()], None)
+    env.raw = Client::connect(&[env.server.endpoint()], ConnectOptions::default())
         .await
         .expect("reconnect raw client");
     let changed = Instant::now();
@@ -737,7 +727,7 @@ async fn watch_relists_when_etcd_history_goes_backwards() {
     .await
     .expect("wipe");
     env.server = server;
-    env.raw = Client::connect([env.server.endpoint()], None)
+    env.raw = Client::connect(&[env.server.endpoint()], ConnectOptions::default())
         .await
         .expect("reconnect raw client");
     env.put_as_flannel("10.244.100.0-24", &value(100, 100))
@@ -942,7 +932,7 @@ async fn renewal_retries_while_etcd_is_down() {
     .await
     .expect("restart");
     env.server = server;
-    env.raw = Client::connect([env.server.endpoint()], None)
+    env.raw = Client::connect(&[env.server.endpoint()], ConnectOptions::default())
         .await
         .expect("reconnect raw client");
     let deadline = Instant::now() + PROMPT;
