@@ -16,6 +16,7 @@ use etcd_server::EtcdServer;
 use flannel_rs::config::netconf::NetConfig;
 use flannel_rs::config::subnet_env::PreviousSubnets;
 use flannel_rs::lease::etcd::client::{Client, ConnectOptions};
+use flannel_rs::lease::etcd::proto::etcdserverpb::{request_op, PutRequest, RequestOp, TxnRequest};
 use flannel_rs::lease::etcd::{EtcdConfig, EtcdStore, LEASE_TTL};
 use flannel_rs::lease::store::{LeaseStore, StoreError, WatchUpdate};
 use flannel_rs::lease::{Lease, LeaseAttrs, LeaseEvent, VxlanBackendData};
@@ -950,4 +951,70 @@ async fn renewal_retries_while_etcd_is_down() {
     );
     assert!(!task.is_finished(), "an outage is not a revocation");
     task.abort();
+}
+
+/// A subnets prefix whose listing is larger than tonic's default 4 MiB response limit (the
+/// issue: listing then failed forever) lists, and the watch's snapshot holds every lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subnets_prefix_larger_than_4_mib_lists() {
+    const LEASES: usize = 30_000;
+    /// etcd's default --max-txn-ops.
+    const BATCH: usize = 128;
+    let Some(env) = Env::start("large").await else {
+        return;
+    };
+    env.put_config(r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#)
+        .await;
+    // Real-shaped leases, as flannel writes them: 10.<hi>.<lo>.0/24 for node i.
+    let lease_for = |i: usize| {
+        let [_, _, hi, lo] = u32::try_from(i).expect("small").to_be_bytes();
+        let data = VxlanBackendData {
+            vni: 1,
+            vtep_mac: flannel_rs::wire::MacAddr([0x0e, 0, 0, 0, hi, lo]),
+        };
+        let attrs = LeaseAttrs {
+            public_ip: Ipv4Addr::new(198, 18, hi, lo),
+            backend_type: "vxlan".into(),
+            backend_data: Some(data.to_raw()),
+            ..LeaseAttrs::default()
+        };
+        (env.key(&format!("10.{hi}.{lo}.0-24")), attrs.to_json())
+    };
+    let mut bytes = 0;
+    for start in (0..LEASES).step_by(BATCH) {
+        let success = (start..(start + BATCH).min(LEASES))
+            .map(|i| {
+                let (key, value) = lease_for(i);
+                bytes += key.len() + value.len();
+                RequestOp {
+                    request: Some(request_op::Request::RequestPut(PutRequest {
+                        key: key.into_bytes(),
+                        value: value.into_bytes(),
+                        ..PutRequest::default()
+                    })),
+                }
+            })
+            .collect();
+        let txn = TxnRequest {
+            success,
+            ..TxnRequest::default()
+        };
+        assert!(env.raw.txn(txn).await.expect("txn").succeeded);
+    }
+    assert!(
+        bytes > 4 << 20,
+        "keys and values take {bytes} bytes: not over 4 MiB"
+    );
+
+    let store = env.store();
+    let (leases, _) = store.list().await.expect("a large prefix lists");
+    assert_eq!(leases.len(), LEASES);
+    let subnets: BTreeSet<Ipv4Net> = leases.iter().filter_map(|l| l.subnet).collect();
+    assert_eq!(subnets.len(), LEASES, "every lease listed once");
+    assert_eq!(store.stats().skipped, 0);
+
+    // The watch's snapshot is the same listing.
+    let mut rx = start_watch(&store, 4);
+    let listed = snapshot(next_update(&mut rx, PROMPT * 3).await);
+    assert_eq!(listed.len(), LEASES);
 }
