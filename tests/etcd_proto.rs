@@ -77,7 +77,7 @@ fn committed_etcd_api_code_matches_the_generator() {
                 .lines()
                 .zip(have.lines())
                 .position(|(a, b)| a != b)
-                .map_or_else(|| want.lines().count().min(have.lines().count()), |i| i);
+                .unwrap_or_else(|| want.lines().count().min(have.lines().count()));
             panic!(
                 "src/lease/etcd/proto/{name} differs from the generator's output from line {}: \
                  run scripts/gen-etcd-proto and commit the result",

@@ -134,8 +134,8 @@ impl Env {
         let grant = self.raw.lease_grant(86_400).await.expect("grant");
         self.raw
             .put(self.key(subnet_key), value, grant.id)
-        .await
-        .expect("put lease");
+            .await
+            .expect("put lease");
     }
 
     async fn put_plain(&self, subnet_key: &str, value: &[u8]) {
@@ -630,9 +630,7 @@ async fn compaction_mid_watch_relists_and_continues() {
         .header
         .map(|h| h.revision)
         .expect("header");
-    raw.compact(rev, true)
-        .await
-        .expect("compact");
+    raw.compact(rev, true).await.expect("compact");
 
     assert_eq!(
         next_update(&mut rx, PROMPT).await,
@@ -1017,4 +1015,123 @@ async fn subnets_prefix_larger_than_4_mib_lists() {
     let mut rx = start_watch(&store, 4);
     let listed = snapshot(next_update(&mut rx, PROMPT * 3).await);
     assert_eq!(listed.len(), LEASES);
+}
+
+/// Runs etcdctl against `server` (ETCDCTL_* from the environment removed).
+fn etcdctl(server: &EtcdServer, args: &[&str]) {
+    let mut cmd = std::process::Command::new("etcdctl");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ETCDCTL_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(server.endpoint())
+        .args(args)
+        .output()
+        .expect("run etcdctl (Debian package etcd-client)");
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// --etcd-username/--etcd-password: the store authenticates, renews an expired token and
+/// retries, its watch comes back after an etcd restart (which forgets every token), and a
+/// missing or wrong password is an error naming the cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password_authenticate_and_renew_the_token() {
+    logs();
+    // Tokens live 2 s, so the test outlives several.
+    let Some(server) = EtcdServer::start_with("auth", &["--auth-token-ttl", "2"]) else {
+        return;
+    };
+    etcdctl(
+        &server,
+        &["user", "add", "root:secret", "--interactive=false"],
+    );
+    etcdctl(&server, &["auth", "enable"]);
+    let prefix = "/flannel-rs-test/auth";
+    let config = |password: &str| EtcdConfig {
+        endpoints: vec![server.endpoint()],
+        prefix: prefix.to_owned(),
+        username: "root".to_owned(),
+        password: password.to_owned(),
+        ..EtcdConfig::default()
+    };
+    let admin = Client::connect(
+        &[server.endpoint()],
+        ConnectOptions {
+            credentials: Some(("root".to_owned(), "secret".to_owned())),
+            ..ConnectOptions::default()
+        },
+    )
+    .await
+    .expect("admin authenticates");
+    admin
+        .put(format!("{prefix}/config"), VXLAN_CONFIG, 0)
+        .await
+        .expect("put config");
+
+    // Without credentials etcd refuses; with a wrong password too, saying why.
+    let anonymous = EtcdStore::new(&EtcdConfig {
+        username: String::new(),
+        password: String::new(),
+        ..config("")
+    })
+    .expect("valid");
+    anonymous
+        .network_config()
+        .await
+        .expect_err("auth is enabled");
+    let wrong = EtcdStore::new(&config("wrong")).expect("valid");
+    let e = wrong.network_config().await.expect_err("wrong password");
+    assert!(e.to_string().contains("authentication failed"), "{e}");
+
+    let store = EtcdStore::new(&config("secret")).expect("valid");
+    let cfg = NetConfig::parse(&store.network_config().await.expect("config")).expect("parses");
+    let lease = store
+        .acquire(&cfg, &attrs(1, 1), &no_previous())
+        .await
+        .expect("acquired");
+    let mut rx = start_watch(&store, 8);
+    assert_eq!(snapshot(next_update(&mut rx, PROMPT).await).len(), 1);
+
+    // The token expires: requests renew it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (leases, _) = store.list().await.expect("list with a renewed token");
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].subnet, lease.subnet);
+
+    // etcd restarts (every simple token is gone): the broken watch reconnects and sees the
+    // next change, written by a client that must renew its token too.
+    let mut server = server;
+    let server = tokio::task::spawn_blocking(move || {
+        server.restart();
+        server
+    })
+    .await
+    .expect("restart");
+    let grant = admin
+        .lease_grant(86_400)
+        .await
+        .expect("grant after restart");
+    admin
+        .put(
+            format!("{prefix}/subnets/10.244.9.0-24"),
+            value(9, 9),
+            grant.id,
+        )
+        .await
+        .expect("put after restart");
+    let e = wait_event(&mut rx, PROMPT, |_| true).await;
+    assert!(
+        matches!(&e, LeaseEvent::Added(l) if l.subnet == Some(net("10.244.9.0/24"))),
+        "{e:?}"
+    );
+    assert!(store.stats().reconnects >= 1, "{:?}", store.stats());
+    drop(server);
 }

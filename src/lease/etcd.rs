@@ -45,13 +45,13 @@ pub mod client;
 pub mod proto;
 
 use client::{prefix_end, Client, ClientError, ConnectOptions, WatchStream};
+use futures::future::BoxFuture;
 use proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use proto::etcdserverpb::request_op::Request;
 use proto::etcdserverpb::{
     Compare, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest, WatchCreateRequest,
 };
 use proto::mvccpb::{Event, KeyValue};
-use futures::future::BoxFuture;
 use tokio::sync::{mpsc, OnceCell};
 use tokio::time::Instant;
 

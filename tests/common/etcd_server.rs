@@ -28,6 +28,8 @@ pub struct EtcdServer {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Extra etcd flags.
+    args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -35,6 +37,11 @@ impl EtcdServer {
     /// Starts a fresh etcd; `tag` names its directory. `None`: etcd is not installed (and CI
     /// is not "true").
     pub fn start(tag: &str) -> Option<EtcdServer> {
+        EtcdServer::start_with(tag, &[])
+    }
+
+    /// [`EtcdServer::start`] with extra etcd flags.
+    pub fn start_with(tag: &str, args: &[&str]) -> Option<EtcdServer> {
         let Some(binary) = find_etcd() else {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
                 panic!("etcd is not installed but CI=true: install etcd-server (/usr/bin/etcd)");
@@ -53,6 +60,7 @@ impl EtcdServer {
                 name: format!("flannel-rs-{tag}"),
                 client_port: free_port(),
                 peer_port: free_port(),
+                args: args.iter().map(|a| (*a).to_owned()).collect(),
                 child: None,
             };
             if let Err(e) = std::fs::create_dir_all(server.data_dir()) {
@@ -176,6 +184,7 @@ impl EtcdServer {
             .arg("new")
             .arg("--initial-cluster-token")
             .arg(&self.name)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);

@@ -4,13 +4,23 @@
 //! committed files are what the generator writes. Do not edit `proto/*.rs` by hand.
 
 /// etcd's `mvccpb` package: stored keys and watch events.
-#[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::pedantic
+)]
 pub mod mvccpb {
     include!("proto/mvccpb.rs");
 }
 
 /// etcd's `etcdserverpb` package: the KV, Watch, Lease and Auth services.
-#[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::pedantic
+)]
 pub mod etcdserverpb {
     include!("proto/etcdserverpb.rs");
 }
