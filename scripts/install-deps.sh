@@ -20,6 +20,8 @@ check tcpdump tcpdump
 # which checks that code against scripts/gen-etcd-proto, runs it.
 check protoc protobuf-compiler
 check pgrep procps
+# tests/etcd_store.rs makes its TLS test certificates with the openssl CLI.
+check openssl openssl
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -1135,3 +1135,192 @@ async fn user_and_password_authenticate_and_renew_the_token() {
     assert!(store.stats().reconnects >= 1, "{:?}", store.stats());
     drop(server);
 }
+
+/// A CA and certificates signed by it, made with the openssl CLI in a scratch directory
+/// (removed on drop).
+struct TestPki {
+    dir: std::path::PathBuf,
+}
+
+impl TestPki {
+    /// `ca.pem`; `server.pem`/`server.key` for 127.0.0.1; `client.pem`/`client.key`; and an
+    /// unrelated CA, `other-ca.pem`.
+    fn create(tag: &str) -> TestPki {
+        let mut n = [0u8; 8];
+        getrandom::fill(&mut n).expect("random");
+        let dir = std::env::temp_dir().join(format!(
+            "flannel-rs-pki-{tag}-{:016x}",
+            u64::from_le_bytes(n)
+        ));
+        std::fs::create_dir_all(&dir).expect("pki dir");
+        let pki = TestPki { dir };
+        for ca in ["ca", "other-ca"] {
+            pki.openssl(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=flannel-rs test {ca}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+            ]);
+        }
+        for (name, usage) in [
+            ("server", "serverAuth,clientAuth"),
+            ("client", "clientAuth"),
+        ] {
+            pki.openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={name}"),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ]);
+            std::fs::write(
+                pki.path(&format!("{name}.ext")),
+                format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n"),
+            )
+            .expect("write ext");
+            pki.openssl(&[
+                "x509",
+                "-req",
+                "-days",
+                "2",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.pem"),
+            ]);
+        }
+        pki
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .current_dir(&self.dir)
+            .args(args)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TestPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// --etcd-certfile/--etcd-keyfile/--etcd-cafile against an etcd that requires client
+/// certificates: the store works over TLS; without a client certificate, or trusting another
+/// CA, it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() {
+    logs();
+    let pki = TestPki::create("tls");
+    let Some(server) = EtcdServer::start_tls(
+        "tls",
+        &pki.path("server.pem"),
+        &pki.path("server.key"),
+        &pki.path("ca.pem"),
+    ) else {
+        return;
+    };
+    let prefix = "/flannel-rs-test/tls";
+    let config = EtcdConfig {
+        endpoints: vec![server.endpoint()],
+        prefix: prefix.to_owned(),
+        certfile: pki.file("client.pem"),
+        keyfile: pki.file("client.key"),
+        cafile: pki.file("ca.pem"),
+        ..EtcdConfig::default()
+    };
+    assert!(server.endpoint().starts_with("https://"));
+    let admin = Client::connect(
+        &[server.endpoint()],
+        ConnectOptions {
+            tls: Some(ConnectOptions::tls(
+                Some((
+                    std::fs::read(pki.path("client.pem")).expect("cert"),
+                    std::fs::read(pki.path("client.key")).expect("key"),
+                )),
+                Some(std::fs::read(pki.path("ca.pem")).expect("ca")),
+            )),
+            ..ConnectOptions::default()
+        },
+    )
+    .await
+    .expect("admin client");
+    admin
+        .put(format!("{prefix}/config"), VXLAN_CONFIG, 0)
+        .await
+        .expect("put config over TLS");
+
+    let store = EtcdStore::new(&config).expect("valid");
+    let cfg = NetConfig::parse(&store.network_config().await.expect("config")).expect("parses");
+    store
+        .acquire(&cfg, &attrs(1, 1), &no_previous())
+        .await
+        .expect("acquired over TLS");
+    let mut rx = start_watch(&store, 8);
+    assert_eq!(snapshot(next_update(&mut rx, PROMPT).await).len(), 1);
+
+    // https:// without a client certificate: etcd refuses the handshake.
+    let anonymous = EtcdStore::new(&EtcdConfig {
+        certfile: String::new(),
+        keyfile: String::new(),
+        ..config.clone()
+    })
+    .expect("valid");
+    let e = anonymous
+        .network_config()
+        .await
+        .expect_err("etcd requires a client certificate");
+    eprintln!("without a client certificate: {e}");
+    // Trusting another CA: our side refuses etcd's certificate.
+    let distrust = EtcdStore::new(&EtcdConfig {
+        cafile: pki.file("other-ca.pem"),
+        ..config
+    })
+    .expect("valid");
+    let e = distrust
+        .network_config()
+        .await
+        .expect_err("server certificate from an untrusted CA");
+    eprintln!("trusting another CA: {e}");
+    assert!(e.to_string().contains("certificate"), "{e}");
+}
