@@ -527,7 +527,7 @@ impl Fixture for DirFixture {
 #[cfg(feature = "etcd")]
 mod etcd_fixture {
     use super::*;
-    use etcd_client::{Client, PutOptions};
+    use flannel_rs::lease::etcd::client::{Client, ConnectOptions};
     use flannel_rs::lease::etcd::{EtcdConfig, EtcdStore};
     use tokio::net::{TcpListener, TcpStream};
 
@@ -623,10 +623,10 @@ mod etcd_fixture {
 
         async fn start(tag: &str) -> Option<Self> {
             let server = etcd_server::EtcdServer::start(&format!("conformance-{tag}"))?;
-            let mut raw = Client::connect([server.endpoint()], None)
+            let raw = Client::connect(&[server.endpoint()], ConnectOptions::default())
                 .await
                 .expect("connect to etcd");
-            raw.put(format!("{PREFIX}/config"), CONFIG, None)
+            raw.put(format!("{PREFIX}/config"), CONFIG, 0)
                 .await
                 .expect("put config");
             let proxy = Proxy::start(server.client_port()).await;
@@ -655,21 +655,16 @@ mod etcd_fixture {
 
         async fn publish_foreign(&self, _n: u8, subnet: Ipv4Net, attrs: &LeaseAttrs) {
             // As upstream flannel writes it: attached to a fresh 24 h etcd lease.
-            let mut raw = self.raw.clone();
-            let grant = raw.lease_grant(86_400, None).await.expect("grant");
-            raw.put(
-                Self::key(subnet),
-                attrs.to_json(),
-                Some(PutOptions::new().with_lease(grant.id())),
-            )
-            .await
-            .expect("put lease");
+            let grant = self.raw.lease_grant(86_400).await.expect("grant");
+            self.raw
+                .put(Self::key(subnet), attrs.to_json(), grant.id)
+                .await
+                .expect("put lease");
         }
 
         async fn remove_foreign(&self, _n: u8, subnet: Ipv4Net) {
             self.raw
-                .clone()
-                .delete(Self::key(subnet), None)
+                .delete(Self::key(subnet))
                 .await
                 .expect("delete lease");
         }

@@ -12,10 +12,11 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use etcd_client::{Client, CompactionOptions, PutOptions};
 use etcd_server::EtcdServer;
 use flannel_rs::config::netconf::NetConfig;
 use flannel_rs::config::subnet_env::PreviousSubnets;
+use flannel_rs::lease::etcd::client::{Client, ConnectOptions};
+use flannel_rs::lease::etcd::proto::etcdserverpb::{request_op, PutRequest, RequestOp, TxnRequest};
 use flannel_rs::lease::etcd::{EtcdConfig, EtcdStore, LEASE_TTL};
 use flannel_rs::lease::store::{LeaseStore, StoreError, WatchUpdate};
 use flannel_rs::lease::{Lease, LeaseAttrs, LeaseEvent, VxlanBackendData};
@@ -76,7 +77,7 @@ impl Env {
     async fn start(tag: &str) -> Option<Env> {
         logs();
         let server = EtcdServer::start(tag)?;
-        let raw = Client::connect([server.endpoint()], None)
+        let raw = Client::connect(&[server.endpoint()], ConnectOptions::default())
             .await
             .expect("connect raw client");
         let prefix = format!("/flannel-rs-test/{tag}");
@@ -99,7 +100,7 @@ impl Env {
     async fn put_config(&self, config: &str) -> NetConfig {
         self.raw
             .clone()
-            .put(format!("{}/config", self.prefix), config, None)
+            .put(format!("{}/config", self.prefix), config, 0)
             .await
             .expect("put config");
         let text = self
@@ -122,31 +123,25 @@ impl Env {
         let resp = self
             .raw
             .clone()
-            .get(self.key(subnet_key), None)
+            .get(self.key(subnet_key))
             .await
             .expect("get");
-        resp.kvs()
-            .first()
-            .map(|kv| (kv.value().to_vec(), kv.lease()))
+        resp.kvs.first().map(|kv| (kv.value.clone(), kv.lease))
     }
 
     /// Writes a lease value as upstream flannel does: attached to a fresh 24 h etcd lease.
     async fn put_as_flannel(&self, subnet_key: &str, value: &str) {
-        let mut raw = self.raw.clone();
-        let grant = raw.lease_grant(86_400, None).await.expect("grant");
-        raw.put(
-            self.key(subnet_key),
-            value,
-            Some(PutOptions::new().with_lease(grant.id())),
-        )
-        .await
-        .expect("put lease");
+        let grant = self.raw.lease_grant(86_400).await.expect("grant");
+        self.raw
+            .put(self.key(subnet_key), value, grant.id)
+            .await
+            .expect("put lease");
     }
 
     async fn put_plain(&self, subnet_key: &str, value: &[u8]) {
         self.raw
             .clone()
-            .put(self.key(subnet_key), value, None)
+            .put(self.key(subnet_key), value, 0)
             .await
             .expect("put");
     }
@@ -154,7 +149,7 @@ impl Env {
     async fn delete(&self, subnet_key: &str) {
         self.raw
             .clone()
-            .delete(self.key(subnet_key), None)
+            .delete(self.key(subnet_key))
             .await
             .expect("delete");
     }
@@ -162,10 +157,10 @@ impl Env {
     async fn ttl(&self, lease_id: i64) -> i64 {
         self.raw
             .clone()
-            .lease_time_to_live(lease_id, None)
+            .lease_time_to_live(lease_id)
             .await
             .expect("ttl")
-            .ttl()
+            .ttl
     }
 }
 
@@ -322,7 +317,7 @@ async fn values_are_flannels_json_byte_for_byte() {
     let dual_cfg = r#"{"Network":"10.245.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:42::/48","Backend":{"Type":"vxlan"}}"#;
     env.raw
         .clone()
-        .put(format!("{dual_prefix}/config"), dual_cfg, None)
+        .put(format!("{dual_prefix}/config"), dual_cfg, 0)
         .await
         .expect("put");
     let dual = EtcdStore::new(&EtcdConfig {
@@ -344,11 +339,11 @@ async fn values_are_flannels_json_byte_for_byte() {
     let resp = env
         .raw
         .clone()
-        .get(format!("{dual_prefix}/subnets/{key}"), None)
+        .get(format!("{dual_prefix}/subnets/{key}"))
         .await
         .expect("get");
     assert_eq!(
-        resp.kvs().first().map(|kv| kv.value()),
+        resp.kvs.first().map(|kv| kv.value.as_slice()),
         Some(FIXTURE_DUAL.as_bytes())
     );
 }
@@ -591,15 +586,11 @@ async fn watch_sees_add_update_remove_and_expiry() {
         "delete: {e:?}"
     );
     // Expiry of the etcd lease is a removal too.
-    let mut raw = env.raw.clone();
-    let grant = raw.lease_grant(2, None).await.expect("grant");
-    raw.put(
-        env.key("10.244.3.0-24"),
-        value(3, 3),
-        Some(PutOptions::new().with_lease(grant.id())),
-    )
-    .await
-    .expect("put");
+    let grant = env.raw.lease_grant(2).await.expect("grant");
+    env.raw
+        .put(env.key("10.244.3.0-24"), value(3, 3), grant.id)
+        .await
+        .expect("put");
     let e = wait_event(&mut rx, PROMPT, |_| true).await;
     assert!(matches!(&e, LeaseEvent::Added(_)), "{e:?}");
     let e = wait_event(&mut rx, PROMPT, |_| true).await;
@@ -631,17 +622,15 @@ async fn compaction_mid_watch_relists_and_continues() {
     }
     env.put_as_flannel("10.244.2.0-24", &value(2, 2)).await;
     env.delete("10.244.1.0-24").await;
-    let mut raw = env.raw.clone();
+    let raw = env.raw.clone();
     let rev = raw
-        .get("compaction-marker", None)
+        .get("compaction-marker")
         .await
         .expect("get")
-        .header()
-        .map(|h| h.revision())
+        .header
+        .map(|h| h.revision)
         .expect("header");
-    raw.compact(rev, Some(CompactionOptions::new().with_physical()))
-        .await
-        .expect("compact");
+    raw.compact(rev, true).await.expect("compact");
 
     assert_eq!(
         next_update(&mut rx, PROMPT).await,
@@ -691,7 +680,7 @@ async fn watch_survives_etcd_restart() {
     .await
     .expect("restart");
     env.server = server;
-    env.raw = Client::connect([env.server.endpoint()], None)
+    env.raw = Client::connect(&[env.server.endpoint()], ConnectOptions::default())
         .await
         .expect("reconnect raw client");
     let changed = Instant::now();
@@ -737,7 +726,7 @@ async fn watch_relists_when_etcd_history_goes_backwards() {
     .await
     .expect("wipe");
     env.server = server;
-    env.raw = Client::connect([env.server.endpoint()], None)
+    env.raw = Client::connect(&[env.server.endpoint()], ConnectOptions::default())
         .await
         .expect("reconnect raw client");
     env.put_as_flannel("10.244.100.0-24", &value(100, 100))
@@ -942,7 +931,7 @@ async fn renewal_retries_while_etcd_is_down() {
     .await
     .expect("restart");
     env.server = server;
-    env.raw = Client::connect([env.server.endpoint()], None)
+    env.raw = Client::connect(&[env.server.endpoint()], ConnectOptions::default())
         .await
         .expect("reconnect raw client");
     let deadline = Instant::now() + PROMPT;
@@ -960,4 +949,378 @@ async fn renewal_retries_while_etcd_is_down() {
     );
     assert!(!task.is_finished(), "an outage is not a revocation");
     task.abort();
+}
+
+/// A subnets prefix whose listing is larger than tonic's default 4 MiB response limit (the
+/// issue: listing then failed forever) lists, and the watch's snapshot holds every lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subnets_prefix_larger_than_4_mib_lists() {
+    const LEASES: usize = 30_000;
+    /// etcd's default --max-txn-ops.
+    const BATCH: usize = 128;
+    let Some(env) = Env::start("large").await else {
+        return;
+    };
+    env.put_config(r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#)
+        .await;
+    // Real-shaped leases, as flannel writes them: 10.<hi>.<lo>.0/24 for node i.
+    let lease_for = |i: usize| {
+        let [_, _, hi, lo] = u32::try_from(i).expect("small").to_be_bytes();
+        let data = VxlanBackendData {
+            vni: 1,
+            vtep_mac: flannel_rs::wire::MacAddr([0x0e, 0, 0, 0, hi, lo]),
+        };
+        let attrs = LeaseAttrs {
+            public_ip: Ipv4Addr::new(198, 18, hi, lo),
+            backend_type: "vxlan".into(),
+            backend_data: Some(data.to_raw()),
+            ..LeaseAttrs::default()
+        };
+        (env.key(&format!("10.{hi}.{lo}.0-24")), attrs.to_json())
+    };
+    let mut bytes = 0;
+    for start in (0..LEASES).step_by(BATCH) {
+        let success = (start..(start + BATCH).min(LEASES))
+            .map(|i| {
+                let (key, value) = lease_for(i);
+                bytes += key.len() + value.len();
+                RequestOp {
+                    request: Some(request_op::Request::RequestPut(PutRequest {
+                        key: key.into_bytes(),
+                        value: value.into_bytes(),
+                        ..PutRequest::default()
+                    })),
+                }
+            })
+            .collect();
+        let txn = TxnRequest {
+            success,
+            ..TxnRequest::default()
+        };
+        assert!(env.raw.txn(txn).await.expect("txn").succeeded);
+    }
+    assert!(
+        bytes > 4 << 20,
+        "keys and values take {bytes} bytes: not over 4 MiB"
+    );
+
+    let store = env.store();
+    let (leases, _) = store.list().await.expect("a large prefix lists");
+    assert_eq!(leases.len(), LEASES);
+    let subnets: BTreeSet<Ipv4Net> = leases.iter().filter_map(|l| l.subnet).collect();
+    assert_eq!(subnets.len(), LEASES, "every lease listed once");
+    assert_eq!(store.stats().skipped, 0);
+
+    // The watch's snapshot is the same listing.
+    let mut rx = start_watch(&store, 4);
+    let listed = snapshot(next_update(&mut rx, PROMPT * 3).await);
+    assert_eq!(listed.len(), LEASES);
+}
+
+/// Runs etcdctl against `server` (ETCDCTL_* from the environment removed).
+fn etcdctl(server: &EtcdServer, args: &[&str]) {
+    let mut cmd = std::process::Command::new("etcdctl");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ETCDCTL_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(server.endpoint())
+        .args(args)
+        .output()
+        .expect("run etcdctl (Debian package etcd-client)");
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// --etcd-username/--etcd-password: the store authenticates, renews an expired token and
+/// retries, its watch comes back after an etcd restart (which forgets every token), and a
+/// missing or wrong password is an error naming the cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password_authenticate_and_renew_the_token() {
+    logs();
+    // Tokens live 2 s, so the test outlives several.
+    let Some(server) = EtcdServer::start_with("auth", &["--auth-token-ttl", "2"]) else {
+        return;
+    };
+    etcdctl(
+        &server,
+        &["user", "add", "root:secret", "--interactive=false"],
+    );
+    etcdctl(&server, &["auth", "enable"]);
+    let prefix = "/flannel-rs-test/auth";
+    let config = |password: &str| EtcdConfig {
+        endpoints: vec![server.endpoint()],
+        prefix: prefix.to_owned(),
+        username: "root".to_owned(),
+        password: password.to_owned(),
+        ..EtcdConfig::default()
+    };
+    let admin = Client::connect(
+        &[server.endpoint()],
+        ConnectOptions {
+            credentials: Some(("root".to_owned(), "secret".to_owned())),
+            ..ConnectOptions::default()
+        },
+    )
+    .await
+    .expect("admin authenticates");
+    admin
+        .put(format!("{prefix}/config"), VXLAN_CONFIG, 0)
+        .await
+        .expect("put config");
+
+    // Without credentials etcd refuses; with a wrong password too, saying why.
+    let anonymous = EtcdStore::new(&EtcdConfig {
+        username: String::new(),
+        password: String::new(),
+        ..config("")
+    })
+    .expect("valid");
+    anonymous
+        .network_config()
+        .await
+        .expect_err("auth is enabled");
+    let wrong = EtcdStore::new(&config("wrong")).expect("valid");
+    let e = wrong.network_config().await.expect_err("wrong password");
+    assert!(e.to_string().contains("authentication failed"), "{e}");
+
+    let store = EtcdStore::new(&config("secret")).expect("valid");
+    let cfg = NetConfig::parse(&store.network_config().await.expect("config")).expect("parses");
+    let lease = store
+        .acquire(&cfg, &attrs(1, 1), &no_previous())
+        .await
+        .expect("acquired");
+    let mut rx = start_watch(&store, 8);
+    assert_eq!(snapshot(next_update(&mut rx, PROMPT).await).len(), 1);
+
+    // The token expires: requests renew it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (leases, _) = store.list().await.expect("list with a renewed token");
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].subnet, lease.subnet);
+
+    // etcd restarts (every simple token is gone): the broken watch reconnects and sees the
+    // next change, written by a client that must renew its token too.
+    let mut server = server;
+    let server = tokio::task::spawn_blocking(move || {
+        server.restart();
+        server
+    })
+    .await
+    .expect("restart");
+    let grant = admin
+        .lease_grant(86_400)
+        .await
+        .expect("grant after restart");
+    admin
+        .put(
+            format!("{prefix}/subnets/10.244.9.0-24"),
+            value(9, 9),
+            grant.id,
+        )
+        .await
+        .expect("put after restart");
+    let e = wait_event(&mut rx, PROMPT, |_| true).await;
+    assert!(
+        matches!(&e, LeaseEvent::Added(l) if l.subnet == Some(net("10.244.9.0/24"))),
+        "{e:?}"
+    );
+    assert!(store.stats().reconnects >= 1, "{:?}", store.stats());
+    drop(server);
+}
+
+/// A CA and certificates signed by it, made with the openssl CLI in a scratch directory
+/// (removed on drop).
+struct TestPki {
+    dir: std::path::PathBuf,
+}
+
+impl TestPki {
+    /// `ca.pem`; `server.pem`/`server.key` for 127.0.0.1; `client.pem`/`client.key`; and an
+    /// unrelated CA, `other-ca.pem`.
+    fn create(tag: &str) -> TestPki {
+        let mut n = [0u8; 8];
+        getrandom::fill(&mut n).expect("random");
+        let dir = std::env::temp_dir().join(format!(
+            "flannel-rs-pki-{tag}-{:016x}",
+            u64::from_le_bytes(n)
+        ));
+        std::fs::create_dir_all(&dir).expect("pki dir");
+        let pki = TestPki { dir };
+        for ca in ["ca", "other-ca"] {
+            pki.openssl(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=flannel-rs test {ca}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+            ]);
+        }
+        for (name, usage) in [
+            ("server", "serverAuth,clientAuth"),
+            ("client", "clientAuth"),
+        ] {
+            pki.openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={name}"),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ]);
+            std::fs::write(
+                pki.path(&format!("{name}.ext")),
+                format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n"),
+            )
+            .expect("write ext");
+            pki.openssl(&[
+                "x509",
+                "-req",
+                "-days",
+                "2",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.pem"),
+            ]);
+        }
+        pki
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .current_dir(&self.dir)
+            .args(args)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TestPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// --etcd-certfile/--etcd-keyfile/--etcd-cafile against an etcd that requires client
+/// certificates: the store works over TLS; without a client certificate, or trusting another
+/// CA, it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() {
+    logs();
+    let pki = TestPki::create("tls");
+    let Some(server) = EtcdServer::start_tls(
+        "tls",
+        &pki.path("server.pem"),
+        &pki.path("server.key"),
+        &pki.path("ca.pem"),
+    ) else {
+        return;
+    };
+    let prefix = "/flannel-rs-test/tls";
+    let config = EtcdConfig {
+        endpoints: vec![server.endpoint()],
+        prefix: prefix.to_owned(),
+        certfile: pki.file("client.pem"),
+        keyfile: pki.file("client.key"),
+        cafile: pki.file("ca.pem"),
+        ..EtcdConfig::default()
+    };
+    assert!(server.endpoint().starts_with("https://"));
+    let admin = Client::connect(
+        &[server.endpoint()],
+        ConnectOptions {
+            tls: Some(ConnectOptions::tls(
+                Some((
+                    std::fs::read(pki.path("client.pem")).expect("cert"),
+                    std::fs::read(pki.path("client.key")).expect("key"),
+                )),
+                Some(std::fs::read(pki.path("ca.pem")).expect("ca")),
+            )),
+            ..ConnectOptions::default()
+        },
+    )
+    .await
+    .expect("admin client");
+    admin
+        .put(format!("{prefix}/config"), VXLAN_CONFIG, 0)
+        .await
+        .expect("put config over TLS");
+
+    let store = EtcdStore::new(&config).expect("valid");
+    let cfg = NetConfig::parse(&store.network_config().await.expect("config")).expect("parses");
+    store
+        .acquire(&cfg, &attrs(1, 1), &no_previous())
+        .await
+        .expect("acquired over TLS");
+    let mut rx = start_watch(&store, 8);
+    assert_eq!(snapshot(next_update(&mut rx, PROMPT).await).len(), 1);
+
+    // https:// without a client certificate: etcd refuses the handshake.
+    let anonymous = EtcdStore::new(&EtcdConfig {
+        certfile: String::new(),
+        keyfile: String::new(),
+        ..config.clone()
+    })
+    .expect("valid");
+    let e = anonymous
+        .network_config()
+        .await
+        .expect_err("etcd requires a client certificate");
+    eprintln!("without a client certificate: {e}");
+    // Trusting another CA: our side refuses etcd's certificate.
+    let distrust = EtcdStore::new(&EtcdConfig {
+        cafile: pki.file("other-ca.pem"),
+        ..config
+    })
+    .expect("valid");
+    let e = distrust
+        .network_config()
+        .await
+        .expect_err("server certificate from an untrusted CA");
+    eprintln!("trusting another CA: {e}");
+    assert!(e.to_string().contains("certificate"), "{e}");
 }

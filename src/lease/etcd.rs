@@ -41,11 +41,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, Event, GetOptions, Identity, KeyValue,
-    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
-};
+pub mod client;
+pub mod proto;
+
+use client::{prefix_end, Client, ClientError, ConnectOptions, WatchStream};
 use futures::future::BoxFuture;
+use proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use proto::etcdserverpb::request_op::Request;
+use proto::etcdserverpb::{
+    Compare, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest, WatchCreateRequest,
+};
+use proto::mvccpb::{Event, KeyValue};
 use tokio::sync::{mpsc, OnceCell};
 use tokio::time::Instant;
 
@@ -286,38 +292,36 @@ impl EtcdStore {
                 https: https.clone(),
             });
         }
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_require_leader(true);
+        let mut options = ConnectOptions {
+            connect_timeout: Some(REQUEST_TIMEOUT),
+            keep_alive: Some((Duration::from_secs(10), Duration::from_secs(5))),
+            require_leader: true,
+            ..ConnectOptions::default()
+        };
         if tls {
             let cert = read_pem("etcd-certfile", &config.certfile)?;
             let key = read_pem("etcd-keyfile", &config.keyfile)?;
-            let mut tls_options = TlsOptions::new().identity(Identity::from_pem(cert, key));
-            tls_options = if config.cafile.is_empty() {
-                tls_options.with_native_roots()
+            let ca = if config.cafile.is_empty() {
+                None
             } else {
-                let ca = read_pem("etcd-cafile", &config.cafile)?;
-                tls_options.ca_certificate(Certificate::from_pem(ca))
+                Some(read_pem("etcd-cafile", &config.cafile)?)
             };
-            options = options.with_tls(tls_options);
+            options.tls = Some(ConnectOptions::tls(Some((cert, key)), ca));
         } else if https.is_none() {
             tracing::warn!(
                 "no certificate provided: connecting to etcd with http. This is insecure"
             );
         } else {
             // https:// without a client certificate: server authentication only.
-            let mut tls_options = TlsOptions::new().with_native_roots();
-            if !config.cafile.is_empty() {
-                let ca = read_pem("etcd-cafile", &config.cafile)?;
-                tls_options = tls_options.ca_certificate(Certificate::from_pem(ca));
-            }
-            options = options.with_tls(tls_options);
+            let ca = if config.cafile.is_empty() {
+                None
+            } else {
+                Some(read_pem("etcd-cafile", &config.cafile)?)
+            };
+            options.tls = Some(ConnectOptions::tls(None, ca));
         }
         if !config.username.is_empty() {
-            options = options
-                .with_user(config.username.clone(), config.password.clone())
-                .with_auto_token_refresh(true);
+            options.credentials = Some((config.username.clone(), config.password.clone()));
         } else if !config.password.is_empty() {
             tracing::warn!("--etcd-password is set without --etcd-username; not authenticating");
         }
@@ -406,7 +410,7 @@ impl EtcdStore {
             .get_or_try_init(|| {
                 rpc(
                     "connect",
-                    Client::connect(self.endpoints.as_slice(), Some(self.options.clone())),
+                    Client::connect(self.endpoints.as_slice(), self.options.clone()),
                 )
             })
             .await?;
@@ -416,24 +420,20 @@ impl EtcdStore {
     /// The network config JSON from `<prefix>/config`.
     pub async fn get_network_config(&self) -> Result<String, StoreError> {
         let key = self.config_key();
-        let mut client = self.client().await?;
-        let resp = rpc("read network config", client.get(key.as_bytes(), None)).await?;
-        match resp.kvs().first() {
+        let client = self.client().await?;
+        let resp = rpc("read network config", client.get(key.as_bytes())).await?;
+        match resp.kvs.first() {
             None => Err(StoreError::EtcdConfigNotFound { key }),
-            Some(kv) => Ok(String::from_utf8_lossy(kv.value()).into_owned()),
+            Some(kv) => Ok(String::from_utf8_lossy(&kv.value).into_owned()),
         }
     }
 
     /// Every key under `<prefix>/subnets/` and the revision of the read.
     async fn get_subnets(&self) -> Result<(Vec<KeyValue>, i64), StoreError> {
-        let mut client = self.client().await?;
-        let mut resp = rpc(
-            "list leases",
-            client.get(self.subnets_prefix(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        Ok((resp.take_kvs(), revision))
+        let client = self.client().await?;
+        let resp = rpc("list leases", client.get_prefix(self.subnets_prefix())).await?;
+        let revision = resp.header.map_or(0, |h| h.revision);
+        Ok((resp.kvs, revision))
     }
 
     /// The usable leases and the etcd revision they were read at. Unusable entries are
@@ -443,7 +443,7 @@ impl EtcdStore {
         let mut leases = Vec::new();
         let mut bad = Vec::new();
         for kv in &kvs {
-            match self.classify(kv.key(), kv.value()) {
+            match self.classify(&kv.key, &kv.value) {
                 Some(Entry::Valid(lease)) => leases.push(lease),
                 Some(Entry::Invalid { reason, .. }) => bad.push((kv, reason)),
                 None => {}
@@ -452,7 +452,7 @@ impl EtcdStore {
         // Forget warnings about entries that are gone, so the set stays small.
         let keep: HashSet<(Vec<u8>, i64)> = bad
             .iter()
-            .map(|(kv, _)| (kv.key().to_vec(), kv.mod_revision()))
+            .map(|(kv, _)| (kv.key.clone(), kv.mod_revision))
             .collect();
         let mut warned = self
             .counters
@@ -462,7 +462,7 @@ impl EtcdStore {
         warned.retain(|e| keep.contains(e));
         drop(warned);
         for (kv, reason) in bad {
-            self.warn_skipped(kv.key(), kv.mod_revision(), &reason);
+            self.warn_skipped(&kv.key, kv.mod_revision, &reason);
         }
         Ok((leases, revision))
     }
@@ -537,17 +537,17 @@ impl EtcdStore {
             let mut leases = Vec::new();
             let mut lease_ids = HashMap::new();
             for kv in &kvs {
-                match self.classify(kv.key(), kv.value()) {
+                match self.classify(&kv.key, &kv.value) {
                     Some(Entry::Valid(lease)) => {
                         if let Some(k) = lease.key() {
                             keys.push(k);
-                            lease_ids.insert(k, kv.lease());
+                            lease_ids.insert(k, kv.lease);
                         }
                         leases.push(lease);
                     }
                     Some(Entry::Invalid { key, reason }) => {
                         keys.extend(key);
-                        self.warn_skipped(kv.key(), kv.mod_revision(), &reason);
+                        self.warn_skipped(&kv.key, kv.mod_revision, &reason);
                     }
                     None => {}
                 }
@@ -569,10 +569,10 @@ impl EtcdStore {
                 }
                 Plan::Create { key, stale } => {
                     if let Some(stale) = stale {
-                        let mut client = self.client().await?;
+                        let client = self.client().await?;
                         rpc(
                             "delete incompatible lease",
-                            client.delete(self.lease_key(&stale), None),
+                            client.delete(self.lease_key(&stale)),
                         )
                         .await?;
                     }
@@ -588,16 +588,16 @@ impl EtcdStore {
     }
 
     /// A new etcd lease; returns its ID and when it expires.
-    async fn grant(&self, client: &mut Client) -> Result<(i64, SystemTime), StoreError> {
+    async fn grant(&self, client: &Client) -> Result<(i64, SystemTime), StoreError> {
         let start = SystemTime::now();
         let ttl = i64::try_from(self.lease_ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let grant = rpc("grant etcd lease", client.lease_grant(ttl, None)).await?;
-        let granted = Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0));
-        Ok((grant.id(), start + granted))
+        let grant = rpc("grant etcd lease", client.lease_grant(ttl)).await?;
+        let granted = Duration::from_secs(u64::try_from(grant.ttl).unwrap_or(0));
+        Ok((grant.id, start + granted))
     }
 
     /// Revokes an etcd lease that ended up unused (best effort: it expires anyway).
-    async fn revoke(&self, client: &mut Client, id: i64) {
+    async fn revoke(&self, client: &Client, id: i64) {
         if let Err(e) = rpc("revoke etcd lease", client.lease_revoke(id)).await {
             tracing::debug!(lease_id = id, error = %e, "cannot revoke unused etcd lease");
         }
@@ -611,20 +611,16 @@ impl EtcdStore {
         attrs: &LeaseAttrs,
         with_ttl: bool,
     ) -> Result<Option<SystemTime>, StoreError> {
-        let mut client = self.client().await?;
+        let client = self.client().await?;
         let etcd_key = self.lease_key(key);
         if !with_ttl {
-            rpc("write lease", client.put(etcd_key, attrs.to_json(), None)).await?;
+            rpc("write lease", client.put(etcd_key, attrs.to_json(), 0)).await?;
             return Ok(None);
         }
-        let (id, expiration) = self.grant(&mut client).await?;
-        let put = client.put(
-            etcd_key,
-            attrs.to_json(),
-            Some(PutOptions::new().with_lease(id)),
-        );
+        let (id, expiration) = self.grant(&client).await?;
+        let put = client.put(etcd_key, attrs.to_json(), id);
         if let Err(e) = rpc("write lease", put).await {
-            self.revoke(&mut client, id).await;
+            self.revoke(&client, id).await;
             return Err(e);
         }
         Ok(Some(expiration))
@@ -636,48 +632,54 @@ impl EtcdStore {
         key: &SubnetKey,
         attrs: &LeaseAttrs,
     ) -> Result<Option<SystemTime>, StoreError> {
-        let mut client = self.client().await?;
+        let client = self.client().await?;
         let etcd_key = self.lease_key(key);
         let v4_key = self.lease_key(&SubnetKey {
             ipv4: key.ipv4,
             ipv6: None,
         });
-        let (id, expiration) = self.grant(&mut client).await?;
-        let txn = Txn::new()
-            .when([
-                Compare::version(v4_key.as_str(), CompareOp::Equal, 0),
+        let (id, expiration) = self.grant(&client).await?;
+        let txn = TxnRequest {
+            compare: vec![
+                compare_version(&v4_key, ""),
                 // Dual-stack keys with the same IPv4 subnet: [v4_key + "&", v4_key + "'").
-                Compare::version(format!("{v4_key}&"), CompareOp::Equal, 0)
-                    .with_range(format!("{v4_key}'")),
-            ])
-            .and_then([TxnOp::put(
-                etcd_key.as_str(),
-                attrs.to_json(),
-                Some(PutOptions::new().with_lease(id)),
-            )]);
+                compare_version(&format!("{v4_key}&"), &format!("{v4_key}'")),
+            ],
+            success: vec![put_op(&etcd_key, attrs.to_json(), id)],
+            failure: Vec::new(),
+        };
         let resp = match rpc("create lease", client.txn(txn)).await {
             Ok(r) => r,
             Err(e) => {
-                self.revoke(&mut client, id).await;
+                self.revoke(&client, id).await;
                 return Err(e);
             }
         };
-        if !resp.succeeded() {
-            self.revoke(&mut client, id).await;
+        if !resp.succeeded {
+            self.revoke(&client, id).await;
             return Ok(None);
         }
-        let revision = resp.header().map_or(0, |h| h.revision());
+        let revision = resp.header.map_or(0, |h| h.revision);
         if key.ipv6.is_some() && self.lost_ipv6_race(key, revision).await? {
             tracing::debug!(lease = %key, "another node created a lease for the same IPv6 subnet first");
-            let undo = Txn::new()
-                .when([Compare::mod_revision(
-                    etcd_key.as_str(),
-                    CompareOp::Equal,
-                    revision,
-                )])
-                .and_then([TxnOp::delete(etcd_key.as_str(), None)]);
+            let undo = TxnRequest {
+                compare: vec![Compare {
+                    result: CompareResult::Equal.into(),
+                    target: CompareTarget::Mod.into(),
+                    key: etcd_key.clone().into_bytes(),
+                    target_union: Some(TargetUnion::ModRevision(revision)),
+                    range_end: Vec::new(),
+                }],
+                success: vec![RequestOp {
+                    request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+                        key: etcd_key.clone().into_bytes(),
+                        ..DeleteRangeRequest::default()
+                    })),
+                }],
+                failure: Vec::new(),
+            };
             rpc("withdraw lease", client.txn(undo)).await?;
-            self.revoke(&mut client, id).await;
+            self.revoke(&client, id).await;
             return Ok(None);
         }
         Ok(Some(expiration))
@@ -687,7 +689,7 @@ impl EtcdStore {
     async fn lost_ipv6_race(&self, key: &SubnetKey, revision: i64) -> Result<bool, StoreError> {
         let (kvs, _) = self.get_subnets().await?;
         Ok(kvs.iter().any(|kv| {
-            let Some(Ok(other)) = self.parse_key(kv.key()) else {
+            let Some(Ok(other)) = self.parse_key(&kv.key) else {
                 return false;
             };
             let overlap6 = match (key.ipv6, other.ipv6) {
@@ -696,7 +698,7 @@ impl EtcdStore {
             };
             other != *key
                 && (key.ipv4.overlaps(&other.ipv4) || overlap6)
-                && kv.create_revision() < revision
+                && kv.create_revision < revision
         }))
     }
 
@@ -706,28 +708,28 @@ impl EtcdStore {
         let key = lease.key().ok_or(StoreError::Ipv4Required(STORE))?;
         let etcd_key = self.lease_key(&key);
         let value = lease.attrs.to_json();
-        let mut client = self.client().await?;
-        let (id, expiration) = self.grant(&mut client).await?;
-        let txn = Txn::new()
-            .when([Compare::value(
-                etcd_key.as_str(),
-                CompareOp::Equal,
-                value.as_str(),
-            )])
-            .and_then([TxnOp::put(
-                etcd_key.as_str(),
-                value.as_str(),
-                Some(PutOptions::new().with_lease(id)),
-            )]);
+        let client = self.client().await?;
+        let (id, expiration) = self.grant(&client).await?;
+        let txn = TxnRequest {
+            compare: vec![Compare {
+                result: CompareResult::Equal.into(),
+                target: CompareTarget::Value.into(),
+                key: etcd_key.clone().into_bytes(),
+                target_union: Some(TargetUnion::Value(value.clone().into_bytes())),
+                range_end: Vec::new(),
+            }],
+            success: vec![put_op(&etcd_key, value, id)],
+            failure: Vec::new(),
+        };
         let resp = match rpc("renew lease", client.txn(txn)).await {
             Ok(r) => r,
             Err(e) => {
-                self.revoke(&mut client, id).await;
+                self.revoke(&client, id).await;
                 return Err(e);
             }
         };
-        if !resp.succeeded() {
-            self.revoke(&mut client, id).await;
+        if !resp.succeeded {
+            self.revoke(&client, id).await;
             return Err(StoreError::LeaseRevoked { key: etcd_key });
         }
         Ok(Lease {
@@ -738,10 +740,10 @@ impl EtcdStore {
 
     /// When the etcd lease `id` expires (`None`: unknown, e.g. it is already gone).
     async fn lease_expiration(&self, id: i64) -> Result<Option<SystemTime>, StoreError> {
-        let mut client = self.client().await?;
+        let client = self.client().await?;
         let start = SystemTime::now();
-        let resp = rpc("read lease TTL", client.lease_time_to_live(id, None)).await?;
-        Ok(u64::try_from(resp.ttl())
+        let resp = rpc("read lease TTL", client.lease_time_to_live(id)).await?;
+        Ok(u64::try_from(resp.ttl)
             .ok()
             .filter(|&s| s > 0)
             .map(|s| start + Duration::from_secs(s)))
@@ -832,24 +834,26 @@ impl EtcdStore {
     fn lease_events(&self, events: &[Event]) -> Vec<LeaseEvent> {
         let mut out = Vec::new();
         for event in events {
-            let Some(kv) = event.kv() else { continue };
-            match event.0.r#type {
-                EVENT_PUT => match self.classify(kv.key(), kv.value()) {
+            let Some(kv) = event.kv.as_ref() else {
+                continue;
+            };
+            match event.r#type {
+                EVENT_PUT => match self.classify(&kv.key, &kv.value) {
                     Some(Entry::Valid(lease)) => out.push(LeaseEvent::Added(lease)),
                     Some(Entry::Invalid { key, reason }) => {
-                        self.warn_skipped(kv.key(), kv.mod_revision(), &reason);
+                        self.warn_skipped(&kv.key, kv.mod_revision, &reason);
                         // Whatever the key held before is no longer usable.
                         out.extend(key.map(|k| LeaseEvent::Removed(bare_lease(k))));
                     }
                     None => {}
                 },
                 EVENT_DELETE => {
-                    if let Some(Ok(k)) = self.parse_key(kv.key()) {
+                    if let Some(Ok(k)) = self.parse_key(&kv.key) {
                         out.push(LeaseEvent::Removed(bare_lease(k)));
                     }
                 }
                 other => {
-                    tracing::warn!(key = %display_key(kv.key()), event_type = other, "ignoring etcd event of unknown type");
+                    tracing::warn!(key = %display_key(&kv.key), event_type = other, "ignoring etcd event of unknown type");
                 }
             }
         }
@@ -913,10 +917,10 @@ impl EtcdStore {
 
     /// The own key and the revision it was read at.
     async fn get_key(&self, key: &str) -> Result<(Option<KeyValue>, i64), StoreError> {
-        let mut client = self.client().await?;
-        let mut resp = rpc("read own lease", client.get(key, None)).await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        Ok((resp.take_kvs().into_iter().next(), revision))
+        let client = self.client().await?;
+        let resp = rpc("read own lease", client.get(key)).await?;
+        let revision = resp.header.map_or(0, |h| h.revision);
+        Ok((resp.kvs.into_iter().next(), revision))
     }
 }
 
@@ -1006,12 +1010,19 @@ impl<'s> KeyWatch<'s> {
     }
 
     async fn open(&self) -> Result<WatchStream, StoreError> {
-        let mut client = self.store.client().await?;
-        let mut options = WatchOptions::new().with_start_revision(self.next_revision);
-        if self.prefix {
-            options = options.with_prefix();
-        }
-        rpc("watch", client.watch(self.key.as_str(), Some(options))).await
+        let client = self.store.client().await?;
+        let key = self.key.clone().into_bytes();
+        let request = WatchCreateRequest {
+            range_end: if self.prefix {
+                prefix_end(&key)
+            } else {
+                Vec::new()
+            },
+            key,
+            start_revision: self.next_revision,
+            ..WatchCreateRequest::default()
+        };
+        rpc("watch", client.watch(request)).await
     }
 
     async fn next(&mut self) -> WatchItem {
@@ -1036,17 +1047,17 @@ impl<'s> KeyWatch<'s> {
             };
             match stream.message().await {
                 Ok(Some(resp)) => {
-                    if resp.compact_revision() != 0 || resp.cancel_reason().contains("compacted") {
+                    if resp.compact_revision != 0 || resp.cancel_reason.contains("compacted") {
                         self.stream = None;
                         return WatchItem::Resync(Gap::Compacted);
                     }
-                    if resp.canceled() {
-                        let reason = format!("watch canceled: {}", resp.cancel_reason());
+                    if resp.canceled {
+                        let reason = format!("watch canceled: {}", resp.cancel_reason);
                         self.fail(Instant::now(), &reason);
                         continue;
                     }
-                    if resp.created() {
-                        let current = resp.header().map_or(0, |h| h.revision());
+                    if resp.created {
+                        let current = resp.header.map_or(0, |h| h.revision);
                         if current.saturating_add(1) < self.next_revision {
                             self.stream = None;
                             return WatchItem::Resync(Gap::Rewound);
@@ -1062,22 +1073,22 @@ impl<'s> KeyWatch<'s> {
                         }
                         continue;
                     }
-                    let events = resp.events();
+                    let events = resp.events;
                     if events.is_empty() {
                         // A progress notification: everything up to its revision was sent.
-                        if let Some(h) = resp.header() {
+                        if let Some(h) = resp.header {
                             self.next_revision =
-                                self.next_revision.max(h.revision().saturating_add(1));
+                                self.next_revision.max(h.revision.saturating_add(1));
                         }
                         continue;
                     }
-                    for event in events {
-                        if let Some(kv) = event.kv() {
+                    for event in &events {
+                        if let Some(kv) = &event.kv {
                             self.next_revision =
-                                self.next_revision.max(kv.mod_revision().saturating_add(1));
+                                self.next_revision.max(kv.mod_revision.saturating_add(1));
                         }
                     }
-                    return WatchItem::Events(events.to_vec());
+                    return WatchItem::Events(events);
                 }
                 Ok(None) => self.fail(Instant::now(), &"watch stream closed by etcd"),
                 Err(e) => {
@@ -1153,9 +1164,9 @@ impl<'s> OwnWatch<'s> {
                 WatchItem::Events(events) => {
                     let mut state = None;
                     for event in &events {
-                        match event.0.r#type {
+                        match event.r#type {
                             EVENT_DELETE => return OwnState::Gone,
-                            EVENT_PUT => state = Some(own_state(event.kv(), ours)),
+                            EVENT_PUT => state = Some(own_state(event.kv.as_ref(), ours)),
                             _ => {}
                         }
                     }
@@ -1172,7 +1183,7 @@ impl<'s> OwnWatch<'s> {
 fn own_state(kv: Option<&KeyValue>, ours: &LeaseAttrs) -> OwnState {
     match kv {
         None => OwnState::Gone,
-        Some(kv) => own_value_state(kv.value(), kv.lease(), ours),
+        Some(kv) => own_value_state(&kv.value, kv.lease, ours),
     }
 }
 
@@ -1210,7 +1221,7 @@ fn bare_lease(key: SubnetKey) -> Lease {
 /// [`StoreError::Unavailable`].
 async fn rpc<T>(
     what: &str,
-    request: impl Future<Output = Result<T, etcd_client::Error>>,
+    request: impl Future<Output = Result<T, ClientError>>,
 ) -> Result<T, StoreError> {
     match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
         Ok(Ok(v)) => Ok(v),
@@ -1222,6 +1233,30 @@ async fn rpc<T>(
             store: STORE,
             message: format!("{what}: no answer within {REQUEST_TIMEOUT:?}"),
         }),
+    }
+}
+
+/// A comparison that holds while no key in [key, range_end) exists (just key when range_end
+/// is empty).
+fn compare_version(key: &str, range_end: &str) -> Compare {
+    Compare {
+        result: CompareResult::Equal.into(),
+        target: CompareTarget::Version.into(),
+        key: key.as_bytes().to_vec(),
+        target_union: Some(TargetUnion::Version(0)),
+        range_end: range_end.as_bytes().to_vec(),
+    }
+}
+
+/// A transaction step that writes `key`, attached to etcd lease `lease`.
+fn put_op(key: &str, value: String, lease: i64) -> RequestOp {
+    RequestOp {
+        request: Some(Request::RequestPut(PutRequest {
+            key: key.as_bytes().to_vec(),
+            value: value.into_bytes(),
+            lease,
+            ..PutRequest::default()
+        })),
     }
 }
 

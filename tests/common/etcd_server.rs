@@ -28,6 +28,10 @@ pub struct EtcdServer {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Extra etcd flags.
+    args: Vec<String>,
+    /// With TLS: (certificate, key, CA) PEM files and the plain-HTTP port of `/health`.
+    tls: Option<(PathBuf, PathBuf, PathBuf, u16)>,
     child: Option<Child>,
 }
 
@@ -35,6 +39,26 @@ impl EtcdServer {
     /// Starts a fresh etcd; `tag` names its directory. `None`: etcd is not installed (and CI
     /// is not "true").
     pub fn start(tag: &str) -> Option<EtcdServer> {
+        EtcdServer::start_with(tag, &[])
+    }
+
+    /// [`EtcdServer::start`] with extra etcd flags.
+    pub fn start_with(tag: &str, args: &[&str]) -> Option<EtcdServer> {
+        EtcdServer::start_inner(tag, args, None)
+    }
+
+    /// An etcd serving clients over TLS only (`https://`) with the server certificate `cert`
+    /// and `key`, requiring client certificates signed by `ca`.
+    pub fn start_tls(tag: &str, cert: &Path, key: &Path, ca: &Path) -> Option<EtcdServer> {
+        let files = (cert.to_owned(), key.to_owned(), ca.to_owned());
+        EtcdServer::start_inner(tag, &[], Some(files))
+    }
+
+    fn start_inner(
+        tag: &str,
+        args: &[&str],
+        tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    ) -> Option<EtcdServer> {
         let Some(binary) = find_etcd() else {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
                 panic!("etcd is not installed but CI=true: install etcd-server (/usr/bin/etcd)");
@@ -53,6 +77,10 @@ impl EtcdServer {
                 name: format!("flannel-rs-{tag}"),
                 client_port: free_port(),
                 peer_port: free_port(),
+                args: args.iter().map(|a| (*a).to_owned()).collect(),
+                tls: tls
+                    .clone()
+                    .map(|(cert, key, ca)| (cert, key, ca, free_port())),
                 child: None,
             };
             if let Err(e) = std::fs::create_dir_all(server.data_dir()) {
@@ -67,9 +95,10 @@ impl EtcdServer {
         panic!("etcd did not start: {last_error}");
     }
 
-    /// `http://127.0.0.1:<client port>`.
+    /// `http://127.0.0.1:<client port>` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The client port.
@@ -149,7 +178,7 @@ impl EtcdServer {
             .open(self.log_path())
             .map_err(|e| format!("log file: {e}"))?;
         let log_err = log.try_clone().map_err(|e| format!("log file: {e}"))?;
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = Command::new(&self.binary);
         // The environment may carry ETCD_* settings meant for another etcd.
@@ -176,9 +205,23 @@ impl EtcdServer {
             .arg("new")
             .arg("--initial-cluster-token")
             .arg(&self.name)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
+        let mut health_port = self.client_port;
+        if let Some((cert, key, ca, metrics_port)) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(cert)
+                .arg("--key-file")
+                .arg(key)
+                .arg("--trusted-ca-file")
+                .arg(ca)
+                .arg("--client-cert-auth")
+                .arg("--listen-metrics-urls")
+                .arg(format!("http://127.0.0.1:{metrics_port}"));
+            health_port = *metrics_port;
+        }
         let child = cmd.spawn().map_err(|e| format!("spawn etcd: {e}"))?;
         self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
@@ -187,7 +230,7 @@ impl EtcdServer {
                 self.child = None;
                 return Err(format!("etcd exited; log:\n{}", self.log_tail()));
             }
-            if healthy(self.client_port) {
+            if healthy(health_port) {
                 return Ok(());
             }
             if Instant::now() > deadline {
