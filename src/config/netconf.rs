@@ -638,21 +638,32 @@ impl<N: Subnet> AllocRange<N> {
     }
 
     /// Up to `limit` subnets from `subnet_min` to `subnet_max`, in order, that overlap none of
-    /// `taken`. Runs in O((taken + limit) × taken): a taken range is skipped in one step.
+    /// `taken`. Runs in O(taken × log taken + limit): the taken ranges are sorted and merged
+    /// once, then swept together with the candidates (a taken range is skipped in one step).
     pub fn free_subnets(&self, taken: &[N], limit: usize) -> Vec<N> {
         let shift = u32::from(N::BITS.saturating_sub(self.subnet_len));
         let block_of = |a: u128| a.checked_shr(shift).unwrap_or(0);
         let last_block = block_of(u128::MAX);
+        let blocked = merged_ranges(taken);
+        let mut next_range = 0;
         let mut out = Vec::new();
         let mut cur = self.subnet_min.first();
         let max = self.subnet_max.first();
         while cur <= max && out.len() < limit {
             let cand = N::from_bits(cur, self.subnet_len);
-            let blocker = taken
+            // Candidates only move up: ranges ending before this one never matter again.
+            while blocked
+                .get(next_range)
+                .is_some_and(|&(_, last)| last < cand.first())
+            {
+                next_range += 1;
+            }
+            // The disjoint, sorted ranges overlapping the candidate; the last one ends last.
+            let blocker = blocked[next_range.min(blocked.len())..]
                 .iter()
-                .filter(|t| t.overlaps(&cand))
-                .map(Subnet::last)
-                .max();
+                .take_while(|&&(first, _)| first <= cand.last())
+                .last()
+                .map(|&(_, last)| last);
             if blocker.is_none() {
                 out.push(cand);
             }
@@ -668,6 +679,21 @@ impl<N: Subnet> AllocRange<N> {
         }
         out
     }
+}
+
+/// `subnets` as sorted, disjoint `(first, last)` address ranges (overlapping and adjacent
+/// subnets merged).
+fn merged_ranges<N: Subnet>(subnets: &[N]) -> Vec<(u128, u128)> {
+    let mut ranges: Vec<(u128, u128)> = subnets.iter().map(|s| (s.first(), s.last())).collect();
+    ranges.sort_unstable();
+    let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
+    for (first, last) in ranges {
+        match merged.last_mut() {
+            Some(prev) if first <= prev.1.saturating_add(1) => prev.1 = prev.1.max(last),
+            _ => merged.push((first, last)),
+        }
+    }
+    merged
 }
 
 /// flannel's defaults and checks for one family, in upstream's order.
@@ -984,6 +1010,70 @@ mod tests {
         let free = r6.free_subnets(&[big], 3);
         assert_eq!(free[0].to_string(), "fc00:8000::/64");
         assert_eq!(free.len(), 3);
+    }
+
+    /// The definition: every aligned subnet in range, in order, overlapping nothing taken.
+    fn free_subnets_naive(
+        r: &AllocRange<Ipv4Net>,
+        taken: &[Ipv4Net],
+        limit: usize,
+    ) -> Vec<Ipv4Net> {
+        let step = 1u128 << (32 - r.subnet_len);
+        let mut out = Vec::new();
+        let mut cur = r.subnet_min.first();
+        while cur <= r.subnet_max.first() && out.len() < limit {
+            let cand = Ipv4Net::from_bits(cur, r.subnet_len);
+            if !taken.iter().any(|t| t.overlaps(&cand)) {
+                out.push(cand);
+            }
+            cur += step;
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn free_subnets_equals_the_definition(
+            taken in proptest::collection::vec((0u32..4096, 18u8..=28), 0..40),
+            limit in 1usize..300,
+        ) {
+            let r = parse(r#"{"Network":"10.0.0.0/16","SubnetLen":24}"#)
+                .ipv4_range()
+                .expect("ok")
+                .expect("v4");
+            let taken: Vec<Ipv4Net> = taken
+                .into_iter()
+                .map(|(i, len)| Ipv4Net::from_bits(u128::from(0x0a00_0000u32 | (i << 4)), len))
+                .collect();
+            proptest::prop_assert_eq!(
+                r.free_subnets(&taken, limit),
+                free_subnets_naive(&r, &taken, limit)
+            );
+        }
+    }
+
+    #[test]
+    fn free_subnets_is_fast_with_many_taken() {
+        // 60,000 of a /8's 65,534 /24s taken, in shuffled order: the old scan compared every
+        // candidate with every taken subnet (~100 s in a debug build at 30,000 leases).
+        let r = parse(r#"{"Network":"10.0.0.0/8"}"#)
+            .ipv4_range()
+            .expect("ok")
+            .expect("v4");
+        let mut taken: Vec<Ipv4Net> = (1u32..=60_000)
+            .map(|i| Ipv4Net::from_bits(u128::from(0x0a00_0000u32 | (i << 8)), 24))
+            .collect();
+        taken.reverse();
+        taken.swap(0, 30_000);
+        let started = std::time::Instant::now();
+        let free = r.free_subnets(&taken, 100);
+        assert_eq!(free.len(), 100);
+        assert_eq!(free[0].to_string(), "10.234.97.0/24");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
