@@ -276,6 +276,9 @@ impl Worker {
             if result.is_err() {
                 self.io_errors.count_panic();
                 tracing::error!(thread = name, "packet loop panicked; restarting it");
+                // A loop that panics at once again must not spin; the daemon exits after
+                // repeated panics (daemon::PANIC_LIMIT).
+                std::thread::sleep(Duration::from_millis(200));
             }
         }
     }
