@@ -76,7 +76,7 @@ pub enum DaemonError {
     #[error("the lease watch ended unexpectedly; exiting so that flanneld is restarted")]
     WatchEnded,
     /// The overlay device cannot be recreated because the external interface is gone.
-    #[error("overlay device could not be recreated for {lasted:?}: external interface {iface}: {reason}; exiting so that flanneld is restarted")]
+    #[error("external interface {iface} lost: {reason} (recreating the overlay device failed for {lasted:?}); exiting so that flanneld is restarted")]
     InterfaceLost {
         /// The external interface chosen at start-up.
         iface: String,
