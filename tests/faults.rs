@@ -317,3 +317,273 @@ fn sigterm_is_honoured_while_iptables_waits_for_the_xtables_lock() {
     drop(d);
     teardown(c);
 }
+
+/// A small xorshift generator (seed printed, so a failing order can be replayed).
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        let seed = std::env::var("CHURN_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| getrandom::u64().expect("random") | 1);
+        println!("churn seed {seed} (CHURN_SEED={seed} replays it)");
+        Rng(seed)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// Fake peers written straight into the run's lease directory: subnet 10.244.`o`.0/24,
+/// public IP 198.19.0.`o` (never a node: no packet is ever sent to it), VTEP MAC 0e:c0:…:`o`.
+struct Churn {
+    dir: PathBuf,
+    free: Vec<u8>,
+    live: Vec<u8>,
+}
+
+impl Churn {
+    fn new(c: &Cluster) -> Churn {
+        let taken: Vec<String> = c
+            .nodes()
+            .iter()
+            .filter_map(|n| n.subnet.map(|s| s.to_string()))
+            .collect();
+        let free = (1..=254u8)
+            .filter(|o| !taken.contains(&format!("10.244.{o}.0/24")))
+            .collect();
+        Churn {
+            dir: c.lease_dir().subnets_dir(),
+            free,
+            live: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, rng: &mut Rng) {
+        let o = self.free.swap_remove(rng.below(self.free.len()));
+        let body = format!(
+            r#"{{"PublicIP":"198.19.0.{o}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:c0:00:00:00:{o:02x}"}}}}"#
+        );
+        // Written aside and renamed: the store never sees half a file.
+        let tmp = self.dir.join(format!(".churn-{o}"));
+        std::fs::write(&tmp, body).expect("write lease");
+        std::fs::rename(&tmp, self.dir.join(format!("10.244.{o}.0-24"))).expect("rename");
+        self.live.push(o);
+    }
+
+    fn remove(&mut self, rng: &mut Rng) {
+        let o = self.live.swap_remove(rng.below(self.live.len()));
+        std::fs::remove_file(self.dir.join(format!("10.244.{o}.0-24"))).expect("remove lease");
+        self.free.push(o);
+    }
+
+    /// `adds` additions interleaved at random with removals (at most `cap` live at once),
+    /// one operation every `pace`.
+    fn round(&mut self, rng: &mut Rng, adds: usize, cap: usize, pace: Duration) {
+        let mut added = 0;
+        while added < adds {
+            let add = self.live.is_empty() || (self.live.len() < cap && rng.below(2) == 0);
+            if add {
+                self.add(rng);
+                added += 1;
+            } else {
+                self.remove(rng);
+            }
+            std::thread::sleep(pace);
+        }
+    }
+
+    fn drain(&mut self, rng: &mut Rng, pace: Duration) {
+        while !self.live.is_empty() {
+            self.remove(rng);
+            std::thread::sleep(pace);
+        }
+    }
+}
+
+fn sorted_lines(text: &str) -> Vec<String> {
+    let mut v: Vec<String> = text
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    v.sort();
+    v
+}
+
+/// (routes, neighbours, FDB entries) on `node`'s flannel.1: what is, and what flannel would
+/// program for the leases in the directory now.
+fn kernel_tables(c: &Cluster, node: &str) -> ([Vec<String>; 3], [Vec<String>; 3]) {
+    let (leases, _) = c.lease_dir().read_all().expect("leases");
+    let own = c.node(node).expect("node").subnet.expect("subnet");
+    let mut want = [Vec::new(), Vec::new(), Vec::new()];
+    for l in leases.iter().filter(|l| l.subnet != own) {
+        let vx = l.vxlan().expect("vxlan lease");
+        let net = l.subnet.network();
+        want[0].push(format!("{} via {net} onlink", l.subnet));
+        want[1].push(format!("{net} lladdr {} PERMANENT", vx.vtep_mac));
+        want[2].push(format!(
+            "{} dst {} self permanent",
+            vx.vtep_mac, l.attrs.public_ip
+        ));
+    }
+    for w in &mut want {
+        w.sort();
+    }
+    let have = [
+        sorted_lines(&sh(c, node, &["ip", "route", "show", "dev", "flannel.1"])),
+        sorted_lines(&sh(c, node, &["ip", "neigh", "show", "dev", "flannel.1"])),
+        sorted_lines(&sh(c, node, &["bridge", "fdb", "show", "dev", "flannel.1"]))
+            .into_iter()
+            .filter(|l| l.contains(" dst "))
+            .collect(),
+    ];
+    (have, want)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+fn metric(ns: &str, port: u16, name: &str) -> Option<u64> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let r = netns_harness::http::request(
+        ns,
+        addr,
+        "GET",
+        "/metrics",
+        None,
+        b"",
+        Duration::from_secs(2),
+    )
+    .ok()?;
+    r.text()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Both sides' tables hold exactly the leases in the directory (kernel n1: routes,
+/// neighbours, FDB; userspace n2: its peer table size), within `limit`.
+fn assert_tables_match(c: &Cluster, n2_ns: &str, port: u16, limit: Duration) {
+    let peers_of_n2 = c.lease_dir().read_all().expect("leases").0.len() - 1;
+    let ok = wait_for(limit, || {
+        let (have, want) = kernel_tables(c, "n1");
+        have == want
+            && metric(n2_ns, port, "flannel_userspace_peer_table_entries")
+                == Some(peers_of_n2 as u64)
+    });
+    if ok.is_none() {
+        let (have, want) = kernel_tables(c, "n1");
+        assert_eq!(have, want, "n1 kernel tables");
+        assert_eq!(
+            metric(n2_ns, port, "flannel_userspace_peer_table_entries"),
+            Some(peers_of_n2 as u64),
+            "n2 userspace peer table"
+        );
+    }
+}
+
+/// 1,000 fake peer leases added and removed in random order (dir store) while n1's pod pings
+/// n2's every 10 ms (kernel n1 → userspace n2): no ping lost; afterwards both planes hold
+/// exactly the live leases; RSS after the churn within 10% of before (measured after a
+/// warm-up round, so allocator growth is not counted as a leak).
+#[test]
+fn lease_churn_loses_no_pings_and_leaks_nothing() {
+    if !privileged_test_guard("lease_churn_loses_no_pings_and_leaks_nothing") {
+        return;
+    }
+    let _g = serial();
+    let start = Instant::now();
+    let mut s = spec(&[NodeKind::Kernel, NodeKind::Userspace], 1);
+    s.flanneld_args = Vec::new();
+    let mut c = Cluster::up(&s).expect("cluster up");
+    assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
+    const PORT: u16 = 9139;
+    let n2 = Daemon::start(&mut c, "n2", &["--healthz-port", "9139"], None);
+    let n1_pid = c
+        .node("n1")
+        .expect("n1")
+        .flanneld
+        .as_ref()
+        .expect("pid")
+        .pid;
+    let n2_ns = c.node("n2").expect("n2").ns.clone();
+    let dst = c.pod_ip("n2p1").expect("ip").to_string();
+    assert!(wait_for(Duration::from_secs(10), || ping_ok(&c, "n1p1", &dst)).is_some());
+    let mut rng = Rng::new();
+    let mut churn = Churn::new(&c);
+    let pace = Duration::from_millis(8);
+
+    // Warm-up: the tables and allocations grow to their working size once.
+    churn.round(&mut rng, 250, 150, pace);
+    churn.drain(&mut rng, pace);
+    assert_tables_match(&c, &n2_ns, PORT, Duration::from_secs(10));
+    let rss_before = (rss_kib(n1_pid), rss_kib(n2.rec.pid));
+
+    // The measured round, under 10 ms pings.
+    let pod_ns = c.pod("n1p1").expect("pod").ns.clone();
+    let ping = Command::new("ip")
+        .args([
+            "netns", "exec", &pod_ns, "ping", "-q", "-i", "0.01", "-c", "4000", "-W", "1", &dst,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ping");
+    let ping_pid = ping.id();
+    let t = Instant::now();
+    churn.round(&mut rng, 1000, 150, pace);
+    let live = churn.live.len();
+    assert_tables_match(&c, &n2_ns, PORT, Duration::from_secs(10));
+    churn.drain(&mut rng, pace);
+    assert_tables_match(&c, &n2_ns, PORT, Duration::from_secs(10));
+    let churn_time = t.elapsed();
+    // The pinger must still be running: the whole churn was under pings.
+    let still = std::fs::read_to_string(format!("/proc/{ping_pid}/cmdline"))
+        .is_ok_and(|c| c.contains("ping"));
+    let out = ping.wait_with_output().expect("ping output");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        still,
+        "ping ended before the churn did ({churn_time:?}): {text}"
+    );
+    let summary = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_default()
+        .to_string();
+    let nums: Vec<u64> = summary
+        .split(|ch: char| !ch.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (sent, received) = (nums.first().copied(), nums.get(1).copied());
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_after = (rss_kib(n1_pid), rss_kib(n2.rec.pid));
+    println!(
+        "churn: 1000 leases added and removed in random order in {churn_time:?} ({live} live at the end of the adds); pings {summary}; RSS kernel n1 {} -> {} KiB, userspace n2 {} -> {} KiB; test {:?}",
+        rss_before.0, rss_after.0, rss_before.1, rss_after.1, start.elapsed()
+    );
+    assert_eq!(sent, Some(4000), "{text}");
+    assert_eq!(received, sent, "pings lost: {summary}");
+    for (before, after, who) in [
+        (rss_before.0, rss_after.0, "kernel n1"),
+        (rss_before.1, rss_after.1, "userspace n2"),
+    ] {
+        assert!(
+            after * 10 <= before * 11,
+            "{who}: RSS {before} -> {after} KiB (more than 10%)"
+        );
+    }
+    drop(n2);
+    teardown(c);
+}

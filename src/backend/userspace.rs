@@ -158,6 +158,11 @@ impl UserspaceVxlan {
         &self.io_errors
     }
 
+    /// Remote subnets in the peer table the packet threads use now.
+    pub fn peer_table_len(&self) -> usize {
+        self.table.load().len()
+    }
+
     /// Replaces the peer table with one built from `peers`; returns the peers it could not use.
     pub fn sync(&self, peers: &[Peer]) -> Vec<SkippedPeer> {
         let (entries, skipped) = plan_table(peers);

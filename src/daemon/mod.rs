@@ -291,6 +291,9 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
                     sync_plane(&mut plane, &peers, &mut sync_failing).await;
                 }
                 metrics.set_peers(peers.len());
+                if let Some(n) = plane.peer_table_len() {
+                    metrics.set_peer_table(n);
+                }
                 peers_tx.send_replace(peers.clone());
                 synced = true;
             }

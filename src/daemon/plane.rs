@@ -209,6 +209,14 @@ impl Plane {
         Ok(())
     }
 
+    /// Entries of the userspace peer table (`None` for kernel forwarding).
+    pub(super) fn peer_table_len(&self) -> Option<usize> {
+        match self {
+            Plane::Userspace { dp, .. } => Some(dp.peer_table_len()),
+            _ => None,
+        }
+    }
+
     /// Packet loops restarted after a panic (userspace mode), for the daemon's panic budget.
     pub(super) fn packet_loop_panics(&self) -> Option<u64> {
         match self {
