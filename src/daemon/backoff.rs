@@ -47,7 +47,7 @@ impl Backoff {
     }
 
     /// [`Backoff::next_delay`] with OS randomness.
-    pub fn next(&mut self) -> Duration {
+    pub fn next_random(&mut self) -> Duration {
         self.next_delay(getrandom::u64().unwrap_or(0))
     }
 
@@ -197,7 +197,7 @@ mod tests {
             let d = b.next_delay(u64::MAX);
             assert!(d <= Duration::from_secs(5));
         }
-        assert!(b.next() >= Duration::from_millis(2500));
+        assert!(b.next_random() >= Duration::from_millis(2500));
     }
 
     #[test]

@@ -327,7 +327,7 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
                             });
                             break;
                         }
-                        recovery = Some(tokio::time::Instant::now() + recover_backoff.next());
+                        recovery = Some(tokio::time::Instant::now() + recover_backoff.next_random());
                     }
                 }
             }
@@ -399,7 +399,7 @@ async fn fetch_config(store: &dyn LeaseStore) -> String {
             }
             Err(e) => {
                 failing.fail(&e);
-                tokio::time::sleep(backoff.next()).await;
+                tokio::time::sleep(backoff.next_random()).await;
             }
         }
     }
@@ -579,7 +579,7 @@ async fn supervise_watch(store: Arc<dyn LeaseStore>, tx: mpsc::Sender<WatchUpdat
                     backoff.reset();
                 }
                 failing.fail(&format_args!("{e} ({})", store.name()));
-                tokio::time::sleep(backoff.next()).await;
+                tokio::time::sleep(backoff.next_random()).await;
             }
         }
         if tx.is_closed() {

@@ -382,13 +382,13 @@ impl Firewall {
                 }
                 Ok(Err(e)) => {
                     failing.fail(&e);
-                    backoff.next()
+                    backoff.next_random()
                 }
                 Err(_) => {
                     failing.fail(&format!(
                         "no answer from iptables within {IPTABLES_TASK_TIMEOUT:?}"
                     ));
-                    backoff.next()
+                    backoff.next_random()
                 }
             };
             tokio::time::sleep(wait).await;
