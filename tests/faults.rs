@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use netns::*;
 use netns_harness::cmd::{self, ProcRecord};
+use netns_harness::store::etcd_key;
 use netns_harness::sys::{send_signal, Signal};
-use netns_harness::{privileged_test_guard, Cluster, NodeKind};
+use netns_harness::{privileged_test_guard, Cluster, NodeKind, StoreKind};
 
 /// A flanneld this test started itself (to read its exit status); killed by PID on drop.
 struct Daemon {
@@ -339,9 +340,11 @@ impl Rng {
     }
 }
 
-/// Fake peers written straight into the run's lease directory: subnet 10.244.`o`.0/24,
-/// public IP 198.19.0.`o` (never a node: no packet is ever sent to it), VTEP MAC 0e:c0:…:`o`.
+/// Fake peers written straight into the run's store (lease directory or etcd): subnet
+/// 10.244.`o`.0/24, public IP 198.19.0.`o` (never a node: no packet is ever sent to it), VTEP
+/// MAC 0e:c0:…:`o`.
 struct Churn {
+    store: StoreKind,
     dir: PathBuf,
     free: Vec<u8>,
     live: Vec<u8>,
@@ -358,49 +361,64 @@ impl Churn {
             .filter(|o| !taken.contains(&format!("10.244.{o}.0/24")))
             .collect();
         Churn {
+            store: c.state().store,
             dir: c.lease_dir().subnets_dir(),
             free,
             live: Vec::new(),
         }
     }
 
-    fn add(&mut self, rng: &mut Rng) {
+    fn add(&mut self, c: &Cluster, rng: &mut Rng) {
         let o = self.free.swap_remove(rng.below(self.free.len()));
         let body = format!(
             r#"{{"PublicIP":"198.19.0.{o}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:c0:00:00:00:{o:02x}"}}}}"#
         );
-        // Written aside and renamed: the store never sees half a file.
-        let tmp = self.dir.join(format!(".churn-{o}"));
-        std::fs::write(&tmp, body).expect("write lease");
-        std::fs::rename(&tmp, self.dir.join(format!("10.244.{o}.0-24"))).expect("rename");
+        let key = format!("10.244.{o}.0-24");
+        if self.store == StoreKind::Etcd {
+            c.etcd_put(&etcd_key(&format!("subnets/{key}")), body.as_bytes(), None)
+                .expect("etcd put");
+        } else {
+            // Written aside and renamed: the store never sees half a file.
+            let tmp = self.dir.join(format!(".churn-{o}"));
+            std::fs::write(&tmp, body).expect("write lease");
+            std::fs::rename(&tmp, self.dir.join(key)).expect("rename");
+        }
         self.live.push(o);
     }
 
-    fn remove(&mut self, rng: &mut Rng) {
+    fn remove(&mut self, c: &Cluster, rng: &mut Rng) {
         let o = self.live.swap_remove(rng.below(self.live.len()));
-        std::fs::remove_file(self.dir.join(format!("10.244.{o}.0-24"))).expect("remove lease");
+        let key = format!("10.244.{o}.0-24");
+        if self.store == StoreKind::Etcd {
+            let n = c
+                .etcd_delete(&etcd_key(&format!("subnets/{key}")))
+                .expect("etcd delete");
+            assert_eq!(n, 1, "{key}");
+        } else {
+            std::fs::remove_file(self.dir.join(key)).expect("remove lease");
+        }
         self.free.push(o);
     }
 
     /// `adds` additions interleaved at random with removals (at most `cap` live at once),
     /// one operation every `pace`.
-    fn round(&mut self, rng: &mut Rng, adds: usize, cap: usize, pace: Duration) {
+    fn round(&mut self, c: &Cluster, rng: &mut Rng, adds: usize, cap: usize, pace: Duration) {
         let mut added = 0;
         while added < adds {
             let add = self.live.is_empty() || (self.live.len() < cap && rng.below(2) == 0);
             if add {
-                self.add(rng);
+                self.add(c, rng);
                 added += 1;
             } else {
-                self.remove(rng);
+                self.remove(c, rng);
             }
             std::thread::sleep(pace);
         }
     }
 
-    fn drain(&mut self, rng: &mut Rng, pace: Duration) {
+    fn drain(&mut self, c: &Cluster, rng: &mut Rng, pace: Duration) {
         while !self.live.is_empty() {
-            self.remove(rng);
+            self.remove(c, rng);
             std::thread::sleep(pace);
         }
     }
@@ -419,7 +437,7 @@ fn sorted_lines(text: &str) -> Vec<String> {
 /// (routes, neighbours, FDB entries) on `node`'s flannel.1: what is, and what flannel would
 /// program for the leases in the directory now.
 fn kernel_tables(c: &Cluster, node: &str) -> ([Vec<String>; 3], [Vec<String>; 3]) {
-    let (leases, _) = c.lease_dir().read_all().expect("leases");
+    let (leases, _) = c.leases().expect("leases");
     let own = c.node(node).expect("node").subnet.expect("subnet");
     let mut want = [Vec::new(), Vec::new(), Vec::new()];
     for l in leases.iter().filter(|l| l.subnet != own) {
@@ -476,7 +494,7 @@ fn metric(ns: &str, port: u16, name: &str) -> Option<u64> {
 /// Both sides' tables hold exactly the leases in the directory (kernel n1: routes,
 /// neighbours, FDB; userspace n2: its peer table size), within `limit`.
 fn assert_tables_match(c: &Cluster, n2_ns: &str, port: u16, limit: Duration) {
-    let peers_of_n2 = c.lease_dir().read_all().expect("leases").0.len() - 1;
+    let peers_of_n2 = c.leases().expect("leases").0.len() - 1;
     let ok = wait_for(limit, || {
         let (have, want) = kernel_tables(c, "n1");
         have == want
@@ -494,19 +512,33 @@ fn assert_tables_match(c: &Cluster, n2_ns: &str, port: u16, limit: Duration) {
     }
 }
 
-/// 1,000 fake peer leases added and removed in random order (dir store) while n1's pod pings
-/// n2's every 10 ms (kernel n1 → userspace n2): no ping lost; afterwards both planes hold
-/// exactly the live leases; RSS after the churn within 10% of before (measured after a
-/// warm-up round, so allocator growth is not counted as a leak).
 #[test]
-fn lease_churn_loses_no_pings_and_leaks_nothing() {
-    if !privileged_test_guard("lease_churn_loses_no_pings_and_leaks_nothing") {
+fn lease_churn_in_the_dir_store_loses_no_pings_and_leaks_nothing() {
+    if !privileged_test_guard("lease_churn_in_the_dir_store_loses_no_pings_and_leaks_nothing") {
         return;
     }
+    churn(StoreKind::Dir);
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn lease_churn_in_etcd_loses_no_pings_and_leaks_nothing() {
+    if !privileged_test_guard("lease_churn_in_etcd_loses_no_pings_and_leaks_nothing") {
+        return;
+    }
+    churn(StoreKind::Etcd);
+}
+
+/// 1,000 fake peer leases added and removed in random order while n1's pod pings n2's every
+/// 10 ms (kernel n1 → userspace n2): no ping lost; afterwards both planes hold exactly the
+/// live leases; RSS after the churn within 10% of before (measured after a warm-up round, so
+/// allocator growth is not counted as a leak).
+fn churn(store: StoreKind) {
     let _g = serial();
     let start = Instant::now();
     let mut s = spec(&[NodeKind::Kernel, NodeKind::Userspace], 1);
     s.flanneld_args = Vec::new();
+    s.store = store;
     let mut c = Cluster::up(&s).expect("cluster up");
     assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
     const PORT: u16 = 9139;
@@ -526,8 +558,8 @@ fn lease_churn_loses_no_pings_and_leaks_nothing() {
     let pace = Duration::from_millis(8);
 
     // Warm-up: the tables and allocations grow to their working size once.
-    churn.round(&mut rng, 250, 150, pace);
-    churn.drain(&mut rng, pace);
+    churn.round(&c, &mut rng, 250, 150, pace);
+    churn.drain(&c, &mut rng, pace);
     assert_tables_match(&c, &n2_ns, PORT, Duration::from_secs(10));
     let rss_before = (rss_kib(n1_pid), rss_kib(n2.rec.pid));
 
@@ -542,10 +574,10 @@ fn lease_churn_loses_no_pings_and_leaks_nothing() {
         .expect("ping");
     let ping_pid = ping.id();
     let t = Instant::now();
-    churn.round(&mut rng, 1000, 150, pace);
+    churn.round(&c, &mut rng, 1000, 150, pace);
     let live = churn.live.len();
     assert_tables_match(&c, &n2_ns, PORT, Duration::from_secs(10));
-    churn.drain(&mut rng, pace);
+    churn.drain(&c, &mut rng, pace);
     assert_tables_match(&c, &n2_ns, PORT, Duration::from_secs(10));
     let churn_time = t.elapsed();
     // The pinger must still be running: the whole churn was under pings.
@@ -570,7 +602,7 @@ fn lease_churn_loses_no_pings_and_leaks_nothing() {
     std::thread::sleep(Duration::from_secs(1));
     let rss_after = (rss_kib(n1_pid), rss_kib(n2.rec.pid));
     println!(
-        "churn: 1000 leases added and removed in random order in {churn_time:?} ({live} live at the end of the adds); pings {summary}; RSS kernel n1 {} -> {} KiB, userspace n2 {} -> {} KiB; test {:?}",
+        "churn ({store:?}): 1000 leases added and removed in random order in {churn_time:?} ({live} live at the end of the adds); pings {summary}; RSS kernel n1 {} -> {} KiB, userspace n2 {} -> {} KiB; test {:?}",
         rss_before.0, rss_after.0, rss_before.1, rss_after.1, start.elapsed()
     );
     assert_eq!(sent, Some(4000), "{text}");

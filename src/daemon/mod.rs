@@ -218,7 +218,17 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     });
     let firewall = plane::Firewall::new(&flags, network, subnet, previous_env);
     let fw_period = Duration::from_secs(u64::from(flags.iptables_resync.max(1)));
-    let firewall_task = tokio::spawn(firewall.run(fw_period));
+    let (first_round, installed) = tokio::sync::oneshot::channel();
+    let firewall_task = tokio::spawn(firewall.run(fw_period, Some(first_round)));
+    // As flannel, rules are in place before subnet.env says the node is ready; but a stuck
+    // iptables delays neither SIGTERM nor, after its timeout, start-up.
+    tokio::select! {
+        _ = installed => {}
+        _ = &mut shutdown => {
+            firewall_task.abort();
+            return Ok(());
+        }
+    }
 
     let env = SubnetEnv {
         network: Some(network),

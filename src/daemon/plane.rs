@@ -370,7 +370,12 @@ impl Firewall {
     /// went missing), in its own task: a stuck `iptables -w` (held xtables lock) never delays
     /// lease handling or shutdown. Failures are retried with backoff and logged as one
     /// condition.
-    pub(super) async fn run(mut self, period: Duration) {
+    /// `first_round` is told when the first installation attempt ended (whatever its result).
+    pub(super) async fn run(
+        mut self,
+        period: Duration,
+        mut first_round: Option<tokio::sync::oneshot::Sender<()>>,
+    ) {
         let mut backoff = Backoff::new(Duration::from_secs(1), period.max(Duration::from_secs(1)));
         let mut failing = Condition::new("installing or checking firewall rules");
         loop {
@@ -391,6 +396,9 @@ impl Firewall {
                     backoff.next_random()
                 }
             };
+            if let Some(tx) = first_round.take() {
+                let _ = tx.send(());
+            }
             tokio::time::sleep(wait).await;
         }
     }
