@@ -1,6 +1,7 @@
 //! `flanneld`: parse flags and environment, then run the daemon until SIGTERM/SIGINT.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use flannel_rs::config::flags::{self, Command};
 
@@ -41,12 +42,53 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(flannel_rs::daemon::run(flags, shutdown_signal())) {
+    let outcome = runtime.block_on(run_until_signal(flags));
+    // Dropping a runtime waits for every blocking task (an iptables command stuck on the
+    // xtables lock, say) without limit: give them a moment, then leave them behind.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // The cause is the last log line.
             tracing::error!("{e}");
             eprintln!("flanneld: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// How long a clean shutdown may take after SIGTERM/SIGINT before the process exits anyway
+/// (Kubernetes and systemd expect a prompt exit; nothing the daemon leaves is unsafe to
+/// leave: routes and devices stay for the next start).
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+
+/// Runs the daemon until a signal; honours the signal within [`SHUTDOWN_GRACE`] even if the
+/// daemon is stuck in some operation.
+async fn run_until_signal(flags: flags::Flags) -> Result<(), flannel_rs::daemon::DaemonError> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    let mut for_daemon = rx.clone();
+    let daemon = flannel_rs::daemon::run(flags, async move {
+        let _ = for_daemon.wait_for(|s| *s).await;
+    });
+    let mut signalled = rx;
+    let deadline = async move {
+        if signalled.wait_for(|s| *s).await.is_err() {
+            return std::future::pending().await;
+        }
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        r = daemon => r,
+        () = deadline => {
+            tracing::warn!(
+                grace = ?SHUTDOWN_GRACE,
+                "shutdown did not finish in time (an operation is stuck); exiting anyway"
+            );
+            Ok(())
         }
     }
 }

@@ -326,3 +326,71 @@ async fn watch_sees_add_update_remove_and_skips_corrupt() {
     let result = tokio::time::timeout(Duration::from_secs(1), task).await;
     assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
 }
+
+/// A FIFO, links to `/dev/zero` and to a valid lease, a device-sized file and a file whose
+/// name is not a key: none blocks a scan or is read whole; each is named once and skipped,
+/// while the valid lease next to them is listed and watched as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_files_are_skipped_without_blocking_or_reading_them() {
+    let tmp = TempDir::new("hostile");
+    let (store, cfg) = store_with(&tmp.0, VXLAN_CONFIG);
+    let lease = store
+        .acquire_blocking(&cfg, &attrs(1, 1), &PreviousSubnets::default())
+        .expect("acquired");
+    let subnets = tmp.0.join("subnets");
+    let fifo = subnets.join("10.244.201.0-24");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(st.success(), "mkfifo");
+    std::os::unix::fs::symlink("/dev/zero", subnets.join("10.244.202.0-24")).expect("symlink");
+    // A link to a valid lease is still a link: not followed.
+    std::os::unix::fs::symlink(lease_file(&tmp.0, &lease), subnets.join("10.244.203.0-24"))
+        .expect("symlink");
+    // 1 MiB (sparse: costs no disk) of an otherwise plausible name.
+    let huge = std::fs::File::create(subnets.join("10.244.204.0-24")).expect("create");
+    huge.set_len(1 << 20).expect("set_len");
+    drop(huge);
+    // Not a key: never opened (a FIFO, which would block a read).
+    let st = std::process::Command::new("mkfifo")
+        .arg(subnets.join("notes"))
+        .status()
+        .expect("mkfifo runs");
+    assert!(st.success(), "mkfifo");
+
+    // list() finishes promptly with only the real lease.
+    let listed = tokio::time::timeout(Duration::from_secs(2), LeaseStore::list(&store))
+        .await
+        .expect("listing does not block")
+        .expect("list");
+    assert_eq!(listed, vec![lease.clone()]);
+
+    // The watch names each bad file once (5), and keeps doing so only on change.
+    let (tx, mut rx) = mpsc::channel(8);
+    let watcher = store.clone();
+    let task = tokio::spawn(async move { LeaseStore::watch(&watcher, tx).await });
+    assert_eq!(next_snapshot(&mut rx).await, vec![lease.clone()]);
+    assert_eq!(store.corrupt_files(), 5);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.corrupt_files(), 5, "named once, not every poll");
+    assert!(rx.try_recv().is_err(), "no snapshot without a change");
+
+    // Allocation still works, and never hands out a subnet a bad file's name holds.
+    let second = store
+        .acquire_blocking(&cfg, &attrs(2, 2), &PreviousSubnets::default())
+        .expect("acquired");
+    let taken: BTreeSet<Ipv4Net> = [
+        "10.244.201.0/24",
+        "10.244.202.0/24",
+        "10.244.203.0/24",
+        "10.244.204.0/24",
+    ]
+    .iter()
+    .map(|s| net(s))
+    .collect();
+    assert!(!taken.contains(&second.subnet.expect("v4")));
+    drop(rx);
+    let result = tokio::time::timeout(Duration::from_secs(1), task).await;
+    assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
+}

@@ -188,7 +188,8 @@ impl SyncReport {
     }
 
     pub(crate) fn fail(&mut self, peer: Option<IpNet>, op: String, e: &NetlinkError) {
-        tracing::warn!(op = %op, error = %e, "netlink operation failed; will retry on next sync");
+        // Debug: the daemon logs a persisting sync failure once (daemon::backoff::Condition).
+        tracing::debug!(op = %op, error = %e, "netlink operation failed; will retry on next sync");
         self.failures.push(OpFailure {
             peer,
             op,
@@ -366,7 +367,7 @@ impl KernelVxlan {
         match self.nl.link_by_index(self.ifindex).await {
             Ok(Some(l)) if l.name == self.name => {}
             Ok(_) => {
-                tracing::warn!(device = %self.name, "VXLAN device is missing");
+                tracing::debug!(device = %self.name, "VXLAN device is missing");
                 self.watch.mark_gone();
                 report.device_missing = true;
                 return report;

@@ -236,6 +236,11 @@ impl UserspaceVxlan {
         &self.io_errors
     }
 
+    /// Remote subnets in the peer table the packet threads use now.
+    pub fn peer_table_len(&self) -> usize {
+        self.table.load().len()
+    }
+
     /// Replaces the peer table with one built from `peers`; returns the peers it could not use.
     pub fn sync(&self, peers: &[Peer]) -> Vec<SkippedPeer> {
         let (entries, skipped) = plan_table(peers);
@@ -391,6 +396,9 @@ impl Worker {
             if result.is_err() {
                 self.io_errors.count_panic();
                 tracing::error!(thread = name, "packet loop panicked; restarting it");
+                // A loop that panics at once again must not spin; the daemon exits after
+                // repeated panics (daemon::PANIC_LIMIT).
+                std::thread::sleep(Duration::from_millis(200));
             }
         }
     }

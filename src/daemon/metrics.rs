@@ -40,6 +40,8 @@ pub struct PeerGauge {
 pub struct DaemonMetrics {
     peers: AtomicU64,
     skipped_leases: AtomicU64,
+    /// Entries of the userspace plane's peer table (`None`: kernel forwarding).
+    peer_table: Mutex<Option<u64>>,
     plane: Mutex<PlaneMetrics>,
     peer_health: Mutex<Vec<PeerGauge>>,
 }
@@ -48,6 +50,13 @@ impl DaemonMetrics {
     /// Records the number of programmed peers.
     pub fn set_peers(&self, n: usize) {
         self.peers.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Records the size of the userspace data plane's peer table.
+    pub fn set_peer_table(&self, n: usize) {
+        if let Ok(mut t) = self.peer_table.lock() {
+            *t = Some(n as u64);
+        }
     }
 
     /// Records the number of leases skipped as invalid.
@@ -85,6 +94,13 @@ impl DaemonMetrics {
             "Leases skipped because they are invalid (see the daemon log).",
             self.skipped_leases.load(Ordering::Relaxed),
         );
+        if let Some(n) = self.peer_table.lock().ok().and_then(|t| *t) {
+            gauge(
+                "flannel_userspace_peer_table_entries",
+                "Remote subnets in the userspace data plane's forwarding table.",
+                n,
+            );
+        }
         let health = self
             .peer_health
             .lock()
@@ -189,6 +205,7 @@ mod tests {
     fn renders_gauges_and_drop_reasons() {
         let m = DaemonMetrics::default();
         m.set_peers(3);
+        m.set_peer_table(2);
         let counters = Arc::new(Counters::new());
         counters.count_drop(DropReason::UnknownSource);
         m.set_plane(PlaneMetrics::Userspace {
@@ -197,6 +214,10 @@ mod tests {
         });
         let text = m.render();
         assert!(text.contains("flannel_peers 3\n"), "{text}");
+        assert!(
+            text.contains("flannel_userspace_peer_table_entries 2\n"),
+            "{text}"
+        );
         assert!(
             text.contains("flannel_vxlan_drops_total{reason=\"unknown_source\"} 1\n"),
             "{text}"

@@ -4,6 +4,7 @@
 //! Start-up follows flanneld's order (compat §2); anything that fails before the node is
 //! ready ends the process with a message naming the cause.
 
+pub mod backoff;
 pub mod extif;
 pub mod http;
 pub mod metrics;
@@ -30,6 +31,7 @@ use crate::lease::store::{LeaseStore, StoreError, WatchUpdate};
 use crate::lease::{Lease, LeaseAttrs, LeaseWatcher};
 use crate::wire::MacAddr;
 
+use self::backoff::{Backoff, Condition};
 use self::extif::{ExternalInterface, SelectError, Selection};
 use self::metrics::DaemonMetrics;
 use self::plane::Plane;
@@ -37,6 +39,20 @@ use self::plane::Plane;
 /// How often every peer is re-applied even without lease changes (flannel's host-gw route
 /// check period); repairs routes, neighbours and FDB entries removed by hand.
 const RESYNC: Duration = Duration::from_secs(10);
+
+/// Longest one netlink pass (a sync or a device recreation) may take; an abandoned pass is
+/// retried by the next one (each sync re-reads the kernel's state).
+const NETLINK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the overlay device may stay impossible to recreate before the daemon gives up
+/// and exits non-zero, so that its supervisor restarts it (and interface selection runs
+/// again).
+const RECOVERY_GIVE_UP: Duration = Duration::from_secs(300);
+
+/// Packet-loop panics tolerated within [`PANIC_WINDOW`] before the daemon exits: a loop
+/// that keeps panicking is a node without a working data path.
+const PANIC_LIMIT: u64 = 5;
+const PANIC_WINDOW: Duration = Duration::from_secs(60);
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +72,28 @@ pub enum DaemonError {
     /// Backend or lease set-up failed (flannel's wording).
     #[error("Error registering network: {0}")]
     Register(String),
+    /// The lease watch task ended (it panicked or its channel closed): without it the node
+    /// never learns about peers again.
+    #[error("the lease watch ended unexpectedly; exiting so that flanneld is restarted")]
+    WatchEnded,
+    /// The overlay device cannot be recreated because the external interface is gone.
+    #[error("external interface {iface} lost: {reason} (recreating the overlay device failed for {lasted:?}); exiting so that flanneld is restarted")]
+    InterfaceLost {
+        /// The external interface chosen at start-up.
+        iface: String,
+        /// How long recovery was tried.
+        lasted: Duration,
+        /// The last error, or which interface would be chosen now.
+        reason: String,
+    },
+    /// Userspace packet loops keep panicking.
+    #[error("userspace packet loops panicked {count} times within {window:?}; exiting so that flanneld is restarted")]
+    PacketLoopsPanicking {
+        /// Panics within the window.
+        count: u64,
+        /// The window.
+        window: Duration,
+    },
     /// An OS call failed.
     #[error("{context}: {source}")]
     Io {
@@ -179,8 +217,19 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
         info!(?interval, "probing peers");
         tokio::spawn(probe::run(interval, ctx, peers_rx, metrics.clone()))
     });
-    let mut firewall = plane::Firewall::new(&flags, network, subnet, previous_env);
-    firewall.ensure().await;
+    let firewall = plane::Firewall::new(&flags, network, subnet, previous_env);
+    let fw_period = Duration::from_secs(u64::from(flags.iptables_resync.max(1)));
+    let (first_round, installed) = tokio::sync::oneshot::channel();
+    let firewall_task = tokio::spawn(firewall.run(fw_period, Some(first_round)));
+    // As flannel, rules are in place before subnet.env says the node is ready; but a stuck
+    // iptables delays neither SIGTERM nor, after its timeout, start-up.
+    tokio::select! {
+        _ = installed => {}
+        _ = &mut shutdown => {
+            firewall_task.abort();
+            return Ok(());
+        }
+    }
 
     let env = SubnetEnv {
         network: Some(network),
@@ -218,11 +267,14 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     // empty peer set at start-up would tear down every peer's entries of a restarted daemon.
     let mut synced = false;
     let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
-    let fw_period = Duration::from_secs(u64::from(flags.iptables_resync.max(1)));
-    let mut fw_resync =
-        tokio::time::interval_at(tokio::time::Instant::now() + fw_period, fw_period);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    fw_resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sync_failing = Condition::new("programming peers");
+    // Device recreation: the next attempt's time while the device is gone.
+    let mut recovery: Option<tokio::time::Instant> = None;
+    let mut recover_backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut recover_failing = Condition::new("recreating the overlay device");
+    let mut panics = PanicBudget::new(PANIC_LIMIT, PANIC_WINDOW);
+    let mut health = tokio::time::interval(Duration::from_secs(1));
 
     let complete = store.complete_lease(&lease);
     tokio::pin!(complete);
@@ -233,13 +285,16 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
             r = &mut complete => {
                 // Only returns when our own lease is gone (etcd): flannel shuts down then.
                 if let Err(e) = r {
-                    tracing::error!("{e}");
                     outcome = Err(DaemonError::Store(e));
                 }
                 break;
             }
             update = rx.recv() => {
-                let Some(update) = update else { break };
+                let Some(update) = update else {
+                    // The sender lives in the watch task: it ended or panicked.
+                    outcome = Err(DaemonError::WatchEnded);
+                    break;
+                };
                 let events = watcher.apply(update);
                 for ev in &events {
                     debug!(event = ?ev, "lease event");
@@ -248,20 +303,66 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
                     continue;
                 }
                 peers = current_peers(&watcher, &net, &metrics);
-                plane.sync(&peers).await;
+                // While the device is gone, recovery replays the latest peers.
+                if recovery.is_none() {
+                    sync_plane(&mut plane, &peers, &mut sync_failing).await;
+                }
                 metrics.set_peers(peers.len());
+                if let Some(n) = plane.peer_table_len() {
+                    metrics.set_peer_table(n);
+                }
                 peers_tx.send_replace(peers.clone());
                 synced = true;
             }
-            _ = resync.tick(), if synced => plane.sync(&peers).await,
-            _ = fw_resync.tick() => firewall.ensure().await,
-            () = plane.device_event() => {
-                warn!("overlay device changed under us; replaying every peer");
-                plane.recover(&peers).await;
+            _ = resync.tick(), if synced && recovery.is_none() => {
+                sync_plane(&mut plane, &peers, &mut sync_failing).await;
+            }
+            () = plane.device_event(), if recovery.is_none() => {
+                warn!("overlay device changed under us; recreating it and replaying every peer");
+                recovery = Some(tokio::time::Instant::now());
+            }
+            () = sleep_until_some(recovery) => {
+                let result = match tokio::time::timeout(NETLINK_TIMEOUT, plane.recover(&peers)).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer from netlink within {NETLINK_TIMEOUT:?}")),
+                };
+                match result {
+                    Ok(()) => {
+                        recover_failing.clear();
+                        recover_backoff.reset();
+                        recovery = None;
+                    }
+                    Err(e) => {
+                        recover_failing.fail(&e);
+                        if let Some(reason) = give_up_recovery(&flags, &ext, &recover_failing, &e) {
+                            outcome = Err(DaemonError::InterfaceLost {
+                                iface: ext.name.clone(),
+                                lasted: recover_failing
+                                    .duration(std::time::Instant::now())
+                                    .unwrap_or_default(),
+                                reason,
+                            });
+                            break;
+                        }
+                        recovery = Some(tokio::time::Instant::now() + recover_backoff.next_random());
+                    }
+                }
+            }
+            _ = health.tick() => {
+                if let Some(total) = plane.packet_loop_panics() {
+                    if let Some(count) = panics.observe(total, std::time::Instant::now()) {
+                        outcome = Err(DaemonError::PacketLoopsPanicking {
+                            count,
+                            window: PANIC_WINDOW,
+                        });
+                        break;
+                    }
+                }
             }
         }
     }
     watch_task.abort();
+    firewall_task.abort();
     if let Some(p) = prober {
         p.abort();
     }
@@ -302,16 +403,98 @@ pub async fn open_store(flags: &Flags) -> Result<Box<dyn LeaseStore>, DaemonErro
     ))
 }
 
-/// Fetches the network config, retrying every second forever like flannel.
+/// Fetches the network config, retrying forever like flannel (which retries every second;
+/// here with backoff up to 10 s, logged once per minute while it fails).
 async fn fetch_config(store: &dyn LeaseStore) -> String {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    let mut failing = Condition::new("fetching the network config");
     loop {
         match store.network_config().await {
-            Ok(json) => return json,
+            Ok(json) => {
+                failing.clear();
+                return json;
+            }
             Err(e) => {
-                warn!(error = %e, "Couldn't fetch network config");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                failing.fail(&e);
+                tokio::time::sleep(backoff.next_random()).await;
             }
         }
+    }
+}
+
+/// One sync of the data plane, bounded by [`NETLINK_TIMEOUT`]; failures are one condition.
+async fn sync_plane(plane: &mut Plane, peers: &[Peer], failing: &mut Condition) {
+    match tokio::time::timeout(NETLINK_TIMEOUT, plane.sync(peers)).await {
+        Ok(Ok(())) => failing.clear(),
+        Ok(Err(e)) => failing.fail(&format!("{e}; retrying on the next sync")),
+        Err(_) => failing.fail(&format!(
+            "no answer from netlink within {NETLINK_TIMEOUT:?}; retrying on the next sync"
+        )),
+    }
+}
+
+/// Completes at `at`, never when `None` (a disabled `select!` branch).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether to stop retrying the device's recreation, and why: the flags would now choose
+/// another external interface (a restart picks it up), or recreation has failed for
+/// [`RECOVERY_GIVE_UP`].
+fn give_up_recovery(
+    flags: &Flags,
+    ext: &ExternalInterface,
+    failing: &Condition,
+    error: &str,
+) -> Option<String> {
+    if let Ok(now) = external_interface(flags) {
+        if now.name != ext.name {
+            return Some(format!(
+                "{error}; the flags now select interface {} instead",
+                now.name
+            ));
+        }
+    }
+    let lasted = failing.duration(std::time::Instant::now())?;
+    (lasted >= RECOVERY_GIVE_UP).then(|| error.to_owned())
+}
+
+/// Counts packet-loop panics over a sliding window (fed the cumulative counter).
+#[derive(Debug)]
+struct PanicBudget {
+    limit: u64,
+    window: Duration,
+    /// (time, cumulative count) samples; the first is the newest one at or before the
+    /// window's start.
+    samples: std::collections::VecDeque<(std::time::Instant, u64)>,
+}
+
+impl PanicBudget {
+    fn new(limit: u64, window: Duration) -> PanicBudget {
+        PanicBudget {
+            limit,
+            window,
+            samples: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Records the cumulative count at `now`; `Some(panics within the window)` once they
+    /// reach the limit.
+    fn observe(&mut self, total: u64, now: std::time::Instant) -> Option<u64> {
+        self.samples.push_back((now, total));
+        while self
+            .samples
+            .get(1)
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) >= self.window)
+        {
+            self.samples.pop_front();
+        }
+        let base = self.samples.front().map_or(0, |(_, c)| *c);
+        let recent = total.saturating_sub(base);
+        (recent >= self.limit).then_some(recent)
     }
 }
 
@@ -407,15 +590,23 @@ async fn choose_vtep_mac(
 
 /// Restarts the store watch after failures (store outage): the data plane keeps forwarding
 /// with the peers it has meanwhile.
+/// Returning drops `tx`, which the main loop reads as a dead watch (an error exit) unless it
+/// is shutting down anyway.
 async fn supervise_watch(store: Arc<dyn LeaseStore>, tx: mpsc::Sender<WatchUpdate>) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut failing = Condition::new("watching the lease store");
     loop {
+        let started = std::time::Instant::now();
         match store.watch(tx.clone()).await {
             Ok(()) => return,
             Err(e) => {
-                warn!(error = %e, store = %store.name(), "lease watch failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                // A watch that ran a while worked: a new failure starts a new episode.
+                if started.elapsed() >= Duration::from_secs(30) {
+                    failing.clear();
+                    backoff.reset();
+                }
+                failing.fail(&format_args!("{e} ({})", store.name()));
+                tokio::time::sleep(backoff.next_random()).await;
             }
         }
         if tx.is_closed() {
@@ -432,4 +623,27 @@ fn current_peers(watcher: &LeaseWatcher, net: &NetConfig, metrics: &DaemonMetric
     }
     metrics.set_skipped_leases(problems.len());
     peers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_budget_counts_within_the_window_only() {
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut b = PanicBudget::new(5, Duration::from_secs(60));
+        assert_eq!(b.observe(0, at(0)), None);
+        // 4 panics within the window: tolerated.
+        assert_eq!(b.observe(4, at(10)), None);
+        // One panic every 20 s stays under the limit: old ones leave the window.
+        let mut total = 4;
+        for i in 1..20 {
+            total += 1;
+            assert_eq!(b.observe(total, at(70 + i * 20)), None, "sample {i}");
+        }
+        // A burst reaches it.
+        assert_eq!(b.observe(total + 5, at(560)), Some(5));
+    }
 }

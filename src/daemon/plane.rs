@@ -21,8 +21,13 @@ use crate::netlink::{IpFamily, Netlink};
 use crate::netlink::{Route, RouteScope};
 use crate::wire::MacAddr;
 
+use super::backoff::{Backoff, Condition};
 use super::extif::ExternalInterface;
 use super::metrics::PlaneMetrics;
+
+/// Longest one round of firewall work may take (each iptables command is also killed after
+/// [`crate::masq::iptables::COMMAND_TIMEOUT`]).
+const IPTABLES_TASK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// VXLAN overhead flannel subtracts from the underlay MTU (also for IPv6 underlays).
 const VXLAN_OVERHEAD: u32 = 50;
@@ -211,8 +216,9 @@ impl Plane {
         }
     }
 
-    /// Brings the data plane to the state `peers` ask for.
-    pub(super) async fn sync(&mut self, peers: &[Peer]) {
+    /// Brings the data plane to the state `peers` ask for. `Err` summarises failed kernel
+    /// operations (retried by the next sync); the caller logs it as a condition.
+    pub(super) async fn sync(&mut self, peers: &[Peer]) -> Result<(), String> {
         match self {
             Plane::Userspace { dp, handoff, .. } => {
                 for s in dp.sync(peers) {
@@ -226,9 +232,10 @@ impl Plane {
                     dp.close_handed_over();
                     info!("closed the handed-over device and socket");
                 }
+                Ok(())
             }
-            Plane::Kernel(k) => log_report(k.sync(peers).await),
-            Plane::HostGw(h) => log_report(h.sync(peers).await),
+            Plane::Kernel(k) => summarize(&k.sync(peers).await),
+            Plane::HostGw(h) => summarize(&h.sync(peers).await),
         }
     }
 
@@ -240,12 +247,35 @@ impl Plane {
         }
     }
 
-    /// Recreates the overlay device after [`Plane::device_event`].
-    pub(super) async fn recover(&mut self, peers: &[Peer]) {
+    /// Recreates the overlay device after [`Plane::device_event`] and replays `peers`. `Err`
+    /// when the device could not be recreated (the caller retries with backoff); failures
+    /// of single peers are left to the next sync.
+    pub(super) async fn recover(
+        &mut self,
+        peers: &[Peer],
+    ) -> Result<(), crate::backend::kernel::KernelError> {
         if let Plane::Kernel(k) = self {
-            if let Err(e) = k.recover(peers).await {
-                warn!(error = %e, "recreating the VXLAN device failed; retrying on the next event");
+            let report = k.recover(peers).await?;
+            if let Err(e) = summarize(&report) {
+                warn!(error = %e, "after recreating the device");
             }
+        }
+        Ok(())
+    }
+
+    /// Entries of the userspace peer table (`None` for kernel forwarding).
+    pub(super) fn peer_table_len(&self) -> Option<usize> {
+        match self {
+            Plane::Userspace { dp, .. } => Some(dp.peer_table_len()),
+            _ => None,
+        }
+    }
+
+    /// Packet loops restarted after a panic (userspace mode), for the daemon's panic budget.
+    pub(super) fn packet_loop_panics(&self) -> Option<u64> {
+        match self {
+            Plane::Userspace { dp, .. } => Some(dp.io_errors().panics()),
+            _ => None,
         }
     }
 
@@ -377,12 +407,29 @@ async fn start_serving(dp: &mut UserspaceVxlan, state: &mut Handoff) {
     }
 }
 
-fn log_report(report: crate::backend::kernel::SyncReport) {
-    if !report.is_clean() {
-        for peer in report.failed_peers() {
-            warn!(%peer, "programming this peer failed; retrying on the next sync");
-        }
+/// A failed sync in one line: how many peers and operations failed, and the first error.
+fn summarize(report: &crate::backend::kernel::SyncReport) -> Result<(), String> {
+    if report.device_missing {
+        return Err("the overlay device is missing".into());
     }
+    let Some(first) = report.failures.first() else {
+        return Ok(());
+    };
+    let peers = report.failed_peers();
+    let shown: Vec<String> = peers.iter().take(3).map(ToString::to_string).collect();
+    Err(format!(
+        "{} operation(s) failed for {} peer(s) ({}{}); first: {}: {}",
+        report.failures.len(),
+        peers.len(),
+        shown.join(", "),
+        if peers.len() > shown.len() {
+            ", …"
+        } else {
+            ""
+        },
+        first.op,
+        first.error
+    ))
 }
 
 /// A kernel vxlan device left by upstream flannel or our kernel mode under the name the
@@ -457,7 +504,7 @@ pub(super) async fn existing_device_mac(flags: &Flags, vni: u32) -> Option<MacAd
 pub(super) struct Firewall {
     ipt: Option<Arc<Iptables>>,
     rules: Arc<Vec<Rule>>,
-    pending: Option<Setup>,
+    pending: Option<Arc<Setup>>,
 }
 
 #[derive(Debug)]
@@ -498,22 +545,58 @@ impl Firewall {
         Firewall {
             ipt,
             rules: Arc::new(Vec::new()),
-            pending: Some(Setup {
+            pending: Some(Arc::new(Setup {
                 masq,
                 forward: flags.iptables_forward_rules.then_some(IpNet::V4(network)),
-            }),
+            })),
         }
     }
 
-    /// Installs the rules the first time, then re-checks them (recreating the set if any
-    /// rule went missing).
-    pub(super) async fn ensure(&mut self) {
-        let Some(ipt) = self.ipt.clone() else { return };
-        if let Some(setup) = self.pending.take() {
-            let setup = Arc::new(setup);
-            let job = setup.clone();
+    /// Installs the rules, then re-checks them every `period` (recreating the set if any rule
+    /// went missing), in its own task: a stuck `iptables -w` (held xtables lock) never delays
+    /// lease handling or shutdown. Failures are retried with backoff and logged as one
+    /// condition.
+    /// `first_round` is told when the first installation attempt ended (whatever its result).
+    pub(super) async fn run(
+        mut self,
+        period: Duration,
+        mut first_round: Option<tokio::sync::oneshot::Sender<()>>,
+    ) {
+        let mut backoff = Backoff::new(Duration::from_secs(1), period.max(Duration::from_secs(1)));
+        let mut failing = Condition::new("installing or checking firewall rules");
+        loop {
+            let wait = match tokio::time::timeout(IPTABLES_TASK_TIMEOUT, self.ensure()).await {
+                Ok(Ok(())) => {
+                    failing.clear();
+                    backoff.reset();
+                    period
+                }
+                Ok(Err(e)) => {
+                    failing.fail(&e);
+                    backoff.next_random()
+                }
+                Err(_) => {
+                    failing.fail(&format!(
+                        "no answer from iptables within {IPTABLES_TASK_TIMEOUT:?}"
+                    ));
+                    backoff.next_random()
+                }
+            };
+            if let Some(tx) = first_round.take() {
+                let _ = tx.send(());
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Installs the rules the first time, then re-checks them.
+    async fn ensure(&mut self) -> Result<(), String> {
+        let Some(ipt) = self.ipt.clone() else {
+            return Ok(());
+        };
+        // Cloned, not taken: if this round is abandoned (timeout), the next one retries.
+        if let Some(setup) = self.pending.clone() {
             let done = tokio::task::spawn_blocking(move || -> Result<Vec<Rule>, String> {
-                let setup = job;
                 let mut rules = Vec::new();
                 if let Some((cfg, prev)) = &setup.masq {
                     rules.extend(ipt.setup_masq(cfg, *prev).map_err(|e| e.to_string())?);
@@ -524,26 +607,27 @@ impl Firewall {
                 Ok(rules)
             })
             .await;
-            match done {
+            return match done {
                 Ok(Ok(rules)) => {
                     info!(rules = rules.len(), "firewall rules installed");
                     self.rules = Arc::new(rules);
+                    self.pending = None;
+                    Ok(())
                 }
-                Ok(Err(e)) => {
-                    warn!(error = %e, "installing firewall rules failed; retrying");
-                    self.pending = Arc::into_inner(setup);
-                }
-                Err(e) => warn!(error = %e, "firewall task failed"),
-            }
-            return;
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(format!("firewall task failed: {e}")),
+            };
         }
         if self.rules.is_empty() {
-            return;
+            return Ok(());
         }
         match ensure_async(ipt, self.rules.clone()).await {
-            Ok(true) => warn!("Some iptables rules are missing; deleting and recreating rules"),
-            Ok(false) => {}
-            Err(e) => warn!(error = %e, "checking firewall rules failed"),
+            Ok(true) => {
+                warn!("Some iptables rules are missing; deleting and recreating rules");
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => Err(e.to_string()),
         }
     }
 }

@@ -21,7 +21,9 @@
 //! Watching polls the directory (every 200 ms by default) and sends a full snapshot whenever a
 //! file appeared, vanished or changed. A file that is not a valid lease is skipped with one
 //! warning naming it per distinct content, counted in [`DirStore::corrupt_files`]; it still
-//! blocks its subnet from allocation.
+//! blocks its subnet from allocation. Only regular files named like subnet keys are read, never
+//! through a symbolic link and at most [`MAX_LEASE_FILE`] bytes (a FIFO or a link to
+//! `/dev/zero` must not block or exhaust the daemon).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -59,7 +61,8 @@ pub struct DirStore {
 #[derive(Debug)]
 struct Entry {
     name: String,
-    content: Vec<u8>,
+    /// The file's bytes, or why it was not read (see [`read_entries`]).
+    content: Result<Vec<u8>, String>,
 }
 
 impl DirStore {
@@ -335,8 +338,14 @@ fn create_exclusive(path: &Path, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The files in `dir` that may be leases (hidden temporaries and subdirectories skipped). A
-/// missing directory is empty.
+/// Largest lease file read: a lease is a few hundred bytes; anything bigger is not one.
+pub const MAX_LEASE_FILE: u64 = 64 * 1024;
+
+/// The entries in `dir` that may be leases (hidden temporaries and subdirectories skipped).
+/// Only regular files whose names are subnet keys are read, without following symbolic
+/// links and at most [`MAX_LEASE_FILE`] bytes: anything else becomes an entry with the reason
+/// it was not read, so a FIFO, a link to `/dev/zero` or a huge file never blocks the scan or
+/// exhausts memory. A missing directory is empty.
 fn read_entries(dir: &Path) -> Result<Vec<Entry>, StoreError> {
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
@@ -355,24 +364,85 @@ fn read_entries(dir: &Path) -> Result<Vec<Entry>, StoreError> {
             source,
         })?;
         let name = item.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || item.file_type().is_ok_and(|t| t.is_dir()) {
+        // `file_type` comes from the directory entry (lstat): links are not followed.
+        let file_type = item.file_type().ok();
+        if name.starts_with('.') || file_type.is_some_and(|t| t.is_dir()) {
             continue;
         }
-        match fs::read(item.path()) {
-            Ok(content) => out.push(Entry { name, content }),
-            // Deleted between listing and reading.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(StoreError::Io {
-                    path: item.path(),
-                    source,
-                })
+        let content = if let Err(reason) = canonical_key(&name) {
+            Err(reason)
+        } else if let Some(kind) = file_type.and_then(non_regular_kind) {
+            Err(format!("{kind}, not a regular file"))
+        } else {
+            match read_lease_file(&item.path()) {
+                Ok(c) => c,
+                // Deleted between listing and reading.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => Err(format!("cannot read it: {e}")),
             }
-        }
+        };
+        out.push(Entry { name, content });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
+
+/// What a non-regular directory entry is, for the log.
+fn non_regular_kind(t: fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_file() {
+        None
+    } else if t.is_symlink() {
+        Some("a symbolic link")
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_char_device() || t.is_block_device() {
+        Some("a device")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else {
+        Some("not a file")
+    }
+}
+
+/// Reads one lease file: `O_NOFOLLOW` (a link swapped in after the listing is refused),
+/// `O_NONBLOCK` (a FIFO swapped in does not block the open), then checked to be a regular file
+/// of at most [`MAX_LEASE_FILE`] bytes and read through a bounded reader. `Ok(Err(reason))`
+/// for a file that is not a lease file; `Err` for OS errors.
+fn read_lease_file(path: &Path) -> io::Result<Result<Vec<u8>, String>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Ok(Err("a symbolic link, not a regular file".into()))
+        }
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if let Some(kind) = non_regular_kind(meta.file_type()) {
+        return Ok(Err(format!("{kind}, not a regular file")));
+    }
+    if meta.len() > MAX_LEASE_FILE {
+        return Ok(Err(format!(
+            "{} bytes, larger than the {MAX_LEASE_FILE}-byte limit",
+            meta.len()
+        )));
+    }
+    let mut content = Vec::new();
+    file.take(MAX_LEASE_FILE + 1).read_to_end(&mut content)?;
+    if content.len() as u64 > MAX_LEASE_FILE {
+        return Ok(Err(format!("larger than the {MAX_LEASE_FILE}-byte limit")));
+    }
+    Ok(Ok(content))
+}
+
+/// A lease file's bytes or why it was not read.
+type Content = Result<Vec<u8>, String>;
 
 /// A file name that is exactly a subnet key.
 fn canonical_key(name: &str) -> Result<SubnetKey, String> {
@@ -389,13 +459,14 @@ fn canonical_key(name: &str) -> Result<SubnetKey, String> {
 /// The lease in one file, or why it is not one.
 fn decode(e: &Entry) -> Result<Lease, String> {
     canonical_key(&e.name)?;
-    let text = std::str::from_utf8(&e.content).map_err(|_| "not UTF-8".to_owned())?;
+    let content = e.content.as_ref().map_err(Clone::clone)?;
+    let text = std::str::from_utf8(content).map_err(|_| "not UTF-8".to_owned())?;
     Lease::from_kv(&e.name, text).map_err(|err| err.to_string())
 }
 
 impl DirStore {
     /// Decodes a scan, warning once per (file, content) about corrupt files.
-    fn decode_all(&self, entries: &[Entry], warned: &mut HashMap<String, Vec<u8>>) -> Vec<Lease> {
+    fn decode_all(&self, entries: &[Entry], warned: &mut HashMap<String, Content>) -> Vec<Lease> {
         let mut leases = Vec::new();
         let mut still_bad = HashMap::new();
         for e in entries {
@@ -416,7 +487,7 @@ impl DirStore {
     }
 
     async fn watch_loop(&self, tx: mpsc::Sender<WatchUpdate>) -> Result<(), StoreError> {
-        let mut last: Option<BTreeMap<String, Vec<u8>>> = None;
+        let mut last: Option<BTreeMap<String, Content>> = None;
         let mut warned = HashMap::new();
         let mut last_error: Option<String> = None;
         loop {
@@ -430,7 +501,7 @@ impl DirStore {
             match scan {
                 Ok(entries) => {
                     last_error = None;
-                    let state: BTreeMap<String, Vec<u8>> = entries
+                    let state: BTreeMap<String, Content> = entries
                         .iter()
                         .map(|e| (e.name.clone(), e.content.clone()))
                         .collect();

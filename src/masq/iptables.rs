@@ -3,8 +3,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
@@ -41,6 +42,15 @@ pub enum MasqError {
     /// Network and subnet are of different families, or not of this applier's family.
     #[error("invalid masquerade configuration: {0}")]
     Config(String),
+    /// The program did not finish in time (e.g. `-w` waiting on a held xtables lock); it
+    /// was killed.
+    #[error("{cmd} did not finish within {limit:?}; killed it")]
+    Timeout {
+        /// Command line.
+        cmd: String,
+        /// The limit.
+        limit: Duration,
+    },
     /// The blocking task running iptables was cancelled or panicked.
     #[error("iptables task did not complete")]
     Task,
@@ -86,12 +96,19 @@ impl Runner for SystemRunner {
                     source,
                 })?;
         }
-        let out = child
-            .wait_with_output()
-            .map_err(|source| MasqError::Spawn {
-                cmd: cmd.clone(),
-                source,
-            })?;
+        let out = wait_bounded(child, COMMAND_TIMEOUT).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::TimedOut {
+                MasqError::Timeout {
+                    cmd: cmd.clone(),
+                    limit: COMMAND_TIMEOUT,
+                }
+            } else {
+                MasqError::Spawn {
+                    cmd: cmd.clone(),
+                    source,
+                }
+            }
+        })?;
         if !out.status.success() {
             return Err(MasqError::Failed {
                 cmd,
@@ -101,6 +118,54 @@ impl Runner for SystemRunner {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// Longest an iptables command may run: `-w` waits for the xtables lock without limit, and a
+/// lock held forever must not hold the daemon's firewall task forever.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits for `child` at most `limit` (then kills and reaps it: `TimedOut`), reading its
+/// output meanwhile so a large `-S` listing cannot fill the pipe and stall it.
+fn wait_bounded(mut child: std::process::Child, limit: Duration) -> std::io::Result<Output> {
+    use std::io::Read;
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out_t = reader(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err_t = reader(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Ok(Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    })
 }
 
 /// `iptables` or `ip6tables` with the capabilities of the installed version.
