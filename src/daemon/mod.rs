@@ -4,6 +4,8 @@
 //! Start-up follows flanneld's order (compat §2); anything that fails before the node is
 //! ready ends the process with a message naming the cause.
 
+mod blackhole;
+pub mod compat;
 pub mod extif;
 pub mod http;
 pub mod metrics;
@@ -104,6 +106,14 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
         }
     };
     let backend = net.backend()?.clone();
+    let env = |name: &str| std::env::var(name).ok();
+    let decision = compat::check(&flags, &net, &env);
+    for w in &decision.ignored {
+        warn!("{w}");
+    }
+    if !decision.refused.is_empty() {
+        return Err(DaemonError::Unsupported(decision.refused.join("; ")));
+    }
     let mut flags = flags;
     match store.stored_public_ips().await {
         // kube: the node-public-ip annotation acts like --public-ip (flannel ≥ v0.25.3).
@@ -180,6 +190,12 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     });
     let mut firewall = plane::Firewall::new(&flags, network, subnet, previous_env);
     firewall.ensure().await;
+    let mut blackhole = flags
+        .ip_blackhole_route
+        .then(|| blackhole::Blackhole::new(subnet));
+    if let Some(b) = blackhole.as_mut() {
+        b.ensure().await;
+    }
 
     let env = SubnetEnv {
         network: Some(network),
@@ -247,7 +263,12 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
                 synced = true;
             }
             _ = resync.tick(), if synced => plane.sync(&peers).await,
-            _ = fw_resync.tick() => firewall.ensure().await,
+            _ = fw_resync.tick() => {
+                firewall.ensure().await;
+                if let Some(b) = blackhole.as_mut() {
+                    b.ensure().await;
+                }
+            }
             () = plane.device_event() => {
                 warn!("overlay device changed under us; replaying every peer");
                 plane.recover(&peers).await;

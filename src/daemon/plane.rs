@@ -1,13 +1,15 @@
 //! The data plane the daemon drives, whichever backend and mode the flags choose, and the
 //! firewall rules that go with it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net};
 use tracing::{info, warn};
 
 use crate::backend::hostgw::{HostGw, HostGwConfig};
-use crate::backend::kernel::{KernelVxlan, KernelVxlanConfig};
+use crate::backend::kernel::{onlink_public_ips, KernelVxlan, KernelVxlanConfig};
+use crate::backend::plan::BACKEND_VXLAN;
 use crate::backend::userspace::{UserspaceConfig, UserspaceVxlan};
 use crate::backend::Peer;
 use crate::config::flags::{Dataplane, Flags};
@@ -54,6 +56,8 @@ pub(super) enum Plane {
         dp: UserspaceVxlan,
         nl: Netlink,
         mtu: u32,
+        /// DirectRouting: routes via the external interface to on-link peers.
+        direct: Option<HostGw>,
     },
     /// The kernel's vxlan device, programmed like flannel.
     Kernel(Box<KernelVxlan>),
@@ -106,7 +110,27 @@ impl Plane {
                     .await
                     .map_err(fail)?;
                 info!(%device, mtu, %mac, port = cfg.port, "userspace VXLAN data plane running");
-                Ok(Plane::Userspace { dp, nl, mtu })
+                let direct = if vx.direct_routing {
+                    let d = HostGw::setup_direct(HostGwConfig {
+                        iface: ext.name.clone(),
+                        iface_addr: ext.iface_addr.into(),
+                        public_ip: ext.ext_addr.into(),
+                        network: network.into(),
+                        subnet: subnet.into(),
+                    })
+                    .await
+                    .map_err(|e| fail(format!("DirectRouting: {e}")))?;
+                    info!(iface = %ext.name, "DirectRouting: on-link peers are routed via the external interface");
+                    Some(d)
+                } else {
+                    None
+                };
+                Ok(Plane::Userspace {
+                    dp,
+                    nl,
+                    mtu,
+                    direct,
+                })
             }
             (BackendConfig::Vxlan(vx), Some(mac)) => {
                 let kv = KernelVxlan::setup(KernelVxlanConfig {
@@ -167,8 +191,18 @@ impl Plane {
     /// Brings the data plane to the state `peers` ask for.
     pub(super) async fn sync(&mut self, peers: &[Peer]) {
         match self {
-            Plane::Userspace { dp, .. } => {
-                for s in dp.sync(peers) {
+            Plane::Userspace { dp, direct, .. } => {
+                let direct_peers = match direct.as_mut() {
+                    Some(d) => sync_direct(d, peers).await,
+                    None => HashSet::new(),
+                };
+                // On-link peers are reached by their direct route: not encapsulated to.
+                let tunneled: Vec<Peer> = peers
+                    .iter()
+                    .filter(|p| !direct_peers.contains(&p.subnet))
+                    .cloned()
+                    .collect();
+                for s in dp.sync(&tunneled) {
                     warn!(subnet = %s.subnet, reason = s.reason, "peer not programmed");
                 }
             }
@@ -202,6 +236,26 @@ impl Plane {
             drop(nl);
         }
     }
+}
+
+/// Programs the direct routes of on-link vxlan peers; returns the subnets now routed directly
+/// (a peer whose route failed stays on the tunnel).
+async fn sync_direct(d: &mut HostGw, peers: &[Peer]) -> HashSet<IpNet> {
+    let onlink = onlink_public_ips(d.netlink(), IpFamily::V4, peers).await;
+    let report = d.sync_direct(peers, &onlink).await;
+    let mut failed = report.failed_peers();
+    failed.extend(report.skipped.iter().map(|s| s.peer.subnet));
+    let whole_sync_failed = !report.is_clean() && failed.is_empty();
+    log_report(report);
+    if whole_sync_failed {
+        return HashSet::new();
+    }
+    peers
+        .iter()
+        .filter(|p| p.backend_type == BACKEND_VXLAN && onlink.contains(&p.public_ip))
+        .map(|p| p.subnet)
+        .filter(|s| !failed.contains(s))
+        .collect()
 }
 
 fn log_report(report: crate::backend::kernel::SyncReport) {
