@@ -241,7 +241,8 @@ pub fn parse_proc_net_udp(text: &str) -> Vec<(u16, u64)> {
 
 /// `vxlan-port`: nothing but this node's flanneld (userspace) or its `flannel.<VNI>` device
 /// (kernel) owns UDP `port`. `devices` are the namespace's vxlan devices (name, dst port);
-/// `sockets` the UDP sockets bound to `port`.
+/// `sockets` the UDP sockets bound to `port` (a socket no process holds is a vxlan device's
+/// kernel socket when such a device exists, else reported as unknown).
 pub fn vxlan_port(
     port: u16,
     own_device: &str,
@@ -252,13 +253,14 @@ pub fn vxlan_port(
     let id = ids::VXLAN_PORT;
     let mut foreign = Vec::new();
     let mut fixes = Vec::new();
-    for (name, p) in devices.iter().filter(|(_, p)| *p == port) {
+    for (name, _) in devices.iter().filter(|(_, p)| *p == port) {
         if !userspace && name == own_device {
             continue;
         }
-        let _ = p;
         foreign.push(format!("vxlan device {name} (dstport {port})"));
-        fixes.push(format!("ip link del {name} (or move it to another port), then restart flanneld"));
+        fixes.push(format!(
+            "ip link del {name} (or move it to another port), then restart flanneld"
+        ));
     }
     for s in sockets.iter().filter(|s| s.inode != 0) {
         match &s.owner {
@@ -267,8 +269,14 @@ pub fn vxlan_port(
                 foreign.push(format!("process {comm} (pid {pid}) has UDP {port} open"));
                 fixes.push(format!("stop {comm} (pid {pid}) or move it off UDP {port}; or set Backend.Port in net-conf.json on every node"));
             }
+            // A vxlan device's socket is the kernel's: no process holds it. The devices on
+            // the port are judged above.
+            None if devices.iter().any(|(_, p)| *p == port) => {}
             None => {
-                foreign.push(format!("a UDP socket (inode {}) of an unknown process is bound to {port}", s.inode));
+                foreign.push(format!(
+                    "a UDP socket (inode {}) of an unknown process is bound to {port}",
+                    s.inode
+                ));
                 fixes.push(format!("find it with ss -ulpn 'sport = :{port}' and stop it, or set Backend.Port on every node"));
             }
         }
@@ -363,20 +371,29 @@ mod tests {
         let dir = Path::new("/etc/cni/net.d");
         let ok = vec![
             ("10-flannel.conflist".to_owned(), ConfigKind::Flannel),
-            ("99-loopback.conf".to_owned(), ConfigKind::Other(vec!["loopback".into()])),
+            (
+                "99-loopback.conf".to_owned(),
+                ConfigKind::Other(vec!["loopback".into()]),
+            ),
             ("00-notes.txt".to_owned(), ConfigKind::Invalid("x".into())),
         ];
         assert_eq!(status(&cni_config(dir, Ok(&ok))), Status::Pass);
 
         let shadowed = vec![
             ("10-flannel.conflist".to_owned(), ConfigKind::Flannel),
-            ("05-calico.conflist".to_owned(), ConfigKind::Other(vec!["calico".into()])),
+            (
+                "05-calico.conflist".to_owned(),
+                ConfigKind::Other(vec!["calico".into()]),
+            ),
         ];
         let f = cni_config(dir, Ok(&shadowed));
         assert_eq!(status(&f), Status::Fail);
         let t = text(&f);
         assert!(t.contains("05-calico.conflist (a config for calico), which sorts before flannel's 10-flannel.conflist"), "{t}");
-        assert!(t.contains("remove /etc/cni/net.d/05-calico.conflist"), "{t}");
+        assert!(
+            t.contains("remove /etc/cni/net.d/05-calico.conflist"),
+            "{t}"
+        );
 
         let broken = vec![(
             "10-flannel.conflist".to_owned(),
@@ -390,7 +407,10 @@ mod tests {
         assert!(t.starts_with("FAIL cni-config: no CNI config"), "{t}");
         assert!(t.contains("install-cni"), "{t}");
 
-        let other = vec![("10-bridge.conf".to_owned(), ConfigKind::Other(vec!["bridge".into()]))];
+        let other = vec![(
+            "10-bridge.conf".to_owned(),
+            ConfigKind::Other(vec!["bridge".into()]),
+        )];
         let t = text(&cni_config(dir, Ok(&other)));
         assert!(t.contains("no flannel config in /etc/cni/net.d"), "{t}");
 
@@ -425,7 +445,7 @@ mod tests {
             owner: Some((100, "flanneld".into())),
         };
         let kernel = UdpSocket {
-            inode: 0,
+            inode: 333,
             owner: None,
         };
         // Userspace: only our socket.
@@ -436,13 +456,29 @@ mod tests {
         // Kernel mode: our device's kernel socket.
         let dev = vec![("flannel.1".to_owned(), 8472)];
         assert_eq!(
-            status(&vxlan_port(8472, "flannel.1", false, &dev, &[kernel.clone()])),
+            status(&vxlan_port(
+                8472,
+                "flannel.1",
+                false,
+                &dev,
+                &[kernel.clone()]
+            )),
             Status::Pass
         );
         // Userspace with a kernel vxlan device on the port.
-        let f = vxlan_port(8472, "flannel.1", true, &[("vx0".into(), 8472)], &[ours.clone(), kernel]);
+        let f = vxlan_port(
+            8472,
+            "flannel.1",
+            true,
+            &[("vx0".into(), 8472)],
+            &[ours.clone(), kernel.clone()],
+        );
         assert_eq!(status(&f), Status::Fail);
-        assert!(text(&f).contains("vxlan device vx0 (dstport 8472)"), "{}", text(&f));
+        assert!(
+            text(&f).contains("vxlan device vx0 (dstport 8472)"),
+            "{}",
+            text(&f)
+        );
         assert!(text(&f).contains("ip link del vx0"), "{}", text(&f));
         // A foreign process.
         let other = UdpSocket {
@@ -450,15 +486,32 @@ mod tests {
             owner: Some((200, "socat".into())),
         };
         let f = vxlan_port(8472, "flannel.1", false, &dev, &[other]);
-        assert!(text(&f).contains("process socat (pid 200) has UDP 8472 open"), "{}", text(&f));
+        assert!(
+            text(&f).contains("process socat (pid 200) has UDP 8472 open"),
+            "{}",
+            text(&f)
+        );
         // In kernel mode even a flanneld socket is not ours (our kernel mode binds nothing).
         assert_eq!(
-            status(&vxlan_port(8472, "flannel.1", false, &dev, &[ours])),
+            status(&vxlan_port(8472, "flannel.1", false, &dev, &[ours.clone()])),
             Status::Fail
+        );
+        // A socket nobody holds, without a vxlan device to explain it.
+        let f = vxlan_port(8472, "flannel.1", true, &[], &[ours.clone(), kernel]);
+        assert!(
+            text(&f).contains("a UDP socket (inode 333) of an unknown process"),
+            "{}",
+            text(&f)
         );
         // Other ports do not matter.
         assert_eq!(
-            status(&vxlan_port(8472, "flannel.1", true, &[("vx0".into(), 4789)], &[])),
+            status(&vxlan_port(
+                8472,
+                "flannel.1",
+                true,
+                &[("vx0".into(), 4789)],
+                &[]
+            )),
             Status::Pass
         );
     }

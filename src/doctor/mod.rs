@@ -61,7 +61,11 @@ impl Diagnosis {
 
 /// The node's set-up around flanneld: br_netfilter, the VXLAN port, the CNI plugins and
 /// config the kubelet uses.
-async fn host_checks(flags: &Flags, net: Option<&NetConfig>, backend: &BackendConfig) -> Vec<Finding> {
+async fn host_checks(
+    flags: &Flags,
+    net: Option<&NetConfig>,
+    backend: &BackendConfig,
+) -> Vec<Finding> {
     let mut out = Vec::new();
     if net.is_some_and(|n| n.enable_nftables) {
         out.push(Finding::new(
