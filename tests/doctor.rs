@@ -50,7 +50,7 @@ fn verdicts(report: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-const IDS: [&str; 12] = [
+const IDS: [&str; 13] = [
     "ip-forward",
     "vxlan-device",
     "tx-checksum",
@@ -61,6 +61,7 @@ const IDS: [&str; 12] = [
     "vxlan-port",
     "cni-plugin",
     "cni-config",
+    "mtu",
     "peer-reachable",
     "subnet-lease",
 ];
@@ -404,8 +405,27 @@ fn doctor_names_cni_br_netfilter_and_vxlan_port_problems() {
         assert!(out.contains("fix: ip link del vxdoc"), "{node}: {out}");
         sh(&c, node, &["ip", "link", "del", "vxdoc"]);
     }
+
+    // mtu: n2's underlay link takes 1400-byte frames only; small echoes still cross, overlay-MTU
+    // ones (1450 + 50 of VXLAN) do not.
+    sh(&c, "n2", &["ip", "link", "set", "eth0", "mtu", "1400"]);
+    let out = assert_fails(&c, "n1", &["mtu"]);
+    let n2_subnet = c.node_subnet("n2").expect("subnet").to_string();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("FAIL mtu: "))
+        .expect("mtu line");
+    assert!(
+        line.contains("overlay MTU 1450 (1500 bytes on the underlay)"),
+        "{out}"
+    );
+    assert!(line.contains(&n2_subnet), "{out}");
+    assert!(out.contains("PASS peer-reachable: "), "{out}");
+    sh(&c, "n2", &["ip", "link", "set", "eth0", "mtu", "1500"]);
+
     for node in ["n1", "n2"] {
-        assert_all_pass(&c, node, 1);
+        let out = assert_all_pass(&c, node, 1);
+        assert!(out.contains("PASS mtu: 1 peer(s) answer"), "{out}");
     }
     teardown(c);
 }

@@ -86,7 +86,7 @@ mod tests {
         assert_eq!(r.oif, None);
         assert_eq!(r.metric, 0);
         assert_eq!(r.dst.to_string(), "10.244.3.0/24");
-        assert!(present(&[r.clone()], subnet));
+        assert!(present(std::slice::from_ref(&r), subnet));
         let mut unicast = r.clone();
         unicast.kind = RouteType::Unicast;
         assert!(!present(&[unicast], subnet));

@@ -133,9 +133,23 @@ pub async fn probe(
     peers: Vec<(Peer, Ipv4Addr)>,
     timeout: Duration,
 ) -> Result<Vec<PeerProbe>, String> {
+    probe_sized(peers, timeout, None).await
+}
+
+/// [`probe`] with requests of `packet_len` bytes and Don't Fragment set when given.
+pub async fn probe_sized(
+    peers: Vec<(Peer, Ipv4Addr)>,
+    timeout: Duration,
+    packet_len: Option<usize>,
+) -> Result<Vec<PeerProbe>, String> {
     tokio::task::spawn_blocking(move || {
         let mut pinger = Pinger::open()
             .map_err(|e| format!("cannot open a raw ICMP socket (run as root): {e}"))?;
+        if let Some(len) = packet_len {
+            pinger
+                .sized_dont_fragment(len)
+                .map_err(|e| format!("cannot set Don't Fragment on the ICMP socket: {e}"))?;
+        }
         let targets: Vec<Ipv4Addr> = peers.iter().map(|(_, t)| *t).collect();
         let answered = pinger.probe(&targets, 2, timeout);
         Ok(peers

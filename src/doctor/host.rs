@@ -308,6 +308,52 @@ pub fn vxlan_port(
     f
 }
 
+/// `mtu`: `answered_at_mtu` pairs each peer label that answers small echoes with whether it
+/// also answered a Don't-Fragment echo of the overlay MTU (`overlay_mtu`, subnet.env's
+/// FLANNEL_MTU); `overhead` is what the backend adds on the underlay (VXLAN 50, host-gw 0).
+pub fn mtu(overlay_mtu: Option<u32>, overhead: u32, answered_at_mtu: &[(String, bool)]) -> Finding {
+    let id = ids::MTU;
+    let Some(m) = overlay_mtu else {
+        return Finding::new(
+            Status::Skip,
+            id,
+            "subnet.env has no FLANNEL_MTU to probe with",
+        );
+    };
+    if answered_at_mtu.is_empty() {
+        return Finding::new(
+            Status::Skip,
+            id,
+            "no peer answers ICMP echo: nothing to probe the MTU with",
+        );
+    }
+    let under = m + overhead;
+    let short: Vec<&str> = answered_at_mtu
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(label, _)| label.as_str())
+        .collect();
+    if short.is_empty() {
+        return Finding::new(
+            Status::Pass,
+            id,
+            format!(
+                "{} peer(s) answer Don't-Fragment echoes of the overlay MTU {m} ({under} bytes on the underlay)",
+                answered_at_mtu.len()
+            ),
+        );
+    }
+    Finding::new(
+        Status::Fail,
+        id,
+        format!(
+            "Don't-Fragment echoes of the overlay MTU {m} ({under} bytes on the underlay) are lost to {}, smaller ones arrive: the underlay path MTU is below {under}, so full-size pod packets (TCP bulk transfers, TLS handshakes) hang",
+            short.join(", ")
+        ),
+    )
+    .fix(format!("set \"MTU\" in net-conf.json's Backend to the smallest underlay MTU between the nodes (pods get it minus {overhead}), restart flanneld on every node and recreate the pods; or raise the underlay MTU on the path to {under}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,6 +465,27 @@ mod tests {
     }
 
     #[test]
+    fn mtu_verdicts() {
+        assert_eq!(status(&mtu(None, 50, &[])), Status::Skip);
+        assert_eq!(status(&mtu(Some(1450), 50, &[])), Status::Skip);
+        let ok = vec![("peer a".to_owned(), true), ("peer b".to_owned(), true)];
+        let f = mtu(Some(1450), 50, &ok);
+        assert_eq!(status(&f), Status::Pass);
+        assert!(
+            text(&f).contains("overlay MTU 1450 (1500 bytes on the underlay)"),
+            "{}",
+            text(&f)
+        );
+        let bad = vec![("peer a".to_owned(), true), ("peer b".to_owned(), false)];
+        let f = mtu(Some(1450), 50, &bad);
+        assert_eq!(status(&f), Status::Fail);
+        let t = text(&f);
+        assert!(t.contains("are lost to peer b, smaller ones arrive"), "{t}");
+        assert!(!t.contains("peer a"), "{t}");
+        assert!(t.contains("fix: set \"MTU\" in net-conf.json"), "{t}");
+    }
+
+    #[test]
     fn br_netfilter_verdicts() {
         assert_eq!(status(&br_netfilter(Ok("1\n"))), Status::Pass);
         let f = br_netfilter(Ok("0\n"));
@@ -450,7 +517,13 @@ mod tests {
         };
         // Userspace: only our socket.
         assert_eq!(
-            status(&vxlan_port(8472, "flannel.1", true, &[], &[ours.clone()])),
+            status(&vxlan_port(
+                8472,
+                "flannel.1",
+                true,
+                &[],
+                std::slice::from_ref(&ours)
+            )),
             Status::Pass
         );
         // Kernel mode: our device's kernel socket.
@@ -461,7 +534,7 @@ mod tests {
                 "flannel.1",
                 false,
                 &dev,
-                &[kernel.clone()]
+                std::slice::from_ref(&kernel)
             )),
             Status::Pass
         );
@@ -493,7 +566,13 @@ mod tests {
         );
         // In kernel mode even a flanneld socket is not ours (our kernel mode binds nothing).
         assert_eq!(
-            status(&vxlan_port(8472, "flannel.1", false, &dev, &[ours.clone()])),
+            status(&vxlan_port(
+                8472,
+                "flannel.1",
+                false,
+                &dev,
+                std::slice::from_ref(&ours)
+            )),
             Status::Fail
         );
         // A socket nobody holds, without a vxlan device to explain it.

@@ -59,6 +59,42 @@ impl Diagnosis {
     }
 }
 
+/// `mtu`: the peers that answered small echoes, probed again with Don't-Fragment echoes of
+/// the overlay MTU.
+async fn mtu_check(
+    probes: &[checks::PeerProbe],
+    ctx: &ProbeContext,
+    backend: &BackendConfig,
+    overlay_mtu: Option<u32>,
+) -> Finding {
+    let overhead = match backend {
+        BackendConfig::Vxlan(_) => crate::backend::kernel::VXLAN_OVERHEAD,
+        _ => 0,
+    };
+    let Some(m) = overlay_mtu else {
+        return host::mtu(None, overhead, &[]);
+    };
+    let answering: Vec<(Peer, Ipv4Addr)> = probes
+        .iter()
+        .filter(|p| p.answered)
+        .map(|p| (p.peer.clone(), p.target))
+        .collect();
+    if answering.is_empty() {
+        return host::mtu(Some(m), overhead, &[]);
+    }
+    let len = usize::try_from(m).unwrap_or(usize::MAX);
+    match gather::probe_sized(answering, PROBE_TIMEOUT, Some(len)).await {
+        Ok(big) => {
+            let results: Vec<(String, bool)> = big
+                .iter()
+                .map(|p| (crate::daemon::probe::peer_label(&p.peer, ctx), p.answered))
+                .collect();
+            host::mtu(Some(m), overhead, &results)
+        }
+        Err(e) => Finding::new(Status::Skip, ids::MTU, e),
+    }
+}
+
 /// The node's set-up around flanneld: br_netfilter, the VXLAN port, the CNI plugins and
 /// config the kubelet uses.
 async fn host_checks(
@@ -196,8 +232,15 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
                 .filter_map(|p| probe_target(&p).map(|t| (p, t)))
                 .collect();
             match gather::probe(targets, PROBE_TIMEOUT).await {
-                Ok(probes) => findings.extend(checks::peer_reachable(&probes, &ctx)),
-                Err(e) => findings.push(Finding::new(Status::Skip, ids::PEER_REACHABLE, e)),
+                Ok(probes) => {
+                    findings.extend(checks::peer_reachable(&probes, &ctx));
+                    let overlay_mtu = env.as_ref().ok().map(|e| e.mtu).filter(|m| *m > 0);
+                    findings.push(mtu_check(&probes, &ctx, &backend, overlay_mtu).await);
+                }
+                Err(e) => {
+                    findings.push(Finding::new(Status::Skip, ids::PEER_REACHABLE, e.clone()));
+                    findings.push(Finding::new(Status::Skip, ids::MTU, e));
+                }
             }
         }
         _ => findings.push(Finding::new(

@@ -61,6 +61,8 @@ pub mod ids {
     pub const BR_NETFILTER: &str = "br-netfilter";
     /// Nothing else owns the VXLAN UDP port.
     pub const VXLAN_PORT: &str = "vxlan-port";
+    /// Overlay-MTU packets (plus the backend's overhead) cross the underlay to each peer.
+    pub const MTU: &str = "mtu";
 }
 
 /// One line of the report.
