@@ -244,8 +244,9 @@ async fn sync_direct(d: &mut HostGw, peers: &[Peer]) -> HashSet<IpNet> {
     let onlink = onlink_public_ips(d.netlink(), IpFamily::V4, peers).await;
     let report = d.sync_direct(peers, &onlink).await;
     let mut failed = report.failed_peers();
-    failed.extend(report.skipped.iter().map(|s| s.peer.subnet));
+    // A failure tied to no peer (reading the routes, the interface gone): nothing applied.
     let whole_sync_failed = !report.is_clean() && failed.is_empty();
+    failed.extend(report.skipped.iter().map(|s| s.peer.subnet));
     log_report(report);
     if whole_sync_failed {
         return HashSet::new();
