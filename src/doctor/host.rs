@@ -297,7 +297,7 @@ pub fn vxlan_port(
         Status::Fail,
         id,
         format!(
-            "UDP {port} (VXLAN) is also owned by {}: VXLAN packets from peers go to the wrong receiver",
+            "UDP {port} (VXLAN) is also owned by {}: it competes with flanneld for the VXLAN packets of peers",
             foreign.join(", ")
         ),
     );
