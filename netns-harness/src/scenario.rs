@@ -1838,7 +1838,7 @@ mod tests {
         }
         assert!("p4".parse::<Scenario>().is_err());
         let all = parse_names(&["all".into()]).unwrap();
-        assert_eq!(all.len(), 6);
+        assert_eq!(all.len(), 7);
         let p3 = parse_names(&["p3".into()]).unwrap();
         assert_eq!(p3, Scenario::P3.to_vec());
         assert_eq!(p3[3], Scenario::P3VxlanPort);
@@ -1865,6 +1865,9 @@ mod tests {
         assert_eq!(p3.nodes.len(), 3);
         assert_eq!(p3.pods_per_node, 1);
         assert!(!p3.ip_masq);
+        let setup = Scenario::NodeSetup.spec(&o);
+        let kinds: Vec<NodeKind> = setup.nodes.iter().map(|n| n.kind).collect();
+        assert_eq!(kinds, [NodeKind::Userspace, NodeKind::Kernel]);
     }
 
     #[test]
