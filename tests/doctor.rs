@@ -50,13 +50,18 @@ fn verdicts(report: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-const IDS: [&str; 8] = [
+const IDS: [&str; 13] = [
     "ip-forward",
     "vxlan-device",
     "tx-checksum",
     "forward-reject",
     "host-firewall",
     "security-software",
+    "br-netfilter",
+    "vxlan-port",
+    "cni-plugin",
+    "cni-config",
+    "mtu",
     "peer-reachable",
     "subnet-lease",
 ];
@@ -309,5 +314,118 @@ fn doctor_on_host_gw_probes_public_ips() {
     sh(&c, "n2", &["iptables", "-D", "INPUT", "1"]);
     let (code, out) = doctor(&c, "n1");
     assert_eq!(code, 0, "{out}");
+    teardown(c);
+}
+
+/// The node set-up around flanneld (issue #11): CNI plugins and config in the node's own CNI
+/// directories (the harness's, in the run directory: never the host's), br_netfilter's sysctl
+/// in the node's namespace, a foreign vxlan device on the VXLAN port. Each is broken, named
+/// by its check id with the thing at fault, and PASSes again once repaired.
+#[test]
+fn doctor_names_cni_br_netfilter_and_vxlan_port_problems() {
+    if !privileged_test_guard("doctor_names_cni_br_netfilter_and_vxlan_port_problems") {
+        return;
+    }
+    let _g = serial();
+    let c = Cluster::up(&spec(&[Userspace, Kernel], 1)).expect("cluster up");
+    assert!(c.check_until_pass(Duration::from_secs(10)).all_pass());
+    for node in ["n1", "n2"] {
+        assert_all_pass(&c, node, 1);
+    }
+    let (bin, conf) = c.cni_dirs("n1").expect("cni dirs");
+    assert!(bin.starts_with(c.run_dir()) && conf.starts_with(c.run_dir()));
+
+    // cni-plugin: portmap missing, flannel not executable.
+    let portmap = bin.join("portmap");
+    let aside = bin.join("portmap.aside");
+    std::fs::rename(&portmap, &aside).expect("move portmap");
+    let out = assert_fails(&c, "n1", &["cni-plugin"]);
+    assert!(out.contains("portmap missing"), "{out}");
+    assert!(out.contains("failed to find plugin \"portmap\""), "{out}");
+    std::fs::rename(&aside, &portmap).expect("restore portmap");
+    let flannel = bin.join("flannel");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&flannel, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = assert_fails(&c, "n1", &["cni-plugin"]);
+    assert!(out.contains("flannel not executable"), "{out}");
+    assert!(
+        out.contains(&format!("fix: chmod 755 {}", flannel.display())),
+        "{out}"
+    );
+    std::fs::set_permissions(&flannel, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+    // cni-config: another network's config sorts first; then flannel's does not parse.
+    let calico = conf.join("05-calico.conflist");
+    std::fs::write(
+        &calico,
+        r#"{"name":"k8s-pod-network","cniVersion":"0.3.1","plugins":[{"type":"calico"}]}"#,
+    )
+    .expect("write calico");
+    let out = assert_fails(&c, "n1", &["cni-config"]);
+    assert!(
+        out.contains("05-calico.conflist (a config for calico), which sorts before flannel's 10-flannel.conflist"),
+        "{out}"
+    );
+    std::fs::remove_file(&calico).expect("remove calico");
+    let ours = conf.join("10-flannel.conflist");
+    let good = std::fs::read_to_string(&ours).expect("read conflist");
+    std::fs::write(&ours, &good[..good.len() / 2]).expect("truncate conflist");
+    let out = assert_fails(&c, "n1", &["cni-config"]);
+    assert!(
+        out.contains("10-flannel.conflist, the first config the kubelet reads, does not parse"),
+        "{out}"
+    );
+    std::fs::write(&ours, &good).expect("restore conflist");
+
+    // br-netfilter: the node namespace's own sysctl (per network namespace since Linux 5.3).
+    let key = "net.bridge.bridge-nf-call-iptables";
+    sh(&c, "n1", &["sysctl", "-qw", &format!("{key}=0")]);
+    let out = assert_fails(&c, "n1", &["br-netfilter"]);
+    assert!(out.contains(&format!("{key} = 0")), "{out}");
+    sh(&c, "n1", &["sysctl", "-qw", &format!("{key}=1")]);
+
+    // vxlan-port: a second vxlan device on UDP 8472. On the userspace node it cannot even come
+    // up (flanneld holds the port); on the kernel node it shares flannel.1's socket.
+    for node in ["n1", "n2"] {
+        let (ok, text) = run(
+            &c,
+            node,
+            &[
+                "ip", "link", "add", "vxdoc", "type", "vxlan", "id", "99", "dstport", "8472",
+                "dev", "eth0",
+            ],
+        );
+        assert!(ok, "{node}: {text}");
+        let _ = run(&c, node, &["ip", "link", "set", "vxdoc", "up"]);
+        let out = assert_fails(&c, node, &["vxlan-port"]);
+        assert!(
+            out.contains("vxlan device vxdoc (dstport 8472)"),
+            "{node}: {out}"
+        );
+        assert!(out.contains("fix: ip link del vxdoc"), "{node}: {out}");
+        sh(&c, node, &["ip", "link", "del", "vxdoc"]);
+    }
+
+    // mtu: n2's underlay link takes 1400-byte frames only; small echoes still cross, overlay-MTU
+    // ones (1450 + 50 of VXLAN) do not.
+    sh(&c, "n2", &["ip", "link", "set", "eth0", "mtu", "1400"]);
+    let out = assert_fails(&c, "n1", &["mtu"]);
+    let n2_subnet = c.node_subnet("n2").expect("subnet").to_string();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("FAIL mtu: "))
+        .expect("mtu line");
+    assert!(
+        line.contains("overlay MTU 1450 (1500 bytes on the underlay)"),
+        "{out}"
+    );
+    assert!(line.contains(&n2_subnet), "{out}");
+    assert!(out.contains("PASS peer-reachable: "), "{out}");
+    sh(&c, "n2", &["ip", "link", "set", "eth0", "mtu", "1500"]);
+
+    for node in ["n1", "n2"] {
+        let out = assert_all_pass(&c, node, 1);
+        assert!(out.contains("PASS mtu: 1 peer(s) answer"), "{out}");
+    }
     teardown(c);
 }

@@ -262,3 +262,30 @@ fn p3_checklist_causes_fail_are_named_and_fixed() {
         );
     }
 }
+
+/// Issue #11's node set-up checks, each broken on a live cluster and repaired: doctor names
+/// exactly that check (and nothing else) while it is broken.
+#[test]
+fn node_setup_scenario() {
+    if !privileged_test_guard("node_setup_scenario") {
+        return;
+    }
+    let _g = serial();
+    let reports = scenario::run_many(&[Scenario::NodeSetup], &opts(), |_| {}).expect("node-setup");
+    assert_eq!(reports.len(), 1);
+    let r = &reports[0];
+    assert_report(r);
+    for phase in [
+        "cni-plugin",
+        "cni-config",
+        "br-netfilter",
+        "vxlan-port",
+        "mtu",
+    ] {
+        let p = r.phase(phase).unwrap_or_else(|| panic!("no phase {phase}"));
+        assert!(
+            p.assertions.iter().any(|a| a.what.contains("FAIL ")),
+            "{phase}: no FAIL expectation"
+        );
+    }
+}

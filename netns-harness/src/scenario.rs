@@ -66,17 +66,22 @@ pub enum Scenario {
     /// P3 cause 2, the report's other fix: VXLAN blocked between nodes that share layer 2;
     /// fixed by switching the backend to host-gw.
     P3VxlanHostGw,
+    /// Issue #11: the node set-up around flanneld that doctor checks: the CNI plugins and
+    /// config (the node's own directories in the run directory), br_netfilter's sysctl, a
+    /// foreign vxlan device on the VXLAN port, an underlay MTU below overlay MTU + 50.
+    NodeSetup,
 }
 
 impl Scenario {
     /// Every scenario, in the order `all` runs them.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::P2ClusterIp,
         Scenario::P3IpForward,
         Scenario::P3ForwardReject,
         Scenario::P3SecuritySoftware,
         Scenario::P3VxlanPort,
         Scenario::P3VxlanHostGw,
+        Scenario::NodeSetup,
     ];
     /// The P3 causes in the order they share one cluster: the port move and the switch to
     /// host-gw last (they restart every daemon and leave the cluster on the new port, then on
@@ -98,6 +103,7 @@ impl Scenario {
             Scenario::P3ForwardReject => "p3-forward-reject",
             Scenario::P3SecuritySoftware => "p3-security-software",
             Scenario::P3VxlanHostGw => "p3-vxlan-hostgw",
+            Scenario::NodeSetup => "node-setup",
         }
     }
 
@@ -130,6 +136,11 @@ impl Scenario {
                  peer-reachable; Backend.Type host-gw + restarting every flanneld fixes it \
                  without any UDP"
             }
+            Scenario::NodeSetup => {
+                "portmap missing, a calico conflist sorting first, bridge-nf-call-iptables=0, a \
+                 second vxlan device on UDP 8472, a peer's underlay MTU 1400: doctor FAIL \
+                 cni-plugin, cni-config, br-netfilter, vxlan-port, mtu in turn; each repaired"
+            }
         }
     }
 
@@ -137,6 +148,7 @@ impl Scenario {
     fn shape(self) -> u8 {
         match self {
             Scenario::P2ClusterIp => 2,
+            Scenario::NodeSetup => 4,
             _ => 3,
         }
     }
@@ -148,6 +160,7 @@ impl Scenario {
         use NodeKind::{Kernel, Userspace};
         let (kinds, masq): (&[NodeKind], bool) = match self.shape() {
             2 => (&[Userspace, Userspace, Kernel, Kernel], true),
+            4 => (&[Userspace, Kernel], false),
             _ => (&[Kernel, Userspace, Kernel], false),
         };
         let mut s = ClusterSpec::new(kinds, 1);
@@ -573,6 +586,7 @@ pub fn run_on(c: &mut Cluster, s: Scenario, opts: &ScenarioOpts) -> Result<Scena
         Scenario::P3ForwardReject => p3_forward_reject(c, opts)?,
         Scenario::P3SecuritySoftware => p3_security_software(c, opts)?,
         Scenario::P3VxlanHostGw => p3_vxlan_hostgw(c, opts)?,
+        Scenario::NodeSetup => node_setup(c, opts)?,
     };
     Ok(ScenarioReport {
         scenario: s,
@@ -930,6 +944,133 @@ fn first_of(c: &Cluster, kind: NodeKind) -> Result<String> {
 
 fn no_fail(r: &DoctorReport) -> bool {
     !r.has_any(Level::Fail)
+}
+
+/// The only FAIL is `id`, and it mentions `needle`.
+fn fails_only(r: &DoctorReport, id: &str, needle: &str) -> bool {
+    r.has_mentioning(Level::Fail, id, needle)
+        && r.checks
+            .iter()
+            .all(|c| c.level != Level::Fail || c.id == id)
+}
+
+// ---------------------------------------------------------------------------------------
+// Node set-up (issue #11)
+
+fn node_setup(c: &mut Cluster, opts: &ScenarioOpts) -> Result<Vec<Phase>> {
+    let u = first_of(c, NodeKind::Userspace)?;
+    let k = first_of(c, NodeKind::Kernel)?;
+    let (bin, conf) = c.cni_dirs(&u)?;
+    let ids = [
+        "cni-plugin",
+        "cni-config",
+        "br-netfilter",
+        "vxlan-port",
+        "mtu",
+    ];
+    let mut phases = Vec::new();
+
+    let mut p = Phase::new(
+        "baseline",
+        "healthy cluster, CNI dirs as kube-flannel.yml installs them",
+    );
+    expect_matrix_pass(&mut p, c, opts.converge);
+    for node in [&u, &k] {
+        p.expect_doctor(
+            c,
+            node,
+            "PASS cni-plugin, cni-config, br-netfilter, vxlan-port, mtu; no FAIL",
+            |r| ids.iter().all(|id| r.has(Level::Pass, id)) && no_fail(r),
+        );
+    }
+    phases.push(p);
+
+    let mut p = Phase::new(
+        "cni-plugin",
+        format!("{}/portmap removed on {u}", bin.display()),
+    );
+    let aside = bin.join("portmap.aside");
+    std::fs::rename(bin.join("portmap"), &aside)?;
+    p.expect_doctor(c, &u, "FAIL cni-plugin naming portmap", |r| {
+        fails_only(r, "cni-plugin", "portmap missing")
+    });
+    std::fs::rename(&aside, bin.join("portmap"))?;
+    p.expect_doctor(c, &u, "restored: PASS cni-plugin", |r| {
+        r.has(Level::Pass, "cni-plugin")
+    });
+    phases.push(p);
+
+    let mut p = Phase::new(
+        "cni-config",
+        format!("05-calico.conflist added to {} on {u}", conf.display()),
+    );
+    let calico = conf.join("05-calico.conflist");
+    std::fs::write(
+        &calico,
+        r#"{"name":"k8s-pod-network","cniVersion":"0.3.1","plugins":[{"type":"calico"}]}"#,
+    )?;
+    p.expect_doctor(c, &u, "FAIL cni-config naming the calico file", |r| {
+        fails_only(r, "cni-config", "05-calico.conflist")
+    });
+    std::fs::remove_file(&calico)?;
+    p.expect_doctor(c, &u, "removed: PASS cni-config", |r| {
+        r.has(Level::Pass, "cni-config")
+    });
+    phases.push(p);
+
+    let key = "net.bridge.bridge-nf-call-iptables";
+    let mut p = Phase::new("br-netfilter", format!("sysctl -w {key}=0 on {u}"));
+    let ns = c.resolve_ns(&u)?;
+    cmd::sysctl(&ns, key, "0")?;
+    p.expect_doctor(c, &u, "FAIL br-netfilter", |r| {
+        fails_only(r, "br-netfilter", "= 0")
+    });
+    cmd::sysctl(&ns, key, "1")?;
+    p.expect_doctor(c, &u, "sysctl=1: PASS br-netfilter", |r| {
+        r.has(Level::Pass, "br-netfilter")
+    });
+    phases.push(p);
+
+    let mut p = Phase::new(
+        "vxlan-port",
+        format!("a second vxlan device vxdoc (VNI 99, dstport 8472) on {k}"),
+    );
+    c.exec_ok(
+        &k,
+        &[
+            "ip", "link", "add", "vxdoc", "type", "vxlan", "id", "99", "dstport", "8472", "dev",
+            "eth0",
+        ],
+    )?;
+    c.exec_ok(&k, &["ip", "link", "set", "vxdoc", "up"])?;
+    p.expect_doctor(c, &k, "FAIL vxlan-port naming vxdoc", |r| {
+        fails_only(r, "vxlan-port", "vxdoc")
+    });
+    c.exec_ok(&k, &["ip", "link", "del", "vxdoc"])?;
+    p.expect_doctor(c, &k, "deleted: PASS vxlan-port", |r| {
+        r.has(Level::Pass, "vxlan-port")
+    });
+    phases.push(p);
+
+    let mut p = Phase::new(
+        "mtu",
+        format!("ip link set eth0 mtu 1400 on {k} (overlay MTU 1450 + 50 no longer fits)"),
+    );
+    c.exec_ok(&k, &["ip", "link", "set", "eth0", "mtu", "1400"])?;
+    p.expect_doctor(c, &u, &format!("FAIL mtu naming {k}'s subnet"), |r| {
+        let subnet = c.node_subnet(&k).map(|s| s.to_string()).unwrap_or_default();
+        fails_only(r, "mtu", &subnet)
+    });
+    c.exec_ok(&k, &["ip", "link", "set", "eth0", "mtu", "1500"])?;
+    phases.push(p);
+
+    let mut p = Phase::new("fixed", "everything repaired");
+    expect_matrix_pass(&mut p, c, opts.converge);
+    for node in [&u, &k] {
+        p.expect_doctor(c, node, "no FAIL", no_fail);
+    }
+    phases.push(p);
+    Ok(phases)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1697,7 +1838,7 @@ mod tests {
         }
         assert!("p4".parse::<Scenario>().is_err());
         let all = parse_names(&["all".into()]).unwrap();
-        assert_eq!(all.len(), 6);
+        assert_eq!(all.len(), 7);
         let p3 = parse_names(&["p3".into()]).unwrap();
         assert_eq!(p3, Scenario::P3.to_vec());
         assert_eq!(p3[3], Scenario::P3VxlanPort);
@@ -1724,6 +1865,9 @@ mod tests {
         assert_eq!(p3.nodes.len(), 3);
         assert_eq!(p3.pods_per_node, 1);
         assert!(!p3.ip_masq);
+        let setup = Scenario::NodeSetup.spec(&o);
+        let kinds: Vec<NodeKind> = setup.nodes.iter().map(|n| n.kind).collect();
+        assert_eq!(kinds, [NodeKind::Userspace, NodeKind::Kernel]);
     }
 
     #[test]

@@ -60,9 +60,19 @@ pub fn check_not_nat(iface_addr: IpAddr, public_ip: IpAddr) -> Result<(), HostGw
 #[derive(Debug)]
 pub struct HostGw {
     nl: Netlink,
+    routes: Routes,
     cfg: HostGwConfig,
     family: IpFamily,
     mtu: u32,
+}
+
+/// Which peers get routes from a [`HostGw`] reconciler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Routes {
+    /// host-gw leases.
+    HostGw,
+    /// vxlan leases on-link to us (DirectRouting in userspace mode).
+    Direct,
 }
 
 impl HostGw {
@@ -70,6 +80,17 @@ impl HostGw {
     /// network namespace of the calling thread; needs a tokio runtime.
     pub async fn setup(cfg: HostGwConfig) -> Result<Self, HostGwError> {
         check_not_nat(cfg.iface_addr, cfg.public_ip)?;
+        Self::open(cfg, Routes::HostGw).await
+    }
+
+    /// The same route reconciler for DirectRouting in userspace mode: `<subnet> via <public
+    /// IP> dev <iface>` for the vxlan peers [`HostGw::sync_direct`] is told are on-link (no NAT
+    /// check: a peer behind NAT is not on-link and keeps going through the tunnel).
+    pub async fn setup_direct(cfg: HostGwConfig) -> Result<Self, HostGwError> {
+        Self::open(cfg, Routes::Direct).await
+    }
+
+    async fn open(cfg: HostGwConfig, routes: Routes) -> Result<Self, HostGwError> {
         let family = IpFamily::of_net(cfg.subnet);
         if IpFamily::of_net(cfg.network) != family || !cfg.network.contains(&cfg.subnet) {
             return Err(HostGwError::Config(format!(
@@ -84,6 +105,7 @@ impl HostGw {
             .ok_or_else(|| HostGwError::IfaceMissing(cfg.iface.clone()))?;
         Ok(HostGw {
             nl,
+            routes,
             family,
             mtu: link.mtu.unwrap_or(1500),
             cfg,
@@ -98,6 +120,30 @@ impl HostGw {
     /// Programs `<subnet> via <public IP> dev <iface>` for every host-gw peer of this family,
     /// re-adds missing ones and removes stale ones. Failures are reported, not fatal.
     pub async fn sync(&mut self, peers: &[Peer]) -> SyncReport {
+        self.reconcile(peers, &std::collections::HashSet::new())
+            .await
+    }
+
+    /// DirectRouting (reconciler made by [`HostGw::setup_direct`]): routes for the vxlan peers
+    /// whose public IP is in `onlink`, stale direct routes removed.
+    pub async fn sync_direct(
+        &mut self,
+        peers: &[Peer],
+        onlink: &std::collections::HashSet<IpAddr>,
+    ) -> SyncReport {
+        self.reconcile(peers, onlink).await
+    }
+
+    /// The netlink reader and connection (for the on-link lookups of DirectRouting).
+    pub fn netlink(&self) -> &Netlink {
+        &self.nl
+    }
+
+    async fn reconcile(
+        &mut self,
+        peers: &[Peer],
+        onlink: &std::collections::HashSet<IpAddr>,
+    ) -> SyncReport {
         let mut report = SyncReport::default();
         // The interface may have been recreated with a new index: look it up every time.
         let link = match self.nl.link_by_name(&self.cfg.iface).await {
@@ -120,7 +166,10 @@ impl HostGw {
             network: self.cfg.network,
             own_subnet: self.cfg.subnet,
         };
-        let plan = plan::plan_host_gw(&pcfg, peers);
+        let plan = match self.routes {
+            Routes::HostGw => plan::plan_host_gw(&pcfg, peers),
+            Routes::Direct => plan::plan_direct_routes(&pcfg, peers, |ip| onlink.contains(&ip)),
+        };
         for s in &plan.skipped {
             tracing::debug!(subnet = %s.peer.subnet, reason = %s.reason, "peer not programmed");
         }

@@ -416,35 +416,9 @@ impl KernelVxlan {
         report
     }
 
-    /// DirectRouting: the public IPs (of this family's vxlan peers) the kernel reaches without
-    /// a gateway (`ip route get <ip>` has no `via`), as flannel's `ip.DirectRouting`.
+    /// DirectRouting: the public IPs of this family's vxlan peers that are on-link.
     async fn onlink_peers(&self, peers: &[Peer]) -> HashSet<IpAddr> {
-        let ips: BTreeSet<IpAddr> = peers
-            .iter()
-            .filter(|p| IpFamily::of_net(p.subnet) == self.family)
-            .filter(|p| p.backend_type == plan::BACKEND_VXLAN)
-            .map(|p| p.public_ip)
-            .collect();
-        // Futures collected first (no closure in the stream's type keeps the sync future Send).
-        let lookups: Vec<_> = ips
-            .into_iter()
-            .map(|ip| route_lookup(&self.nl, ip))
-            .collect();
-        let answers: Vec<(IpAddr, Result<Route, NetlinkError>)> = futures::stream::iter(lookups)
-            .buffer_unordered(CONCURRENCY)
-            .collect()
-            .await;
-        let mut onlink = HashSet::new();
-        for (ip, answer) in answers {
-            match answer {
-                Ok(route) if route.gateway.is_none() => {
-                    onlink.insert(ip);
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(%ip, error = %e, "couldn't look up route to peer"),
-            }
-        }
-        onlink
+        onlink_public_ips(&self.nl, self.family, peers).await
     }
 
     async fn read_current(&self) -> Result<KernelState, NetlinkError> {
@@ -819,6 +793,35 @@ pub(crate) async fn apply_ops(
             }
         }
     }
+}
+
+/// DirectRouting's decision (flannel's `ip.DirectRouting`): the public IPs of `family`'s vxlan
+/// peers the kernel reaches without a gateway (`ip route get <ip>` has no `via`). Shared by
+/// kernel mode and the userspace plane's direct routes.
+pub async fn onlink_public_ips(nl: &Netlink, family: IpFamily, peers: &[Peer]) -> HashSet<IpAddr> {
+    let ips: BTreeSet<IpAddr> = peers
+        .iter()
+        .filter(|p| IpFamily::of_net(p.subnet) == family)
+        .filter(|p| p.backend_type == plan::BACKEND_VXLAN)
+        .map(|p| p.public_ip)
+        .collect();
+    // Futures collected first (no closure in the stream's type keeps the sync future Send).
+    let lookups: Vec<_> = ips.into_iter().map(|ip| route_lookup(nl, ip)).collect();
+    let answers: Vec<(IpAddr, Result<Route, NetlinkError>)> = futures::stream::iter(lookups)
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    let mut onlink = HashSet::new();
+    for (ip, answer) in answers {
+        match answer {
+            Ok(route) if route.gateway.is_none() => {
+                onlink.insert(ip);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(%ip, error = %e, "couldn't look up route to peer"),
+        }
+    }
+    onlink
 }
 
 #[cfg(test)]

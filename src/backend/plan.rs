@@ -312,19 +312,46 @@ pub fn plan_host_gw(cfg: &HostGwPlanConfig, peers: &[Peer]) -> Plan {
         own_subnet: cfg.own_subnet.trunc(),
     };
     build(ownership, BACKEND_HOST_GW, peers, |subnet, peer| {
-        Ok(PeerPlan {
-            subnet,
-            neigh: None,
-            fdb: None,
-            route: RouteEntry {
-                dst: subnet,
-                via: Some(peer.public_ip),
-                dev: Some(cfg.ifindex),
-                onlink: false,
-                metric: default_metric(subnet),
-            },
-        })
+        Ok(route_via_public_ip(cfg, subnet, peer))
     })
+}
+
+/// DirectRouting without a kernel VXLAN device (userspace mode): host-gw's route for every
+/// vxlan peer `is_onlink` accepts (same decision as kernel mode); other peers get no entry
+/// here (they go through the TUN device) and their direct routes, if any, are removed.
+pub fn plan_direct_routes(
+    cfg: &HostGwPlanConfig,
+    peers: &[Peer],
+    is_onlink: impl Fn(IpAddr) -> bool,
+) -> Plan {
+    let ownership = Ownership {
+        device: None,
+        network: cfg.network.trunc(),
+        own_subnet: cfg.own_subnet.trunc(),
+    };
+    let direct: Vec<Peer> = peers
+        .iter()
+        .filter(|p| p.backend_type == BACKEND_VXLAN && is_onlink(p.public_ip))
+        .cloned()
+        .collect();
+    build(ownership, BACKEND_VXLAN, &direct, |subnet, peer| {
+        Ok(route_via_public_ip(cfg, subnet, peer))
+    })
+}
+
+fn route_via_public_ip(cfg: &HostGwPlanConfig, subnet: IpNet, peer: &Peer) -> PeerPlan {
+    PeerPlan {
+        subnet,
+        neigh: None,
+        fdb: None,
+        route: RouteEntry {
+            dst: subnet,
+            via: Some(peer.public_ip),
+            dev: Some(cfg.ifindex),
+            onlink: false,
+            metric: default_metric(subnet),
+        },
+    }
 }
 
 fn same_family(a: IpNet, b: IpNet) -> bool {
@@ -777,6 +804,44 @@ mod tests {
                 "ip route replace 10.244.2.0/24 via 10.244.2.0 dev if10 onlink",
             ]
         );
+    }
+
+    #[test]
+    fn userspace_direct_routes_only_for_onlink_vxlan_peers() {
+        let cfg = HostGwPlanConfig {
+            ifindex: 3,
+            network: "10.244.0.0/16".parse().unwrap(),
+            own_subnet: "10.244.1.0/24".parse().unwrap(),
+        };
+        let mut hg = vx_peer("10.244.4.0/24", "198.18.0.4", 4);
+        hg.backend_type = BACKEND_HOST_GW.into();
+        hg.vtep_mac = None;
+        let peers = vec![
+            vx_peer("10.244.2.0/24", "198.18.0.2", 2),
+            vx_peer("10.244.3.0/24", "203.0.113.3", 3),
+            hg,
+        ];
+        let onlink = |ip: IpAddr| ip.to_string().starts_with("198.18.");
+        let plan = plan_direct_routes(&cfg, &peers, onlink);
+        let routes: Vec<String> = plan.peers.iter().map(|p| p.route.to_string()).collect();
+        assert_eq!(routes, ["10.244.2.0/24 via 198.18.0.2 dev ifindex 3"]);
+        assert!(plan
+            .peers
+            .iter()
+            .all(|p| p.neigh.is_none() && p.fdb.is_none()));
+        // A direct route of a peer that is no longer on-link is ours to remove.
+        let stale = RouteEntry {
+            dst: "10.244.3.0/24".parse().unwrap(),
+            via: Some("203.0.113.3".parse().unwrap()),
+            dev: Some(3),
+            onlink: false,
+            metric: 0,
+        };
+        let ops = plan_direct_routes(&cfg, &peers, |_| false).diff(&KernelState {
+            routes: vec![stale],
+            ..Default::default()
+        });
+        assert_eq!(ops, vec![Op::RouteDel { route: stale }]);
     }
 
     #[test]

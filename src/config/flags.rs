@@ -139,6 +139,10 @@ pub struct Flags {
     /// `--peer-probe-interval` (addition): seconds between ICMP probes of every peer's VTEP
     /// (0 disables the prober).
     pub peer_probe_interval: u32,
+    /// `doctor --cni-bin-dir` (addition): where the kubelet finds CNI plugins.
+    pub cni_bin_dir: PathBuf,
+    /// `doctor --cni-conf-dir` (addition): where the kubelet reads CNI network configs.
+    pub cni_conf_dir: PathBuf,
 }
 
 impl Default for Flags {
@@ -184,6 +188,8 @@ impl Default for Flags {
             metrics_port: 0,
             metrics_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             peer_probe_interval: 10,
+            cni_bin_dir: PathBuf::from("/opt/cni/bin"),
+            cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
         }
     }
 }
@@ -238,6 +244,8 @@ impl fmt::Debug for Flags {
             .field("metrics_port", &self.metrics_port)
             .field("metrics_ip", &self.metrics_ip)
             .field("peer_probe_interval", &self.peer_probe_interval)
+            .field("cni_bin_dir", &self.cni_bin_dir)
+            .field("cni_conf_dir", &self.cni_conf_dir)
             .finish()
     }
 }
@@ -262,6 +270,9 @@ pub enum FlagError {
     /// `install-conf` without exactly a source and a destination.
     #[error("usage: flanneld install-conf <src> <dest>")]
     InstallConfUsage,
+    /// A flag only `flanneld doctor` uses, given to the daemon.
+    #[error("--{0} is a flag of `flanneld doctor` only; the daemon does not use it: remove it")]
+    DoctorOnly(String),
     /// A value that does not parse or is out of range.
     #[error("invalid value {value:?} for {origin}: {reason}")]
     InvalidValue {
@@ -380,8 +391,13 @@ const SPECS: &[Spec] = &[
     addition(spec("vxlan-tx-checksum-offload", Kind::Bool, "", "kernel data plane: keep tx checksum offload on the vxlan device (it is turned off by default)")),
     addition(spec("metrics-port", Kind::Int, "", "the port for the Prometheus /metrics server to listen (0 to disable); /metrics is served only there")),
     addition(spec("metrics-ip", Kind::Str, "127.0.0.1", "the IP address for the metrics server to listen (the metrics name every peer's subnet and public IP: keep it off pod-reachable addresses)")),
+    addition(spec("cni-bin-dir", Kind::Str, "/opt/cni/bin", "doctor only: the directory the kubelet finds CNI plugins in (checked by cni-plugin)")),
+    addition(spec("cni-conf-dir", Kind::Str, "/etc/cni/net.d", "doctor only: the directory the kubelet reads CNI network configs from (checked by cni-config)")),
     addition(spec("peer-probe-interval", Kind::Int, "10", "seconds between ICMP echo probes of every peer's VTEP address (host-gw: public IP); a peer silent 3 times in a row is logged and exported as flannel_peer_reachable 0 (0 to disable)")),
 ];
+
+/// Flags only `flanneld doctor` reads: refused by the daemon rather than ignored.
+const DOCTOR_ONLY: &[&str] = &["cni-bin-dir", "cni-conf-dir"];
 
 fn lookup(name: &str) -> Option<&'static Spec> {
     SPECS.iter().find(|s| s.name == name)
@@ -489,6 +505,13 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
             let var = env_name(spec.name);
             if let Some(v) = env(&var).filter(|v| !v.is_empty()) {
                 values.insert(spec.name, (Origin::Env(var), vec![v]));
+            }
+        }
+    }
+    if !doctor {
+        for name in DOCTOR_ONLY {
+            if values.contains_key(name) {
+                return Err(FlagError::DoctorOnly((*name).to_owned()));
             }
         }
     }
@@ -749,6 +772,8 @@ fn build(values: &BTreeMap<&'static str, (Origin, Vec<String>)>) -> Result<Flags
         metrics_ip: parsed("metrics-ip", "an IP address")?
             .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         peer_probe_interval: u32::try_from(int("peer-probe-interval", 0, 86_400)?).unwrap_or(10),
+        cni_bin_dir: PathBuf::from(string("cni-bin-dir")),
+        cni_conf_dir: PathBuf::from(string("cni-conf-dir")),
     })
 }
 
@@ -930,6 +955,25 @@ mod tests {
             run(&["--subnet-lease-renew-margin=1439"]).subnet_lease_renew_margin,
             1439
         );
+    }
+
+    #[test]
+    fn cni_dirs_are_doctor_flags_only() {
+        match parse(&args(&["doctor", "--cni-bin-dir=/tmp/b"]), &no_env) {
+            Ok(Command::Doctor(f)) => {
+                assert_eq!(f.cni_bin_dir, PathBuf::from("/tmp/b"));
+                assert_eq!(f.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = err(&["--cni-conf-dir=/tmp/c"]);
+        assert_eq!(e, FlagError::DoctorOnly("cni-conf-dir".into()));
+        assert!(e.to_string().contains("remove it"), "{e}");
+        let env = |k: &str| (k == "FLANNELD_CNI_BIN_DIR").then(|| "/x".to_owned());
+        assert!(matches!(
+            parse(&args(&[]), &env),
+            Err(FlagError::DoctorOnly(_))
+        ));
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! ready ends the process with a message naming the cause.
 
 pub mod backoff;
+mod blackhole;
+pub mod compat;
 pub mod extif;
 pub mod http;
 pub mod metrics;
@@ -143,6 +145,14 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
         }
     };
     let backend = net.backend()?.clone();
+    let env = |name: &str| std::env::var(name).ok();
+    let decision = compat::check(&flags, &net, &env);
+    for w in &decision.ignored {
+        warn!("{w}");
+    }
+    if !decision.refused.is_empty() {
+        return Err(DaemonError::Unsupported(decision.refused.join("; ")));
+    }
     let mut flags = flags;
     match store.stored_public_ips().await {
         // kube: the node-public-ip annotation acts like --public-ip (flannel ≥ v0.25.3).
@@ -231,6 +241,17 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
         }
     }
 
+    // --ip-blackhole-route: kept in place every --iptables-resync seconds, like flannel, in
+    // its own task so a stuck netlink call cannot hold the main loop.
+    let blackhole_task = flags.ip_blackhole_route.then(|| {
+        let mut blackhole = blackhole::Blackhole::new(subnet);
+        tokio::spawn(async move {
+            loop {
+                let _ = tokio::time::timeout(NETLINK_TIMEOUT, blackhole.ensure()).await;
+                tokio::time::sleep(fw_period).await;
+            }
+        })
+    });
     let env = SubnetEnv {
         network: Some(network),
         subnet: Some(subnet),
@@ -363,6 +384,9 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     }
     watch_task.abort();
     firewall_task.abort();
+    if let Some(b) = blackhole_task {
+        b.abort();
+    }
     if let Some(p) = prober {
         p.abort();
     }

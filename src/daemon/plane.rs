@@ -1,6 +1,7 @@
 //! The data plane the daemon drives, whichever backend and mode the flags choose, and the
 //! firewall rules that go with it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,8 @@ use tracing::{info, warn};
 
 use crate::backend::handoff;
 use crate::backend::hostgw::{HostGw, HostGwConfig};
-use crate::backend::kernel::{KernelVxlan, KernelVxlanConfig};
+use crate::backend::kernel::{onlink_public_ips, KernelVxlan, KernelVxlanConfig};
+use crate::backend::plan::BACKEND_VXLAN;
 use crate::backend::userspace::{UserspaceConfig, UserspaceVxlan};
 use crate::backend::Peer;
 use crate::config::flags::{Dataplane, Flags};
@@ -66,6 +68,8 @@ pub(super) enum Plane {
         nl: Netlink,
         mtu: u32,
         handoff: Handoff,
+        /// DirectRouting: routes via the external interface to on-link peers.
+        direct: Option<HostGw>,
     },
     /// The kernel's vxlan device, programmed like flannel.
     Kernel(Box<KernelVxlan>),
@@ -149,6 +153,21 @@ impl Plane {
                     .await
                     .map_err(fail)?;
                 info!(%device, mtu, %mac, port = cfg.port, handed_over, "userspace VXLAN data plane ready");
+                let direct = if vx.direct_routing {
+                    let d = HostGw::setup_direct(HostGwConfig {
+                        iface: ext.name.clone(),
+                        iface_addr: ext.iface_addr.into(),
+                        public_ip: ext.ext_addr.into(),
+                        network: network.into(),
+                        subnet: subnet.into(),
+                    })
+                    .await
+                    .map_err(|e| fail(format!("DirectRouting: {e}")))?;
+                    info!(iface = %ext.name, "DirectRouting: on-link peers are routed via the external interface");
+                    Some(d)
+                } else {
+                    None
+                };
                 Ok(Plane::Userspace {
                     dp,
                     nl,
@@ -158,6 +177,7 @@ impl Plane {
                         predecessor,
                         listener: None,
                     },
+                    direct,
                 })
             }
             (BackendConfig::Vxlan(vx), Some(mac)) => {
@@ -220,8 +240,23 @@ impl Plane {
     /// operations (retried by the next sync); the caller logs it as a condition.
     pub(super) async fn sync(&mut self, peers: &[Peer]) -> Result<(), String> {
         match self {
-            Plane::Userspace { dp, handoff, .. } => {
-                for s in dp.sync(peers) {
+            Plane::Userspace {
+                dp,
+                handoff,
+                direct,
+                ..
+            } => {
+                let (direct_peers, direct_result) = match direct.as_mut() {
+                    Some(d) => sync_direct(d, peers).await,
+                    None => (HashSet::new(), Ok(())),
+                };
+                // On-link peers are reached by their direct route: not encapsulated to.
+                let tunneled: Vec<Peer> = peers
+                    .iter()
+                    .filter(|p| !direct_peers.contains(&p.subnet))
+                    .cloned()
+                    .collect();
+                for s in dp.sync(&tunneled) {
                     warn!(subnet = %s.subnet, reason = s.reason, "peer not programmed");
                 }
                 if !dp.serving() {
@@ -232,7 +267,7 @@ impl Plane {
                     dp.close_handed_over();
                     info!("closed the handed-over device and socket");
                 }
-                Ok(())
+                direct_result
             }
             Plane::Kernel(k) => summarize(&k.sync(peers).await),
             Plane::HostGw(h) => summarize(&h.sync(peers).await),
@@ -346,6 +381,28 @@ async fn open_userspace(nl: &Netlink, cfg: &UserspaceConfig) -> std::io::Result<
             _ => return Err(e),
         }
     }
+}
+
+/// Programs the direct routes of on-link vxlan peers; returns the subnets now routed directly
+/// (a peer whose route failed stays on the tunnel) and the sync's failures in one line.
+async fn sync_direct(d: &mut HostGw, peers: &[Peer]) -> (HashSet<IpNet>, Result<(), String>) {
+    let onlink = onlink_public_ips(d.netlink(), IpFamily::V4, peers).await;
+    let report = d.sync_direct(peers, &onlink).await;
+    let mut failed = report.failed_peers();
+    // A failure tied to no peer (reading the routes, the interface gone): nothing applied.
+    let whole_sync_failed = !report.is_clean() && failed.is_empty();
+    failed.extend(report.skipped.iter().map(|s| s.peer.subnet));
+    let result = summarize(&report);
+    if whole_sync_failed {
+        return (HashSet::new(), result);
+    }
+    let direct = peers
+        .iter()
+        .filter(|p| p.backend_type == BACKEND_VXLAN && onlink.contains(&p.public_ip))
+        .map(|p| p.subnet)
+        .filter(|s| !failed.contains(s))
+        .collect();
+    (direct, result)
 }
 
 /// Handover state of the userspace data plane.

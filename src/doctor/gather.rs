@@ -6,6 +6,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::checks::{DeviceFacts, PeerProbe, Process};
+use super::host::{
+    classify_config, is_cni_config_name, parse_proc_net_udp, ConfigKind, PluginFile, UdpSocket,
+    CNI_PLUGINS,
+};
 use crate::backend::Peer;
 use crate::config::flags::Flags;
 use crate::io::icmp::Pinger;
@@ -129,9 +133,23 @@ pub async fn probe(
     peers: Vec<(Peer, Ipv4Addr)>,
     timeout: Duration,
 ) -> Result<Vec<PeerProbe>, String> {
+    probe_sized(peers, timeout, None).await
+}
+
+/// [`probe`] with requests of `packet_len` bytes and Don't Fragment set when given.
+pub async fn probe_sized(
+    peers: Vec<(Peer, Ipv4Addr)>,
+    timeout: Duration,
+    packet_len: Option<usize>,
+) -> Result<Vec<PeerProbe>, String> {
     tokio::task::spawn_blocking(move || {
         let mut pinger = Pinger::open()
             .map_err(|e| format!("cannot open a raw ICMP socket (run as root): {e}"))?;
+        if let Some(len) = packet_len {
+            pinger
+                .sized_dont_fragment(len)
+                .map_err(|e| format!("cannot set Don't Fragment on the ICMP socket: {e}"))?;
+        }
         let targets: Vec<Ipv4Addr> = peers.iter().map(|(_, t)| *t).collect();
         let answered = pinger.probe(&targets, 2, timeout);
         Ok(peers
@@ -146,4 +164,138 @@ pub async fn probe(
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// Upper bound on files read from a CNI config directory, and on each file's size.
+const MAX_CNI_FILES: usize = 1_000;
+const MAX_CNI_FILE_BYTES: u64 = 1 << 20;
+
+/// Each plugin of [`CNI_PLUGINS`] in `dir`: executable, present but not executable, missing.
+pub fn cni_plugins(dir: &Path) -> Vec<(&'static str, PluginFile)> {
+    use std::os::unix::fs::PermissionsExt;
+    CNI_PLUGINS
+        .iter()
+        .map(|name| {
+            let found = match std::fs::metadata(dir.join(name)) {
+                Err(_) => PluginFile::Missing,
+                Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {
+                    PluginFile::Executable
+                }
+                Ok(_) => PluginFile::NotExecutable,
+            };
+            (*name, found)
+        })
+        .collect()
+}
+
+/// Every CNI config file (`.conf`, `.conflist`, `.json`) in `dir`, classified.
+pub fn cni_configs(dir: &Path) -> Result<Vec<(String, ConfigKind)>, String> {
+    use std::io::Read;
+    let entries = std::fs::read_dir(dir).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for entry in entries.flatten().take(MAX_CNI_FILES) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !is_cni_config_name(&name) {
+            continue;
+        }
+        let mut text = String::new();
+        let kind = match std::fs::File::open(entry.path())
+            .and_then(|f| f.take(MAX_CNI_FILE_BYTES).read_to_string(&mut text))
+        {
+            Ok(_) => classify_config(&text),
+            Err(e) => ConfigKind::Invalid(format!("unreadable: {e}")),
+        };
+        out.push((name, kind));
+    }
+    Ok(out)
+}
+
+/// `/proc/sys/net/bridge/bridge-nf-call-iptables` of this namespace.
+pub fn br_netfilter() -> Result<String, String> {
+    std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
+        .map_err(|e| e.to_string())
+}
+
+/// The namespace's vxlan devices (name, destination port; the kernel's default 8472 when
+/// none is reported) and the UDP sockets (IPv4 and IPv6) bound to `port`, with the process
+/// holding each.
+pub async fn vxlan_port(port: u16) -> Result<(Vec<(String, u16)>, Vec<UdpSocket>), String> {
+    let nl = Netlink::connect().map_err(|e| e.to_string())?;
+    let devices = nl
+        .links()
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|l| l.kind.as_deref() == Some("vxlan"))
+        .map(|l| {
+            let p = l.vxlan.as_ref().and_then(|v| v.port).unwrap_or(8472);
+            (l.name, p)
+        })
+        .collect();
+    let mut inodes: Vec<u64> = Vec::new();
+    for file in ["/proc/net/udp", "/proc/net/udp6"] {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            inodes.extend(
+                parse_proc_net_udp(&text)
+                    .into_iter()
+                    .filter(|(p, _)| *p == port)
+                    .map(|(_, i)| i),
+            );
+        }
+    }
+    let owners = socket_owners(&inodes);
+    let sockets = inodes
+        .into_iter()
+        .map(|inode| UdpSocket {
+            inode,
+            owner: owners
+                .iter()
+                .find(|(i, _, _)| *i == inode)
+                .map(|(_, pid, comm)| (*pid, comm.clone())),
+        })
+        .collect();
+    Ok((devices, sockets))
+}
+
+/// (inode, pid, comm) for the processes holding the sockets `inodes` (from `/proc/*/fd`).
+fn socket_owners(inodes: &[u64]) -> Vec<(u64, u32, String)> {
+    let wanted: Vec<String> = inodes
+        .iter()
+        .filter(|i| **i != 0)
+        .map(|i| format!("socket:[{i}]"))
+        .collect();
+    let mut out = Vec::new();
+    if wanted.is_empty() {
+        return out;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten().take(MAX_PROCESSES) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy();
+            if let Some(k) = wanted.iter().position(|w| *w == target) {
+                let comm = std::fs::read_to_string(entry.path().join("comm"))
+                    .map(|s| s.trim_end_matches('\n').to_owned())
+                    .unwrap_or_default();
+                if let Some(inode) = inodes.iter().filter(|i| **i != 0).nth(k) {
+                    out.push((*inode, pid, comm));
+                }
+            }
+        }
+    }
+    out
 }

@@ -13,6 +13,7 @@
 
 pub mod checks;
 pub mod gather;
+pub mod host;
 pub mod iptables;
 pub mod report;
 
@@ -20,7 +21,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::backend::{peers_from_leases, Peer};
-use crate::config::flags::Flags;
+use crate::config::flags::{Dataplane, Flags};
 use crate::config::netconf::{BackendConfig, NetConfig, VxlanConfig};
 use crate::config::subnet_env::SubnetEnv;
 use crate::daemon::probe::{probe_target, ProbeContext};
@@ -56,6 +57,96 @@ impl Diagnosis {
     pub fn render(&self) -> String {
         report::render(&self.findings)
     }
+}
+
+/// `mtu`: the peers that answered small echoes, probed again with Don't-Fragment echoes of
+/// the overlay MTU.
+async fn mtu_check(
+    probes: &[checks::PeerProbe],
+    ctx: &ProbeContext,
+    backend: &BackendConfig,
+    overlay_mtu: Option<u32>,
+) -> Finding {
+    let overhead = match backend {
+        BackendConfig::Vxlan(_) => crate::backend::kernel::VXLAN_OVERHEAD,
+        _ => 0,
+    };
+    let Some(m) = overlay_mtu else {
+        return host::mtu(None, overhead, &[]);
+    };
+    let answering: Vec<(Peer, Ipv4Addr)> = probes
+        .iter()
+        .filter(|p| p.answered)
+        .map(|p| (p.peer.clone(), p.target))
+        .collect();
+    if answering.is_empty() {
+        return host::mtu(Some(m), overhead, &[]);
+    }
+    let len = usize::try_from(m).unwrap_or(usize::MAX);
+    match gather::probe_sized(answering, PROBE_TIMEOUT, Some(len)).await {
+        Ok(big) => {
+            let results: Vec<(String, bool)> = big
+                .iter()
+                .map(|p| (crate::daemon::probe::peer_label(&p.peer, ctx), p.answered))
+                .collect();
+            host::mtu(Some(m), overhead, &results)
+        }
+        Err(e) => Finding::new(Status::Skip, ids::MTU, e),
+    }
+}
+
+/// The node's set-up around flanneld: br_netfilter, the VXLAN port, the CNI plugins and
+/// config the kubelet uses.
+async fn host_checks(
+    flags: &Flags,
+    net: Option<&NetConfig>,
+    backend: &BackendConfig,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    if net.is_some_and(|n| n.enable_nftables) {
+        out.push(Finding::new(
+            Status::Skip,
+            ids::BR_NETFILTER,
+            "EnableNFTables: flannel does not require br_netfilter in nftables mode",
+        ));
+    } else {
+        let raw = gather::br_netfilter();
+        out.push(host::br_netfilter(raw.as_deref().map_err(String::as_str)));
+    }
+    match backend {
+        BackendConfig::Vxlan(vx) => {
+            let port = vx.vxlan_port();
+            match gather::vxlan_port(port).await {
+                Ok((devices, sockets)) => out.push(host::vxlan_port(
+                    port,
+                    &vx.device_name(),
+                    flags.dataplane == Dataplane::Userspace,
+                    &devices,
+                    &sockets,
+                )),
+                Err(e) => out.push(Finding::new(
+                    Status::Skip,
+                    ids::VXLAN_PORT,
+                    format!("cannot list devices: {e}"),
+                )),
+            }
+        }
+        other => out.push(Finding::new(
+            Status::Skip,
+            ids::VXLAN_PORT,
+            format!("{} backend: no VXLAN port", other.kind()),
+        )),
+    }
+    out.push(host::cni_plugins(
+        &flags.cni_bin_dir,
+        &gather::cni_plugins(&flags.cni_bin_dir),
+    ));
+    let configs = gather::cni_configs(&flags.cni_conf_dir);
+    out.push(host::cni_config(
+        &flags.cni_conf_dir,
+        configs.as_deref().map_err(String::as_str),
+    ));
+    out
 }
 
 /// Runs every check for a node configured by `flags` (in the calling thread's namespace).
@@ -121,6 +212,7 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
     findings.push(checks::forward_reject(rules_ref, network));
     findings.push(checks::host_firewall_check(rules_ref, &procs, network));
     findings.extend(checks::security_software(&procs));
+    findings.extend(host_checks(flags, net.as_ref(), &backend).await);
 
     let stored_ip = store.as_ref().ok().and_then(|v| v.stored_public_ip);
     let ours = own_addresses(
@@ -140,8 +232,15 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
                 .filter_map(|p| probe_target(&p).map(|t| (p, t)))
                 .collect();
             match gather::probe(targets, PROBE_TIMEOUT).await {
-                Ok(probes) => findings.extend(checks::peer_reachable(&probes, &ctx)),
-                Err(e) => findings.push(Finding::new(Status::Skip, ids::PEER_REACHABLE, e)),
+                Ok(probes) => {
+                    findings.extend(checks::peer_reachable(&probes, &ctx));
+                    let overlay_mtu = env.as_ref().ok().map(|e| e.mtu).filter(|m| *m > 0);
+                    findings.push(mtu_check(&probes, &ctx, &backend, overlay_mtu).await);
+                }
+                Err(e) => {
+                    findings.push(Finding::new(Status::Skip, ids::PEER_REACHABLE, e.clone()));
+                    findings.push(Finding::new(Status::Skip, ids::MTU, e));
+                }
             }
         }
         _ => findings.push(Finding::new(

@@ -53,6 +53,16 @@ pub mod ids {
     pub const PEER_REACHABLE: &str = "peer-reachable";
     /// subnet.env agrees with the store's lease for this node.
     pub const SUBNET_LEASE: &str = "subnet-lease";
+    /// The CNI plugins flannel's config chain calls are installed and executable.
+    pub const CNI_PLUGIN: &str = "cni-plugin";
+    /// The kubelet's first CNI config is a valid flannel one.
+    pub const CNI_CONFIG: &str = "cni-config";
+    /// br_netfilter loaded and `bridge-nf-call-iptables` on.
+    pub const BR_NETFILTER: &str = "br-netfilter";
+    /// Nothing else owns the VXLAN UDP port.
+    pub const VXLAN_PORT: &str = "vxlan-port";
+    /// Overlay-MTU packets (plus the backend's overhead) cross the underlay to each peer.
+    pub const MTU: &str = "mtu";
 }
 
 /// One line of the report.

@@ -47,6 +47,13 @@ pub struct EchoReply {
     pub seq: u16,
 }
 
+/// The echo payload that makes a request an IPv4 packet of `packet_len` bytes (20-byte header,
+/// 8-byte ICMP header): [`PAYLOAD`] repeated, never shorter than [`PAYLOAD`], at most 64 KiB.
+pub fn sized_payload(packet_len: usize) -> Vec<u8> {
+    let len = packet_len.saturating_sub(28).clamp(PAYLOAD.len(), 65_507);
+    PAYLOAD.iter().copied().cycle().take(len).collect()
+}
+
 /// An ICMP echo request message (no IP header) with a valid checksum.
 pub fn echo_request(ident: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
     let mut msg = Vec::with_capacity(8 + payload.len());
@@ -86,6 +93,7 @@ pub struct Pinger {
     fd: OwnedFd,
     ident: u16,
     next_seq: u16,
+    payload: Vec<u8>,
 }
 
 impl Pinger {
@@ -126,7 +134,31 @@ impl Pinger {
             fd,
             ident: u16::from_be_bytes([id[0], id[1]]),
             next_seq: u16::from_be_bytes([id[2], id[3]]),
+            payload: PAYLOAD.to_vec(),
         })
+    }
+
+    /// From now on, requests are IPv4 packets of `packet_len` bytes (header included; at least
+    /// the default size) with Don't Fragment set and this host's cached path MTU ignored
+    /// (`IP_PMTUDISC_PROBE`): a reply proves that packets of that size cross the path. Used
+    /// to check the overlay MTU end to end.
+    pub fn sized_dont_fragment(&mut self, packet_len: usize) -> io::Result<()> {
+        let probe: libc::c_int = libc::IP_PMTUDISC_PROBE;
+        // SAFETY: the option value points at a live c_int of the length passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&probe as *const libc::c_int).cast(),
+                mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.payload = sized_payload(packet_len);
+        Ok(())
     }
 
     /// The ICMP identifier of this pinger's requests.
@@ -178,7 +210,8 @@ impl Pinger {
             std::thread::sleep(SEND_GAP);
         }
         let deadline = Instant::now() + timeout;
-        let mut buf = [0u8; 1500];
+        // Room for a reply as large as any request (jumbo overlay MTUs).
+        let mut buf = vec![0u8; 65_536];
         while !outstanding.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -233,7 +266,7 @@ impl Pinger {
     }
 
     fn send(&self, dst: Ipv4Addr, seq: u16) -> io::Result<()> {
-        let msg = echo_request(self.ident, seq, PAYLOAD);
+        let msg = echo_request(self.ident, seq, &self.payload);
         // SAFETY: sockaddr_in is plain data; all-zero is a valid value before filling it in.
         let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
         sa.sin_family = libc::AF_INET as libc::sa_family_t;
@@ -283,6 +316,14 @@ impl Pinger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sized_requests_have_the_asked_packet_length() {
+        assert_eq!(20 + echo_request(1, 2, &sized_payload(1450)).len(), 1450);
+        assert_eq!(20 + echo_request(1, 2, &sized_payload(8950)).len(), 8950);
+        assert_eq!(sized_payload(10), PAYLOAD);
+        assert!(sized_payload(1450).starts_with(PAYLOAD));
+    }
 
     /// An IPv4 header (no options) from `src` in front of `icmp`.
     fn ip(src: Ipv4Addr, icmp: &[u8]) -> Vec<u8> {
