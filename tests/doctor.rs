@@ -50,7 +50,7 @@ fn verdicts(report: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-const IDS: [&str; 8] = [
+const IDS: [&str; 9] = [
     "ip-forward",
     "vxlan-device",
     "tx-checksum",
@@ -58,6 +58,7 @@ const IDS: [&str; 8] = [
     "host-firewall",
     "security-software",
     "peer-reachable",
+    "vxlan-guard",
     "subnet-lease",
 ];
 

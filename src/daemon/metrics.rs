@@ -40,6 +40,7 @@ pub struct PeerGauge {
 pub struct DaemonMetrics {
     peers: AtomicU64,
     skipped_leases: AtomicU64,
+    refusals: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     plane: Mutex<PlaneMetrics>,
     peer_health: Mutex<Vec<PeerGauge>>,
 }
@@ -53,6 +54,13 @@ impl DaemonMetrics {
     /// Records the number of leases skipped as invalid.
     pub fn set_skipped_leases(&self, n: usize) {
         self.skipped_leases.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one newly refused lease (each refusal once while it lasts), by reason label.
+    pub fn count_refusal(&self, reason: &'static str) {
+        if let Ok(mut r) = self.refusals.lock() {
+            *r.entry(reason).or_default() += 1;
+        }
     }
 
     /// Attaches the data plane's counters.
@@ -85,6 +93,16 @@ impl DaemonMetrics {
             "Leases skipped because they are invalid (see the daemon log).",
             self.skipped_leases.load(Ordering::Relaxed),
         );
+        let refusals = self.refusals.lock().map(|r| r.clone()).unwrap_or_default();
+        if !refusals.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP flannel_refused_leases_total Peer leases refused at intake (counted once per appearance, named in the log).\n# TYPE flannel_refused_leases_total counter"
+            );
+            for (reason, n) in &refusals {
+                let _ = writeln!(out, "flannel_refused_leases_total{{reason=\"{reason}\"}} {n}");
+            }
+        }
         let health = self
             .peer_health
             .lock()

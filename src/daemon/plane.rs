@@ -13,7 +13,7 @@ use crate::backend::Peer;
 use crate::config::flags::{Dataplane, Flags};
 use crate::config::netconf::BackendConfig;
 use crate::dataplane::LocalVtep;
-use crate::masq::{ensure_async, Iptables, MasqConfig, Rule};
+use crate::masq::{ensure_async, Iptables, MasqConfig, Rule, VxlanGuard};
 use crate::netlink::{IpFamily, Netlink};
 use crate::netlink::{Route, RouteScope};
 use crate::wire::MacAddr;
@@ -357,6 +357,90 @@ impl Firewall {
             Ok(true) => warn!("Some iptables rules are missing; deleting and recreating rules"),
             Ok(false) => {}
             Err(e) => warn!(error = %e, "checking firewall rules failed"),
+        }
+    }
+}
+
+/// The VXLAN guard chains (`masq::guard`): kept equal to the current peers' public IPs right
+/// after every peer-set change (as the data plane), and re-checked with flannel's rules.
+#[derive(Debug)]
+pub(super) struct VxlanGuardRules {
+    ipt: Option<Arc<Iptables>>,
+    port: u16,
+    network: IpNet,
+    allow_list: bool,
+    /// The peer IPs last applied; `None` until the first successful apply (or after a failure).
+    applied: Option<Vec<std::net::IpAddr>>,
+}
+
+impl VxlanGuardRules {
+    /// Guard rules for a vxlan backend (both data planes; the allow-list in kernel mode
+    /// only); `None` for host-gw.
+    pub(super) fn new(
+        flags: &Flags,
+        backend: &BackendConfig,
+        network: Ipv4Net,
+    ) -> Option<VxlanGuardRules> {
+        let BackendConfig::Vxlan(vx) = backend else {
+            return None;
+        };
+        let ipt = match Iptables::detect(IpFamily::V4) {
+            Ok(i) => Some(Arc::new(i)),
+            Err(e) => {
+                warn!(error = %e, "iptables unavailable; VXLAN guard rules not installed");
+                None
+            }
+        };
+        Some(VxlanGuardRules {
+            ipt,
+            port: vx.vxlan_port(),
+            network: network.into(),
+            allow_list: flags.dataplane == Dataplane::Kernel,
+            applied: None,
+        })
+    }
+
+    /// Applies the allow-list of `peers` if it changed since the last apply.
+    pub(super) async fn sync(&mut self, peers: &[Peer]) {
+        let mut ips: Vec<std::net::IpAddr> = peers.iter().map(|p| p.public_ip).collect();
+        ips.sort();
+        ips.dedup();
+        if self.applied.as_ref() == Some(&ips) {
+            return;
+        }
+        self.apply(ips).await;
+    }
+
+    /// The periodic check: repairs the chains and jumps if anything was changed by hand.
+    pub(super) async fn ensure(&mut self) {
+        if let Some(ips) = self.applied.clone() {
+            self.apply(ips).await;
+        }
+    }
+
+    async fn apply(&mut self, ips: Vec<std::net::IpAddr>) {
+        let Some(ipt) = self.ipt.clone() else { return };
+        let guard = VxlanGuard {
+            port: self.port,
+            network: self.network,
+            peers: ips.clone(),
+            allow_list: self.allow_list,
+        };
+        let done = tokio::task::spawn_blocking(move || ipt.sync_vxlan_guard(&guard)).await;
+        match done {
+            Ok(Ok(changed)) => {
+                if changed && self.applied.as_ref() == Some(&ips) {
+                    warn!("VXLAN guard rules were changed under us; rewritten");
+                } else if changed {
+                    info!(peers = ips.len(), port = self.port, "VXLAN guard rules updated");
+                }
+                self.applied = Some(ips);
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "updating the VXLAN guard rules failed; retrying");
+                self.applied = None;
+            }
+            Err(e) => warn!(error = %e, "VXLAN guard task failed"),
         }
     }
 }
