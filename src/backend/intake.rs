@@ -103,7 +103,9 @@ impl fmt::Display for RefuseReason {
             RefuseReason::OutsideNetwork { network: None } => {
                 f.write_str("no Network is configured for this address family")
             }
-            RefuseReason::WrongPrefix { want } => write!(f, "prefix length is not SubnetLen {want}"),
+            RefuseReason::WrongPrefix { want } => {
+                write!(f, "prefix length is not SubnetLen {want}")
+            }
             RefuseReason::OverlapsOwn { own } => write!(f, "overlaps our own subnet {own}"),
             RefuseReason::OverlapsPeer { other, other_ip } => write!(
                 f,
@@ -195,8 +197,7 @@ pub fn intake<'a>(leases: impl IntoIterator<Item = &'a Lease>, cfg: &IntakeConfi
                 node: lease.node.clone(),
                 reason,
             };
-            if let Err(reason) = check_subnet(subnet, cfg).and_then(|()| check_ip(public_ip, cfg))
-            {
+            if let Err(reason) = check_subnet(subnet, cfg).and_then(|()| check_ip(public_ip, cfg)) {
                 refused.push(refuse(reason));
                 continue;
             }
@@ -246,15 +247,17 @@ fn check_subnet(subnet: IpNet, cfg: &IntakeConfig) -> Result<(), RefuseReason> {
         IpNet::V4(_) => (cfg.network_v4.map(IpNet::V4), cfg.subnet_len_v4),
         IpNet::V6(_) => (cfg.network_v6.map(IpNet::V6), cfg.subnet_len_v6),
     };
-    let inside = network.is_some_and(|n| n.contains(&subnet) && subnet.prefix_len() > n.prefix_len());
+    let inside =
+        network.is_some_and(|n| n.contains(&subnet) && subnet.prefix_len() > n.prefix_len());
     if !inside {
         return Err(RefuseReason::OutsideNetwork { network });
     }
-    if let Some(want) = want.filter(|w| *w != subnet.prefix_len()) {
-        return Err(RefuseReason::WrongPrefix { want });
-    }
+    // Before the prefix check: a /25 inside our /24 is named for what matters most.
     if let Some(own) = cfg.own_subnets.iter().find(|o| overlaps(**o, subnet)) {
         return Err(RefuseReason::OverlapsOwn { own: *own });
+    }
+    if let Some(want) = want.filter(|w| *w != subnet.prefix_len()) {
+        return Err(RefuseReason::WrongPrefix { want });
     }
     Ok(())
 }
@@ -460,7 +463,10 @@ mod tests {
             "10.244.7.0/24 of node 198.18.0.7 refused: vxlan lease without BackendData",
             "10.244.9.0/25 of node 198.18.0.9 refused: prefix length is not SubnetLen 24",
         ] {
-            assert!(text.iter().any(|t| t.contains(needle)), "{needle}: {text:#?}");
+            assert!(
+                text.iter().any(|t| t.contains(needle)),
+                "{needle}: {text:#?}"
+            );
         }
     }
 
@@ -486,7 +492,10 @@ mod tests {
             "10.244.3.128/25 of node 198.18.0.4 refused: overlaps 10.244.3.0/24 of node 198.18.0.3",
             "10.244.3.192/26 of node 198.18.0.5 refused: overlaps 10.244.3.0/24",
         ] {
-            assert!(text.iter().any(|t| t.contains(needle)), "{needle}: {text:#?}");
+            assert!(
+                text.iter().any(|t| t.contains(needle)),
+                "{needle}: {text:#?}"
+            );
         }
         // Arrival order does not matter.
         let rev = intake(leases.iter().rev(), &c);
@@ -495,16 +504,19 @@ mod tests {
 
     #[test]
     fn own_subnet_overlaps_and_own_or_odd_public_ips_are_refused() {
-        let mut c = cfg();
-        c.subnet_len_v4 = None;
+        let c = cfg();
         let leases = [
             lease("10.244.0.0-23", &vxlan("198.18.0.2", "02:00:00:00:00:02")),
+            lease("10.244.1.0-24", &vxlan("198.18.0.12", "02:00:00:00:00:0c")),
             lease("10.244.1.128-25", &vxlan("198.18.0.3", "02:00:00:00:00:03")),
             lease("10.244.4.0-24", &vxlan("198.18.0.1", "02:00:00:00:00:04")),
             lease("10.244.5.0-24", &vxlan("127.0.0.5", "02:00:00:00:00:05")),
             lease("10.244.6.0-24", &vxlan("169.254.0.6", "02:00:00:00:00:06")),
             lease("10.244.7.0-24", &vxlan("224.0.0.7", "02:00:00:00:00:07")),
-            lease("10.244.8.0-24", &vxlan("255.255.255.255", "02:00:00:00:00:08")),
+            lease(
+                "10.244.8.0-24",
+                &vxlan("255.255.255.255", "02:00:00:00:00:08"),
+            ),
             lease("10.244.9.0-24", &vxlan("240.0.0.9", "02:00:00:00:00:09")),
             lease("10.244.10.0-24", &vxlan("0.1.2.3", "02:00:00:00:00:0a")),
             lease("10.244.11.0-24", &vxlan("198.18.0.11", "02:00:00:00:00:0b")),
@@ -515,6 +527,7 @@ mod tests {
         for needle in [
             "10.244.0.0/23 of node 198.18.0.2 refused: overlaps our own subnet 10.244.1.0/24",
             "10.244.1.128/25 of node 198.18.0.3 refused: overlaps our own subnet",
+            "10.244.1.0/24 of node 198.18.0.12 refused: overlaps our own subnet",
             "10.244.4.0/24 of node 198.18.0.1 refused: PublicIP is one of this node's",
             "PublicIP is loopback",
             "PublicIP is link-local",
@@ -523,9 +536,12 @@ mod tests {
             "PublicIP is reserved",
             "10.244.10.0/24 of node 0.1.2.3 refused: PublicIP is unspecified",
         ] {
-            assert!(text.iter().any(|t| t.contains(needle)), "{needle}: {text:#?}");
+            assert!(
+                text.iter().any(|t| t.contains(needle)),
+                "{needle}: {text:#?}"
+            );
         }
-        assert_eq!(text.len(), 9, "{text:#?}");
+        assert_eq!(text.len(), 10, "{text:#?}");
     }
 
     #[test]
@@ -550,7 +566,10 @@ mod tests {
         ];
         let got = intake(&leases, &c);
         assert_eq!(subnets(&got), ["2001:db8:100:2::/64"]);
-        assert_eq!(got.peers[0].public_ip, "2001:db8:ff::2".parse::<IpAddr>().expect("ip"));
+        assert_eq!(
+            got.peers[0].public_ip,
+            "2001:db8:ff::2".parse::<IpAddr>().expect("ip")
+        );
         let text = reasons(&got);
         for needle in [
             "2001:db8:100::/56 of node 2001:db8:ff::3 refused: prefix length is not SubnetLen 64",
@@ -558,7 +577,10 @@ mod tests {
             "PublicIP is multicast",
             "2001:db8:200:6::/64 of node 2001:db8:ff::6 refused: subnet is not strictly inside",
         ] {
-            assert!(text.iter().any(|t| t.contains(needle)), "{needle}: {text:#?}");
+            assert!(
+                text.iter().any(|t| t.contains(needle)),
+                "{needle}: {text:#?}"
+            );
         }
         assert_eq!(text.len(), 4, "{text:#?}");
     }

@@ -100,7 +100,10 @@ impl DaemonMetrics {
                 "# HELP flannel_refused_leases_total Peer leases refused at intake (counted once per appearance, named in the log).\n# TYPE flannel_refused_leases_total counter"
             );
             for (reason, n) in &refusals {
-                let _ = writeln!(out, "flannel_refused_leases_total{{reason=\"{reason}\"}} {n}");
+                let _ = writeln!(
+                    out,
+                    "flannel_refused_leases_total{{reason=\"{reason}\"}} {n}"
+                );
             }
         }
         let health = self

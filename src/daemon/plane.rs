@@ -432,7 +432,11 @@ impl VxlanGuardRules {
                 if changed && self.applied.as_ref() == Some(&ips) {
                     warn!("VXLAN guard rules were changed under us; rewritten");
                 } else if changed {
-                    info!(peers = ips.len(), port = self.port, "VXLAN guard rules updated");
+                    info!(
+                        peers = ips.len(),
+                        port = self.port,
+                        "VXLAN guard rules updated"
+                    );
                 }
                 self.applied = Some(ips);
             }

@@ -913,8 +913,16 @@ mod tests {
             allow_list: true,
         };
         let mut v = vec!["-P INPUT ACCEPT".to_owned()];
-        v.extend(crate::masq::guard_jumps(8472).iter().map(crate::masq::Rule::render));
-        v.extend(crate::masq::guard_rules(&g).iter().map(crate::masq::Rule::render));
+        v.extend(
+            crate::masq::guard_jumps(8472)
+                .iter()
+                .map(crate::masq::Rule::render),
+        );
+        v.extend(
+            crate::masq::guard_rules(&g)
+                .iter()
+                .map(crate::masq::Rule::render),
+        );
         v.join("\n")
     }
 
@@ -943,17 +951,25 @@ mod tests {
             .join("\n");
         let f = vxlan_guard(Ok(&no_jump), net, Some(8472), true, Some(&peers));
         assert_eq!(f.status, Status::Fail, "{f:?}");
-        assert!(f.message.contains("-A INPUT -p udp -m udp --dport 8472"), "{f:?}");
+        assert!(
+            f.message.contains("-A INPUT -p udp -m udp --dport 8472"),
+            "{f:?}"
+        );
         // Another port (Backend.Port changed, daemon not restarted).
         let f = vxlan_guard(Ok(&text), net, Some(8475), true, Some(&peers));
         assert_eq!(f.status, Status::Fail, "{f:?}");
-        assert_eq!(vxlan_guard(Ok(&text), net, None, true, None).status, Status::Skip);
+        assert_eq!(
+            vxlan_guard(Ok(&text), net, None, true, None).status,
+            Status::Skip
+        );
         // Userspace mode: the pod drops suffice, the allow-list is not required.
         let f = vxlan_guard(Ok(&no_jump), net, Some(8472), false, Some(&peers));
         assert_eq!(f.status, Status::Fail, "{f:?}");
         let f = vxlan_guard(Ok(&text), net, Some(8472), false, Some(&two));
         assert_eq!(f.status, Status::Pass, "{f:?}");
-        assert_eq!(vxlan_guard(Err("no iptables"), net, Some(8472), true, None).status, Status::Skip);
+        assert_eq!(
+            vxlan_guard(Err("no iptables"), net, Some(8472), true, None).status,
+            Status::Skip
+        );
     }
-
 }

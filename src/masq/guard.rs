@@ -80,7 +80,10 @@ pub fn guard_jumps(port: u16) -> [Rule; 2] {
             ],
         )
     };
-    [jump("INPUT", VXLAN_IN_CHAIN), jump("FORWARD", VXLAN_FWD_CHAIN)]
+    [
+        jump("INPUT", VXLAN_IN_CHAIN),
+        jump("FORWARD", VXLAN_FWD_CHAIN),
+    ]
 }
 
 /// The rules inside both guard chains, in order, as `iptables -S` prints them.
@@ -90,7 +93,12 @@ pub fn guard_rules(g: &VxlanGuard) -> Vec<Rule> {
     let mut peers: Vec<String> = g
         .peers
         .iter()
-        .filter(|ip| matches!((ip, g.network), (IpAddr::V4(_), IpNet::V4(_)) | (IpAddr::V6(_), IpNet::V6(_))))
+        .filter(|ip| {
+            matches!(
+                (ip, g.network),
+                (IpAddr::V4(_), IpNet::V4(_)) | (IpAddr::V6(_), IpNet::V6(_))
+            )
+        })
         .map(|ip| host(*ip))
         .collect();
     peers.sort();
@@ -253,7 +261,9 @@ mod tests {
         };
         let text: Vec<String> = guard_rules(&pods_only).iter().map(Rule::render).collect();
         assert_eq!(text.len(), 2, "{text:?}");
-        assert!(text.iter().all(|t| t.contains("-s 10.244.0.0/16") && t.ends_with("-j DROP")));
+        assert!(text
+            .iter()
+            .all(|t| t.contains("-s 10.244.0.0/16") && t.ends_with("-j DROP")));
     }
 
     #[test]
@@ -261,7 +271,9 @@ mod tests {
         let g = guard(&["198.18.0.2"]);
         let empty = vec!["-P INPUT ACCEPT".to_owned()];
         let payload = guard_restore(&g, &empty).expect("payload");
-        assert!(payload.starts_with("*filter\n:FLANNEL-VXLAN-IN - [0:0]\n:FLANNEL-VXLAN-FWD - [0:0]\n"));
+        assert!(
+            payload.starts_with("*filter\n:FLANNEL-VXLAN-IN - [0:0]\n:FLANNEL-VXLAN-FWD - [0:0]\n")
+        );
         assert!(payload.contains(
             "\n-I INPUT 1 -p udp -m udp --dport 8472 -m comment --comment \"flanneld vxlan guard\" -j FLANNEL-VXLAN-IN\n"
         ));
@@ -289,7 +301,10 @@ mod tests {
         let new = guard(&["198.18.0.2"]);
         let payload = guard_restore(&new, &current).expect("payload");
         assert!(!payload.contains("198.18.0.9"), "{payload}");
-        assert!(payload.contains("-D INPUT -p udp -m udp --dport 8475"), "{payload}");
+        assert!(
+            payload.contains("-D INPUT -p udp -m udp --dport 8475"),
+            "{payload}"
+        );
         // INPUT: a stale jump besides the right one: both deleted, one inserted.
         assert_eq!(payload.matches("-D INPUT ").count(), 2, "{payload}");
         assert_eq!(payload.matches("-I INPUT 1 ").count(), 1, "{payload}");
@@ -299,7 +314,10 @@ mod tests {
         let mut ok = vec![JUMP_IN.to_owned(), JUMP_FWD.to_owned()];
         ok.extend(guard_rules(&old).iter().map(Rule::render));
         let payload = guard_restore(&new, &ok).expect("payload");
-        assert!(!payload.contains("-D ") && !payload.contains("-I "), "{payload}");
+        assert!(
+            !payload.contains("-D ") && !payload.contains("-I "),
+            "{payload}"
+        );
         assert_eq!(payload.matches("-j RETURN").count(), 1, "{payload}");
     }
 }
