@@ -559,10 +559,11 @@ mod tests {
         };
         let leases = [
             lease("10.0.2.0-24&2001:db8:100:2::-64", &v6("2001:db8:ff::2")),
-            lease("10.0.3.0-24&2001:db8:100::-56", &v6("2001:db8:ff::3")),
+            lease("10.0.3.0-24&2001:db8:100:8000::-56", &v6("2001:db8:ff::3")),
             lease("10.0.4.0-24&2001:db8:100:4::-64", &v6("fe80::4")),
             lease("10.0.5.0-24&2001:db8:100:5::-64", &v6("ff02::5")),
             lease("10.0.6.0-24&2001:db8:200:6::-64", &v6("2001:db8:ff::6")),
+            lease("10.0.7.0-24&2001:db8:100::-56", &v6("2001:db8:ff::7")),
         ];
         let got = intake(&leases, &c);
         assert_eq!(subnets(&got), ["2001:db8:100:2::/64"]);
@@ -572,17 +573,18 @@ mod tests {
         );
         let text = reasons(&got);
         for needle in [
-            "2001:db8:100::/56 of node 2001:db8:ff::3 refused: prefix length is not SubnetLen 64",
+            "2001:db8:100:8000::/56 of node 2001:db8:ff::3 refused: prefix length is not SubnetLen 64",
             "PublicIP is link-local",
             "PublicIP is multicast",
             "2001:db8:200:6::/64 of node 2001:db8:ff::6 refused: subnet is not strictly inside",
+            "2001:db8:100::/56 of node 2001:db8:ff::7 refused: overlaps our own subnet 2001:db8:100:1::/64",
         ] {
             assert!(
                 text.iter().any(|t| t.contains(needle)),
                 "{needle}: {text:#?}"
             );
         }
-        assert_eq!(text.len(), 4, "{text:#?}");
+        assert_eq!(text.len(), 5, "{text:#?}");
     }
 
     #[test]
