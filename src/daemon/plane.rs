@@ -369,8 +369,10 @@ pub(super) struct VxlanGuardRules {
     port: u16,
     network: IpNet,
     allow_list: bool,
-    /// The peer IPs last applied; `None` until the first successful apply (or after a failure).
-    applied: Option<Vec<std::net::IpAddr>>,
+    /// The peers' public IPs of the last sync; `None` before the first lease snapshot.
+    wanted: Option<Vec<std::net::IpAddr>>,
+    /// Whether the last apply of `wanted` succeeded.
+    in_place: bool,
 }
 
 impl VxlanGuardRules {
@@ -396,53 +398,55 @@ impl VxlanGuardRules {
             port: vx.vxlan_port(),
             network: network.into(),
             allow_list: flags.dataplane == Dataplane::Kernel,
-            applied: None,
+            wanted: None,
+            in_place: false,
         })
     }
 
-    /// Applies the allow-list of `peers` if it changed since the last apply.
+    /// Applies the allow-list of `peers` if it changed since the last successful apply.
     pub(super) async fn sync(&mut self, peers: &[Peer]) {
         let mut ips: Vec<std::net::IpAddr> = peers.iter().map(|p| p.public_ip).collect();
         ips.sort();
         ips.dedup();
-        if self.applied.as_ref() == Some(&ips) {
+        if self.in_place && self.wanted.as_ref() == Some(&ips) {
             return;
         }
-        self.apply(ips).await;
+        self.wanted = Some(ips);
+        self.in_place = false;
+        self.apply().await;
     }
 
-    /// The periodic check: repairs the chains and jumps if anything was changed by hand.
+    /// The periodic check: retries a failed apply, repairs chains and jumps changed by hand.
     pub(super) async fn ensure(&mut self) {
-        if let Some(ips) = self.applied.clone() {
-            self.apply(ips).await;
+        if self.wanted.is_some() {
+            self.apply().await;
         }
     }
 
-    async fn apply(&mut self, ips: Vec<std::net::IpAddr>) {
-        let Some(ipt) = self.ipt.clone() else { return };
+    async fn apply(&mut self) {
+        let (Some(ipt), Some(ips)) = (self.ipt.clone(), self.wanted.clone()) else {
+            return;
+        };
+        let peers = ips.len();
         let guard = VxlanGuard {
             port: self.port,
             network: self.network,
-            peers: ips.clone(),
+            peers: ips,
             allow_list: self.allow_list,
         };
         let done = tokio::task::spawn_blocking(move || ipt.sync_vxlan_guard(&guard)).await;
         match done {
             Ok(Ok(changed)) => {
-                if changed && self.applied.as_ref() == Some(&ips) {
+                if changed && self.in_place {
                     warn!("VXLAN guard rules were changed under us; rewritten");
                 } else if changed {
-                    info!(
-                        peers = ips.len(),
-                        port = self.port,
-                        "VXLAN guard rules updated"
-                    );
+                    info!(peers, port = self.port, "VXLAN guard rules updated");
                 }
-                self.applied = Some(ips);
+                self.in_place = true;
             }
             Ok(Err(e)) => {
                 warn!(error = %e, "updating the VXLAN guard rules failed; retrying");
-                self.applied = None;
+                self.in_place = false;
             }
             Err(e) => warn!(error = %e, "VXLAN guard task failed"),
         }
