@@ -26,7 +26,16 @@ fn lease(b: &[u8]) -> Option<Lease> {
     let data = VxlanBackendData { vni, vtep_mac: mac };
     let ipv6_subnet = (flags & 2 != 0)
         .then(|| {
-            let a = Ipv6Addr::new(0x2001, 0xdb8, 0x244, u16::from_be_bytes([b[1], b[0]]), 0, 0, 0, 0);
+            let a = Ipv6Addr::new(
+                0x2001,
+                0xdb8,
+                0x244,
+                u16::from_be_bytes([b[1], b[0]]),
+                0,
+                0,
+                0,
+                0,
+            );
             Ipv6Net::new(a, 40 + b[2] % 41).ok().map(|n| n.trunc())
         })
         .flatten();
@@ -35,7 +44,18 @@ fn lease(b: &[u8]) -> Option<Lease> {
         ipv6_subnet,
         attrs: LeaseAttrs {
             public_ip,
-            public_ipv6: ipv6_subnet.map(|_| Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, u16::from(b[5]), u16::from(b[6]))),
+            public_ipv6: ipv6_subnet.map(|_| {
+                Ipv6Addr::new(
+                    0x2001,
+                    0xdb8,
+                    0xff,
+                    0,
+                    0,
+                    0,
+                    u16::from(b[5]),
+                    u16::from(b[6]),
+                )
+            }),
             backend_type: if flags & 1 == 0 { "vxlan" } else { "host-gw" }.into(),
             backend_data: (flags & 8 == 0).then(|| data.to_raw()),
             backend_v6_data: ipv6_subnet.map(|_| data.to_raw()),
@@ -72,9 +92,18 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             IpNet::V4(_) => IpNet::V4(network),
             IpNet::V6(_) => IpNet::V6(network6),
         };
-        assert!(net.contains(&p.subnet) && p.subnet.prefix_len() > net.prefix_len(), "{p:?}");
-        assert!(!overlaps(p.subnet, own) && !overlaps(p.subnet, own6), "{p:?}");
-        assert!(p.public_ip != own_ip && unusable_kind(p.public_ip).is_none(), "{p:?}");
+        assert!(
+            net.contains(&p.subnet) && p.subnet.prefix_len() > net.prefix_len(),
+            "{p:?}"
+        );
+        assert!(
+            !overlaps(p.subnet, own) && !overlaps(p.subnet, own6),
+            "{p:?}"
+        );
+        assert!(
+            p.public_ip != own_ip && unusable_kind(p.public_ip).is_none(),
+            "{p:?}"
+        );
         if p.backend_type == "vxlan" {
             assert!(p.vtep_mac.is_some_and(|m| m.is_unicast()) && p.vni.is_some());
         }
@@ -83,18 +112,27 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         }
     }
     let vx = plan_vxlan(
-        &VxlanPlanConfig { ifindex: 10, network: network.into(), own_subnet: own },
+        &VxlanPlanConfig {
+            ifindex: 10,
+            network: network.into(),
+            own_subnet: own,
+        },
         &got.peers,
         |ip| matches!(ip, IpAddr::V4(v) if v.octets()[3] & 1 == 1),
     );
     let hg = plan_host_gw(
-        &HostGwPlanConfig { ifindex: 3, network: network.into(), own_subnet: own },
+        &HostGwPlanConfig {
+            ifindex: 3,
+            network: network.into(),
+            own_subnet: own,
+        },
         &got.peers,
     );
     for plan in [&vx, &hg] {
         for (i, pp) in plan.peers.iter().enumerate() {
             assert!(got.peers.iter().any(|p| p.subnet == pp.subnet), "{pp:?}");
-            let inside = IpNet::V4(network).contains(&pp.route.dst) && pp.route.dst.prefix_len() > 16;
+            let inside =
+                IpNet::V4(network).contains(&pp.route.dst) && pp.route.dst.prefix_len() > 16;
             assert!(inside, "{pp:?}");
             assert!(!overlaps(pp.route.dst, own), "{pp:?}");
             for q in &plan.peers[i + 1..] {
