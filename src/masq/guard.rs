@@ -320,4 +320,91 @@ mod tests {
         );
         assert_eq!(payload.matches("-j RETURN").count(), 1, "{payload}");
     }
+
+    /// A fake iptables for the filter table with `iptables-restore --noflush` semantics:
+    /// a chain declaration flushes (or creates) it, `-A` appends, `-D` deletes, `-I c 1`
+    /// inserts first in its chain; `-S` lists the rules.
+    #[derive(Debug, Default)]
+    struct FakeFilter {
+        rules: std::sync::Mutex<Vec<String>>,
+        restores: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl super::super::Runner for FakeFilter {
+        fn run(
+            &self,
+            program: &str,
+            args: &[String],
+            stdin: Option<&str>,
+        ) -> Result<String, MasqError> {
+            if args.iter().any(|a| a == "--version") {
+                return Ok("iptables v1.8.9 (nf_tables)".into());
+            }
+            let mut rules = self.rules.lock().expect("lock");
+            if program.ends_with("-restore") {
+                let payload = stdin.unwrap_or_default();
+                for line in payload.lines() {
+                    if let Some(decl) = line.strip_prefix(':') {
+                        let chain = decl.split(' ').next().unwrap_or_default();
+                        rules.retain(|r| !r.starts_with(&format!("-A {chain} ")));
+                    } else if let Some(rest) = line.strip_prefix("-D ") {
+                        let want = format!("-A {rest}");
+                        let i = rules.iter().position(|r| *r == want).ok_or_else(|| {
+                            MasqError::Failed {
+                                cmd: "restore".into(),
+                                status: "1".into(),
+                                stderr: format!("no such rule {rest}"),
+                            }
+                        })?;
+                        rules.remove(i);
+                    } else if let Some(rest) = line.strip_prefix("-I ") {
+                        let (chain, spec) = rest.split_once(" 1 ").expect("-I chain 1");
+                        let head = format!("-A {chain} ");
+                        let at = rules.iter().position(|r| r.starts_with(&head));
+                        let at = at.unwrap_or(rules.len());
+                        rules.insert(at, format!("-A {chain} {spec}"));
+                    } else if line.starts_with("-A ") {
+                        rules.push(line.to_owned());
+                    }
+                }
+                self.restores.lock().expect("lock").push(payload.to_owned());
+                return Ok(String::new());
+            }
+            Ok(rules.join("\n"))
+        }
+    }
+
+    #[test]
+    fn applier_installs_once_follows_peers_and_repairs() {
+        let fake = std::sync::Arc::new(FakeFilter::default());
+        fake.rules
+            .lock()
+            .expect("lock")
+            .push("-A INPUT -i lo -j ACCEPT".into());
+        let ipt =
+            Iptables::detect_with(crate::netlink::IpFamily::V4, fake.clone()).expect("detect");
+        let restores = || fake.restores.lock().expect("lock").len();
+        let g = guard(&["198.18.0.2", "198.18.0.3"]);
+        assert!(ipt.sync_vxlan_guard(&g).expect("sync"));
+        assert_eq!(restores(), 1);
+        let listed: Vec<String> = fake.rules.lock().expect("lock").clone();
+        assert!(guard_in_place(&g, &listed), "{listed:#?}");
+        // Our jump comes before the rule that was there.
+        assert_eq!(listed[0], JUMP_IN);
+        assert!(!ipt.sync_vxlan_guard(&g).expect("sync"));
+        assert_eq!(restores(), 1);
+        // A peer leaves: one transaction, its rule gone.
+        let g2 = guard(&["198.18.0.2"]);
+        assert!(ipt.sync_vxlan_guard(&g2).expect("sync"));
+        assert_eq!(restores(), 2);
+        let listed: Vec<String> = fake.rules.lock().expect("lock").clone();
+        assert!(guard_in_place(&g2, &listed), "{listed:#?}");
+        assert!(!listed.iter().any(|l| l.contains("198.18.0.3")));
+        // Someone deletes the INPUT jump: put back, first.
+        fake.rules.lock().expect("lock").retain(|l| l != JUMP_IN);
+        assert!(ipt.sync_vxlan_guard(&g2).expect("sync"));
+        let listed: Vec<String> = fake.rules.lock().expect("lock").clone();
+        assert_eq!(listed[0], JUMP_IN);
+        assert!(guard_in_place(&g2, &listed));
+    }
 }
