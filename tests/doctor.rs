@@ -50,7 +50,7 @@ fn verdicts(report: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-const IDS: [&str; 13] = [
+const IDS: [&str; 14] = [
     "ip-forward",
     "vxlan-device",
     "tx-checksum",
@@ -63,6 +63,7 @@ const IDS: [&str; 13] = [
     "cni-config",
     "mtu",
     "peer-reachable",
+    "vxlan-guard",
     "subnet-lease",
 ];
 

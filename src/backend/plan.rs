@@ -151,10 +151,6 @@ pub enum SkipReason {
     NoVtepMac,
     /// A VXLAN lease whose VTEP MAC is not unicast (zero, multicast or broadcast).
     InvalidVtepMac,
-    /// The peer claims our own subnet.
-    OwnSubnet,
-    /// The peer's subnet is outside Network.
-    OutsideNetwork,
     /// Another peer (earlier in subnet order) holds the same subnet.
     DuplicateSubnet {
         /// The public IP of the peer that won.
@@ -178,8 +174,6 @@ impl fmt::Display for SkipReason {
             SkipReason::WrongBackend => f.write_str("lease of another backend type"),
             SkipReason::NoVtepMac => f.write_str("vxlan lease without VtepMAC"),
             SkipReason::InvalidVtepMac => f.write_str("VtepMAC is not a unicast address"),
-            SkipReason::OwnSubnet => f.write_str("claims our own subnet"),
-            SkipReason::OutsideNetwork => f.write_str("subnet outside Network"),
             SkipReason::DuplicateSubnet { holder } => {
                 write!(f, "subnet already leased to {holder}")
             }
@@ -361,7 +355,8 @@ fn same_family(a: IpNet, b: IpNet) -> bool {
     )
 }
 
-/// Shared skeleton: filter, sort, resolve conflicts (first in subnet order wins).
+/// Shared skeleton: filter by backend type, sort, resolve conflicts the planner alone can see
+/// (first in subnet order wins); intake already refused overlapping subnets.
 fn build(
     ownership: Ownership,
     backend: &str,
@@ -380,21 +375,15 @@ fn build(
             other_family += 1;
             continue;
         }
-        let reason = if peer.backend_type != backend {
-            Some(SkipReason::WrongBackend)
-        } else if subnet == ownership.own_subnet {
-            Some(SkipReason::OwnSubnet)
-        } else if !contains_net(ownership.network, subnet) {
-            Some(SkipReason::OutsideNetwork)
-        } else {
-            None
-        };
-        match reason {
-            Some(reason) => skipped.push(Skipped {
+        // Subnets inside Network and clear of ours were checked at intake
+        // (`backend::intake`), where peers come from.
+        if peer.backend_type != backend {
+            skipped.push(Skipped {
                 peer: peer.clone(),
-                reason,
-            }),
-            None => candidates.push((subnet, peer)),
+                reason: SkipReason::WrongBackend,
+            });
+        } else {
+            candidates.push((subnet, peer));
         }
     }
 
@@ -905,8 +894,6 @@ mod tests {
             vx_peer("10.244.2.0/24", "198.18.0.9", 9), // duplicate subnet
             vx_peer("10.244.2.0/25", "198.18.0.8", 8), // same neighbour address
             vx_peer("10.244.4.0/24", "198.18.0.4", 2), // MAC 2 with another IP
-            vx_peer("10.244.1.0/24", "198.18.0.1", 1), // our own subnet
-            vx_peer("10.245.0.0/24", "198.18.0.5", 5), // outside Network
             Peer {
                 vtep_mac: Some(MacAddr::BROADCAST),
                 ..vx_peer("10.244.6.0/24", "198.18.0.6", 6)
@@ -915,7 +902,7 @@ mod tests {
         let plan = plan_vxlan(&vx_cfg(), &peers, |_| false);
         assert_eq!(plan.peers.len(), 1);
         let reasons: Vec<String> = plan.skipped.iter().map(|s| s.reason.to_string()).collect();
-        assert_eq!(reasons.len(), 6, "{reasons:?}");
+        assert_eq!(reasons.len(), 4, "{reasons:?}");
         assert!(reasons.iter().any(|r| r.contains("unicast")));
         let mut rev = peers.clone();
         rev.reverse();
@@ -1023,6 +1010,8 @@ mod tests {
             proptest::bool::weighted(0.1),
         )
             .prop_map(|(third, len, host, m, backend, has_mac, v6)| {
+                // Intake never hands over our own subnet (10.244.1.0/24).
+                let third = if third == 1 { 24 } else { third };
                 if v6 {
                     Peer {
                         subnet: format!("fd42:0:0:{third}::/64").parse().unwrap(),

@@ -42,6 +42,7 @@ pub struct DaemonMetrics {
     skipped_leases: AtomicU64,
     /// Entries of the userspace plane's peer table (`None`: kernel forwarding).
     peer_table: Mutex<Option<u64>>,
+    refusals: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     plane: Mutex<PlaneMetrics>,
     peer_health: Mutex<Vec<PeerGauge>>,
 }
@@ -62,6 +63,13 @@ impl DaemonMetrics {
     /// Records the number of leases skipped as invalid.
     pub fn set_skipped_leases(&self, n: usize) {
         self.skipped_leases.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one newly refused lease (each refusal once while it lasts), by reason label.
+    pub fn count_refusal(&self, reason: &'static str) {
+        if let Ok(mut r) = self.refusals.lock() {
+            *r.entry(reason).or_default() += 1;
+        }
     }
 
     /// Attaches the data plane's counters.
@@ -100,6 +108,19 @@ impl DaemonMetrics {
                 "Remote subnets in the userspace data plane's forwarding table.",
                 n,
             );
+        }
+        let refusals = self.refusals.lock().map(|r| r.clone()).unwrap_or_default();
+        if !refusals.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP flannel_refused_leases_total Peer leases refused at intake (counted once per appearance, named in the log).\n# TYPE flannel_refused_leases_total counter"
+            );
+            for (reason, n) in &refusals {
+                let _ = writeln!(
+                    out,
+                    "flannel_refused_leases_total{{reason=\"{reason}\"}} {n}"
+                );
+            }
         }
         let health = self
             .peer_health

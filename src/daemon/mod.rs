@@ -23,14 +23,15 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::backend::{peers_from_leases, Peer};
+use crate::backend::intake::{intake, IntakeConfig, RefusalLog};
+use crate::backend::Peer;
 use crate::config::flags::Flags;
 use crate::config::netconf::{BackendConfig, NetConfig, NetConfigError};
 use crate::config::subnet_env::{read_previous_subnets, SubnetEnv};
 use crate::io::iface;
 use crate::lease::dir::DirStore;
 use crate::lease::store::{LeaseStore, StoreError, WatchUpdate};
-use crate::lease::{Lease, LeaseAttrs, LeaseWatcher};
+use crate::lease::{LeaseAttrs, LeaseWatcher};
 use crate::wire::MacAddr;
 
 use self::backoff::{Backoff, Condition};
@@ -240,6 +241,10 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
             return Ok(());
         }
     }
+    // The VXLAN guard chains follow the peers in their own task (a stuck iptables cannot
+    // hold lease handling or SIGTERM).
+    let guard_task = plane::VxlanGuardRules::new(&flags, &backend, network)
+        .map(|guard| tokio::spawn(guard.run(peers_tx.subscribe(), fw_period)));
 
     // --ip-blackhole-route: kept in place every --iptables-resync seconds, like flannel, in
     // its own task so a stuck netlink call cannot hold the main loop.
@@ -283,6 +288,8 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     let (tx, mut rx) = mpsc::channel(64);
     let watch_task = tokio::spawn(supervise_watch(store.clone(), tx));
     let mut watcher = LeaseWatcher::new(lease.subnet, lease.ipv6_subnet);
+    let intake_cfg = intake_config(&flags, &net, subnet, &ext);
+    let mut refusal_log = RefusalLog::default();
     let mut peers: Vec<Peer> = Vec::new();
     // Nothing is programmed (or removed as stale) before the store's first snapshot: an
     // empty peer set at start-up would tear down every peer's entries of a restarted daemon.
@@ -323,7 +330,7 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
                 if events.is_empty() && synced {
                     continue;
                 }
-                peers = current_peers(&watcher, &net, &metrics);
+                peers = current_peers(&watcher, &intake_cfg, &mut refusal_log, &metrics);
                 // While the device is gone, recovery replays the latest peers.
                 if recovery.is_none() {
                     sync_plane(&mut plane, &peers, &mut sync_failing).await;
@@ -384,6 +391,9 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     }
     watch_task.abort();
     firewall_task.abort();
+    if let Some(g) = guard_task {
+        g.abort();
+    }
     if let Some(b) = blackhole_task {
         b.abort();
     }
@@ -639,14 +649,45 @@ async fn supervise_watch(store: Arc<dyn LeaseStore>, tx: mpsc::Sender<WatchUpdat
     }
 }
 
-fn current_peers(watcher: &LeaseWatcher, net: &NetConfig, metrics: &DaemonMetrics) -> Vec<Peer> {
-    let leases: Vec<&Lease> = watcher.leases().collect();
-    let (peers, problems) = peers_from_leases(leases.iter().copied(), net);
-    for p in &problems {
-        warn!("skipping lease: {p}");
+/// What lease intake checks peers against: Network, SubnetLen where this store allocates
+/// (etcd, directory; the Kubernetes store takes podCIDRs as they are), our subnet and addresses.
+fn intake_config(
+    flags: &Flags,
+    net: &NetConfig,
+    subnet: ipnet::Ipv4Net,
+    ext: &ExternalInterface,
+) -> IntakeConfig {
+    let allocating = flags.lease_dir.is_some() || !flags.kube_subnet_mgr;
+    let subnet_len = net
+        .ipv4_range()
+        .ok()
+        .flatten()
+        .map(|r| r.subnet_len)
+        .filter(|_| allocating);
+    IntakeConfig {
+        network_v4: net.network,
+        network_v6: None,
+        subnet_len_v4: subnet_len,
+        subnet_len_v6: None,
+        own_subnets: vec![subnet.into()],
+        own_ips: vec![ext.ext_addr.into(), ext.iface_addr.into()],
     }
-    metrics.set_skipped_leases(problems.len());
-    peers
+}
+
+/// The peers of the current leases; refusals are logged once each and counted.
+fn current_peers(
+    watcher: &LeaseWatcher,
+    cfg: &IntakeConfig,
+    log: &mut RefusalLog,
+    metrics: &DaemonMetrics,
+) -> Vec<Peer> {
+    let checked = intake(watcher.leases(), cfg);
+    for r in log.update(&checked.refused) {
+        warn!("{r}");
+        metrics.count_refusal(r.reason.label());
+    }
+    metrics.set_skipped_leases(checked.refused.len());
+    checked.peers
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::{IpNet, Ipv4Net};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::backend::handoff;
@@ -18,7 +19,7 @@ use crate::config::flags::{Dataplane, Flags};
 use crate::config::netconf::BackendConfig;
 use crate::dataplane::LocalVtep;
 use crate::io::tun::TunOpenError;
-use crate::masq::{ensure_async, Iptables, MasqConfig, Rule};
+use crate::masq::{ensure_async, Iptables, MasqConfig, Rule, VxlanGuard};
 use crate::netlink::{IpFamily, Netlink};
 use crate::netlink::{Route, RouteScope};
 use crate::wire::MacAddr;
@@ -685,6 +686,119 @@ impl Firewall {
             }
             Ok(false) => Ok(()),
             Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// The VXLAN guard chains (`masq::guard`): kept equal to the current peers' public IPs right
+/// after every peer-set change (as the data plane), and re-checked with flannel's rules.
+#[derive(Debug)]
+pub(super) struct VxlanGuardRules {
+    ipt: Option<Arc<Iptables>>,
+    port: u16,
+    network: IpNet,
+    allow_list: bool,
+    /// The peers' public IPs of the last sync; `None` before the first lease snapshot.
+    wanted: Option<Vec<std::net::IpAddr>>,
+    /// Whether the last apply of `wanted` succeeded.
+    in_place: bool,
+}
+
+impl VxlanGuardRules {
+    /// Guard rules for a vxlan backend (both data planes; the allow-list in kernel mode
+    /// only); `None` for host-gw.
+    pub(super) fn new(
+        flags: &Flags,
+        backend: &BackendConfig,
+        network: Ipv4Net,
+    ) -> Option<VxlanGuardRules> {
+        let BackendConfig::Vxlan(vx) = backend else {
+            return None;
+        };
+        let ipt = match Iptables::detect(IpFamily::V4) {
+            Ok(i) => Some(Arc::new(i)),
+            Err(e) => {
+                warn!(error = %e, "iptables unavailable; VXLAN guard rules not installed");
+                None
+            }
+        };
+        Some(VxlanGuardRules {
+            ipt,
+            port: vx.vxlan_port(),
+            network: network.into(),
+            allow_list: flags.dataplane == Dataplane::Kernel,
+            wanted: None,
+            in_place: false,
+        })
+    }
+
+    /// Keeps the rules in step with the peers (at once on every change, before the first
+    /// lease snapshot nothing is installed) and repairs them every `period`.
+    pub(super) async fn run(mut self, mut peers: watch::Receiver<Vec<Peer>>, period: Duration) {
+        let mut repair = tokio::time::interval(period);
+        repair.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                changed = peers.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let current = peers.borrow_and_update().clone();
+                    let _ = tokio::time::timeout(IPTABLES_TASK_TIMEOUT, self.sync(&current)).await;
+                }
+                _ = repair.tick() => {
+                    let _ = tokio::time::timeout(IPTABLES_TASK_TIMEOUT, self.ensure()).await;
+                }
+            }
+        }
+    }
+
+    /// Applies the allow-list of `peers` if it changed since the last successful apply.
+    pub(super) async fn sync(&mut self, peers: &[Peer]) {
+        let mut ips: Vec<std::net::IpAddr> = peers.iter().map(|p| p.public_ip).collect();
+        ips.sort();
+        ips.dedup();
+        if self.in_place && self.wanted.as_ref() == Some(&ips) {
+            return;
+        }
+        self.wanted = Some(ips);
+        self.in_place = false;
+        self.apply().await;
+    }
+
+    /// The periodic check: retries a failed apply, repairs chains and jumps changed by hand.
+    pub(super) async fn ensure(&mut self) {
+        if self.wanted.is_some() {
+            self.apply().await;
+        }
+    }
+
+    async fn apply(&mut self) {
+        let (Some(ipt), Some(ips)) = (self.ipt.clone(), self.wanted.clone()) else {
+            return;
+        };
+        let peers = ips.len();
+        let guard = VxlanGuard {
+            port: self.port,
+            network: self.network,
+            peers: ips,
+            allow_list: self.allow_list,
+        };
+        let done = tokio::task::spawn_blocking(move || ipt.sync_vxlan_guard(&guard)).await;
+        match done {
+            Ok(Ok(changed)) => {
+                if changed && self.in_place {
+                    warn!("VXLAN guard rules were changed under us; rewritten");
+                } else if changed {
+                    info!(peers, port = self.port, "VXLAN guard rules updated");
+                }
+                self.in_place = true;
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "updating the VXLAN guard rules failed; retrying");
+                self.in_place = false;
+            }
+            Err(e) => warn!(error = %e, "VXLAN guard task failed"),
         }
     }
 }

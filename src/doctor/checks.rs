@@ -448,6 +448,119 @@ pub fn subnet_lease(
     }
 }
 
+/// `vxlan-guard`: whether the VXLAN guard chains are in place in `iptables -t filter -S`
+/// text: the jumps for UDP `port` from INPUT and FORWARD, the drops of pod sources and the
+/// allow-list of `peers`' public IPs (kernel mode, `allow_list`; compared when the store could
+/// be read). `port` is `None` for host-gw.
+pub fn vxlan_guard(
+    rules: Result<&str, &str>,
+    network: Option<Ipv4Net>,
+    port: Option<u16>,
+    allow_list: bool,
+    peers: Option<&[IpAddr]>,
+) -> Finding {
+    use crate::masq::{guard_jumps, guard_rules, VxlanGuard, VXLAN_IN_CHAIN};
+    let id = ids::VXLAN_GUARD;
+    let Some(port) = port else {
+        return Finding::new(Status::Skip, id, "host-gw backend: no VXLAN port to guard");
+    };
+    let text = match rules {
+        Ok(t) => t,
+        Err(e) => {
+            return Finding::new(Status::Skip, id, format!("cannot list iptables rules: {e}"))
+        }
+    };
+    let Some(network) = network else {
+        return Finding::new(Status::Skip, id, "the pod Network is unknown");
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let has = |r: &crate::masq::Rule| lines.contains(&r.render().as_str());
+    let restart = "restart flanneld: it installs FLANNEL-VXLAN-IN/FLANNEL-VXLAN-FWD and re-checks them every --iptables-resync seconds; if they keep disappearing, find what flushes INPUT/FORWARD (a firewall reload)";
+    let fixed = guard_rules(&VxlanGuard {
+        port,
+        network: network.into(),
+        peers: Vec::new(),
+        allow_list,
+    });
+    let missing: Vec<String> = guard_jumps(port)
+        .iter()
+        .chain(fixed.iter())
+        .filter(|r| !has(r))
+        .map(crate::masq::Rule::render)
+        .collect();
+    if !missing.is_empty() {
+        return Finding::new(
+            Status::Fail,
+            id,
+            format!(
+                "VXLAN guard rules missing ({}): VXLAN to UDP {port} may come from any address, or pods may send it as their node",
+                missing.join("; ")
+            ),
+        )
+        .fix(restart);
+    }
+    if !allow_list {
+        return Finding::new(
+            Status::Pass,
+            id,
+            format!("UDP {port} from pods in {network} is dropped; the userspace data plane accepts VXLAN only from the peers' public IPs"),
+        );
+    }
+    let allow_head = format!("-A {VXLAN_IN_CHAIN} -s ");
+    let allowed: Vec<IpAddr> = lines
+        .iter()
+        .filter(|l| l.starts_with(&allow_head) && l.ends_with("-j RETURN"))
+        .filter_map(|l| l[allow_head.len()..].split(['/', ' ']).next()?.parse().ok())
+        .collect();
+    let Some(peers) = peers else {
+        return Finding::new(
+            Status::Pass,
+            id,
+            format!("VXLAN to UDP {port} is accepted only from {} listed addresses; UDP {port} from pods in {network} is dropped (lease store unreadable: allow-list not compared)", allowed.len()),
+        );
+    };
+    let absent: Vec<String> = peers
+        .iter()
+        .filter(|p| !allowed.contains(p))
+        .map(ToString::to_string)
+        .collect();
+    if !absent.is_empty() {
+        return Finding::new(
+            Status::Fail,
+            id,
+            format!(
+                "VXLAN from peer(s) {} is dropped: {VXLAN_IN_CHAIN} does not list them",
+                absent.join(", ")
+            ),
+        )
+        .fix(restart);
+    }
+    let extra: Vec<String> = allowed
+        .iter()
+        .filter(|a| !peers.contains(a))
+        .map(ToString::to_string)
+        .collect();
+    if !extra.is_empty() {
+        return Finding::new(
+            Status::Warn,
+            id,
+            format!(
+                "{VXLAN_IN_CHAIN} still accepts VXLAN from {}, which hold(s) no valid lease",
+                extra.join(", ")
+            ),
+        )
+        .fix(restart);
+    }
+    Finding::new(
+        Status::Pass,
+        id,
+        format!(
+            "VXLAN to UDP {port} is accepted only from the {} peers' public IPs; UDP {port} from pods in {network} is dropped",
+            peers.len()
+        ),
+    )
+}
+
 /// This node's own addresses for [`subnet_lease`]: its interface addresses plus configured
 /// public IPs.
 pub fn own_addresses(iface_addrs: &[IpAddr], extra: &[Option<Ipv4Addr>]) -> Vec<Ipv4Addr> {
@@ -789,6 +902,74 @@ mod tests {
                 "198.18.0.1".parse::<Ipv4Addr>().expect("ip"),
                 "203.0.113.5".parse().expect("ip")
             ]
+        );
+    }
+
+    fn guard_text(peers: &[&str]) -> String {
+        let g = crate::masq::VxlanGuard {
+            port: 8472,
+            network: "10.244.0.0/16".parse().expect("net"),
+            peers: peers.iter().map(|p| p.parse().expect("ip")).collect(),
+            allow_list: true,
+        };
+        let mut v = vec!["-P INPUT ACCEPT".to_owned()];
+        v.extend(
+            crate::masq::guard_jumps(8472)
+                .iter()
+                .map(crate::masq::Rule::render),
+        );
+        v.extend(
+            crate::masq::guard_rules(&g)
+                .iter()
+                .map(crate::masq::Rule::render),
+        );
+        v.join("\n")
+    }
+
+    #[test]
+    fn vxlan_guard_decisions() {
+        let net = "10.244.0.0/16".parse().ok();
+        let peers: Vec<IpAddr> = vec!["198.18.0.2".parse().expect("ip")];
+        let text = guard_text(&["198.18.0.2"]);
+        let f = vxlan_guard(Ok(&text), net, Some(8472), true, Some(&peers));
+        assert_eq!(f.status, Status::Pass, "{f:?}");
+        assert!(f.message.contains("only from the 1 peers"), "{f:?}");
+        // A peer that joined but is not listed: its VXLAN is dropped.
+        let two: Vec<IpAddr> = vec![peers[0], "198.18.0.3".parse().expect("ip")];
+        let f = vxlan_guard(Ok(&text), net, Some(8472), true, Some(&two));
+        assert_eq!(f.status, Status::Fail, "{f:?}");
+        assert!(f.message.contains("198.18.0.3 is dropped"), "{f:?}");
+        assert!(!f.fixes.is_empty());
+        // A peer that left is still accepted.
+        let f = vxlan_guard(Ok(&text), net, Some(8472), true, Some(&[]));
+        assert_eq!(f.status, Status::Warn, "{f:?}");
+        // No jump from INPUT: everything is accepted.
+        let no_jump: String = text
+            .lines()
+            .filter(|l| !l.starts_with("-A INPUT"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let f = vxlan_guard(Ok(&no_jump), net, Some(8472), true, Some(&peers));
+        assert_eq!(f.status, Status::Fail, "{f:?}");
+        assert!(
+            f.message.contains("-A INPUT -p udp -m udp --dport 8472"),
+            "{f:?}"
+        );
+        // Another port (Backend.Port changed, daemon not restarted).
+        let f = vxlan_guard(Ok(&text), net, Some(8475), true, Some(&peers));
+        assert_eq!(f.status, Status::Fail, "{f:?}");
+        assert_eq!(
+            vxlan_guard(Ok(&text), net, None, true, None).status,
+            Status::Skip
+        );
+        // Userspace mode: the pod drops suffice, the allow-list is not required.
+        let f = vxlan_guard(Ok(&no_jump), net, Some(8472), false, Some(&peers));
+        assert_eq!(f.status, Status::Fail, "{f:?}");
+        let f = vxlan_guard(Ok(&text), net, Some(8472), false, Some(&two));
+        assert_eq!(f.status, Status::Pass, "{f:?}");
+        assert_eq!(
+            vxlan_guard(Err("no iptables"), net, Some(8472), true, None).status,
+            Status::Skip
         );
     }
 }

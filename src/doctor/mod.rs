@@ -20,7 +20,8 @@ pub mod report;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use crate::backend::{peers_from_leases, Peer};
+use crate::backend::intake::{intake, IntakeConfig};
+use crate::backend::Peer;
 use crate::config::flags::{Dataplane, Flags};
 use crate::config::netconf::{BackendConfig, NetConfig, VxlanConfig};
 use crate::config::subnet_env::SubnetEnv;
@@ -219,14 +220,24 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
         &gather::interface_addresses(),
         &[flags.public_ip, stored_ip],
     );
+    let mut peer_ips: Option<Vec<std::net::IpAddr>> = None;
     match (&store, &net) {
         (Ok(view), Some(net)) => {
             let own_subnet = env_subnet.as_ref().ok().copied().flatten();
+            // Our own lease is in the listing: leave it out by subnet and public IP, and let
+            // intake check the others exactly as the daemon does.
             let others = view
                 .leases
                 .iter()
                 .filter(|l| l.subnet != own_subnet && !ours.contains(&l.attrs.public_ip));
-            let (peers, _problems) = peers_from_leases(others, net);
+            let cfg = IntakeConfig {
+                network_v4: net.network,
+                own_subnets: own_subnet.map(ipnet::IpNet::V4).into_iter().collect(),
+                own_ips: ours.iter().copied().map(std::net::IpAddr::V4).collect(),
+                ..IntakeConfig::default()
+            };
+            let peers = intake(others, &cfg).peers;
+            peer_ips = Some(peers.iter().map(|p| p.public_ip).collect());
             let targets: Vec<(Peer, Ipv4Addr)> = peers
                 .into_iter()
                 .filter_map(|p| probe_target(&p).map(|t| (p, t)))
@@ -249,6 +260,17 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
             "the lease store cannot be read: no peers to probe",
         )),
     }
+    let port = match &backend {
+        BackendConfig::Vxlan(vx) => Some(vx.vxlan_port()),
+        _ => None,
+    };
+    findings.push(checks::vxlan_guard(
+        rules_ref,
+        network,
+        port,
+        flags.dataplane == crate::config::flags::Dataplane::Kernel,
+        peer_ips.as_deref(),
+    ));
     let leases = match &store {
         Ok(v) => Ok(v.leases.as_slice()),
         Err(e) => Err(e.as_str()),

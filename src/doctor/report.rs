@@ -51,6 +51,8 @@ pub mod ids {
     pub const SECURITY_SOFTWARE: &str = "security-software";
     /// One line per peer: does its VTEP answer over the overlay.
     pub const PEER_REACHABLE: &str = "peer-reachable";
+    /// VXLAN guard chains: allow-list of peers' public IPs, pod-sourced VXLAN dropped.
+    pub const VXLAN_GUARD: &str = "vxlan-guard";
     /// subnet.env agrees with the store's lease for this node.
     pub const SUBNET_LEASE: &str = "subnet-lease";
     /// The CNI plugins flannel's config chain calls are installed and executable.

@@ -266,7 +266,7 @@ impl Iptables {
     }
 
     /// `iptables-restore --noflush [--wait]` with `payload`.
-    fn restore(&self, payload: &str) -> Result<(), MasqError> {
+    pub(super) fn restore(&self, payload: &str) -> Result<(), MasqError> {
         let mut args = vec!["--noflush".to_owned()];
         if self.modern {
             args.push("--wait".to_owned());

@@ -27,12 +27,17 @@
 //! ```
 
 pub mod backend_choice;
+mod guard;
 mod iptables;
 
 use std::fmt;
 
 use ipnet::IpNet;
 
+pub use guard::{
+    guard_in_place, guard_jumps, guard_restore, guard_rules, VxlanGuard, GUARD_COMMENT,
+    VXLAN_FWD_CHAIN, VXLAN_IN_CHAIN,
+};
 pub use iptables::{ensure_async, Iptables, MasqError, Runner, SystemRunner};
 
 use crate::netlink::IpFamily;
