@@ -200,7 +200,7 @@ fn bad_leases_are_refused_named_once_and_counted() {
     let _g = serial();
     let mut s = spec(&[Userspace, Kernel], 1);
     for n in &mut s.nodes {
-        n.extra_args = vec!["--healthz-port=9101".into()];
+        n.extra_args = vec!["--metrics-port=9101".into()];
     }
     let c = Cluster::up(&s).expect("cluster up");
     let m = c.check_until_pass(Duration::from_secs(10));
