@@ -9,7 +9,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use flannel_rs::dataplane::offload::{gso_split, VirtioNetHdr};
 use flannel_rs::dataplane::{
-    decap, encap, DecapVerdict, EncapVerdict, IcmpLimiter, LocalVtep, PeerTable, RemoteVtep, VXLAN_HEADROOM,
+    decap, encap, DecapVerdict, EncapVerdict, IcmpLimiter, LocalVtep, PeerTable, RemoteVtep,
+    VXLAN_HEADROOM,
 };
 use flannel_rs::wire::{checksum, ipv4, tcp, IpProtocol, MacAddr};
 use ipnet::{IpNet, Ipv4Net};

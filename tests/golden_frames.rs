@@ -845,16 +845,14 @@ fn live_kernel_frames_match_fixture_and_interoperate() {
     let mut buf = vec![0u8; VXLAN_HEADROOM];
     buf.extend_from_slice(&inner);
     let m = buf.len();
-    let EncapVerdict::Transmit { dst, frame } =
-        encap(
-            &mut buf,
-            VXLAN_HEADROOM..m,
-            &table_b,
-            &local_b,
-            &mut IcmpLimiter::default(),
-            Duration::ZERO,
-        )
-    else {
+    let EncapVerdict::Transmit { dst, frame } = encap(
+        &mut buf,
+        VXLAN_HEADROOM..m,
+        &table_b,
+        &local_b,
+        &mut IcmpLimiter::default(),
+        Duration::ZERO,
+    ) else {
         panic!("encap of the interop request failed")
     };
     assert_eq!(dst, IpAddr::V4(UNDERLAY_A));

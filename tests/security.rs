@@ -58,7 +58,11 @@ impl NsCapture {
         let listening = wait_for(Duration::from_secs(10), || {
             std::fs::read_to_string(&log).is_ok_and(|t| t.contains("listening on"))
         });
-        assert!(listening.is_some(), "tcpdump in {ns}: {}", cmd::tail(&log, 5));
+        assert!(
+            listening.is_some(),
+            "tcpdump in {ns}: {}",
+            cmd::tail(&log, 5)
+        );
         // Nothing is lost in the first instants after "listening on".
         std::thread::sleep(Duration::from_millis(200));
         cap
@@ -235,7 +239,11 @@ fn inner_source_of_another_node_is_dropped_and_counted() {
     std::thread::sleep(Duration::from_millis(500));
     let pcap = cap.stop();
     let seen = tshark(&pcap, "udp.dstport == 31337", &["ip.src", "ip.dst"]);
-    let from = |src: &str| seen.iter().filter(|l| l.starts_with(&format!("{src}\t"))).count();
+    let from = |src: &str| {
+        seen.iter()
+            .filter(|l| l.starts_with(&format!("{src}\t")))
+            .count()
+    };
     assert_eq!(from(&n3p1), 0, "forged datagrams reached n1p1: {seen:?}");
     assert_eq!(from(&n2p1), 3, "honest control datagrams: {seen:?}");
     assert_eq!(seen.len(), 3, "{seen:?}");
@@ -323,7 +331,11 @@ fn truncated_arp_request_is_dropped_counted_and_unanswered() {
         "arp.opcode == 2",
         &["arp.src.proto_ipv4", "arp.dst.hw_mac", "arp.dst.proto_ipv4"],
     );
-    assert_eq!(replies.len(), 2, "expected only the two control replies: {replies:?}");
+    assert_eq!(
+        replies.len(),
+        2,
+        "expected only the two control replies: {replies:?}"
+    );
     for r in &replies {
         let f: Vec<&str> = r.split('\t').collect();
         assert_eq!(f[0], n1_vtep.to_string(), "{r}");

@@ -21,7 +21,9 @@ const FLOWS: u8 = 12;
 const MAX_PACKETS: usize = 200;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     if mode & 1 == 0 {
         raw(rest);
     } else {
@@ -51,7 +53,10 @@ fn run(packets: &[Vec<u8>]) -> Vec<(VirtioNetHdr, usize, Vec<u8>)> {
     c.coalesce(&mut buf, &ranges);
     let inside = |i: usize| ranges.iter().any(|r| r.contains(&i));
     for (i, (a, b)) in buf.iter().zip(&before).enumerate() {
-        assert!(a == b || inside(i), "byte {i} outside every packet was written");
+        assert!(
+            a == b || inside(i),
+            "byte {i} outside every packet was written"
+        );
     }
     let mut out = Vec::new();
     let mut total = 0;
@@ -79,7 +84,9 @@ fn raw(data: &[u8]) {
     let mut at = 0usize;
     for &l in lens {
         let len = usize::from(l) * 8 + 20;
-        let Some(p) = body.get(at..at + len) else { break };
+        let Some(p) = body.get(at..at + len) else {
+            break;
+        };
         packets.push(p.to_vec());
         at += len;
     }
@@ -161,13 +168,17 @@ fn generated(data: &[u8]) {
         let (f, a, b) = (op[0] % FLOWS, op[1], op[2]);
         let fl = &mut flows[usize::from(f)];
         // Mostly full-size segments; sometimes a short one (ends a merge).
-        let len = if a & 0xc0 == 0xc0 { usize::from(a & 0x3f) } else { fl.mss };
+        let len = if a & 0xc0 == 0xc0 {
+            usize::from(a & 0x3f)
+        } else {
+            fl.mss
+        };
         let payload: Vec<u8> = (0..len).map(|i| b.wrapping_add(i as u8)).collect();
         let flags = match b & 0x0f {
-            0 => 0x18,        // ACK|PSH
-            1 => 0x11,        // ACK|FIN
-            2 => 0x02,        // SYN
-            _ => 0x10,        // ACK
+            0 => 0x18, // ACK|PSH
+            1 => 0x11, // ACK|FIN
+            2 => 0x02, // SYN
+            _ => 0x10, // ACK
         };
         if b & 0x30 == 0x30 {
             fl.seq = fl.seq.wrapping_add(7); // a gap
@@ -201,7 +212,11 @@ fn generated(data: &[u8]) {
     }
     // Same packets, same order within each flow (flows are told apart by source address).
     let key = |p: &[u8]| -> Vec<u8> {
-        if p[0] >> 4 == 6 { p[8..24].to_vec() } else { p[12..16].to_vec() }
+        if p[0] >> 4 == 6 {
+            p[8..24].to_vec()
+        } else {
+            p[12..16].to_vec()
+        }
     };
     let mut want: BTreeMap<Vec<u8>, Vec<&[u8]>> = BTreeMap::new();
     for p in &packets {

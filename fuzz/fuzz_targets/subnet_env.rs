@@ -8,9 +8,13 @@ use flannel_rs::config::subnet_env::SubnetEnv;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let path = Path::new("/run/flannel/subnet.env");
-    let Ok(env) = SubnetEnv::parse(text, path) else { return };
+    let Ok(env) = SubnetEnv::parse(text, path) else {
+        return;
+    };
     for n in [env.network, env.subnet].into_iter().flatten() {
         assert_eq!(n, n.trunc(), "{n} not in network form");
     }

@@ -10,7 +10,9 @@ use flannel_rs::dataplane::{decap, DecapVerdict, VXLAN_HEADROOM};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&sel, datagram)) = data.split_first() else { return };
+    let Some((&sel, datagram)) = data.split_first() else {
+        return;
+    };
     // Mostly a known peer, sometimes a stranger.
     let src = common::peer_ip(if sel < 240 { 2 + sel % 5 } else { 99 });
     let (table, local) = (common::table(), common::local());
@@ -26,7 +28,11 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(buf[..offset], before[..offset]);
     assert_eq!(buf[end..], before[end..]);
     let mut exact = before[..end].to_vec();
-    assert_eq!(decap(&mut exact, offset..end, src, table, &local), v, "verdict depends on slack");
+    assert_eq!(
+        decap(&mut exact, offset..end, src, table, &local),
+        v,
+        "verdict depends on slack"
+    );
     match v {
         DecapVerdict::Deliver { packet } => {
             assert!(packet.start == offset + VXLAN_HEADROOM && packet.end <= end);

@@ -215,7 +215,10 @@ mod tests {
             let line = format!("flannel_vxlan_drops_total{{reason=\"{r}\"}} {n}\n");
             assert!(text.contains(&line), "{line}{text}");
         }
-        assert!(text.contains("reason=\"inner_destination_foreign\"} 0\n"), "{text}");
+        assert!(
+            text.contains("reason=\"inner_destination_foreign\"} 0\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -43,6 +43,9 @@ mod tests {
         assert_eq!(all(0, 120, 40), vec![0..40, 40..80, 80..120]);
         assert_eq!(all(5, 0, 0), vec![5..5]);
         assert_eq!(all(5, 0, 40), vec![5..5]);
-        assert_eq!(all(usize::MAX - 3, 10, 2), vec![usize::MAX - 3..usize::MAX - 1, usize::MAX - 1..usize::MAX]);
+        assert_eq!(
+            all(usize::MAX - 3, 10, 2),
+            vec![usize::MAX - 3..usize::MAX - 1, usize::MAX - 1..usize::MAX]
+        );
     }
 }

@@ -438,7 +438,6 @@ mod tests {
         );
     }
 
-
     /// An inner packet `src` → `dst` (IPv4 or IPv6 by the addresses) in a datagram for us.
     fn ip_datagram(src: &str, dst: &str) -> Vec<u8> {
         let p = match (src.parse().unwrap(), dst.parse().unwrap()) {
@@ -465,8 +464,18 @@ mod tests {
             );
         }
         // Another node's pod, a node-less address, an address outside every subnet.
-        for src in ["10.244.3.9", "10.244.9.9", "192.168.1.1", "fd10:244:3::9", "fd10:99::1"] {
-            let dst = if src.contains(':') { "fd10:244:2::7" } else { "10.244.2.7" };
+        for src in [
+            "10.244.3.9",
+            "10.244.9.9",
+            "192.168.1.1",
+            "fd10:244:3::9",
+            "fd10:99::1",
+        ] {
+            let dst = if src.contains(':') {
+                "fd10:244:2::7"
+            } else {
+                "10.244.2.7"
+            };
             assert_eq!(run(&ip_datagram(src, dst)), mismatch, "{src}");
         }
         // The same frame is fine from the owner of the source subnet.
@@ -488,8 +497,18 @@ mod tests {
     #[test]
     fn inner_destination_must_be_ours() {
         let foreign = DecapVerdict::Drop(DropReason::InnerDestinationForeign);
-        for dst in ["10.244.3.7", "10.244.1.7", "10.245.2.7", "8.8.8.8", "fd10:244:3::7"] {
-            let src = if dst.contains(':') { "fd10:244:1::5" } else { "10.244.1.5" };
+        for dst in [
+            "10.244.3.7",
+            "10.244.1.7",
+            "10.245.2.7",
+            "8.8.8.8",
+            "fd10:244:3::7",
+        ] {
+            let src = if dst.contains(':') {
+                "fd10:244:1::5"
+            } else {
+                "10.244.1.5"
+            };
             assert_eq!(run(&ip_datagram(src, dst)), foreign, "{dst}");
         }
         // Without a subnet of that family nothing of it is delivered.
@@ -546,7 +565,13 @@ mod tests {
             b.extend_from_slice(&full[full.len() - cut..]);
             b.extend_from_slice(&[0x5a; 64]);
             let before = b.clone();
-            let v = decap(&mut b, 0..short.len(), sender().public_ip, &table(), &local());
+            let v = decap(
+                &mut b,
+                0..short.len(),
+                sender().public_ip,
+                &table(),
+                &local(),
+            );
             assert_eq!(v, DecapVerdict::Drop(DropReason::Truncated), "cut {cut}");
             assert_eq!(b, before, "buffer changed (cut {cut})");
         }

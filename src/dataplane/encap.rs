@@ -434,7 +434,12 @@ mod tests {
             limited
         );
         // Packets that get no error anyway do not spend credit, and are `no_route`.
-        let err = ipv4_packet(v4("10.244.1.5"), v4("10.99.0.1"), 1, &[3, 1, 0, 0, 0, 0, 0, 0]);
+        let err = ipv4_packet(
+            v4("10.244.1.5"),
+            v4("10.99.0.1"),
+            1,
+            &[3, 1, 0, 0, 0, 0, 0, 0],
+        );
         let (mut buf, range) = with_headroom(&err, 22, 0);
         let t = t0 + std::time::Duration::from_millis(2);
         assert_eq!(
@@ -455,7 +460,8 @@ mod tests {
     fn long_packets_are_quoted_up_to_the_limit() {
         let inner = ipv4_packet(v4("10.244.1.5"), v4("10.99.0.1"), 6, &[7; 1400]);
         let (mut buf, range) = with_headroom(&inner, 22, 0);
-        let EncapVerdict::ReplyToTun { packet } = encap_now(&mut buf, range, &table(), &local()) else {
+        let EncapVerdict::ReplyToTun { packet } = encap_now(&mut buf, range, &table(), &local())
+        else {
             panic!()
         };
         assert_eq!(packet.len(), 576);
