@@ -21,7 +21,28 @@ use crate::wire::{arp, vxlan, EtherType, MacAddr};
 /// request for our VTEP address from an address in the sending peer's subnet is answered in
 /// place (the reply is a VXLAN datagram for `src`). Nothing outside `buf[datagram]` is read
 /// or written.
+#[inline]
 pub fn decap(
+    buf: &mut [u8],
+    datagram: Range<usize>,
+    src: IpAddr,
+    table: &PeerTable,
+    local: &LocalVtep,
+) -> DecapVerdict {
+    match checked_decap(buf, datagram, src, table, local) {
+        // Only a known peer's datagram passes the source binding, so the source lookup is
+        // needed on drops only: the delivering path does one hash probe, not two.
+        DecapVerdict::Drop(r) if r != DropReason::InvalidBuffer && !table.is_known_source(src) => {
+            DecapVerdict::Drop(DropReason::UnknownSource)
+        }
+        v => v,
+    }
+}
+
+/// [`decap`] without the unknown-source check: every verdict but `Drop` implies that `src`
+/// is the public IP of the peer owning the inner source.
+#[inline]
+fn checked_decap(
     buf: &mut [u8],
     datagram: Range<usize>,
     src: IpAddr,
@@ -32,9 +53,6 @@ pub fn decap(
     let Some(d) = buf.get(start..end) else {
         return DecapVerdict::Drop(DropReason::InvalidBuffer);
     };
-    if !table.is_known_source(src) {
-        return DecapVerdict::Drop(DropReason::UnknownSource);
-    }
     let Some(hdr) = d.first_chunk::<VXLAN_HEADROOM>() else {
         return DecapVerdict::Drop(DropReason::Truncated);
     };
