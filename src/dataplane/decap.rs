@@ -98,9 +98,7 @@ fn checked_decap(
 /// True if the peer whose subnet contains `inner_src` has the public IP `outer_src`.
 #[inline]
 fn sent_by_owner(table: &PeerTable, inner_src: IpAddr, outer_src: IpAddr) -> bool {
-    table.lookup(inner_src).is_some_and(|p| {
-        p.public_ip == outer_src || p.public_ip.to_canonical() == outer_src.to_canonical()
-    })
+    table.owns_source(outer_src, inner_src)
 }
 
 /// Answers an ARP request for our VTEP address by rewriting the datagram `buf[datagram]`
