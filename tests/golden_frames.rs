@@ -24,8 +24,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use flannel_rs::dataplane::{
-    decap, encap, DecapVerdict, DropReason, EncapVerdict, LocalVtep, PeerTable, RemoteVtep,
-    VXLAN_HEADROOM,
+    decap, encap, DecapVerdict, DropReason, EncapVerdict, IcmpLimiter, LocalVtep, PeerTable,
+    RemoteVtep, VXLAN_HEADROOM,
 };
 use flannel_rs::wire::{arp, ethernet, ipv4, ipv6, udp, EtherType, IpProtocol, MacAddr};
 
@@ -66,6 +66,8 @@ fn view_b() -> (PeerTable, LocalVtep) {
         addr_v6: Some(VTEP_B6.parse().unwrap()),
         error_source_v4: None,
         error_source_v6: None,
+        subnet_v4: Some("10.244.2.0/24".parse().unwrap()),
+        subnet_v6: Some("fd10:244:2::/64".parse().unwrap()),
     };
     (table, local)
 }
@@ -88,6 +90,8 @@ fn view_a() -> (PeerTable, LocalVtep) {
         addr_v6: Some(VTEP_A6.parse().unwrap()),
         error_source_v4: None,
         error_source_v6: None,
+        subnet_v4: Some("10.244.1.0/24".parse().unwrap()),
+        subnet_v6: Some("fd10:244:1::/64".parse().unwrap()),
     };
     (table, local)
 }
@@ -270,7 +274,14 @@ fn check_kernel_frames(frames: &[Datagram]) -> Vec<(Signature, DecapVerdict, Vec
                 let mut tx = vec![0u8; VXLAN_HEADROOM];
                 tx.extend_from_slice(&rx[packet.clone()]);
                 let m = tx.len();
-                let v = encap(&mut tx, VXLAN_HEADROOM..m, &table_a, &local_a);
+                let v = encap(
+                    &mut tx,
+                    VXLAN_HEADROOM..m,
+                    &table_a,
+                    &local_a,
+                    &mut IcmpLimiter::default(),
+                    Duration::ZERO,
+                );
                 let EncapVerdict::Transmit { dst, frame } = v else {
                     panic!("re-encap of {sig:?} gave {v:?}")
                 };
@@ -834,9 +845,14 @@ fn live_kernel_frames_match_fixture_and_interoperate() {
     let mut buf = vec![0u8; VXLAN_HEADROOM];
     buf.extend_from_slice(&inner);
     let m = buf.len();
-    let EncapVerdict::Transmit { dst, frame } =
-        encap(&mut buf, VXLAN_HEADROOM..m, &table_b, &local_b)
-    else {
+    let EncapVerdict::Transmit { dst, frame } = encap(
+        &mut buf,
+        VXLAN_HEADROOM..m,
+        &table_b,
+        &local_b,
+        &mut IcmpLimiter::default(),
+        Duration::ZERO,
+    ) else {
         panic!("encap of the interop request failed")
     };
     assert_eq!(dst, IpAddr::V4(UNDERLAY_A));

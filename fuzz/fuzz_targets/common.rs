@@ -18,6 +18,8 @@ pub fn local() -> LocalVtep {
         addr_v6: Some("fd10:244:1::".parse().unwrap()),
         error_source_v4: Some(Ipv4Addr::new(10, 244, 0, 0)),
         error_source_v6: None,
+        subnet_v4: Some("10.244.1.0/24".parse().unwrap()),
+        subnet_v6: Some("fd10:244:1::/64".parse().unwrap()),
     }
 }
 

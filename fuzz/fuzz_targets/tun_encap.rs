@@ -4,7 +4,9 @@
 
 mod common;
 
-use flannel_rs::dataplane::{encap, EncapVerdict, VXLAN_HEADROOM};
+use std::time::Duration;
+
+use flannel_rs::dataplane::{encap, EncapVerdict, IcmpLimiter, VXLAN_HEADROOM};
 use flannel_rs::wire::{ipv4, ipv6};
 use libfuzzer_sys::fuzz_target;
 
@@ -17,7 +19,8 @@ fuzz_target!(|data: &[u8]| {
     buf.extend_from_slice(packet);
     buf.resize(buf.len() + tail, 0);
     let range = headroom..headroom + packet.len();
-    match encap(&mut buf, range.clone(), table, &local) {
+    let mut icmp = IcmpLimiter::default();
+    match encap(&mut buf, range.clone(), table, &local, &mut icmp, Duration::ZERO) {
         EncapVerdict::Transmit { frame, .. } => {
             assert_eq!(frame.start, headroom - VXLAN_HEADROOM);
             assert!(frame.end <= range.end);

@@ -1,5 +1,7 @@
-//! Arbitrary UDP payloads through `decap`: must never panic, and every range it returns must
-//! lie inside the datagram.
+//! Arbitrary UDP payloads through `decap`, placed in a buffer with bytes before and after the
+//! datagram (as in a receive slot): must never panic, every range it returns must lie inside
+//! the datagram, nothing outside the datagram is written, and the bytes after it (which
+//! could complete a truncated request) do not change the verdict.
 #![no_main]
 
 mod common;
@@ -8,15 +10,30 @@ use flannel_rs::dataplane::{decap, DecapVerdict, VXLAN_HEADROOM};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&sel, datagram)) = data.split_first() else { return };
+    let Some((&sel, datagram)) = data.split_first() else {
+        return;
+    };
     // Mostly a known peer, sometimes a stranger.
     let src = common::peer_ip(if sel < 240 { 2 + sel % 5 } else { 99 });
     let (table, local) = (common::table(), common::local());
     let offset = usize::from(sel % 4);
+    let slack = usize::from(sel / 4 % 48);
     let mut buf = vec![0u8; offset];
     buf.extend_from_slice(datagram);
     let end = buf.len();
-    match decap(&mut buf, offset..end, src, table, &local) {
+    // Slack: the datagram's own bytes again (so a cut request would find its tail there).
+    buf.extend(datagram.iter().chain(std::iter::repeat(&0x5a)).take(slack));
+    let before = buf.clone();
+    let v = decap(&mut buf, offset..end, src, table, &local);
+    assert_eq!(buf[..offset], before[..offset]);
+    assert_eq!(buf[end..], before[end..]);
+    let mut exact = before[..end].to_vec();
+    assert_eq!(
+        decap(&mut exact, offset..end, src, table, &local),
+        v,
+        "verdict depends on slack"
+    );
+    match v {
         DecapVerdict::Deliver { packet } => {
             assert!(packet.start == offset + VXLAN_HEADROOM && packet.end <= end);
             assert!(matches!(buf[packet.start] >> 4, 4 | 6));
@@ -25,6 +42,6 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(dst, src);
             assert!(frame.start == offset && frame.end <= end);
         }
-        DecapVerdict::Drop(_) => {}
+        DecapVerdict::Drop(_) => assert_eq!(buf, before),
     }
 });

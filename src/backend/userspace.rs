@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tracing::{debug, warn};
@@ -20,8 +20,8 @@ use crate::dataplane::offload::{
     complete_partial_checksum, gso_split, GsoKind, Segments, VirtioNetHdr,
 };
 use crate::dataplane::{
-    decap, encap, Counters, DecapVerdict, DropReason, EncapVerdict, LocalVtep, PeerTable,
-    RemoteVtep, VXLAN_HEADROOM,
+    decap, encap, Counters, DecapVerdict, DropReason, EncapVerdict, IcmpLimiter, LocalVtep,
+    PeerTable, RemoteVtep, VXLAN_HEADROOM,
 };
 use crate::io::tun::{Tun, TunOffload, VNET_HDR_LEN};
 use crate::io::udp::VxlanSocket;
@@ -405,8 +405,11 @@ impl Worker {
 
     /// TUN → VXLAN. The packet is read so that its vnet header ends exactly where the
     /// VXLAN + Ethernet headroom ends; encap then overwrites the consumed vnet header. TSO
-    /// super-packets are split into an arena laid out for one UDP GSO send per batch.
+    /// super-packets are split into an arena laid out for one UDP GSO send per batch. ICMP
+    /// errors the core builds are rate limited like the kernel's (1000/s, bursts of 50).
     fn run_tx(&self) {
+        let epoch = Instant::now();
+        let mut icmp = IcmpLimiter::default();
         let mut buf = vec![0u8; BUF_LEN];
         let mut arena = Vec::with_capacity(2 * BUF_LEN);
         let mut gso_ok = true;
@@ -422,6 +425,7 @@ impl Worker {
                 }
             };
             let end = off + n;
+            let now = epoch.elapsed();
             let hdr = match VirtioNetHdr::parse(buf.get(off..end).unwrap_or_default()) {
                 Ok(h) => h,
                 Err(reason) => {
@@ -439,7 +443,7 @@ impl Worker {
                         continue;
                     }
                 }
-                self.encap_and_send(&mut buf, VXLAN_HEADROOM..end, &table);
+                self.encap_and_send(&mut buf, VXLAN_HEADROOM..end, &table, (&mut icmp, now));
                 continue;
             }
             let segs = match gso_split(&buf[VXLAN_HEADROOM..end], &hdr, &mut arena, VXLAN_HEADROOM)
@@ -452,9 +456,9 @@ impl Worker {
             };
             if segs.len() == 1 {
                 let Some(p) = segs.packet(0) else { continue };
-                self.encap_and_send(&mut arena, p, &table);
+                self.encap_and_send(&mut arena, p, &table, (&mut icmp, now));
             } else {
-                self.send_segments(&mut arena, &segs, &table, &mut gso_ok);
+                self.send_segments(&mut arena, &segs, &table, &mut gso_ok, (&mut icmp, now));
             }
         }
     }
@@ -468,8 +472,15 @@ impl Worker {
         }
     }
 
-    fn encap_and_send(&self, buf: &mut [u8], packet: std::ops::Range<usize>, table: &PeerTable) {
-        match encap(buf, packet, table, &self.local) {
+    /// Encapsulates and sends one packet; `icmp` is the error rate limit and the time now.
+    fn encap_and_send(
+        &self,
+        buf: &mut [u8],
+        packet: std::ops::Range<usize>,
+        table: &PeerTable,
+        icmp: (&mut IcmpLimiter, Duration),
+    ) {
+        match encap(buf, packet, table, &self.local, icmp.0, icmp.1) {
             EncapVerdict::Transmit { dst, frame } => {
                 let len = frame.len();
                 match self
@@ -493,12 +504,14 @@ impl Worker {
         segs: &Segments,
         table: &PeerTable,
         gso_ok: &mut bool,
+        icmp: (&mut IcmpLimiter, Duration),
     ) {
+        let (limiter, now) = icmp;
         let stride = segs.stride();
         let mut dst = None;
         let mut frames = 0usize;
         for (i, p) in segs.iter().enumerate() {
-            match encap(arena, p, table, &self.local) {
+            match encap(arena, p, table, &self.local, limiter, now) {
                 EncapVerdict::Transmit { dst: d, frame } => {
                     debug_assert_eq!(frame.start, i * stride);
                     dst = Some(d);

@@ -114,7 +114,12 @@ impl SubnetEnv {
             path: path.to_owned(),
             source,
         })?;
-        let vars = parse_dotenv(&text);
+        SubnetEnv::parse(&text, path)
+    }
+
+    /// Parses the text of a subnet.env file; `path` only names it in errors and warnings.
+    pub fn parse(text: &str, path: &Path) -> Result<SubnetEnv, SubnetEnvError> {
+        let vars = parse_dotenv(text);
         let required = |key: &'static str| {
             vars.get(key).ok_or_else(|| SubnetEnvError::Missing {
                 path: path.to_owned(),

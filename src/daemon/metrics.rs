@@ -229,6 +229,9 @@ mod tests {
         m.set_peer_table(2);
         let counters = Arc::new(Counters::new());
         counters.count_drop(DropReason::UnknownSource);
+        counters.count_drop(DropReason::InnerSourceMismatch);
+        counters.count_drop(DropReason::IcmpRateLimited);
+        counters.count_drop(DropReason::IcmpRateLimited);
         m.set_plane(PlaneMetrics::Userspace {
             counters,
             io_errors: Arc::new(IoErrors::default()),
@@ -244,6 +247,20 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("flannel_peer_reachable"), "{text}");
+        // Every reason has its line, the new anti-spoofing and rate-limit ones included.
+        for r in DropReason::ALL {
+            let n = match r {
+                DropReason::UnknownSource | DropReason::InnerSourceMismatch => 1,
+                DropReason::IcmpRateLimited => 2,
+                _ => 0,
+            };
+            let line = format!("flannel_vxlan_drops_total{{reason=\"{r}\"}} {n}\n");
+            assert!(text.contains(&line), "{line}{text}");
+        }
+        assert!(
+            text.contains("reason=\"inner_destination_foreign\"} 0\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -135,6 +135,8 @@ impl Plane {
                         error_source_v4: (network.network() != subnet.network())
                             .then_some(network.network()),
                         error_source_v6: None,
+                        subnet_v4: Some(subnet),
+                        subnet_v6: None,
                     },
                     tso: true,
                 };

@@ -13,10 +13,36 @@ use crate::wire::{arp, vxlan, EtherType, MacAddr};
 ///
 /// Call once per datagram received on the VXLAN port. Checks, in order: `src` is a peer's
 /// public IP, the datagram holds VXLAN + Ethernet headers, the I flag, the VNI equals ours,
-/// the inner destination MAC is ours (broadcast only for ARP), and the EtherType. IPv4/IPv6
-/// packets are delivered trimmed to their header's length; an ARP request for our VTEP
-/// address is answered in place (the reply is a VXLAN datagram for `src`).
+/// the inner destination MAC is ours (broadcast only for ARP), and the EtherType.
+///
+/// IPv4/IPv6 packets are delivered, trimmed to their header's length, only if the peer whose
+/// subnet contains the inner source is the one at `src` (a peer cannot speak for another
+/// node's pods) and the inner destination is in our own subnet (we relay for nobody). An ARP
+/// request for our VTEP address from an address in the sending peer's subnet is answered in
+/// place (the reply is a VXLAN datagram for `src`). Nothing outside `buf[datagram]` is read
+/// or written.
+#[inline]
 pub fn decap(
+    buf: &mut [u8],
+    datagram: Range<usize>,
+    src: IpAddr,
+    table: &PeerTable,
+    local: &LocalVtep,
+) -> DecapVerdict {
+    match checked_decap(buf, datagram, src, table, local) {
+        // Only a known peer's datagram passes the source binding, so the source lookup is
+        // needed on drops only: the delivering path does one hash probe, not two.
+        DecapVerdict::Drop(r) if r != DropReason::InvalidBuffer && !table.is_known_source(src) => {
+            DecapVerdict::Drop(DropReason::UnknownSource)
+        }
+        v => v,
+    }
+}
+
+/// [`decap`] without the unknown-source check: every verdict but `Drop` implies that `src`
+/// is the public IP of the peer owning the inner source.
+#[inline]
+fn checked_decap(
     buf: &mut [u8],
     datagram: Range<usize>,
     src: IpAddr,
@@ -27,9 +53,6 @@ pub fn decap(
     let Some(d) = buf.get(start..end) else {
         return DecapVerdict::Drop(DropReason::InvalidBuffer);
     };
-    if !table.is_known_source(src) {
-        return DecapVerdict::Drop(DropReason::UnknownSource);
-    }
     let Some(hdr) = d.first_chunk::<VXLAN_HEADROOM>() else {
         return DecapVerdict::Drop(DropReason::Truncated);
     };
@@ -51,25 +74,46 @@ pub fn decap(
     match ethertype {
         EtherType::Ipv4 | EtherType::Ipv6 => {
             let want = if ethertype == EtherType::Ipv4 { 4 } else { 6 };
-            match inspect_ip(inner) {
-                Ok(info) if info.version == want => DecapVerdict::Deliver {
-                    packet: inner_start..inner_start + info.len,
-                },
-                Ok(_) => DecapVerdict::Drop(DropReason::MalformedIp),
-                Err(r) => DecapVerdict::Drop(r),
+            let info = match inspect_ip(inner) {
+                Ok(info) if info.version == want => info,
+                Ok(_) => return DecapVerdict::Drop(DropReason::MalformedIp),
+                Err(r) => return DecapVerdict::Drop(r),
+            };
+            if !sent_by_owner(table, info.src, src) {
+                return DecapVerdict::Drop(DropReason::InnerSourceMismatch);
+            }
+            if !local.owns(info.dst) {
+                return DecapVerdict::Drop(DropReason::InnerDestinationForeign);
+            }
+            DecapVerdict::Deliver {
+                packet: inner_start..inner_start + info.len,
             }
         }
-        EtherType::Arp => answer_arp(buf, start, src, local),
+        EtherType::Arp => answer_arp(buf, start..end, src, table, local),
         EtherType::Vlan | EtherType::QinQ => DecapVerdict::Drop(DropReason::VlanTagged),
         EtherType::Unknown(_) => DecapVerdict::Drop(DropReason::UnsupportedEtherType),
     }
 }
 
-/// Answers an ARP request for our VTEP address by rewriting the datagram at `buf[start..]`
-/// into a reply.
-fn answer_arp(buf: &mut [u8], start: usize, src: IpAddr, local: &LocalVtep) -> DecapVerdict {
+/// True if the peer whose subnet contains `inner_src` has the public IP `outer_src`.
+#[inline]
+fn sent_by_owner(table: &PeerTable, inner_src: IpAddr, outer_src: IpAddr) -> bool {
+    table.owns_source(outer_src, inner_src)
+}
+
+/// Answers an ARP request for our VTEP address by rewriting the datagram `buf[datagram]`
+/// into a reply. The request must lie within the datagram, and so does the reply (it is
+/// never longer than the request).
+fn answer_arp(
+    buf: &mut [u8],
+    datagram: Range<usize>,
+    src: IpAddr,
+    table: &PeerTable,
+    local: &LocalVtep,
+) -> DecapVerdict {
+    let Range { start, end } = datagram;
     let arp_at = start + VXLAN_HEADROOM;
-    let Some(bytes) = buf.get(arp_at..) else {
+    let Some(bytes) = buf.get(arp_at..end) else {
         return DecapVerdict::Drop(DropReason::Truncated);
     };
     let request = match arp::Packet::new_checked(bytes).and_then(|p| arp::Repr::parse(&p)) {
@@ -85,6 +129,9 @@ fn answer_arp(buf: &mut [u8], start: usize, src: IpAddr, local: &LocalVtep) -> D
     if request.operation != arp::Operation::Request || request.target_protocol_addr != our_ip {
         return DecapVerdict::Drop(DropReason::ArpNotForUs);
     }
+    if !sent_by_owner(table, request.source_protocol_addr.into(), src) {
+        return DecapVerdict::Drop(DropReason::InnerSourceMismatch);
+    }
     let reply = arp::Repr {
         operation: arp::Operation::Reply,
         source_hardware_addr: local.mac,
@@ -92,19 +139,22 @@ fn answer_arp(buf: &mut [u8], start: usize, src: IpAddr, local: &LocalVtep) -> D
         target_hardware_addr: request.source_hardware_addr,
         target_protocol_addr: request.source_protocol_addr,
     };
-    let end = arp_at + arp::PACKET_LEN;
+    let reply_end = arp_at + arp::PACKET_LEN;
+    if reply_end > end {
+        return DecapVerdict::Drop(DropReason::Truncated);
+    }
     let Some(hdr) = headroom_mut(buf, start) else {
         return DecapVerdict::Drop(DropReason::Truncated);
     };
     let (vni, dst_mac) = (local.vni, request.source_hardware_addr);
     write_headers(hdr, vni, dst_mac, local.mac, EtherType::Arp.into());
-    match buf.get_mut(arp_at..end) {
+    match buf.get_mut(arp_at..reply_end) {
         Some(a) => reply.emit(&mut arp::Packet::new_unchecked(a)),
         None => return DecapVerdict::Drop(DropReason::Truncated),
     }
     DecapVerdict::Reply {
         dst: src,
-        frame: start..end,
+        frame: start..reply_end,
     }
 }
 
@@ -124,6 +174,8 @@ mod tests {
             addr_v6: Some("fd10:244:2::".parse().unwrap()),
             error_source_v4: None,
             error_source_v6: None,
+            subnet_v4: Some("10.244.2.0/24".parse().unwrap()),
+            subnet_v6: Some("fd10:244:2::/64".parse().unwrap()),
         }
     }
 
@@ -135,8 +187,22 @@ mod tests {
         }
     }
 
+    /// Another node: 10.244.3.0/24 at 198.18.0.3.
+    fn third() -> RemoteVtep {
+        RemoteVtep {
+            public_ip: "198.18.0.3".parse().unwrap(),
+            mac: MacAddr([0x02, 0xcc, 0, 0, 0, 3]),
+            vni: 1,
+        }
+    }
+
     fn table() -> PeerTable {
-        PeerTable::new([("10.244.1.0/24".parse::<IpNet>().unwrap(), sender())])
+        PeerTable::new([
+            ("10.244.1.0/24".parse::<IpNet>().unwrap(), sender()),
+            ("fd10:244:1::/64".parse::<IpNet>().unwrap(), sender()),
+            ("10.244.3.0/24".parse::<IpNet>().unwrap(), third()),
+            ("fd10:244:3::/64".parse::<IpNet>().unwrap(), third()),
+        ])
     }
 
     /// A VXLAN datagram: header with `flags`/`vni`, Ethernet `dst` ← sender, `ethertype`, `payload`.
@@ -388,7 +454,179 @@ mod tests {
         );
     }
 
+    /// An inner packet `src` → `dst` (IPv4 or IPv6 by the addresses) in a datagram for us.
+    fn ip_datagram(src: &str, dst: &str) -> Vec<u8> {
+        let p = match (src.parse().unwrap(), dst.parse().unwrap()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => ipv4_packet(s, d, 17, &[0; 8]),
+            (IpAddr::V6(s), IpAddr::V6(d)) => ipv6_packet(s, d, 17, &[0; 8]),
+            _ => panic!("mixed families"),
+        };
+        let et = if p[0] >> 4 == 4 { 0x0800 } else { 0x86dd };
+        datagram(0x08, 1, local().mac, et, &p)
+    }
+
+    #[test]
+    fn inner_source_must_belong_to_the_sending_peer() {
+        let drop = |r| DecapVerdict::Drop(r);
+        let mismatch = drop(DropReason::InnerSourceMismatch);
+        for (src, dst) in [
+            ("10.244.1.5", "10.244.2.7"),
+            ("10.244.1.0", "10.244.2.0"), // VTEP to VTEP
+            ("fd10:244:1::5", "fd10:244:2::7"),
+        ] {
+            assert!(
+                matches!(run(&ip_datagram(src, dst)), DecapVerdict::Deliver { .. }),
+                "{src} -> {dst}"
+            );
+        }
+        // Another node's pod, a node-less address, an address outside every subnet.
+        for src in [
+            "10.244.3.9",
+            "10.244.9.9",
+            "192.168.1.1",
+            "fd10:244:3::9",
+            "fd10:99::1",
+        ] {
+            let dst = if src.contains(':') {
+                "fd10:244:2::7"
+            } else {
+                "10.244.2.7"
+            };
+            assert_eq!(run(&ip_datagram(src, dst)), mismatch, "{src}");
+        }
+        // The same frame is fine from the owner of the source subnet.
+        let d = ip_datagram("10.244.3.9", "10.244.2.7");
+        let mut b = d.clone();
+        assert!(matches!(
+            decap(&mut b, 0..d.len(), third().public_ip, &table(), &local()),
+            DecapVerdict::Deliver { .. }
+        ));
+        // IPv4-mapped outer source counts as the IPv4 address.
+        let mut b = d.clone();
+        let mapped = "::ffff:198.18.0.3".parse().unwrap();
+        assert!(matches!(
+            decap(&mut b, 0..d.len(), mapped, &table(), &local()),
+            DecapVerdict::Deliver { .. }
+        ));
+    }
+
+    #[test]
+    fn inner_destination_must_be_ours() {
+        let foreign = DecapVerdict::Drop(DropReason::InnerDestinationForeign);
+        for dst in [
+            "10.244.3.7",
+            "10.244.1.7",
+            "10.245.2.7",
+            "8.8.8.8",
+            "fd10:244:3::7",
+        ] {
+            let src = if dst.contains(':') {
+                "fd10:244:1::5"
+            } else {
+                "10.244.1.5"
+            };
+            assert_eq!(run(&ip_datagram(src, dst)), foreign, "{dst}");
+        }
+        // Without a subnet of that family nothing of it is delivered.
+        let mut no_v6 = local();
+        no_v6.subnet_v6 = None;
+        let d = ip_datagram("fd10:244:1::5", "fd10:244:2::7");
+        let mut b = d.clone();
+        assert_eq!(
+            decap(&mut b, 0..d.len(), sender().public_ip, &table(), &no_v6),
+            foreign
+        );
+        let mut no_v4 = local();
+        no_v4.subnet_v4 = None;
+        let d = ip_datagram("10.244.1.5", "10.244.2.0");
+        let mut b = d.clone();
+        assert_eq!(
+            decap(&mut b, 0..d.len(), sender().public_ip, &table(), &no_v4),
+            foreign
+        );
+    }
+
+    #[test]
+    fn arp_only_from_the_senders_subnet() {
+        let mut req = arp_request(Ipv4Addr::new(10, 244, 2, 0), 1);
+        // Sender protocol address 10.244.3.0: another node's VTEP.
+        req[14..18].copy_from_slice(&[10, 244, 3, 0]);
+        assert_eq!(
+            run(&datagram(0x08, 1, MacAddr::BROADCAST, 0x0806, &req)),
+            DecapVerdict::Drop(DropReason::InnerSourceMismatch)
+        );
+    }
+
+    /// `d` at offset 2 of a buffer with `slack` bytes of 0x5a after it.
+    fn with_slack(d: &[u8], slack: usize) -> (Vec<u8>, Range<usize>) {
+        let mut b = vec![0x5au8; 2];
+        b.extend_from_slice(d);
+        b.resize(b.len() + slack, 0x5a);
+        (b, 2..2 + d.len())
+    }
+
+    #[test]
+    fn truncated_arp_never_reads_or_writes_past_the_datagram() {
+        // The bytes after the datagram would complete the request: they must not be used.
+        let full = datagram(
+            0x08,
+            1,
+            MacAddr::BROADCAST,
+            0x0806,
+            &arp_request(Ipv4Addr::new(10, 244, 2, 0), 1),
+        );
+        for cut in [1, 4, 27] {
+            let short = &full[..full.len() - cut];
+            let mut b = short.to_vec();
+            b.extend_from_slice(&full[full.len() - cut..]);
+            b.extend_from_slice(&[0x5a; 64]);
+            let before = b.clone();
+            let v = decap(
+                &mut b,
+                0..short.len(),
+                sender().public_ip,
+                &table(),
+                &local(),
+            );
+            assert_eq!(v, DecapVerdict::Drop(DropReason::Truncated), "cut {cut}");
+            assert_eq!(b, before, "buffer changed (cut {cut})");
+        }
+        // A complete request with slack: the reply stays within the datagram.
+        let (mut b, r) = with_slack(&full, 64);
+        let before = b.clone();
+        let v = decap(&mut b, r.clone(), sender().public_ip, &table(), &local());
+        let DecapVerdict::Reply { frame, .. } = v else {
+            panic!("{v:?}")
+        };
+        assert!(frame.start == r.start && frame.end <= r.end);
+        assert_eq!(b[..r.start], before[..r.start]);
+        assert_eq!(b[r.end..], before[r.end..]);
+    }
+
     proptest! {
+        #[test]
+        fn slack_is_never_touched_and_ranges_stay_inside(
+            tail in proptest::collection::vec(any::<u8>(), 0..80),
+            et in prop_oneof![Just(0x0800u16), Just(0x86dd), Just(0x0806)],
+            bcast in any::<bool>(), slack in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let dst = if bcast { MacAddr::BROADCAST } else { local().mac };
+            let d = datagram(0x08, 1, dst, et, &tail);
+            let mut b = vec![0x5au8; 3];
+            b.extend_from_slice(&d);
+            b.extend_from_slice(&slack);
+            let r = 3..3 + d.len();
+            let before = b.clone();
+            let v = decap(&mut b, r.clone(), sender().public_ip, &table(), &local());
+            prop_assert_eq!(&b[..r.start], &before[..r.start]);
+            prop_assert_eq!(&b[r.end..], &before[r.end..]);
+            match v {
+                DecapVerdict::Deliver { packet } => prop_assert!(packet.start >= r.start && packet.end <= r.end),
+                DecapVerdict::Reply { frame, .. } => prop_assert!(frame.start == r.start && frame.end <= r.end),
+                DecapVerdict::Drop(_) => prop_assert_eq!(&b, &before),
+            }
+        }
+
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..120),
                                 start in 0usize..10, cut in 0usize..10) {

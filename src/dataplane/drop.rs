@@ -66,6 +66,16 @@ drop_reasons! {
     UnsupportedGso => "unsupported_gso",
     /// A GSO super-packet that would split into more than `offload::MAX_SEGMENTS` segments.
     TooManySegments => "too_many_segments",
+    /// A decapsulated packet (or ARP request) whose inner source address is not in the subnet
+    /// of the peer that sent it (the lease whose public IP is the outer source): a peer, or a
+    /// pod speaking VXLAN as its node, forging another node's pod address.
+    InnerSourceMismatch => "inner_source_mismatch",
+    /// A decapsulated packet whose inner destination is outside our own subnet: we are no
+    /// relay for other nodes' traffic.
+    InnerDestinationForeign => "inner_destination_foreign",
+    /// No peer owns the destination and the ICMP error about it was suppressed by the
+    /// rate limit (see `IcmpLimiter`).
+    IcmpRateLimited => "icmp_rate_limited",
 }
 
 impl DropReason {

@@ -2,10 +2,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
+use std::time::Duration;
 
 use super::{
-    headroom_mut, inspect_ip, write_headers, DropReason, EncapVerdict, IpInfo, LocalVtep,
-    PeerTable, VXLAN_HEADROOM,
+    headroom_mut, inspect_ip, write_headers, DropReason, EncapVerdict, IcmpLimiter, IpInfo,
+    LocalVtep, PeerTable, VXLAN_HEADROOM,
 };
 use crate::wire::{checksum, ipv4, ipv6, EtherType, IpProtocol};
 
@@ -19,12 +20,15 @@ use crate::wire::{checksum, ipv4, ipv6, EtherType, IpProtocol};
 /// When no peer owns the destination and we have a VTEP address of that family, an
 /// ICMP/ICMPv6 destination unreachable for the sender is written into `buf` and returned as
 /// [`EncapVerdict::ReplyToTun`] (never for ICMP errors, non-first fragments, or
-/// multicast/unspecified addresses; not rate limited here).
+/// multicast/unspecified addresses). Errors are rate limited by `icmp` at time `now` (the
+/// caller's monotonic clock); a suppressed one is the drop `IcmpRateLimited`.
 pub fn encap(
     buf: &mut [u8],
     packet: Range<usize>,
     table: &PeerTable,
     local: &LocalVtep,
+    icmp: &mut IcmpLimiter,
+    now: Duration,
 ) -> EncapVerdict {
     let Range { start, end } = packet;
     if start < VXLAN_HEADROOM || start > end || end > buf.len() {
@@ -36,7 +40,7 @@ pub fn encap(
         None => return EncapVerdict::Drop(DropReason::InvalidBuffer),
     };
     let Some(peer) = table.lookup(info.dst) else {
-        return unreachable(buf, start, &info, local);
+        return unreachable(buf, start, &info, local, icmp, now);
     };
     let ethertype = if info.version == 4 {
         EtherType::Ipv4
@@ -111,8 +115,16 @@ fn may_send_error(p: &[u8], info: &IpInfo) -> bool {
 }
 
 /// Builds a destination-unreachable error for the packet at `buf[start..]` in place, or drops
-/// with `NoRoute` when that is not allowed or possible.
-fn unreachable(buf: &mut [u8], start: usize, info: &IpInfo, local: &LocalVtep) -> EncapVerdict {
+/// with `NoRoute` when that is not allowed or possible, or with `IcmpRateLimited` when `icmp`
+/// has no credit left.
+fn unreachable(
+    buf: &mut [u8],
+    start: usize,
+    info: &IpInfo,
+    local: &LocalVtep,
+    icmp: &mut IcmpLimiter,
+    now: Duration,
+) -> EncapVerdict {
     let no_route = EncapVerdict::Drop(DropReason::NoRoute);
     let Some(orig) = buf.get(start..start + info.len) else {
         return no_route;
@@ -144,6 +156,9 @@ fn unreachable(buf: &mut [u8], start: usize, info: &IpInfo, local: &LocalVtep) -
     let Some(reply) = buf.get_mut(reply_start..reply_start + reply_len) else {
         return no_route;
     };
+    if !icmp.allow(now) {
+        return EncapVerdict::Drop(DropReason::IcmpRateLimited);
+    }
     let icmp_len = reply_len - (hdr_len - 8);
     match (our, info.src) {
         (IpAddr::V4(ours), IpAddr::V4(sender)) => {
@@ -216,6 +231,8 @@ mod tests {
             addr_v6: Some("fd10:244:1::".parse().unwrap()),
             error_source_v4: None,
             error_source_v6: None,
+            subnet_v4: Some("10.244.1.0/24".parse().unwrap()),
+            subnet_v6: Some("fd10:244:1::/64".parse().unwrap()),
         }
     }
 
@@ -247,7 +264,7 @@ mod tests {
             &[1, 2, 3, 4, 0, 12, 0, 0, 9, 9, 9, 9],
         );
         let (mut buf, range) = with_headroom(&inner, 30, 0);
-        let v = encap(&mut buf, range, &table(), &local());
+        let v = encap_now(&mut buf, range, &table(), &local());
         let EncapVerdict::Transmit { dst, frame } = v else {
             panic!("{v:?}")
         };
@@ -276,7 +293,7 @@ mod tests {
         let mut t = peer();
         t.vni = 0x123456;
         let table = PeerTable::new([("fd10:244:2::/64".parse::<IpNet>().unwrap(), t)]);
-        let v = encap(&mut padded, range.start..range.end + 5, &table, &local());
+        let v = encap_now(&mut padded, range.start..range.end + 5, &table, &local());
         let EncapVerdict::Transmit { frame, .. } = v else {
             panic!("{v:?}")
         };
@@ -293,18 +310,18 @@ mod tests {
         let ok = ipv4_packet(v4("10.244.1.5"), v4("10.244.2.7"), 17, &[0; 8]);
         let run = |bytes: &[u8], headroom: usize| {
             let (mut b, r) = with_headroom(bytes, headroom, 0);
-            encap(&mut b, r, &t, &l)
+            encap_now(&mut b, r, &t, &l)
         };
         assert_eq!(run(&ok, 21), EncapVerdict::Drop(DropReason::InvalidBuffer));
         let mut b = vec![0u8; 40];
         assert_eq!(
-            encap(&mut b, 22..41, &t, &l),
+            encap_now(&mut b, 22..41, &t, &l),
             EncapVerdict::Drop(DropReason::InvalidBuffer)
         );
         #[allow(clippy::reversed_empty_ranges)]
         let rev = 30..25;
         assert_eq!(
-            encap(&mut b, rev, &t, &l),
+            encap_now(&mut b, rev, &t, &l),
             EncapVerdict::Drop(DropReason::InvalidBuffer)
         );
         assert_eq!(run(&[], 22), EncapVerdict::Drop(DropReason::Truncated));
@@ -347,7 +364,7 @@ mod tests {
         let inner = ipv4_packet(v4("10.244.1.5"), v4("10.99.0.1"), 17, &udp);
         for headroom in [22, 28, 64] {
             let (mut buf, range) = with_headroom(&inner, headroom, 8);
-            let v = encap(&mut buf, range, &table(), &local());
+            let v = encap_now(&mut buf, range, &table(), &local());
             let EncapVerdict::ReplyToTun { packet } = v else {
                 panic!("{v:?}")
             };
@@ -375,7 +392,7 @@ mod tests {
         );
         for headroom in [22, 48, 100] {
             let (mut buf, range) = with_headroom(&inner, headroom, 30);
-            let v = encap(&mut buf, range, &table(), &local());
+            let v = encap_now(&mut buf, range, &table(), &local());
             let EncapVerdict::ReplyToTun { packet } = v else {
                 panic!("{v:?}")
             };
@@ -394,10 +411,57 @@ mod tests {
     }
 
     #[test]
+    fn icmp_errors_are_rate_limited() {
+        let inner = ipv4_packet(v4("10.244.1.5"), v4("10.99.0.1"), 17, &[0; 8]);
+        let mut icmp = IcmpLimiter::new(1000, 3);
+        let t0 = std::time::Duration::from_secs(7);
+        let at = |icmp: &mut IcmpLimiter, t| {
+            let (mut buf, range) = with_headroom(&inner, 22, 0);
+            encap(&mut buf, range, &table(), &local(), icmp, t)
+        };
+        let verdicts: Vec<_> = (0..5).map(|_| at(&mut icmp, t0)).collect();
+        assert!(verdicts[..3]
+            .iter()
+            .all(|v| matches!(v, EncapVerdict::ReplyToTun { .. })));
+        let limited = EncapVerdict::Drop(DropReason::IcmpRateLimited);
+        assert_eq!(verdicts[3..], [limited.clone(), limited.clone()]);
+        assert!(matches!(
+            at(&mut icmp, t0 + std::time::Duration::from_millis(1)),
+            EncapVerdict::ReplyToTun { .. }
+        ));
+        assert_eq!(
+            at(&mut icmp, t0 + std::time::Duration::from_millis(1)),
+            limited
+        );
+        // Packets that get no error anyway do not spend credit, and are `no_route`.
+        let err = ipv4_packet(
+            v4("10.244.1.5"),
+            v4("10.99.0.1"),
+            1,
+            &[3, 1, 0, 0, 0, 0, 0, 0],
+        );
+        let (mut buf, range) = with_headroom(&err, 22, 0);
+        let t = t0 + std::time::Duration::from_millis(2);
+        assert_eq!(
+            encap(&mut buf, range, &table(), &local(), &mut icmp, t),
+            EncapVerdict::Drop(DropReason::NoRoute)
+        );
+        assert!(matches!(at(&mut icmp, t), EncapVerdict::ReplyToTun { .. }));
+        // Forwarded packets never touch the limiter.
+        let ok = ipv4_packet(v4("10.244.1.5"), v4("10.244.2.7"), 17, &[0; 8]);
+        let (mut buf, range) = with_headroom(&ok, 22, 0);
+        assert!(matches!(
+            encap(&mut buf, range, &table(), &local(), &mut icmp, t),
+            EncapVerdict::Transmit { .. }
+        ));
+    }
+
+    #[test]
     fn long_packets_are_quoted_up_to_the_limit() {
         let inner = ipv4_packet(v4("10.244.1.5"), v4("10.99.0.1"), 6, &[7; 1400]);
         let (mut buf, range) = with_headroom(&inner, 22, 0);
-        let EncapVerdict::ReplyToTun { packet } = encap(&mut buf, range, &table(), &local()) else {
+        let EncapVerdict::ReplyToTun { packet } = encap_now(&mut buf, range, &table(), &local())
+        else {
             panic!()
         };
         assert_eq!(packet.len(), 576);
@@ -409,7 +473,7 @@ mod tests {
         let t = table();
         let run = |p: &[u8], l: &LocalVtep| {
             let (mut b, r) = with_headroom(p, 22, 64);
-            encap(&mut b, r, &t, l)
+            encap_now(&mut b, r, &t, l)
         };
         let no_route = EncapVerdict::Drop(DropReason::NoRoute);
         let err = ipv4_packet(

@@ -11,6 +11,7 @@
 //! caller-owned GSO arena) or logs: every outcome is a verdict, and every drop has a
 //! [`DropReason`] that the caller counts in [`Counters`].
 
+mod batch;
 pub mod coalesce;
 mod counters;
 mod decap;
@@ -18,17 +19,22 @@ mod drop;
 mod encap;
 pub mod offload;
 mod peers;
+mod ratelimit;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 
+use ipnet::{Ipv4Net, Ipv6Net};
+
 use crate::wire::MacAddr;
 
+pub use batch::gro_datagrams;
 pub use counters::{Counters, CountersSnapshot};
 pub use decap::decap;
 pub use drop::DropReason;
 pub use encap::encap;
 pub use peers::PeerTable;
+pub use ratelimit::IcmpLimiter;
 
 /// Bytes the IO layer must leave free in front of an inner packet: 8 (VXLAN) + 14 (inner
 /// Ethernet).
@@ -64,6 +70,22 @@ pub struct LocalVtep {
     pub error_source_v4: Option<Ipv4Addr>,
     /// Same for ICMPv6.
     pub error_source_v6: Option<Ipv6Addr>,
+    /// Our IPv4 pod subnet (the lease's): decapsulated IPv4 packets must be addressed into
+    /// it. `None`: no IPv4 packet is delivered.
+    pub subnet_v4: Option<Ipv4Net>,
+    /// Our IPv6 pod subnet: same for IPv6.
+    pub subnet_v6: Option<Ipv6Net>,
+}
+
+impl LocalVtep {
+    /// True if `dst` is in our own subnet of its family (our VTEP address included).
+    #[inline]
+    pub fn owns(&self, dst: IpAddr) -> bool {
+        match dst {
+            IpAddr::V4(a) => self.subnet_v4.is_some_and(|n| n.contains(&a)),
+            IpAddr::V6(a) => self.subnet_v6.is_some_and(|n| n.contains(&a)),
+        }
+    }
 }
 
 /// What to do with a packet read from TUN.
@@ -220,6 +242,23 @@ pub(crate) mod testutil {
         (v, headroom..headroom + packet.len())
     }
 
+    /// [`encap`] with a fresh (full) ICMP limiter at time zero.
+    pub fn encap_now(
+        buf: &mut [u8],
+        packet: Range<usize>,
+        table: &PeerTable,
+        local: &LocalVtep,
+    ) -> EncapVerdict {
+        encap(
+            buf,
+            packet,
+            table,
+            local,
+            &mut IcmpLimiter::default(),
+            std::time::Duration::ZERO,
+        )
+    }
+
     /// True if the one's-complement sum of `data` verifies (is 0xffff).
     pub fn verifies(data: &[u8]) -> bool {
         checksum::tests::naive_sum(data) == 0xffff
@@ -286,10 +325,12 @@ mod tests {
             headroom in 22usize..64, tail in 0usize..16, rx_offset in 0usize..8,
         ) {
             prop_assume!(pub_a != pub_b);
-            let node = |mac| LocalVtep {
+            let node = |mac, v4: &str, v6: &str| LocalVtep {
                 vni, mac, addr_v4: None, addr_v6: None, error_source_v4: None, error_source_v6: None,
+                subnet_v4: v4.parse().ok(), subnet_v6: v6.parse().ok(),
             };
-            let (a, b) = (node(mac_a), node(mac_b));
+            let a = node(mac_a, "10.244.1.0/24", "fd10:244:1::/64");
+            let b = node(mac_b, "10.244.2.0/24", "fd10:244:2::/64");
             let table_a = PeerTable::new([
                 (net("10.244.2.0/24"), RemoteVtep { public_ip: pub_b, mac: mac_b, vni }),
                 (net("fd10:244:2::/64"), RemoteVtep { public_ip: pub_b, mac: mac_b, vni }),
@@ -299,7 +340,7 @@ mod tests {
                 (net("fd10:244:1::/64"), RemoteVtep { public_ip: pub_a, mac: mac_a, vni }),
             ]);
             let (mut tx, range) = with_headroom(&inner, headroom, tail);
-            let v = encap(&mut tx, range, &table_a, &a);
+            let v = encap_now(&mut tx, range, &table_a, &a);
             let EncapVerdict::Transmit { dst, frame } = v else {
                 return Err(TestCaseError::fail(format!("{v:?}")));
             };

@@ -1,6 +1,6 @@
 //! The peer table: which remote VTEP owns an inner destination address.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::net::IpAddr;
 
@@ -45,7 +45,6 @@ impl Hasher for AddrHasher {
 }
 
 type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<AddrHasher>>;
-type FastSet<K> = HashSet<K, BuildHasherDefault<AddrHasher>>;
 
 /// An address family's integer form, so one LPM implementation serves IPv4 and IPv6.
 trait Key: Copy + Eq + Hash + core::ops::BitAnd<Output = Self> {
@@ -111,6 +110,14 @@ impl<K: Key> Lpm<K> {
             .iter()
             .find_map(|(mask, m)| m.get(&(addr & *mask)).copied())
     }
+
+    /// The entries with a shorter prefix than `mask` that contain `net`.
+    fn supernets(&self, net: K, mask: K) -> impl Iterator<Item = u32> + '_ {
+        self.levels
+            .iter()
+            .filter(move |(m, _)| *m != mask && (*m & mask) == *m)
+            .filter_map(move |(m, map)| map.get(&(net & *m)).copied())
+    }
 }
 
 /// An immutable map from pod subnets to remote VTEPs, with longest-prefix-match lookup and a
@@ -124,8 +131,12 @@ pub struct PeerTable {
     peers: Vec<(IpNet, RemoteVtep)>,
     v4: Lpm<u32>,
     v6: Lpm<u128>,
-    sources_v4: FastSet<u32>,
-    sources_v6: FastSet<u128>,
+    /// Per public IP (IPv4-mapped IPv6 as IPv4): the indexes of its subnets in `peers`.
+    owners_v4: FastMap<u32, Vec<u32>>,
+    owners_v6: FastMap<u128, Vec<u32>>,
+    /// Per entry of `peers`: a longer prefix of the table lies inside it, so the LPM, not
+    /// mere containment, says who owns an address in it.
+    shadowed: Vec<bool>,
 }
 
 impl PeerTable {
@@ -155,20 +166,36 @@ impl PeerTable {
             IpNet::V6(n) => Some((u128::from(n.network()), n.prefix_len(), i as u32)),
             IpNet::V4(_) => None,
         }));
-        let mut sources_v4 = FastSet::default();
-        let mut sources_v6 = FastSet::default();
-        for (_, v) in &peers {
+        let mut owners_v4: FastMap<u32, Vec<u32>> = FastMap::default();
+        let mut owners_v6: FastMap<u128, Vec<u32>> = FastMap::default();
+        let mut shadowed = vec![false; peers.len()];
+        for (i, (n, v)) in peers.iter().enumerate() {
             match v.public_ip.to_canonical() {
-                IpAddr::V4(a) => sources_v4.insert(u32::from(a)),
-                IpAddr::V6(a) => sources_v6.insert(u128::from(a)),
+                IpAddr::V4(a) => owners_v4.entry(u32::from(a)).or_default().push(i as u32),
+                IpAddr::V6(a) => owners_v6.entry(u128::from(a)).or_default().push(i as u32),
             };
+            // O(entries × prefix lengths present): each entry marks the shorter ones around it.
+            let outer: Vec<u32> = match n {
+                IpNet::V4(n) => v4
+                    .supernets(u32::from(n.network()), u32::mask(n.prefix_len()))
+                    .collect(),
+                IpNet::V6(n) => v6
+                    .supernets(u128::from(n.network()), u128::mask(n.prefix_len()))
+                    .collect(),
+            };
+            for j in outer {
+                if let Some(s) = shadowed.get_mut(j as usize) {
+                    *s = true;
+                }
+            }
         }
         PeerTable {
             peers,
             v4,
             v6,
-            sources_v4,
-            sources_v6,
+            owners_v4,
+            owners_v6,
+            shadowed,
         }
     }
 
@@ -185,9 +212,46 @@ impl PeerTable {
     /// True if `ip` is some peer's public IP (IPv4-mapped IPv6 addresses count as IPv4).
     #[inline]
     pub fn is_known_source(&self, ip: IpAddr) -> bool {
-        match ip.to_canonical() {
-            IpAddr::V4(a) => self.sources_v4.contains(&u32::from(a)),
-            IpAddr::V6(a) => self.sources_v6.contains(&u128::from(a)),
+        self.owned_by(ip).is_some()
+    }
+
+    /// True if the peer owning `inner` (the longest prefix containing it, as [`lookup`]) has
+    /// the public IP `outer`: `inner` may be the source of what `outer` sends us.
+    ///
+    /// One probe by `outer` and a containment test of its (usually one or two) subnets; the
+    /// full longest-prefix lookup only when a longer prefix lies inside the containing one.
+    ///
+    /// [`lookup`]: PeerTable::lookup
+    #[inline]
+    pub fn owns_source(&self, outer: IpAddr, inner: IpAddr) -> bool {
+        let Some(idxs) = self.owned_by(outer) else {
+            return false;
+        };
+        for &i in idxs {
+            let Some((net, _)) = self.peers.get(i as usize) else {
+                continue;
+            };
+            if net.contains(&inner) {
+                if !self.shadowed.get(i as usize).copied().unwrap_or(true) {
+                    return true;
+                }
+                return self.lookup(inner).is_some_and(|p| {
+                    p.public_ip == outer || p.public_ip.to_canonical() == outer.to_canonical()
+                });
+            }
+        }
+        false
+    }
+
+    /// The indexes of the subnets leased with public IP `ip`.
+    #[inline]
+    fn owned_by(&self, ip: IpAddr) -> Option<&Vec<u32>> {
+        match ip {
+            IpAddr::V4(a) => self.owners_v4.get(&u32::from(a)),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(a) => self.owners_v4.get(&u32::from(a)),
+                None => self.owners_v6.get(&u128::from(a)),
+            },
         }
     }
 
@@ -248,6 +312,18 @@ mod tests {
         assert_eq!(l("192.168.1.1"), Some(5));
         assert_eq!(l("fd10:244:2::7"), Some(4));
         assert_eq!(l("fd10:244:3::7"), None);
+        // The owner of a source address is the longest prefix's peer, also when a shorter
+        // prefix of another peer contains it.
+        let owns = |peer: u8, a: &str| t.owns_source(vtep(peer).public_ip, a.parse().unwrap());
+        assert!(owns(1, "10.244.9.1") && !owns(2, "10.244.9.1"));
+        assert!(owns(2, "10.244.2.5") && !owns(1, "10.244.2.5") && !owns(5, "10.244.2.5"));
+        assert!(owns(3, "10.244.2.200") && !owns(2, "10.244.2.200"));
+        assert!(owns(4, "fd10:244:2::7") && !owns(4, "10.244.2.5"));
+        assert!(owns(5, "192.168.1.1") && !owns(9, "192.168.1.1"));
+        assert!(t.owns_source(
+            "::ffff:198.18.0.2".parse().unwrap(),
+            "10.244.2.5".parse().unwrap()
+        ));
         assert_eq!(t.len(), 5);
         assert!(!t.is_empty());
     }
@@ -319,6 +395,20 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn owns_source_equals_lookup(entries in proptest::collection::vec(arb_entry(), 0..60),
+                                     addrs in proptest::collection::vec(arb_addr(), 1..40),
+                                     outers in proptest::collection::vec(any::<u8>(), 1..8)) {
+            let t = PeerTable::new(entries.clone());
+            for a in addrs {
+                for o in outers.iter().chain(entries.iter().map(|(_, v)| &v.mac.0[5]).take(4)) {
+                    let outer = vtep(*o).public_ip;
+                    let want = linear(&entries, a).is_some_and(|v| v.public_ip == outer);
+                    prop_assert_eq!(t.owns_source(outer, a), want, "{} from {}", a, outer);
+                }
+            }
+        }
+
         #[test]
         fn lookup_equals_linear_scan(entries in proptest::collection::vec(arb_entry(), 0..60),
                                      addrs in proptest::collection::vec(arb_addr(), 1..40)) {

@@ -32,17 +32,7 @@ pub struct Received {
 impl Received {
     /// The byte ranges (in the batch buffer) of the datagrams this message holds.
     pub fn datagrams(&self) -> impl Iterator<Item = std::ops::Range<usize>> {
-        let seg = match self.segment {
-            0 => self.len.max(1),
-            s => s,
-        };
-        let (start, end) = (self.offset, self.offset + self.len);
-        // An empty datagram is still one (empty) datagram.
-        let empty = (self.len == 0).then_some(start..start);
-        (start..end)
-            .step_by(seg)
-            .map(move |s| s..(s + seg).min(end))
-            .chain(empty)
+        crate::dataplane::gro_datagrams(self.offset, self.len, self.segment)
     }
 }
 
