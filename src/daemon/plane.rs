@@ -70,7 +70,7 @@ pub(super) enum Plane {
         mtu: u32,
         handoff: Handoff,
         /// DirectRouting: routes via the external interface to on-link peers.
-        direct: Option<HostGw>,
+        direct: Option<Box<HostGw>>,
     },
     /// The kernel's vxlan device, programmed like flannel.
     Kernel(Box<KernelVxlan>),
@@ -167,7 +167,7 @@ impl Plane {
                     .await
                     .map_err(|e| fail(format!("DirectRouting: {e}")))?;
                     info!(iface = %ext.name, "DirectRouting: on-link peers are routed via the external interface");
-                    Some(d)
+                    Some(Box::new(d))
                 } else {
                     None
                 };
