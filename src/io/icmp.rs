@@ -48,7 +48,7 @@ pub struct EchoReply {
 }
 
 /// The echo payload that makes a request an IPv4 packet of `packet_len` bytes (20-byte header,
-/// 8-byte ICMP header): [`PAYLOAD`] repeated, never shorter than [`PAYLOAD`], at most 64 KiB.
+/// 8-byte ICMP header): the probe marker repeated, never shorter than it, at most 64 KiB.
 pub fn sized_payload(packet_len: usize) -> Vec<u8> {
     let len = packet_len.saturating_sub(28).clamp(PAYLOAD.len(), 65_507);
     PAYLOAD.iter().copied().cycle().take(len).collect()
