@@ -293,6 +293,15 @@ fn sigterm_keeps_the_device_and_restart_keeps_lease_and_mac() {
     assert!(routes.contains("10.244.0.0/16"), "{routes}");
     let log = std::fs::read_to_string(c.flanneld_log("n1")).expect("log");
     assert!(log.contains("Exiting cleanly"), "{log}");
+    // The kept device is up but nobody forwards: doctor must not call it healthy.
+    let d = c.doctor("n1").expect("doctor");
+    assert!(
+        d.stdout.contains(
+            "FAIL vxlan-device: flannel.1 (userspace TUN) is up but no flanneld holds it"
+        ),
+        "{}",
+        d.stdout
+    );
 
     c.start_flanneld("n1").expect("start");
     assert_eq!(

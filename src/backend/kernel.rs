@@ -851,6 +851,7 @@ mod tests {
             mac: None,
             mtu: Some(1400),
             up: true,
+            lower_up: true,
             vxlan: Some(v),
         }
     }

@@ -45,6 +45,8 @@ pub struct DeviceFacts {
     pub vni: u32,
     /// The device, if it exists: kind (`vxlan`, `tun`, ...), up, VNI of a vxlan device.
     pub link: Option<(Option<String>, bool, Option<u32>)>,
+    /// The device has a carrier: for the persistent userspace TUN, a flanneld holds it.
+    pub carrier: bool,
     /// `tx-checksum-ip-generic` of a kernel vxlan device (`Err`: could not read).
     pub tx_checksum: Option<Result<bool, String>>,
 }
@@ -81,6 +83,12 @@ pub fn vxlan_device(d: &DeviceFacts) -> Finding {
                 format!("{name} ({}) is down", kind_text(k)),
             )
             .fix(format!("ip link set {name} up; if something takes it down (a network restart), restart flanneld")),
+            Some("tun") if !d.carrier => Finding::new(
+                Status::Fail,
+                id,
+                format!("{name} (userspace TUN) is up but no flanneld holds it (no carrier): pod traffic to other nodes is dropped until one starts"),
+            )
+            .fix("check that flanneld runs on this node and why it stopped (kubectl -n kube-flannel get pods -o wide, then its log); a new flanneld adopts the device as it is".to_owned()),
             Some(k @ ("vxlan" | "tun")) => Finding::new(
                 Status::Pass,
                 id,
@@ -611,6 +619,7 @@ mod tests {
             name: "flannel.1".into(),
             vni: 1,
             link: link.map(|(k, up, vni)| (Some(k.to_owned()), up, vni)),
+            carrier: true,
             tx_checksum: tx,
         }
     }
@@ -638,6 +647,14 @@ mod tests {
             vxlan_device(&d).message,
             "flannel.1 is up (userspace TUN, VNI 1)"
         );
+        // The persistent TUN outlives a crashed flanneld: up, but nobody forwards.
+        let orphan = DeviceFacts {
+            carrier: false,
+            ..d.clone()
+        };
+        let f = vxlan_device(&orphan);
+        assert_eq!(f.status, Status::Fail);
+        assert!(f.message.contains("no flanneld holds it"), "{}", f.message);
         assert_eq!(tx_checksum(&d).status, Status::Pass);
         assert_eq!(
             vxlan_device(&dev(Some(("tun", false, None)), None)).status,

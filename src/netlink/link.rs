@@ -26,6 +26,8 @@ pub struct Link {
     pub mtu: Option<u32>,
     /// Administratively up (`IFF_UP`).
     pub up: bool,
+    /// Carrier (`IFF_LOWER_UP`): a TUN device has it only while a process holds it open.
+    pub lower_up: bool,
     /// VXLAN attributes, for `kind == "vxlan"`.
     pub vxlan: Option<VxlanAttrs>,
 }
@@ -263,6 +265,7 @@ pub(super) fn parse_link(m: &LinkMessage) -> Link {
         mac: None,
         mtu: None,
         up: m.header.flags.contains(LinkFlags::Up),
+        lower_up: m.header.flags.contains(LinkFlags::LowerUp),
         vxlan: None,
     };
     for attr in &m.attributes {
