@@ -89,18 +89,6 @@ fn userspace_and_kernel_ref_interoperate() {
     teardown(c);
 }
 
-/// The VTEP MAC a node published in its lease file.
-fn published_mac(c: &netns_harness::Cluster, node: &str) -> String {
-    let subnet = c.node(node).expect("node").subnet.expect("subnet");
-    let (leases, _) = c.lease_dir().read_all().expect("leases");
-    leases
-        .iter()
-        .find(|l| l.subnet == subnet)
-        .and_then(|l| l.vxlan())
-        .expect("vxlan lease")
-        .vtep_mac
-}
-
 #[test]
 fn peers_follow_lease_changes_within_two_seconds() {
     if !privileged_test_guard("peers_follow_lease_changes_within_two_seconds") {

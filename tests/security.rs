@@ -35,18 +35,6 @@ for _ in range(count):
     sock.sendto(frame, (dst, 8472))
 "#;
 
-/// The VTEP MAC `node` published in its lease.
-fn published_mac(c: &Cluster, node: &str) -> String {
-    let subnet = c.node(node).expect("node").subnet.expect("subnet");
-    let (leases, _) = c.lease_dir().read_all().expect("leases");
-    leases
-        .iter()
-        .find(|l| l.subnet == subnet)
-        .and_then(|l| l.vxlan())
-        .expect("vxlan lease")
-        .vtep_mac
-}
-
 /// Runs `send` while tcpdump listens in namespace `ns` for UDP to port 9999 (bounded: 4 s,
 /// 1000 packets); returns how many such packets it saw.
 fn captured_in(c: &Cluster, ns: &str, send: impl FnOnce()) -> usize {

@@ -137,18 +137,6 @@ fn drops(text: &str, reason: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The VTEP MAC a node published in its lease file.
-fn published_mac(c: &Cluster, node: &str) -> String {
-    let subnet = c.node(node).expect("node").subnet.expect("subnet");
-    let (leases, _) = c.lease_dir().read_all().expect("leases");
-    leases
-        .iter()
-        .find(|l| l.subnet == subnet)
-        .and_then(|l| l.vxlan())
-        .expect("vxlan lease")
-        .vtep_mac
-}
-
 /// A cluster of two userspace nodes (n1 with `/metrics` on [`METRICS_PORT`]) and a
 /// kernel-ref node n3, whose pods are the honest third party, with the matrix passing.
 fn cluster() -> Cluster {

@@ -203,3 +203,15 @@ impl OutputAsync for std::process::Command {
         }))
     }
 }
+
+/// The VTEP MAC `node` published in its lease file (directory store).
+pub fn published_mac(c: &Cluster, node: &str) -> String {
+    let subnet = c.node(node).expect("node").subnet.expect("subnet");
+    let (leases, _) = c.lease_dir().read_all().expect("leases");
+    leases
+        .iter()
+        .find(|l| l.subnet == subnet)
+        .and_then(|l| l.vxlan())
+        .expect("vxlan lease")
+        .vtep_mac
+}
