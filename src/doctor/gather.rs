@@ -25,24 +25,31 @@ pub fn ip_forward() -> Result<String, String> {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").map_err(|e| e.to_string())
 }
 
+/// `/proc/<pid>` of every process (at most [`MAX_PROCESSES`] entries of `/proc` read).
+fn process_dirs() -> impl Iterator<Item = (u32, std::path::PathBuf)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .take(MAX_PROCESSES)
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((pid, entry.path()))
+        })
+}
+
+/// A process's `comm` (empty when it cannot be read).
+fn comm(process_dir: &Path) -> String {
+    std::fs::read_to_string(process_dir.join("comm"))
+        .map(|s| s.trim_end_matches('\n').to_owned())
+        .unwrap_or_default()
+}
+
 /// Every process's pid, comm and `argv[0]` base name.
 pub fn processes() -> Vec<Process> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
     let mut out = Vec::new();
-    for entry in dir.flatten().take(MAX_PROCESSES) {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let base = entry.path();
-        let comm = std::fs::read_to_string(base.join("comm"))
-            .map(|s| s.trim_end_matches('\n').to_owned())
-            .unwrap_or_default();
+    for (pid, base) in process_dirs() {
+        let comm = comm(&base);
         let exe = std::fs::read(base.join("cmdline"))
             .ok()
             .and_then(|b| {
@@ -269,18 +276,8 @@ fn socket_owners(inodes: &[u64]) -> Vec<(u64, u32, String)> {
     if wanted.is_empty() {
         return out;
     }
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten().take(MAX_PROCESSES) {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+    for (pid, base) in process_dirs() {
+        let Ok(fds) = std::fs::read_dir(base.join("fd")) else {
             continue;
         };
         for fd in fds.flatten() {
@@ -289,9 +286,7 @@ fn socket_owners(inodes: &[u64]) -> Vec<(u64, u32, String)> {
             };
             let target = target.to_string_lossy();
             if let Some(k) = wanted.iter().position(|w| *w == target) {
-                let comm = std::fs::read_to_string(entry.path().join("comm"))
-                    .map(|s| s.trim_end_matches('\n').to_owned())
-                    .unwrap_or_default();
+                let comm = comm(&base);
                 if let Some(inode) = inodes.iter().filter(|i| **i != 0).nth(k) {
                     out.push((*inode, pid, comm));
                 }
