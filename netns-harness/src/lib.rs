@@ -45,6 +45,7 @@ pub mod kernel_ref;
 pub mod lease;
 pub mod net;
 pub mod proto;
+pub mod scale;
 pub mod scenario;
 pub mod store;
 pub mod sys;

@@ -12,8 +12,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use netns_harness::cluster::{list_runs, teardown_by_prefix};
 use netns_harness::{
-    capture, proto, scenario, CaptureOpts, Cluster, ClusterSpec, NodeKind, NodeSpec, StoreKind,
-    DEFAULT_BASE_DIR,
+    capture, proto, scale, scenario, CaptureOpts, Cluster, ClusterSpec, NodeKind, NodeSpec,
+    StoreKind, DEFAULT_BASE_DIR,
 };
 
 #[derive(Parser, Debug)]
@@ -213,6 +213,15 @@ enum Cmd {
         /// Node name (`n3`).
         node: String,
     },
+    /// Control-plane scale with real daemons: `peers` (one flanneld, thousands of Nodes in the
+    /// API server, then churn) or `cluster` (many nodes of mixed kinds, sampled matrix).
+    Scale {
+        #[command(subcommand)]
+        what: ScaleCmd,
+        /// Also write the reports as JSON to this file.
+        #[arg(long, global = true)]
+        json: Option<PathBuf>,
+    },
     /// Responders for one pod (started by the harness inside pod namespaces).
     #[command(hide = true)]
     Serve {
@@ -236,6 +245,58 @@ enum Cmd {
         /// TCP only: pad the request to this many bytes (at most 4096).
         #[arg(long, default_value_t = 0)]
         bytes: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ScaleCmd {
+    /// One flanneld per data plane against the test API server holding `--peers` Nodes with
+    /// flannel leases: time to program every peer, CPU, RSS; then `--churn-percent` of the
+    /// Nodes deleted / added alternately every `--churn-every` seconds for `--churn-for`.
+    Peers {
+        /// Other Nodes in the API server.
+        #[arg(long, default_value_t = 5000)]
+        peers: usize,
+        /// Data planes to measure, comma separated (userspace, kernel).
+        #[arg(long, default_value = "userspace,kernel")]
+        dataplanes: String,
+        /// Share of the Nodes changed per churn step (percent).
+        #[arg(long, default_value_t = 1.0)]
+        churn_percent: f64,
+        /// Seconds between churn steps.
+        #[arg(long, default_value_t = 10)]
+        churn_every: u64,
+        /// Seconds of churn (0: none).
+        #[arg(long, default_value_t = 60)]
+        churn_for: u64,
+        /// Seconds a daemon may take to program every peer.
+        #[arg(long, default_value_t = 300)]
+        converge_limit: u64,
+        /// flanneld binary (default: `flanneld` next to this executable).
+        #[arg(long)]
+        flanneld: Option<PathBuf>,
+        /// test-apiserver binary (default: next to this executable).
+        #[arg(long)]
+        apiserver: Option<PathBuf>,
+    },
+    /// `up` with `--nodes` nodes (kinds cycled), then a sampled matrix until it passes: time
+    /// to converge and RSS per daemon.
+    Cluster {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 30)]
+        nodes: usize,
+        /// Node kinds, cycled over the nodes.
+        #[arg(long, default_value = "userspace,kernel,kernel-ref")]
+        kinds: String,
+        /// Lease store: dir, etcd or kube.
+        #[arg(long, default_value = "dir")]
+        store: String,
+        /// Seconds the sampled matrix may take to pass after `up`.
+        #[arg(long, default_value_t = 120)]
+        converge_limit: u64,
+        /// flanneld binary (default: `flanneld` next to this executable).
+        #[arg(long)]
+        flanneld: Option<PathBuf>,
     },
 }
 
@@ -452,6 +513,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Scale { what, json } => scale_cmd(&cli.base_dir, what, json.as_deref()),
         Cmd::Check { run, wait } => {
             let c = Cluster::load(&cli.base_dir, run.as_deref())?;
             let m = c.check_until_pass(Duration::from_secs(*wait));
@@ -643,6 +705,62 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn scale_cmd(base: &Path, what: &ScaleCmd, json: Option<&Path>) -> Result<ExitCode> {
+    let reports: Vec<serde_json::Value> = match what {
+        ScaleCmd::Peers {
+            peers,
+            dataplanes,
+            churn_percent,
+            churn_every,
+            churn_for,
+            converge_limit,
+            flanneld,
+            apiserver,
+        } => {
+            let mut out = Vec::new();
+            for kind in NodeKind::parse_list(dataplanes)? {
+                let r = scale::peer_scale(&scale::PeerScaleOpts {
+                    kind,
+                    peers: *peers,
+                    churn_percent: *churn_percent,
+                    churn_every: Duration::from_secs(*churn_every),
+                    churn_for: Duration::from_secs(*churn_for),
+                    converge_limit: Duration::from_secs(*converge_limit),
+                    flanneld: flanneld.clone(),
+                    apiserver: apiserver.clone(),
+                    base_dir: base.to_path_buf(),
+                })?;
+                print!("{r}");
+                out.push(serde_json::to_value(&r)?);
+            }
+            out
+        }
+        ScaleCmd::Cluster {
+            nodes,
+            kinds,
+            store,
+            converge_limit,
+            flanneld,
+        } => {
+            let r = scale::cluster_scale(&scale::ClusterScaleOpts {
+                kinds: NodeKind::parse_list(kinds)?,
+                nodes: *nodes,
+                store: store.parse()?,
+                converge_limit: Duration::from_secs(*converge_limit),
+                flanneld: flanneld.clone(),
+                base_dir: base.to_path_buf(),
+            })?;
+            print!("{r}");
+            vec![serde_json::to_value(&r)?]
+        }
+    };
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_vec_pretty(&reports)?)
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn teardown_run(base: &Path, prefix: &str) -> Result<()> {

@@ -115,3 +115,23 @@ pub fn check_interrupted() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Clock ticks per second of `/proc/<pid>/stat`'s CPU times (`sysconf(_SC_CLK_TCK)`).
+pub fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf(3) takes an integer name and touches no memory of ours.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(t).ok().filter(|t| *t > 0).unwrap_or(100)
+}
+
+/// Sleeps for `d` in short steps; fails early when a stop signal arrives.
+pub fn sleep_interruptible(d: std::time::Duration) -> anyhow::Result<()> {
+    let end = std::time::Instant::now() + d;
+    loop {
+        check_interrupted()?;
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(std::time::Duration::from_millis(100)));
+    }
+}
