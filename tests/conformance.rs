@@ -1,6 +1,6 @@
 //! One suite of lease-store behaviours, written once and run against every store through the
 //! `LeaseStore` trait, the way the daemon uses it: the directory store (a temp directory), etcd
-//! (a private real etcd, `tests/common/etcd_server.rs`) and the Kubernetes store (the in-repo
+//! (a private real etcd, `test_support::etcd`) and the Kubernetes store (the in-repo
 //! test API server with Node objects).
 //!
 //! Behaviours: acquisition (config, subnet, published attributes), reuse on restart, watch
@@ -19,10 +19,6 @@
 //!   its state, and it restarts on the same port.
 
 #[cfg(feature = "etcd")]
-#[path = "common/etcd_server.rs"]
-mod etcd_server;
-
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,9 +26,9 @@ use std::time::Duration;
 use flannel_rs::config::netconf::NetConfig;
 use flannel_rs::config::subnet_env::PreviousSubnets;
 use flannel_rs::lease::store::{LeaseStore, WatchUpdate};
-use flannel_rs::lease::{Lease, LeaseAttrs, LeaseWatcher, VxlanBackendData};
-use flannel_rs::wire::MacAddr;
+use flannel_rs::lease::{Lease, LeaseAttrs, LeaseWatcher};
 use ipnet::Ipv4Net;
+use test_support::fixtures::{attrs, net};
 use tokio::sync::mpsc;
 
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
@@ -74,30 +70,6 @@ trait Fixture: Sized {
 
     /// Makes the store reachable again (same address, same data).
     async fn end_outage(&mut self);
-}
-
-fn mac(n: u8, generation: u8) -> MacAddr {
-    MacAddr([0x0e, 0x00, 0x00, 0x00, generation, n])
-}
-
-/// Node `n`'s lease attributes: public IP 198.51.100.`n`, vxlan with a MAC per generation.
-fn attrs(n: u8, generation: u8) -> LeaseAttrs {
-    LeaseAttrs {
-        public_ip: Ipv4Addr::new(198, 51, 100, n),
-        backend_type: "vxlan".into(),
-        backend_data: Some(
-            VxlanBackendData {
-                vni: 1,
-                vtep_mac: mac(n, generation),
-            }
-            .to_raw(),
-        ),
-        ..LeaseAttrs::default()
-    }
-}
-
-fn net(s: &str) -> Ipv4Net {
-    s.parse().expect("net")
 }
 
 /// The subnet a foreign node `n` holds: its assigned one, else 10.244.(100+n).0/24.
@@ -609,7 +581,7 @@ mod etcd_fixture {
         proxy: Proxy,
         raw: Client,
         // Dropped last: stops etcd by PID and removes its data.
-        _server: etcd_server::EtcdServer,
+        _server: test_support::etcd::EtcdServer,
     }
 
     impl EtcdFixture {
@@ -622,7 +594,7 @@ mod etcd_fixture {
         const NAME: &'static str = "etcd";
 
         async fn start(tag: &str) -> Option<Self> {
-            let server = etcd_server::EtcdServer::start(&format!("conformance-{tag}"))?;
+            let server = test_support::etcd::EtcdServer::start(&format!("conformance-{tag}"))?;
             let raw = Client::connect(&[server.endpoint()], ConnectOptions::default())
                 .await
                 .expect("connect to etcd");

@@ -11,8 +11,9 @@ use flannel_rs::config::netconf::NetConfig;
 use flannel_rs::config::subnet_env::PreviousSubnets;
 use flannel_rs::lease::dir::DirStore;
 use flannel_rs::lease::store::{LeaseStore, StoreError, WatchUpdate};
-use flannel_rs::lease::{Lease, LeaseAttrs, VxlanBackendData};
+use flannel_rs::lease::{Lease, LeaseAttrs};
 use ipnet::Ipv4Net;
+use test_support::fixtures::{mac, net, vxlan_attrs, VXLAN_CONFIG};
 use tokio::sync::mpsc;
 
 /// A scratch directory removed on drop (also when a test fails).
@@ -37,8 +38,6 @@ impl Drop for TempDir {
     }
 }
 
-const VXLAN_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
-
 fn store_with(dir: &Path, config: &str) -> (DirStore, NetConfig) {
     std::fs::write(dir.join("config"), config).expect("write config");
     let store = DirStore::new(dir).with_poll_interval(Duration::from_millis(50));
@@ -48,26 +47,14 @@ fn store_with(dir: &Path, config: &str) -> (DirStore, NetConfig) {
     (store, cfg)
 }
 
+/// vxlan attributes: public IP 198.51.100.`last`, VTEP MAC ending in `mac_last`.
 fn attrs(last: u8, mac_last: u8) -> LeaseAttrs {
-    let data = VxlanBackendData {
-        vni: 1,
-        vtep_mac: flannel_rs::wire::MacAddr([0x0e, 0, 0, 0, 0, mac_last]),
-    };
-    LeaseAttrs {
-        public_ip: Ipv4Addr::new(198, 51, 100, last),
-        backend_type: "vxlan".into(),
-        backend_data: Some(data.to_raw()),
-        ..LeaseAttrs::default()
-    }
+    vxlan_attrs(Ipv4Addr::new(198, 51, 100, last), mac(mac_last, 0))
 }
 
 fn lease_file(dir: &Path, lease: &Lease) -> PathBuf {
     dir.join("subnets")
         .join(lease.key().expect("has v4").to_string())
-}
-
-fn net(s: &str) -> Ipv4Net {
-    s.parse().expect("net")
 }
 
 #[test]

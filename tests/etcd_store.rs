@@ -3,16 +3,12 @@
 //! outage), unusable entries, revocation and renewal. Skipped when etcd is not installed,
 //! unless CI=true.
 
-#[path = "common/etcd_server.rs"]
-mod etcd_server;
-
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use etcd_server::EtcdServer;
 use flannel_rs::config::netconf::NetConfig;
 use flannel_rs::config::subnet_env::PreviousSubnets;
 use flannel_rs::lease::etcd::client::{Client, ConnectOptions};
@@ -21,6 +17,7 @@ use flannel_rs::lease::etcd::{EtcdConfig, EtcdStore, LEASE_TTL};
 use flannel_rs::lease::store::{LeaseStore, StoreError, WatchUpdate};
 use flannel_rs::lease::{Lease, LeaseAttrs, LeaseEvent, VxlanBackendData};
 use ipnet::{Ipv4Net, Ipv6Net};
+use test_support::etcd::EtcdServer;
 use tokio::sync::mpsc;
 
 const VXLAN_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;

@@ -7,9 +7,6 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use flannel_rs::backend::hostgw::{HostGw, HostGwConfig, HostGwError};
@@ -18,155 +15,10 @@ use flannel_rs::backend::Peer;
 use flannel_rs::io::ethtool;
 use flannel_rs::netlink::{self, IpFamily, Netlink};
 use flannel_rs::wire::MacAddr;
+use test_support::netns::{Netns, Ns};
 
-// ---------------------------------------------------------------------------------------
-// Namespace harness (kept local: this file must not depend on other test modules).
-
-/// Whether privileged tests can run; panics in CI when they cannot.
 fn privileged() -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let root = status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        == Some("0");
-    if root {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("privileged tests must run as root in CI");
-    }
-    eprintln!("skipping: needs root; run `sudo -E cargo test --test kernel_netlink`");
-    false
-}
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// Runs `ip`/`bridge` commands in a namespace (by name; usable from any thread).
-#[derive(Debug, Clone)]
-struct Ns {
-    name: String,
-}
-
-impl Ns {
-    /// `ip -n <ns> <args>`; panics on failure.
-    fn ip(&self, args: &[&str]) -> String {
-        let mut v = vec!["-n", self.name.as_str()];
-        v.extend_from_slice(args);
-        run("ip", &v)
-    }
-
-    /// `bridge -n <ns> <args>`.
-    fn bridge(&self, args: &[&str]) -> String {
-        let mut v = vec!["-n", self.name.as_str()];
-        v.extend_from_slice(args);
-        run("bridge", &v)
-    }
-
-    /// `ip netns exec <ns> <cmd…>`.
-    fn exec(&self, cmd: &[&str]) -> String {
-        let mut v = vec!["netns", "exec", self.name.as_str()];
-        v.extend_from_slice(cmd);
-        run("ip", &v)
-    }
-
-    /// [`ip`](Ns::ip) with the arguments as one whitespace-separated line.
-    fn ip_line(&self, line: &str) -> String {
-        self.ip(&line.split_whitespace().collect::<Vec<_>>())
-    }
-
-    /// [`bridge`](Ns::bridge) with the arguments as one line.
-    fn bridge_line(&self, line: &str) -> String {
-        self.bridge(&line.split_whitespace().collect::<Vec<_>>())
-    }
-}
-
-/// A network namespace deleted on drop (also on panic).
-struct Netns {
-    ns: Ns,
-}
-
-impl std::ops::Deref for Netns {
-    type Target = Ns;
-    fn deref(&self) -> &Ns {
-        &self.ns
-    }
-}
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let name = format!("frsk-{}-{tag}-{n}", std::process::id());
-        run("ip", &["netns", "add", &name]);
-        let ns = Netns { ns: Ns { name } };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/var/run/netns/{}", self.name))
-    }
-
-    /// A command handle to move into a closure.
-    fn cmd(&self) -> Ns {
-        self.ns.clone()
-    }
-
-    /// Runs an async body on a dedicated thread that entered the namespace, with its own
-    /// current-thread runtime (namespaces are per thread: never on a shared worker).
-    fn run<F, Fut, R>(&self, f: F) -> R
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = R>,
-        R: Send + 'static,
-    {
-        let path = self.path();
-        let handle = std::thread::spawn(move || {
-            flannel_rs::io::netns::enter(&path).expect("setns");
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(f())
-        });
-        match handle.join() {
-            Ok(r) => r,
-            Err(p) => std::panic::resume_unwind(p),
-        }
-    }
-
-    /// Underlay: veth `ul0` (peer `ul1`, both up, in this namespace) 198.18.0.1/24, MTU
-    /// 1500, with a default route via 198.18.0.254.
-    fn with_underlay(self) -> Self {
-        self.ip_line("link add ul0 type veth peer name ul1");
-        self.ip(&["link", "set", "ul1", "up"]);
-        self.ip_line("addr add 198.18.0.1/24 dev ul0");
-        self.ip_line("addr add 2001:db8:18::1/64 dev ul0 nodad");
-        self.ip(&["link", "set", "ul0", "up"]);
-        self.ip_line("route add default via 198.18.0.254");
-        self
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.ns.name])
-            .status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    test_support::privileged("kernel_netlink")
 }
 
 /// Non-empty lines, trimmed, sorted.
@@ -228,7 +80,7 @@ fn device_create_adopt_recreate() {
     let ns = Netns::new("dev").with_underlay();
     ns.ip_line("addr add 198.18.0.3/24 dev ul0");
 
-    let first = ns.run(|| async {
+    let first = ns.run_async(|| async {
         let vx = KernelVxlan::setup(cfg()).await.expect("setup");
         assert_eq!(vx.name(), "flannel.1");
         assert_eq!(vx.mtu(), 1450);
@@ -262,7 +114,8 @@ fn device_create_adopt_recreate() {
     ns.ip_line("link set flannel.1 address 02:99:99:99:99:99");
     ns.ip_line("addr add 10.244.7.0/32 dev flannel.1");
     ns.ip_line("addr add 203.0.113.50/32 dev flannel.1");
-    let adopted = ns.run(|| async { KernelVxlan::setup(cfg()).await.expect("adopt").ifindex() });
+    let adopted =
+        ns.run_async(|| async { KernelVxlan::setup(cfg()).await.expect("adopt").ifindex() });
     assert_eq!(
         adopted, first,
         "compatible device must be adopted, not recreated"
@@ -278,7 +131,7 @@ fn device_create_adopt_recreate() {
     );
 
     // Incompatible: another local address.
-    let recreated = ns.run(|| async {
+    let recreated = ns.run_async(|| async {
         let mut c = cfg();
         c.local_ip = "198.18.0.3".parse().unwrap();
         KernelVxlan::setup(c).await.expect("recreate").ifindex()
@@ -293,7 +146,7 @@ fn device_create_adopt_recreate() {
     // Incompatible: not a vxlan device at all; and another port.
     ns.ip(&["link", "del", "flannel.1"]);
     ns.ip_line("link add flannel.1 type bridge");
-    ns.run(|| async {
+    ns.run_async(|| async {
         let mut c = cfg();
         c.port = 8475;
         KernelVxlan::setup(c).await.expect("replace dummy");
@@ -304,7 +157,7 @@ fn device_create_adopt_recreate() {
 
     // Keeping checksum offload on when asked.
     ns.ip(&["link", "del", "flannel.1"]);
-    ns.run(|| async {
+    ns.run_async(|| async {
         let mut c = cfg();
         c.keep_tx_checksum = true;
         let vx = KernelVxlan::setup(c).await.expect("setup");
@@ -324,7 +177,7 @@ fn ethtool_flips_tx_checksum_both_ways() {
     }
     let ns = Netns::new("eth").with_underlay();
     ns.ip_line("link add vx0 type vxlan id 9 local 198.18.0.1 dev ul0 dstport 0");
-    ns.run(|| async {
+    ns.run_async(|| async {
         assert!(ethtool::tx_checksum_ip_generic("vx0").unwrap());
         ethtool::set_tx_checksum_ip_generic("vx0", false).unwrap();
         assert!(!ethtool::tx_checksum_ip_generic("vx0").unwrap());
@@ -332,7 +185,7 @@ fn ethtool_flips_tx_checksum_both_ways() {
     assert!(ns
         .exec(&["ethtool", "-k", "vx0"])
         .contains("tx-checksum-ip-generic: off"));
-    ns.run(|| async {
+    ns.run_async(|| async {
         ethtool::set_tx_checksum_ip_generic("vx0", true).unwrap();
         assert!(ethtool::tx_checksum_ip_generic("vx0").unwrap());
         assert_eq!(
@@ -353,7 +206,7 @@ fn sync_programs_exact_triplets_and_removes() {
         return;
     }
     let ns = Netns::new("sync").with_underlay();
-    let cmd = ns.cmd();
+    let cmd = ns.handle();
     let peers = vec![
         vx_peer("10.244.2.0/24", "198.18.0.2", 2),
         vx_peer("10.244.3.0/24", "203.0.113.3", 3),
@@ -362,7 +215,7 @@ fn sync_programs_exact_triplets_and_removes() {
             ..vx_peer("10.244.4.0/24", "198.18.0.4", 4)
         },
     ];
-    ns.run(move || async move {
+    ns.run_async(move || async move {
         let ns = cmd;
         let mut vx = KernelVxlan::setup(cfg()).await.expect("setup");
         let report = vx.sync(&peers).await;
@@ -437,7 +290,7 @@ fn startup_removes_stale_and_hand_added_entries() {
     let ns = Netns::new("stale").with_underlay();
     // A previous run left entries for 10.244.9.0/24; someone added 10.244.8.0/24 by hand;
     // unrelated routes must survive.
-    ns.run(|| async {
+    ns.run_async(|| async {
         KernelVxlan::setup(cfg()).await.expect("setup");
     });
     ns.ip_line("neigh replace 10.244.9.0 lladdr 02:00:00:00:00:09 dev flannel.1 nud permanent");
@@ -459,7 +312,7 @@ fn startup_removes_stale_and_hand_added_entries() {
         4
     );
 
-    let report = ns.run(|| async {
+    let report = ns.run_async(|| async {
         let mut vx = KernelVxlan::setup(cfg()).await.expect("restart");
         vx.sync(&[vx_peer("10.244.2.0/24", "198.18.0.2", 2)]).await
     });
@@ -492,8 +345,8 @@ fn device_deletion_recreates_and_replays_within_5s() {
         return;
     }
     let ns = Netns::new("del").with_underlay();
-    let cmd = ns.cmd();
-    ns.run(move || async move {
+    let cmd = ns.handle();
+    ns.run_async(move || async move {
         let ns = cmd;
         let peers = vec![
             vx_peer("10.244.2.0/24", "198.18.0.2", 2),
@@ -556,7 +409,7 @@ fn one_failing_peer_does_not_abort_others() {
         return;
     }
     let ns = Netns::new("fail").with_underlay();
-    let report = ns.run(|| async {
+    let report = ns.run_async(|| async {
         let mut vx = KernelVxlan::setup(cfg()).await.expect("setup");
         // An IPv6 public address on an IPv4 VXLAN device: the FDB entry is refused.
         let peers = vec![
@@ -604,7 +457,7 @@ fn direct_routing_uses_public_ip_for_onlink_peers() {
         return;
     }
     let ns = Netns::new("dr").with_underlay();
-    let report = ns.run(|| async {
+    let report = ns.run_async(|| async {
         let mut c = cfg();
         c.direct_routing = true;
         let mut vx = KernelVxlan::setup(c).await.expect("setup");
@@ -651,8 +504,8 @@ fn ipv6_device_and_triplets() {
         return;
     }
     let ns = Netns::new("v6").with_underlay();
-    let cmd = ns.cmd();
-    ns.run(move || async move {
+    let cmd = ns.handle();
+    ns.run_async(move || async move {
         let ns = cmd;
         let c = KernelVxlanConfig {
             local_ip: "2001:db8:18::1".parse().unwrap(),
@@ -700,8 +553,8 @@ fn host_gw_routes_kept_and_cleaned() {
         return;
     }
     let ns = Netns::new("hgw").with_underlay();
-    let cmd = ns.cmd();
-    ns.run(move || async move {
+    let cmd = ns.handle();
+    ns.run_async(move || async move {
         let ns = cmd;
         let hcfg = HostGwConfig {
             iface: "ul0".into(),
@@ -785,7 +638,7 @@ fn netlink_handle_basics() {
         return;
     }
     let ns = Netns::new("nl").with_underlay();
-    ns.run(|| async {
+    ns.run_async(|| async {
         let nl = Netlink::connect().unwrap();
         let ul = nl.link_by_name("ul0").await.unwrap().expect("ul0");
         assert_eq!(ul.kind.as_deref(), Some("veth"));
@@ -868,7 +721,7 @@ fn scale_5000_peers() {
         })
         .collect();
     let rss_before = rss_kib();
-    let (setup, first, second, report) = ns.run(move || async move {
+    let (setup, first, second, report) = ns.run_async(move || async move {
         let c = KernelVxlanConfig {
             network: "10.128.0.0/9".parse().unwrap(),
             subnet: "10.128.1.0/24".parse().unwrap(),

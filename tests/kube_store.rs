@@ -21,10 +21,10 @@ use flannel_rs::wire::MacAddr;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{json, Value};
 use test_apiserver::TestApiServer;
+use test_support::fixtures::{self, vxlan_data_json, VXLAN_CONFIG};
 use tokio::sync::mpsc;
 
 const P: &str = "flannel.alpha.coreos.com/";
-const VXLAN_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const DUAL_CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd42::/48","Backend":{"Type":"vxlan"}}"#;
 
 /// A node exactly as `kubectl get node -o json` shows one managed by upstream flannel v0.28
@@ -193,15 +193,11 @@ fn node(name: &str, cidrs: &[&str], annotations: &[(&str, &str)]) -> Node {
 }
 
 fn mac(last: u8) -> MacAddr {
-    MacAddr([0x0e, 0, 0, 0, 0, last])
+    fixtures::mac(last, 0)
 }
 
 fn data(last: u8) -> String {
-    VxlanBackendData {
-        vni: 1,
-        vtep_mac: mac(last),
-    }
-    .to_json()
+    vxlan_data_json(mac(last))
 }
 
 /// A managed vxlan peer as flannel leaves it.
@@ -220,18 +216,7 @@ fn peer(name: &str, cidr: &str, ip: &str, mac_last: u8) -> Node {
 }
 
 fn vxlan_attrs(ip: Ipv4Addr, mac_last: u8) -> LeaseAttrs {
-    LeaseAttrs {
-        public_ip: ip,
-        backend_type: "vxlan".into(),
-        backend_data: Some(
-            VxlanBackendData {
-                vni: 1,
-                vtep_mac: mac(mac_last),
-            }
-            .to_raw(),
-        ),
-        ..LeaseAttrs::default()
-    }
+    fixtures::vxlan_attrs(ip, mac(mac_last))
 }
 
 fn annotations(server: &TestApiServer, name: &str) -> BTreeMap<String, String> {

@@ -2,111 +2,32 @@
 //! this test creates (unique per-run name, deleted by a Drop guard). Privileged: run as root
 //! (`sudo -E cargo test --test masq`); skipped otherwise unless CI=true.
 
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use flannel_rs::io::netns::enter as enter_netns;
 use flannel_rs::masq::{Iptables, MasqConfig};
 use flannel_rs::netlink::IpFamily;
+use test_support::netns::Netns;
 
 fn privileged() -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let root = status
+    test_support::privileged("masq")
+}
+
+/// flannel e2e `iptablesNatFlannel`: FLANNEL lines of POSTROUTING, then the chain.
+fn nat_flannel(ns: &Netns, bin: &str) -> String {
+    let post = ns.exec(&[bin, "-t", "nat", "-S", "POSTROUTING"]);
+    let chain = ns.exec(&[bin, "-t", "nat", "-S", "FLANNEL-POSTRTG"]);
+    let mut lines: Vec<&str> = post
+        .trim_end()
         .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        == Some("0");
-    if root {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("privileged tests must run as root in CI");
-    }
-    eprintln!("skipping: needs root; run `sudo -E cargo test --test masq`");
-    false
+        .filter(|l| l.contains("FLANNEL"))
+        .collect();
+    lines.extend(chain.trim_end().lines());
+    lines.join("\n")
 }
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A network namespace deleted on drop (also on panic).
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let name = format!("frsm-{}-{tag}-{n}", std::process::id());
-        run("ip", &["netns", "add", &name]);
-        Netns { name }
-    }
-
-    /// `ip netns exec <ns> <cmd…>`.
-    fn exec(&self, cmd: &[&str]) -> String {
-        let mut v = vec!["netns", "exec", self.name.as_str()];
-        v.extend_from_slice(cmd);
-        run("ip", &v)
-    }
-
-    /// [`exec`](Netns::exec) with the command as one whitespace-separated line.
-    fn exec_line(&self, line: &str) -> String {
-        self.exec(&line.split_whitespace().collect::<Vec<_>>())
-    }
-
-    /// Runs `f` on a thread inside the namespace (child processes inherit it).
-    fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
-        let path = PathBuf::from(format!("/var/run/netns/{}", self.name));
-        let h = std::thread::spawn(move || {
-            enter_netns(&path).expect("setns");
-            f()
-        });
-        match h.join() {
-            Ok(r) => r,
-            Err(p) => std::panic::resume_unwind(p),
-        }
-    }
-
-    /// flannel e2e `iptablesNatFlannel`: FLANNEL lines of POSTROUTING, then the chain.
-    fn nat_flannel(&self, bin: &str) -> String {
-        let post = self.exec(&[bin, "-t", "nat", "-S", "POSTROUTING"]);
-        let chain = self.exec(&[bin, "-t", "nat", "-S", "FLANNEL-POSTRTG"]);
-        let mut lines: Vec<&str> = post
-            .trim_end()
-            .lines()
-            .filter(|l| l.contains("FLANNEL"))
-            .collect();
-        lines.extend(chain.trim_end().lines());
-        lines.join("\n")
-    }
-
-    /// flannel e2e `iptablesFilterForward`.
-    fn filter_forward(&self, bin: &str) -> String {
-        let fwd = self.exec(&[bin, "-t", "filter", "-S", "FORWARD"]);
-        let chain = self.exec(&[bin, "-t", "filter", "-S", "FLANNEL-FWD"]);
-        format!("{}\n{}", fwd.trim_end(), chain.trim_end())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// flannel e2e `iptablesFilterForward`.
+fn filter_forward(ns: &Netns, bin: &str) -> String {
+    let fwd = ns.exec(&[bin, "-t", "filter", "-S", "FORWARD"]);
+    let chain = ns.exec(&[bin, "-t", "filter", "-S", "FLANNEL-FWD"]);
+    format!("{}\n{}", fwd.trim_end(), chain.trim_end())
 }
 
 /// flannel e2e/rules.go `iptablesPostroutingRules`.
@@ -163,8 +84,8 @@ fn ipv4_rules_match_flannel_e2e_golden_and_resync_restores() {
     });
     let want_nat = golden_postrouting("10.42.1.0/24", "10.42.0.0/16", "224.0.0.0/4");
     let want_fwd = golden_forward("10.42.0.0/16");
-    assert_eq!(ns.nat_flannel("iptables"), want_nat);
-    assert_eq!(ns.filter_forward("iptables"), want_fwd);
+    assert_eq!(nat_flannel(&ns, "iptables"), want_nat);
+    assert_eq!(filter_forward(&ns, "iptables"), want_fwd);
 
     // Someone deletes a rule in the middle and the jump: the resync puts the whole set back
     // in order.
@@ -198,14 +119,14 @@ fn ipv4_rules_match_flannel_e2e_golden_and_resync_restores() {
         "-j",
         "FLANNEL-FWD",
     ]);
-    assert_ne!(ns.nat_flannel("iptables"), want_nat);
+    assert_ne!(nat_flannel(&ns, "iptables"), want_nat);
     let (a, b) = ns.run(move || {
         let ipt = Iptables::detect(IpFamily::V4).expect("iptables");
         (ipt.ensure(&masq).unwrap(), ipt.ensure(&fwd).unwrap())
     });
     assert!(a && b);
-    assert_eq!(ns.nat_flannel("iptables"), want_nat);
-    assert_eq!(ns.filter_forward("iptables"), want_fwd);
+    assert_eq!(nat_flannel(&ns, "iptables"), want_nat);
+    assert_eq!(filter_forward(&ns, "iptables"), want_fwd);
 
     // The whole chain flushed: also restored.
     ns.exec_line("iptables -t nat -F FLANNEL-POSTRTG");
@@ -215,7 +136,7 @@ fn ipv4_rules_match_flannel_e2e_golden_and_resync_restores() {
         let rules = flannel_rs::masq::masq_rules(cfg2.network, cfg2.subnet, true);
         assert!(ipt.ensure(&rules).unwrap());
     });
-    assert_eq!(ns.nat_flannel("iptables"), want_nat);
+    assert_eq!(nat_flannel(&ns, "iptables"), want_nat);
 }
 
 #[test]
@@ -235,11 +156,11 @@ fn ipv6_rules_match_flannel_e2e_golden() {
         ipt.setup_forward(cfg.network).expect("forward");
     });
     assert_eq!(
-        ns.nat_flannel("ip6tables"),
+        nat_flannel(&ns, "ip6tables"),
         golden_postrouting("fd42:10:244:1::/64", "fd42:10:244::/56", "ff00::/8")
     );
     assert_eq!(
-        ns.filter_forward("ip6tables"),
+        filter_forward(&ns, "ip6tables"),
         golden_forward("fd42:10:244::/56")
     );
 }
@@ -266,7 +187,7 @@ fn rules_of_previous_subnet_removed() {
         ipt.setup_masq(&new, Some((old.network, old.subnet)))
             .expect("new");
     });
-    let nat = ns.nat_flannel("iptables");
+    let nat = nat_flannel(&ns, "iptables");
     assert!(!nat.contains("10.42.9.0/24"), "{nat}");
     assert_eq!(
         nat,
@@ -292,7 +213,7 @@ fn random_fully_can_be_disabled() {
         ipt.setup_masq(&cfg, None).expect("masq");
     });
     assert_eq!(
-        ns.nat_flannel("iptables"),
+        nat_flannel(&ns, "iptables"),
         golden_postrouting("10.42.1.0/24", "10.42.0.0/16", "224.0.0.0/4")
             .replace(" --random-fully", "")
     );

@@ -2,12 +2,9 @@
 //! peer ports and its own data directory, stopped by PID and removed on drop. It can be
 //! stopped and restarted on the same ports and data, to test outages.
 //!
-//! Include it with `#[path = "common/etcd_server.rs"] mod etcd_server;`. When etcd is not
-//! installed, [`EtcdServer::start`] returns `None` after printing how to get it, unless
+//! When etcd is not installed, [`EtcdServer::start`] returns `None` after printing how to get it, unless
 //! `CI=true` (then it panics). The binary is `$ETCD_BIN`, else `/usr/bin/etcd`, else `etcd`
 //! on `PATH`.
-
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
