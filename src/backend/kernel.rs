@@ -13,33 +13,10 @@
 //! device (every route through the VXLAN device) and by Network (gateway routes to a prefix
 //! inside Network other than our own subnet), see [`Ownership`](super::plan::Ownership).
 //!
-//! The loop the daemon runs (one per enabled family):
-//!
-//! ```ignore
-//! let mut vx = KernelVxlan::setup(cfg).await?;
-//! let mut peers: Vec<Peer> = Vec::new();
-//! let mut resync = tokio::time::interval(Duration::from_secs(10));
-//! let mut backoff = Duration::from_secs(1);
-//! loop {
-//!     tokio::select! {
-//!         Ok(()) = peers_rx.changed() => {
-//!             peers = peers_rx.borrow().clone();
-//!             log_report(&vx.sync(&peers).await);
-//!         }
-//!         () = vx.device_gone() => match vx.recover(&peers).await {
-//!             Ok(report) => { backoff = Duration::from_secs(1); log_report(&report); }
-//!             Err(e) => {
-//!                 tracing::warn!("recreating {}: {e}; retrying in {backoff:?}", vx.name());
-//!                 tokio::time::sleep(backoff).await;
-//!                 backoff = (backoff * 2).min(Duration::from_secs(30));
-//!             }
-//!         },
-//!         // Retries failed operations and repairs drift (entries deleted by hand).
-//!         _ = resync.tick() => log_report(&vx.sync(&peers).await),
-//!         () = shutdown.cancelled() => break,
-//!     }
-//! }
-//! ```
+//! The daemon (`daemon::plane`) drives one per enabled family: [`KernelVxlan::sync`] on
+//! every peer-set change and on the resync timer (retrying failed operations and repairing
+//! entries deleted by hand), and [`KernelVxlan::recover`] when the device disappears, with
+//! backoff.
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;

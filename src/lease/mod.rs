@@ -12,6 +12,8 @@ pub mod dir;
 pub mod etcd;
 #[cfg(feature = "kube")]
 pub mod kube;
+#[cfg(feature = "kube")]
+pub mod kube_error;
 pub mod store;
 pub mod watcher;
 

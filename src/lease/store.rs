@@ -1,5 +1,6 @@
-//! The interface every lease store implements: the local directory store ([`super::dir`]) now,
-//! etcd and Kubernetes later.
+//! The interface every lease store implements: the local directory store ([`super::dir`]),
+//! etcd ([`super::etcd`], flannel's key layout) and the Kubernetes API ([`super::kube`], Node
+//! podCIDR and flannel's annotations).
 //!
 //! Methods return boxed futures (`futures::future::BoxFuture`) rather than native `async fn`,
 //! so the trait stays dyn-compatible: the daemon picks a store from the flags at run time and
@@ -86,7 +87,7 @@ pub enum StoreError {
     /// annotations, net-conf.json).
     #[error(transparent)]
     #[cfg(feature = "kube")]
-    Kube(#[from] super::kube::KubeError),
+    Kube(#[from] super::kube_error::KubeError),
 }
 
 /// A source of the network config and of leases.
