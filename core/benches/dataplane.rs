@@ -1,18 +1,18 @@
 //! Data-plane micro-benchmarks: header encap/decap, peer lookup, checksum vs copy, TSO split.
 //!
-//! Run: `cargo bench --bench dataplane -- --warm-up-time 1 --measurement-time 2`
+//! Run: `cargo bench -p flannel-core --bench dataplane -- --warm-up-time 1 --measurement-time 2`
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use flannel_rs::dataplane::offload::{gso_split, VirtioNetHdr};
-use flannel_rs::dataplane::{
+use flannel_core::dataplane::offload::{gso_split, VirtioNetHdr};
+use flannel_core::dataplane::{
     decap, encap, DecapVerdict, EncapVerdict, IcmpLimiter, LocalVtep, PeerTable, RemoteVtep,
     VXLAN_HEADROOM,
 };
-use flannel_rs::wire::{checksum, ipv4, tcp, IpProtocol, MacAddr};
+use flannel_core::wire::{checksum, ipv4, tcp, IpProtocol, MacAddr};
 use ipnet::{IpNet, Ipv4Net};
 
 /// `n` peers with /24 subnets 10.x.y.0/24 and public IPs 198.18.x.y.

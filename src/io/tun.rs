@@ -316,7 +316,7 @@ fn read_with_timeout(fd: RawFd, buf: &mut [u8], timeout: Duration) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::coalesce::tests::{segments, tcp_packet};
+    use crate::dataplane::coalesce::fixtures::{segments, tcp_packet};
     use crate::dataplane::coalesce::Coalescer;
     use std::process::Command;
 

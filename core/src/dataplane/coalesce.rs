@@ -480,16 +480,17 @@ fn rewrite_head(head: &mut [u8], h: &Info, len: usize, last_flags: u8) {
     head[at..at + 2].copy_from_slice(&ph.to_be_bytes());
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::super::offload::{complete_partial_checksum, gso_split};
+/// TCP packet builders for the coalescer's tests and, with the `test-util` feature, the main
+/// crate's (TUN) tests.
+#[cfg(any(test, feature = "test-util"))]
+pub mod fixtures {
+    use super::super::offload::gso_split;
     use super::super::testutil::*;
     use super::*;
-    use proptest::prelude::*;
 
     /// A TCP super-packet (IPv4 or IPv6) with valid checksums, as the kernel would hand it:
     /// 10.244.1.`flow`:40000+`flow` → 10.244.2.7:5201 (fd10:244:1::`flow` → fd10:244:2::7).
-    pub(crate) fn tcp_packet(
+    pub fn tcp_packet(
         v6: bool,
         flow: u8,
         seq: u32,
@@ -535,7 +536,7 @@ pub(crate) mod tests {
     }
 
     /// Splits a super-packet into segments of `mss` payload bytes, as a sender's TSO would.
-    pub(crate) fn segments(sup: &[u8], mss: u16) -> Vec<Vec<u8>> {
+    pub fn segments(sup: &[u8], mss: u16) -> Vec<Vec<u8>> {
         let v6 = sup[0] >> 4 == 6;
         let ip_len = if v6 { 40 } else { 20 };
         let thl = usize::from(sup[ip_len + 12] >> 4) * 4;
@@ -555,6 +556,15 @@ pub(crate) mod tests {
         let segs = gso_split(sup, &hdr, &mut arena, 0).unwrap();
         segs.iter().map(|r| arena[r].to_vec()).collect()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::offload::{complete_partial_checksum, gso_split};
+    use super::super::testutil::*;
+    use super::fixtures::*;
+    use super::*;
+    use proptest::prelude::*;
 
     /// Lays `packets` out in one buffer with `gap` bytes of junk before each.
     fn layout(packets: &[Vec<u8>], gap: usize) -> (Vec<u8>, Vec<Range<usize>>) {

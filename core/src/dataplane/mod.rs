@@ -196,9 +196,10 @@ fn inspect_ip(p: &[u8]) -> Result<IpInfo, DropReason> {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod testutil {
-    //! Packet builders shared by the data-plane tests.
+#[cfg(any(test, feature = "test-util"))]
+pub mod testutil {
+    //! Packet builders shared by the data-plane tests (and, with the `test-util` feature, by
+    //! the main crate's tests).
     use super::*;
     use crate::wire::{checksum, ipv4, ipv6, IpProtocol};
 
@@ -260,6 +261,7 @@ pub(crate) mod testutil {
     }
 
     /// True if the one's-complement sum of `data` verifies (is 0xffff).
+    #[cfg(test)]
     pub fn verifies(data: &[u8]) -> bool {
         checksum::tests::naive_sum(data) == 0xffff
     }
