@@ -10,7 +10,7 @@
 //! serde, reads no clock (callers pass the time in) and logs nothing (callers count
 //! verdicts). Everything that talks to the OS lives in the `flannel-rs` crate, which
 //! re-exports these modules as `flannel_rs::wire` and `flannel_rs::dataplane`. The test
-//! `tests/core_deps.rs` of `flannel-rs` fails if a forbidden dependency appears.
+//! `tests/no_io_deps.rs` fails if a forbidden dependency appears.
 
 pub mod dataplane;
 pub mod wire;
