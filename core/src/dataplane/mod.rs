@@ -26,7 +26,7 @@ use std::ops::Range;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::wire::MacAddr;
+use crate::wire::{ethernet, vxlan, EtherType, MacAddr};
 
 pub use batch::gro_datagrams;
 pub use counters::{Counters, CountersSnapshot};
@@ -129,8 +129,7 @@ pub enum DecapVerdict {
     Drop(DropReason),
 }
 
-const _: () =
-    assert!(VXLAN_HEADROOM == crate::wire::vxlan::HEADER_LEN + crate::wire::ethernet::HEADER_LEN);
+const _: () = assert!(VXLAN_HEADROOM == vxlan::HEADER_LEN + ethernet::HEADER_LEN);
 
 /// The 22 bytes of `buf` starting at `at`, if present.
 #[inline]
@@ -145,14 +144,14 @@ fn write_headers(
     vni: u32,
     dst: MacAddr,
     src: MacAddr,
-    ethertype: u16,
+    ethertype: EtherType,
 ) {
-    let vni = (vni & crate::wire::vxlan::MAX_VNI) << 8;
-    hdr[..4].copy_from_slice(&[crate::wire::vxlan::FLAG_I, 0, 0, 0]);
-    hdr[4..8].copy_from_slice(&vni.to_be_bytes());
-    hdr[8..14].copy_from_slice(&dst.0);
-    hdr[14..20].copy_from_slice(&src.0);
-    hdr[20..].copy_from_slice(&ethertype.to_be_bytes());
+    let (vxlan_hdr, eth_hdr) = hdr.split_at_mut(vxlan::HEADER_LEN);
+    vxlan::Packet::new_unchecked(vxlan_hdr).set_header(vni);
+    let mut eth = ethernet::Frame::new_unchecked(eth_hdr);
+    eth.set_dst_addr(dst);
+    eth.set_src_addr(src);
+    eth.set_ethertype(ethertype);
 }
 
 /// A validated inner IP packet: its length per its header and its addresses.
@@ -201,7 +200,7 @@ pub mod testutil {
     //! Packet builders shared by the data-plane tests (and, with the `test-util` feature, by
     //! the main crate's tests).
     use super::*;
-    use crate::wire::{checksum, ipv4, ipv6, IpProtocol};
+    use crate::wire::{ipv4, ipv6, IpProtocol};
 
     /// An IPv4 packet with `payload` and a valid header checksum.
     pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
@@ -263,7 +262,7 @@ pub mod testutil {
     /// True if the one's-complement sum of `data` verifies (is 0xffff).
     #[cfg(test)]
     pub fn verifies(data: &[u8]) -> bool {
-        checksum::tests::naive_sum(data) == 0xffff
+        crate::wire::checksum::tests::naive_sum(data) == 0xffff
     }
 }
 
