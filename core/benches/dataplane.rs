@@ -29,10 +29,11 @@ fn table(n: usize) -> PeerTable {
     }))
 }
 
-fn local(mac_last: u8, addr: Ipv4Addr) -> LocalVtep {
+/// A node with VTEP `mac` and address `addr`, owning `addr`/24.
+fn local(mac: MacAddr, addr: Ipv4Addr) -> LocalVtep {
     LocalVtep {
         vni: 1,
-        mac: MacAddr([2, 0, 0, 0, 0xff, mac_last]),
+        mac,
         addr_v4: Some(addr),
         addr_v6: None,
         error_source_v4: None,
@@ -59,7 +60,7 @@ fn ipv4_packet(dst: Ipv4Addr, len: usize) -> Vec<u8> {
 
 fn bench_encap_decap(c: &mut Criterion) {
     let peers = table(100);
-    let me = local(1, Ipv4Addr::new(10, 255, 0, 0));
+    let me = local(MacAddr([2, 0, 0, 0, 0xff, 1]), Ipv4Addr::new(10, 255, 0, 0));
     let inner = ipv4_packet(Ipv4Addr::new(10, 0, 42, 7), 1400);
     let mut buf = vec![0u8; VXLAN_HEADROOM];
     buf.extend_from_slice(&inner);
@@ -99,16 +100,7 @@ fn bench_encap_decap(c: &mut Criterion) {
         panic!("encap setup failed")
     };
     let mut datagram = buf[frame].to_vec();
-    let rx_local = LocalVtep {
-        vni: 1,
-        mac: MacAddr([2, 0, 0, 0, 0, 42]),
-        addr_v4: Some(Ipv4Addr::new(10, 0, 42, 0)),
-        addr_v6: None,
-        error_source_v4: None,
-        error_source_v6: None,
-        subnet_v4: Some("10.0.42.0/24".parse().unwrap()),
-        subnet_v6: None,
-    };
+    let rx_local = local(MacAddr([2, 0, 0, 0, 0, 42]), Ipv4Addr::new(10, 0, 42, 0));
     let mut rx_peers: Vec<(IpNet, RemoteVtep)> = table(99).iter().map(|(n, v)| (*n, *v)).collect();
     rx_peers.push((
         "10.255.0.0/24".parse().unwrap(),

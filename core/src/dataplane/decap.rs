@@ -167,34 +167,18 @@ mod tests {
     use ipnet::IpNet;
     use proptest::prelude::*;
 
+    /// We are node 2, receiving from node 1.
     fn local() -> LocalVtep {
-        LocalVtep {
-            vni: 1,
-            mac: MacAddr([0x02, 0xbb, 0, 0, 0, 2]),
-            addr_v4: Some(Ipv4Addr::new(10, 244, 2, 0)),
-            addr_v6: Some("fd10:244:2::".parse().unwrap()),
-            error_source_v4: None,
-            error_source_v6: None,
-            subnet_v4: Some("10.244.2.0/24".parse().unwrap()),
-            subnet_v6: Some("fd10:244:2::/64".parse().unwrap()),
-        }
+        test_node(2)
     }
 
     fn sender() -> RemoteVtep {
-        RemoteVtep {
-            public_ip: "198.18.0.1".parse().unwrap(),
-            mac: MacAddr([0x02, 0xaa, 0, 0, 0, 1]),
-            vni: 1,
-        }
+        test_peer(1)
     }
 
     /// Another node: 10.244.3.0/24 at 198.18.0.3.
     fn third() -> RemoteVtep {
-        RemoteVtep {
-            public_ip: "198.18.0.3".parse().unwrap(),
-            mac: MacAddr([0x02, 0xcc, 0, 0, 0, 3]),
-            vni: 1,
-        }
+        test_peer(3)
     }
 
     fn table() -> PeerTable {

@@ -211,31 +211,19 @@ fn write_ipv6_header(reply: &mut [u8], src: Ipv6Addr, dst: Ipv6Addr, payload: us
 mod tests {
     use super::super::testutil::*;
     use super::super::*;
-    use crate::wire::{checksum, ethernet, ipv4, ipv6, vxlan, EtherType, IpProtocol, MacAddr};
+    use crate::wire::{checksum, ethernet, ipv4, ipv6, vxlan, EtherType, IpProtocol};
     use ipnet::IpNet;
 
-    pub(crate) fn local() -> LocalVtep {
-        LocalVtep {
-            vni: 1,
-            mac: MacAddr([0x02, 0xaa, 0, 0, 0, 1]),
-            addr_v4: Some(Ipv4Addr::new(10, 244, 1, 0)),
-            addr_v6: Some("fd10:244:1::".parse().unwrap()),
-            error_source_v4: None,
-            error_source_v6: None,
-            subnet_v4: Some("10.244.1.0/24".parse().unwrap()),
-            subnet_v6: Some("fd10:244:1::/64".parse().unwrap()),
-        }
+    /// We are node 1, sending to node 2.
+    fn local() -> LocalVtep {
+        test_node(1)
     }
 
-    pub(crate) fn peer() -> RemoteVtep {
-        RemoteVtep {
-            public_ip: "198.18.0.2".parse().unwrap(),
-            mac: MacAddr([0x02, 0xbb, 0, 0, 0, 2]),
-            vni: 1,
-        }
+    fn peer() -> RemoteVtep {
+        test_peer(2)
     }
 
-    pub(crate) fn table() -> PeerTable {
+    fn table() -> PeerTable {
         PeerTable::new([
             ("10.244.2.0/24".parse::<IpNet>().unwrap(), peer()),
             ("fd10:244:2::/64".parse::<IpNet>().unwrap(), peer()),

@@ -234,6 +234,35 @@ pub mod testutil {
         v
     }
 
+    /// Test node `n` (1 to 6) as its own VTEP: VNI 1, MAC 02:nn:00:00:00:0n (aa, bb, cc, … for
+    /// 1, 2, 3, …), subnets 10.244.n.0/24 and fd10:244:n::/64, VTEP addresses their first.
+    pub fn test_node(n: u8) -> LocalVtep {
+        LocalVtep {
+            vni: 1,
+            mac: MacAddr([0x02, 0x99 + 0x11 * n, 0, 0, 0, n]),
+            addr_v4: Some(Ipv4Addr::new(10, 244, n, 0)),
+            addr_v6: Some(Ipv6Addr::new(0xfd10, 0x244, u16::from(n), 0, 0, 0, 0, 0)),
+            error_source_v4: None,
+            error_source_v6: None,
+            subnet_v4: Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).ok(),
+            subnet_v6: Ipv6Net::new(
+                Ipv6Addr::new(0xfd10, 0x244, u16::from(n), 0, 0, 0, 0, 0),
+                64,
+            )
+            .ok(),
+        }
+    }
+
+    /// Test node `n` as its peers see it: [`test_node`]'s MAC and VNI at 198.18.0.n.
+    pub fn test_peer(n: u8) -> RemoteVtep {
+        let node = test_node(n);
+        RemoteVtep {
+            public_ip: Ipv4Addr::new(198, 18, 0, n).into(),
+            mac: node.mac,
+            vni: node.vni,
+        }
+    }
+
     /// `packet` placed after `headroom` zero bytes, with `tail` spare bytes after it.
     pub fn with_headroom(packet: &[u8], headroom: usize, tail: usize) -> (Vec<u8>, Range<usize>) {
         let mut v = vec![0u8; headroom];
