@@ -14,17 +14,24 @@
 //! * [`io`] is the only module that talks to the OS with `unsafe`: TUN, UDP batching, ethtool.
 //! * [`netlink`] programs links, addresses, routes, neighbours and FDB entries, each call
 //!   documented as the `ip`/`bridge` command it equals.
+//!
+//! `dataplane` and `wire` are the `flannel-core` crate (core/), re-exported: a crate with no
+//! tokio, libc, netlink or serde dependency, so "the core does no IO" is checked by the
+//! compiler.
 
 pub mod backend;
 pub mod config;
 pub mod daemon;
-pub mod dataplane;
 pub mod doctor;
 pub mod io;
 pub mod lease;
 pub mod masq;
 pub mod netlink;
-pub mod wire;
+
+/// The sans-IO core lives in its own crate, `flannel-core` (core/), which cannot depend on
+/// tokio, libc, netlink or serde; these re-exports keep `crate::wire` and `crate::dataplane`
+/// paths working here.
+pub use flannel_core::{dataplane, wire};
 
 /// The `flanneld --version` line: `flanneld v<version> (<git commit>)` (upstream prints
 /// `v<version>` alone; the commit comes from build.rs, "unknown" outside a git checkout).

@@ -4,8 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::OnceLock;
 
-use flannel_rs::dataplane::{LocalVtep, PeerTable, RemoteVtep};
-use flannel_rs::wire::MacAddr;
+use flannel_core::dataplane::{LocalVtep, PeerTable, RemoteVtep};
+use flannel_core::wire::MacAddr;
 use ipnet::IpNet;
 
 pub const LOCAL_MAC: MacAddr = MacAddr([0x02, 0x00, 0x00, 0x00, 0x00, 0x01]);

@@ -7,7 +7,7 @@
 
 mod common;
 
-use flannel_rs::dataplane::{decap, gro_datagrams, DecapVerdict, VXLAN_HEADROOM};
+use flannel_core::dataplane::{decap, gro_datagrams, DecapVerdict, VXLAN_HEADROOM};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

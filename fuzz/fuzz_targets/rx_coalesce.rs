@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 
-use flannel_rs::dataplane::coalesce::Coalescer;
-use flannel_rs::dataplane::offload::{gso_split, VirtioNetHdr};
-use flannel_rs::wire::{checksum, tcp};
+use flannel_core::dataplane::coalesce::Coalescer;
+use flannel_core::dataplane::offload::{gso_split, VirtioNetHdr};
+use flannel_core::wire::{checksum, tcp};
 use libfuzzer_sys::fuzz_target;
 
 /// Junk bytes in front of every packet and after the last one.

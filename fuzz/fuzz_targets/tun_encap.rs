@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use flannel_rs::dataplane::{encap, EncapVerdict, IcmpLimiter, VXLAN_HEADROOM};
-use flannel_rs::wire::{ipv4, ipv6};
+use flannel_core::dataplane::{encap, EncapVerdict, IcmpLimiter, VXLAN_HEADROOM};
+use flannel_core::wire::{ipv4, ipv6};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,8 +2,8 @@
 //! must never panic, and segments must lie inside the arena at the promised stride.
 #![no_main]
 
-use flannel_rs::dataplane::offload::{complete_partial_checksum, gso_split, VirtioNetHdr};
-use flannel_rs::dataplane::VXLAN_HEADROOM;
+use flannel_core::dataplane::offload::{complete_partial_checksum, gso_split, VirtioNetHdr};
+use flannel_core::dataplane::VXLAN_HEADROOM;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -19,12 +19,9 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use crate::wire::{checksum, ipv4, IpProtocol};
+use crate::wire::icmp::{self, ECHO_REPLY, ECHO_REQUEST};
+use crate::wire::{ipv4, IpProtocol};
 
-/// ICMP type of an echo reply.
-const ECHO_REPLY: u8 = 0;
-/// ICMP type of an echo request.
-const ECHO_REQUEST: u8 = 8;
 /// `ICMP_FILTER` socket option of `SOL_RAW` (linux/icmp.h).
 const ICMP_FILTER: libc::c_int = 1;
 /// Payload of every request, so probes are recognisable in captures.
@@ -56,13 +53,12 @@ pub fn sized_payload(packet_len: usize) -> Vec<u8> {
 
 /// An ICMP echo request message (no IP header) with a valid checksum.
 pub fn echo_request(ident: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(8 + payload.len());
-    msg.extend_from_slice(&[ECHO_REQUEST, 0, 0, 0]);
-    msg.extend_from_slice(&ident.to_be_bytes());
-    msg.extend_from_slice(&seq.to_be_bytes());
-    msg.extend_from_slice(payload);
-    let sum = checksum::checksum(&msg);
-    msg[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut msg = vec![0u8; icmp::HEADER_LEN + payload.len()];
+    let mut p = icmp::Packet::new_unchecked(&mut msg[..]);
+    p.set_header(ECHO_REQUEST, 0);
+    p.set_echo(ident, seq);
+    p.payload_mut().copy_from_slice(payload);
+    p.fill_checksum();
     msg
 }
 
@@ -73,17 +69,14 @@ pub fn parse_echo_reply(packet: &[u8]) -> Option<EchoReply> {
     if ip.version() != 4 || ip.next_header() != IpProtocol::Icmp {
         return None;
     }
-    let icmp = ip.payload();
-    if icmp.len() < 8 || icmp[0] != ECHO_REPLY || icmp[1] != 0 {
-        return None;
-    }
-    if checksum::sum(icmp) != 0xffff {
+    let msg = icmp::Packet::new_checked(ip.payload()).ok()?;
+    if msg.msg_type() != ECHO_REPLY || msg.code() != 0 || !msg.verify_checksum() {
         return None;
     }
     Some(EchoReply {
         from: ip.src_addr(),
-        ident: u16::from_be_bytes([icmp[4], icmp[5]]),
-        seq: u16::from_be_bytes([icmp[6], icmp[7]]),
+        ident: msg.ident(),
+        seq: msg.seq(),
     })
 }
 
@@ -340,11 +333,9 @@ mod tests {
     fn reply(ident: u16, seq: u16) -> Vec<u8> {
         let mut m = echo_request(ident, seq, PAYLOAD);
         // The same message as an echo reply (type 0), checksum recomputed.
-        m[0] = ECHO_REPLY;
-        m[2] = 0;
-        m[3] = 0;
-        let sum = checksum::checksum(&m);
-        m[2..4].copy_from_slice(&sum.to_be_bytes());
+        let mut p = icmp::Packet::new_unchecked(&mut m[..]);
+        p.set_msg_type(ECHO_REPLY);
+        p.fill_checksum();
         m
     }
 
@@ -354,7 +345,7 @@ mod tests {
         assert_eq!(m[0], ECHO_REQUEST);
         assert_eq!(&m[4..8], &[0x12, 0x34, 0, 7]);
         assert_eq!(&m[8..], b"abc");
-        assert_eq!(checksum::sum(&m), 0xffff);
+        assert!(icmp::Packet::new_checked(&m[..]).unwrap().verify_checksum());
     }
 
     #[test]

@@ -29,8 +29,9 @@ pub const TUN_PATH: &str = "/dev/net/tun";
 #[error("cannot open {TUN_PATH}: {0}")]
 pub struct TunOpenError(pub io::Error);
 
-/// Length of the `virtio_net_hdr` that prefixes every packet when `vnet_hdr` is on.
-pub const VNET_HDR_LEN: usize = 10;
+/// Length of the `virtio_net_hdr` that prefixes every packet when `vnet_hdr` is on (defined
+/// once, by the header's wire format in the core).
+pub const VNET_HDR_LEN: usize = crate::dataplane::offload::VirtioNetHdr::LEN;
 
 /// Which kernel offloads the TUN device accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -316,7 +317,7 @@ fn read_with_timeout(fd: RawFd, buf: &mut [u8], timeout: Duration) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::coalesce::tests::{segments, tcp_packet};
+    use crate::dataplane::coalesce::fixtures::{segments, tcp_packet};
     use crate::dataplane::coalesce::Coalescer;
     use std::process::Command;
 

@@ -31,6 +31,7 @@ mod field {
 }
 
 /// Reads six bytes as a MAC address; callers guarantee the bounds.
+#[inline]
 fn mac_at(b: &[u8], r: core::ops::Range<usize>) -> MacAddr {
     let mut m = [0u8; 6];
     m.copy_from_slice(&b[r]);
@@ -48,37 +49,44 @@ impl<T: AsRef<[u8]>> Frame<T> {
     ///
     /// Accessors panic if the buffer is shorter than [`HEADER_LEN`]: use this only on buffers
     /// the caller sized (e.g. before `emit`); use [`Frame::new_checked`] for received bytes.
+    #[inline]
     pub const fn new_unchecked(buffer: T) -> Frame<T> {
         Frame { buffer }
     }
 
     /// Wraps a buffer after checking it holds a whole header.
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<Frame<T>, WireError> {
         need(buffer.as_ref().len(), HEADER_LEN)?;
         Ok(Frame { buffer })
     }
 
     /// The underlying buffer.
+    #[inline]
     pub fn into_inner(self) -> T {
         self.buffer
     }
 
     /// Destination address.
+    #[inline]
     pub fn dst_addr(&self) -> MacAddr {
         mac_at(self.buffer.as_ref(), field::DST)
     }
 
     /// Source address.
+    #[inline]
     pub fn src_addr(&self) -> MacAddr {
         mac_at(self.buffer.as_ref(), field::SRC)
     }
 
     /// EtherType.
+    #[inline]
     pub fn ethertype(&self) -> EtherType {
         EtherType::from(be16(self.buffer.as_ref(), field::ETHERTYPE))
     }
 
     /// Everything after the header.
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         &self.buffer.as_ref()[field::PAYLOAD..]
     }
@@ -86,21 +94,25 @@ impl<T: AsRef<[u8]>> Frame<T> {
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Frame<T> {
     /// Sets the destination address.
+    #[inline]
     pub fn set_dst_addr(&mut self, addr: MacAddr) {
         self.buffer.as_mut()[field::DST].copy_from_slice(&addr.0);
     }
 
     /// Sets the source address.
+    #[inline]
     pub fn set_src_addr(&mut self, addr: MacAddr) {
         self.buffer.as_mut()[field::SRC].copy_from_slice(&addr.0);
     }
 
     /// Sets the EtherType.
+    #[inline]
     pub fn set_ethertype(&mut self, ethertype: EtherType) {
         put16(self.buffer.as_mut(), field::ETHERTYPE, ethertype.into());
     }
 
     /// Everything after the header, mutable.
+    #[inline]
     pub fn payload_mut(&mut self) -> &mut [u8] {
         &mut self.buffer.as_mut()[field::PAYLOAD..]
     }
@@ -119,6 +131,7 @@ pub struct Repr {
 
 impl Repr {
     /// Reads the header fields of a checked frame.
+    #[inline]
     pub fn parse<T: AsRef<[u8]>>(frame: &Frame<T>) -> Result<Repr, WireError> {
         need(frame.buffer.as_ref().len(), HEADER_LEN)?;
         Ok(Repr {
@@ -129,11 +142,13 @@ impl Repr {
     }
 
     /// Header length in bytes.
+    #[inline]
     pub const fn buffer_len(&self) -> usize {
         HEADER_LEN
     }
 
     /// Writes the header into `frame` (which must hold [`HEADER_LEN`] bytes).
+    #[inline]
     pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, frame: &mut Frame<T>) {
         frame.set_dst_addr(self.dst_addr);
         frame.set_src_addr(self.src_addr);

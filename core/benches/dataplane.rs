@@ -1,18 +1,18 @@
 //! Data-plane micro-benchmarks: header encap/decap, peer lookup, checksum vs copy, TSO split.
 //!
-//! Run: `cargo bench --bench dataplane -- --warm-up-time 1 --measurement-time 2`
+//! Run: `cargo bench -p flannel-core --bench dataplane -- --warm-up-time 1 --measurement-time 2`
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use flannel_rs::dataplane::offload::{gso_split, VirtioNetHdr};
-use flannel_rs::dataplane::{
+use flannel_core::dataplane::offload::{gso_split, VirtioNetHdr};
+use flannel_core::dataplane::{
     decap, encap, DecapVerdict, EncapVerdict, IcmpLimiter, LocalVtep, PeerTable, RemoteVtep,
     VXLAN_HEADROOM,
 };
-use flannel_rs::wire::{checksum, ipv4, tcp, IpProtocol, MacAddr};
+use flannel_core::wire::{checksum, ipv4, tcp, IpProtocol, MacAddr};
 use ipnet::{IpNet, Ipv4Net};
 
 /// `n` peers with /24 subnets 10.x.y.0/24 and public IPs 198.18.x.y.
@@ -29,10 +29,11 @@ fn table(n: usize) -> PeerTable {
     }))
 }
 
-fn local(mac_last: u8, addr: Ipv4Addr) -> LocalVtep {
+/// A node with VTEP `mac` and address `addr`, owning `addr`/24.
+fn local(mac: MacAddr, addr: Ipv4Addr) -> LocalVtep {
     LocalVtep {
         vni: 1,
-        mac: MacAddr([2, 0, 0, 0, 0xff, mac_last]),
+        mac,
         addr_v4: Some(addr),
         addr_v6: None,
         error_source_v4: None,
@@ -59,7 +60,7 @@ fn ipv4_packet(dst: Ipv4Addr, len: usize) -> Vec<u8> {
 
 fn bench_encap_decap(c: &mut Criterion) {
     let peers = table(100);
-    let me = local(1, Ipv4Addr::new(10, 255, 0, 0));
+    let me = local(MacAddr([2, 0, 0, 0, 0xff, 1]), Ipv4Addr::new(10, 255, 0, 0));
     let inner = ipv4_packet(Ipv4Addr::new(10, 0, 42, 7), 1400);
     let mut buf = vec![0u8; VXLAN_HEADROOM];
     buf.extend_from_slice(&inner);
@@ -99,16 +100,7 @@ fn bench_encap_decap(c: &mut Criterion) {
         panic!("encap setup failed")
     };
     let mut datagram = buf[frame].to_vec();
-    let rx_local = LocalVtep {
-        vni: 1,
-        mac: MacAddr([2, 0, 0, 0, 0, 42]),
-        addr_v4: Some(Ipv4Addr::new(10, 0, 42, 0)),
-        addr_v6: None,
-        error_source_v4: None,
-        error_source_v6: None,
-        subnet_v4: Some("10.0.42.0/24".parse().unwrap()),
-        subnet_v6: None,
-    };
+    let rx_local = local(MacAddr([2, 0, 0, 0, 0, 42]), Ipv4Addr::new(10, 0, 42, 0));
     let mut rx_peers: Vec<(IpNet, RemoteVtep)> = table(99).iter().map(|(n, v)| (*n, *v)).collect();
     rx_peers.push((
         "10.255.0.0/24".parse().unwrap(),

@@ -8,7 +8,7 @@ use super::{
     headroom_mut, inspect_ip, write_headers, DropReason, EncapVerdict, IcmpLimiter, IpInfo,
     LocalVtep, PeerTable, VXLAN_HEADROOM,
 };
-use crate::wire::{checksum, ipv4, ipv6, EtherType, IpProtocol};
+use crate::wire::{icmp, ipv4, ipv6, EtherType, IpProtocol};
 
 /// Encapsulates the inner IP packet `buf[packet]` for the peer owning its destination.
 ///
@@ -51,24 +51,20 @@ pub fn encap(
     let Some(hdr) = headroom_mut(buf, frame_start) else {
         return EncapVerdict::Drop(DropReason::InvalidBuffer);
     };
-    write_headers(hdr, peer.vni, peer.mac, local.mac, ethertype.into());
+    write_headers(hdr, peer.vni, peer.mac, local.mac, ethertype);
     EncapVerdict::Transmit {
         dst: peer.public_ip,
         frame: frame_start..start + info.len,
     }
 }
 
-/// ICMPv4 "destination unreachable" type and "net unreachable" code (what flannel's old UDP
-/// backend sent).
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_NET_UNREACH: u8 = 0;
-/// ICMPv6 "destination unreachable" type and "no route to destination" code.
-const ICMPV6_DEST_UNREACH: u8 = 1;
-const ICMPV6_NO_ROUTE: u8 = 0;
 /// Largest ICMP error datagram: 576 bytes for IPv4 (RFC 1812 §4.3.2.3), the minimum MTU 1280
 /// for IPv6 (RFC 4443 §2.4(c)).
 const MAX_ERROR_V4: usize = 576;
 const MAX_ERROR_V6: usize = 1280;
+/// IP + ICMP header bytes in front of the quoted packet of an ICMP / ICMPv6 error.
+const V4_ERROR_HDR: usize = ipv4::HEADER_LEN + icmp::HEADER_LEN;
+const V6_ERROR_HDR: usize = ipv6::HEADER_LEN + icmp::HEADER_LEN;
 
 /// True if RFC 1812 §4.3.2.7 / RFC 4443 §2.4(e) allow an ICMP error about this packet.
 fn may_send_error(p: &[u8], info: &IpInfo) -> bool {
@@ -85,10 +81,7 @@ fn may_send_error(p: &[u8], info: &IpInfo) -> bool {
             }
             if pkt.next_header() == IpProtocol::Icmp {
                 // Only informational messages (echo, timestamp, ...) may trigger errors.
-                return matches!(
-                    pkt.payload().first(),
-                    Some(0 | 8 | 13 | 14 | 15 | 16 | 17 | 18)
-                );
+                return pkt.payload().first().is_some_and(|t| icmp::is_query(*t));
             }
             true
         }
@@ -100,8 +93,10 @@ fn may_send_error(p: &[u8], info: &IpInfo) -> bool {
                 return false;
             }
             match pkt.next_header() {
-                // Error messages have types below 128.
-                IpProtocol::Icmpv6 => pkt.payload().first().is_some_and(|t| *t >= 128),
+                IpProtocol::Icmpv6 => pkt
+                    .payload()
+                    .first()
+                    .is_some_and(|t| !icmp::v6_is_error(*t)),
                 // Fragment header: only the first fragment (offset zero).
                 IpProtocol::Ipv6Frag => pkt
                     .payload()
@@ -135,8 +130,12 @@ fn unreachable(
     let v4 = local.error_source_v4.or(local.addr_v4);
     let v6 = local.error_source_v6.or(local.addr_v6);
     let (our, hdr_len, max, min_quote) = match (info.src, v4, v6) {
-        (IpAddr::V4(_), Some(a), _) => (IpAddr::V4(a), 20 + 8, MAX_ERROR_V4, ipv4::HEADER_LEN),
-        (IpAddr::V6(_), _, Some(a)) => (IpAddr::V6(a), 40 + 8, MAX_ERROR_V6, ipv6::HEADER_LEN),
+        (IpAddr::V4(_), Some(a), _) => {
+            (IpAddr::V4(a), V4_ERROR_HDR, MAX_ERROR_V4, ipv4::HEADER_LEN)
+        }
+        (IpAddr::V6(_), _, Some(a)) => {
+            (IpAddr::V6(a), V6_ERROR_HDR, MAX_ERROR_V6, ipv6::HEADER_LEN)
+        }
         _ => return no_route,
     };
     let mut quote = info.len.min(max - hdr_len);
@@ -159,27 +158,19 @@ fn unreachable(
     if !icmp.allow(now) {
         return EncapVerdict::Drop(DropReason::IcmpRateLimited);
     }
-    let icmp_len = reply_len - (hdr_len - 8);
+    let icmp_len = reply_len - (hdr_len - icmp::HEADER_LEN);
     match (our, info.src) {
         (IpAddr::V4(ours), IpAddr::V4(sender)) => {
             write_ipv4_header(reply, ours, sender, reply_len);
-            let icmp = &mut reply[20..];
-            icmp[..8].copy_from_slice(&[ICMP_DEST_UNREACH, ICMP_NET_UNREACH, 0, 0, 0, 0, 0, 0]);
-            let c = checksum::checksum(icmp);
-            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            let mut msg = icmp::Packet::new_unchecked(&mut reply[ipv4::HEADER_LEN..]);
+            msg.set_header(icmp::DEST_UNREACHABLE, icmp::CODE_NET_UNREACHABLE);
+            msg.fill_checksum();
         }
         (IpAddr::V6(ours), IpAddr::V6(sender)) => {
             write_ipv6_header(reply, ours, sender, icmp_len);
-            let icmp = &mut reply[40..];
-            icmp[..8].copy_from_slice(&[ICMPV6_DEST_UNREACH, ICMPV6_NO_ROUTE, 0, 0, 0, 0, 0, 0]);
-            let ph = checksum::pseudo_header(
-                &our,
-                &info.src,
-                IpProtocol::Icmpv6.into(),
-                icmp_len as u32,
-            );
-            let c = !checksum::add(ph, checksum::sum(icmp));
-            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            let mut msg = icmp::Packet::new_unchecked(&mut reply[ipv6::HEADER_LEN..]);
+            msg.set_header(icmp::V6_DEST_UNREACHABLE, icmp::V6_CODE_NO_ROUTE);
+            msg.fill_checksum_v6(&ours, &sender);
         }
         _ => return no_route,
     }
@@ -220,31 +211,19 @@ fn write_ipv6_header(reply: &mut [u8], src: Ipv6Addr, dst: Ipv6Addr, payload: us
 mod tests {
     use super::super::testutil::*;
     use super::super::*;
-    use crate::wire::{checksum, ethernet, ipv4, ipv6, vxlan, EtherType, IpProtocol, MacAddr};
+    use crate::wire::{checksum, ethernet, ipv4, ipv6, vxlan, EtherType, IpProtocol};
     use ipnet::IpNet;
 
-    pub(crate) fn local() -> LocalVtep {
-        LocalVtep {
-            vni: 1,
-            mac: MacAddr([0x02, 0xaa, 0, 0, 0, 1]),
-            addr_v4: Some(Ipv4Addr::new(10, 244, 1, 0)),
-            addr_v6: Some("fd10:244:1::".parse().unwrap()),
-            error_source_v4: None,
-            error_source_v6: None,
-            subnet_v4: Some("10.244.1.0/24".parse().unwrap()),
-            subnet_v6: Some("fd10:244:1::/64".parse().unwrap()),
-        }
+    /// We are node 1, sending to node 2.
+    fn local() -> LocalVtep {
+        test_node(1)
     }
 
-    pub(crate) fn peer() -> RemoteVtep {
-        RemoteVtep {
-            public_ip: "198.18.0.2".parse().unwrap(),
-            mac: MacAddr([0x02, 0xbb, 0, 0, 0, 2]),
-            vni: 1,
-        }
+    fn peer() -> RemoteVtep {
+        test_peer(2)
     }
 
-    pub(crate) fn table() -> PeerTable {
+    fn table() -> PeerTable {
         PeerTable::new([
             ("10.244.2.0/24".parse::<IpNet>().unwrap(), peer()),
             ("fd10:244:2::/64".parse::<IpNet>().unwrap(), peer()),

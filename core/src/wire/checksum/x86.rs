@@ -3,10 +3,10 @@
 //! The crate is built for baseline x86-64 (SSE2) so one binary runs on every node. The
 //! `multiversion` crate compiles [`sum_long`] again with AVX2 enabled and picks a version at
 //! the first call (CPU feature detection, then a cached function pointer); its generated
-//! dispatch is the one `unsafe` this relies on outside `crate::io`. The code here is safe
-//! Rust: since Rust 1.87 the `core::arch` intrinsics without pointer arguments are safe inside
-//! functions that enable their target feature, and loads go through `bytemuck` (an unaligned
-//! read of plain bytes).
+//! dispatch is the one `unsafe` this relies on outside flannel-rs's `io` module. The code here
+//! is safe Rust: since Rust 1.87 the `core::arch` intrinsics without pointer arguments are
+//! safe inside functions that enable their target feature, and loads go through `bytemuck` (an
+//! unaligned read of plain bytes).
 
 use core::arch::x86_64::{
     __m256i, _mm256_add_epi32, _mm256_madd_epi16, _mm256_set1_epi16, _mm256_setzero_si256,

@@ -26,7 +26,7 @@ use std::ops::Range;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::wire::MacAddr;
+use crate::wire::{ethernet, vxlan, EtherType, MacAddr};
 
 pub use batch::gro_datagrams;
 pub use counters::{Counters, CountersSnapshot};
@@ -129,8 +129,7 @@ pub enum DecapVerdict {
     Drop(DropReason),
 }
 
-const _: () =
-    assert!(VXLAN_HEADROOM == crate::wire::vxlan::HEADER_LEN + crate::wire::ethernet::HEADER_LEN);
+const _: () = assert!(VXLAN_HEADROOM == vxlan::HEADER_LEN + ethernet::HEADER_LEN);
 
 /// The 22 bytes of `buf` starting at `at`, if present.
 #[inline]
@@ -145,14 +144,14 @@ fn write_headers(
     vni: u32,
     dst: MacAddr,
     src: MacAddr,
-    ethertype: u16,
+    ethertype: EtherType,
 ) {
-    let vni = (vni & crate::wire::vxlan::MAX_VNI) << 8;
-    hdr[..4].copy_from_slice(&[crate::wire::vxlan::FLAG_I, 0, 0, 0]);
-    hdr[4..8].copy_from_slice(&vni.to_be_bytes());
-    hdr[8..14].copy_from_slice(&dst.0);
-    hdr[14..20].copy_from_slice(&src.0);
-    hdr[20..].copy_from_slice(&ethertype.to_be_bytes());
+    let (vxlan_hdr, eth_hdr) = hdr.split_at_mut(vxlan::HEADER_LEN);
+    vxlan::Packet::new_unchecked(vxlan_hdr).set_header(vni);
+    let mut eth = ethernet::Frame::new_unchecked(eth_hdr);
+    eth.set_dst_addr(dst);
+    eth.set_src_addr(src);
+    eth.set_ethertype(ethertype);
 }
 
 /// A validated inner IP packet: its length per its header and its addresses.
@@ -196,11 +195,12 @@ fn inspect_ip(p: &[u8]) -> Result<IpInfo, DropReason> {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod testutil {
-    //! Packet builders shared by the data-plane tests.
+#[cfg(any(test, feature = "test-util"))]
+pub mod testutil {
+    //! Packet builders shared by the data-plane tests (and, with the `test-util` feature, by
+    //! the main crate's tests).
     use super::*;
-    use crate::wire::{checksum, ipv4, ipv6, IpProtocol};
+    use crate::wire::{ipv4, ipv6, IpProtocol};
 
     /// An IPv4 packet with `payload` and a valid header checksum.
     pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
@@ -234,6 +234,35 @@ pub(crate) mod testutil {
         v
     }
 
+    /// Test node `n` (1 to 6) as its own VTEP: VNI 1, MAC 02:nn:00:00:00:0n (aa, bb, cc, … for
+    /// 1, 2, 3, …), subnets 10.244.n.0/24 and fd10:244:n::/64, VTEP addresses their first.
+    pub fn test_node(n: u8) -> LocalVtep {
+        LocalVtep {
+            vni: 1,
+            mac: MacAddr([0x02, 0x99 + 0x11 * n, 0, 0, 0, n]),
+            addr_v4: Some(Ipv4Addr::new(10, 244, n, 0)),
+            addr_v6: Some(Ipv6Addr::new(0xfd10, 0x244, u16::from(n), 0, 0, 0, 0, 0)),
+            error_source_v4: None,
+            error_source_v6: None,
+            subnet_v4: Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).ok(),
+            subnet_v6: Ipv6Net::new(
+                Ipv6Addr::new(0xfd10, 0x244, u16::from(n), 0, 0, 0, 0, 0),
+                64,
+            )
+            .ok(),
+        }
+    }
+
+    /// Test node `n` as its peers see it: [`test_node`]'s MAC and VNI at 198.18.0.n.
+    pub fn test_peer(n: u8) -> RemoteVtep {
+        let node = test_node(n);
+        RemoteVtep {
+            public_ip: Ipv4Addr::new(198, 18, 0, n).into(),
+            mac: node.mac,
+            vni: node.vni,
+        }
+    }
+
     /// `packet` placed after `headroom` zero bytes, with `tail` spare bytes after it.
     pub fn with_headroom(packet: &[u8], headroom: usize, tail: usize) -> (Vec<u8>, Range<usize>) {
         let mut v = vec![0u8; headroom];
@@ -260,8 +289,9 @@ pub(crate) mod testutil {
     }
 
     /// True if the one's-complement sum of `data` verifies (is 0xffff).
+    #[cfg(test)]
     pub fn verifies(data: &[u8]) -> bool {
-        checksum::tests::naive_sum(data) == 0xffff
+        crate::wire::checksum::tests::naive_sum(data) == 0xffff
     }
 }
 

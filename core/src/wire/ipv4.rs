@@ -99,6 +99,11 @@ impl<T: AsRef<[u8]>> Packet<T> {
         be16(self.buffer.as_ref(), field::FLG_OFF) & 0x4000 != 0
     }
 
+    /// The reserved flag bit (must be zero, RFC 791).
+    pub fn reserved_flag(&self) -> bool {
+        be16(self.buffer.as_ref(), field::FLG_OFF) & 0x8000 != 0
+    }
+
     /// More-fragments flag.
     pub fn more_frags(&self) -> bool {
         be16(self.buffer.as_ref(), field::FLG_OFF) & 0x2000 != 0

@@ -33,38 +33,45 @@ pub struct Packet<T: AsRef<[u8]>> {
 impl<T: AsRef<[u8]>> Packet<T> {
     /// Wraps a buffer without checking it; accessors panic if it is shorter than
     /// [`HEADER_LEN`]. Use [`Packet::new_checked`] for received bytes.
+    #[inline]
     pub const fn new_unchecked(buffer: T) -> Packet<T> {
         Packet { buffer }
     }
 
     /// Wraps a buffer after checking it holds the header.
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<Packet<T>, WireError> {
         need(buffer.as_ref().len(), HEADER_LEN)?;
         Ok(Packet { buffer })
     }
 
     /// The underlying buffer.
+    #[inline]
     pub fn into_inner(self) -> T {
         self.buffer
     }
 
     /// The flags byte.
+    #[inline]
     pub fn flags(&self) -> u8 {
         self.buffer.as_ref()[0]
     }
 
     /// True if the I (valid VNI) flag is set.
+    #[inline]
     pub fn vni_valid(&self) -> bool {
         self.flags() & FLAG_I != 0
     }
 
     /// The 24-bit VNI.
+    #[inline]
     pub fn vni(&self) -> u32 {
         let b = self.buffer.as_ref();
         u32::from_be_bytes([0, b[4], b[5], b[6]])
     }
 
     /// The inner Ethernet frame.
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         &self.buffer.as_ref()[HEADER_LEN..]
     }
@@ -72,6 +79,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     /// Writes a whole header: the I flag, reserved bits zero, and the low 24 bits of `vni`.
+    #[inline]
     pub fn set_header(&mut self, vni: u32) {
         let v = (vni & MAX_VNI) << 8;
         let b = self.buffer.as_mut();
@@ -80,6 +88,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
 
     /// The inner Ethernet frame, mutable.
+    #[inline]
     pub fn payload_mut(&mut self) -> &mut [u8] {
         &mut self.buffer.as_mut()[HEADER_LEN..]
     }
@@ -94,6 +103,7 @@ pub struct Repr {
 
 impl Repr {
     /// Parses a checked header: the I flag must be set; reserved bits are ignored.
+    #[inline]
     pub fn parse<T: AsRef<[u8]>>(packet: &Packet<T>) -> Result<Repr, WireError> {
         need(packet.buffer.as_ref().len(), HEADER_LEN)?;
         if !packet.vni_valid() {
@@ -103,11 +113,13 @@ impl Repr {
     }
 
     /// Header length in bytes.
+    #[inline]
     pub const fn buffer_len(&self) -> usize {
         HEADER_LEN
     }
 
     /// Writes the header (reserved bits zero). Fails if the VNI does not fit 24 bits.
+    #[inline]
     pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(
         &self,
         packet: &mut Packet<T>,

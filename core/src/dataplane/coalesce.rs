@@ -27,11 +27,11 @@
 //! segments and [`MAX_LEN`] bytes per super-packet, at most [`MAX_OPEN_FLOWS`] flows open
 //! for merging at once, so the work per packet is constant.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::ops::Range;
 
 use super::offload::VirtioNetHdr;
-use crate::wire::{checksum, tcp, IpProtocol};
+use crate::wire::{checksum, ipv4, ipv6, tcp, IpProtocol};
 
 /// Most segments merged into one super-packet (the size of a UDP GRO batch).
 pub const MAX_SEGMENTS: usize = 64;
@@ -43,11 +43,8 @@ pub const MAX_LEN: usize = 65_535;
 /// bucket).
 pub const MAX_OPEN_FLOWS: usize = 8;
 
-const IPV4_HEADER: usize = 20;
-const IPV6_HEADER: usize = 40;
-const TCP_PROTO: u8 = 6;
-const ACK: u8 = 0x10;
-const PSH: u8 = 0x08;
+const ACK: u8 = tcp::TcpFlags::ACK.0;
+const PSH: u8 = tcp::TcpFlags::PSH.0;
 
 /// One TUN write planned by [`Coalescer::coalesce`]: a virtio header, then the bytes of
 /// [`Coalescer::pieces`] in order.
@@ -348,20 +345,33 @@ fn inspect(p: &[u8], start: usize) -> Info {
         ..Info::default()
     };
     let (v6, ip_len, total, proto, plain) = match p.first().map(|b| b >> 4) {
-        Some(4) if p.len() >= IPV4_HEADER => {
-            let ihl = usize::from(p[0] & 0x0f) * 4;
-            let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
-            // DF only: no MF, no fragment offset.
-            let unfragmented = p[6] & 0x3f == 0 && p[7] == 0 && p[6] & 0x80 == 0;
-            (false, ihl, total, p[9], ihl == IPV4_HEADER && unfragmented)
+        Some(4) if p.len() >= ipv4::HEADER_LEN => {
+            let ip = ipv4::Packet::new_unchecked(p);
+            let ihl = ip.header_len();
+            // DF only: no MF, no fragment offset, no reserved flag.
+            let unfragmented = !ip.more_frags() && ip.frag_offset() == 0 && !ip.reserved_flag();
+            let total = usize::from(ip.total_len());
+            (
+                false,
+                ihl,
+                total,
+                ip.next_header(),
+                ihl == ipv4::HEADER_LEN && unfragmented,
+            )
         }
-        Some(6) if p.len() >= IPV6_HEADER => {
-            let total = IPV6_HEADER + usize::from(u16::from_be_bytes([p[4], p[5]]));
-            (true, IPV6_HEADER, total, p[6], true)
+        Some(6) if p.len() >= ipv6::HEADER_LEN => {
+            let ip = ipv6::Packet::new_unchecked(p);
+            (
+                true,
+                ipv6::HEADER_LEN,
+                ip.total_len(),
+                ip.next_header(),
+                true,
+            )
         }
         _ => return info,
     };
-    if proto != TCP_PROTO || ip_len < IPV4_HEADER || p.len() < ip_len + 4 {
+    if proto != IpProtocol::Tcp || ip_len < ipv4::HEADER_LEN || p.len() < ip_len + 4 {
         return info;
     }
     info.v6 = v6;
@@ -370,12 +380,13 @@ fn inspect(p: &[u8], start: usize) -> Info {
     let Some(t) = p.get(ip_len..).filter(|t| t.len() >= tcp::HEADER_LEN) else {
         return info;
     };
-    let thl = usize::from(t[12] >> 4) * 4;
-    info.flags = t[13];
-    info.seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+    let seg = tcp::Packet::new_unchecked(t);
+    let thl = seg.header_len();
+    info.flags = seg.flags().0;
+    info.seq = seg.seq_number();
     info.hdrs = ip_len + thl;
     if !v6 {
-        info.ident = u16::from_be_bytes([p[4], p[5]]);
+        info.ident = ipv4::Packet::new_unchecked(p).ident();
     }
     info.mergeable = plain
         && total == p.len()
@@ -442,15 +453,15 @@ fn checksums_ok(buf: &[u8], s: &Info) -> bool {
         .is_some_and(|t| tcp::Packet::new_unchecked(t).verify_checksum(&src, &dst))
 }
 
+/// Source and destination address of the IPv6 (`v6`) or IPv4 packet `p`, if its fixed
+/// header is present.
 fn addresses(p: &[u8], v6: bool) -> Option<(IpAddr, IpAddr)> {
     if v6 {
-        let s: [u8; 16] = p.get(8..24)?.try_into().ok()?;
-        let d: [u8; 16] = p.get(24..40)?.try_into().ok()?;
-        Some((Ipv6Addr::from(s).into(), Ipv6Addr::from(d).into()))
+        let ip = ipv6::Packet::new_unchecked(p.get(..ipv6::HEADER_LEN)?);
+        Some((ip.src_addr().into(), ip.dst_addr().into()))
     } else {
-        let s: [u8; 4] = p.get(12..16)?.try_into().ok()?;
-        let d: [u8; 4] = p.get(16..20)?.try_into().ok()?;
-        Some((Ipv4Addr::from(s).into(), Ipv4Addr::from(d).into()))
+        let ip = ipv4::Packet::new_unchecked(p.get(..ipv4::HEADER_LEN)?);
+        Some((ip.src_addr().into(), ip.dst_addr().into()))
     }
 }
 
@@ -462,34 +473,37 @@ fn rewrite_head(head: &mut [u8], h: &Info, len: usize, last_flags: u8) {
         return;
     }
     if h.v6 {
-        let plen = (len - IPV6_HEADER) as u16;
-        head[4..6].copy_from_slice(&plen.to_be_bytes());
+        let plen = (len - ipv6::HEADER_LEN) as u16;
+        ipv6::Packet::new_unchecked(&mut *head).set_payload_len(plen);
     } else {
-        head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-        head[10..12].fill(0);
-        let c = checksum::checksum(&head[..h.ip_len]);
-        head[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut ip = ipv4::Packet::new_unchecked(&mut *head);
+        ip.set_total_len(len as u16);
+        ip.fill_checksum();
     }
     let t = h.ip_len;
-    head[t + 13] |= last_flags & PSH;
-    let Some((src, dst)) = addresses(head, h.v6) else {
+    let addrs = addresses(head, h.v6);
+    let mut seg = tcp::Packet::new_unchecked(&mut head[t..]);
+    seg.set_flags(tcp::TcpFlags(seg.flags().0 | (last_flags & PSH)));
+    let Some((src, dst)) = addrs else {
         return;
     };
     let ph = checksum::pseudo_header(&src, &dst, IpProtocol::Tcp.into(), (len - t) as u32);
-    let at = t + tcp::CHECKSUM_OFFSET;
-    head[at..at + 2].copy_from_slice(&ph.to_be_bytes());
+    seg.set_checksum(ph);
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::super::offload::{complete_partial_checksum, gso_split};
+/// TCP packet builders for the coalescer's tests and, with the `test-util` feature, the main
+/// crate's (TUN) tests.
+#[cfg(any(test, feature = "test-util"))]
+pub mod fixtures {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::super::offload::gso_split;
     use super::super::testutil::*;
     use super::*;
-    use proptest::prelude::*;
 
     /// A TCP super-packet (IPv4 or IPv6) with valid checksums, as the kernel would hand it:
     /// 10.244.1.`flow`:40000+`flow` → 10.244.2.7:5201 (fd10:244:1::`flow` → fd10:244:2::7).
-    pub(crate) fn tcp_packet(
+    pub fn tcp_packet(
         v6: bool,
         flow: u8,
         seq: u32,
@@ -535,7 +549,7 @@ pub(crate) mod tests {
     }
 
     /// Splits a super-packet into segments of `mss` payload bytes, as a sender's TSO would.
-    pub(crate) fn segments(sup: &[u8], mss: u16) -> Vec<Vec<u8>> {
+    pub fn segments(sup: &[u8], mss: u16) -> Vec<Vec<u8>> {
         let v6 = sup[0] >> 4 == 6;
         let ip_len = if v6 { 40 } else { 20 };
         let thl = usize::from(sup[ip_len + 12] >> 4) * 4;
@@ -555,6 +569,15 @@ pub(crate) mod tests {
         let segs = gso_split(sup, &hdr, &mut arena, 0).unwrap();
         segs.iter().map(|r| arena[r].to_vec()).collect()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::offload::{complete_partial_checksum, gso_split};
+    use super::super::testutil::*;
+    use super::fixtures::*;
+    use super::*;
+    use proptest::prelude::*;
 
     /// Lays `packets` out in one buffer with `gap` bytes of junk before each.
     fn layout(packets: &[Vec<u8>], gap: usize) -> (Vec<u8>, Vec<Range<usize>>) {

@@ -7,7 +7,7 @@ use super::{
     headroom_mut, inspect_ip, write_headers, DecapVerdict, DropReason, LocalVtep, PeerTable,
     VXLAN_HEADROOM,
 };
-use crate::wire::{arp, vxlan, EtherType, MacAddr};
+use crate::wire::{arp, ethernet, vxlan, EtherType};
 
 /// Decapsulates the VXLAN datagram `buf[datagram]` (the UDP payload) received from `src`.
 ///
@@ -56,15 +56,16 @@ fn checked_decap(
     let Some(hdr) = d.first_chunk::<VXLAN_HEADROOM>() else {
         return DecapVerdict::Drop(DropReason::Truncated);
     };
-    if hdr[0] & vxlan::FLAG_I == 0 {
+    let (vxlan_hdr, eth_hdr) = hdr.split_at(vxlan::HEADER_LEN);
+    let vxlan_hdr = vxlan::Packet::new_unchecked(vxlan_hdr);
+    if !vxlan_hdr.vni_valid() {
         return DecapVerdict::Drop(DropReason::VxlanFlagNotSet);
     }
-    let vni = u32::from_be_bytes([0, hdr[4], hdr[5], hdr[6]]);
-    if vni != local.vni {
+    if vxlan_hdr.vni() != local.vni {
         return DecapVerdict::Drop(DropReason::WrongVni);
     }
-    let dst_mac = MacAddr([hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13]]);
-    let ethertype = EtherType::from(u16::from_be_bytes([hdr[20], hdr[21]]));
+    let eth = ethernet::Frame::new_unchecked(eth_hdr);
+    let (dst_mac, ethertype) = (eth.dst_addr(), eth.ethertype());
     let for_us = dst_mac == local.mac || (dst_mac.is_broadcast() && ethertype == EtherType::Arp);
     if !for_us {
         return DecapVerdict::Drop(DropReason::WrongDstMac);
@@ -147,7 +148,7 @@ fn answer_arp(
         return DecapVerdict::Drop(DropReason::Truncated);
     };
     let (vni, dst_mac) = (local.vni, request.source_hardware_addr);
-    write_headers(hdr, vni, dst_mac, local.mac, EtherType::Arp.into());
+    write_headers(hdr, vni, dst_mac, local.mac, EtherType::Arp);
     match buf.get_mut(arp_at..reply_end) {
         Some(a) => reply.emit(&mut arp::Packet::new_unchecked(a)),
         None => return DecapVerdict::Drop(DropReason::Truncated),
@@ -166,34 +167,18 @@ mod tests {
     use ipnet::IpNet;
     use proptest::prelude::*;
 
+    /// We are node 2, receiving from node 1.
     fn local() -> LocalVtep {
-        LocalVtep {
-            vni: 1,
-            mac: MacAddr([0x02, 0xbb, 0, 0, 0, 2]),
-            addr_v4: Some(Ipv4Addr::new(10, 244, 2, 0)),
-            addr_v6: Some("fd10:244:2::".parse().unwrap()),
-            error_source_v4: None,
-            error_source_v6: None,
-            subnet_v4: Some("10.244.2.0/24".parse().unwrap()),
-            subnet_v6: Some("fd10:244:2::/64".parse().unwrap()),
-        }
+        test_node(2)
     }
 
     fn sender() -> RemoteVtep {
-        RemoteVtep {
-            public_ip: "198.18.0.1".parse().unwrap(),
-            mac: MacAddr([0x02, 0xaa, 0, 0, 0, 1]),
-            vni: 1,
-        }
+        test_peer(1)
     }
 
     /// Another node: 10.244.3.0/24 at 198.18.0.3.
     fn third() -> RemoteVtep {
-        RemoteVtep {
-            public_ip: "198.18.0.3".parse().unwrap(),
-            mac: MacAddr([0x02, 0xcc, 0, 0, 0, 3]),
-            vni: 1,
-        }
+        test_peer(3)
     }
 
     fn table() -> PeerTable {
