@@ -477,12 +477,8 @@ fn from_value<T: serde::de::DeserializeOwned + Default>(v: Value) -> T {
 }
 
 fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    k8s_openapi::chrono::DateTime::from_timestamp(i64::try_from(secs).unwrap_or(0), 0)
-        .unwrap_or_default()
-        .format("%Y-%m-%dT%H:%M:%SZ")
+    k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string()
 }
 
