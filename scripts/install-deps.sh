@@ -22,6 +22,8 @@ check protoc protobuf-compiler
 check pgrep procps
 # tests/etcd_store.rs makes its TLS test certificates with the openssl CLI.
 check openssl openssl
+# tests/metrics_scrape.rs parses /metrics with Python's prometheus_client (Debian's python3).
+/usr/bin/python3 -c 'import prometheus_client.parser' 2>/dev/null || need+=(python3-prometheus-client)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -1,11 +1,32 @@
-//! Prometheus text exposition of the daemon's gauges and the data plane's counters.
+//! `/metrics`: the daemon's gauges and the data plane's counters, kept in a prometheus-client
+//! registry and encoded in the Prometheus text format (0.0.4) on each scrape.
+//!
+//! Adding a metric is one line in one place (plus its setter):
+//! - a value the daemon sets or counts: a prometheus-client field (`Gauge`, `Counter`,
+//!   `Family<Labels, _>`) on [`DaemonMetrics`] and its `register(..)` line in
+//!   [`DaemonMetrics::new`];
+//! - a value read at scrape time from state kept elsewhere (the data plane's atomics, the
+//!   prober's snapshot): one `out.gauge(..)`, `out.counter(..)` or `out.family(..)` line in
+//!   `Scraped::encode` (atomics are read, never counted twice).
+//!
+//! Help text is written as printed, ending with a period. Counters are named without
+//! `_total`: the encoder appends it. The unit test `exported_families` lists every family.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fmt;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Metric, Registry};
+use tracing::debug;
+
 use crate::backend::userspace::IoErrors;
-use crate::dataplane::{Counters, DropReason};
+use crate::dataplane::Counters;
 
 /// Where data-plane counters come from.
 #[derive(Debug, Clone, Default)]
@@ -35,192 +56,266 @@ pub struct PeerGauge {
     pub failures_total: u64,
 }
 
+/// A gauge that never goes negative.
+type UGauge = Gauge<u64, AtomicU64>;
+/// The label set `{reason="..."}`.
+type Reason = [(&'static str, &'static str); 1];
+
 /// Gauges and counters the daemon exports on `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DaemonMetrics {
-    peers: AtomicU64,
-    skipped_leases: AtomicU64,
-    /// Entries of the userspace plane's peer table (`None`: kernel forwarding).
+    registry: Registry,
+    peers: UGauge,
+    skipped_leases: UGauge,
+    refusals: Family<Reason, Counter>,
+    scraped: Arc<Scraped>,
+}
+
+/// State owned elsewhere, read on each scrape.
+#[derive(Debug, Default)]
+struct Scraped {
+    /// Entries of the userspace plane's peer table (`None`: kernel forwarding, not exported).
     peer_table: Mutex<Option<u64>>,
-    refusals: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     plane: Mutex<PlaneMetrics>,
     peer_health: Mutex<Vec<PeerGauge>>,
 }
 
+/// Registers `metric`; `help` ends with a period, which prometheus-client adds itself.
+fn register(reg: &mut Registry, name: &str, help: &str, metric: impl Metric) {
+    reg.register(name, help.strip_suffix('.').unwrap_or(help), metric);
+}
+
+impl Default for DaemonMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl DaemonMetrics {
+    /// Every metric registered, all at zero.
+    pub fn new() -> DaemonMetrics {
+        let mut reg = Registry::default();
+        let peers = UGauge::default();
+        let skipped_leases = UGauge::default();
+        let refusals = Family::<Reason, Counter>::default();
+        let scraped = Arc::new(Scraped::default());
+        register(
+            &mut reg,
+            "flannel_peers",
+            "Remote subnets currently programmed.",
+            peers.clone(),
+        );
+        register(
+            &mut reg,
+            "flannel_skipped_leases",
+            "Leases skipped because they are invalid (see the daemon log).",
+            skipped_leases.clone(),
+        );
+        register(
+            &mut reg,
+            "flannel_refused_leases",
+            "Peer leases refused at intake (counted once per appearance, named in the log).",
+            refusals.clone(),
+        );
+        reg.register_collector(Box::new(scraped.clone()));
+        DaemonMetrics {
+            registry: reg,
+            peers,
+            skipped_leases,
+            refusals,
+            scraped,
+        }
+    }
+
     /// Records the number of programmed peers.
     pub fn set_peers(&self, n: usize) {
-        self.peers.store(n as u64, Ordering::Relaxed);
+        self.peers.set(n as u64);
     }
 
     /// Records the size of the userspace data plane's peer table.
     pub fn set_peer_table(&self, n: usize) {
-        if let Ok(mut t) = self.peer_table.lock() {
+        if let Ok(mut t) = self.scraped.peer_table.lock() {
             *t = Some(n as u64);
         }
     }
 
     /// Records the number of leases skipped as invalid.
     pub fn set_skipped_leases(&self, n: usize) {
-        self.skipped_leases.store(n as u64, Ordering::Relaxed);
+        self.skipped_leases.set(n as u64);
     }
 
     /// Counts one newly refused lease (each refusal once while it lasts), by reason label.
     pub fn count_refusal(&self, reason: &'static str) {
-        if let Ok(mut r) = self.refusals.lock() {
-            *r.entry(reason).or_default() += 1;
-        }
+        self.refusals.get_or_create(&[("reason", reason)]).inc();
     }
 
     /// Attaches the data plane's counters.
     pub fn set_plane(&self, plane: PlaneMetrics) {
-        if let Ok(mut p) = self.plane.lock() {
+        if let Ok(mut p) = self.scraped.plane.lock() {
             *p = plane;
         }
     }
 
     /// Replaces the peers' probe states.
     pub fn set_peer_health(&self, gauges: Vec<PeerGauge>) {
-        if let Ok(mut g) = self.peer_health.lock() {
+        if let Ok(mut g) = self.scraped.peer_health.lock() {
             *g = gauges;
         }
     }
 
-    /// The Prometheus text format.
+    /// The Prometheus text format (version 0.0.4).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        gauge(
-            "flannel_peers",
-            "Remote subnets currently programmed.",
-            self.peers.load(Ordering::Relaxed),
-        );
-        gauge(
-            "flannel_skipped_leases",
-            "Leases skipped because they are invalid (see the daemon log).",
-            self.skipped_leases.load(Ordering::Relaxed),
-        );
+        if let Err(e) =
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+        {
+            // Only a collector can fail (writing to a String cannot): serve what was encoded.
+            debug!(error = %e, "encoding /metrics failed");
+        }
+        out
+    }
+}
+
+/// Writes scrape-time values as metric families.
+struct Out<'a>(DescriptorEncoder<'a>);
+
+impl Out<'_> {
+    /// A gauge without labels.
+    fn gauge(&mut self, name: &str, help: &str, v: u64) -> fmt::Result {
+        let g = ConstGauge::new(v);
+        g.encode(
+            self.0
+                .encode_descriptor(name, help, None, g.metric_type())?,
+        )
+    }
+
+    /// A counter without labels (`name` without `_total`).
+    fn counter(&mut self, name: &str, help: &str, v: u64) -> fmt::Result {
+        let c = ConstCounter::new(v);
+        c.encode(
+            self.0
+                .encode_descriptor(name, help, None, c.metric_type())?,
+        )
+    }
+
+    /// A labelled family of `kind` (gauge or counter); nothing when there are no samples.
+    fn family<L: EncodeLabelSet>(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        samples: &[(L, u64)],
+    ) -> fmt::Result {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let mut enc = self.0.encode_descriptor(name, help, None, kind)?;
+        for (labels, v) in samples {
+            let sample = enc.encode_family(labels)?;
+            match kind {
+                MetricType::Counter => ConstCounter::new(*v).encode(sample)?,
+                _ => ConstGauge::new(*v).encode(sample)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collector for Scraped {
+    fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
+        let mut out = Out(encoder);
         if let Some(n) = self.peer_table.lock().ok().and_then(|t| *t) {
-            gauge(
+            out.gauge(
                 "flannel_userspace_peer_table_entries",
                 "Remote subnets in the userspace data plane's forwarding table.",
                 n,
-            );
-        }
-        let refusals = self.refusals.lock().map(|r| r.clone()).unwrap_or_default();
-        if !refusals.is_empty() {
-            let _ = writeln!(
-                out,
-                "# HELP flannel_refused_leases_total Peer leases refused at intake (counted once per appearance, named in the log).\n# TYPE flannel_refused_leases_total counter"
-            );
-            for (reason, n) in &refusals {
-                let _ = writeln!(
-                    out,
-                    "flannel_refused_leases_total{{reason=\"{reason}\"}} {n}"
-                );
-            }
+            )?;
         }
         let health = self
             .peer_health
             .lock()
             .map(|g| g.clone())
             .unwrap_or_default();
-        if !health.is_empty() {
-            let labels = |g: &PeerGauge| {
-                format!("{{subnet=\"{}\",public_ip=\"{}\"}}", g.subnet, g.public_ip)
-            };
-            let _ = writeln!(
-                out,
-                "# HELP flannel_peer_reachable Whether the peer answers ICMP echo over the overlay (0 after 3 unanswered probes in a row).\n# TYPE flannel_peer_reachable gauge"
-            );
-            for g in &health {
-                if let Some(r) = g.reachable {
-                    let _ = writeln!(out, "flannel_peer_reachable{} {}", labels(g), u8::from(r));
-                }
-            }
-            let _ = writeln!(
-                out,
-                "# HELP flannel_peer_probe_failures_total Peer probes that went unanswered.\n# TYPE flannel_peer_probe_failures_total counter"
-            );
-            for g in &health {
-                let _ = writeln!(
-                    out,
-                    "flannel_peer_probe_failures_total{} {}",
-                    labels(g),
-                    g.failures_total
-                );
-            }
-        }
+        let peer = |g: &PeerGauge| {
+            [
+                ("subnet", g.subnet.clone()),
+                ("public_ip", g.public_ip.clone()),
+            ]
+        };
+        let reachable: Vec<_> = health
+            .iter()
+            .filter_map(|g| g.reachable.map(|r| (peer(g), u64::from(r))))
+            .collect();
+        out.family(
+            "flannel_peer_reachable",
+            "Whether the peer answers ICMP echo over the overlay (0 after 3 unanswered probes in a row).",
+            MetricType::Gauge,
+            &reachable,
+        )?;
+        let failures: Vec<_> = health.iter().map(|g| (peer(g), g.failures_total)).collect();
+        out.family(
+            "flannel_peer_probe_failures",
+            "Peer probes that went unanswered.",
+            MetricType::Counter,
+            &failures,
+        )?;
         let plane = self.plane.lock().map(|p| p.clone()).unwrap_or_default();
-        if let PlaneMetrics::Userspace {
+        let PlaneMetrics::Userspace {
             counters,
             io_errors,
         } = plane
-        {
-            let s = counters.snapshot();
-            let mut counter = |name: &str, help: &str, v: u64| {
-                let _ = writeln!(
-                    out,
-                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-                );
-            };
-            counter(
-                "flannel_vxlan_rx_packets_total",
-                "Inner packets delivered to TUN.",
-                s.rx_packets,
-            );
-            counter(
-                "flannel_vxlan_rx_bytes_total",
-                "Inner bytes delivered to TUN.",
-                s.rx_bytes,
-            );
-            counter(
-                "flannel_vxlan_tx_packets_total",
-                "VXLAN datagrams sent.",
-                s.tx_packets,
-            );
-            counter(
-                "flannel_vxlan_tx_bytes_total",
-                "VXLAN bytes sent.",
-                s.tx_bytes,
-            );
-            counter(
-                "flannel_vxlan_send_failures_total",
-                "UDP sends the kernel refused.",
-                io_errors.send_failed(),
-            );
-            counter(
-                "flannel_vxlan_tun_write_failures_total",
-                "TUN writes the kernel refused.",
-                io_errors.tun_write_failed(),
-            );
-            counter(
-                "flannel_vxlan_packet_loop_panics_total",
-                "Packet loops restarted after a panic (a bug; should stay 0).",
-                io_errors.panics(),
-            );
-            let _ = writeln!(
-                out,
-                "# HELP flannel_vxlan_drops_total Packets dropped by the data plane, by reason.\n# TYPE flannel_vxlan_drops_total counter"
-            );
-            for r in DropReason::ALL {
-                let _ = writeln!(
-                    out,
-                    "flannel_vxlan_drops_total{{reason=\"{}\"}} {}",
-                    r.as_str(),
-                    s.drops_for(*r)
-                );
-            }
-        }
-        out
+        else {
+            return Ok(());
+        };
+        let s = counters.snapshot();
+        out.counter(
+            "flannel_vxlan_rx_packets",
+            "Inner packets delivered to TUN.",
+            s.rx_packets,
+        )?;
+        out.counter(
+            "flannel_vxlan_rx_bytes",
+            "Inner bytes delivered to TUN.",
+            s.rx_bytes,
+        )?;
+        out.counter(
+            "flannel_vxlan_tx_packets",
+            "VXLAN datagrams sent.",
+            s.tx_packets,
+        )?;
+        out.counter("flannel_vxlan_tx_bytes", "VXLAN bytes sent.", s.tx_bytes)?;
+        out.counter(
+            "flannel_vxlan_send_failures",
+            "UDP sends the kernel refused.",
+            io_errors.send_failed(),
+        )?;
+        out.counter(
+            "flannel_vxlan_tun_write_failures",
+            "TUN writes the kernel refused.",
+            io_errors.tun_write_failed(),
+        )?;
+        out.counter(
+            "flannel_vxlan_packet_loop_panics",
+            "Packet loops restarted after a panic (a bug; should stay 0).",
+            io_errors.panics(),
+        )?;
+        let drops: Vec<_> = s
+            .drops_by_reason()
+            .map(|(r, n)| ([("reason", r.as_str())], n))
+            .collect();
+        out.family(
+            "flannel_vxlan_drops",
+            "Packets dropped by the data plane, by reason.",
+            MetricType::Counter,
+            &drops,
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::DropReason;
 
     #[test]
     fn renders_gauges_and_drop_reasons() {
@@ -259,6 +354,81 @@ mod tests {
         }
         assert!(
             text.contains("reason=\"inner_destination_foreign\"} 0\n"),
+            "{text}"
+        );
+    }
+
+    /// Every family `/metrics` can export, its type and its sample names: dashboards, tests and
+    /// the README name them, so a change here is a breaking change.
+    #[test]
+    fn exported_families() {
+        let m = DaemonMetrics::new();
+        m.set_peer_table(1);
+        m.count_refusal("outside_network");
+        m.set_peer_health(vec![PeerGauge {
+            subnet: "10.244.1.0/24".into(),
+            public_ip: "198.51.100.7".into(),
+            reachable: Some(true),
+            failures_total: 0,
+        }]);
+        m.set_plane(PlaneMetrics::Userspace {
+            counters: Arc::new(Counters::new()),
+            io_errors: Arc::new(IoErrors::default()),
+        });
+        let text = m.render();
+        let types: Vec<(&str, &str)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_once(' '))
+            .collect();
+        let mut want = vec![
+            ("flannel_peers", "gauge"),
+            ("flannel_skipped_leases", "gauge"),
+            ("flannel_refused_leases_total", "counter"),
+            ("flannel_userspace_peer_table_entries", "gauge"),
+            ("flannel_peer_reachable", "gauge"),
+            ("flannel_peer_probe_failures_total", "counter"),
+            ("flannel_vxlan_rx_packets_total", "counter"),
+            ("flannel_vxlan_rx_bytes_total", "counter"),
+            ("flannel_vxlan_tx_packets_total", "counter"),
+            ("flannel_vxlan_tx_bytes_total", "counter"),
+            ("flannel_vxlan_send_failures_total", "counter"),
+            ("flannel_vxlan_tun_write_failures_total", "counter"),
+            ("flannel_vxlan_packet_loop_panics_total", "counter"),
+            ("flannel_vxlan_drops_total", "counter"),
+        ];
+        let mut have = types.clone();
+        have.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(have, want, "{text}");
+        for line in text.lines() {
+            if let Some(help) = line.strip_prefix("# HELP ") {
+                assert!(help.ends_with('.') && !help.ends_with(".."), "{line}");
+            } else if !line.starts_with('#') {
+                // Every sample belongs to the family declared by the last TYPE line.
+                let name = line.split(['{', ' ']).next().unwrap_or("");
+                assert!(types.iter().any(|(n, _)| *n == name), "{line}");
+            }
+        }
+        // Kernel forwarding: no data-plane families, no peer table.
+        let kernel = DaemonMetrics::new().render();
+        assert!(!kernel.contains("flannel_vxlan_"), "{kernel}");
+        assert!(!kernel.contains("peer_table"), "{kernel}");
+        assert!(kernel.contains("flannel_peers 0\n"), "{kernel}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = DaemonMetrics::new();
+        m.set_peer_health(vec![PeerGauge {
+            subnet: "a\"b".into(),
+            public_ip: "c\nd".into(),
+            reachable: Some(false),
+            failures_total: 4,
+        }]);
+        let text = m.render();
+        assert!(
+            text.contains(r#"flannel_peer_reachable{subnet="a\"b",public_ip="c\nd"} 0"#),
             "{text}"
         );
     }

@@ -690,16 +690,7 @@ impl LeaseStore for KubeStore {
             if !self.set_node_network_unavailable {
                 return Ok(());
             }
-            let since_epoch = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            let now = Time(
-                k8s_openapi::chrono::DateTime::from_timestamp(
-                    i64::try_from(since_epoch.as_secs()).unwrap_or(0),
-                    0,
-                )
-                .unwrap_or_default(),
-            );
+            let now = Time(k8s_openapi::jiff::Timestamp::now());
             let condition = NodeCondition {
                 type_: "NetworkUnavailable".into(),
                 status: "False".into(),
@@ -875,7 +866,7 @@ fn plan_annotations(
 /// One managed node as the watch knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
-    /// `metadata.creationTimestamp` as RFC 3339 text (orders overlap winners).
+    /// `metadata.creationTimestamp` as fixed-width RFC 3339 text (orders overlap winners).
     created: String,
     /// The lease, or why the node is unusable.
     lease: Result<Lease, String>,
@@ -925,7 +916,8 @@ impl NodeSet {
             .metadata
             .creation_timestamp
             .as_ref()
-            .map(|t| t.0.to_rfc3339())
+            // Fixed width (nanoseconds, UTC), so text order is time order.
+            .map(|t| format!("{:.9}", t.0))
             .unwrap_or_default();
         Some(Entry {
             created,
@@ -1274,8 +1266,7 @@ mod tests {
             format!("{P}backend-data"),
             format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#),
         );
-        let ts: k8s_openapi::chrono::DateTime<k8s_openapi::chrono::Utc> =
-            created.parse().expect("time");
+        let ts: k8s_openapi::jiff::Timestamp = created.parse().expect("time");
         Node {
             metadata: ObjectMeta {
                 name: Some(name.into()),

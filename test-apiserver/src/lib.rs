@@ -477,12 +477,14 @@ fn from_value<T: serde::de::DeserializeOwned + Default>(v: Value) -> T {
 }
 
 fn now_rfc3339() -> String {
+    use k8s_openapi::jiff::Timestamp;
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    k8s_openapi::chrono::DateTime::from_timestamp(i64::try_from(secs).unwrap_or(0), 0)
-        .unwrap_or_default()
-        .format("%Y-%m-%dT%H:%M:%SZ")
+    // k8s-openapi's jiff has no `std` feature (no `Timestamp::now`) unless another crate adds it.
+    Timestamp::from_second(i64::try_from(secs).unwrap_or(0))
+        .unwrap_or(Timestamp::UNIX_EPOCH)
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string()
 }
 
