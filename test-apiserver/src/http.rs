@@ -1,0 +1,340 @@
+//! HTTP: the accept loop, request recording, routing, and `Status` error responses.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::nodes::{list_nodes, patch_node};
+use crate::state::{str_at, Shared};
+use crate::watches::watch_nodes;
+use crate::RecordedRequest;
+
+/// An API error: HTTP status, `reason`, message.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub(crate) code: StatusCode,
+    pub(crate) reason: &'static str,
+    pub(crate) message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(
+        code: StatusCode,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
+        ApiError {
+            code,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn not_found(kind: &str, name: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("{kind} \"{name}\" not found"),
+        )
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "BadRequest", message)
+    }
+
+    pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", message)
+    }
+}
+
+/// A Kubernetes `Status` object for a failure.
+pub(crate) fn status_json(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+pub(crate) type ResBody = BoxBody<Bytes, Infallible>;
+
+pub(crate) fn full(bytes: impl Into<Bytes>) -> ResBody {
+    Full::new(bytes.into()).boxed()
+}
+
+pub(crate) fn json_response(code: StatusCode, value: &Value) -> Response<ResBody> {
+    let mut res = Response::new(full(value.to_string()));
+    *res.status_mut() = code;
+    res.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+pub(crate) fn error_response(e: &ApiError) -> Response<ResBody> {
+    json_response(e.code, &status_json(e.code.as_u16(), e.reason, &e.message))
+}
+
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let shared = shared.clone();
+                let shutdown = shutdown.clone();
+                conns.spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let shared = shared.clone();
+                        let shutdown = shutdown.clone();
+                        async move { Ok::<_, Infallible>(handle(shared, shutdown, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    // Dropping the set aborts every connection (and so every watch body).
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
+}
+
+/// Splits `a=b&c=d` (percent-decoded, `+` as space).
+pub(crate) fn parse_query(q: &str) -> BTreeMap<String, String> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+pub(crate) fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes.get(i) {
+            Some(b'+') => out.push(b' '),
+            Some(b'%') => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            Some(&b) => out.push(b),
+            None => {}
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    req: Request<Incoming>,
+) -> Response<ResBody> {
+    let (parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error_response(&ApiError::bad_request(e.to_string())),
+    };
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().unwrap_or("").to_owned();
+    let content_type = parts
+        .headers
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    shared.lock().requests.push(RecordedRequest {
+        method: parts.method.to_string(),
+        path: path.clone(),
+        query: query.clone(),
+        content_type: content_type.clone(),
+        body: String::from_utf8_lossy(&body).into_owned(),
+    });
+    let q = parse_query(&query);
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let result = route(
+        &shared,
+        shutdown,
+        &parts.method,
+        &segs,
+        &q,
+        &content_type,
+        &body,
+    );
+    match result {
+        Ok(res) => res,
+        Err(e) => error_response(&e),
+    }
+}
+
+pub(crate) fn route(
+    shared: &Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    method: &Method,
+    segs: &[&str],
+    q: &BTreeMap<String, String>,
+    content_type: &str,
+    body: &[u8],
+) -> Result<Response<ResBody>, ApiError> {
+    let ok = |v: Value| Ok(json_response(StatusCode::OK, &v));
+    match (method, segs) {
+        (&Method::GET, ["version"]) => ok(json!({
+            "major": "1", "minor": "33", "gitVersion": "v1.33.0-test-apiserver",
+            "platform": "linux/amd64",
+        })),
+        (&Method::GET, ["healthz" | "readyz" | "livez"]) => {
+            Ok(Response::new(full(Bytes::from_static(b"ok"))))
+        }
+        (&Method::GET, ["api"]) => ok(json!({
+            "kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}],
+        })),
+        (&Method::POST, ["_test", "close-watches"]) => {
+            shared.close_watches.send_modify(|g| *g = (g.0 + 1, false));
+            ok(json!({}))
+        }
+        (&Method::POST, ["_test", "expire-watches"]) => {
+            shared.compact();
+            shared.close_watches.send_modify(|g| *g = (g.0 + 1, true));
+            ok(json!({}))
+        }
+        (&Method::POST, ["_test", "compact"]) => {
+            shared.compact();
+            ok(json!({}))
+        }
+        (&Method::PUT, ["_test", "history-window"]) => {
+            let size = q
+                .get("size")
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| ApiError::bad_request("size=N required"))?;
+            shared.set_history_window(size);
+            ok(json!({}))
+        }
+        (&Method::GET, ["api", "v1", "nodes"]) => {
+            if q.get("watch").is_some_and(|w| w == "1" || w == "true") {
+                watch_nodes(shared, shutdown, q)
+            } else {
+                ok(list_nodes(shared, q))
+            }
+        }
+        (&Method::POST, ["api", "v1", "nodes"]) => {
+            let value = parse_object::<Node>(body)?;
+            let name = str_at(&value, "/metadata/name").to_owned();
+            if name.is_empty() {
+                return Err(ApiError::invalid("metadata.name: Required value"));
+            }
+            if shared.lock().nodes.contains_key(&name) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    format!("nodes \"{name}\" already exists"),
+                ));
+            }
+            let stored = shared.put_node(&name, value, true);
+            Ok(json_response(StatusCode::CREATED, &stored))
+        }
+        (&Method::GET, ["api", "v1", "nodes", name] | ["api", "v1", "nodes", name, "status"]) => {
+            let node = shared.lock().nodes.get(*name).cloned();
+            node.map_or_else(|| Err(ApiError::not_found("nodes", name)), ok)
+        }
+        (&Method::PUT, ["api", "v1", "nodes", name]) => {
+            let value = parse_object::<Node>(body)?;
+            if str_at(&value, "/metadata/name") != *name {
+                return Err(ApiError::bad_request(
+                    "the name of the object does not match",
+                ));
+            }
+            if !shared.lock().nodes.contains_key(*name) {
+                return Err(ApiError::not_found("nodes", name));
+            }
+            ok(shared.put_node(name, value, false))
+        }
+        (&Method::DELETE, ["api", "v1", "nodes", name]) => shared
+            .delete_node(name)
+            .map_or_else(|| Err(ApiError::not_found("nodes", name)), ok),
+        (&Method::PATCH, ["api", "v1", "nodes", name]) => {
+            patch_node(shared, name, false, content_type, body).and_then(ok)
+        }
+        (&Method::PATCH, ["api", "v1", "nodes", name, "status"]) => {
+            patch_node(shared, name, true, content_type, body).and_then(ok)
+        }
+        (&Method::GET, ["api", "v1", "namespaces", ns, "pods", name]) => {
+            let pod = shared
+                .lock()
+                .pods
+                .get(&((*ns).to_owned(), (*name).to_owned()))
+                .cloned();
+            pod.map_or_else(|| Err(ApiError::not_found("pods", name)), ok)
+        }
+        (&Method::POST, ["api", "v1", "namespaces", ns, "pods"]) => {
+            let mut value = parse_object::<Pod>(body)?;
+            value["metadata"]["namespace"] = Value::String((*ns).to_owned());
+            let stored = shared.put_pod(value);
+            Ok(json_response(StatusCode::CREATED, &stored))
+        }
+        (&Method::DELETE, ["api", "v1", "namespaces", ns, "pods", name]) => {
+            let old = shared
+                .lock()
+                .pods
+                .remove(&((*ns).to_owned(), (*name).to_owned()));
+            shared.save();
+            old.map_or_else(|| Err(ApiError::not_found("pods", name)), ok)
+        }
+        (_, ["api", "v1", ..]) => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            format!("{method} is not supported here by the test API server"),
+        )),
+        _ => Err(ApiError::not_found("path", &segs.join("/"))),
+    }
+}
+
+/// Parses a request body as JSON and checks that it is a valid `T`.
+pub(crate) fn parse_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<Value, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
+    serde_json::from_value::<T>(value.clone()).map_err(|e| ApiError::invalid(e.to_string()))?;
+    Ok(value)
+}
