@@ -17,10 +17,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::nodes::{list_nodes, patch_node};
+use crate::nodes::{
+    list_nodes, list_pods, parse_json, patch_node, patch_pod, replace_node, replace_pod,
+};
+use crate::patch::validate;
 use crate::state::{str_at, Shared};
 use crate::watches::watch_nodes;
 use crate::RecordedRequest;
+use crate::{discovery, openapi};
 
 /// An API error: HTTP status, `reason`, message.
 #[derive(Debug)]
@@ -192,45 +196,82 @@ pub(crate) async fn handle(
         content_type: content_type.clone(),
         body: String::from_utf8_lossy(&body).into_owned(),
     });
+    let accept = parts
+        .headers
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let q = parse_query(&query);
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let result = route(
-        &shared,
-        shutdown,
-        &parts.method,
-        &segs,
-        &q,
-        &content_type,
-        &body,
-    );
-    match result {
+    let req = Req {
+        method: &parts.method,
+        segs: &segs,
+        q: &q,
+        content_type: &content_type,
+        accept,
+        body: &body,
+    };
+    match route(&shared, shutdown, &req) {
         Ok(res) => res,
         Err(e) => error_response(&e),
     }
 }
 
+/// A request as the router sees it.
+pub(crate) struct Req<'a> {
+    pub(crate) method: &'a Method,
+    /// The path split at `/`.
+    pub(crate) segs: &'a [&'a str],
+    pub(crate) q: &'a BTreeMap<String, String>,
+    pub(crate) content_type: &'a str,
+    pub(crate) accept: &'a str,
+    pub(crate) body: &'a [u8],
+}
+
+impl Req<'_> {
+    fn is_watch(&self) -> bool {
+        self.q.get("watch").is_some_and(|w| w == "1" || w == "true")
+    }
+
+    /// The `fieldValidation` directive (`Strict`, `Warn`, `Ignore`).
+    fn field_validation(&self) -> Option<&str> {
+        self.q.get("fieldValidation").map(String::as_str)
+    }
+}
+
+fn aggregated_response(core: bool) -> Response<ResBody> {
+    let mut res = json_response(StatusCode::OK, &discovery::aggregated(core));
+    res.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(discovery::AGGREGATED_V2),
+    );
+    res
+}
+
 pub(crate) fn route(
     shared: &Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-    method: &Method,
-    segs: &[&str],
-    q: &BTreeMap<String, String>,
-    content_type: &str,
-    body: &[u8],
+    req: &Req<'_>,
 ) -> Result<Response<ResBody>, ApiError> {
     let ok = |v: Value| Ok(json_response(StatusCode::OK, &v));
+    let (method, segs, q, body) = (req.method, req.segs, req.q, req.body);
+    let fv = req.field_validation();
     match (method, segs) {
-        (&Method::GET, ["version"]) => ok(json!({
-            "major": "1", "minor": "33", "gitVersion": "v1.33.0-test-apiserver",
-            "platform": "linux/amd64",
-        })),
+        (&Method::GET, ["version"]) => ok(discovery::version()),
         (&Method::GET, ["healthz" | "readyz" | "livez"]) => {
             Ok(Response::new(full(Bytes::from_static(b"ok"))))
         }
-        (&Method::GET, ["api"]) => ok(json!({
-            "kind": "APIVersions", "versions": ["v1"],
-            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}],
-        })),
+        (&Method::GET, ["api"]) if discovery::wants_aggregated(req.accept) => {
+            Ok(aggregated_response(true))
+        }
+        (&Method::GET, ["apis"]) if discovery::wants_aggregated(req.accept) => {
+            Ok(aggregated_response(false))
+        }
+        (&Method::GET, ["api"]) => ok(discovery::api_versions()),
+        (&Method::GET, ["apis"]) => ok(discovery::api_groups()),
+        (&Method::GET, ["api", "v1"]) => ok(discovery::core_v1_resources()),
+        (&Method::GET, ["openapi", "v3"]) => ok(openapi::root()),
+        (&Method::GET, ["openapi", "v3", "api", "v1"]) => ok(openapi::core_v1()),
         (&Method::POST, ["_test", "close-watches"]) => {
             shared.close_watches.send_modify(|g| *g = (g.0 + 1, false));
             ok(json!({}))
@@ -253,24 +294,20 @@ pub(crate) fn route(
             ok(json!({}))
         }
         (&Method::GET, ["api", "v1", "nodes"]) => {
-            if q.get("watch").is_some_and(|w| w == "1" || w == "true") {
+            if req.is_watch() {
                 watch_nodes(shared, shutdown, q)
             } else {
-                ok(list_nodes(shared, q))
+                list_nodes(shared, q).and_then(ok)
             }
         }
         (&Method::POST, ["api", "v1", "nodes"]) => {
-            let value = parse_object::<Node>(body)?;
+            let value = parse_object::<Node>(body, fv)?;
             let name = str_at(&value, "/metadata/name").to_owned();
             if name.is_empty() {
                 return Err(ApiError::invalid("metadata.name: Required value"));
             }
             if shared.lock().nodes.contains_key(&name) {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "AlreadyExists",
-                    format!("nodes \"{name}\" already exists"),
-                ));
+                return Err(already_exists("nodes", &name));
             }
             let stored = shared.put_node(&name, value, true);
             Ok(json_response(StatusCode::CREATED, &stored))
@@ -280,27 +317,35 @@ pub(crate) fn route(
             node.map_or_else(|| Err(ApiError::not_found("nodes", name)), ok)
         }
         (&Method::PUT, ["api", "v1", "nodes", name]) => {
-            let value = parse_object::<Node>(body)?;
-            if str_at(&value, "/metadata/name") != *name {
-                return Err(ApiError::bad_request(
-                    "the name of the object does not match",
-                ));
-            }
-            if !shared.lock().nodes.contains_key(*name) {
-                return Err(ApiError::not_found("nodes", name));
-            }
-            ok(shared.put_node(name, value, false))
+            replace_node(shared, name, false, body, fv).and_then(ok)
+        }
+        (&Method::PUT, ["api", "v1", "nodes", name, "status"]) => {
+            replace_node(shared, name, true, body, fv).and_then(ok)
         }
         (&Method::DELETE, ["api", "v1", "nodes", name]) => shared
             .delete_node(name)
             .map_or_else(|| Err(ApiError::not_found("nodes", name)), ok),
         (&Method::PATCH, ["api", "v1", "nodes", name]) => {
-            patch_node(shared, name, false, content_type, body).and_then(ok)
+            patch_node(shared, name, false, req.content_type, body, fv).and_then(ok)
         }
         (&Method::PATCH, ["api", "v1", "nodes", name, "status"]) => {
-            patch_node(shared, name, true, content_type, body).and_then(ok)
+            patch_node(shared, name, true, req.content_type, body, fv).and_then(ok)
         }
-        (&Method::GET, ["api", "v1", "namespaces", ns, "pods", name]) => {
+        (&Method::GET, ["api", "v1", "pods"]) if !req.is_watch() => {
+            list_pods(shared, None, q).and_then(ok)
+        }
+        (&Method::GET, ["api", "v1", "namespaces", ns, "pods"]) if !req.is_watch() => {
+            list_pods(shared, Some(ns), q).and_then(ok)
+        }
+        (&Method::GET, ["api", "v1", "events"] | ["api", "v1", "namespaces", _, "events"]) => {
+            ok(json!({"kind": "EventList", "apiVersion": "v1",
+                "metadata": {"resourceVersion": shared.lock().rv.to_string()}, "items": []}))
+        }
+        (
+            &Method::GET,
+            ["api", "v1", "namespaces", ns, "pods", name]
+            | ["api", "v1", "namespaces", ns, "pods", name, "status"],
+        ) => {
             let pod = shared
                 .lock()
                 .pods
@@ -309,10 +354,39 @@ pub(crate) fn route(
             pod.map_or_else(|| Err(ApiError::not_found("pods", name)), ok)
         }
         (&Method::POST, ["api", "v1", "namespaces", ns, "pods"]) => {
-            let mut value = parse_object::<Pod>(body)?;
+            let mut value = parse_object::<Pod>(body, fv)?;
+            let name = str_at(&value, "/metadata/name").to_owned();
+            if name.is_empty() {
+                return Err(ApiError::invalid("metadata.name: Required value"));
+            }
+            match str_at(&value, "/metadata/namespace") {
+                "" => {}
+                other if other == *ns => {}
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "the namespace of the provided object ({other}) does not match the namespace sent on the request ({ns})"
+                    )))
+                }
+            }
+            if shared
+                .lock()
+                .pods
+                .contains_key(&((*ns).to_owned(), name.clone()))
+            {
+                return Err(already_exists("pods", &name));
+            }
             value["metadata"]["namespace"] = Value::String((*ns).to_owned());
             let stored = shared.put_pod(value);
             Ok(json_response(StatusCode::CREATED, &stored))
+        }
+        (&Method::PUT, ["api", "v1", "namespaces", ns, "pods", name]) => {
+            replace_pod(shared, ns, name, body, fv).and_then(ok)
+        }
+        (&Method::PATCH, ["api", "v1", "namespaces", ns, "pods", name]) => {
+            patch_pod(shared, ns, name, false, req.content_type, body, fv).and_then(ok)
+        }
+        (&Method::PATCH, ["api", "v1", "namespaces", ns, "pods", name, "status"]) => {
+            patch_pod(shared, ns, name, true, req.content_type, body, fv).and_then(ok)
         }
         (&Method::DELETE, ["api", "v1", "namespaces", ns, "pods", name]) => {
             let old = shared
@@ -331,10 +405,20 @@ pub(crate) fn route(
     }
 }
 
+fn already_exists(kind: &str, name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "AlreadyExists",
+        format!("{kind} \"{name}\" already exists"),
+    )
+}
+
 /// Parses a request body as JSON and checks that it is a valid `T`.
-pub(crate) fn parse_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<Value, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
-    serde_json::from_value::<T>(value.clone()).map_err(|e| ApiError::invalid(e.to_string()))?;
+pub(crate) fn parse_object<T: serde::de::DeserializeOwned + serde::Serialize>(
+    body: &[u8],
+    field_validation: Option<&str>,
+) -> Result<Value, ApiError> {
+    let value = parse_json(body)?;
+    validate::<T>(&value, field_validation)?;
     Ok(value)
 }

@@ -28,8 +28,12 @@
 //! Every request is recorded ([`TestApiServer::requests`]) so tests can assert what a client
 //! sent. No authentication, no TLS, no admission: it trusts its clients.
 
+mod discovery;
 mod http;
 mod nodes;
+mod openapi;
+mod patch;
+mod selectors;
 mod state;
 mod watches;
 
@@ -51,6 +55,9 @@ use crate::state::{load_state, Shared, State};
 
 /// Default number of node events kept for watches that resume from an older version.
 pub const DEFAULT_HISTORY_WINDOW: usize = 1000;
+
+/// Default interval between watch bookmarks (the API server's is about a minute).
+pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(60);
 
 /// One request as the server received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +147,7 @@ impl TestApiServer {
             min_rv: 1,
             requests: Vec::new(),
             uid: 0,
+            bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
         };
         if let Some(path) = &state_file {
             load_state(&mut state, path)?;
@@ -330,6 +338,12 @@ impl TestApiServer {
             .send_modify(|g| *g = (g.0 + 1, true));
     }
 
+    /// Sets how often watches with `allowWatchBookmarks=true` get a `BOOKMARK` event (for
+    /// watches started afterwards).
+    pub fn set_bookmark_interval(&self, interval: Duration) {
+        self.lock().bookmark_interval = interval.max(Duration::from_millis(10));
+    }
+
     /// Every request received so far, oldest first.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.lock().requests.clone()
@@ -368,44 +382,9 @@ fn from_value<T: serde::de::DeserializeOwned + Default>(v: Value) -> T {
 mod tests {
     use super::*;
     use crate::http::{parse_query, percent_decode};
-    use crate::nodes::{list_nodes, merge};
+    use crate::nodes::list_nodes;
     use crate::state::str_at;
     use serde_json::json;
-
-    #[test]
-    fn strategic_merge_conditions_and_annotations() {
-        let mut node = json!({
-            "metadata": {"name": "n", "annotations": {"a": "1", "b": "2"}},
-            "status": {"conditions": [
-                {"type": "Ready", "status": "True"},
-                {"type": "NetworkUnavailable", "status": "True", "reason": "NoRouteCreated"}
-            ]}
-        });
-        let patch = json!({
-            "metadata": {"annotations": {"a": "x", "b": null, "c": "3"}},
-            "status": {"conditions": [
-                {"type": "NetworkUnavailable", "status": "False", "reason": "FlannelIsUp"},
-                {"type": "Other", "status": "True"}
-            ]}
-        });
-        merge(&mut node, &patch, true, "");
-        assert_eq!(node["metadata"]["annotations"], json!({"a": "x", "c": "3"}));
-        let conds = node["status"]["conditions"].as_array().expect("list");
-        assert_eq!(conds.len(), 3);
-        assert_eq!(conds[0]["status"], "True");
-        assert_eq!(conds[1]["status"], "False");
-        assert_eq!(conds[1]["reason"], "FlannelIsUp");
-        assert_eq!(conds[2]["type"], "Other");
-
-        let mut plain = json!({"status": {"conditions": [{"type": "Ready"}]}});
-        merge(
-            &mut plain,
-            &json!({"status": {"conditions": [{"type": "X"}]}}),
-            false,
-            "",
-        );
-        assert_eq!(plain["status"]["conditions"], json!([{"type": "X"}]));
-    }
 
     fn named(name: &str) -> Node {
         serde_json::from_value(json!({"metadata": {"name": name}})).unwrap_or_default()
@@ -430,7 +409,7 @@ mod tests {
         assert_eq!(server.resource_version(), rv);
 
         let q = |s: &str| parse_query(s);
-        let page1 = list_nodes(&server.shared, &q("limit=2"));
+        let page1 = list_nodes(&server.shared, &q("limit=2")).expect("list");
         let names = |v: &Value| -> Vec<String> {
             v["items"]
                 .as_array()
@@ -446,7 +425,8 @@ mod tests {
             .as_str()
             .expect("continue")
             .to_owned();
-        let page2 = list_nodes(&server.shared, &q(&format!("limit=2&continue={token}")));
+        let page2 =
+            list_nodes(&server.shared, &q(&format!("limit=2&continue={token}"))).expect("list");
         assert_eq!(names(&page2), ["c"]);
         assert!(page2["metadata"].get("continue").is_none());
         assert_eq!(page2["metadata"]["resourceVersion"], rv.to_string());

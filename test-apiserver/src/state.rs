@@ -5,12 +5,14 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{json, Map, Value};
 use tokio::sync::{broadcast, watch};
 
+use crate::http::ApiError;
 use crate::{RecordedRequest, ServerError};
 
 /// A node change as watchers see it.
@@ -19,6 +21,8 @@ pub(crate) struct NodeEvent {
     pub(crate) rv: u64,
     /// The serialized watch event line, newline included.
     pub(crate) line: Bytes,
+    /// The object, for watches with selectors.
+    pub(crate) object: Value,
 }
 
 #[derive(Debug)]
@@ -32,6 +36,8 @@ pub(crate) struct State {
     pub(crate) min_rv: u64,
     pub(crate) requests: Vec<RecordedRequest>,
     pub(crate) uid: u64,
+    /// How often watches that allow bookmarks get one.
+    pub(crate) bookmark_interval: Duration,
 }
 
 #[derive(Debug)]
@@ -64,6 +70,7 @@ impl Shared {
         let ev = Arc::new(NodeEvent {
             rv: st.rv,
             line: Bytes::from(line),
+            object: object.clone(),
         });
         st.history.push_back(ev.clone());
         trim_history(st);
@@ -84,8 +91,36 @@ impl Shared {
 
     /// Stores a node; `fill` sets uid and creation time when missing. Emits ADDED or
     /// MODIFIED; an unchanged object is stored without a new version or event.
-    pub(crate) fn put_node(&self, name: &str, mut value: Value, fill: bool) -> Value {
+    pub(crate) fn put_node(&self, name: &str, value: Value, fill: bool) -> Value {
         let mut st = self.lock();
+        let stored = self.put_node_locked(&mut st, name, value, fill);
+        drop(st);
+        self.save();
+        stored
+    }
+
+    /// Replaces an existing node as `PUT` and `PATCH` do: 404 when it does not exist, 409
+    /// Conflict when `expected` (a resourceVersion the client sent, or the one a patch was
+    /// computed from) is not the stored one.
+    pub(crate) fn update_node_checked(
+        &self,
+        name: &str,
+        value: Value,
+        expected: &str,
+    ) -> Result<Value, ApiError> {
+        let mut st = self.lock();
+        let current = st
+            .nodes
+            .get(name)
+            .ok_or_else(|| ApiError::not_found("nodes", name))?;
+        check_version("nodes", name, current, expected)?;
+        let stored = self.put_node_locked(&mut st, name, value, false);
+        drop(st);
+        self.save();
+        Ok(stored)
+    }
+
+    fn put_node_locked(&self, st: &mut State, name: &str, mut value: Value, fill: bool) -> Value {
         set_type_meta(&mut value, "Node");
         let old = st.nodes.get(name).cloned();
         if let (Some(old), Some(meta)) = (&old, value.get_mut("metadata")) {
@@ -102,16 +137,49 @@ impl Shared {
             }
         }
         if fill || old.is_none() {
-            fill_metadata(&mut st, &mut value, name);
+            fill_metadata(st, &mut value, name);
         }
         st.rv += 1;
         set_rv(&mut value, st.rv);
         st.nodes.insert(name.to_owned(), value.clone());
         let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
-        self.publish(&mut st, kind, &value);
+        self.publish(st, kind, &value);
+        value
+    }
+
+    /// Replaces an existing pod (see [`Shared::update_node_checked`]).
+    pub(crate) fn update_pod_checked(
+        &self,
+        ns: &str,
+        name: &str,
+        mut value: Value,
+        expected: &str,
+    ) -> Result<Value, ApiError> {
+        let mut st = self.lock();
+        let key = (ns.to_owned(), name.to_owned());
+        let current = st
+            .pods
+            .get(&key)
+            .ok_or_else(|| ApiError::not_found("pods", name))?;
+        check_version("pods", name, current, expected)?;
+        let old = current.clone();
+        set_type_meta(&mut value, "Pod");
+        if let Some(meta) = value.get_mut("metadata") {
+            for key in ["uid", "creationTimestamp", "namespace", "name"] {
+                if let Some(v) = old.pointer(&format!("/metadata/{key}")) {
+                    meta[key] = v.clone();
+                }
+            }
+        }
+        if same_object(&old, &value) {
+            return Ok(old);
+        }
+        st.rv += 1;
+        set_rv(&mut value, st.rv);
+        st.pods.insert(key, value.clone());
         drop(st);
         self.save();
-        value
+        Ok(value)
     }
 
     pub(crate) fn delete_node(&self, name: &str) -> Option<Value> {
@@ -285,4 +353,16 @@ pub(crate) fn same_object(a: &Value, b: &Value) -> bool {
         v
     };
     strip(a) == strip(b)
+}
+
+/// 409 Conflict unless `expected` is empty or the stored object's resourceVersion.
+fn check_version(kind: &str, name: &str, current: &Value, expected: &str) -> Result<(), ApiError> {
+    if expected.is_empty() || expected == str_at(current, "/metadata/resourceVersion") {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        hyper::StatusCode::CONFLICT,
+        "Conflict",
+        format!("Operation cannot be fulfilled on {kind} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"),
+    ))
 }

@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use crate::http::{status_json, ApiError, ResBody};
+use crate::nodes::selector;
 use crate::state::Shared;
 
 /// A response body fed by a channel: the watch stream.
@@ -33,6 +34,12 @@ impl Body for ChannelBody {
     }
 }
 
+/// `GET /api/v1/nodes?watch=1`: events after `resourceVersion` (or synthetic `ADDED` events
+/// for the current nodes when it is empty or `0`) that match the request's selectors, then
+/// live ones. With `allowWatchBookmarks=true`, `BOOKMARK` events carry the newest version the
+/// stream has passed, every bookmark interval and when `timeoutSeconds` ends the stream; with
+/// `sendInitialEvents=true`, a bookmark annotated `k8s.io/initial-events-end` follows the
+/// initial events (the watch-list protocol).
 pub(crate) fn watch_nodes(
     shared: &Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
@@ -43,16 +50,23 @@ pub(crate) fn watch_nodes(
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
         .map(Duration::from_secs);
+    let flag = |k: &str| q.get(k).is_some_and(|v| v == "true" || v == "1");
+    let bookmarks = flag("allowWatchBookmarks");
+    let initial_end = flag("sendInitialEvents");
+    let sel = selector(q)?;
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let mut initial: Vec<Bytes> = Vec::new();
-    let mut live = {
+    let (mut live, mut last_rv, interval) = {
         let st = shared.lock();
         if requested.is_empty() || requested == "0" {
-            for node in st.nodes.values() {
+            for node in st.nodes.values().filter(|n| sel.matches(n)) {
                 initial.push(Bytes::from(format!(
                     "{}\n",
                     json!({"type": "ADDED", "object": node})
                 )));
+            }
+            if initial_end && bookmarks {
+                initial.push(bookmark_line(st.rv, true));
             }
         } else {
             let from: u64 = requested.parse().map_err(|_| {
@@ -64,10 +78,12 @@ pub(crate) fn watch_nodes(
                 return Ok(stream_response(rx));
             }
             for ev in st.history.iter().filter(|e| e.rv > from) {
-                initial.push(ev.line.clone());
+                if sel.matches(&ev.object) {
+                    initial.push(ev.line.clone());
+                }
             }
         }
-        shared.events.subscribe()
+        (shared.events.subscribe(), st.rv, st.bookmark_interval)
     };
     let from_rv: u64 = requested.parse().unwrap_or(0);
     let mut close = shared.close_watches.subscribe();
@@ -84,9 +100,20 @@ pub(crate) fn watch_nodes(
             }
         };
         tokio::pin!(deadline);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         loop {
             tokio::select! {
-                _ = &mut deadline => return,
+                _ = &mut deadline => {
+                    if bookmarks {
+                        let _ = tx.send(bookmark_line(last_rv, false)).await;
+                    }
+                    return;
+                }
+                _ = tick.tick(), if bookmarks => {
+                    if tx.send(bookmark_line(last_rv, false)).await.is_err() {
+                        return;
+                    }
+                }
                 _ = close.changed() => {
                     let expire = close.borrow().1;
                     if expire {
@@ -100,6 +127,10 @@ pub(crate) fn watch_nodes(
                         if ev.rv <= from_rv {
                             continue;
                         }
+                        last_rv = last_rv.max(ev.rv);
+                        if !sel.matches(&ev.object) {
+                            continue;
+                        }
                         if tx.send(ev.line.clone()).await.is_err() {
                             return;
                         }
@@ -111,6 +142,20 @@ pub(crate) fn watch_nodes(
         }
     });
     Ok(stream_response(rx))
+}
+
+/// A `BOOKMARK` event: a Node carrying only a resource version (and, for the end of the
+/// initial events of a watch-list, the `k8s.io/initial-events-end` annotation).
+pub(crate) fn bookmark_line(rv: u64, initial_events_end: bool) -> Bytes {
+    let mut meta = json!({"resourceVersion": rv.to_string()});
+    if initial_events_end {
+        meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+    }
+    let object = json!({"kind": "Node", "apiVersion": "v1", "metadata": meta});
+    Bytes::from(format!(
+        "{}\n",
+        json!({"type": "BOOKMARK", "object": object})
+    ))
 }
 
 /// A watch `ERROR` event with a 410 `Status`.
