@@ -185,7 +185,7 @@ enum Cmd {
         /// stop, start or status.
         action: StoreAction,
     },
-    /// Set or remove an annotation on a node's Node object (kube runs), like `kubectl
+    /// Set or remove an annotation on a node's Node object (kube runs) with `kubectl
     /// annotate`: KEY=VALUE sets, KEY- removes.
     Annotate {
         /// Run prefix (default: the newest run).
