@@ -1,32 +1,49 @@
 //! A small Kubernetes API server for tests: the part of the core/v1 API that flanneld uses
-//! (nodes, node status, pods), on the real wire protocol, so a normal Kubernetes client talks to
-//! it over plain HTTP without knowing it is not a real server.
+//! (nodes, node status, pods), on the real wire protocol, so a normal Kubernetes client —
+//! kube-rs, or the real `kubectl` (see `tests/kubectl.rs`) — talks to it over plain HTTP without
+//! knowing it is not a real server.
 //!
 //! Served:
 //!
+//! * Discovery: `GET /version`, `/api`, `/api/v1`, `/apis`, and aggregated discovery
+//!   (`apidiscovery.k8s.io/v2`) for `/api` and `/apis` when `Accept` asks for it, as kubectl
+//!   does. OpenAPI v3 (`/openapi/v3`, `/openapi/v3/api/v1`) lists the operations and their
+//!   query parameters, so kubectl leaves field validation to the server.
 //! * `GET /api/v1/nodes` — a `NodeList` with `metadata.resourceVersion` (`limit`/`continue`
-//!   paging honoured).
+//!   paging, `labelSelector` and `fieldSelector` equality terms honoured).
 //! * `GET /api/v1/nodes?watch=1&resourceVersion=N` — a chunked stream of newline-separated
-//!   watch events `{"type":"ADDED|MODIFIED|DELETED","object":…}` for every change after `N`;
-//!   with `N` empty or `0`, synthetic `ADDED` events for the current nodes first. When `N` is
-//!   older than the retained history (see [`TestApiServer::set_history_window`],
-//!   [`TestApiServer::compact`]) the stream carries one `ERROR` event with a 410 `Status`
-//!   ("too old resource version"), as a real API server does. `timeoutSeconds` ends the stream.
+//!   watch events `{"type":"ADDED|MODIFIED|DELETED","object":…}` for every change after `N`
+//!   (selectors honoured); with `N` empty or `0`, synthetic `ADDED` events for the current
+//!   nodes first. When `N` is older than the retained history (see
+//!   [`TestApiServer::set_history_window`], [`TestApiServer::compact`]) the stream carries one
+//!   `ERROR` event with a 410 `Status` ("too old resource version"), as a real API server
+//!   does. `timeoutSeconds` ends the stream. `allowWatchBookmarks=true` adds `BOOKMARK` events
+//!   (every [`TestApiServer::set_bookmark_interval`] and at the timeout); with
+//!   `sendInitialEvents=true` the initial events end with the `k8s.io/initial-events-end`
+//!   bookmark.
 //! * `GET|PUT|DELETE|PATCH /api/v1/nodes/<name>`, `POST /api/v1/nodes`,
-//!   `GET|PATCH /api/v1/nodes/<name>/status`.
-//! * `GET|DELETE /api/v1/namespaces/<ns>/pods/<name>`, `POST /api/v1/namespaces/<ns>/pods`.
+//!   `GET|PUT|PATCH /api/v1/nodes/<name>/status`.
+//! * `GET /api/v1/pods`, `GET|POST /api/v1/namespaces/<ns>/pods`,
+//!   `GET|PUT|PATCH|DELETE /api/v1/namespaces/<ns>/pods/<name>`, `PATCH …/status`; empty
+//!   `EventList`s (for `kubectl describe`).
 //! * `PATCH` with `application/strategic-merge-patch+json` (maps merged, `null` deletes a key,
-//!   `status.conditions`/`status.addresses` merged by `type`, `spec.taints` by `key`, other
-//!   lists replaced) or `application/merge-patch+json` (RFC 7386). A `/status` patch keeps the
-//!   old `spec`, a main-resource patch keeps the old `status` (the API server's node
-//!   strategies); a patch that changes nothing neither bumps the resource version nor emits an
-//!   event.
-//! * `GET /version`, `GET /healthz`, and for harnesses `POST /_test/close-watches`,
+//!   `status.conditions`/`status.addresses` merged by `type`, `spec.taints` by `key`,
+//!   containers by `name`, `$patch: delete` honoured, other lists replaced),
+//!   `application/merge-patch+json` (RFC 7386) or `application/json-patch+json` (RFC 6902).
+//!   A `/status` write keeps the old `spec`, a main-resource write keeps the old `status` (the
+//!   API server's strategies); a write that changes nothing neither bumps the resource version
+//!   nor emits an event.
+//! * Writes carrying `metadata.resourceVersion` are preconditions: a stale one is a 409
+//!   `Conflict`. Patches without one are re-applied if the object changed meanwhile.
+//! * `fieldValidation=Strict` rejects unknown fields (400, "strict decoding error: unknown
+//!   field …") by comparing the object with its round trip through k8s-openapi's type.
+//! * `GET /healthz`, and for harnesses `POST /_test/close-watches`,
 //!   `POST /_test/expire-watches`, `POST /_test/compact`, `PUT /_test/history-window?size=N`.
 //!
-//! Errors are `Status` objects with the usual `reason` (`NotFound`, `AlreadyExists`, ...).
-//! Every request is recorded ([`TestApiServer::requests`]) so tests can assert what a client
-//! sent. No authentication, no TLS, no admission: it trusts its clients.
+//! Errors are `Status` objects with the usual `reason` (`NotFound`, `AlreadyExists`,
+//! `Conflict`, ...). Every request is recorded ([`TestApiServer::requests`]) so tests can
+//! assert what a client sent. No authentication, no TLS, no admission, no server-side apply,
+//! no `Table` output (kubectl prints NAME and AGE columns): it trusts its clients.
 
 mod discovery;
 mod http;
