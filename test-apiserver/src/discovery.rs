@@ -1,5 +1,5 @@
 //! API discovery as kubectl and client-go read it: `/version`, the legacy `/api`, `/api/v1`
-//! and `/apis` documents, and aggregated discovery (`apidiscovery.k8s.io/v2`) for `/api` and
+//! and `/apis` documents, and aggregated discovery (`apidiscovery.k8s.io/v2` or `v2beta1`) for `/api` and
 //! `/apis` when the `Accept` header asks for it.
 
 use serde_json::{json, Value};
@@ -7,9 +7,12 @@ use serde_json::{json, Value};
 /// The Kubernetes version the server claims (k8s-openapi's newest enabled API).
 pub(crate) const GIT_VERSION: &str = "v1.33.0-test-apiserver";
 
-/// The content type of an aggregated discovery response.
+/// The content types of aggregated discovery responses: v2 (Kubernetes 1.30+) and v2beta1
+/// (what kubectl 1.26–1.29 ask for).
 pub(crate) const AGGREGATED_V2: &str =
     "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+pub(crate) const AGGREGATED_V2BETA1: &str =
+    "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList";
 
 /// One served resource.
 struct Resource {
@@ -57,15 +60,34 @@ const RESOURCES: &[Resource] = &[
     },
 ];
 
-/// Whether the `Accept` header asks for aggregated discovery v2 (before plain JSON).
-pub(crate) fn wants_aggregated(accept: &str) -> bool {
-    accept.split(',').any(|media| {
+/// The aggregated discovery version (`"v2"` or `"v2beta1"`) the `Accept` header asks for
+/// first, if any.
+pub(crate) fn wants_aggregated(accept: &str) -> Option<&'static str> {
+    accept.split(',').find_map(|media| {
         let params: Vec<&str> = media.split(';').map(str::trim).collect();
-        params.first() == Some(&"application/json")
+        let aggregated = params.first() == Some(&"application/json")
             && params.contains(&"g=apidiscovery.k8s.io")
-            && params.contains(&"v=v2")
-            && params.contains(&"as=APIGroupDiscoveryList")
+            && params.contains(&"as=APIGroupDiscoveryList");
+        if !aggregated {
+            return None;
+        }
+        if params.contains(&"v=v2") {
+            Some("v2")
+        } else if params.contains(&"v=v2beta1") {
+            Some("v2beta1")
+        } else {
+            None
+        }
     })
+}
+
+/// The content type of an aggregated discovery response of `version`.
+pub(crate) fn aggregated_content_type(version: &str) -> &'static str {
+    if version == "v2beta1" {
+        AGGREGATED_V2BETA1
+    } else {
+        AGGREGATED_V2
+    }
 }
 
 pub(crate) fn version() -> Value {
@@ -108,8 +130,9 @@ pub(crate) fn core_v1_resources() -> Value {
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": list})
 }
 
-/// Aggregated `GET /api` (`core = true`: the core group) or `GET /apis` (no groups).
-pub(crate) fn aggregated(core: bool) -> Value {
+/// Aggregated `GET /api` (`core = true`: the core group) or `GET /apis` (no groups), in
+/// `version` (`v2` or `v2beta1`, which have the same shape).
+pub(crate) fn aggregated(core: bool, version: &str) -> Value {
     let items = if core {
         let resources: Vec<Value> = RESOURCES
             .iter()
@@ -137,7 +160,7 @@ pub(crate) fn aggregated(core: bool) -> Value {
         Vec::new()
     };
     json!({
-        "kind": "APIGroupDiscoveryList", "apiVersion": "apidiscovery.k8s.io/v2",
+        "kind": "APIGroupDiscoveryList", "apiVersion": format!("apidiscovery.k8s.io/{version}"),
         "metadata": {}, "items": items,
     })
 }
@@ -148,12 +171,22 @@ mod tests {
 
     #[test]
     fn accept_negotiation() {
-        assert!(wants_aggregated(
-            "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"
-        ));
-        assert!(!wants_aggregated("application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json"));
-        assert!(!wants_aggregated("application/json"));
-        let doc = aggregated(true);
+        let v2 = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+        let beta = "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList";
+        assert_eq!(
+            wants_aggregated(&format!("{v2},{beta},application/json")),
+            Some("v2")
+        );
+        assert_eq!(
+            wants_aggregated(&format!("{beta},application/json")),
+            Some("v2beta1")
+        );
+        assert_eq!(wants_aggregated("application/json"), None);
+        assert_eq!(
+            aggregated(false, "v2beta1")["apiVersion"],
+            "apidiscovery.k8s.io/v2beta1"
+        );
+        let doc = aggregated(true, "v2");
         let res = &doc["items"][0]["versions"][0]["resources"];
         assert_eq!(res[0]["resource"], "nodes");
         assert_eq!(res[0]["scope"], "Cluster");

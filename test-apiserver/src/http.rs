@@ -239,11 +239,11 @@ impl Req<'_> {
     }
 }
 
-fn aggregated_response(core: bool) -> Response<ResBody> {
-    let mut res = json_response(StatusCode::OK, &discovery::aggregated(core));
+fn aggregated_response(core: bool, version: &str) -> Response<ResBody> {
+    let mut res = json_response(StatusCode::OK, &discovery::aggregated(core, version));
     res.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(discovery::AGGREGATED_V2),
+        hyper::header::HeaderValue::from_static(discovery::aggregated_content_type(version)),
     );
     res
 }
@@ -261,14 +261,13 @@ pub(crate) fn route(
         (&Method::GET, ["healthz" | "readyz" | "livez"]) => {
             Ok(Response::new(full(Bytes::from_static(b"ok"))))
         }
-        (&Method::GET, ["api"]) if discovery::wants_aggregated(req.accept) => {
-            Ok(aggregated_response(true))
+        (&Method::GET, [root @ ("api" | "apis")]) => {
+            match discovery::wants_aggregated(req.accept) {
+                Some(version) => Ok(aggregated_response(*root == "api", version)),
+                None if *root == "api" => ok(discovery::api_versions()),
+                None => ok(discovery::api_groups()),
+            }
         }
-        (&Method::GET, ["apis"]) if discovery::wants_aggregated(req.accept) => {
-            Ok(aggregated_response(false))
-        }
-        (&Method::GET, ["api"]) => ok(discovery::api_versions()),
-        (&Method::GET, ["apis"]) => ok(discovery::api_groups()),
         (&Method::GET, ["api", "v1"]) => ok(discovery::core_v1_resources()),
         (&Method::GET, ["openapi", "v3"]) => ok(openapi::root()),
         (&Method::GET, ["openapi", "v3", "api", "v1"]) => ok(openapi::core_v1()),

@@ -8,7 +8,9 @@
 //! * Discovery: `GET /version`, `/api`, `/api/v1`, `/apis`, and aggregated discovery
 //!   (`apidiscovery.k8s.io/v2`) for `/api` and `/apis` when `Accept` asks for it, as kubectl
 //!   does. OpenAPI v3 (`/openapi/v3`, `/openapi/v3/api/v1`) lists the operations and their
-//!   query parameters, so kubectl leaves field validation to the server.
+//!   query parameters, so kubectl leaves field validation to the server. Works with kubectl
+//!   1.29 and newer (checked: 1.29–1.33, 1.37); 1.28 and older validate against the protobuf
+//!   OpenAPI v2 document, which is not served (they need `--validate=false`).
 //! * `GET /api/v1/nodes` — a `NodeList` with `metadata.resourceVersion` (`limit`/`continue`
 //!   paging, `labelSelector` and `fieldSelector` equality terms honoured).
 //! * `GET /api/v1/nodes?watch=1&resourceVersion=N` — a chunked stream of newline-separated

@@ -5,7 +5,8 @@
 //!
 //! Needs `kubectl` on PATH. Without it the tests print why and pass, unless `CI=true`, where
 //! they fail. Each test runs its own server on 127.0.0.1 and its own kubeconfig and cache
-//! directory; the whole file takes about 20 s (kubectl starts in ~0.3 s).
+//! directory; the whole file takes 10–20 s (kubectl starts in ~0.3 s). Passes with kubectl
+//! 1.29 to 1.33 and 1.37 (put another `kubectl` first on PATH to check one).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -306,7 +307,9 @@ fn create_get_describe_apply_replace_delete() {
     assert_eq!(labels["replaced"], "yes");
     assert!(labels.get("changed").is_none(), "{labels}");
 
-    assert_eq!(k.ok(&["delete", "pod", "p1"]), "pod \"p1\" deleted\n");
+    assert!(k
+        .ok(&["delete", "pod", "p1"])
+        .starts_with("pod \"p1\" deleted"));
     assert_eq!(k.ok(&["delete", "-f", &node]), "node \"n1\" deleted\n");
     let err = k.fails(&["get", "node", "n1"], None);
     assert!(
