@@ -1010,6 +1010,15 @@ fn store_healthy(ns: &str, kind: StoreKind, addr: SocketAddr) -> bool {
     }
 }
 
+/// A kubeconfig naming the API server at `addr` (plain HTTP, no credentials).
+fn kubeconfig_text(addr: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: flannel-rs\n  cluster:\n    server: http://{addr}\n\
+         contexts:\n- name: flannel-rs\n  context:\n    cluster: flannel-rs\n    user: operator\n\
+         current-context: flannel-rs\nusers:\n- name: operator\n  user: {{}}\n"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1058,13 +1067,4 @@ mod tests {
         broken["metadata"]["annotations"]["flannel.alpha.coreos.com/backend-data"] = json!("{");
         assert!(node_to_lease(&broken).is_err());
     }
-}
-
-/// A kubeconfig naming the API server at `addr` (plain HTTP, no credentials).
-fn kubeconfig_text(addr: SocketAddr) -> String {
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: flannel-rs\n  cluster:\n    server: http://{addr}\n\
-         contexts:\n- name: flannel-rs\n  context:\n    cluster: flannel-rs\n    user: operator\n\
-         current-context: flannel-rs\nusers:\n- name: operator\n  user: {{}}\n"
-    )
 }
