@@ -45,7 +45,7 @@ const RESOURCES: &[Resource] = &[
         kind: "Pod",
         namespaced: true,
         short: &["po"],
-        verbs: &["create", "delete", "get", "list", "patch", "update"],
+        verbs: RW,
         status: true,
     },
     // Served empty, for `kubectl describe`.

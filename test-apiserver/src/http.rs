@@ -22,7 +22,7 @@ use crate::nodes::{
 };
 use crate::patch::validate;
 use crate::state::{str_at, Shared};
-use crate::watches::watch_nodes;
+use crate::watches::{watch, Scope};
 use crate::RecordedRequest;
 use crate::{discovery, openapi};
 
@@ -294,7 +294,7 @@ pub(crate) fn route(
         }
         (&Method::GET, ["api", "v1", "nodes"]) => {
             if req.is_watch() {
-                watch_nodes(shared, shutdown, q)
+                watch(shared, shutdown, q, Scope::Nodes)
             } else {
                 list_nodes(shared, q).and_then(ok)
             }
@@ -330,10 +330,14 @@ pub(crate) fn route(
         (&Method::PATCH, ["api", "v1", "nodes", name, "status"]) => {
             patch_node(shared, name, true, req.content_type, body, fv).and_then(ok)
         }
-        (&Method::GET, ["api", "v1", "pods"]) if !req.is_watch() => {
-            list_pods(shared, None, q).and_then(ok)
+        (&Method::GET, ["api", "v1", "pods"]) if req.is_watch() => {
+            watch(shared, shutdown, q, Scope::Pods(None))
         }
-        (&Method::GET, ["api", "v1", "namespaces", ns, "pods"]) if !req.is_watch() => {
+        (&Method::GET, ["api", "v1", "pods"]) => list_pods(shared, None, q).and_then(ok),
+        (&Method::GET, ["api", "v1", "namespaces", ns, "pods"]) if req.is_watch() => {
+            watch(shared, shutdown, q, Scope::Pods(Some((*ns).to_owned())))
+        }
+        (&Method::GET, ["api", "v1", "namespaces", ns, "pods"]) => {
             list_pods(shared, Some(ns), q).and_then(ok)
         }
         (&Method::GET, ["api", "v1", "events"] | ["api", "v1", "namespaces", _, "events"]) => {
@@ -387,14 +391,9 @@ pub(crate) fn route(
         (&Method::PATCH, ["api", "v1", "namespaces", ns, "pods", name, "status"]) => {
             patch_pod(shared, ns, name, true, req.content_type, body, fv).and_then(ok)
         }
-        (&Method::DELETE, ["api", "v1", "namespaces", ns, "pods", name]) => {
-            let old = shared
-                .lock()
-                .pods
-                .remove(&((*ns).to_owned(), (*name).to_owned()));
-            shared.save();
-            old.map_or_else(|| Err(ApiError::not_found("pods", name)), ok)
-        }
+        (&Method::DELETE, ["api", "v1", "namespaces", ns, "pods", name]) => shared
+            .delete_pod(ns, name)
+            .map_or_else(|| Err(ApiError::not_found("pods", name)), ok),
         (_, ["api", "v1", ..]) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",

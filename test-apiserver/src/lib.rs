@@ -25,7 +25,8 @@
 //!   bookmark.
 //! * `GET|PUT|DELETE|PATCH /api/v1/nodes/<name>`, `POST /api/v1/nodes`,
 //!   `GET|PUT|PATCH /api/v1/nodes/<name>/status`.
-//! * `GET /api/v1/pods`, `GET|POST /api/v1/namespaces/<ns>/pods`,
+//! * `GET /api/v1/pods`, `GET|POST /api/v1/namespaces/<ns>/pods` (lists, and watches as for
+//!   nodes; nodes and pods share one resource version sequence and watch history),
 //!   `GET|PUT|PATCH|DELETE /api/v1/namespaces/<ns>/pods/<name>`, `PATCH …/status`; empty
 //!   `EventList`s (for `kubectl describe`).
 //! * `PATCH` with `application/strategic-merge-patch+json` (maps merged, `null` deletes a key,

@@ -177,6 +177,7 @@ impl Shared {
         st.rv += 1;
         set_rv(&mut value, st.rv);
         st.pods.insert(key, value.clone());
+        self.publish(&mut st, "MODIFIED", &value);
         drop(st);
         self.save();
         Ok(value)
@@ -205,10 +206,28 @@ impl Shared {
         fill_metadata(&mut st, &mut value, &name);
         st.rv += 1;
         set_rv(&mut value, st.rv);
+        let kind = if st.pods.contains_key(&(ns.clone(), name.clone())) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
         st.pods.insert((ns, name), value.clone());
+        self.publish(&mut st, kind, &value);
         drop(st);
         self.save();
         value
+    }
+
+    /// Deletes a pod (emits DELETED).
+    pub(crate) fn delete_pod(&self, ns: &str, name: &str) -> Option<Value> {
+        let mut st = self.lock();
+        let mut old = st.pods.remove(&(ns.to_owned(), name.to_owned()))?;
+        st.rv += 1;
+        set_rv(&mut old, st.rv);
+        self.publish(&mut st, "DELETED", &old);
+        drop(st);
+        self.save();
+        Some(old)
     }
 
     /// Writes the state file, if any (atomically: temporary file + rename).

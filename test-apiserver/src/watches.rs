@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
 use hyper::Response;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 use crate::http::{status_json, ApiError, ResBody};
@@ -34,16 +34,48 @@ impl Body for ChannelBody {
     }
 }
 
-/// `GET /api/v1/nodes?watch=1`: events after `resourceVersion` (or synthetic `ADDED` events
-/// for the current nodes when it is empty or `0`) that match the request's selectors, then
-/// live ones. With `allowWatchBookmarks=true`, `BOOKMARK` events carry the newest version the
+/// What a watch covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// `/api/v1/nodes`.
+    Nodes,
+    /// `/api/v1/pods` (`None`) or `/api/v1/namespaces/<ns>/pods`.
+    Pods(Option<String>),
+}
+
+impl Scope {
+    fn covers(&self, object: &Value) -> bool {
+        match self {
+            Scope::Nodes => object["kind"] == "Node",
+            Scope::Pods(ns) => {
+                object["kind"] == "Pod"
+                    && ns
+                        .as_deref()
+                        .is_none_or(|ns| object.pointer("/metadata/namespace") == Some(&json!(ns)))
+            }
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Scope::Nodes => "Node",
+            Scope::Pods(_) => "Pod",
+        }
+    }
+}
+
+/// `GET /api/v1/nodes?watch=1` (or pods): events after `resourceVersion` (or synthetic
+/// `ADDED` events for the current objects when it is empty or `0`) that match the request's
+/// selectors, then live ones. Nodes and pods share one history (one resource version
+/// sequence, as in etcd), so the history window counts both. With `allowWatchBookmarks=true`, `BOOKMARK` events carry the newest version the
 /// stream has passed, every bookmark interval and when `timeoutSeconds` ends the stream; with
 /// `sendInitialEvents=true`, a bookmark annotated `k8s.io/initial-events-end` follows the
 /// initial events (the watch-list protocol).
-pub(crate) fn watch_nodes(
+pub(crate) fn watch(
     shared: &Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
     q: &BTreeMap<String, String>,
+    scope: Scope,
 ) -> Result<Response<ResBody>, ApiError> {
     let requested = q.get("resourceVersion").cloned().unwrap_or_default();
     let timeout = q
@@ -59,14 +91,18 @@ pub(crate) fn watch_nodes(
     let (mut live, mut last_rv, interval) = {
         let st = shared.lock();
         if requested.is_empty() || requested == "0" {
-            for node in st.nodes.values().filter(|n| sel.matches(n)) {
+            let current: Vec<&Value> = match &scope {
+                Scope::Nodes => st.nodes.values().collect(),
+                Scope::Pods(_) => st.pods.values().filter(|p| scope.covers(p)).collect(),
+            };
+            for object in current.into_iter().filter(|o| sel.matches(o)) {
                 initial.push(Bytes::from(format!(
                     "{}\n",
-                    json!({"type": "ADDED", "object": node})
+                    json!({"type": "ADDED", "object": object})
                 )));
             }
             if initial_end && bookmarks {
-                initial.push(bookmark_line(st.rv, true));
+                initial.push(bookmark_line(scope.kind(), st.rv, true));
             }
         } else {
             let from: u64 = requested.parse().map_err(|_| {
@@ -78,7 +114,7 @@ pub(crate) fn watch_nodes(
                 return Ok(stream_response(rx));
             }
             for ev in st.history.iter().filter(|e| e.rv > from) {
-                if sel.matches(&ev.object) {
+                if scope.covers(&ev.object) && sel.matches(&ev.object) {
                     initial.push(ev.line.clone());
                 }
             }
@@ -86,6 +122,7 @@ pub(crate) fn watch_nodes(
         (shared.events.subscribe(), st.rv, st.bookmark_interval)
     };
     let from_rv: u64 = requested.parse().unwrap_or(0);
+    let kind = scope.kind();
     let mut close = shared.close_watches.subscribe();
     tokio::spawn(async move {
         for line in initial {
@@ -105,12 +142,12 @@ pub(crate) fn watch_nodes(
             tokio::select! {
                 _ = &mut deadline => {
                     if bookmarks {
-                        let _ = tx.send(bookmark_line(last_rv, false)).await;
+                        let _ = tx.send(bookmark_line(kind, last_rv, false)).await;
                     }
                     return;
                 }
                 _ = tick.tick(), if bookmarks => {
-                    if tx.send(bookmark_line(last_rv, false)).await.is_err() {
+                    if tx.send(bookmark_line(kind, last_rv, false)).await.is_err() {
                         return;
                     }
                 }
@@ -128,7 +165,7 @@ pub(crate) fn watch_nodes(
                             continue;
                         }
                         last_rv = last_rv.max(ev.rv);
-                        if !sel.matches(&ev.object) {
+                        if !scope.covers(&ev.object) || !sel.matches(&ev.object) {
                             continue;
                         }
                         if tx.send(ev.line.clone()).await.is_err() {
@@ -144,14 +181,14 @@ pub(crate) fn watch_nodes(
     Ok(stream_response(rx))
 }
 
-/// A `BOOKMARK` event: a Node carrying only a resource version (and, for the end of the
-/// initial events of a watch-list, the `k8s.io/initial-events-end` annotation).
-pub(crate) fn bookmark_line(rv: u64, initial_events_end: bool) -> Bytes {
+/// A `BOOKMARK` event: an object of `kind` carrying only a resource version (and, for the end
+/// of the initial events of a watch-list, the `k8s.io/initial-events-end` annotation).
+pub(crate) fn bookmark_line(kind: &str, rv: u64, initial_events_end: bool) -> Bytes {
     let mut meta = json!({"resourceVersion": rv.to_string()});
     if initial_events_end {
         meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
     }
-    let object = json!({"kind": "Node", "apiVersion": "v1", "metadata": meta});
+    let object = json!({"kind": kind, "apiVersion": "v1", "metadata": meta});
     Bytes::from(format!(
         "{}\n",
         json!({"type": "BOOKMARK", "object": object})

@@ -447,6 +447,67 @@ fn annotate_label_and_patch_types() {
     );
 }
 
+/// A running `kubectl get <what> -w --output-watch-events`, its lines read on a thread.
+struct Watching {
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Watching {
+    fn start(k: &Kube, what: &str) -> Watching {
+        let mut child = k
+            .command(&[
+                "get",
+                what,
+                "-w",
+                "--output-watch-events",
+                "-o",
+                "custom-columns=EVENT:.type,NAME:.object.metadata.name,ZONE:.object.metadata.labels.zone",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kubectl get -w");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Watching {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (10 s at most) for a line `EVENT NAME ZONE`.
+    fn wait_for(&mut self, want: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let words = |l: &String| l.split_whitespace().collect::<Vec<_>>().join(" ");
+            if self.seen.iter().any(|l| words(l) == want) {
+                return true;
+            }
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                self.seen.push(line);
+            }
+        }
+        false
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn get_watch_follows_changes() {
     if !have_kubectl("get_watch_follows_changes") {
@@ -454,57 +515,37 @@ fn get_watch_follows_changes() {
     }
     let k = Kube::new("watch");
     k.ok(&["create", "-f", &k.file("node.yaml", NODE)]);
-    let mut child = k
-        .command(&[
-            "get",
-            "nodes",
-            "-w",
-            "--output-watch-events",
-            "-o",
-            "custom-columns=EVENT:.type,NAME:.object.metadata.name,ZONE:.object.metadata.labels.zone",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("kubectl get -w");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let mut seen: Vec<String> = Vec::new();
-    let mut wait_for = |want: &str| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if seen
-                .iter()
-                .any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") == want)
-            {
-                return true;
-            }
-            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-                seen.push(line);
-            }
-        }
-        false
-    };
-    assert!(wait_for("ADDED n1 <none>"), "initial list");
+    let mut w = Watching::start(&k, "nodes");
+    assert!(w.wait_for("ADDED n1 <none>"), "initial list: {:?}", w.seen);
     k.ok(&["label", "node", "n1", "zone=a"]);
-    assert!(wait_for("MODIFIED n1 a"));
-    k.ok(&[
-        "create",
-        "-f",
-        &k.file("n2.yaml", &NODE.replace("n1", "n2")),
-    ]);
-    assert!(wait_for("ADDED n2 <none>"));
+    assert!(w.wait_for("MODIFIED n1 a"), "{:?}", w.seen);
+    let n2 = k.file("n2.yaml", &NODE.replace("n1", "n2"));
+    k.ok(&["create", "-f", &n2]);
+    assert!(w.wait_for("ADDED n2 <none>"), "{:?}", w.seen);
     k.ok(&["delete", "node", "n2"]);
-    assert!(wait_for("DELETED n2 <none>"));
-    let _ = child.kill();
-    let _ = child.wait();
+    assert!(w.wait_for("DELETED n2 <none>"), "{:?}", w.seen);
+
+    // Pods of the default namespace: a pod elsewhere is not seen.
+    let mut pods = Watching::start(&k, "pods");
+    k.ok_in(&["apply", "-f", "-"], Some(POD));
+    assert!(pods.wait_for("ADDED p1 <none>"), "{:?}", pods.seen);
+    k.ok(&["label", "pod", "p1", "zone=b"]);
+    assert!(pods.wait_for("MODIFIED p1 b"), "{:?}", pods.seen);
+    k.ok_in(
+        &["apply", "-n", "other", "-f", "-"],
+        Some(&POD.replace("p1", "p2")),
+    );
+    k.ok(&["delete", "pod", "p1"]);
+    assert!(pods.wait_for("DELETED p1 b"), "{:?}", pods.seen);
+    assert!(
+        !pods.seen.iter().any(|l| l.contains("p2")),
+        "{:?}",
+        pods.seen
+    );
+    assert_eq!(
+        k.ok(&["get", "pods", "-n", "other", "-o", "name"]),
+        "pod/p2\n"
+    );
 }
 
 #[test]
