@@ -563,34 +563,20 @@ fn watch_bookmarks_selectors_and_expiry() {
             .map(|l| serde_json::from_str(l).expect("event"))
             .collect()
     };
-    // Changes during a 1 s watch, selected by name: n1's change, not n2's, then bookmarks
-    // carrying the newest version (n2's), the last one as the watch times out.
-    let server_url = k.server.url();
+    // Changes during a 3 s watch, selected by name: n1's change, not n2's, then bookmarks
+    // carrying the newest version, the last one as the watch times out.
+    let mut label = k.command(&["label", "node", "n1", "zone=a"]);
     let changer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
-        let run = |args: &[&str]| {
-            Command::new("kubectl")
-                .args(args)
-                .args(["--server", &server_url, "--kubeconfig=/dev/null"])
-                .output()
-                .expect("kubectl")
-        };
-        run(&["label", "node", "n1", "zone=a"]);
-        run(&[
-            "label",
-            "node",
-            "n1",
-            "zone=b",
-            "--overwrite",
-            "--dry-run=client",
-        ]);
+        label.output().expect("kubectl label")
     });
     k.server
         .add_node(serde_json::from_value(json!({"metadata": {"name": "n2"}})).expect("node"));
     let evs = events(&format!(
-        "/api/v1/nodes?watch=1&allowWatchBookmarks=true&timeoutSeconds=1&fieldSelector=metadata.name%3Dn1&resourceVersion={start}"
+        "/api/v1/nodes?watch=1&allowWatchBookmarks=true&timeoutSeconds=3&fieldSelector=metadata.name%3Dn1&resourceVersion={start}"
     ));
-    changer.join().expect("changer");
+    let labelled = changer.join().expect("changer");
+    assert!(labelled.status.success(), "{labelled:?}");
     let kinds: Vec<&str> = evs.iter().filter_map(|e| e["type"].as_str()).collect();
     assert_eq!(
         kinds.iter().filter(|t| **t == "MODIFIED").count(),
