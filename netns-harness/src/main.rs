@@ -185,7 +185,17 @@ enum Cmd {
         /// stop, start or status.
         action: StoreAction,
     },
-    /// Set or remove an annotation on a node's Node object (kube runs), like `kubectl
+    /// Run kubectl against the run's API server (kube runs), inside the control-plane
+    /// namespace: `netns-harness kubectl -- get nodes -o wide`.
+    Kubectl {
+        /// Run prefix (default: the newest run).
+        #[arg(long)]
+        run: Option<String>,
+        /// kubectl's arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set or remove an annotation on a node's Node object (kube runs) with `kubectl
     /// annotate`: KEY=VALUE sets, KEY- removes.
     Annotate {
         /// Run prefix (default: the newest run).
@@ -661,6 +671,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
             }
             println!("node/{node} annotated");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Kubectl { run, args } => {
+            let c = Cluster::load(&cli.base_dir, run.as_deref())?;
+            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+            print!("{}", c.kubectl(&argv)?);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Restart { run, node } => {

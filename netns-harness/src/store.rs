@@ -6,7 +6,8 @@
 //!   flannel's JSON values, each attached to a 24 h etcd lease (`flanneld --etcd-endpoints`);
 //! * [`StoreKind::Kube`]: the in-repo `test-apiserver` in `<p>-cp`; the harness plays
 //!   kube-controller-manager (a Node per node with `spec.podCIDR` before its flanneld starts) and
-//!   `kubectl annotate`; leases are the nodes' flannel annotations (`flanneld
+//!   the operator, whose actions (creating, annotating, deleting Nodes) run the real `kubectl`
+//!   in the namespace ([`Cluster::kubectl`]); leases are the nodes' flannel annotations (`flanneld
 //!   --kube-subnet-mgr --kube-api-url ... --net-config-path <rundir>/net-conf.json`, env
 //!   `NODE_NAME`).
 //!
@@ -55,6 +56,8 @@ pub const ANNOTATION_PREFIX: &str = "flannel.alpha.coreos.com/";
 const START_LIMIT: Duration = Duration::from_secs(30);
 /// Limit for one request to the store.
 const REQUEST_LIMIT: Duration = Duration::from_secs(10);
+/// Limit for one kubectl command.
+const KUBECTL_LIMIT: Duration = Duration::from_secs(30);
 
 /// Which lease store the nodes of a run share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -679,7 +682,51 @@ impl Cluster {
             .unwrap_or_default())
     }
 
-    /// Creates a Node with its pod CIDR (what kube-controller-manager's node IPAM does).
+    /// Runs `kubectl ARGS` as an operator would, against the run's API server (the
+    /// maintenance instance while the store is stopped): inside the control-plane namespace,
+    /// with a kubeconfig in the run directory naming the server and `HOME` there too (kubectl's
+    /// discovery cache; never the host's `~/.kube`). Returns stdout; fails with kubectl's
+    /// stderr.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        let cp = self
+            .control_plane()
+            .filter(|cp| cp.kind == StoreKind::Kube)
+            .ok_or_else(|| anyhow!("kubectl needs a kube run (this is {})", self.state.store))?;
+        let addr = cp.access()?;
+        let home = cp.dir.join("kubectl");
+        std::fs::create_dir_all(&home).with_context(|| format!("mkdir {}", home.display()))?;
+        // One file per address, written once: concurrent callers never see a partial file.
+        let kubeconfig = home.join(format!("kubeconfig-{}", addr.port()));
+        if !kubeconfig.exists() {
+            let tmp = home.join(format!(
+                "kubeconfig-{}.{}.tmp",
+                addr.port(),
+                std::process::id()
+            ));
+            std::fs::write(&tmp, kubeconfig_text(addr))
+                .and_then(|()| std::fs::rename(&tmp, &kubeconfig))
+                .with_context(|| format!("write {}", kubeconfig.display()))?;
+        }
+        let mut argv = vec!["kubectl"];
+        argv.extend_from_slice(args);
+        let mut c = cmd::ns_command(&cp.ns, &argv);
+        c.env("KUBECONFIG", &kubeconfig).env("HOME", &home);
+        let out = cmd::run_ok(&mut c, KUBECTL_LIMIT)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs an operator's kubectl command line exactly as written, e.g. the fix that `flanneld
+    /// doctor` prints: split on whitespace (no shell, no quoting); it must start with `kubectl`.
+    pub fn kubectl_line(&self, line: &str) -> Result<String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.split_first() {
+            Some((&"kubectl", rest)) => self.kubectl(rest),
+            _ => bail!("not a kubectl command: {line:?}"),
+        }
+    }
+
+    /// Creates a Node with its pod CIDR (what kube-controller-manager's node IPAM does), with
+    /// `kubectl create`.
     pub fn kube_create_node(&self, name: &str, pod_cidr: &Cidr, address: Ipv4Addr) -> Result<()> {
         let cidr = pod_cidr.trunc().to_string();
         let body = json!({
@@ -692,36 +739,30 @@ impl Cluster {
                 {"type": "Hostname", "address": name},
             ]},
         });
-        self.kube_call(
-            "POST",
-            "/api/v1/nodes",
-            Some("application/json"),
-            body.to_string().as_bytes(),
-        )
-        .map(|_| ())
+        let cp = self
+            .control_plane()
+            .ok_or_else(|| anyhow!("the {} store has no server", self.state.store))?;
+        let file = cp.dir.join(format!("node-{name}.json"));
+        std::fs::write(&file, body.to_string())
+            .with_context(|| format!("write {}", file.display()))?;
+        let path = file.display().to_string();
+        self.kubectl(&["create", "-f", &path]).map(|_| ())
     }
 
-    /// Sets (`Some`) or removes (`None`) an annotation on a Node, as `kubectl annotate` does
-    /// (merge patch of the node).
+    /// Sets (`Some`) or removes (`None`) an annotation on a Node with `kubectl annotate`.
     pub fn kube_annotate(&self, node: &str, key: &str, value: Option<&str>) -> Result<()> {
-        let body = json!({"metadata": {"annotations": {key: value}}});
-        self.kube_call(
-            "PATCH",
-            &format!("/api/v1/nodes/{node}"),
-            Some("application/merge-patch+json"),
-            body.to_string().as_bytes(),
-        )
-        .map(|_| ())
+        let arg = match value {
+            Some(v) => format!("{key}={v}"),
+            None => format!("{key}-"),
+        };
+        self.kubectl(&["annotate", "--overwrite", "node", node, &arg])
+            .map(|_| ())
     }
 
-    /// Deletes a Node object (missing is fine).
+    /// Deletes a Node object with `kubectl delete` (missing is fine).
     pub fn kube_delete_node(&self, name: &str) -> Result<()> {
-        let resp = self.store_request("DELETE", &format!("/api/v1/nodes/{name}"), None, b"")?;
-        if resp.ok() || resp.status == 404 {
-            Ok(())
-        } else {
-            bail!("DELETE node {name}: HTTP {}: {}", resp.status, resp.text())
-        }
+        self.kubectl(&["delete", "node", name, "--ignore-not-found"])
+            .map(|_| ())
     }
 
     /// Every lease in the run's store, in flannel's shapes, sorted by subnet; unusable entries
@@ -967,6 +1008,15 @@ fn store_healthy(ns: &str, kind: StoreKind, addr: SocketAddr) -> bool {
         Ok(r) => r.ok(),
         Err(_) => false,
     }
+}
+
+/// A kubeconfig naming the API server at `addr` (plain HTTP, no credentials).
+fn kubeconfig_text(addr: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: flannel-rs\n  cluster:\n    server: http://{addr}\n\
+         contexts:\n- name: flannel-rs\n  context:\n    cluster: flannel-rs\n    user: operator\n\
+         current-context: flannel-rs\nusers:\n- name: operator\n  user: {{}}\n"
+    )
 }
 
 #[cfg(test)]
