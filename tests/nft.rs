@@ -67,7 +67,11 @@ fn iptables_flannel_lines(c: &Cluster, node: &str) -> Vec<String> {
 
 /// Counter of the probe rule `which` (0 = from the node's address, 1 = from Network).
 fn probe_counts(c: &Cluster, node: &str) -> (u64, u64) {
-    let text = sh(c, node, &["nft", "list", "chain", "ip", "nftprobe", "input"]);
+    let text = sh(
+        c,
+        node,
+        &["nft", "list", "chain", "ip", "nftprobe", "input"],
+    );
     let counts: Vec<u64> = text
         .lines()
         .filter_map(|l| {
@@ -78,6 +82,29 @@ fn probe_counts(c: &Cluster, node: &str) -> (u64, u64) {
         .collect();
     assert_eq!(counts.len(), 2, "{text}");
     (counts[0], counts[1])
+}
+
+/// `flanneld doctor` with `node`'s daemon flags in its namespace: (exit code, report).
+fn doctor(c: &Cluster, node: &str) -> (i32, String) {
+    let argv = c.doctor_command(node).expect("doctor command");
+    let args: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = c
+        .exec_timeout(node, &args, Duration::from_secs(60))
+        .expect("run doctor");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("--- doctor on {node}:\n{report}");
+    (out.status.code().unwrap_or(-1), report)
+}
+
+/// The report line of check `id`.
+fn line<'a>(report: &'a str, id: &str) -> &'a str {
+    report
+        .lines()
+        .find(|l| {
+            l.get(5..)
+                .is_some_and(|r| r.starts_with(&format!("{id}: ")))
+        })
+        .unwrap_or_else(|| panic!("no {id} line:\n{report}"))
 }
 
 #[test]
@@ -112,9 +139,7 @@ fn nftables_mode_tables_masquerade_repair_and_mode_switch() {
         &["nft", "list", "chain", "ip", "flannel-ipv4", "postrtg"],
     );
     assert!(post.starts_with("table ip flannel-ipv4 {\n\tchain postrtg {\n"));
-    assert!(post.contains(&format!(
-        "\t\tip saddr != {p1} ip daddr {NETWORK} return\n"
-    )));
+    assert!(post.contains(&format!("\t\tip saddr != {p1} ip daddr {NETWORK} return\n")));
     // No iptables rules of flannel in nftables mode.
     assert_eq!(iptables_flannel_lines(&c, "n1"), Vec::<String>::new());
 
@@ -122,8 +147,14 @@ fn nftables_mode_tables_masquerade_repair_and_mode_switch() {
     let n2_ip = c.node_ip("n2").expect("n2 ip").to_string();
     let n1_ip = c.node_ip("n1").expect("n1 ip").to_string();
     let guard1 = listing(&c, "n1", "ip", "flannel-rs-guard");
-    assert!(guard1.contains(&format!("elements = {{ {n2_ip} }}")), "{guard1}");
-    assert!(guard1.contains("udp dport 8472 ip saddr != @peers drop"), "{guard1}");
+    assert!(
+        guard1.contains(&format!("elements = {{ {n2_ip} }}")),
+        "{guard1}"
+    );
+    assert!(
+        guard1.contains("udp dport 8472 ip saddr != @peers drop"),
+        "{guard1}"
+    );
     assert!(guard1.contains(&format!("udp dport 8472 ip saddr {NETWORK} drop")));
     let guard2 = listing(&c, "n2", "ip", "flannel-rs-guard");
     assert!(!guard2.contains("@peers"), "{guard2}");
@@ -149,19 +180,85 @@ fn nftables_mode_tables_masquerade_repair_and_mode_switch() {
             ),
         ],
     );
-    let (ok, out) = run(&c, "n1p1", &["ping", "-c", "3", "-i", "0.2", "-W", "1", &n2_ip]);
-    assert!(ok, "pod n1p1 cannot reach node n2 outside the overlay: {out}");
+    let (ok, out) = run(
+        &c,
+        "n1p1",
+        &["ping", "-c", "3", "-i", "0.2", "-W", "1", &n2_ip],
+    );
+    assert!(
+        ok,
+        "pod n1p1 cannot reach node n2 outside the overlay: {out}"
+    );
     let (from_node, from_pods) = probe_counts(&c, "n2");
     assert!(
         from_node >= 3 && from_pods == 0,
         "n2 saw {from_node} echo requests from n1's address and {from_pods} from pod addresses"
     );
 
-    // 4. The periodic check (--iptables-resync=1) repairs a deleted rule and a deleted peer.
+    // 4. doctor reads nftables: flannel's masquerade and guard tables pass; a host firewall
+    //    table rejecting forwarded traffic fails forward-reject (flannel's accept in its own
+    //    table does not help), firewalld's table is a host-firewall warning.
+    let (code, report) = doctor(&c, "n1");
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        line(&report, "masquerade").starts_with(&format!(
+            "PASS masquerade: flannel's masquerade rules for {NETWORK} (subnet {p1}) are in nftables chain ip flannel-ipv4 postrtg"
+        )),
+        "{report}"
+    );
+    assert!(line(&report, "vxlan-guard").starts_with("PASS vxlan-guard: VXLAN to UDP 8472 is accepted only from the 1 peers' public IPs (nftables set)"));
+    assert!(
+        line(&report, "forward-reject").starts_with("PASS "),
+        "{report}"
+    );
+    assert!(
+        line(&report, "host-firewall").starts_with("PASS "),
+        "{report}"
+    );
+    sh(
+        &c,
+        "n1",
+        &[
+            "nft",
+            "add table inet hostfw { chain forward { type filter hook forward priority filter; policy accept; \
+             ct state established,related accept; counter reject with icmpx admin-prohibited; }; }",
+        ],
+    );
+    sh(&c, "n1", &["nft", "add table inet firewalld"]);
+    let (code, report) = doctor(&c, "n1");
+    assert_eq!(code, 1, "{report}");
+    let fr = line(&report, "forward-reject");
+    assert!(
+        fr.starts_with("FAIL forward-reject: nftables chain inet hostfw forward: \"counter packets ")
+            && fr.ends_with(&format!("reject with icmpx admin-prohibited\" drops pod traffic in {NETWORK} (a drop in any nftables forward chain is final, whatever flannel accepts)")),
+        "{report}"
+    );
+    assert!(line(&report, "host-firewall")
+        .starts_with("WARN host-firewall: nftables table inet firewalld"));
+    // And the pods on n1 lose their cross-node traffic indeed.
+    assert!(!ping_ok(
+        &c,
+        "n1p1",
+        &c.pod_ip("n2p1").expect("ip").to_string()
+    ));
+    sh(&c, "n1", &["nft", "delete table inet hostfw"]);
+    sh(&c, "n1", &["nft", "delete table inet firewalld"]);
+    let (code, report) = doctor(&c, "n1");
+    assert_eq!(code, 0, "{report}");
+
+    // 5. The periodic check (--iptables-resync=1) repairs a deleted rule and a deleted peer.
     let handles = sh(
         &c,
         "n1",
-        &["nft", "-a", "list", "chain", "ip", "flannel-ipv4", "postrtg"],
+        &[
+            "nft",
+            "-a",
+            "list",
+            "chain",
+            "ip",
+            "flannel-ipv4",
+            "postrtg",
+        ],
     );
     let handle = handles
         .lines()
@@ -173,7 +270,14 @@ fn nftables_mode_tables_masquerade_repair_and_mode_switch() {
         &c,
         "n1",
         &[
-            "nft", "delete", "rule", "ip", "flannel-ipv4", "postrtg", "handle", &handle,
+            "nft",
+            "delete",
+            "rule",
+            "ip",
+            "flannel-ipv4",
+            "postrtg",
+            "handle",
+            &handle,
         ],
     );
     assert_ne!(listing(&c, "n1", "ip", "flannel-ipv4"), want_v4);
@@ -203,7 +307,7 @@ fn nftables_mode_tables_masquerade_repair_and_mode_switch() {
     let log = std::fs::read_to_string(c.flanneld_log("n1")).expect("log");
     assert!(log.contains("Some nftables rules are missing"), "{log}");
 
-    // 5. Switching n1 to iptables mode removes the tables; switching back removes the chains.
+    // 6. Switching n1 to iptables mode removes the tables; switching back removes the chains.
     let config = c.lease_dir().config_path();
     c.stop_flanneld("n1").expect("stop");
     std::fs::write(&config, net_conf(false)).expect("config");
@@ -221,6 +325,10 @@ fn nftables_mode_tables_masquerade_repair_and_mode_switch() {
         iptables_flannel_lines(&c, "n1"),
         sh(&c, "n1", &["nft", "list", "tables"])
     );
+    let (code, report) = doctor(&c, "n1");
+    assert_eq!(code, 0, "{report}");
+    assert!(line(&report, "masquerade").ends_with("are in iptables nat FLANNEL-POSTRTG"));
+    assert!(line(&report, "vxlan-guard").starts_with("PASS "));
     c.stop_flanneld("n1").expect("stop");
     std::fs::write(&config, net_conf(true)).expect("config");
     c.start_flanneld("n1").expect("start in nftables mode");

@@ -10,8 +10,8 @@ pub mod compat;
 pub mod extif;
 pub mod http;
 pub mod metrics;
-pub mod notify;
 mod nftfw;
+pub mod notify;
 mod plane;
 pub mod probe;
 

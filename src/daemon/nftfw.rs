@@ -137,7 +137,9 @@ pub(super) async fn cleanup_other_mode(nftables_mode: bool) {
             info!("Cleaning-up nftables rules...");
             match Nft::detect() {
                 Ok(nft) => match nft.cleanup() {
-                    Ok(gone) if !gone.is_empty() => info!(tables = ?gone, "removed nftables tables"),
+                    Ok(gone) if !gone.is_empty() => {
+                        info!(tables = ?gone, "removed nftables tables")
+                    }
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "could not clean up nftables tables"),
                 },

@@ -284,7 +284,7 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
     } else {
         checks::vxlan_guard(rules_ref, network, port, kernel, peer_ips.as_deref())
     });
-    findings.push(nft::masquerade(
+    findings.extend(nft::masquerade(
         flags.ip_masq,
         nftables,
         network,

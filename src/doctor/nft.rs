@@ -252,7 +252,8 @@ fn classify(rule: &str, network: Ipv4Net) -> Option<(Reach, Verdict)> {
     let mut reach = Reach::All;
     let mut j = 0;
     while j < matches.len() {
-        let (Some("ip"), Some("saddr" | "daddr")) = (matches.get(j).copied(), matches.get(j + 1).copied())
+        let (Some("ip"), Some("saddr" | "daddr")) =
+            (matches.get(j).copied(), matches.get(j + 1).copied())
         else {
             return None;
         };
@@ -380,6 +381,11 @@ pub fn forward_reject_with_nft(
             ids::FORWARD_REJECT,
             format!("no nftables forward chain drops pod traffic in {network} (iptables not listed: {})", ipt.message),
         ),
+        None if ipt.status == Status::Pass => {
+            let mut f = ipt;
+            f.message.push_str("; no nftables forward chain drops it");
+            f
+        }
         _ => ipt,
     }
 }
@@ -441,6 +447,7 @@ fn expected_nft_masq(network: Ipv4Net, subnet: Ipv4Net) -> Vec<String> {
 /// `masquerade`: with `--ip-masq`, flannel's masquerade rules for `network` and this node's
 /// `subnet` are in place: chain `postrtg` of table `ip flannel-ipv4` (nftables mode, from
 /// `ruleset`) or `FLANNEL-POSTRTG` and its jump in table nat (`nat`: `iptables -t nat -S`).
+/// `None` without `--ip-masq` (flanneld then installs none: nothing to check).
 pub fn masquerade(
     ip_masq: bool,
     nftables: bool,
@@ -448,15 +455,18 @@ pub fn masquerade(
     subnet: Option<Ipv4Net>,
     ruleset: Result<&NftRuleset, &str>,
     nat: Result<&str, &str>,
+) -> Option<Finding> {
+    ip_masq.then(|| masquerade_rules(nftables, network, subnet, ruleset, nat))
+}
+
+fn masquerade_rules(
+    nftables: bool,
+    network: Option<Ipv4Net>,
+    subnet: Option<Ipv4Net>,
+    ruleset: Result<&NftRuleset, &str>,
+    nat: Result<&str, &str>,
 ) -> Finding {
     let id = ids::MASQUERADE;
-    if !ip_masq {
-        return Finding::new(
-            Status::Skip,
-            id,
-            "--ip-masq not given: flanneld installs no masquerade rules",
-        );
-    }
     let (Some(network), Some(subnet)) = (network, subnet) else {
         return Finding::new(
             Status::Skip,
@@ -468,13 +478,16 @@ pub fn masquerade(
     let missing: Vec<String> = if nftables {
         let rs = match ruleset {
             Ok(rs) => rs,
-            Err(e) => {
-                return Finding::new(Status::Skip, id, format!("cannot list nftables: {e}"))
-            }
+            Err(e) => return Finding::new(Status::Skip, id, format!("cannot list nftables: {e}")),
         };
         let have: Vec<String> = rs
             .chain("ip", NFT_V4_TABLE, NFT_POSTRTG_CHAIN)
-            .map(|c| c.rules.iter().map(|r| r.replace(" fully-random", "")).collect())
+            .map(|c| {
+                c.rules
+                    .iter()
+                    .map(|r| r.replace(" fully-random", ""))
+                    .collect()
+            })
             .unwrap_or_default();
         expected_nft_masq(network, subnet)
             .into_iter()
@@ -779,13 +792,18 @@ table ip flannel-rs-guard {
         );
         let f = forward_reject_with_nft(ipt.clone(), Some(&rs), Some(net()));
         assert_eq!(f.status, Status::Fail);
-        assert!(f.message.contains("inet firewalld filter_FORWARD"), "{}", f.message);
-        assert!(f.fixes[1].contains("nft insert rule inet firewalld filter_FORWARD ip daddr 10.244.0.0/16 accept"));
-        let clean = parse_ruleset(RULESET);
-        assert_eq!(
-            forward_reject_with_nft(ipt.clone(), Some(&clean), Some(net())),
-            ipt
+        assert!(
+            f.message.contains("inet firewalld filter_FORWARD"),
+            "{}",
+            f.message
         );
+        assert!(f.fixes[1].contains(
+            "nft insert rule inet firewalld filter_FORWARD ip daddr 10.244.0.0/16 accept"
+        ));
+        let clean = parse_ruleset(RULESET);
+        let f = forward_reject_with_nft(ipt.clone(), Some(&clean), Some(net()));
+        assert_eq!(f.status, Status::Pass);
+        assert_eq!(f.message, "ok; no nftables forward chain drops it");
         let hf = host_firewall_with_nft(
             Finding::new(Status::Pass, ids::HOST_FIREWALL, "none"),
             Some(&rs),
@@ -799,22 +817,26 @@ table ip flannel-rs-guard {
     fn masquerade_in_both_modes() {
         let rs = parse_ruleset(RULESET);
         let sub: Ipv4Net = "10.244.1.0/24".parse().unwrap();
-        let f = masquerade(true, true, Some(net()), Some(sub), Ok(&rs), Err("x"));
+        let f = masquerade(true, true, Some(net()), Some(sub), Ok(&rs), Err("x")).unwrap();
         assert_eq!(f.status, Status::Pass, "{}", f.message);
         let other: Ipv4Net = "10.244.2.0/24".parse().unwrap();
-        let f = masquerade(true, true, Some(net()), Some(other), Ok(&rs), Err("x"));
+        let f = masquerade(true, true, Some(net()), Some(other), Ok(&rs), Err("x")).unwrap();
         assert_eq!(f.status, Status::Fail);
-        assert!(f.message.contains("ip saddr 10.244.2.0/24 ip daddr 10.244.0.0/16 return"));
-        let f = masquerade(false, true, Some(net()), Some(sub), Ok(&rs), Err("x"));
-        assert_eq!(f.status, Status::Skip);
+        assert!(f
+            .message
+            .contains("ip saddr 10.244.2.0/24 ip daddr 10.244.0.0/16 return"));
+        assert_eq!(
+            masquerade(false, true, Some(net()), Some(sub), Ok(&rs), Err("x")),
+            None
+        );
         let nat: String = crate::masq::masq_rules(net().into(), sub.into(), true)
             .iter()
             .map(crate::masq::Rule::render)
             .collect::<Vec<_>>()
             .join("\n");
-        let f = masquerade(true, false, Some(net()), Some(sub), Err("x"), Ok(&nat));
+        let f = masquerade(true, false, Some(net()), Some(sub), Err("x"), Ok(&nat)).unwrap();
         assert_eq!(f.status, Status::Pass, "{}", f.message);
-        let f = masquerade(true, false, Some(net()), Some(sub), Err("x"), Ok(""));
+        let f = masquerade(true, false, Some(net()), Some(sub), Err("x"), Ok("")).unwrap();
         assert_eq!(f.status, Status::Fail);
     }
 

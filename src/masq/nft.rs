@@ -248,7 +248,9 @@ impl Nft {
     }
 
     fn table_exists(&self, family: &str, name: &str) -> Result<bool, MasqError> {
-        let out = self.runner.run("nft", &["list".into(), "tables".into()], None)?;
+        let out = self
+            .runner
+            .run("nft", &["list".into(), "tables".into()], None)?;
         let want = format!("table {family} {name}");
         Ok(out.lines().any(|l| l.trim() == want))
     }
@@ -484,7 +486,10 @@ mod tests {
             allow_list: true,
         };
         let s = guard_table_script(&g);
-        assert!(s.contains("\t\telements = { 198.18.0.2, 198.18.0.3 }\n"), "{s}");
+        assert!(
+            s.contains("\t\telements = { 198.18.0.2, 198.18.0.3 }\n"),
+            "{s}"
+        );
         assert!(s.contains("\t\tudp dport 8472 ip saddr 10.244.0.0/16 drop\n"));
         assert!(s.contains("\t\tudp dport 8472 ip saddr != @peers drop\n"));
         let none = guard_table_script(&VxlanGuard {
@@ -524,6 +529,9 @@ mod tests {
              COMMIT\n"
         );
         let clean = ["-P FORWARD ACCEPT".to_owned()];
-        assert_eq!(iptables_cleanup_payload(Table::Filter, &chains, &clean), None);
+        assert_eq!(
+            iptables_cleanup_payload(Table::Filter, &chains, &clean),
+            None
+        );
     }
 }
