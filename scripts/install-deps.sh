@@ -12,6 +12,8 @@ check etcd etcd-server
 check etcdctl etcd-client
 check iptables iptables
 check iptables-restore iptables
+# EnableNFTables mode (flanneld runs `nft -f -`) and tests/nft.rs.
+check nft nftables
 check ping iputils-ping
 check ethtool ethtool
 check tshark tshark

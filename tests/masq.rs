@@ -262,3 +262,86 @@ fn rules_land_in_the_backend_that_holds_the_hosts_rules() {
         }
     }
 }
+
+/// nftables mode (`masq::Nft`, real `nft`): a table is replaced whole (rules of a previous
+/// subnet gone), an unchanged table is left alone, one changed by hand is rewritten, the
+/// `fully-random` probe creates nothing; then each mode's clean-up removes the other's rules
+/// (iptables chains with their jumps, nftables tables).
+#[test]
+fn nft_tables_replaced_whole_repaired_and_cleaned_up() {
+    use flannel_rs::masq::{flannel_table_script, Nft, NftRules};
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new("nft");
+    let rules = |subnet: &str| NftRules {
+        family: IpFamily::V4,
+        masq: Some((
+            "10.42.0.0/16".parse().unwrap(),
+            subnet.parse().unwrap(),
+            false,
+        )),
+        forward: Some("10.42.0.0/16".parse().unwrap()),
+    };
+    let (old, new) = (
+        flannel_table_script(&rules("10.42.9.0/24")),
+        flannel_table_script(&rules("10.42.1.0/24")),
+    );
+    let applied = ns.run(move || {
+        let nft = Nft::detect().expect("nft");
+        assert!(nft.supports_random_fully());
+        let mut v = vec![nft.ensure_table("ip", "flannel-ipv4", &old).expect("old")];
+        v.push(nft.ensure_table("ip", "flannel-ipv4", &new).expect("new"));
+        v.push(nft.ensure_table("ip", "flannel-ipv4", &new).expect("again"));
+        v
+    });
+    assert_eq!(applied, [true, true, false]);
+    let table = ns.exec_line("nft list table ip flannel-ipv4");
+    assert!(!table.contains("10.42.9.0/24"), "{table}");
+    assert!(
+        table.contains("\t\tip saddr != 10.42.1.0/24 ip daddr 10.42.0.0/16 return\n"),
+        "{table}"
+    );
+    // The probe was a dry run.
+    assert!(!table.contains("masqueradeTest"), "{table}");
+    assert_eq!(table.matches("\tchain ").count(), 2, "{table}");
+
+    // A rule deleted by hand: the next check rewrites the table.
+    ns.exec_line("nft flush chain ip flannel-ipv4 forward");
+    let new2 = flannel_table_script(&rules("10.42.1.0/24"));
+    let repaired = ns.run(move || {
+        let nft = Nft::detect().expect("nft");
+        // A fresh applier has no record of what it wrote: it writes once.
+        let first = nft
+            .ensure_table("ip", "flannel-ipv4", &new2)
+            .expect("ensure");
+        let second = nft
+            .ensure_table("ip", "flannel-ipv4", &new2)
+            .expect("ensure");
+        (first, second)
+    });
+    assert_eq!(repaired, (true, false));
+    assert_eq!(ns.exec_line("nft list table ip flannel-ipv4"), table);
+
+    // Clean-up of iptables mode removes flannel's chains and jumps; of nftables mode, tables.
+    let cfg = MasqConfig {
+        network: "10.42.0.0/16".parse().unwrap(),
+        subnet: "10.42.1.0/24".parse().unwrap(),
+        random_fully: None,
+    };
+    let (removed, gone) = ns.run(move || {
+        let ipt = Iptables::detect(IpFamily::V4).expect("iptables");
+        ipt.setup_masq(&cfg, None).expect("masq");
+        ipt.setup_forward(cfg.network).expect("forward");
+        let removed = ipt.cleanup_flannel_chains().expect("cleanup");
+        let gone = Nft::detect().expect("nft").cleanup().expect("nft cleanup");
+        (removed, gone)
+    });
+    assert!(removed);
+    assert_eq!(gone, ["ip flannel-ipv4"]);
+    for table in ["nat", "filter"] {
+        let text = ns.exec(&["iptables", "-t", table, "-S"]);
+        assert!(!text.contains("FLANNEL"), "{table}: {text}");
+    }
+    assert!(!ns.exec_line("nft list tables").contains("flannel"));
+}

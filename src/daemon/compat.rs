@@ -18,13 +18,6 @@ pub struct Decision {
 /// Decides about every upstream setting flannel-rs does not implement.
 pub fn check(flags: &Flags, net: &NetConfig, env: &dyn Fn(&str) -> Option<String>) -> Decision {
     let mut d = Decision::default();
-    if net.enable_nftables {
-        d.refused.push(
-            "EnableNFTables: true is not implemented by flannel-rs yet (it would install iptables rules instead): \
-             set \"EnableNFTables\": false in net-conf.json to use flannel's iptables rules, or keep upstream flannel on nftables nodes"
-                .into(),
-        );
-    }
     if let Ok(BackendConfig::Vxlan(vx)) = net.backend() {
         if vx.gbp && flags.dataplane == Dataplane::Userspace {
             d.refused.push(
@@ -108,16 +101,10 @@ mod tests {
     }
 
     #[test]
-    fn nftables_is_refused_with_what_to_do() {
+    fn nftables_mode_is_accepted() {
         let n =
             net(r#"{"Network":"10.244.0.0/16","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#);
-        let d = check(&Flags::default(), &n, &no_env);
-        assert_eq!(d.refused.len(), 1, "{d:?}");
-        assert!(d.refused[0].contains("EnableNFTables"));
-        assert!(d.refused[0].contains("\"EnableNFTables\": false"));
-        let off =
-            net(r#"{"Network":"10.244.0.0/16","EnableNFTables":false,"Backend":{"Type":"vxlan"}}"#);
-        assert!(check(&Flags::default(), &off, &no_env).refused.is_empty());
+        assert_eq!(check(&Flags::default(), &n, &no_env), Decision::default());
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod compat;
 pub mod extif;
 pub mod http;
 pub mod metrics;
+mod nftfw;
 pub mod notify;
 mod plane;
 pub mod probe;
@@ -228,10 +229,19 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
         info!(?interval, "probing peers");
         tokio::spawn(probe::run(interval, ctx, peers_rx, metrics.clone()))
     });
-    let firewall = plane::Firewall::new(&flags, network, subnet, previous_env);
+    let nftables = net.enable_nftables;
+    let firewall = if nftables {
+        plane::Firewall::nftables(nftfw::NftFirewall::new(&flags, network, subnet))
+    } else {
+        plane::Firewall::new(&flags, network, subnet, previous_env)
+    };
     let fw_period = Duration::from_secs(u64::from(flags.iptables_resync.max(1)));
     let (first_round, installed) = tokio::sync::oneshot::channel();
-    let firewall_task = tokio::spawn(firewall.run(fw_period, Some(first_round)));
+    // As flannel (v0.27+): the other mode's rules are removed before ours are installed.
+    let firewall_task = tokio::spawn(async move {
+        nftfw::cleanup_other_mode(nftables).await;
+        firewall.run(fw_period, Some(first_round)).await
+    });
     // As flannel, rules are in place before subnet.env says the node is ready; but a stuck
     // iptables delays neither SIGTERM nor, after its timeout, start-up.
     tokio::select! {
@@ -243,7 +253,7 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     }
     // The VXLAN guard chains follow the peers in their own task (a stuck iptables cannot
     // hold lease handling or SIGTERM).
-    let guard_task = plane::VxlanGuardRules::new(&flags, &backend, network)
+    let guard_task = plane::VxlanGuardRules::new(&flags, &backend, network, nftables)
         .map(|guard| tokio::spawn(guard.run(peers_tx.subscribe(), fw_period)));
 
     // --ip-blackhole-route: kept in place every --iptables-resync seconds, like flannel, in

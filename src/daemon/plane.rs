@@ -19,7 +19,7 @@ use crate::config::flags::{Dataplane, Flags};
 use crate::config::netconf::BackendConfig;
 use crate::dataplane::LocalVtep;
 use crate::io::tun::TunOpenError;
-use crate::masq::{ensure_async, Iptables, MasqConfig, Rule, VxlanGuard};
+use crate::masq::{ensure_async, GuardApplier, Iptables, MasqConfig, Nft, Rule, VxlanGuard};
 use crate::netlink::{IpFamily, Netlink};
 use crate::netlink::{Route, RouteScope};
 use crate::wire::MacAddr;
@@ -565,6 +565,8 @@ pub(super) struct Firewall {
     ipt: Option<Arc<Iptables>>,
     rules: Arc<Vec<Rule>>,
     pending: Option<Arc<Setup>>,
+    /// nftables mode: flannel's tables instead of the iptables rules.
+    nft: Option<super::nftfw::NftFirewall>,
 }
 
 #[derive(Debug)]
@@ -609,6 +611,17 @@ impl Firewall {
                 masq,
                 forward: flags.iptables_forward_rules.then_some(IpNet::V4(network)),
             })),
+            nft: None,
+        }
+    }
+
+    /// flannel's nftables tables (`EnableNFTables`) instead of the iptables rules.
+    pub(super) fn nftables(nft: super::nftfw::NftFirewall) -> Firewall {
+        Firewall {
+            ipt: None,
+            rules: Arc::new(Vec::new()),
+            pending: None,
+            nft: Some(nft),
         }
     }
 
@@ -651,6 +664,9 @@ impl Firewall {
 
     /// Installs the rules the first time, then re-checks them.
     async fn ensure(&mut self) -> Result<(), String> {
+        if let Some(nft) = &mut self.nft {
+            return nft.ensure().await;
+        }
         let Some(ipt) = self.ipt.clone() else {
             return Ok(());
         };
@@ -696,7 +712,7 @@ impl Firewall {
 /// after every peer-set change (as the data plane), and re-checked with flannel's rules.
 #[derive(Debug)]
 pub(super) struct VxlanGuardRules {
-    ipt: Option<Arc<Iptables>>,
+    ipt: Option<GuardApplier>,
     port: u16,
     network: IpNet,
     allow_list: bool,
@@ -713,15 +729,27 @@ impl VxlanGuardRules {
         flags: &Flags,
         backend: &BackendConfig,
         network: Ipv4Net,
+        nftables: bool,
     ) -> Option<VxlanGuardRules> {
         let BackendConfig::Vxlan(vx) = backend else {
             return None;
         };
-        let ipt = match Iptables::detect(IpFamily::V4) {
-            Ok(i) => Some(Arc::new(i)),
-            Err(e) => {
-                warn!(error = %e, "iptables unavailable; VXLAN guard rules not installed");
-                None
+        // In nftables mode the guard is a table of ours (`masq::nft`), not iptables chains.
+        let ipt = if nftables {
+            match Nft::detect() {
+                Ok(n) => Some(GuardApplier::Nft(Arc::new(n))),
+                Err(e) => {
+                    warn!(error = %e, "nft unavailable; VXLAN guard rules not installed");
+                    None
+                }
+            }
+        } else {
+            match Iptables::detect(IpFamily::V4) {
+                Ok(i) => Some(GuardApplier::Iptables(Arc::new(i))),
+                Err(e) => {
+                    warn!(error = %e, "iptables unavailable; VXLAN guard rules not installed");
+                    None
+                }
             }
         };
         Some(VxlanGuardRules {

@@ -73,6 +73,22 @@ pub fn filter_rules() -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// `iptables -t nat -S` (the backend the daemon would pick).
+pub fn nat_rules() -> Result<String, String> {
+    let ipt = Iptables::detect(IpFamily::V4).map_err(|e| e.to_string())?;
+    ipt.list(Table::Nat)
+        .map(|lines| lines.join("\n"))
+        .map_err(|e| e.to_string())
+}
+
+/// `nft list ruleset`; an error when nft is not installed.
+pub fn nft_ruleset() -> Result<String, String> {
+    use crate::masq::{Runner, SystemRunner};
+    SystemRunner
+        .run("nft", &["list".to_owned(), "ruleset".to_owned()], None)
+        .map_err(|e| e.to_string())
+}
+
 /// The overlay device `name` over netlink, plus its tx checksum offload if it is a kernel
 /// vxlan device.
 pub async fn device(name: &str, vni: u32) -> Result<DeviceFacts, String> {

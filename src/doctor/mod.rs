@@ -6,7 +6,7 @@
 //! Run it in the node's network namespace with the daemon's flags and environment: it opens
 //! the same store the daemon does, reads the same subnet.env, and probes every peer's VTEP
 //! with the daemon's prober ([`crate::io::icmp`]). Facts are gathered in [`gather`],
-//! decided by the pure functions of [`checks`] and [`iptables`], printed by [`report`].
+//! decided by the pure functions of [`checks`], [`iptables`] and [`nft`], printed by [`report`].
 //!
 //! When the store cannot be read, every local check still runs and is printed; the store
 //! checks are SKIPped, and the exit code is 2 with the store error on stderr.
@@ -15,6 +15,7 @@ pub mod checks;
 pub mod gather;
 pub mod host;
 pub mod iptables;
+pub mod nft;
 pub mod report;
 
 use std::net::Ipv4Addr;
@@ -156,6 +157,8 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
     let ip_forward = gather::ip_forward();
     let procs = gather::processes();
     let rules = gather::filter_rules();
+    let nat = gather::nat_rules();
+    let ruleset = gather::nft_ruleset().map(|t| nft::parse_ruleset(&t));
     let env = SubnetEnv::read(&flags.subnet_file);
     let env_subnet = env.as_ref().map(|e| e.subnet).map_err(|e| e.to_string());
     let env_network = env.as_ref().ok().and_then(|e| e.network);
@@ -210,8 +213,17 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
         }
     }
     let rules_ref = rules.as_deref().map_err(String::as_str);
-    findings.push(checks::forward_reject(rules_ref, network));
-    findings.push(checks::host_firewall_check(rules_ref, &procs, network));
+    let nft_rules = ruleset.as_ref().ok();
+    findings.push(nft::forward_reject_with_nft(
+        checks::forward_reject(rules_ref, network),
+        nft_rules,
+        network,
+    ));
+    findings.push(nft::host_firewall_with_nft(
+        checks::host_firewall_check(rules_ref, &procs, network),
+        nft_rules,
+        network,
+    ));
     findings.extend(checks::security_software(&procs));
     findings.extend(host_checks(flags, net.as_ref(), &backend).await);
 
@@ -264,12 +276,21 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
         BackendConfig::Vxlan(vx) => Some(vx.vxlan_port()),
         _ => None,
     };
-    findings.push(checks::vxlan_guard(
-        rules_ref,
+    let nftables = net.as_ref().is_some_and(|n| n.enable_nftables);
+    let kernel = flags.dataplane == crate::config::flags::Dataplane::Kernel;
+    let ruleset_ref = ruleset.as_ref().map_err(String::as_str);
+    findings.push(if nftables {
+        nft::vxlan_guard_nft(ruleset_ref, network, port, kernel, peer_ips.as_deref())
+    } else {
+        checks::vxlan_guard(rules_ref, network, port, kernel, peer_ips.as_deref())
+    });
+    findings.extend(nft::masquerade(
+        flags.ip_masq,
+        nftables,
         network,
-        port,
-        flags.dataplane == crate::config::flags::Dataplane::Kernel,
-        peer_ips.as_deref(),
+        env_subnet.as_ref().ok().copied().flatten(),
+        ruleset_ref,
+        nat.as_deref().map_err(String::as_str),
     ));
     let leases = match &store {
         Ok(v) => Ok(v.leases.as_slice()),

@@ -65,6 +65,8 @@ pub mod ids {
     pub const VXLAN_PORT: &str = "vxlan-port";
     /// Overlay-MTU packets (plus the backend's overhead) cross the underlay to each peer.
     pub const MTU: &str = "mtu";
+    /// With `--ip-masq`: flannel's masquerade rules in place (iptables or nftables mode).
+    pub const MASQUERADE: &str = "masquerade";
 }
 
 /// One line of the report.

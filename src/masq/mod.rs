@@ -4,7 +4,7 @@
 //! The rule lists and the `iptables-restore --noflush` payloads are pure functions
 //! ([`masq_rules`], [`forward_rules`], [`render_restore`]); [`Iptables`] applies them with
 //! the `iptables`/`ip6tables` binaries, checks them for the periodic resync and removes the
-//! rules of a previous lease.
+//! rules of a previous lease. [`Nft`] is the nftables mode (`EnableNFTables`, module `nft`).
 //!
 //! Daemon use, per enabled family (the iptables binaries are run synchronously, so call
 //! these from `tokio::task::spawn_blocking`, or use [`ensure_async`]):
@@ -29,6 +29,7 @@
 pub mod backend_choice;
 mod guard;
 mod iptables;
+mod nft;
 
 use std::fmt;
 
@@ -39,6 +40,11 @@ pub use guard::{
     VXLAN_FWD_CHAIN, VXLAN_IN_CHAIN,
 };
 pub use iptables::{ensure_async, Iptables, MasqError, Runner, SystemRunner};
+pub use nft::{
+    flannel_table_script, guard_table_script, iptables_cleanup_payload, nft_family, nft_table,
+    random_fully_probe_script, GuardApplier, Nft, NftRules, NFT_FORWARD_CHAIN, NFT_GUARD_TABLE,
+    NFT_POSTRTG_CHAIN, NFT_V4_TABLE, NFT_V6_TABLE,
+};
 
 use crate::netlink::IpFamily;
 
