@@ -22,6 +22,11 @@ check protoc protobuf-compiler
 check pgrep procps
 # tests/etcd_store.rs makes its TLS test certificates with the openssl CLI.
 check openssl openssl
+# The harness makes pods with the real CNI plugins (bridge, host-local, portmap, loopback),
+# from Debian's package, in /usr/lib/cni.
+for p in bridge host-local portmap loopback; do
+  [ -x "/usr/lib/cni/$p" ] || need+=(containernetworking-plugins)
+done
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -117,9 +117,7 @@ pub fn system_plugin_dir() -> PathBuf {
 pub fn manifest_path() -> PathBuf {
     std::env::var_os("NETNS_HARNESS_MANIFEST")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kube-flannel.yml")
-        })
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kube-flannel.yml"))
 }
 
 /// The text of the `cni-conf.json` block scalar (`cni-conf.json: |`) of the manifest's
@@ -340,7 +338,10 @@ pub fn plugin_config(
         .as_object()
         .cloned()
         .ok_or_else(|| anyhow!("a plugin entry is not an object"))?;
-    c.insert("name".into(), list.get("name").cloned().unwrap_or(Value::Null));
+    c.insert(
+        "name".into(),
+        list.get("name").cloned().unwrap_or(Value::Null),
+    );
     c.insert(
         "cniVersion".into(),
         list.get("cniVersion").cloned().unwrap_or(Value::Null),
@@ -526,13 +527,7 @@ impl Cluster {
         let conflist = manifest_conflist()?;
         let tmp = base.with_extension("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
-        let tl = [
-            "bin",
-            "net.d",
-            "flannel",
-            "ipam",
-            "results",
-        ];
+        let tl = ["bin", "net.d", "flannel", "ipam", "results"];
         for d in tl {
             std::fs::create_dir_all(tmp.join(d))?;
         }
@@ -831,7 +826,11 @@ pub fn flannel_plugin_main() -> ExitCode {
     }
     let version = serde_json::from_slice::<Value>(&input)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(String::from))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
         .unwrap_or_else(|| "0.3.1".into());
     let res = match command.as_str() {
         "VERSION" => {
@@ -976,7 +975,10 @@ mod tests {
     #[test]
     fn manifest_block_stops_at_the_next_key() {
         let yaml = "data:\n  cni-conf.json: |\n    {\n      \"a\": 1\n\n    }\n  net-conf.json: |\n    {}\n";
-        assert_eq!(cni_conf_from_manifest(yaml).unwrap(), "{\n  \"a\": 1\n\n}\n");
+        assert_eq!(
+            cni_conf_from_manifest(yaml).unwrap(),
+            "{\n  \"a\": 1\n\n}\n"
+        );
         assert!(cni_conf_from_manifest("data:\n  x: |\n    {}\n").is_err());
         assert!(cni_conf_from_manifest("data:\n  cni-conf.json: |\n    {nope\n").is_err());
     }
@@ -1064,7 +1066,8 @@ mod tests {
     #[test]
     fn chain_configs_carry_prev_result_and_port_mappings() {
         let list: Value = serde_json::from_str(&manifest_conflist().unwrap()).unwrap();
-        let prev = json!({"cniVersion": "0.3.1", "ips": [{"version": "4", "address": "10.244.3.2/24"}]});
+        let prev =
+            json!({"cniVersion": "0.3.1", "ips": [{"version": "4", "address": "10.244.3.2/24"}]});
         let ports = [PortMapping::tcp(8080, 7002)];
         let c = plugin_config(&list, &list["plugins"][1], Some(&prev), &ports).unwrap();
         assert_eq!(c["type"], "portmap");

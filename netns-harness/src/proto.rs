@@ -124,8 +124,8 @@ fn whoami_loop(listener: TcpListener, deadline: Instant) {
 
 /// Connects to a whoami port and returns the address the server saw this connection from.
 pub fn probe_whoami(addr: SocketAddr, timeout: Duration) -> Result<std::net::IpAddr> {
-    let conn = TcpStream::connect_timeout(&addr, timeout)
-        .with_context(|| format!("connect {addr}"))?;
+    let conn =
+        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
     conn.set_read_timeout(Some(timeout))?;
     let mut buf = Vec::new();
     conn.take(64).read_to_end(&mut buf)?;
