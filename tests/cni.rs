@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use netns::*;
 use netns_harness::lease::SubnetEnv;
-use netns_harness::{privileged_test_guard, Cluster, Level, NodeKind, PortMapping};
+use netns_harness::{privileged_test_guard, Cluster, Level, NodeKind, PodSetup, PortMapping};
 
 /// The hostPort the tests map to the responders' whoami port.
 const HOST_PORT: u16 = 30080;
@@ -308,4 +308,19 @@ fn doctor_names_what_is_missing_from_the_real_cni_layout() {
     let r = doctor(&c);
     assert!(r.report.has(Level::Pass, "cni-config"), "{}", r.stdout);
     println!("took {:?}", t0.elapsed());
+}
+
+#[test]
+fn hand_wired_pods_remain_an_option() {
+    if !privileged_test_guard("hand_wired_pods_remain_an_option") {
+        return;
+    }
+    let _g = serial();
+    let mut s = spec(&[NodeKind::KernelRef, NodeKind::KernelRef], 1);
+    s.pod_setup = PodSetup::Hand;
+    let c = Cluster::up(&s).expect("up");
+    let m = c.check_until_pass(Duration::from_secs(10));
+    assert!(m.all_pass(), "{m}");
+    assert!(c.pods().iter().all(|(_, p)| p.container_id.is_none()));
+    assert!(!c.node_dir("n1").join("cni").exists());
 }
