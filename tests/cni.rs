@@ -100,6 +100,12 @@ fn cni_pods_get_overlay_mtu_and_hostports_keep_flannels_source_addresses() {
             "{pod}: MTU is not FLANNEL_MTU {}: {link}",
             env.mtu
         );
+        let overlay = sh(&c, node, &["ip", "-o", "link", "show", "flannel.1"]);
+        assert!(
+            overlay.contains(&format!(" mtu {} ", env.mtu)),
+            "{node}: overlay device MTU is not {}: {overlay}",
+            env.mtu
+        );
         let bridge = sh(&c, node, &["ip", "-o", "addr", "show", "cni0"]);
         assert!(bridge.contains(&env.subnet.to_string()), "{bridge}");
         let gw = env.subnet.addr.to_string();
