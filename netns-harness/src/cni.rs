@@ -801,7 +801,7 @@ impl Cluster {
 // ---------------------------------------------------------------------------------------
 // The flannel meta-plugin (this binary, invoked as `flannel` from a node's CNI bin dir).
 
-/// True when this process was started as the `flannel` CNI plugin (argv[0]'s file name).
+/// True when this process was started as the `flannel` CNI plugin (the file name of `argv[0]`).
 pub fn invoked_as_flannel_plugin() -> bool {
     std::env::args_os()
         .next()
