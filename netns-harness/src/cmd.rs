@@ -43,17 +43,39 @@ fn reader<R: Read + Send + 'static>(mut r: R) -> mpsc::Receiver<Vec<u8>> {
 /// start, runs longer than `timeout` (the child is killed), or a stop signal arrives.
 /// A non-zero exit status is *not* an error here; see [`run_ok`].
 pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Output> {
-    run_inner(cmd, timeout, true)
+    run_inner(cmd, timeout, true, None)
 }
 
-fn run_inner(cmd: &mut Command, timeout: Duration, interruptible: bool) -> Result<Output> {
+/// [`run`] with `input` written to the command's stdin (from a helper thread, so a command
+/// that writes before it reads cannot block on a full pipe), e.g. a CNI plugin's config.
+pub fn run_input(cmd: &mut Command, input: Vec<u8>, timeout: Duration) -> Result<Output> {
+    run_inner(cmd, timeout, true, Some(input))
+}
+
+fn run_inner(
+    cmd: &mut Command,
+    timeout: Duration,
+    interruptible: bool,
+    input: Option<Vec<u8>>,
+) -> Result<Output> {
     let line = display(cmd);
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start `{line}`"))?;
+    if let (Some(mut stdin), Some(input)) = (child.stdin.take(), input) {
+        std::thread::spawn(move || {
+            use std::io::Write;
+            // Dropping stdin afterwards closes the pipe: the command sees EOF.
+            let _ = stdin.write_all(&input);
+        });
+    }
     let out_rx = child.stdout.take().map(reader);
     let err_rx = child.stderr.take().map(reader);
     let deadline = Instant::now() + timeout;
@@ -89,7 +111,7 @@ fn run_inner(cmd: &mut Command, timeout: Duration, interruptible: bool) -> Resul
 
 /// Like [`run`] but ignores stop signals: used by teardown, which must finish.
 pub fn run_uninterruptible(cmd: &mut Command, timeout: Duration) -> Result<Output> {
-    run_inner(cmd, timeout, false)
+    run_inner(cmd, timeout, false, None)
 }
 
 /// Like [`run`], and a non-zero exit status is an error carrying the command line and stderr.

@@ -311,9 +311,6 @@ impl fmt::Display for DoctorRun {
 /// The plugins flannel's CNI config chain calls.
 pub const CNI_PLUGINS: [&str; 4] = ["flannel", "bridge", "portmap", "host-local"];
 
-/// kube-flannel.yml's `cni-conf.json`, installed as `10-flannel.conflist`.
-pub const FLANNEL_CONFLIST: &str = r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":[{"type":"flannel","delegate":{"hairpinMode":true,"isDefaultGateway":true}},{"type":"portmap","capabilities":{"portMappings":true}}]}"#;
-
 /// How long one doctor run may take (peer probes included).
 pub const DOCTOR_LIMIT: Duration = Duration::from_secs(60);
 
@@ -332,25 +329,13 @@ impl Cluster {
         Ok(v)
     }
 
-    /// The node's CNI plugin and config directories as doctor sees them: created in the run
-    /// directory the first time (the plugins flannel's chain calls, as stub executables, and
-    /// kube-flannel.yml's conflist), never the host's `/opt/cni/bin` or `/etc/cni/net.d`
-    /// (node namespaces share the host's filesystem). Tests break them to exercise doctor.
+    /// The node's CNI plugin and config directories as doctor sees them: the node's real CNI
+    /// layout in the run directory ([`Cluster::cni_layout`]: the system plugins, `flannel` =
+    /// this harness as flannel's meta-plugin, kube-flannel.yml's conflist), never the host's
+    /// `/opt/cni/bin` or `/etc/cni/net.d`. Tests break them to exercise doctor.
     pub fn cni_dirs(&self, node: &str) -> Result<(PathBuf, PathBuf)> {
-        use std::os::unix::fs::PermissionsExt;
-        let base = self.node_dir(node).join("cni");
-        let (bin, conf) = (base.join("bin"), base.join("net.d"));
-        if !base.exists() {
-            std::fs::create_dir_all(&bin)?;
-            std::fs::create_dir_all(&conf)?;
-            for plugin in CNI_PLUGINS {
-                let p = bin.join(plugin);
-                std::fs::write(&p, "#!/bin/sh\nexit 0\n")?;
-                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
-            }
-            std::fs::write(conf.join("10-flannel.conflist"), FLANNEL_CONFLIST)?;
-        }
-        Ok((bin, conf))
+        let l = self.cni_layout(node)?;
+        Ok((l.bin_dir, l.conf_dir))
     }
 
     /// Runs `flanneld doctor` inside a flanneld node's namespace and parses its output.

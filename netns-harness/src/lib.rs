@@ -5,9 +5,10 @@
 //! * `p-n<i>`: node `i` with `eth0` = 198.18.0.`i`/24 on that bridge, `ip_forward=1`, and either
 //!   our `flanneld` (kinds `userspace`, `kernel`) or the harness programming the kernel exactly
 //!   like upstream flannel (`kernel-ref`);
-//! * `p-n<i>p<j>`: pod `j` of node `i`, wired like the flannel CNI plugin + bridge plugin from
-//!   the node's `subnet.env` (`cni0` bridge, `10.244.X.(j+1)`, default route via `10.244.X.1`),
-//!   with TCP/UDP/DNS responders;
+//! * `p-n<i>p<j>`: pod `j` of node `i`, made by the real CNI plugins from kube-flannel.yml's
+//!   conflist and the node's `subnet.env` ([`cni`]: flannel → `bridge` + `host-local`, then
+//!   `portmap`; `cni0` bridge, address from host-local, default route via `10.244.X.1`), or
+//!   wired by hand like them ([`PodSetup::Hand`]), with TCP/UDP/DNS responders;
 //! * `p-cp` (etcd and kube runs, see [`store`]): the control plane, etcd or the test
 //!   Kubernetes API server, on the underlay bridge at 198.18.0.254;
 //! * two-site runs (`ClusterSpec::sites`, field problem P1): each site's nodes on a private
@@ -39,6 +40,7 @@ pub mod capture;
 pub mod check;
 pub mod cluster;
 pub mod cmd;
+pub mod cni;
 pub mod doctor;
 pub mod http;
 pub mod kernel_ref;
@@ -57,6 +59,7 @@ pub use cluster::{
     list_runs, teardown_by_prefix, Cluster, ClusterSpec, NodeKind, NodeSpec, NodeState, PodState,
     RunState, DEFAULT_BASE_DIR,
 };
+pub use cni::{PodSetup, PortMapping};
 pub use doctor::{DoctorCheck, DoctorReport, DoctorRun, Level};
 pub use lease::{LeaseDir, NetConf, SubnetEnv};
 pub use net::Cidr;

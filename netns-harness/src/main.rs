@@ -69,6 +69,10 @@ struct BuildArgs {
     /// test-apiserver binary (default: next to this executable).
     #[arg(long)]
     apiserver: Option<PathBuf>,
+    /// How pods are made: cni (the real CNI plugins from kube-flannel.yml's conflist) or
+    /// hand (the harness's own ip commands).
+    #[arg(long, default_value = "cni")]
+    pod_setup: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -256,6 +260,13 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         bytes: usize,
     },
+    /// Prints the source address a responder's whoami port (7002) saw this connection from.
+    #[command(hide = true)]
+    Whoami {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -384,6 +395,7 @@ fn spec_from(b: &BuildArgs, default_kinds: &str) -> Result<ClusterSpec> {
     spec.store = b.store.parse::<StoreKind>()?;
     spec.etcd_bin = b.etcd.clone();
     spec.apiserver_bin = b.apiserver.clone();
+    spec.pod_setup = b.pod_setup.parse()?;
     if let Some(sites) = &b.sites {
         spec.sites = sites
             .split(',')
@@ -701,6 +713,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 tcp_port: *tcp_port,
                 udp_port: *udp_port,
                 dns_port: *dns_port,
+                whoami_port: proto::WHOAMI_PORT,
                 lifetime: Duration::from_secs(*lifetime_secs),
             })?;
             Ok(ExitCode::SUCCESS)
@@ -718,6 +731,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ProbeArg::Dns => proto::probe_dns(*addr, t),
             }?;
             println!("ok {:.3} ms", rtt.as_secs_f64() * 1e3);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Whoami { addr, timeout_ms } => {
+            let t = Duration::from_millis((*timeout_ms).min(5000));
+            println!("{}", proto::probe_whoami(*addr, t)?);
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -869,6 +887,10 @@ fn capture_cmd(cli: &Cli, action: &CaptureCmd) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // In a node's CNI bin dir, `flannel` is a symlink to this binary: flannel's meta-plugin.
+    if netns_harness::cni::invoked_as_flannel_plugin() {
+        return netns_harness::cni::flannel_plugin_main();
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

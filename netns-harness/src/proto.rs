@@ -1,7 +1,8 @@
 //! The responders (`netns-harness serve`, one per pod) and the probe clients
-//! (`netns-harness probe tcp|udp|dns <ip:port>`): TCP echo, UDP echo, and a minimal DNS server
+//! (`netns-harness probe tcp|udp|dns <ip:port>`): TCP echo, UDP echo, a minimal DNS server
 //! that answers `kubernetes.default` with an A record, like the CoreDNS check of field
-//! problem P3.
+//! problem P3, and a TCP port that tells a client the source address it arrived from
+//! (`netns-harness whoami <ip:port>`: what NAT did on the way).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -17,6 +18,8 @@ pub const TCP_PORT: u16 = 7000;
 pub const UDP_PORT: u16 = 7001;
 /// DNS port of the responders.
 pub const DNS_PORT: u16 = 53;
+/// TCP port of the responders that answers with the client's address as seen by the pod.
+pub const WHOAMI_PORT: u16 = 7002;
 /// The name the DNS probe asks for.
 pub const DNS_NAME: &str = "kubernetes.default";
 /// The A record the responder returns (the conventional kubernetes Service IP).
@@ -36,6 +39,8 @@ pub struct ServeOpts {
     pub udp_port: u16,
     /// DNS port.
     pub dns_port: u16,
+    /// Source-address port ([`WHOAMI_PORT`]).
+    pub whoami_port: u16,
     /// The responder exits on its own after this long (a safety net if teardown never runs).
     pub lifetime: Duration,
 }
@@ -46,6 +51,7 @@ impl Default for ServeOpts {
             tcp_port: TCP_PORT,
             udp_port: UDP_PORT,
             dns_port: DNS_PORT,
+            whoami_port: WHOAMI_PORT,
             lifetime: Duration::from_secs(6 * 3600),
         }
     }
@@ -57,6 +63,7 @@ pub fn serve(opts: &ServeOpts) -> Result<()> {
     let tcp = TcpListener::bind((any, opts.tcp_port)).context("bind tcp")?;
     let udp = UdpSocket::bind((any, opts.udp_port)).context("bind udp")?;
     let dns = UdpSocket::bind((any, opts.dns_port)).context("bind dns")?;
+    let whoami = TcpListener::bind((any, opts.whoami_port)).context("bind whoami")?;
     let deadline = Instant::now() + opts.lifetime;
     println!(
         "ready tcp={} udp={} dns={}",
@@ -66,6 +73,7 @@ pub fn serve(opts: &ServeOpts) -> Result<()> {
 
     let udp_thread = std::thread::spawn(move || udp_loop(udp, deadline, |q| Some(q.to_vec())));
     let dns_thread = std::thread::spawn(move || udp_loop(dns, deadline, dns_answer));
+    let whoami_thread = std::thread::spawn(move || whoami_loop(whoami, deadline));
 
     tcp.set_nonblocking(true)?;
     let active = Arc::new(AtomicUsize::new(0));
@@ -90,7 +98,41 @@ pub fn serve(opts: &ServeOpts) -> Result<()> {
     }
     let _ = udp_thread.join();
     let _ = dns_thread.join();
+    let _ = whoami_thread.join();
     Ok(())
+}
+
+/// Answers each connection with the peer's IP address and a newline, then closes it.
+fn whoami_loop(listener: TcpListener, deadline: Instant) {
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    while Instant::now() < deadline {
+        match listener.accept() {
+            Ok((mut conn, peer)) => {
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_write_timeout(Some(PROBE_TIMEOUT));
+                let _ = conn.write_all(format!("{}\n", peer.ip()).as_bytes());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Connects to a whoami port and returns the address the server saw this connection from.
+pub fn probe_whoami(addr: SocketAddr, timeout: Duration) -> Result<std::net::IpAddr> {
+    let conn =
+        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
+    conn.set_read_timeout(Some(timeout))?;
+    let mut buf = Vec::new();
+    conn.take(64).read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    text.trim()
+        .parse()
+        .map_err(|_| anyhow!("{addr} answered {text:?}, not an address"))
 }
 
 fn tcp_echo(mut conn: TcpStream) -> Result<()> {
