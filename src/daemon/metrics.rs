@@ -35,6 +35,19 @@ pub struct PeerGauge {
     pub failures_total: u64,
 }
 
+/// One vxlan peer's `--host-gw-fallback` path, as exported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerPathGauge {
+    /// The peer's subnet (label `subnet`).
+    pub subnet: String,
+    /// The peer's public IP (label `public_ip`).
+    pub public_ip: String,
+    /// `vxlan` or `direct`.
+    pub path: &'static str,
+    /// Path changes so far.
+    pub switches: u64,
+}
+
 /// Gauges and counters the daemon exports on `/metrics`.
 #[derive(Debug, Default)]
 pub struct DaemonMetrics {
@@ -45,6 +58,7 @@ pub struct DaemonMetrics {
     refusals: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     plane: Mutex<PlaneMetrics>,
     peer_health: Mutex<Vec<PeerGauge>>,
+    peer_paths: Mutex<Vec<PeerPathGauge>>,
 }
 
 impl DaemonMetrics {
@@ -83,6 +97,52 @@ impl DaemonMetrics {
     pub fn set_peer_health(&self, gauges: Vec<PeerGauge>) {
         if let Ok(mut g) = self.peer_health.lock() {
             *g = gauges;
+        }
+    }
+
+    /// Replaces the peers' `--host-gw-fallback` paths.
+    pub fn set_peer_paths(&self, gauges: Vec<PeerPathGauge>) {
+        if let Ok(mut g) = self.peer_paths.lock() {
+            *g = gauges;
+        }
+    }
+
+    /// `flannel_peer_path` and `flannel_peer_path_switches_total` (nothing without
+    /// `--host-gw-fallback`).
+    fn render_peer_paths(&self, out: &mut String) {
+        let paths = self
+            .peer_paths
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        if paths.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "# HELP flannel_peer_path How pod traffic to the peer is carried (--host-gw-fallback): 1 for the current path, vxlan or direct.\n# TYPE flannel_peer_path gauge"
+        );
+        for g in &paths {
+            for path in ["vxlan", "direct"] {
+                let _ = writeln!(
+                    out,
+                    "flannel_peer_path{{subnet=\"{}\",public_ip=\"{}\",path=\"{path}\"}} {}",
+                    g.subnet,
+                    g.public_ip,
+                    u8::from(g.path == path)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP flannel_peer_path_switches_total Path changes of the peer between vxlan and direct (--host-gw-fallback).\n# TYPE flannel_peer_path_switches_total counter"
+        );
+        for g in &paths {
+            let _ = writeln!(
+                out,
+                "flannel_peer_path_switches_total{{subnet=\"{}\",public_ip=\"{}\"}} {}",
+                g.subnet, g.public_ip, g.switches
+            );
         }
     }
 
@@ -153,6 +213,7 @@ impl DaemonMetrics {
                 );
             }
         }
+        self.render_peer_paths(&mut out);
         let plane = self.plane.lock().map(|p| p.clone()).unwrap_or_default();
         if let PlaneMetrics::Userspace {
             counters,
@@ -261,6 +322,28 @@ mod tests {
             text.contains("reason=\"inner_destination_foreign\"} 0\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn renders_peer_paths_and_switches() {
+        let m = DaemonMetrics::default();
+        assert!(!m.render().contains("flannel_peer_path"));
+        m.set_peer_paths(vec![PeerPathGauge {
+            subnet: "10.244.1.0/24".into(),
+            public_ip: "198.18.0.2".into(),
+            path: "direct",
+            switches: 1,
+        }]);
+        let text = m.render();
+        for line in [
+            "# TYPE flannel_peer_path gauge\n",
+            "flannel_peer_path{subnet=\"10.244.1.0/24\",public_ip=\"198.18.0.2\",path=\"vxlan\"} 0\n",
+            "flannel_peer_path{subnet=\"10.244.1.0/24\",public_ip=\"198.18.0.2\",path=\"direct\"} 1\n",
+            "# TYPE flannel_peer_path_switches_total counter\n",
+            "flannel_peer_path_switches_total{subnet=\"10.244.1.0/24\",public_ip=\"198.18.0.2\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from {text}");
+        }
     }
 
     #[test]
