@@ -41,12 +41,13 @@ pub const CLUSTER_IP_MIXED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 pub const SERVICE_PORT: u16 = 8080;
 /// kube-proxy's masquerade mark (KUBE-MARK-MASQ).
 pub const KUBE_MARK: &str = "0x4000/0x4000";
-/// flanneld flags of the fallback scenarios: probes every 2 s (fallback after 3 misses, a
-/// few seconds), a 5 s damping window instead of 60 s, /metrics on the nodes' loopback.
+/// flanneld flags of the fallback scenarios: probes every 5 s (fallback after 3 misses,
+/// 10-15 s after the drop: the broken matrix, ~7 s, is measured before), a 5 s damping
+/// window instead of 60 s, /metrics on the nodes' loopback.
 pub const FALLBACK_ARGS: [&str; 4] = [
     "--host-gw-fallback",
     "--host-gw-fallback-damping=5",
-    "--peer-probe-interval=2",
+    "--peer-probe-interval=5",
     "--metrics-port=9102",
 ];
 /// The metrics port of [`FALLBACK_ARGS`].
@@ -1911,10 +1912,31 @@ fn ipv4_routes(c: &Cluster, node: &str) -> String {
 
 /// `udp port <port> and <hosts> and` the inner IPv4 protocol (byte 9 of the inner header,
 /// after UDP 8 + VXLAN 8 + Ethernet 14 bytes) being ICMP or not: the prober's echo requests
-/// are the only inner ICMP a fallback node sends to its peer's VTEP.
-fn vxlan_filter(port: u16, hosts: &str, icmp: bool) -> String {
-    let op = if icmp { "=" } else { "!=" };
-    format!("udp port {port} and {hosts} and udp[39] {op} 1")
+/// are the only inner ICMP a fallback node sends to its peer's VTEP. Not ICMP: traffic to a
+/// VTEP address (`vteps`, inner destination at UDP offset 46) is left out too: the VTEP /32
+/// keeps it on VXLAN by design (replies to host traffic sourced from a VTEP address).
+fn vxlan_filter(port: u16, hosts: &str, icmp: bool, vteps: &[Ipv4Addr]) -> String {
+    if icmp {
+        return format!("udp port {port} and {hosts} and udp[39] = 1");
+    }
+    let mut f = format!("udp port {port} and {hosts} and udp[39] != 1");
+    for v in vteps {
+        f.push_str(&format!(" and udp[46:4] != 0x{:08x}", u32::from(*v)));
+    }
+    f
+}
+
+/// Checks the matrix until every cell `judged` accepts passes, or `limit`.
+fn check_until(c: &Cluster, limit: Duration, judged: impl Fn(&Cell) -> bool) -> Matrix {
+    let deadline = Instant::now() + limit;
+    loop {
+        let m = c.check();
+        let ok = m.cells.iter().filter(|x| judged(x)).all(Cell::ok);
+        if ok || Instant::now() >= deadline || sys::interrupted() {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Vec<Phase>> {
@@ -1933,6 +1955,16 @@ fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Ve
         .ok_or_else(|| anyhow!("no node {blocked}"))?;
     let b_ip = b.underlay_ip.to_string();
     let b_falls_back = b.kind.runs_flanneld();
+    let vteps: Vec<Ipv4Addr> = c
+        .nodes()
+        .iter()
+        .filter_map(|n| n.subnet.map(|s| s.network()))
+        .collect();
+    // Upstream does not fall back: its host's own traffic to our pods leaves from its VTEP
+    // address, and our replies to that address stay on the (blocked) VXLAN path by design.
+    let known_gap = |cell: &Cell| {
+        !b_falls_back && cell.src_kind == SourceKind::Host && cell.src == blocked
+    };
     // The flannel-rs nodes that must route to the blocked node directly.
     let others: Vec<String> = flanneld_nodes(c)
         .into_iter()
@@ -1992,6 +2024,17 @@ fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Ve
     let measured = blocked_at.elapsed();
     expect_split(&mut p, &m, &format!("with {blocked}"), affected, true);
     p.note(format!("matrix measured within {measured:?} of the drop"));
+    let direct = path_line(c, blocked, "direct");
+    let early: Vec<&String> = others
+        .iter()
+        .filter(|n| node_metrics(c, n).contains(&direct))
+        .collect();
+    p.expect(
+        "no node had fallen back yet when the broken matrix was taken",
+        early.is_empty(),
+        format!("already direct on {early:?} after {measured:?}"),
+    );
+    let broken = m.clone();
     p.matrix = Some(m);
     phases.push(p);
 
@@ -1999,7 +2042,7 @@ fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Ve
         "fallback",
         format!("the drop stays; no config change, no restart: the fallback routes {blocked}'s pairs directly"),
     );
-    let limit = opts.converge.max(Duration::from_secs(30));
+    let limit = opts.converge.max(Duration::from_secs(40));
     // Wait for the switch first, so the captures below only see the direct path.
     let want = path_line(c, blocked, "direct");
     let switched = wait_until(limit, || {
@@ -2007,6 +2050,33 @@ fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Ve
             .iter()
             .all(|n| node_metrics(c, n).contains(&want))
     });
+    // …and for the data planes to have applied it (the main loop syncs after the prober
+    // published the set): the direct routes on every fallback node.
+    let direct_route = |o: &crate::cluster::NodeState| {
+        o.subnet
+            .map(|s| format!("{s} via {} dev eth0", o.underlay_ip))
+    };
+    let mut route_wanted: Vec<(String, String)> = others
+        .iter()
+        .filter_map(|n| Some((n.clone(), direct_route(&b)?)))
+        .collect();
+    if b_falls_back {
+        for o in c.nodes().iter().filter(|o| o.name != blocked) {
+            if let Some(r) = direct_route(o) {
+                route_wanted.push((blocked.to_string(), r));
+            }
+        }
+    }
+    let routed = wait_until(limit, || {
+        route_wanted
+            .iter()
+            .all(|(n, r)| ipv4_routes(c, n).lines().any(|l| l.starts_with(r.as_str())))
+    });
+    p.expect(
+        "every fallback node has its direct routes in place",
+        routed,
+        format!("{route_wanted:?}"),
+    );
     let healed_after = blocked_at.elapsed();
     p.expect(
         format!(
@@ -2017,31 +2087,73 @@ fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Ve
         format!("{} after the drop", fmt_secs(healed_after)),
     );
     let cap_to = c.start_capture(&CaptureOpts {
-        filter: Some(vxlan_filter(port, &format!("dst host {b_ip}"), false)),
+        filter: Some(vxlan_filter(port, &format!("dst host {b_ip}"), false, &vteps)),
         max_seconds: 120,
         ..CaptureOpts::default()
     })?;
     let cap_from = c.start_capture(&CaptureOpts {
-        filter: Some(vxlan_filter(port, &format!("src host {b_ip}"), false)),
+        filter: Some(vxlan_filter(port, &format!("src host {b_ip}"), false, &vteps)),
         max_seconds: 120,
         ..CaptureOpts::default()
     })?;
     let cap_probes = c.start_capture(&CaptureOpts {
-        filter: Some(vxlan_filter(port, &format!("dst host {b_ip}"), true)),
+        filter: Some(vxlan_filter(port, &format!("dst host {b_ip}"), true, &vteps)),
         max_seconds: 120,
         ..CaptureOpts::default()
     })?;
     let (_, pcap_plain) = capture_during(c, &format!("net {network}"), |c| {
-        expect_matrix_pass(&mut p, c, limit)
+        if b_falls_back {
+            return expect_matrix_pass(&mut p, c, limit);
+        }
+        let m = check_until(c, limit, |x| !known_gap(x));
+        let bad: Vec<String> = m
+            .cells
+            .iter()
+            .filter(|x| !known_gap(x) && !x.ok())
+            .map(|x| format!("{}->{} {}", x.src, x.dst, x.letters()))
+            .collect();
+        p.expect(
+            format!("matrix: every probe passes but those from {blocked}'s host (its VTEP address)"),
+            bad.is_empty(),
+            format!("failing: {}", bad.join(", ")),
+        );
+        let worse: Vec<String> = m
+            .cells
+            .iter()
+            .filter(|x| !x.ok())
+            .filter(|x| {
+                broken
+                    .cells
+                    .iter()
+                    .any(|y| y.src == x.src && y.dst == x.dst && y.ok())
+            })
+            .map(|x| format!("{}->{}", x.src, x.dst))
+            .collect();
+        p.expect(
+            "matrix: no worse than without the fallback (every pair that passed before still passes)",
+            worse.is_empty(),
+            format!("newly failing: {}", worse.join(", ")),
+        );
+        let gap: Vec<String> = m
+            .cells
+            .iter()
+            .filter(|x| known_gap(x))
+            .map(|x| format!("{}->{} {}", x.src, x.dst, x.letters()))
+            .collect();
+        p.note(format!(
+            "{blocked} (upstream) host to pods, left on VXLAN by design: {}",
+            gap.join(", ")
+        ));
+        p.matrix = Some(m);
     })?;
     let healed_after = blocked_at.elapsed();
     p.expect(
-        "the matrix heals within 30 s of the drop (3 missed probes at 2 s, then a sync)",
+        "the matrix heals within 30 s of the drop (3 missed probes at 5 s, then a sync)",
         healed_after <= Duration::from_secs(30) + opts.converge,
         format!("healed after {}", fmt_secs(healed_after)),
     );
     // Let at least one probe round go by inside the captures.
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(5500));
     let to = crate::capture::verify_pcap(&c.stop_capture(&cap_to.name)?, port)?;
     let from = crate::capture::verify_pcap(&c.stop_capture(&cap_from.name)?, port)?;
     let probes = crate::capture::verify_pcap(&c.stop_capture(&cap_probes.name)?, port)?;
@@ -2160,7 +2272,7 @@ fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Ve
     }
     let (_, pcap_vx) = capture_during(
         c,
-        &vxlan_filter(port, &format!("dst host {b_ip}"), false),
+        &vxlan_filter(port, &format!("dst host {b_ip}"), false, &vteps),
         |c| expect_matrix_pass(&mut p, c, limit),
     )?;
     let vx = crate::capture::verify_pcap(&pcap_vx, port)?;
