@@ -328,7 +328,10 @@ fn p3_host_gw_fallback_heals_and_returns() {
     assert_fallback_matrices(&r, None);
     let p = r.phase("fallback").expect("fallback");
     let to = &p.captures[0].1;
-    assert_eq!(to.frames, 0, "pod traffic over VXLAN to n2 while direct: {to}");
+    assert_eq!(
+        to.frames, 0,
+        "pod traffic over VXLAN to n2 while direct: {to}"
+    );
     let probes = &p.captures[2].1;
     assert!(probes.frames > 0, "no VXLAN probes while direct: {probes}");
     for node in ["n1", "n3"] {
@@ -348,8 +351,7 @@ fn p3_host_gw_fallback_with_an_upstream_peer() {
         return;
     }
     let _g = serial();
-    let r =
-        scenario::run(Scenario::P3FallbackMixed, &opts()).expect("scenario p3-fallback-mixed");
+    let r = scenario::run(Scenario::P3FallbackMixed, &opts()).expect("scenario p3-fallback-mixed");
     assert_report(&r);
     assert_fallback_matrices(&r, Some("n1"));
     let from = &r.phase("fallback").expect("fallback").captures[1].1;

@@ -204,7 +204,8 @@ impl Scenario {
         s.harness_bin = opts.harness_bin.clone();
         s.flanneld_args = opts.flanneld_args.clone();
         if matches!(self, Scenario::P3Fallback | Scenario::P3FallbackMixed) {
-            s.flanneld_args.extend(FALLBACK_ARGS.iter().map(|a| a.to_string()));
+            s.flanneld_args
+                .extend(FALLBACK_ARGS.iter().map(|a| a.to_string()));
         }
         s.base_dir = opts.base_dir.clone();
         s.store = opts.store;
@@ -1867,7 +1868,6 @@ fn p3_vxlan_port(c: &mut Cluster, opts: &ScenarioOpts) -> Result<Vec<Phase>> {
     Ok(phases)
 }
 
-
 // ---------------------------------------------------------------------------------------
 // Host-gw fallback (issue #17)
 
@@ -1885,7 +1885,9 @@ fn node_metrics(c: &Cluster, node: &str) -> String {
 fn path_line(c: &Cluster, peer: &str, path: &str) -> String {
     format!(
         "flannel_peer_path{{subnet=\"{}\",public_ip=\"{}\",path=\"{path}\"}} 1\n",
-        c.node_subnet(peer).map(|s| s.to_string()).unwrap_or_default(),
+        c.node_subnet(peer)
+            .map(|s| s.to_string())
+            .unwrap_or_default(),
         c.node_ip(peer).map(|s| s.to_string()).unwrap_or_default(),
     )
 }
@@ -1962,9 +1964,8 @@ fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Ve
         .collect();
     // Upstream does not fall back: its host's own traffic to our pods leaves from its VTEP
     // address, and our replies to that address stay on the (blocked) VXLAN path by design.
-    let known_gap = |cell: &Cell| {
-        !b_falls_back && cell.src_kind == SourceKind::Host && cell.src == blocked
-    };
+    let known_gap =
+        |cell: &Cell| !b_falls_back && cell.src_kind == SourceKind::Host && cell.src == blocked;
     // The flannel-rs nodes that must route to the blocked node directly.
     let others: Vec<String> = flanneld_nodes(c)
         .into_iter()
@@ -2046,9 +2047,7 @@ fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Ve
     // Wait for the switch first, so the captures below only see the direct path.
     let want = path_line(c, blocked, "direct");
     let switched = wait_until(limit, || {
-        others
-            .iter()
-            .all(|n| node_metrics(c, n).contains(&want))
+        others.iter().all(|n| node_metrics(c, n).contains(&want))
     });
     // …and for the data planes to have applied it (the main loop syncs after the prober
     // published the set): the direct routes on every fallback node.
@@ -2087,17 +2086,32 @@ fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Ve
         format!("{} after the drop", fmt_secs(healed_after)),
     );
     let cap_to = c.start_capture(&CaptureOpts {
-        filter: Some(vxlan_filter(port, &format!("dst host {b_ip}"), false, &vteps)),
+        filter: Some(vxlan_filter(
+            port,
+            &format!("dst host {b_ip}"),
+            false,
+            &vteps,
+        )),
         max_seconds: 120,
         ..CaptureOpts::default()
     })?;
     let cap_from = c.start_capture(&CaptureOpts {
-        filter: Some(vxlan_filter(port, &format!("src host {b_ip}"), false, &vteps)),
+        filter: Some(vxlan_filter(
+            port,
+            &format!("src host {b_ip}"),
+            false,
+            &vteps,
+        )),
         max_seconds: 120,
         ..CaptureOpts::default()
     })?;
     let cap_probes = c.start_capture(&CaptureOpts {
-        filter: Some(vxlan_filter(port, &format!("dst host {b_ip}"), true, &vteps)),
+        filter: Some(vxlan_filter(
+            port,
+            &format!("dst host {b_ip}"),
+            true,
+            &vteps,
+        )),
         max_seconds: 120,
         ..CaptureOpts::default()
     })?;
@@ -2113,7 +2127,9 @@ fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Ve
             .map(|x| format!("{}->{} {}", x.src, x.dst, x.letters()))
             .collect();
         p.expect(
-            format!("matrix: every probe passes but those from {blocked}'s host (its VTEP address)"),
+            format!(
+                "matrix: every probe passes but those from {blocked}'s host (its VTEP address)"
+            ),
             bad.is_empty(),
             format!("failing: {}", bad.join(", ")),
         );
@@ -2171,7 +2187,9 @@ fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Ve
         );
     } else {
         p.expect(
-            format!("capture: {blocked} (upstream, no fallback) still sends its replies over VXLAN"),
+            format!(
+                "capture: {blocked} (upstream, no fallback) still sends its replies over VXLAN"
+            ),
             from.frames > 0,
             format!("{} frames", from.frames),
         );
@@ -2188,8 +2206,10 @@ fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Ve
     );
     p.captures
         .push((format!("VXLAN to {b_ip}, not ICMP (must be empty)"), to));
-    p.captures.push((format!("VXLAN from {b_ip}, not ICMP"), from));
-    p.captures.push((format!("VXLAN to {b_ip}, ICMP probes"), probes));
+    p.captures
+        .push((format!("VXLAN from {b_ip}, not ICMP"), from));
+    p.captures
+        .push((format!("VXLAN to {b_ip}, ICMP probes"), probes));
     p.captures.push((format!("net {network}"), plain));
     let (b_subnet, b_vtep) = match b.subnet {
         Some(s) => (s.to_string(), s.network().to_string()),
@@ -2212,7 +2232,9 @@ fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Ve
         p.expect(
             format!("{n}: one log line names {blocked} and why"),
             log.lines().filter(|l| l.contains(&line)).count() == 1
-                && log.lines().any(|l| l.contains(&line) && l.contains("went unanswered")),
+                && log
+                    .lines()
+                    .any(|l| l.contains(&line) && l.contains("went unanswered")),
             line,
         );
     }
@@ -2243,12 +2265,13 @@ fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Ve
     let lifted_at = Instant::now();
     let want = path_line(c, blocked, "vxlan");
     let back = wait_until(limit, || {
-        others
-            .iter()
-            .all(|n| node_metrics(c, n).contains(&want))
+        others.iter().all(|n| node_metrics(c, n).contains(&want))
     });
     p.expect(
-        format!("/metrics of {} shows the path to {blocked} as vxlan again", others.join(", ")),
+        format!(
+            "/metrics of {} shows the path to {blocked} as vxlan again",
+            others.join(", ")
+        ),
         back,
         format!("{} after lifting", fmt_secs(lifted_at.elapsed())),
     );
@@ -2268,7 +2291,11 @@ fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Ve
             let t = node_metrics(c, blocked);
             want.iter().all(|w| t.contains(w))
         });
-        p.expect(format!("{blocked}: every peer back on vxlan"), ok, want.join(""));
+        p.expect(
+            format!("{blocked}: every peer back on vxlan"),
+            ok,
+            want.join(""),
+        );
     }
     let (_, pcap_vx) = capture_during(
         c,
@@ -2288,7 +2315,9 @@ fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Ve
         let vtep = format!("{b_vtep} ");
         p.expect(
             format!("{n}: no direct route and no /32 to {blocked} left"),
-            !routes.lines().any(|l| l.starts_with(&direct) || l.starts_with(&vtep)),
+            !routes
+                .lines()
+                .any(|l| l.starts_with(&direct) || l.starts_with(&vtep)),
             routes.lines().collect::<Vec<_>>().join("; "),
         );
     }

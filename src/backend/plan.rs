@@ -946,7 +946,10 @@ mod tests {
         );
         // DirectRouting wins for an on-link peer: no /32, no neighbour.
         let dr = plan_vxlan_fallback(&vx_cfg(), &peers, |_| true, |s| s == fallback);
-        assert!(dr.peers.iter().all(|p| p.vtep_route.is_none() && p.neigh.is_none()));
+        assert!(dr
+            .peers
+            .iter()
+            .all(|p| p.vtep_route.is_none() && p.neigh.is_none()));
     }
 
     #[test]

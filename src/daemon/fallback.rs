@@ -257,7 +257,10 @@ mod tests {
         // Silent again right after returning: stays on VXLAN until the window has passed.
         let t1 = t0 + Duration::from_secs(60);
         for i in 1..=5 {
-            assert_eq!(s.observe(&p, ONLINK_DOWN, t1 + Duration::from_secs(i)), None);
+            assert_eq!(
+                s.observe(&p, ONLINK_DOWN, t1 + Duration::from_secs(i)),
+                None
+            );
         }
         assert_eq!(s.path, Path::Vxlan);
         assert_eq!(

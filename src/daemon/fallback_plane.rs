@@ -93,7 +93,8 @@ impl FallbackRoutes {
         let mut first_error = None;
         for dst in vteps.difference(&present) {
             if let Err(e) = nl.route_replace(&route(*dst)).await {
-                first_error.get_or_insert(format!("ip route replace {dst} dev {}: {e}", self.device));
+                first_error
+                    .get_or_insert(format!("ip route replace {dst} dev {}: {e}", self.device));
             }
         }
         for dst in present.difference(vteps) {

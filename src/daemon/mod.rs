@@ -234,7 +234,13 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
         let interval = Duration::from_secs(u64::from(flags.peer_probe_interval));
         let ctx = probe::ProbeContext::new(&flags, &backend);
         info!(?interval, "probing peers");
-        tokio::spawn(probe::run(interval, ctx, peers_rx, metrics.clone(), fallback))
+        tokio::spawn(probe::run(
+            interval,
+            ctx,
+            peers_rx,
+            metrics.clone(),
+            fallback,
+        ))
     });
     let firewall = plane::Firewall::new(&flags, network, subnet, previous_env);
     let fw_period = Duration::from_secs(u64::from(flags.iptables_resync.max(1)));

@@ -252,7 +252,10 @@ impl Fallback {
         round: Round,
         ctx: &ProbeContext,
     ) -> Option<Switch> {
-        let state = self.states.entry((peer.subnet, peer.public_ip)).or_default();
+        let state = self
+            .states
+            .entry((peer.subnet, peer.public_ip))
+            .or_default();
         let switch = state.observe(&self.policy, round, std::time::Instant::now());
         let label = peer_label(peer, ctx);
         let ip = peer.public_ip;
