@@ -2340,7 +2340,11 @@ mod tests {
         }
         assert!("p4".parse::<Scenario>().is_err());
         let all = parse_names(&["all".into()]).unwrap();
-        assert_eq!(all.len(), 7);
+        assert_eq!(all.len(), 9);
+        assert_eq!(
+            "p3-fallback".parse::<Scenario>().unwrap(),
+            Scenario::P3Fallback
+        );
         let p3 = parse_names(&["p3".into()]).unwrap();
         assert_eq!(p3, Scenario::P3.to_vec());
         assert_eq!(p3[3], Scenario::P3VxlanPort);
@@ -2370,6 +2374,17 @@ mod tests {
         let setup = Scenario::NodeSetup.spec(&o);
         let kinds: Vec<NodeKind> = setup.nodes.iter().map(|n| n.kind).collect();
         assert_eq!(kinds, [NodeKind::Userspace, NodeKind::Kernel]);
+        for (s, first) in [
+            (Scenario::P3Fallback, NodeKind::Kernel),
+            (Scenario::P3FallbackMixed, NodeKind::KernelRef),
+        ] {
+            let spec = s.spec(&o);
+            assert_eq!(spec.nodes[0].kind, first);
+            assert_eq!(spec.nodes[1].kind, NodeKind::Userspace);
+            assert!(spec.flanneld_args.iter().any(|a| a == "--host-gw-fallback"));
+        }
+        // The fallback flags never leak into the other scenarios' clusters.
+        assert!(p3.flanneld_args.is_empty());
     }
 
     #[test]
