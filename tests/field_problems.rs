@@ -11,6 +11,9 @@
 //!   flanneld; then 8475 dropped too, fixed by switching to host-gw): each cause first fails
 //!   the matrix for exactly the affected pairs and is named by `flanneld doctor` on the
 //!   affected node, then passes after the fix.
+//! * Issue #17: the same drop on one node with `--host-gw-fallback` on every flanneld heals
+//!   on direct routes without a config change and returns to VXLAN when lifted, also when
+//!   the blocked node is a kernel-ref (upstream) node.
 //!
 //! Doctor assertions are reported UNVERIFIED (and tolerated) only while `flanneld doctor`
 //! says it is not implemented; with a doctor they are enforced.
