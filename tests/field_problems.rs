@@ -11,6 +11,9 @@
 //!   flanneld; then 8475 dropped too, fixed by switching to host-gw): each cause first fails
 //!   the matrix for exactly the affected pairs and is named by `flanneld doctor` on the
 //!   affected node, then passes after the fix.
+//! * Issue #17: the same drop on one node with `--host-gw-fallback` on every flanneld heals
+//!   on direct routes without a config change and returns to VXLAN when lifted, also when
+//!   the blocked node is a kernel-ref (upstream) node.
 //!
 //! Doctor assertions are reported UNVERIFIED (and tolerated) only while `flanneld doctor`
 //! says it is not implemented; with a doctor they are enforced.
@@ -288,4 +291,72 @@ fn node_setup_scenario() {
             "{phase}: no FAIL expectation"
         );
     }
+}
+
+/// The matrices of a fallback scenario: baseline passes, broken fails, fallback and lifted
+/// pass (on the data, not only through the scenario's own assertions). `upstream_host`: the
+/// host cells of that (upstream, blocked) node are not judged in the fallback phase.
+fn assert_fallback_matrices(r: &ScenarioReport, upstream_host: Option<&str>) {
+    for (phase, pass) in [
+        ("baseline", true),
+        ("broken", false),
+        ("fallback", true),
+        ("lifted", true),
+    ] {
+        let m = r
+            .phase(phase)
+            .and_then(|p| p.matrix.as_ref())
+            .unwrap_or_else(|| panic!("{}: no matrix in {phase}", r.scenario));
+        let judged = m
+            .cells
+            .iter()
+            .filter(|c| phase != "fallback" || upstream_host != Some(c.src.as_str()));
+        let all = judged.clone().all(|c| c.ok());
+        assert_eq!(all, pass, "{} {phase}:\n{m}", r.scenario);
+        assert!(judged.count() > 0);
+    }
+}
+
+/// Issue #17: UDP 8472 dropped on one node of one layer-2 segment, every flanneld with
+/// `--host-gw-fallback` (kernel n1, n3; userspace n2, the blocked one): its pairs fail,
+/// heal on direct routes with no config change, and return to VXLAN when the drop is lifted.
+#[test]
+fn p3_host_gw_fallback_heals_and_returns() {
+    if !privileged_test_guard("p3_host_gw_fallback_heals_and_returns") {
+        return;
+    }
+    let _g = serial();
+    let r = scenario::run(Scenario::P3Fallback, &opts()).expect("scenario p3-fallback");
+    assert_report(&r);
+    assert_fallback_matrices(&r, None);
+    let p = r.phase("fallback").expect("fallback");
+    let to = &p.captures[0].1;
+    assert_eq!(
+        to.frames, 0,
+        "pod traffic over VXLAN to n2 while direct: {to}"
+    );
+    let probes = &p.captures[2].1;
+    assert!(probes.frames > 0, "no VXLAN probes while direct: {probes}");
+    for node in ["n1", "n3"] {
+        assert_eq!(
+            assertion(&r, "fallback", &format!("{node}: one log line names n2")),
+            Outcome::Pass
+        );
+    }
+}
+
+/// Issue #17, mixed: the blocked node is a kernel-ref (upstream, no fallback) node; the
+/// flannel-rs nodes fall back, its replies still come over VXLAN (a one-way block), and the
+/// cluster ends no worse than before: every pair passes, then VXLAN again once lifted.
+#[test]
+fn p3_host_gw_fallback_with_an_upstream_peer() {
+    if !privileged_test_guard("p3_host_gw_fallback_with_an_upstream_peer") {
+        return;
+    }
+    let _g = serial();
+    let r = scenario::run(Scenario::P3FallbackMixed, &opts()).expect("scenario p3-fallback-mixed");
+    assert_report(&r);
+    assert_fallback_matrices(&r, Some("n1"));
+    let from = &r.phase("fallback").expect("fallback").captures[1].1;
+    assert!(from.frames > 0, "the upstream node's replies: {from}");
 }

@@ -41,6 +41,17 @@ pub const CLUSTER_IP_MIXED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 pub const SERVICE_PORT: u16 = 8080;
 /// kube-proxy's masquerade mark (KUBE-MARK-MASQ).
 pub const KUBE_MARK: &str = "0x4000/0x4000";
+/// flanneld flags of the fallback scenarios: probes every 6 s (fallback after 3 misses,
+/// 12-18 s after the drop: the broken matrix, ~7 s, is measured before), a 5 s damping
+/// window instead of 60 s, /metrics on the nodes' loopback.
+pub const FALLBACK_ARGS: [&str; 4] = [
+    "--host-gw-fallback",
+    "--host-gw-fallback-damping=5",
+    "--peer-probe-interval=6",
+    "--metrics-port=9102",
+];
+/// The metrics port of [`FALLBACK_ARGS`].
+const FALLBACK_METRICS_PORT: u16 = 9102;
 /// The port the P3 "VXLAN blocked" scenario moves the backend to.
 pub const MOVED_PORT: u16 = 8475;
 /// Comment of the rule counting VXLAN packets that carry kube-proxy's mark.
@@ -70,11 +81,19 @@ pub enum Scenario {
     /// config (the node's own directories in the run directory), br_netfilter's sysctl, a
     /// foreign vxlan device on the VXLAN port, an underlay MTU below overlay MTU + 50.
     NodeSetup,
+    /// Issue #17: the VXLAN port dropped on one node of one layer-2 segment, every flanneld
+    /// with `--host-gw-fallback`: the affected pairs fail, heal on direct routes within the
+    /// probe window without any config change, and return to VXLAN when the drop is lifted.
+    P3Fallback,
+    /// Issue #17, mixed: the node whose VXLAN port is dropped is a kernel-ref node (upstream
+    /// flannel, no fallback); the flannel-rs nodes fall back, its replies still come over
+    /// VXLAN.
+    P3FallbackMixed,
 }
 
 impl Scenario {
     /// Every scenario, in the order `all` runs them.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::P2ClusterIp,
         Scenario::P3IpForward,
         Scenario::P3ForwardReject,
@@ -82,6 +101,8 @@ impl Scenario {
         Scenario::P3VxlanPort,
         Scenario::P3VxlanHostGw,
         Scenario::NodeSetup,
+        Scenario::P3Fallback,
+        Scenario::P3FallbackMixed,
     ];
     /// The P3 causes in the order they share one cluster: the port move and the switch to
     /// host-gw last (they restart every daemon and leave the cluster on the new port, then on
@@ -104,6 +125,8 @@ impl Scenario {
             Scenario::P3SecuritySoftware => "p3-security-software",
             Scenario::P3VxlanHostGw => "p3-vxlan-hostgw",
             Scenario::NodeSetup => "node-setup",
+            Scenario::P3Fallback => "p3-fallback",
+            Scenario::P3FallbackMixed => "p3-fallback-mixed",
         }
     }
 
@@ -136,6 +159,15 @@ impl Scenario {
                  peer-reachable; Backend.Type host-gw + restarting every flanneld fixes it \
                  without any UDP"
             }
+            Scenario::P3Fallback => {
+                "the VXLAN port dropped on one node (one layer-2 segment), --host-gw-fallback on \
+                 every flanneld: its pairs fail, heal on direct routes without a config change, \
+                 and go back to VXLAN when the drop is lifted"
+            }
+            Scenario::P3FallbackMixed => {
+                "as p3-fallback, the blocked node being a kernel-ref (upstream) node: the \
+                 flannel-rs nodes route to it directly, its replies still come over VXLAN"
+            }
             Scenario::NodeSetup => {
                 "portmap missing, a calico conflist sorting first, bridge-nf-call-iptables=0, a \
                  second vxlan device on UDP 8472, a peer's underlay MTU 1400: doctor FAIL \
@@ -149,6 +181,8 @@ impl Scenario {
         match self {
             Scenario::P2ClusterIp => 2,
             Scenario::NodeSetup => 4,
+            Scenario::P3Fallback => 5,
+            Scenario::P3FallbackMixed => 6,
             _ => 3,
         }
     }
@@ -157,10 +191,11 @@ impl Scenario {
     /// with `--ip-masq` (n1 → n2 userspace, n3 → n4 kernel); the P3 causes run on a kernel,
     /// a userspace and a kernel node. One pod per node.
     pub fn spec(self, opts: &ScenarioOpts) -> ClusterSpec {
-        use NodeKind::{Kernel, Userspace};
+        use NodeKind::{Kernel, KernelRef, Userspace};
         let (kinds, masq): (&[NodeKind], bool) = match self.shape() {
             2 => (&[Userspace, Userspace, Kernel, Kernel], true),
             4 => (&[Userspace, Kernel], false),
+            6 => (&[KernelRef, Userspace, Kernel], false),
             _ => (&[Kernel, Userspace, Kernel], false),
         };
         let mut s = ClusterSpec::new(kinds, 1);
@@ -168,6 +203,10 @@ impl Scenario {
         s.flanneld = opts.flanneld.clone();
         s.harness_bin = opts.harness_bin.clone();
         s.flanneld_args = opts.flanneld_args.clone();
+        if matches!(self, Scenario::P3Fallback | Scenario::P3FallbackMixed) {
+            s.flanneld_args
+                .extend(FALLBACK_ARGS.iter().map(|a| a.to_string()));
+        }
         s.base_dir = opts.base_dir.clone();
         s.store = opts.store;
         s.etcd_bin = opts.etcd_bin.clone();
@@ -587,6 +626,8 @@ pub fn run_on(c: &mut Cluster, s: Scenario, opts: &ScenarioOpts) -> Result<Scena
         Scenario::P3SecuritySoftware => p3_security_software(c, opts)?,
         Scenario::P3VxlanHostGw => p3_vxlan_hostgw(c, opts)?,
         Scenario::NodeSetup => node_setup(c, opts)?,
+        Scenario::P3Fallback => p3_fallback(c, opts, "n2")?,
+        Scenario::P3FallbackMixed => p3_fallback(c, opts, "n1")?,
     };
     Ok(ScenarioReport {
         scenario: s,
@@ -1827,6 +1868,471 @@ fn p3_vxlan_port(c: &mut Cluster, opts: &ScenarioOpts) -> Result<Vec<Phase>> {
     Ok(phases)
 }
 
+// ---------------------------------------------------------------------------------------
+// Host-gw fallback (issue #17)
+
+/// `/metrics` of a node's flanneld ([`FALLBACK_METRICS_PORT`], loopback of its namespace).
+fn node_metrics(c: &Cluster, node: &str) -> String {
+    let fetch = format!(
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{FALLBACK_METRICS_PORT}/metrics', timeout=3).read().decode())"
+    );
+    c.exec(node, &["python3", "-c", &fetch])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// `flannel_peer_path{…,path="<path>"} 1` for `peer` on `node`.
+fn path_line(c: &Cluster, peer: &str, path: &str) -> String {
+    format!(
+        "flannel_peer_path{{subnet=\"{}\",public_ip=\"{}\",path=\"{path}\"}} 1\n",
+        c.node_subnet(peer)
+            .map(|s| s.to_string())
+            .unwrap_or_default(),
+        c.node_ip(peer).map(|s| s.to_string()).unwrap_or_default(),
+    )
+}
+
+/// Polls `f` every 500 ms until it holds or `limit` passed; returns whether it held.
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline || sys::interrupted() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn ipv4_routes(c: &Cluster, node: &str) -> String {
+    c.exec_ok(node, &["ip", "-4", "route", "show"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// `udp port <port> and <hosts> and` the inner IPv4 protocol (byte 9 of the inner header,
+/// after UDP 8 + VXLAN 8 + Ethernet 14 bytes) being ICMP or not: the prober's echo requests
+/// are the only inner ICMP a fallback node sends to its peer's VTEP. Not ICMP: traffic to a
+/// VTEP address (`vteps`, inner destination at UDP offset 46) is left out too: the VTEP /32
+/// keeps it on VXLAN by design (replies to host traffic sourced from a VTEP address).
+fn vxlan_filter(port: u16, hosts: &str, icmp: bool, vteps: &[Ipv4Addr]) -> String {
+    if icmp {
+        return format!("udp port {port} and {hosts} and udp[39] = 1");
+    }
+    let mut f = format!("udp port {port} and {hosts} and udp[39] != 1");
+    for v in vteps {
+        f.push_str(&format!(" and udp[46:4] != 0x{:08x}", u32::from(*v)));
+    }
+    f
+}
+
+/// Checks the matrix until every cell `judged` accepts passes, or `limit`.
+fn check_until(c: &Cluster, limit: Duration, judged: impl Fn(&Cell) -> bool) -> Matrix {
+    let deadline = Instant::now() + limit;
+    loop {
+        let m = c.check();
+        let ok = m.cells.iter().filter(|x| judged(x)).all(Cell::ok);
+        if ok || Instant::now() >= deadline || sys::interrupted() {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn p3_fallback(c: &mut Cluster, opts: &ScenarioOpts, blocked: &str) -> Result<Vec<Phase>> {
+    if c.state().sites {
+        bail!("the host-gw fallback scenarios need every node on one layer-2 segment");
+    }
+    let conf = c.net_conf()?;
+    if conf.backend_type != "vxlan" {
+        bail!("the run uses backend {:?}, not vxlan", conf.backend_type);
+    }
+    let port = conf.effective_port();
+    let network = conf.network.to_string();
+    let b = c
+        .node(blocked)
+        .cloned()
+        .ok_or_else(|| anyhow!("no node {blocked}"))?;
+    let b_ip = b.underlay_ip.to_string();
+    let b_falls_back = b.kind.runs_flanneld();
+    let vteps: Vec<Ipv4Addr> = c
+        .nodes()
+        .iter()
+        .filter_map(|n| n.subnet.map(|s| s.network()))
+        .collect();
+    // Upstream does not fall back: its host's own traffic to our pods leaves from its VTEP
+    // address, and our replies to that address stay on the (blocked) VXLAN path by design.
+    let known_gap =
+        |cell: &Cell| !b_falls_back && cell.src_kind == SourceKind::Host && cell.src == blocked;
+    // The flannel-rs nodes that must route to the blocked node directly.
+    let others: Vec<String> = flanneld_nodes(c)
+        .into_iter()
+        .filter(|n| n != blocked)
+        .collect();
+    let watcher = others
+        .first()
+        .cloned()
+        .ok_or_else(|| anyhow!("no flanneld node besides {blocked}"))?;
+    let owner = owners(c);
+    let affected = |cell: &Cell| {
+        !cell.same_node
+            && (owner.get(&cell.src).map(String::as_str) == Some(blocked)
+                || owner.get(&cell.dst).map(String::as_str) == Some(blocked))
+    };
+    let rule = |op: &'static str| -> Vec<String> {
+        let mut v: Vec<String> = ["iptables", "-w", op, "INPUT"].map(String::from).to_vec();
+        if op == "-I" {
+            v.push("1".into());
+        }
+        v.extend(["-p", "udp", "--dport", &port.to_string(), "-j", "DROP"].map(String::from));
+        v
+    };
+    let run_rule = |c: &Cluster, op: &'static str| -> Result<()> {
+        let v = rule(op);
+        let refs: Vec<&str> = v.iter().map(String::as_str).collect();
+        c.exec_ok(blocked, &refs).map(|_| ())
+    };
+    let mut phases = Vec::new();
+
+    let mut p = Phase::new(
+        "baseline",
+        format!(
+            "healthy cluster, vxlan on UDP {port}, every flanneld with {}",
+            FALLBACK_ARGS.join(" ")
+        ),
+    );
+    expect_matrix_pass(&mut p, c, opts.converge);
+    let want = path_line(c, blocked, "vxlan");
+    let ok = wait_until(Duration::from_secs(10), || {
+        node_metrics(c, &watcher).contains(&want)
+    });
+    p.expect(
+        format!("{watcher}: /metrics shows the path to {blocked} as vxlan"),
+        ok,
+        want.trim().to_string(),
+    );
+    phases.push(p);
+
+    let mut p = Phase::new(
+        "broken",
+        format!("iptables -I INPUT 1 -p udp --dport {port} -j DROP on {blocked} only"),
+    );
+    run_rule(c, "-I")?;
+    let blocked_at = Instant::now();
+    let m = broken_matrix(c);
+    let measured = blocked_at.elapsed();
+    expect_split(&mut p, &m, &format!("with {blocked}"), affected, true);
+    p.note(format!("matrix measured within {measured:?} of the drop"));
+    let direct = path_line(c, blocked, "direct");
+    let early: Vec<&String> = others
+        .iter()
+        .filter(|n| node_metrics(c, n).contains(&direct))
+        .collect();
+    p.expect(
+        "no node had fallen back yet when the broken matrix was taken",
+        early.is_empty(),
+        format!("already direct on {early:?} after {measured:?}"),
+    );
+    let broken = m.clone();
+    p.matrix = Some(m);
+    phases.push(p);
+
+    let mut p = Phase::new(
+        "fallback",
+        format!("the drop stays; no config change, no restart: the fallback routes {blocked}'s pairs directly"),
+    );
+    let limit = opts.converge.max(Duration::from_secs(40));
+    // Wait for the switch first, so the captures below only see the direct path.
+    let want = path_line(c, blocked, "direct");
+    let switched = wait_until(limit, || {
+        others.iter().all(|n| node_metrics(c, n).contains(&want))
+    });
+    // …and for the data planes to have applied it (the main loop syncs after the prober
+    // published the set): the direct routes on every fallback node.
+    let direct_route = |o: &crate::cluster::NodeState| {
+        o.subnet
+            .map(|s| format!("{s} via {} dev eth0", o.underlay_ip))
+    };
+    let mut route_wanted: Vec<(String, String)> = others
+        .iter()
+        .filter_map(|n| Some((n.clone(), direct_route(&b)?)))
+        .collect();
+    if b_falls_back {
+        for o in c.nodes().iter().filter(|o| o.name != blocked) {
+            if let Some(r) = direct_route(o) {
+                route_wanted.push((blocked.to_string(), r));
+            }
+        }
+    }
+    let routed = wait_until(limit, || {
+        route_wanted
+            .iter()
+            .all(|(n, r)| ipv4_routes(c, n).lines().any(|l| l.starts_with(r.as_str())))
+    });
+    p.expect(
+        "every fallback node has its direct routes in place",
+        routed,
+        format!("{route_wanted:?}"),
+    );
+    let healed_after = blocked_at.elapsed();
+    p.expect(
+        format!(
+            "/metrics of {} shows the path to {blocked} as direct",
+            others.join(", ")
+        ),
+        switched,
+        format!("{} after the drop", fmt_secs(healed_after)),
+    );
+    let cap_to = c.start_capture(&CaptureOpts {
+        filter: Some(vxlan_filter(
+            port,
+            &format!("dst host {b_ip}"),
+            false,
+            &vteps,
+        )),
+        max_seconds: 120,
+        ..CaptureOpts::default()
+    })?;
+    let cap_from = c.start_capture(&CaptureOpts {
+        filter: Some(vxlan_filter(
+            port,
+            &format!("src host {b_ip}"),
+            false,
+            &vteps,
+        )),
+        max_seconds: 120,
+        ..CaptureOpts::default()
+    })?;
+    let cap_probes = c.start_capture(&CaptureOpts {
+        filter: Some(vxlan_filter(
+            port,
+            &format!("dst host {b_ip}"),
+            true,
+            &vteps,
+        )),
+        max_seconds: 120,
+        ..CaptureOpts::default()
+    })?;
+    let (_, pcap_plain) = capture_during(c, &format!("net {network}"), |c| {
+        if b_falls_back {
+            return expect_matrix_pass(&mut p, c, limit);
+        }
+        let m = check_until(c, limit, |x| !known_gap(x));
+        let bad: Vec<String> = m
+            .cells
+            .iter()
+            .filter(|x| !known_gap(x) && !x.ok())
+            .map(|x| format!("{}->{} {}", x.src, x.dst, x.letters()))
+            .collect();
+        p.expect(
+            format!(
+                "matrix: every probe passes but those from {blocked}'s host (its VTEP address)"
+            ),
+            bad.is_empty(),
+            format!("failing: {}", bad.join(", ")),
+        );
+        let worse: Vec<String> = m
+            .cells
+            .iter()
+            .filter(|x| !x.ok())
+            .filter(|x| {
+                broken
+                    .cells
+                    .iter()
+                    .any(|y| y.src == x.src && y.dst == x.dst && y.ok())
+            })
+            .map(|x| format!("{}->{}", x.src, x.dst))
+            .collect();
+        p.expect(
+            "matrix: no worse than without the fallback (every pair that passed before still passes)",
+            worse.is_empty(),
+            format!("newly failing: {}", worse.join(", ")),
+        );
+        let gap: Vec<String> = m
+            .cells
+            .iter()
+            .filter(|x| known_gap(x))
+            .map(|x| format!("{}->{} {}", x.src, x.dst, x.letters()))
+            .collect();
+        p.note(format!(
+            "{blocked} (upstream) host to pods, left on VXLAN by design: {}",
+            gap.join(", ")
+        ));
+        p.matrix = Some(m);
+    })?;
+    let healed_after = blocked_at.elapsed();
+    p.expect(
+        "the matrix heals within 35 s of the drop (3 missed probes at 6 s, a sync, a matrix)",
+        healed_after <= Duration::from_secs(35),
+        format!("healed after {}", fmt_secs(healed_after)),
+    );
+    p.note(format!(
+        "matrix passes {} after the drop",
+        fmt_secs(healed_after)
+    ));
+    // Let at least one probe round go by inside the captures.
+    std::thread::sleep(Duration::from_millis(6500));
+    let to = crate::capture::verify_pcap(&c.stop_capture(&cap_to.name)?, port)?;
+    let from = crate::capture::verify_pcap(&c.stop_capture(&cap_from.name)?, port)?;
+    let probes = crate::capture::verify_pcap(&c.stop_capture(&cap_probes.name)?, port)?;
+    let plain = crate::capture::verify_pcap(&pcap_plain, port)?;
+    p.expect(
+        format!("capture: no pod traffic over VXLAN to {blocked} ({b_ip}) on the direct path"),
+        to.frames == 0,
+        format!("{} frames", to.frames),
+    );
+    if b_falls_back {
+        p.expect(
+            format!("capture: no pod traffic over VXLAN from {blocked} either (it fell back too)"),
+            from.frames == 0,
+            format!("{} frames", from.frames),
+        );
+    } else {
+        p.expect(
+            format!(
+                "capture: {blocked} (upstream, no fallback) still sends its replies over VXLAN"
+            ),
+            from.frames > 0,
+            format!("{} frames", from.frames),
+        );
+    }
+    p.expect(
+        format!("capture: the VTEP of {blocked} is still probed over VXLAN (inner ICMP)"),
+        probes.frames > 0,
+        format!("{} frames", probes.frames),
+    );
+    p.expect(
+        format!("capture: pod traffic crosses the underlay unencapsulated ({network})"),
+        plain.frames > 0 && plain.vxlan_frames == 0,
+        format!("{} frames, {} VXLAN", plain.frames, plain.vxlan_frames),
+    );
+    p.captures
+        .push((format!("VXLAN to {b_ip}, not ICMP (must be empty)"), to));
+    p.captures
+        .push((format!("VXLAN from {b_ip}, not ICMP"), from));
+    p.captures
+        .push((format!("VXLAN to {b_ip}, ICMP probes"), probes));
+    p.captures.push((format!("net {network}"), plain));
+    let (b_subnet, b_vtep) = match b.subnet {
+        Some(s) => (s.to_string(), s.network().to_string()),
+        None => bail!("{blocked} has no subnet"),
+    };
+    for n in &others {
+        let routes = ipv4_routes(c, n);
+        let direct = format!("{b_subnet} via {b_ip} dev eth0");
+        let vtep = format!("{b_vtep} ");
+        p.expect(
+            format!("{n}: {direct}, and {b_vtep}/32 stays on the overlay device"),
+            routes.lines().any(|l| l.starts_with(&direct))
+                && routes
+                    .lines()
+                    .any(|l| l.starts_with(&vtep) && l.contains("dev flannel")),
+            routes.lines().collect::<Vec<_>>().join("; "),
+        );
+        let log = std::fs::read_to_string(c.flanneld_log(n)).unwrap_or_default();
+        let line = format!("host-gw fallback, routing its subnet directly via {b_ip}");
+        p.expect(
+            format!("{n}: one log line names {blocked} and why"),
+            log.lines().filter(|l| l.contains(&line)).count() == 1
+                && log
+                    .lines()
+                    .any(|l| l.contains(&line) && l.contains("went unanswered")),
+            line,
+        );
+    }
+    if b_falls_back {
+        let routes = ipv4_routes(c, blocked);
+        let missing: Vec<String> = c
+            .nodes()
+            .iter()
+            .filter(|o| o.name != blocked)
+            .filter_map(|o| {
+                let want = format!("{} via {} dev eth0", o.subnet?, o.underlay_ip);
+                (!routes.lines().any(|l| l.starts_with(&want))).then_some(want)
+            })
+            .collect();
+        p.expect(
+            format!("{blocked}: routes every peer directly (its probes' replies are dropped)"),
+            missing.is_empty(),
+            format!("missing: {}", missing.join(", ")),
+        );
+    }
+    phases.push(p);
+
+    let mut p = Phase::new(
+        "lifted",
+        format!("the DROP of UDP {port} on {blocked} deleted: back to VXLAN after the 5 s damping window"),
+    );
+    run_rule(c, "-D")?;
+    let lifted_at = Instant::now();
+    let want = path_line(c, blocked, "vxlan");
+    let back = wait_until(limit, || {
+        others.iter().all(|n| node_metrics(c, n).contains(&want))
+    });
+    p.expect(
+        format!(
+            "/metrics of {} shows the path to {blocked} as vxlan again",
+            others.join(", ")
+        ),
+        back,
+        format!("{} after lifting", fmt_secs(lifted_at.elapsed())),
+    );
+    let switches = format!(
+        "flannel_peer_path_switches_total{{subnet=\"{}\",public_ip=\"{b_ip}\"}} 2\n",
+        b_subnet
+    );
+    let text = node_metrics(c, &watcher);
+    p.expect(
+        format!("{watcher}: exactly 2 switches for {blocked} (there and back)"),
+        text.contains(&switches),
+        switches.trim().to_string(),
+    );
+    if b_falls_back {
+        let want: Vec<String> = others.iter().map(|o| path_line(c, o, "vxlan")).collect();
+        let ok = wait_until(limit, || {
+            let t = node_metrics(c, blocked);
+            want.iter().all(|w| t.contains(w))
+        });
+        p.expect(
+            format!("{blocked}: every peer back on vxlan"),
+            ok,
+            want.join(""),
+        );
+    }
+    let (_, pcap_vx) = capture_during(
+        c,
+        &vxlan_filter(port, &format!("dst host {b_ip}"), false, &vteps),
+        |c| expect_matrix_pass(&mut p, c, limit),
+    )?;
+    let vx = crate::capture::verify_pcap(&pcap_vx, port)?;
+    p.expect(
+        format!("capture: pod traffic to {blocked} is VXLAN again, checksums valid"),
+        vx.vxlan_frames > 0 && vx.bad_total() == 0,
+        vx.to_string().replace('\n', "; "),
+    );
+    p.captures.push((format!("VXLAN to {b_ip}, not ICMP"), vx));
+    for n in &others {
+        let routes = ipv4_routes(c, n);
+        let direct = format!("{b_subnet} via {b_ip} dev eth0");
+        let vtep = format!("{b_vtep} ");
+        p.expect(
+            format!("{n}: no direct route and no /32 to {blocked} left"),
+            !routes
+                .lines()
+                .any(|l| l.starts_with(&direct) || l.starts_with(&vtep)),
+            routes.lines().collect::<Vec<_>>().join("; "),
+        );
+    }
+    phases.push(p);
+    Ok(phases)
+}
+
+fn fmt_secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1838,7 +2344,11 @@ mod tests {
         }
         assert!("p4".parse::<Scenario>().is_err());
         let all = parse_names(&["all".into()]).unwrap();
-        assert_eq!(all.len(), 7);
+        assert_eq!(all.len(), 9);
+        assert_eq!(
+            "p3-fallback".parse::<Scenario>().unwrap(),
+            Scenario::P3Fallback
+        );
         let p3 = parse_names(&["p3".into()]).unwrap();
         assert_eq!(p3, Scenario::P3.to_vec());
         assert_eq!(p3[3], Scenario::P3VxlanPort);
@@ -1868,6 +2378,17 @@ mod tests {
         let setup = Scenario::NodeSetup.spec(&o);
         let kinds: Vec<NodeKind> = setup.nodes.iter().map(|n| n.kind).collect();
         assert_eq!(kinds, [NodeKind::Userspace, NodeKind::Kernel]);
+        for (s, first) in [
+            (Scenario::P3Fallback, NodeKind::Kernel),
+            (Scenario::P3FallbackMixed, NodeKind::KernelRef),
+        ] {
+            let spec = s.spec(&o);
+            assert_eq!(spec.nodes[0].kind, first);
+            assert_eq!(spec.nodes[1].kind, NodeKind::Userspace);
+            assert!(spec.flanneld_args.iter().any(|a| a == "--host-gw-fallback"));
+        }
+        // The fallback flags never leak into the other scenarios' clusters.
+        assert!(p3.flanneld_args.is_empty());
     }
 
     #[test]

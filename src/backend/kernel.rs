@@ -213,6 +213,9 @@ pub struct KernelVxlan {
     tx_checksum_off: bool,
     watch: Arc<DeviceWatch>,
     _watcher: TaskGuard,
+    /// `--host-gw-fallback`: peer subnets routed via their public IP (see
+    /// [`plan::plan_vxlan_fallback`]).
+    fallback: HashSet<IpNet>,
 }
 
 impl KernelVxlan {
@@ -267,9 +270,16 @@ impl KernelVxlan {
             watch,
             _watcher: TaskGuard(watcher),
             cfg,
+            fallback: HashSet::new(),
         };
         vx.configure().await?;
         Ok(vx)
+    }
+
+    /// `--host-gw-fallback`: the peer subnets the next sync routes directly via their
+    /// public IP (their VTEP address stays on the device).
+    pub fn set_fallback(&mut self, subnets: HashSet<IpNet>) {
+        self.fallback = subnets;
     }
 
     /// Device name.
@@ -365,7 +375,12 @@ impl KernelVxlan {
             network: self.cfg.network,
             own_subnet: self.cfg.subnet,
         };
-        let plan = plan::plan_vxlan(&pcfg, peers, |ip| onlink.contains(&ip));
+        let plan = plan::plan_vxlan_fallback(
+            &pcfg,
+            peers,
+            |ip| onlink.contains(&ip),
+            |s| self.fallback.contains(&s),
+        );
         for s in &plan.skipped {
             tracing::debug!(subnet = %s.peer.subnet, reason = %s.reason, "peer not programmed");
         }

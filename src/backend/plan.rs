@@ -4,7 +4,10 @@
 //! * VXLAN (flannel's "1 route, 1 ARP entry and 1 FDB entry per host"), per peer:
 //!   neighbour `<subnet network address>` → VTEP MAC on `flannel.<VNI>`, FDB VTEP MAC →
 //!   `dst <public IP>`, route `<subnet> via <subnet network address> dev flannel.<VNI> onlink`.
-//!   With DirectRouting and an on-link peer: only `<subnet> via <public IP>`.
+//!   With DirectRouting and an on-link peer: only `<subnet> via <public IP>`. A peer on the
+//!   `--host-gw-fallback` direct path keeps its neighbour and FDB entries, gets
+//!   `<subnet> via <public IP>` and `<VTEP address>/32 via <VTEP address> dev flannel.<VNI>
+//!   onlink`, so the probes of its VTEP still go over VXLAN.
 //! * host-gw: route `<subnet> via <public IP> dev <iface>`.
 //!
 //! [`Plan::diff`] orders operations as flannel does: per peer neighbour, FDB, then route (the
@@ -210,6 +213,16 @@ pub struct PeerPlan {
     pub fdb: Option<Fdb>,
     /// The route.
     pub route: RouteEntry,
+    /// `--host-gw-fallback` direct path: the `/32` keeping the peer's VTEP address on the
+    /// overlay device while `route` goes direct.
+    pub vtep_route: Option<RouteEntry>,
+}
+
+impl PeerPlan {
+    /// The peer's routes: `route`, then `vtep_route` if any.
+    pub fn routes(&self) -> impl Iterator<Item = RouteEntry> {
+        std::iter::once(self.route).chain(self.vtep_route)
+    }
 }
 
 /// Desired state of one backend device, per peer, plus what was left out.
@@ -254,6 +267,18 @@ pub fn plan_vxlan(
     peers: &[Peer],
     is_onlink: impl Fn(IpAddr) -> bool,
 ) -> Plan {
+    plan_vxlan_fallback(cfg, peers, is_onlink, |_| false)
+}
+
+/// [`plan_vxlan`] with `--host-gw-fallback`: a peer whose subnet `is_fallback` accepts (and
+/// that DirectRouting does not already route directly) is routed via its public IP, its
+/// neighbour, FDB entry and a `/32` route to its VTEP address staying on the device.
+pub fn plan_vxlan_fallback(
+    cfg: &VxlanPlanConfig,
+    peers: &[Peer],
+    is_onlink: impl Fn(IpAddr) -> bool,
+    is_fallback: impl Fn(IpNet) -> bool,
+) -> Plan {
     let ownership = Ownership {
         device: Some(cfg.ifindex),
         network: cfg.network.trunc(),
@@ -273,6 +298,7 @@ pub fn plan_vxlan(
                     onlink: false,
                     metric,
                 },
+                vtep_route: None,
             });
         }
         let mac = peer.vtep_mac.ok_or(SkipReason::NoVtepMac)?;
@@ -280,6 +306,26 @@ pub fn plan_vxlan(
             return Err(SkipReason::InvalidVtepMac);
         }
         let gw = subnet.network();
+        let overlay = |dst| RouteEntry {
+            dst,
+            via: Some(gw),
+            dev: Some(cfg.ifindex),
+            onlink: true,
+            metric,
+        };
+        let (route, vtep_route) = match is_fallback(subnet) {
+            true => (
+                RouteEntry {
+                    dst: subnet,
+                    via: Some(peer.public_ip),
+                    dev: None,
+                    onlink: false,
+                    metric,
+                },
+                Some(overlay(host_net(gw))),
+            ),
+            false => (overlay(subnet), None),
+        };
         Ok(PeerPlan {
             subnet,
             neigh: Some(Neigh { ip: gw, mac }),
@@ -287,13 +333,8 @@ pub fn plan_vxlan(
                 mac,
                 dst: peer.public_ip,
             }),
-            route: RouteEntry {
-                dst: subnet,
-                via: Some(gw),
-                dev: Some(cfg.ifindex),
-                onlink: true,
-                metric,
-            },
+            route,
+            vtep_route,
         })
     })
 }
@@ -333,6 +374,11 @@ pub fn plan_direct_routes(
     })
 }
 
+/// `ip/32` (`ip/128`).
+pub fn host_net(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
 fn route_via_public_ip(cfg: &HostGwPlanConfig, subnet: IpNet, peer: &Peer) -> PeerPlan {
     PeerPlan {
         subnet,
@@ -345,6 +391,7 @@ fn route_via_public_ip(cfg: &HostGwPlanConfig, subnet: IpNet, peer: &Peer) -> Pe
             onlink: false,
             metric: default_metric(subnet),
         },
+        vtep_route: None,
     }
 }
 
@@ -562,7 +609,7 @@ impl Plan {
             if let Some(f) = p.fdb {
                 s.fdb.entry(f.mac).or_insert_with(|| vec![f.dst]);
             }
-            s.routes.push(p.route);
+            s.routes.extend(p.routes());
         }
         s
     }
@@ -603,13 +650,16 @@ impl Plan {
                     }
                 }
             }
-            if !owned.iter().any(|r| r.satisfies(&p.route)) {
+            for want in p.routes() {
+                if owned.iter().any(|r| r.satisfies(&want)) {
+                    continue;
+                }
                 // Several routes with the same kernel key: `replace` would overwrite only one
                 // of them, unpredictably, so remove them all first.
                 let same_key: Vec<&RouteEntry> = current
                     .routes
                     .iter()
-                    .filter(|r| r.key() == p.route.key())
+                    .filter(|r| r.key() == want.key())
                     .collect();
                 if same_key.len() > 1 {
                     for r in same_key {
@@ -620,10 +670,10 @@ impl Plan {
                         cleared_first.push(r);
                     }
                 }
-                replaced_keys.insert(p.route.key());
+                replaced_keys.insert(want.key());
                 ops.push(Op::RouteReplace {
                     peer: p.subnet,
-                    route: p.route,
+                    route: want,
                 });
             }
         }
@@ -855,6 +905,51 @@ mod tests {
                 "ip route replace 10.244.3.0/24 via 10.244.3.0 dev if10 onlink",
             ]
         );
+    }
+
+    #[test]
+    fn fallback_routes_direct_and_keeps_the_vtep_on_the_device() {
+        let peers = vec![
+            vx_peer("10.244.2.0/24", "198.18.0.2", 2),
+            vx_peer("10.244.3.0/24", "198.18.0.3", 3),
+        ];
+        let fallback: IpNet = "10.244.2.0/24".parse().unwrap();
+        let plan = plan_vxlan_fallback(&vx_cfg(), &peers, |_| false, |s| s == fallback);
+        let describe = |ops: &[Op]| -> Vec<String> {
+            ops.iter()
+                .map(|o| o.describe(10, |i| format!("if{i}")))
+                .collect()
+        };
+        assert_eq!(
+            describe(&plan.diff(&KernelState::default())),
+            vec![
+                "ip neigh replace 10.244.2.0 lladdr 02:00:00:00:00:02 dev if10 nud permanent",
+                "bridge fdb replace 02:00:00:00:00:02 dev if10 dst 198.18.0.2 self permanent",
+                "ip route replace 10.244.2.0/24 via 198.18.0.2",
+                "ip route replace 10.244.2.0/32 via 10.244.2.0 dev if10 onlink",
+                "ip neigh replace 10.244.3.0 lladdr 02:00:00:00:00:03 dev if10 nud permanent",
+                "bridge fdb replace 02:00:00:00:00:03 dev if10 dst 198.18.0.3 self permanent",
+                "ip route replace 10.244.3.0/24 via 10.244.3.0 dev if10 onlink",
+            ]
+        );
+        // Applied, then back on VXLAN: the overlay route replaces the direct one in place and
+        // the /32 goes; neighbour and FDB entries stay untouched.
+        let applied = plan.desired_state();
+        assert!(plan.diff(&applied).is_empty());
+        let back = plan_vxlan(&vx_cfg(), &peers, |_| false);
+        assert_eq!(
+            describe(&back.diff(&applied)),
+            vec![
+                "ip route replace 10.244.2.0/24 via 10.244.2.0 dev if10 onlink",
+                "ip route del 10.244.2.0/32 via 10.244.2.0 dev if10 onlink",
+            ]
+        );
+        // DirectRouting wins for an on-link peer: no /32, no neighbour.
+        let dr = plan_vxlan_fallback(&vx_cfg(), &peers, |_| true, |s| s == fallback);
+        assert!(dr
+            .peers
+            .iter()
+            .all(|p| p.vtep_route.is_none() && p.neigh.is_none()));
     }
 
     #[test]

@@ -139,6 +139,11 @@ pub struct Flags {
     /// `--peer-probe-interval` (addition): seconds between ICMP probes of every peer's VTEP
     /// (0 disables the prober).
     pub peer_probe_interval: u32,
+    /// `--host-gw-fallback` (addition): route an on-link peer whose VTEP stopped answering the
+    /// probes directly via its public IP until VXLAN answers again.
+    pub host_gw_fallback: bool,
+    /// `--host-gw-fallback-damping` (addition): seconds a peer stays on a path after a switch.
+    pub host_gw_fallback_damping: u32,
     /// `doctor --cni-bin-dir` (addition): where the kubelet finds CNI plugins.
     pub cni_bin_dir: PathBuf,
     /// `doctor --cni-conf-dir` (addition): where the kubelet reads CNI network configs.
@@ -188,6 +193,8 @@ impl Default for Flags {
             metrics_port: 0,
             metrics_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             peer_probe_interval: 10,
+            host_gw_fallback: false,
+            host_gw_fallback_damping: 60,
             cni_bin_dir: PathBuf::from("/opt/cni/bin"),
             cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
         }
@@ -244,6 +251,8 @@ impl fmt::Debug for Flags {
             .field("metrics_port", &self.metrics_port)
             .field("metrics_ip", &self.metrics_ip)
             .field("peer_probe_interval", &self.peer_probe_interval)
+            .field("host_gw_fallback", &self.host_gw_fallback)
+            .field("host_gw_fallback_damping", &self.host_gw_fallback_damping)
             .field("cni_bin_dir", &self.cni_bin_dir)
             .field("cni_conf_dir", &self.cni_conf_dir)
             .finish()
@@ -394,6 +403,8 @@ const SPECS: &[Spec] = &[
     addition(spec("cni-bin-dir", Kind::Str, "/opt/cni/bin", "doctor only: the directory the kubelet finds CNI plugins in (checked by cni-plugin)")),
     addition(spec("cni-conf-dir", Kind::Str, "/etc/cni/net.d", "doctor only: the directory the kubelet reads CNI network configs from (checked by cni-config)")),
     addition(spec("peer-probe-interval", Kind::Int, "10", "seconds between ICMP echo probes of every peer's VTEP address (host-gw: public IP); a peer silent 3 times in a row is logged and exported as flannel_peer_reachable 0 (0 to disable)")),
+    addition(spec("host-gw-fallback", Kind::Bool, "", "vxlan: route a peer whose VTEP misses 3 probes in a row directly via its public IP (host-gw style) when that IP is on-link, and back over VXLAN once it answers again (needs --peer-probe-interval > 0)")),
+    addition(spec("host-gw-fallback-damping", Kind::Int, "60", "seconds a peer stays on a path after --host-gw-fallback switched it (damps flapping)")),
 ];
 
 /// Flags only `flanneld doctor` reads: refused by the daemon rather than ignored.
@@ -774,6 +785,9 @@ fn build(values: &BTreeMap<&'static str, (Origin, Vec<String>)>) -> Result<Flags
         metrics_ip: parsed("metrics-ip", "an IP address")?
             .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         peer_probe_interval: u32::try_from(int("peer-probe-interval", 0, 86_400)?).unwrap_or(10),
+        host_gw_fallback: boolean("host-gw-fallback")?,
+        host_gw_fallback_damping: u32::try_from(int("host-gw-fallback-damping", 0, 86_400)?)
+            .unwrap_or(60),
         cni_bin_dir: PathBuf::from(string("cni-bin-dir")),
         cni_conf_dir: PathBuf::from(string("cni-conf-dir")),
     })
@@ -1113,6 +1127,24 @@ mod tests {
             Ok(Command::Doctor(f)) => assert_eq!(f.peer_probe_interval, 3),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn host_gw_fallback_flag_and_env() {
+        let d = Flags::default();
+        assert!(!d.host_gw_fallback);
+        assert_eq!(d.host_gw_fallback_damping, 60);
+        let f = run(&["--host-gw-fallback", "--host-gw-fallback-damping=5"]);
+        assert!(f.host_gw_fallback);
+        assert_eq!(f.host_gw_fallback_damping, 5);
+        let env = |k: &str| (k == "FLANNELD_HOST_GW_FALLBACK").then(|| "true".to_owned());
+        match parse(&args(&[]), &env) {
+            Ok(Command::Run(f)) => assert!(f.host_gw_fallback),
+            other => panic!("{other:?}"),
+        }
+        assert!(err(&["--host-gw-fallback-damping=-1"])
+            .to_string()
+            .contains("out of range"));
     }
 
     #[test]

@@ -56,6 +56,19 @@ pub struct PeerGauge {
     pub failures_total: u64,
 }
 
+/// One vxlan peer's `--host-gw-fallback` path, as exported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerPathGauge {
+    /// The peer's subnet (label `subnet`).
+    pub subnet: String,
+    /// The peer's public IP (label `public_ip`).
+    pub public_ip: String,
+    /// `vxlan` or `direct`.
+    pub path: &'static str,
+    /// Path changes so far.
+    pub switches: u64,
+}
+
 /// A gauge that never goes negative.
 type UGauge = Gauge<u64, AtomicU64>;
 /// The label set `{reason="..."}`.
@@ -78,6 +91,7 @@ struct Scraped {
     peer_table: Mutex<Option<u64>>,
     plane: Mutex<PlaneMetrics>,
     peer_health: Mutex<Vec<PeerGauge>>,
+    peer_paths: Mutex<Vec<PeerPathGauge>>,
 }
 
 /// Registers `metric`; `help` ends with a period, which prometheus-client adds itself.
@@ -163,6 +177,13 @@ impl DaemonMetrics {
         }
     }
 
+    /// Replaces the peers' `--host-gw-fallback` paths.
+    pub fn set_peer_paths(&self, gauges: Vec<PeerPathGauge>) {
+        if let Ok(mut g) = self.scraped.peer_paths.lock() {
+            *g = gauges;
+        }
+    }
+
     /// The Prometheus text format (version 0.0.4).
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -221,6 +242,30 @@ impl Out<'_> {
     }
 }
 
+/// The `subnet` and `public_ip` labels of a per-peer sample.
+trait PeerLabels {
+    fn subnet(&self) -> &str;
+    fn public_ip(&self) -> &str;
+}
+
+impl PeerLabels for PeerGauge {
+    fn subnet(&self) -> &str {
+        &self.subnet
+    }
+    fn public_ip(&self) -> &str {
+        &self.public_ip
+    }
+}
+
+impl PeerLabels for PeerPathGauge {
+    fn subnet(&self) -> &str {
+        &self.subnet
+    }
+    fn public_ip(&self) -> &str {
+        &self.public_ip
+    }
+}
+
 impl Collector for Scraped {
     fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
         let mut out = Out(encoder);
@@ -236,12 +281,12 @@ impl Collector for Scraped {
             .lock()
             .map(|g| g.clone())
             .unwrap_or_default();
-        let peer = |g: &PeerGauge| {
+        fn peer(g: &impl PeerLabels) -> [(&'static str, String); 2] {
             [
-                ("subnet", g.subnet.clone()),
-                ("public_ip", g.public_ip.clone()),
+                ("subnet", g.subnet().to_owned()),
+                ("public_ip", g.public_ip().to_owned()),
             ]
-        };
+        }
         let reachable: Vec<_> = health
             .iter()
             .filter_map(|g| g.reachable.map(|r| (peer(g), u64::from(r))))
@@ -258,6 +303,37 @@ impl Collector for Scraped {
             "Peer probes that went unanswered.",
             MetricType::Counter,
             &failures,
+        )?;
+        let paths = self
+            .peer_paths
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        let path_of = |g: &PeerPathGauge, path: &'static str| {
+            [
+                ("subnet", g.subnet.clone()),
+                ("public_ip", g.public_ip.clone()),
+                ("path", path.to_owned()),
+            ]
+        };
+        let current: Vec<_> = paths
+            .iter()
+            .flat_map(|g| {
+                ["vxlan", "direct"].map(|p| (path_of(g, p), u64::from(g.path == p)))
+            })
+            .collect();
+        out.family(
+            "flannel_peer_path",
+            "How pod traffic to the peer is carried (--host-gw-fallback): 1 for the current path, vxlan or direct.",
+            MetricType::Gauge,
+            &current,
+        )?;
+        let switches: Vec<_> = paths.iter().map(|g| (peer(g), g.switches)).collect();
+        out.family(
+            "flannel_peer_path_switches",
+            "Path changes of the peer between vxlan and direct (--host-gw-fallback).",
+            MetricType::Counter,
+            &switches,
         )?;
         let plane = self.plane.lock().map(|p| p.clone()).unwrap_or_default();
         let PlaneMetrics::Userspace {
@@ -431,6 +507,28 @@ mod tests {
             text.contains(r#"flannel_peer_reachable{subnet="a\"b",public_ip="c\nd"} 0"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn renders_peer_paths_and_switches() {
+        let m = DaemonMetrics::default();
+        assert!(!m.render().contains("flannel_peer_path"));
+        m.set_peer_paths(vec![PeerPathGauge {
+            subnet: "10.244.1.0/24".into(),
+            public_ip: "198.18.0.2".into(),
+            path: "direct",
+            switches: 1,
+        }]);
+        let text = m.render();
+        for line in [
+            "# TYPE flannel_peer_path gauge\n",
+            "flannel_peer_path{subnet=\"10.244.1.0/24\",public_ip=\"198.18.0.2\",path=\"vxlan\"} 0\n",
+            "flannel_peer_path{subnet=\"10.244.1.0/24\",public_ip=\"198.18.0.2\",path=\"direct\"} 1\n",
+            "# TYPE flannel_peer_path_switches_total counter\n",
+            "flannel_peer_path_switches_total{subnet=\"10.244.1.0/24\",public_ip=\"198.18.0.2\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from {text}");
+        }
     }
 
     #[test]

@@ -8,6 +8,8 @@ pub mod backoff;
 mod blackhole;
 pub mod compat;
 pub mod extif;
+pub mod fallback;
+mod fallback_plane;
 pub mod http;
 pub mod metrics;
 mod nftfw;
@@ -223,11 +225,23 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
         .ok()
         .and_then(|e| e.network.zip(e.subnet));
     let (peers_tx, peers_rx) = watch::channel(Vec::<Peer>::new());
+    // --host-gw-fallback: the prober publishes the subnets to route directly.
+    let (fallback_tx, mut fallback_rx) = watch::channel(std::collections::HashSet::new());
+    let fallback = host_gw_fallback(&flags, &backend).map(|policy| {
+        info!(damping = ?policy.damping, "host-gw fallback on: on-link peers whose VTEP stops answering are routed directly");
+        probe::Fallback::new(policy, fallback_tx)
+    });
     let prober = (flags.peer_probe_interval > 0).then(|| {
         let interval = Duration::from_secs(u64::from(flags.peer_probe_interval));
         let ctx = probe::ProbeContext::new(&flags, &backend);
         info!(?interval, "probing peers");
-        tokio::spawn(probe::run(interval, ctx, peers_rx, metrics.clone()))
+        tokio::spawn(probe::run(
+            interval,
+            ctx,
+            peers_rx,
+            metrics.clone(),
+            fallback,
+        ))
     });
     let nftables = net.enable_nftables;
     let firewall = if nftables {
@@ -355,6 +369,12 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
             _ = resync.tick(), if synced && recovery.is_none() => {
                 sync_plane(&mut plane, &peers, &mut sync_failing).await;
             }
+            Ok(()) = fallback_rx.changed() => {
+                plane.set_fallback(fallback_rx.borrow_and_update().clone());
+                if synced && recovery.is_none() {
+                    sync_plane(&mut plane, &peers, &mut sync_failing).await;
+                }
+            }
             () = plane.device_event(), if recovery.is_none() => {
                 warn!("overlay device changed under us; recreating it and replaying every peer");
                 recovery = Some(tokio::time::Instant::now());
@@ -416,6 +436,28 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
         info!("Exiting cleanly...");
     }
     outcome
+}
+
+/// The `--host-gw-fallback` policy, if it applies: a vxlan backend and a running prober.
+fn host_gw_fallback(flags: &Flags, backend: &BackendConfig) -> Option<fallback::Policy> {
+    if !flags.host_gw_fallback {
+        return None;
+    }
+    if !matches!(backend, BackendConfig::Vxlan(_)) {
+        warn!(
+            backend = backend.kind(),
+            "--host-gw-fallback applies to the vxlan backend only; ignored"
+        );
+        return None;
+    }
+    if flags.peer_probe_interval == 0 {
+        warn!("--host-gw-fallback needs the peer probes (--peer-probe-interval > 0); ignored");
+        return None;
+    }
+    Some(fallback::Policy {
+        damping: Duration::from_secs(u64::from(flags.host_gw_fallback_damping)),
+        ..fallback::Policy::default()
+    })
 }
 
 /// Opens the lease store the flags select: `--lease-dir`, else `--kube-subnet-mgr`, else etcd.

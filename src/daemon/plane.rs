@@ -71,6 +71,9 @@ pub(super) enum Plane {
         handoff: Handoff,
         /// DirectRouting: routes via the external interface to on-link peers.
         direct: Option<Box<HostGw>>,
+        /// `--host-gw-fallback` (without DirectRouting, which already routes on-link peers
+        /// directly): routes of the peers on the direct path.
+        fallback: Option<Box<super::fallback_plane::FallbackRoutes>>,
     },
     /// The kernel's vxlan device, programmed like flannel.
     Kernel(Box<KernelVxlan>),
@@ -171,6 +174,24 @@ impl Plane {
                 } else {
                     None
                 };
+                let fallback = if flags.host_gw_fallback && direct.is_none() {
+                    let routes = HostGw::setup_direct(HostGwConfig {
+                        iface: ext.name.clone(),
+                        iface_addr: ext.iface_addr.into(),
+                        public_ip: ext.ext_addr.into(),
+                        network: network.into(),
+                        subnet: subnet.into(),
+                    })
+                    .await
+                    .map_err(|e| fail(format!("host-gw fallback: {e}")))?;
+                    Some(Box::new(super::fallback_plane::FallbackRoutes::new(
+                        routes,
+                        device.clone(),
+                        network.into(),
+                    )))
+                } else {
+                    None
+                };
                 Ok(Plane::Userspace {
                     dp,
                     nl,
@@ -181,6 +202,7 @@ impl Plane {
                         listener: None,
                     },
                     direct,
+                    fallback,
                 })
             }
             (BackendConfig::Vxlan(vx), Some(mac)) => {
@@ -247,6 +269,7 @@ impl Plane {
                 dp,
                 handoff,
                 direct,
+                fallback,
                 ..
             } => {
                 let (direct_peers, direct_result) = match direct.as_mut() {
@@ -270,10 +293,29 @@ impl Plane {
                     dp.close_handed_over();
                     info!("closed the handed-over device and socket");
                 }
-                direct_result
+                match fallback.as_mut() {
+                    Some(f) => {
+                        let r = f.sync(peers).await;
+                        direct_result.and(r)
+                    }
+                    None => direct_result,
+                }
             }
             Plane::Kernel(k) => summarize(&k.sync(peers).await),
             Plane::HostGw(h) => summarize(&h.sync(peers).await),
+        }
+    }
+
+    /// `--host-gw-fallback`: the vxlan peer subnets to route directly via their public IP
+    /// from the next [`Plane::sync`] on (ignored with DirectRouting in userspace mode, which
+    /// routes every on-link peer directly anyway, and for host-gw).
+    pub(super) fn set_fallback(&mut self, subnets: HashSet<IpNet>) {
+        match self {
+            Plane::Userspace {
+                fallback: Some(f), ..
+            } => f.set(subnets),
+            Plane::Kernel(k) => k.set_fallback(subnets),
+            _ => {}
         }
     }
 

@@ -21,7 +21,8 @@ use crate::config::netconf::BackendConfig;
 use crate::io::icmp::Pinger;
 use crate::lease::annotations::AnnotationNames;
 
-use super::metrics::{DaemonMetrics, PeerGauge};
+use super::fallback::{Path, PeerPath, Policy, Round, Switch};
+use super::metrics::{DaemonMetrics, PeerGauge, PeerPathGauge};
 
 /// Consecutive unanswered probes after which a peer counts as unreachable.
 pub const UNREACHABLE_AFTER: u32 = 3;
@@ -194,13 +195,137 @@ impl PeerHealth {
     }
 }
 
+/// `--host-gw-fallback` in the prober: each round, the on-link test of the peers, a probe
+/// of the public IP of every peer on the direct path, the per-peer decision
+/// ([`super::fallback`]) and the set of subnets the data plane routes directly.
+#[derive(Debug)]
+pub struct Fallback {
+    policy: Policy,
+    nl: Option<crate::netlink::Netlink>,
+    states: HashMap<(IpNet, IpAddr), PeerPath>,
+    direct: watch::Sender<HashSet<IpNet>>,
+}
+
+impl Fallback {
+    /// Publishes the subnets to route directly on `direct` (the main loop re-syncs the plane
+    /// on every change).
+    pub fn new(policy: Policy, direct: watch::Sender<HashSet<IpNet>>) -> Fallback {
+        Fallback {
+            policy,
+            nl: None,
+            states: HashMap::new(),
+            direct,
+        }
+    }
+
+    /// DirectRouting's on-link test for the vxlan peers (none when netlink is unavailable).
+    async fn onlink(&mut self, peers: &[Peer]) -> HashSet<IpAddr> {
+        if self.nl.is_none() {
+            match crate::netlink::Netlink::connect() {
+                Ok(nl) => self.nl = Some(nl),
+                Err(e) => {
+                    warn!(error = %e, "host-gw fallback: no netlink socket for the on-link test");
+                    return HashSet::new();
+                }
+            }
+        }
+        match &self.nl {
+            Some(nl) => {
+                crate::backend::kernel::onlink_public_ips(nl, crate::netlink::IpFamily::V4, peers)
+                    .await
+            }
+            None => HashSet::new(),
+        }
+    }
+
+    fn is_direct(&self, peer: &Peer) -> bool {
+        self.states
+            .get(&(peer.subnet, peer.public_ip))
+            .is_some_and(|s| s.path == Path::Direct)
+    }
+
+    /// Records a round of `peer`, logging a switch in one line.
+    fn observe(
+        &mut self,
+        peer: &Peer,
+        target: Ipv4Addr,
+        round: Round,
+        ctx: &ProbeContext,
+    ) -> Option<Switch> {
+        let state = self
+            .states
+            .entry((peer.subnet, peer.public_ip))
+            .or_default();
+        let switch = state.observe(&self.policy, round, std::time::Instant::now());
+        let label = peer_label(peer, ctx);
+        let ip = peer.public_ip;
+        match switch {
+            Some(Switch::FellBack { rounds }) => warn!(
+                subnet = %peer.subnet, public_ip = %ip,
+                "{label}: {rounds} ICMP echo requests to its VTEP {target} over VXLAN went unanswered and {ip} is on-link: host-gw fallback, routing its subnet directly via {ip} (VXLAN is still probed)"
+            ),
+            Some(Switch::Restored) => info!(
+                subnet = %peer.subnet, public_ip = %ip,
+                "{label}: its VTEP {target} answers over VXLAN again: host-gw fallback ends, back to VXLAN"
+            ),
+            Some(Switch::OffLink) => warn!(
+                subnet = %peer.subnet, public_ip = %ip,
+                "{label}: {ip} is no longer on-link: host-gw fallback ends, back to VXLAN"
+            ),
+            Some(Switch::DirectUnreachable { rounds }) => warn!(
+                subnet = %peer.subnet, public_ip = %ip,
+                "{}; on the host-gw fallback path {rounds} ICMP echo requests to {ip} went unanswered too: the peer is unreachable",
+                unreachable_message(peer, target, ctx)
+            ),
+            Some(Switch::DirectAnswers) => info!(
+                subnet = %peer.subnet, public_ip = %ip,
+                "{label}: {ip} answers again on the host-gw fallback path"
+            ),
+            None => {}
+        }
+        switch
+    }
+
+    /// Drops the state of peers that are gone; publishes the direct set if it changed;
+    /// exports the paths.
+    fn finish(&mut self, live: &HashSet<(IpNet, IpAddr)>, metrics: &DaemonMetrics) {
+        self.states.retain(|k, _| live.contains(k));
+        let direct: HashSet<IpNet> = self
+            .states
+            .iter()
+            .filter(|(_, s)| s.path == Path::Direct)
+            .map(|((subnet, _), _)| *subnet)
+            .collect();
+        self.direct.send_if_modified(|cur| {
+            let changed = *cur != direct;
+            if changed {
+                *cur = direct;
+            }
+            changed
+        });
+        let mut gauges: Vec<PeerPathGauge> = self
+            .states
+            .iter()
+            .map(|((subnet, ip), s)| PeerPathGauge {
+                subnet: subnet.to_string(),
+                public_ip: ip.to_string(),
+                path: s.path.label(),
+                switches: s.switches,
+            })
+            .collect();
+        gauges.sort_by(|a, b| (&a.subnet, &a.public_ip).cmp(&(&b.subnet, &b.public_ip)));
+        metrics.set_peer_paths(gauges);
+    }
+}
+
 /// Probes every peer in `peers` every `interval` until the task is dropped, logging and
-/// exporting reachability.
+/// exporting reachability; with `fallback`, also drives `--host-gw-fallback`.
 pub async fn run(
     interval: Duration,
     ctx: ProbeContext,
     mut peers: watch::Receiver<Vec<Peer>>,
     metrics: Arc<DaemonMetrics>,
+    mut fallback: Option<Fallback>,
 ) {
     let mut health: HashMap<(IpNet, IpAddr), PeerHealth> = HashMap::new();
     let mut pinger: Option<Pinger> = None;
@@ -221,8 +346,18 @@ pub async fn run(
         health.retain(|k, _| live.contains(k));
         if targets.is_empty() {
             metrics.set_peer_health(Vec::new());
+            if let Some(f) = fallback.as_mut() {
+                f.finish(&live, &metrics);
+            }
             continue;
         }
+        let onlink = match fallback.as_mut() {
+            Some(f) => {
+                let vxlan: Vec<Peer> = targets.iter().map(|(p, _)| p.clone()).collect();
+                f.onlink(&vxlan).await
+            }
+            None => HashSet::new(),
+        };
         let mut p = match pinger.take() {
             Some(p) => p,
             None => match Pinger::open() {
@@ -236,7 +371,19 @@ pub async fn run(
                 }
             },
         };
-        let addrs: Vec<Ipv4Addr> = targets.iter().map(|(_, t)| *t).collect();
+        let mut addrs: Vec<Ipv4Addr> = targets.iter().map(|(_, t)| *t).collect();
+        // Peers on the fallback path: their public IP is probed too (does the direct path
+        // work?), after the VTEPs.
+        let direct_probe: Vec<Option<usize>> = targets
+            .iter()
+            .map(|(peer, _)| match (&fallback, peer.public_ip) {
+                (Some(f), IpAddr::V4(ip)) if f.is_direct(peer) => {
+                    addrs.push(ip);
+                    Some(addrs.len() - 1)
+                }
+                _ => None,
+            })
+            .collect();
         let done = tokio::task::spawn_blocking(move || {
             let r = p.probe(&addrs, 1, PROBE_TIMEOUT);
             (p, r)
@@ -248,9 +395,25 @@ pub async fn run(
         };
         pinger = Some(p);
         let mut gauges = Vec::with_capacity(targets.len());
-        for ((peer, target), ok) in targets.iter().zip(answered) {
+        for (i, (peer, target)) in targets.iter().enumerate() {
+            let ok = answered.get(i).copied().unwrap_or(false);
+            let switch = match fallback.as_mut() {
+                Some(f) if peer.backend_type == crate::backend::plan::BACKEND_VXLAN => {
+                    let round = Round {
+                        on_link: onlink.contains(&peer.public_ip),
+                        vxlan_answered: ok,
+                        direct_answered: direct_probe[i]
+                            .map(|j| answered.get(j).copied().unwrap_or(false)),
+                    };
+                    f.observe(peer, *target, round, &ctx)
+                }
+                _ => None,
+            };
             let h = health.entry((peer.subnet, peer.public_ip)).or_default();
             match h.record(ok) {
+                // The fallback's line says it all.
+                Some(Transition::Unreachable)
+                    if matches!(switch, Some(Switch::FellBack { .. })) => {}
                 Some(Transition::Unreachable) => warn!(
                     subnet = %peer.subnet, public_ip = %peer.public_ip, port = ctx.port,
                     "{}", unreachable_message(peer, *target, &ctx)
@@ -270,6 +433,9 @@ pub async fn run(
             });
         }
         metrics.set_peer_health(gauges);
+        if let Some(f) = fallback.as_mut() {
+            f.finish(&live, &metrics);
+        }
     }
 }
 

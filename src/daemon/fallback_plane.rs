@@ -1,0 +1,108 @@
+//! `--host-gw-fallback` in the userspace data plane: `<subnet> via <public IP> dev <iface>`
+//! for the peers on the direct path (the DirectRouting reconciler, told only about them) and
+//! `<VTEP address>/32 dev <tun>` so that the probes of their VTEP still go over VXLAN. The
+//! peers stay in the TUN device's peer table. Kernel mode does the same in its plan
+//! ([`crate::backend::plan::plan_vxlan_fallback`]).
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use tracing::warn;
+
+use crate::backend::hostgw::HostGw;
+use crate::backend::plan::{host_net, BACKEND_VXLAN};
+use crate::backend::Peer;
+use crate::netlink::{IpFamily, Route, RouteScope};
+
+/// The direct routes of the peers on the fallback path.
+#[derive(Debug)]
+pub(super) struct FallbackRoutes {
+    routes: HostGw,
+    device: String,
+    network: IpNet,
+    subnets: HashSet<IpNet>,
+}
+
+impl FallbackRoutes {
+    /// `routes`: a reconciler made by [`HostGw::setup_direct`] on the external interface;
+    /// `device`: the TUN device.
+    pub(super) fn new(routes: HostGw, device: String, network: IpNet) -> FallbackRoutes {
+        FallbackRoutes {
+            routes,
+            device,
+            network,
+            subnets: HashSet::new(),
+        }
+    }
+
+    /// The subnets the next sync routes directly.
+    pub(super) fn set(&mut self, subnets: HashSet<IpNet>) {
+        self.subnets = subnets;
+    }
+
+    /// Brings the routes in line with the fallback set (stale ones removed). `Err` names what
+    /// failed; the next sync retries.
+    pub(super) async fn sync(&mut self, peers: &[Peer]) -> Result<(), String> {
+        let direct: Vec<Peer> = peers
+            .iter()
+            .filter(|p| p.backend_type == BACKEND_VXLAN && self.subnets.contains(&p.subnet))
+            .cloned()
+            .collect();
+        let onlink: HashSet<IpAddr> = direct.iter().map(|p| p.public_ip).collect();
+        let report = self.routes.sync_direct(&direct, &onlink).await;
+        let mut errors = Vec::new();
+        if let Some(f) = report.failures.first() {
+            errors.push(format!("{}: {}", f.op, f.error));
+        }
+        let vteps: BTreeSet<IpNet> = direct
+            .iter()
+            .filter_map(|p| match p.subnet {
+                IpNet::V4(n) => Some(host_net(n.network().into())),
+                IpNet::V6(_) => None,
+            })
+            .collect();
+        if let Err(e) = self.sync_vtep_routes(&vteps).await {
+            errors.push(e);
+        }
+        match errors.is_empty() {
+            true => Ok(()),
+            false => Err(format!("host-gw fallback: {}", errors.join("; "))),
+        }
+    }
+
+    /// `/32` routes on the TUN device: exactly `vteps` (inside Network).
+    async fn sync_vtep_routes(&self, vteps: &BTreeSet<IpNet>) -> Result<(), String> {
+        let nl = self.routes.netlink();
+        let index = crate::io::iface::index_of(&self.device).map_err(|e| e.to_string())?;
+        let current = crate::backend::kernel::read_routes(nl, IpFamily::V4)
+            .await
+            .map_err(|e| e.to_string())?;
+        let present: BTreeSet<IpNet> = current
+            .iter()
+            .filter(|r| r.dev == Some(index) && r.via.is_none())
+            .filter(|r| r.dst.prefix_len() == 32 && self.network.contains(&r.dst))
+            .map(|r| r.dst)
+            .collect();
+        let route = |dst: IpNet| {
+            let mut r = Route::via(dst, dst.addr()).dev(index);
+            r.gateway = None;
+            r.scope = RouteScope::Link;
+            r
+        };
+        let mut first_error = None;
+        for dst in vteps.difference(&present) {
+            if let Err(e) = nl.route_replace(&route(*dst)).await {
+                first_error
+                    .get_or_insert(format!("ip route replace {dst} dev {}: {e}", self.device));
+            }
+        }
+        for dst in present.difference(vteps) {
+            if let Err(e) = nl.route_del(&route(*dst)).await {
+                warn!(route = %dst, error = %e, "could not remove a host-gw fallback VTEP route");
+                first_error.get_or_insert(format!("ip route del {dst} dev {}: {e}", self.device));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
