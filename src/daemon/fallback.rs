@@ -35,15 +35,6 @@ pub struct Policy {
     pub damping: Duration,
 }
 
-impl Default for Policy {
-    fn default() -> Self {
-        Policy {
-            after: super::probe::UNREACHABLE_AFTER,
-            damping: Duration::from_secs(60),
-        }
-    }
-}
-
 /// One probe round's facts about a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Round {

@@ -318,9 +318,7 @@ impl Collector for Scraped {
         };
         let current: Vec<_> = paths
             .iter()
-            .flat_map(|g| {
-                ["vxlan", "direct"].map(|p| (path_of(g, p), u64::from(g.path == p)))
-            })
+            .flat_map(|g| ["vxlan", "direct"].map(|p| (path_of(g, p), u64::from(g.path == p))))
             .collect();
         out.family(
             "flannel_peer_path",

@@ -455,8 +455,9 @@ fn host_gw_fallback(flags: &Flags, backend: &BackendConfig) -> Option<fallback::
         return None;
     }
     Some(fallback::Policy {
+        // The same count that makes the prober name a peer unreachable.
+        after: probe::UNREACHABLE_AFTER,
         damping: Duration::from_secs(u64::from(flags.host_gw_fallback_damping)),
-        ..fallback::Policy::default()
     })
 }
 

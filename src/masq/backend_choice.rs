@@ -9,7 +9,7 @@
 //! [`choose`] is that decision on the `*-save` outputs; [`select`] gathers them through a
 //! [`Runner`].
 
-use super::iptables::{MasqError, Runner};
+use super::exec::{MasqError, Runner};
 use crate::netlink::IpFamily;
 
 /// An iptables backend.

@@ -27,6 +27,7 @@
 //! ```
 
 pub mod backend_choice;
+mod exec;
 mod guard;
 mod iptables;
 mod nft;

@@ -22,8 +22,9 @@ use std::sync::{Arc, Mutex};
 
 use ipnet::IpNet;
 
+use super::exec::{MasqError, Runner, SystemRunner};
 use super::guard::VxlanGuard;
-use super::iptables::{Iptables, MasqError, Runner, SystemRunner};
+use super::iptables::Iptables;
 use super::{Table, FWD_CHAIN, POSTRTG_CHAIN};
 use crate::netlink::IpFamily;
 
