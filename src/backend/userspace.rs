@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 use crate::backend::Peer;
 use crate::dataplane::coalesce::Coalescer;
 use crate::dataplane::offload::{
-    complete_partial_checksum, gso_split, GsoKind, Segments, VirtioNetHdr,
+    complete_partial_checksum, finish_rx_checksum, gso_split, GsoKind, Segments, VirtioNetHdr,
 };
 use crate::dataplane::{
     decap, encap, Counters, DecapVerdict, DropReason, EncapVerdict, IcmpLimiter, LocalVtep,
@@ -573,7 +573,9 @@ impl Worker {
     }
 
     /// VXLAN → TUN. One `recvmmsg` fetches a batch of messages (each a datagram or a UDP
-    /// GRO run of them); every datagram is decapsulated in place; the inner packets are
+    /// GRO run of them); every datagram is decapsulated in place, an inner checksum a
+    /// sender's offload left unfinished is completed (links that pass `CHECKSUM_PARTIAL`,
+    /// e.g. veth in kind); the inner packets are
     /// merged into TCP super-packets where the kernel's GRO would have merged them and
     /// written with one TUN write each. Unmerged packets are written with a zeroed vnet
     /// header placed over the already-parsed tail of their inner Ethernet header.
@@ -600,7 +602,12 @@ impl Worker {
                 }
                 for d in m.datagrams() {
                     match decap(&mut buf, d, m.src.ip(), &table, &self.local) {
-                        DecapVerdict::Deliver { packet } => packets.push(packet),
+                        DecapVerdict::Deliver { packet } => {
+                            if let Some(p) = buf.get_mut(packet.clone()) {
+                                self.counters.record_rx_checksum(finish_rx_checksum(p));
+                            }
+                            packets.push(packet)
+                        }
                         DecapVerdict::Reply { dst, frame } => {
                             let _ = self
                                 .sock
@@ -618,6 +625,7 @@ impl Worker {
                 continue;
             }
             coalescer.coalesce(&mut buf, &packets);
+            self.counters.count_rx_csum_bad(coalescer.bad_checksums());
             for w in coalescer.writes() {
                 let pieces = coalescer.pieces(w);
                 let sent = match pieces {

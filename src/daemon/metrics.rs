@@ -187,6 +187,16 @@ impl DaemonMetrics {
                 s.tx_bytes,
             );
             counter(
+                "flannel_vxlan_rx_checksums_completed_total",
+                "Received inner packets whose TCP/UDP checksum a sender's offload left unfinished, completed before delivery.",
+                s.rx_csum_completed,
+            );
+            counter(
+                "flannel_vxlan_rx_bad_checksums_total",
+                "Received inner TCP segments found with a bad checksum and delivered as they came, for the kernel to drop.",
+                s.rx_csum_bad,
+            );
+            counter(
                 "flannel_vxlan_send_failures_total",
                 "UDP sends the kernel refused.",
                 io_errors.send_failed(),
