@@ -225,6 +225,66 @@ pub fn finish_rx_checksum(packet: &mut [u8]) -> RxChecksum {
     RxChecksum::Completed
 }
 
+/// The virtio header that hands a received TCP super-packet longer than `mtu` to the kernel
+/// as TSO, or None if `packet` is not one.
+///
+/// A kernel VXLAN sender whose underlay link keeps GSO on (veth, as in kind) puts a whole TCP
+/// super-packet of up to 64 KB in one datagram, its checksum unfinished; written to TUN as
+/// is it exceeds the MTU and is dropped when forwarded. With this header (`GSO_TCPV4`/`V6`,
+/// `gso_size` = what fits `mtu` after its headers, `F_NEEDS_CSUM`) the kernel keeps it as
+/// one packet and segments it only where it must. The checksum field must then hold the
+/// pseudo-header sum: kept if it does (the sender's unfinished checksum), set if the
+/// checksum verifies in full; a packet with any other checksum gets None (delivered as is,
+/// for the kernel to drop).
+pub fn rx_super_packet(packet: &mut [u8], mtu: usize) -> Option<VirtioNetHdr> {
+    if packet.len() <= mtu {
+        return None;
+    }
+    let (l4_start, proto, v6) = rx_transport(packet)?;
+    if proto != IpProtocol::Tcp {
+        return None;
+    }
+    let l4 = packet.get(l4_start..)?;
+    let thl = usize::from(*l4.get(12)? >> 4) * 4;
+    let hdrs = l4_start + thl;
+    if thl < tcp::HEADER_LEN || hdrs >= packet.len() || hdrs >= mtu {
+        return None;
+    }
+    let addr_bytes = if v6 {
+        packet.get(8..40)?
+    } else {
+        packet.get(12..20)?
+    };
+    let l4_len = packet.len() - l4_start;
+    let ph = checksum::add(
+        checksum::sum(addr_bytes),
+        checksum::add(
+            u8::from(IpProtocol::Tcp).into(),
+            u16::try_from(l4_len).ok()?,
+        ),
+    );
+    let at = l4_start + tcp::CHECKSUM_OFFSET;
+    let field = u16::from_be_bytes([packet[at], packet[at + 1]]);
+    if field != ph {
+        if checksum::add(ph, checksum::sum(&packet[l4_start..])) != 0xffff {
+            return None;
+        }
+        packet[at..at + 2].copy_from_slice(&ph.to_be_bytes());
+    }
+    Some(VirtioNetHdr {
+        flags: VirtioNetHdr::F_NEEDS_CSUM,
+        gso_type: if v6 {
+            VirtioNetHdr::GSO_TCPV6
+        } else {
+            VirtioNetHdr::GSO_TCPV4
+        },
+        hdr_len: hdrs as u16,
+        gso_size: u16::try_from(mtu - hdrs).ok()?,
+        csum_start: l4_start as u16,
+        csum_offset: tcp::CHECKSUM_OFFSET as u16,
+    })
+}
+
 /// The transport header's offset and protocol of an unfragmented IPv4 or extension-free IPv6
 /// packet carrying TCP or UDP whose length fields match `p`'s length, and whether it is IPv6.
 #[inline]
@@ -990,6 +1050,76 @@ mod tests {
             }
             let _ = complete_partial_checksum(&mut bytes, h.csum_start.into(), h.csum_offset.into());
         }
+    }
+
+    proptest! {
+        #[test]
+        fn rx_super_packets_become_tso_that_splits_into_valid_segments(
+            t in arb_tso(), mtu in 576usize..9000, finished_csum in any::<bool>(),
+        ) {
+            let (mut p, _) = build(&t);
+            let ip_len = if t.v6 { 40 } else { 20 + t.ip_opts };
+            let hdrs = ip_len + 20 + t.tcp_opts;
+            let (s, d): (IpAddr, IpAddr) = if t.v6 {
+                let (s, d) = v6addrs();
+                (s.into(), d.into())
+            } else {
+                (S4.into(), D4.into())
+            };
+            // As the sender left it (pseudo-header sum), or finished.
+            let ph = checksum::pseudo_header(&s, &d, 6, (p.len() - ip_len) as u32);
+            p[ip_len + 16..ip_len + 18].copy_from_slice(&ph.to_be_bytes());
+            if finished_csum {
+                complete_partial_checksum(&mut p, ip_len, 16).unwrap();
+            }
+            let got = rx_super_packet(&mut p, mtu);
+            if p.len() <= mtu {
+                prop_assert_eq!(got, None);
+                return Ok(());
+            }
+            let hdr = got.unwrap();
+            prop_assert_eq!(usize::from(hdr.hdr_len), hdrs);
+            prop_assert_eq!(&p[ip_len + 16..ip_len + 18], &ph.to_be_bytes()[..]);
+            // What the kernel does with it: every segment fits the MTU and verifies.
+            let mut arena = Vec::new();
+            let segs = gso_split(&p, &hdr, &mut arena, 0).unwrap();
+            let mut joined = Vec::new();
+            for r in segs.iter() {
+                let seg = &arena[r];
+                prop_assert!(seg.len() <= mtu);
+                prop_assert!(tcp::Packet::new_checked(&seg[ip_len..]).unwrap().verify_checksum(&s, &d));
+                joined.extend_from_slice(&seg[hdrs..]);
+            }
+            prop_assert_eq!(joined, t.payload);
+        }
+    }
+
+    #[test]
+    fn rx_super_packet_refuses_what_it_cannot_hand_over() {
+        let t = Tso {
+            v6: false,
+            ip_opts: 0,
+            tcp_opts: 0,
+            seq: 1,
+            ident: 1,
+            flags: 0x10,
+            payload: vec![7; 5000],
+            gso: 1000,
+        };
+        let (mut p, _) = build(&t);
+        // A bad checksum that is not the pseudo-header sum: left for the kernel to drop.
+        p[36..38].copy_from_slice(&[0x12, 0x34]);
+        let before = p.clone();
+        assert_eq!(rx_super_packet(&mut p, 1450), None);
+        assert_eq!(p, before);
+        // Fits the MTU: not a super-packet.
+        assert_eq!(rx_super_packet(&mut p, 9000), None);
+        // UDP is not handed over as TSO.
+        let (mut u, _, _) = finished(false, 17, &[1; 3000]);
+        assert_eq!(rx_super_packet(&mut u, 1450), None);
+        // Headers as large as the MTU.
+        let (mut q, _) = build(&t);
+        assert_eq!(rx_super_packet(&mut q, 40), None);
     }
 
     #[test]
