@@ -56,7 +56,7 @@ struct BuildArgs {
     /// Underlay veth offloads: on (kind-like: tx checksum offload and GSO left on, so
     /// checksums cross unfinished) or off (real-wire: finished checksums, MTU-sized frames;
     /// what `capture verify` needs to check every frame).
-    #[arg(long, default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     link_offloads: bool,
     /// Lease store: dir (lease directory), etcd (etcd in the control-plane namespace) or kube
     /// (test API server in the control-plane namespace, flanneld --kube-subnet-mgr).
@@ -141,7 +141,7 @@ enum Cmd {
         strict: bool,
         /// Underlay veth offloads, as for `up` (p2-cluster-ip and p3-vxlan-port, and a
         /// cluster they share, always run with off: they verify every checksum on the wire).
-        #[arg(long, default_value = "on", value_parser = parse_on_off)]
+        #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
         link_offloads: bool,
         /// etcd binary (etcd store).
         #[arg(long)]
