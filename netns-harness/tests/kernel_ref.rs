@@ -41,8 +41,8 @@ fn three_kernel_ref_nodes_full_matrix_bench_and_teardown() {
     assert!(sh(&c, "n1p1", &["ip", "link", "show", "eth0"]).contains("mtu 1450"));
     assert!(sh(&c, "n1", &["ip", "addr", "show", "cni0"])
         .contains(&format!("{}/24", subnet.nth(1).unwrap())));
-    // Underlay checksums finished in software (see the comment in cluster.rs).
-    assert!(sh(&c, "n1", &["ethtool", "-k", "eth0"]).contains("tx-checksumming: off"));
+    // The default underlay is kind-like (--link-offloads on): tx checksum offload stays on.
+    assert!(sh(&c, "n1", &["ethtool", "-k", "eth0"]).contains("tx-checksumming: on"));
 
     // flannel's kernel programming on n1: device, /32 address, one neighbour/FDB/route per peer.
     let link = sh(&c, "n1", &["ip", "-d", "link", "show", "flannel.1"]);
