@@ -22,7 +22,9 @@ fn userspace_and_kernel_ref_interoperate() {
     let mut s = spec(&[Userspace, Userspace, KernelRef], 1);
     s.underlay_tx_offload = false;
     let mut c = netns_harness::Cluster::up(&s).expect("cluster up");
-    assert!(run(&c, "n1", &["ethtool", "-k", "eth0"]).1.contains("tx-checksumming: off"));
+    assert!(run(&c, "n1", &["ethtool", "-k", "eth0"])
+        .1
+        .contains("tx-checksumming: off"));
     let cap = c
         .start_capture(&CaptureOpts::default())
         .expect("capture start");
