@@ -164,6 +164,8 @@ fn metrics_parse_with_the_prometheus_client_parser() {
         ("flannel_vxlan_rx_bytes", "counter", no_labels),
         ("flannel_vxlan_tx_packets", "counter", no_labels),
         ("flannel_vxlan_tx_bytes", "counter", no_labels),
+        ("flannel_vxlan_rx_checksums_completed", "counter", no_labels),
+        ("flannel_vxlan_rx_bad_checksums", "counter", no_labels),
         ("flannel_vxlan_send_failures", "counter", no_labels),
         ("flannel_vxlan_tun_write_failures", "counter", no_labels),
         ("flannel_vxlan_packet_loop_panics", "counter", no_labels),

@@ -83,6 +83,8 @@ fn userspace_direct_routing_skips_the_tunnel_on_one_l2_segment() {
     s.net_conf = Some(
         r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#.into(),
     );
+    // Real-wire underlay: the capture counts MTU-sized frames.
+    s.underlay_tx_offload = false;
     let mut c = netns_harness::Cluster::up(&s).expect("DirectRouting cluster up");
     // Both nodes route each other's subnet via the peer's underlay address on eth0.
     for (node, peer) in [("n1", "n2"), ("n2", "n1")] {

@@ -17,8 +17,14 @@ fn userspace_and_kernel_ref_interoperate() {
         return;
     }
     let _g = serial();
-    let mut c = netns_harness::Cluster::up(&spec(&[Userspace, Userspace, KernelRef], 1))
-        .expect("cluster up");
+    // Real-wire underlay (--link-offloads off): the capture verifies every checksum;
+    // tests/offloads.rs covers the kind-like default.
+    let mut s = spec(&[Userspace, Userspace, KernelRef], 1);
+    s.underlay_tx_offload = false;
+    let mut c = netns_harness::Cluster::up(&s).expect("cluster up");
+    assert!(run(&c, "n1", &["ethtool", "-k", "eth0"])
+        .1
+        .contains("tx-checksumming: off"));
     let cap = c
         .start_capture(&CaptureOpts::default())
         .expect("capture start");

@@ -1,11 +1,13 @@
 //! Arbitrary UDP payloads through `decap`, placed in a buffer with bytes before and after the
 //! datagram (as in a receive slot): must never panic, every range it returns must lie inside
 //! the datagram, nothing outside the datagram is written, and the bytes after it (which
-//! could complete a truncated request) do not change the verdict.
+//! could complete a truncated request) do not change the verdict. Delivered packets then go
+//! through the receive path's checksum completion and super-packet check.
 #![no_main]
 
 mod common;
 
+use flannel_core::dataplane::offload::{finish_rx_checksum, rx_super_packet, RxChecksum};
 use flannel_core::dataplane::{decap, DecapVerdict, VXLAN_HEADROOM};
 use libfuzzer_sys::fuzz_target;
 
@@ -37,6 +39,28 @@ fuzz_target!(|data: &[u8]| {
         DecapVerdict::Deliver { packet } => {
             assert!(packet.start == offset + VXLAN_HEADROOM && packet.end <= end);
             assert!(matches!(buf[packet.start] >> 4, 4 | 6));
+            // The receive path's checksum completion and super-packet hand-over: only the
+            // packet's checksum field may change, and a completed checksum verifies.
+            let outside = (buf[..packet.start].to_vec(), buf[packet.end..].to_vec());
+            let mut p = buf[packet.clone()].to_vec();
+            let orig = p.clone();
+            let r = finish_rx_checksum(&mut p);
+            let changed = p.iter().zip(&orig).filter(|(a, b)| a != b).count();
+            match r {
+                RxChecksum::Completed => {
+                    assert!((1..=2).contains(&changed));
+                    assert_eq!(finish_rx_checksum(&mut p.clone()), RxChecksum::Untouched);
+                }
+                _ => assert_eq!(p, orig),
+            }
+            let mut q = orig.clone();
+            let mtu = 68 + usize::from(sel) * 8;
+            if let Some(h) = rx_super_packet(&mut q, mtu) {
+                assert!(q.len() > mtu && usize::from(h.hdr_len) < mtu);
+                assert!(usize::from(h.csum_start) + usize::from(h.csum_offset) + 2 <= q.len());
+            }
+            assert!(q.iter().zip(&orig).filter(|(a, b)| a != b).count() <= 2);
+            assert_eq!((&buf[..packet.start], &buf[packet.end..]), (&outside.0[..], &outside.1[..]));
         }
         DecapVerdict::Reply { dst, frame } => {
             assert_eq!(dst, src);

@@ -8,7 +8,7 @@
 //! 3 Not present, 4 Illegal; preferences `ip.check_checksum`, `udp.check_checksum`,
 //! `tcp.check_checksum` (all FALSE by default).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -87,6 +87,11 @@ pub struct CaptureReport {
     /// The first few frames with a bad checksum: number and outer and inner addresses
     /// (`frame 7: outer a -> b, inner c -> d`), so a failure says which node sent them.
     pub bad_details: Vec<String>,
+    /// VXLAN frames per outer source address (the sending node).
+    pub vxlan_by_src: BTreeMap<String, u64>,
+    /// Frames with a bad inner checksum (IPv4 header, TCP, UDP or ICMP) per outer source:
+    /// what one node's data plane sent, whatever the link did to outer checksums.
+    pub bad_inner_by_src: BTreeMap<String, u64>,
 }
 
 impl CaptureReport {
@@ -98,6 +103,16 @@ impl CaptureReport {
             + self.bad_inner_tcp
             + self.bad_inner_udp
             + self.bad_inner_icmp
+    }
+
+    /// Frames from `src` (outer source address) with a bad inner checksum.
+    pub fn bad_inner_from(&self, src: &str) -> u64 {
+        self.bad_inner_by_src.get(src).copied().unwrap_or(0)
+    }
+
+    /// VXLAN frames from `src` (outer source address).
+    pub fn vxlan_from(&self, src: &str) -> u64 {
+        self.vxlan_by_src.get(src).copied().unwrap_or(0)
     }
 
     /// At least one VXLAN frame and no bad checksum anywhere.
@@ -168,7 +183,11 @@ pub fn account_line(r: &mut CaptureReport, line: &str) {
             r.vnis.insert(n);
         }
     }
+    let (src, dst) = (statuses(get(7)), statuses(get(8)));
+    let outer_src = src.first().copied().unwrap_or("?").to_owned();
+    *r.vxlan_by_src.entry(outer_src.clone()).or_default() += 1;
     let mut bad = false;
+    let mut bad_inner = false;
     let ip = statuses(get(2));
     if ip.first() == Some(&BAD) {
         r.bad_outer_ip += 1;
@@ -178,7 +197,7 @@ pub fn account_line(r: &mut CaptureReport, line: &str) {
         r.inner_ip += 1;
         if ip[1..].contains(&BAD) {
             r.bad_inner_ip += 1;
-            bad = true;
+            bad_inner = true;
         }
     }
     let udp_vals = statuses(get(3));
@@ -197,7 +216,7 @@ pub fn account_line(r: &mut CaptureReport, line: &str) {
         r.inner_udp += 1;
         if udp[1..].contains(&BAD) {
             r.bad_inner_udp += 1;
-            bad = true;
+            bad_inner = true;
         }
     }
     let tcp = statuses(get(5));
@@ -205,7 +224,7 @@ pub fn account_line(r: &mut CaptureReport, line: &str) {
         r.inner_tcp += 1;
         if tcp.contains(&BAD) {
             r.bad_inner_tcp += 1;
-            bad = true;
+            bad_inner = true;
         }
     }
     let icmp = statuses(get(6));
@@ -213,12 +232,14 @@ pub fn account_line(r: &mut CaptureReport, line: &str) {
         r.inner_icmp += 1;
         if icmp.contains(&BAD) {
             r.bad_inner_icmp += 1;
-            bad = true;
+            bad_inner = true;
         }
     }
-    if bad && r.bad_details.len() < 10 {
+    if bad_inner {
+        *r.bad_inner_by_src.entry(outer_src).or_default() += 1;
+    }
+    if (bad || bad_inner) && r.bad_details.len() < 10 {
         if let Ok(n) = get(0).parse::<u64>() {
-            let (src, dst) = (statuses(get(7)), statuses(get(8)));
             let at = |v: &Vec<&str>, i: usize| v.get(i).copied().unwrap_or("?").to_owned();
             r.bad_details.push(format!(
                 "frame {n}: outer {} -> {}, inner {} -> {}",
@@ -408,6 +429,19 @@ mod tests {
             ]
         );
         assert!(!r.all_checksums_ok());
+        // Per sender: frame 4's bad outer UDP alone is not an inner fault.
+        assert_eq!(r.vxlan_from("198.18.0.2"), 1);
+        assert_eq!(r.bad_inner_from("198.18.0.2"), 1);
+        assert_eq!(r.bad_inner_from("?"), 1, "frame 4's inner TCP");
+        assert_eq!(r.vxlan_from("?"), 3);
+        account_line(
+            &mut r,
+            "6|1|1,1|0x5555|0|1||198.18.0.7,10.244.7.2|198.18.0.3,10.244.2.3",
+        );
+        assert_eq!(
+            (r.vxlan_from("198.18.0.7"), r.bad_inner_from("198.18.0.7")),
+            (1, 0)
+        );
         assert!(r.to_string().contains("frame 5: outer 198.18.0.2"));
         assert!(r.to_string().contains("bad checksums"));
         assert!(!CaptureReport::default().all_checksums_ok());

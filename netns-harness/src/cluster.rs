@@ -140,8 +140,12 @@ pub struct ClusterSpec {
     pub harness_bin: Option<PathBuf>,
     /// Start the TCP/UDP/DNS responders in every pod.
     pub responders: bool,
-    /// Leave tx checksum offload on the nodes' eth0 (negative control for capture checks:
-    /// the capture then shows unfinished checksums). Default false.
+    /// `--link-offloads`: true (default, `on`) leaves the underlay veths with their default
+    /// offloads, tx checksum offload and GSO on, as in kind: packets cross with checksums
+    /// the sender's kernel left unfinished (`CHECKSUM_PARTIAL`) and as 64 KB GSO frames, which
+    /// receivers must cope with. False (`off`) turns tx offload off on every node's and
+    /// router's eth0, so the underlay carries finished checksums and MTU-sized frames, as a
+    /// real wire does: what a capture that verifies every checksum needs.
     pub underlay_tx_offload: bool,
     /// Parent of the run directory (default [`DEFAULT_BASE_DIR`]).
     pub base_dir: PathBuf,
@@ -179,7 +183,7 @@ impl ClusterSpec {
             flanneld_prefix: Vec::new(),
             harness_bin: None,
             responders: true,
-            underlay_tx_offload: false,
+            underlay_tx_offload: true,
             base_dir: PathBuf::from(DEFAULT_BASE_DIR),
             prefix: None,
             ready_timeout: Duration::from_secs(20),
@@ -283,7 +287,7 @@ pub struct RunState {
     pub harness_bin: Option<PathBuf>,
     /// Responders in pods.
     pub responders: bool,
-    /// Offload left on (negative control).
+    /// Underlay veth offloads left on (`--link-offloads on`).
     pub underlay_tx_offload: bool,
     /// Pods per node for nodes added later.
     pub pods_per_node: usize,

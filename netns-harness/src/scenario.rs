@@ -211,7 +211,15 @@ impl Scenario {
         s.store = opts.store;
         s.etcd_bin = opts.etcd_bin.clone();
         s.apiserver_bin = opts.apiserver_bin.clone();
+        s.underlay_tx_offload = opts.link_offloads && !self.needs_real_wire();
         s
+    }
+
+    /// The scenario verifies every checksum on the underlay with tshark, which needs
+    /// `--link-offloads off` (finished checksums, MTU-sized frames): it runs with off
+    /// whatever [`ScenarioOpts::link_offloads`] says, and so does a cluster it shares.
+    pub fn needs_real_wire(self) -> bool {
+        matches!(self, Scenario::P2ClusterIp | Scenario::P3VxlanPort)
     }
 }
 
@@ -271,6 +279,8 @@ pub struct ScenarioOpts {
     pub apiserver_bin: Option<PathBuf>,
     /// How long a fixed cluster may take to pass the matrix again.
     pub converge: Duration,
+    /// Underlay veth offloads ([`ClusterSpec::underlay_tx_offload`]; default on).
+    pub link_offloads: bool,
 }
 
 impl Default for ScenarioOpts {
@@ -284,6 +294,7 @@ impl Default for ScenarioOpts {
             etcd_bin: None,
             apiserver_bin: None,
             converge: Duration::from_secs(15),
+            link_offloads: true,
         }
     }
 }
@@ -603,7 +614,11 @@ pub fn run_many(
             .copied()
             .collect();
         i += group.len();
-        let mut c = Cluster::up(&list[i - group.len()].spec(opts)).context("cluster up")?;
+        let mut spec = list[i - group.len()].spec(opts);
+        if group.iter().any(|s| s.needs_real_wire()) {
+            spec.underlay_tx_offload = false;
+        }
+        let mut c = Cluster::up(&spec).context("cluster up")?;
         for s in group {
             sys::check_interrupted()?;
             let r = run_on(&mut c, s, opts).with_context(|| format!("scenario {s}"))?;

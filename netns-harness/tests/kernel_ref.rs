@@ -41,8 +41,8 @@ fn three_kernel_ref_nodes_full_matrix_bench_and_teardown() {
     assert!(sh(&c, "n1p1", &["ip", "link", "show", "eth0"]).contains("mtu 1450"));
     assert!(sh(&c, "n1", &["ip", "addr", "show", "cni0"])
         .contains(&format!("{}/24", subnet.nth(1).unwrap())));
-    // Underlay checksums finished in software (see the comment in cluster.rs).
-    assert!(sh(&c, "n1", &["ethtool", "-k", "eth0"]).contains("tx-checksumming: off"));
+    // The default underlay is kind-like (--link-offloads on): tx checksum offload stays on.
+    assert!(sh(&c, "n1", &["ethtool", "-k", "eth0"]).contains("tx-checksumming: on"));
 
     // flannel's kernel programming on n1: device, /32 address, one neighbour/FDB/route per peer.
     let link = sh(&c, "n1", &["ip", "-d", "link", "show", "flannel.1"]);
@@ -191,7 +191,10 @@ fn capture_on_underlay_has_only_valid_checksums() {
         return;
     }
     let _g = serial();
-    let mut c = Cluster::up(&kernel_refs(2, 1)).expect("cluster up");
+    // Real-wire underlay (--link-offloads off): every checksum is finished before the wire.
+    let mut spec = kernel_refs(2, 1);
+    spec.underlay_tx_offload = false;
+    let mut c = Cluster::up(&spec).expect("cluster up");
     let cap = c
         .start_capture(&CaptureOpts {
             max_packets: 4000,
@@ -278,6 +281,7 @@ fn net_conf_vni_and_port_are_honoured() {
     spec.net_conf = Some(
         r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":4,"Port":8475}}"#.into(),
     );
+    spec.underlay_tx_offload = false;
     let mut c = Cluster::up(&spec).expect("cluster up");
     let link = sh(&c, "n1", &["ip", "-d", "link", "show", "flannel.4"]);
     assert!(

@@ -17,7 +17,8 @@ use tracing::{debug, warn};
 use crate::backend::Peer;
 use crate::dataplane::coalesce::Coalescer;
 use crate::dataplane::offload::{
-    complete_partial_checksum, gso_split, GsoKind, Segments, VirtioNetHdr,
+    complete_partial_checksum, finish_rx_checksum, gso_split, rx_super_packet, GsoKind, Segments,
+    VirtioNetHdr,
 };
 use crate::dataplane::{
     decap, encap, Counters, DecapVerdict, DropReason, EncapVerdict, IcmpLimiter, LocalVtep,
@@ -60,6 +61,10 @@ pub struct UserspaceConfig {
     /// segments with UDP GSO; on receive, use UDP GRO and merge TCP segments into
     /// super-packets for the TUN. Off means one packet per TUN read and write.
     pub tso: bool,
+    /// The TUN device's MTU: a received inner TCP packet longer than this (a kernel sender's
+    /// GSO super-packet that crossed a link with GSO on) is written as TSO with segments
+    /// that fit it.
+    pub mtu: usize,
 }
 
 /// A peer the data plane could not use, with the reason.
@@ -98,6 +103,7 @@ pub struct UserspaceVxlan {
     local: Arc<LocalVtep>,
     port: u16,
     tso: bool,
+    mtu: usize,
     device: String,
 }
 
@@ -149,6 +155,7 @@ impl UserspaceVxlan {
             local: Arc::new(cfg.local),
             port: cfg.port,
             tso: cfg.tso,
+            mtu: cfg.mtu,
             device: cfg.device.clone(),
         })
     }
@@ -177,6 +184,7 @@ impl UserspaceVxlan {
                 local: self.local.clone(),
                 port: self.port,
                 coalesce: self.tso,
+                mtu: self.mtu,
             };
             let live = self.live.clone();
             live.fetch_add(1, Ordering::SeqCst);
@@ -384,6 +392,8 @@ struct Worker {
     port: u16,
     /// Merge received TCP segments into super-packets before writing them to TUN.
     coalesce: bool,
+    /// The TUN MTU (see [`UserspaceConfig::mtu`]).
+    mtu: usize,
 }
 
 impl Worker {
@@ -573,7 +583,9 @@ impl Worker {
     }
 
     /// VXLAN → TUN. One `recvmmsg` fetches a batch of messages (each a datagram or a UDP
-    /// GRO run of them); every datagram is decapsulated in place; the inner packets are
+    /// GRO run of them); every datagram is decapsulated in place, an inner checksum a
+    /// sender's offload left unfinished is completed (links that pass `CHECKSUM_PARTIAL`,
+    /// e.g. veth in kind); the inner packets are
     /// merged into TCP super-packets where the kernel's GRO would have merged them and
     /// written with one TUN write each. Unmerged packets are written with a zeroed vnet
     /// header placed over the already-parsed tail of their inner Ethernet header.
@@ -600,7 +612,21 @@ impl Worker {
                 }
                 for d in m.datagrams() {
                     match decap(&mut buf, d, m.src.ip(), &table, &self.local) {
-                        DecapVerdict::Deliver { packet } => packets.push(packet),
+                        DecapVerdict::Deliver { packet } => {
+                            let p = buf.get_mut(packet.clone()).unwrap_or_default();
+                            if let Some(hdr) = rx_super_packet(p, self.mtu) {
+                                // In order: what came before it first.
+                                self.write_batch(&mut buf, &mut packets, &mut coalescer);
+                                let len = packet.len();
+                                match self.tun.send_gather(&hdr.to_bytes(), &buf, &[packet]) {
+                                    Ok(()) => self.counters.count_rx(len),
+                                    Err(_) => self.io_errors.count_tun_write_failure(),
+                                }
+                                continue;
+                            }
+                            self.counters.record_rx_checksum(finish_rx_checksum(p));
+                            packets.push(packet)
+                        }
                         DecapVerdict::Reply { dst, frame } => {
                             let _ = self
                                 .sock
@@ -611,26 +637,41 @@ impl Worker {
                     }
                 }
             }
-            if !self.coalesce {
-                for p in &packets {
-                    self.deliver_one(&mut buf, p.clone());
-                }
-                continue;
+            self.write_batch(&mut buf, &mut packets, &mut coalescer);
+        }
+    }
+
+    /// Writes the decapsulated `packets` to TUN (merged where possible) and clears the list.
+    fn write_batch(
+        &self,
+        buf: &mut [u8],
+        packets: &mut Vec<std::ops::Range<usize>>,
+        coalescer: &mut Coalescer,
+    ) {
+        if packets.is_empty() {
+            return;
+        }
+        if !self.coalesce {
+            for p in packets.drain(..) {
+                self.deliver_one(buf, p);
             }
-            coalescer.coalesce(&mut buf, &packets);
-            for w in coalescer.writes() {
-                let pieces = coalescer.pieces(w);
-                let sent = match pieces {
-                    [one] if w.segments == 1 => {
-                        self.deliver_one(&mut buf, one.clone());
-                        continue;
-                    }
-                    _ => self.tun.send_gather(&w.hdr.to_bytes(), &buf, pieces),
-                };
-                match sent {
-                    Ok(()) => w.segment_lens().for_each(|l| self.counters.count_rx(l)),
-                    Err(_) => self.io_errors.count_tun_write_failure(),
+            return;
+        }
+        coalescer.coalesce(buf, packets);
+        packets.clear();
+        self.counters.count_rx_csum_bad(coalescer.bad_checksums());
+        for w in coalescer.writes() {
+            let pieces = coalescer.pieces(w);
+            let sent = match pieces {
+                [one] if w.segments == 1 => {
+                    self.deliver_one(buf, one.clone());
+                    continue;
                 }
+                _ => self.tun.send_gather(&w.hdr.to_bytes(), buf, pieces),
+            };
+            match sent {
+                Ok(()) => w.segment_lens().for_each(|l| self.counters.count_rx(l)),
+                Err(_) => self.io_errors.count_tun_write_failure(),
             }
         }
     }

@@ -359,6 +359,16 @@ impl Collector for Scraped {
         )?;
         out.counter("flannel_vxlan_tx_bytes", "VXLAN bytes sent.", s.tx_bytes)?;
         out.counter(
+            "flannel_vxlan_rx_checksums_completed",
+            "Received inner packets whose TCP/UDP checksum a sender's offload left unfinished, completed before delivery.",
+            s.rx_csum_completed,
+        )?;
+        out.counter(
+            "flannel_vxlan_rx_bad_checksums",
+            "Received inner TCP segments found with a bad checksum and delivered as they came, for the kernel to drop.",
+            s.rx_csum_bad,
+        )?;
+        out.counter(
             "flannel_vxlan_send_failures",
             "UDP sends the kernel refused.",
             io_errors.send_failed(),
@@ -466,6 +476,8 @@ mod tests {
             ("flannel_vxlan_rx_bytes_total", "counter"),
             ("flannel_vxlan_tx_packets_total", "counter"),
             ("flannel_vxlan_tx_bytes_total", "counter"),
+            ("flannel_vxlan_rx_checksums_completed_total", "counter"),
+            ("flannel_vxlan_rx_bad_checksums_total", "counter"),
             ("flannel_vxlan_send_failures_total", "counter"),
             ("flannel_vxlan_tun_write_failures_total", "counter"),
             ("flannel_vxlan_packet_loop_panics_total", "counter"),

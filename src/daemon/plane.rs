@@ -142,6 +142,7 @@ impl Plane {
                         subnet_v6: None,
                     },
                     tso: true,
+                    mtu: mtu as usize,
                 };
                 let handed_over = inherited.is_some();
                 let dp = if handed_over {

@@ -100,6 +100,8 @@ struct Info {
     has_flow: bool,
     /// May be merged (see the module documentation).
     mergeable: bool,
+    /// Its checksums were verified and failed.
+    csum_bad: bool,
 }
 
 impl Info {
@@ -142,6 +144,8 @@ pub struct Coalescer {
     open: Vec<usize>,
     writes: Vec<TunWrite>,
     pieces: Vec<Range<usize>>,
+    /// Packets of the last batch whose checksums were verified and failed.
+    bad_checksums: u64,
 }
 
 impl Coalescer {
@@ -161,6 +165,7 @@ impl Coalescer {
         self.open.clear();
         self.writes.clear();
         self.pieces.clear();
+        self.bad_checksums = 0;
         for (i, r) in packets.iter().enumerate() {
             let info = buf
                 .get(r.clone())
@@ -178,6 +183,13 @@ impl Coalescer {
     /// The planned writes, in the order to write them.
     pub fn writes(&self) -> &[TunWrite] {
         &self.writes
+    }
+
+    /// Packets of the last batch found with a bad IPv4 header or TCP checksum while
+    /// verifying them for a merge (each counted once; they are written unmerged, as they
+    /// came, for the kernel to drop). Packets never considered for a merge are not verified.
+    pub fn bad_checksums(&self) -> u64 {
+        self.bad_checksums
     }
 
     /// The byte ranges of `buf` that follow `w.hdr`, in order.
@@ -255,14 +267,14 @@ impl Coalescer {
             return false;
         }
         if !item.verified {
-            if !checksums_ok(buf, &h) {
+            if !self.verify(buf, item.head) {
                 return false;
             }
             if let Some(x) = self.items.get_mut(it) {
                 x.verified = true;
             }
         }
-        if !checksums_ok(buf, &q) {
+        if !self.verify(buf, i) {
             return false;
         }
         if let Some(n) = self.next.get_mut(item.last) {
@@ -276,6 +288,23 @@ impl Coalescer {
             x.next_seq = q.seq.wrapping_add(q.payload() as u32);
         }
         true
+    }
+
+    /// Verifies packet `i`'s checksums; a failure is remembered (not verified again) and
+    /// counted.
+    fn verify(&mut self, buf: &[u8], i: usize) -> bool {
+        let Some(info) = self.infos.get_mut(i) else {
+            return false;
+        };
+        if info.csum_bad {
+            return false;
+        }
+        if checksums_ok(buf, info) {
+            return true;
+        }
+        info.csum_bad = true;
+        self.bad_checksums += 1;
+        false
     }
 
     /// Turns item `it` into a write: rewrites the head's headers if it merged anything.
@@ -688,6 +717,28 @@ mod tests {
         let (out, writes) = roundtrip(&mixed, 3);
         assert_eq!(writes.len(), 2);
         assert_eq!(out, [a, b].concat());
+    }
+
+    #[test]
+    fn bad_checksums_are_counted_once() {
+        let segs = segments(&tcp_packet(false, 1, 5, ACK, &[], &[3u8; 4000]), 1000);
+        let mut c = Coalescer::new();
+        let (mut buf, ranges) = layout(&segs, 22);
+        c.coalesce(&mut buf, &ranges);
+        assert_eq!((c.writes().len(), c.bad_checksums()), (1, 0));
+        // Segment 1's TCP checksum and segment 2's IPv4 header checksum are bad: each is
+        // verified against its own chain candidates more than once but counted once.
+        let mut bad = segs.clone();
+        bad[1][60] ^= 1;
+        bad[2][10] ^= 1;
+        let (mut buf, ranges) = layout(&bad, 22);
+        c.coalesce(&mut buf, &ranges);
+        assert_eq!(c.bad_checksums(), 2);
+        assert!(c.writes().iter().all(|w| w.segments == 1));
+        // Reset per batch.
+        let (mut buf, ranges) = layout(&segs, 22);
+        c.coalesce(&mut buf, &ranges);
+        assert_eq!(c.bad_checksums(), 0);
     }
 
     #[test]

@@ -151,6 +151,168 @@ pub fn complete_partial_checksum(
     Ok(())
 }
 
+/// What [`finish_rx_checksum`] found in a received inner packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RxChecksum {
+    /// Not unfinished: no TCP/UDP checksum here we look at, or its field is not the bare
+    /// pseudo-header sum. Left as is and not verified (the kernel verifies it).
+    Untouched,
+    /// The field held the pseudo-header sum, yet the checksum verified as is (a finished
+    /// checksum that happens to equal it). Left as is.
+    Valid,
+    /// The field held the pseudo-header sum a sender's checksum offload leaves
+    /// (`CHECKSUM_PARTIAL` that crossed a veth and met no NIC): completed in place.
+    Completed,
+}
+
+/// Completes the inner TCP/UDP checksum of a received packet if its sender's offload left it
+/// unfinished, as a NIC would have on the wire.
+///
+/// Linux stores the folded pseudo-header sum in the checksum field of a `CHECKSUM_PARTIAL`
+/// packet (`tcp_v4_send_check`, `udp4_hwcsum`, and their IPv6 twins). Only when the field
+/// holds exactly that value is the packet summed (one pass): if it verifies as is it stays,
+/// else the field gets the complement of the sum. Every other packet costs a pseudo-header
+/// sum and a compare; bad checksums of any other kind are left for the kernel to drop.
+/// IPv4 fragments, IPv6 extension headers and zero UDP checksums (IPv4: none) are left
+/// alone. `packet` is one IP packet, trimmed to its length (as [`super::decap`] delivers).
+#[inline]
+pub fn finish_rx_checksum(packet: &mut [u8]) -> RxChecksum {
+    let Some((l4_start, proto, v6)) = rx_transport(packet) else {
+        return RxChecksum::Untouched;
+    };
+    let field_at = match proto {
+        IpProtocol::Tcp => tcp::CHECKSUM_OFFSET,
+        _ => udp::CHECKSUM_OFFSET,
+    };
+    let (addrs, rest) = packet.split_at_mut(l4_start);
+    let l4_len = rest.len();
+    let min = if proto == IpProtocol::Tcp {
+        tcp::HEADER_LEN
+    } else {
+        udp::HEADER_LEN
+    };
+    if l4_len < min || l4_len > usize::from(u16::MAX) {
+        return RxChecksum::Untouched;
+    }
+    if proto == IpProtocol::Udp && usize::from(u16::from_be_bytes([rest[4], rest[5]])) != l4_len {
+        return RxChecksum::Untouched;
+    }
+    let addr_bytes = if v6 {
+        addrs.get(8..40)
+    } else {
+        addrs.get(12..20)
+    };
+    let Some(addr_bytes) = addr_bytes else {
+        return RxChecksum::Untouched;
+    };
+    let ph = checksum::add(
+        checksum::sum(addr_bytes),
+        checksum::add(u8::from(proto).into(), l4_len as u16),
+    );
+    let field = u16::from_be_bytes([rest[field_at], rest[field_at + 1]]);
+    if field != ph {
+        return RxChecksum::Untouched;
+    }
+    let s = checksum::sum(rest);
+    if checksum::add(ph, s) == 0xffff {
+        return RxChecksum::Valid;
+    }
+    let c = match !s {
+        0 => 0xffff,
+        c => c,
+    };
+    rest[field_at..field_at + 2].copy_from_slice(&c.to_be_bytes());
+    RxChecksum::Completed
+}
+
+/// The virtio header that hands a received TCP super-packet longer than `mtu` to the kernel
+/// as TSO, or None if `packet` is not one.
+///
+/// A kernel VXLAN sender whose underlay link keeps GSO on (veth, as in kind) puts a whole TCP
+/// super-packet of up to 64 KB in one datagram, its checksum unfinished; written to TUN as
+/// is it exceeds the MTU and is dropped when forwarded. With this header (`GSO_TCPV4`/`V6`,
+/// `gso_size` = what fits `mtu` after its headers, `F_NEEDS_CSUM`) the kernel keeps it as
+/// one packet and segments it only where it must. The checksum field must then hold the
+/// pseudo-header sum: kept if it does (the sender's unfinished checksum), set if the
+/// checksum verifies in full; a packet with any other checksum gets None (delivered as is,
+/// for the kernel to drop).
+pub fn rx_super_packet(packet: &mut [u8], mtu: usize) -> Option<VirtioNetHdr> {
+    if packet.len() <= mtu {
+        return None;
+    }
+    let (l4_start, proto, v6) = rx_transport(packet)?;
+    if proto != IpProtocol::Tcp {
+        return None;
+    }
+    let l4 = packet.get(l4_start..)?;
+    let thl = usize::from(*l4.get(12)? >> 4) * 4;
+    let hdrs = l4_start + thl;
+    if thl < tcp::HEADER_LEN || hdrs >= packet.len() || hdrs >= mtu {
+        return None;
+    }
+    let addr_bytes = if v6 {
+        packet.get(8..40)?
+    } else {
+        packet.get(12..20)?
+    };
+    let l4_len = packet.len() - l4_start;
+    let ph = checksum::add(
+        checksum::sum(addr_bytes),
+        checksum::add(
+            u8::from(IpProtocol::Tcp).into(),
+            u16::try_from(l4_len).ok()?,
+        ),
+    );
+    let at = l4_start + tcp::CHECKSUM_OFFSET;
+    let field = u16::from_be_bytes([packet[at], packet[at + 1]]);
+    if field != ph {
+        if checksum::add(ph, checksum::sum(&packet[l4_start..])) != 0xffff {
+            return None;
+        }
+        packet[at..at + 2].copy_from_slice(&ph.to_be_bytes());
+    }
+    Some(VirtioNetHdr {
+        flags: VirtioNetHdr::F_NEEDS_CSUM,
+        gso_type: if v6 {
+            VirtioNetHdr::GSO_TCPV6
+        } else {
+            VirtioNetHdr::GSO_TCPV4
+        },
+        hdr_len: hdrs as u16,
+        gso_size: u16::try_from(mtu - hdrs).ok()?,
+        csum_start: l4_start as u16,
+        csum_offset: tcp::CHECKSUM_OFFSET as u16,
+    })
+}
+
+/// The transport header's offset and protocol of an unfragmented IPv4 or extension-free IPv6
+/// packet carrying TCP or UDP whose length fields match `p`'s length, and whether it is IPv6.
+#[inline]
+fn rx_transport(p: &[u8]) -> Option<(usize, IpProtocol, bool)> {
+    let (start, proto, total) = match p.first()? >> 4 {
+        4 => {
+            let h = p.get(..ipv4::HEADER_LEN)?;
+            let ihl = usize::from(h[0] & 0x0f) * 4;
+            let fragment = u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0;
+            if fragment || ihl < ipv4::HEADER_LEN {
+                return None;
+            }
+            (ihl, h[9], usize::from(u16::from_be_bytes([h[2], h[3]])))
+        }
+        6 => {
+            let h = p.get(..ipv6::HEADER_LEN)?;
+            let plen = usize::from(u16::from_be_bytes([h[4], h[5]]));
+            (ipv6::HEADER_LEN, h[6], ipv6::HEADER_LEN + plen)
+        }
+        _ => return None,
+    };
+    let proto = IpProtocol::from(proto);
+    if total != p.len() || start > total || !matches!(proto, IpProtocol::Tcp | IpProtocol::Udp) {
+        return None;
+    }
+    Some((start, proto, p[0] >> 4 == 6))
+}
+
 /// Where [`gso_split`] put the segments in its arena.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segments {
@@ -493,6 +655,231 @@ mod tests {
         assert_eq!(&p[38..40], &[0xff, 0xff], "zero sum stored as 0xffff");
     }
 
+    /// A TCP (6) or UDP (17) packet, IPv4 or IPv6, with a valid checksum over `payload`.
+    fn finished(v6: bool, proto: u8, payload: &[u8]) -> (Vec<u8>, IpAddr, IpAddr) {
+        let mut l4 = if proto == 6 {
+            let mut t = vec![0u8; 20];
+            t[..4].copy_from_slice(&[0x9c, 0x40, 0x14, 0x51]);
+            t[12] = 0x50;
+            t[13] = 0x18;
+            t
+        } else {
+            let mut u = vec![0x30, 0x39, 0x00, 0x35, 0, 0, 0, 0];
+            let ul = (8 + payload.len()) as u16;
+            u[4..6].copy_from_slice(&ul.to_be_bytes());
+            u
+        };
+        l4.extend_from_slice(payload);
+        let (mut p, s, d, ip_len): (Vec<u8>, IpAddr, IpAddr, usize) = if v6 {
+            let (s, d) = v6addrs();
+            (ipv6_packet(s, d, proto, &l4), s.into(), d.into(), 40)
+        } else {
+            (ipv4_packet(S4, D4, proto, &l4), S4.into(), D4.into(), 20)
+        };
+        if proto == 6 {
+            tcp::Packet::new_unchecked(&mut p[ip_len..]).fill_checksum(&s, &d);
+        } else {
+            udp::Packet::new_unchecked(&mut p[ip_len..]).fill_checksum(&s, &d);
+        }
+        (p, s, d)
+    }
+
+    /// `p` with its transport checksum field replaced by the pseudo-header sum, as a sender's
+    /// checksum offload leaves it; and the field's offset.
+    fn unfinished(p: &[u8], s: IpAddr, d: IpAddr) -> (Vec<u8>, usize) {
+        let v6 = p[0] >> 4 == 6;
+        let ip_len = if v6 { 40 } else { 20 };
+        let proto = if v6 { p[6] } else { p[9] };
+        let at = ip_len + if proto == 6 { 16 } else { 6 };
+        let ph = checksum::pseudo_header(&s, &d, proto, (p.len() - ip_len) as u32);
+        let mut q = p.to_vec();
+        q[at..at + 2].copy_from_slice(&ph.to_be_bytes());
+        (q, at)
+    }
+
+    fn transport_verifies(p: &[u8], s: IpAddr, d: IpAddr) -> bool {
+        let v6 = p[0] >> 4 == 6;
+        let (ip_len, proto) = if v6 { (40, p[6]) } else { (20, p[9]) };
+        if proto == 6 {
+            tcp::Packet::new_checked(&p[ip_len..])
+                .unwrap()
+                .verify_checksum(&s, &d)
+        } else {
+            let u = udp::Packet::new_checked(&p[ip_len..]).unwrap();
+            u.checksum() != 0 && u.verify_checksum(&s, &d)
+        }
+    }
+
+    proptest! {
+        /// TX completion (the path of every pure ACK a pod sends through TUN) against RFC
+        /// 1071's plain loop, on ACK-sized and larger segments with any header bytes: the
+        /// pseudo-header bytes plus the completed segment must sum to 0xffff.
+        #[test]
+        fn tx_completion_matches_the_reference_sum(
+            v6 in any::<bool>(),
+            seg in proptest::collection::vec(any::<u8>(), 20..1600),
+            addrs in any::<[u8; 32]>(),
+        ) {
+            use crate::wire::checksum::tests::naive_sum;
+            let mut seg = seg;
+            seg[12] = 0x50;
+            let (s, d): (IpAddr, IpAddr) = if v6 {
+                let s: [u8; 16] = addrs[..16].try_into().unwrap();
+                let d: [u8; 16] = addrs[16..].try_into().unwrap();
+                (Ipv6Addr::from(s).into(), Ipv6Addr::from(d).into())
+            } else {
+                let s: [u8; 4] = addrs[..4].try_into().unwrap();
+                let d: [u8; 4] = addrs[4..8].try_into().unwrap();
+                (Ipv4Addr::from(s).into(), Ipv4Addr::from(d).into())
+            };
+            let mut p = match (s, d) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => ipv4_packet(s, d, 6, &seg),
+                (IpAddr::V6(s), IpAddr::V6(d)) => ipv6_packet(s, d, 6, &seg),
+                _ => unreachable!(),
+            };
+            let ip_len = if v6 { 40 } else { 20 };
+            let ph = checksum::pseudo_header(&s, &d, 6, seg.len() as u32);
+            p[ip_len + 16..ip_len + 18].copy_from_slice(&ph.to_be_bytes());
+            complete_partial_checksum(&mut p, ip_len, 16).unwrap();
+            let mut bytes = Vec::new();
+            match (s, d) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    bytes.extend_from_slice(&s.octets());
+                    bytes.extend_from_slice(&d.octets());
+                    bytes.extend_from_slice(&[0, 6]);
+                    bytes.extend_from_slice(&(seg.len() as u16).to_be_bytes());
+                }
+                (IpAddr::V6(s), IpAddr::V6(d)) => {
+                    bytes.extend_from_slice(&s.octets());
+                    bytes.extend_from_slice(&d.octets());
+                    bytes.extend_from_slice(&(seg.len() as u32).to_be_bytes());
+                    bytes.extend_from_slice(&[0, 0, 0, 6]);
+                }
+                _ => unreachable!(),
+            }
+            bytes.extend_from_slice(&p[ip_len..]);
+            prop_assert_eq!(naive_sum(&bytes), 0xffff);
+        }
+    }
+
+    #[test]
+    fn rx_completes_unfinished_tcp_and_udp_v4_v6() {
+        for v6 in [false, true] {
+            for proto in [6u8, 17] {
+                let (good, s, d) = finished(v6, proto, b"hello, partial checksum!!");
+                let (mut p, at) = unfinished(&good, s, d);
+                assert!(!transport_verifies(&p, s, d));
+                assert_eq!(finish_rx_checksum(&mut p), RxChecksum::Completed);
+                assert!(transport_verifies(&p, s, d), "v6={v6} proto={proto}");
+                assert_eq!(p[..at], good[..at]);
+                assert_eq!(p[at + 2..], good[at + 2..]);
+                // Finished now: a second pass leaves it alone.
+                let again = p.clone();
+                assert_ne!(finish_rx_checksum(&mut p), RxChecksum::Completed);
+                assert_eq!(p, again);
+            }
+        }
+    }
+
+    #[test]
+    fn rx_leaves_valid_bad_and_foreign_packets_alone() {
+        for v6 in [false, true] {
+            for proto in [6u8, 17] {
+                let (good, s, d) = finished(v6, proto, b"payload");
+                let mut p = good.clone();
+                assert_eq!(finish_rx_checksum(&mut p), RxChecksum::Untouched);
+                assert_eq!(p, good);
+                // Any other bad checksum: delivered unchanged for the kernel to drop.
+                let mut bad = good.clone();
+                *bad.last_mut().unwrap() ^= 0x40;
+                let before = bad.clone();
+                assert_eq!(finish_rx_checksum(&mut bad), RxChecksum::Untouched);
+                assert_eq!(bad, before);
+                assert!(!transport_verifies(&bad, s, d));
+                // Unfinished but cut short or padded: the length no longer matches, untouched.
+                let (part, _) = unfinished(&good, s, d);
+                let mut short = part[..part.len() - 1].to_vec();
+                assert_eq!(finish_rx_checksum(&mut short), RxChecksum::Untouched);
+            }
+        }
+        // IPv4 UDP without a checksum (zero) stays without one.
+        let (mut p, _, _) = finished(false, 17, b"x");
+        p[26..28].fill(0);
+        let before = p.clone();
+        assert_eq!(finish_rx_checksum(&mut p), RxChecksum::Untouched);
+        assert_eq!(p, before);
+        // A fragment's checksum covers the whole datagram: never touched.
+        let (good, s, d) = finished(false, 6, b"fragment");
+        let (mut frag, _) = unfinished(&good, s, d);
+        frag[6] = 0x20; // MF
+        ipv4::Packet::new_unchecked(&mut frag[..]).fill_checksum();
+        let before = frag.clone();
+        assert_eq!(finish_rx_checksum(&mut frag), RxChecksum::Untouched);
+        assert_eq!(frag, before);
+        // ICMP, garbage, empty.
+        let mut icmp = ipv4_packet(S4, D4, 1, &[8, 0, 0, 0]);
+        assert_eq!(finish_rx_checksum(&mut icmp), RxChecksum::Untouched);
+        assert_eq!(finish_rx_checksum(&mut []), RxChecksum::Untouched);
+        assert_eq!(finish_rx_checksum(&mut [0x45; 30]), RxChecksum::Untouched);
+    }
+
+    #[test]
+    fn rx_keeps_a_finished_checksum_that_equals_the_pseudo_header_sum() {
+        // Choose two payload bytes so that the finished checksum is the pseudo-header sum.
+        let (good, s, d) = finished(false, 6, &[0u8; 12]);
+        let (mut p, at) = unfinished(&good, s, d);
+        let ph = u16::from_be_bytes([p[at], p[at + 1]]);
+        let w = !checksum::add(ph, checksum::sum(&p[20..]));
+        p[40..42].copy_from_slice(&w.to_be_bytes());
+        assert!(transport_verifies(&p, s, d));
+        let before = p.clone();
+        assert_eq!(finish_rx_checksum(&mut p), RxChecksum::Valid);
+        assert_eq!(p, before);
+    }
+
+    proptest! {
+        #[test]
+        fn rx_completion_matches_a_sender_that_finished_it(
+            v6 in any::<bool>(),
+            tcp_proto in any::<bool>(),
+            payload in proptest::collection::vec(any::<u8>(), 0..3000),
+        ) {
+            let proto = if tcp_proto { 6 } else { 17 };
+            let (good, s, d) = finished(v6, proto, &payload);
+            let (mut p, at) = unfinished(&good, s, d);
+            let r = finish_rx_checksum(&mut p);
+            prop_assert!(r == RxChecksum::Completed || r == RxChecksum::Valid);
+            prop_assert!(transport_verifies(&p, s, d));
+            // Same bytes as the sender's finished packet (0 and 0xffff are the same sum).
+            let norm = |x: &[u8]| match u16::from_be_bytes([x[at], x[at + 1]]) { 0 => 0xffff, c => c };
+            prop_assert_eq!(norm(&p), norm(&good));
+            prop_assert_eq!(&p[..at], &good[..at]);
+            prop_assert_eq!(&p[at + 2..], &good[at + 2..]);
+        }
+
+        #[test]
+        fn rx_never_changes_a_packet_it_does_not_complete(
+            bytes in proptest::collection::vec(any::<u8>(), 0..200),
+            v in prop_oneof![Just(0x45u8), Just(0x60), any::<u8>()],
+            corrupt in any::<(usize, u8)>(),
+        ) {
+            let mut p = bytes;
+            if let Some(b) = p.first_mut() { *b = v; }
+            if !p.is_empty() {
+                let i = corrupt.0 % p.len();
+                p[i] ^= corrupt.1;
+            }
+            let before = p.clone();
+            match finish_rx_checksum(&mut p) {
+                RxChecksum::Completed => {
+                    prop_assert_eq!(p.len(), before.len());
+                    prop_assert_eq!(p.iter().zip(&before).filter(|(a, b)| a != b).count() <= 2, true);
+                }
+                _ => prop_assert_eq!(p, before),
+            }
+        }
+    }
+
     #[derive(Debug, Clone)]
     struct Tso {
         v6: bool,
@@ -715,6 +1102,76 @@ mod tests {
             }
             let _ = complete_partial_checksum(&mut bytes, h.csum_start.into(), h.csum_offset.into());
         }
+    }
+
+    proptest! {
+        #[test]
+        fn rx_super_packets_become_tso_that_splits_into_valid_segments(
+            t in arb_tso(), mtu in 576usize..9000, finished_csum in any::<bool>(),
+        ) {
+            let (mut p, _) = build(&t);
+            let ip_len = if t.v6 { 40 } else { 20 + t.ip_opts };
+            let hdrs = ip_len + 20 + t.tcp_opts;
+            let (s, d): (IpAddr, IpAddr) = if t.v6 {
+                let (s, d) = v6addrs();
+                (s.into(), d.into())
+            } else {
+                (S4.into(), D4.into())
+            };
+            // As the sender left it (pseudo-header sum), or finished.
+            let ph = checksum::pseudo_header(&s, &d, 6, (p.len() - ip_len) as u32);
+            p[ip_len + 16..ip_len + 18].copy_from_slice(&ph.to_be_bytes());
+            if finished_csum {
+                complete_partial_checksum(&mut p, ip_len, 16).unwrap();
+            }
+            let got = rx_super_packet(&mut p, mtu);
+            if p.len() <= mtu {
+                prop_assert_eq!(got, None);
+                return Ok(());
+            }
+            let hdr = got.unwrap();
+            prop_assert_eq!(usize::from(hdr.hdr_len), hdrs);
+            prop_assert_eq!(&p[ip_len + 16..ip_len + 18], &ph.to_be_bytes()[..]);
+            // What the kernel does with it: every segment fits the MTU and verifies.
+            let mut arena = Vec::new();
+            let segs = gso_split(&p, &hdr, &mut arena, 0).unwrap();
+            let mut joined = Vec::new();
+            for r in segs.iter() {
+                let seg = &arena[r];
+                prop_assert!(seg.len() <= mtu);
+                prop_assert!(tcp::Packet::new_checked(&seg[ip_len..]).unwrap().verify_checksum(&s, &d));
+                joined.extend_from_slice(&seg[hdrs..]);
+            }
+            prop_assert_eq!(joined, t.payload);
+        }
+    }
+
+    #[test]
+    fn rx_super_packet_refuses_what_it_cannot_hand_over() {
+        let t = Tso {
+            v6: false,
+            ip_opts: 0,
+            tcp_opts: 0,
+            seq: 1,
+            ident: 1,
+            flags: 0x10,
+            payload: vec![7; 5000],
+            gso: 1000,
+        };
+        let (mut p, _) = build(&t);
+        // A bad checksum that is not the pseudo-header sum: left for the kernel to drop.
+        p[36..38].copy_from_slice(&[0x12, 0x34]);
+        let before = p.clone();
+        assert_eq!(rx_super_packet(&mut p, 1450), None);
+        assert_eq!(p, before);
+        // Fits the MTU: not a super-packet.
+        assert_eq!(rx_super_packet(&mut p, 9000), None);
+        // UDP is not handed over as TSO.
+        let (mut u, _, _) = finished(false, 17, &[1; 3000]);
+        assert_eq!(rx_super_packet(&mut u, 1450), None);
+        // Headers as large as the MTU.
+        let (mut q, _) = build(&t);
+        assert_eq!(rx_super_packet(&mut q, 40), None);
     }
 
     #[test]
