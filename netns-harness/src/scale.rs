@@ -108,6 +108,8 @@ pub struct ChurnStep {
     pub change: i64,
     /// Peers the data plane held when the step was judged.
     pub programmed: usize,
+    /// Time the API server took to answer the step's requests (one per Node, in sequence).
+    pub api_ms: f64,
     /// Time from the first API request of the step to the data plane matching it.
     pub latency_ms: Option<f64>,
 }
@@ -181,6 +183,13 @@ impl fmt::Display for PeerScaleReport {
             } else {
                 String::new()
             }
+        )?;
+        let mut api: Vec<f64> = self.churn.iter().map(|s| s.api_ms).collect();
+        api.sort_by(f64::total_cmp);
+        writeln!(
+            f,
+            "  (of which the API server answering the step's requests: median {:.0} ms)",
+            api.get(api.len() / 2).copied().unwrap_or(f64::NAN)
         )?;
         writeln!(
             f,
@@ -403,10 +412,12 @@ pub fn peer_scale(opts: &PeerScaleOpts) -> Result<PeerScaleReport> {
             live.extend(added.iter().copied());
             (added.len() as i64, live.len())
         };
+        let api_ms = t.elapsed().as_secs_f64() * 1e3;
         let (latency, held) = wait_programmed(&c, node, opts.kind, want, t, opts.churn_every)?;
         churn.push(ChurnStep {
             change,
             programmed: held,
+            api_ms,
             latency_ms: latency.map(|d| d.as_secs_f64() * 1e3),
         });
         if let Some(rest) = opts.churn_every.checked_sub(t.elapsed()) {

@@ -145,7 +145,8 @@ impl TestApiServer {
     }
 
     /// Starts a server on `addr` whose state is loaded from `state_file` when it exists and
-    /// written back (atomically) after every change. The file holds
+    /// written back (atomically) after changes: within 50 ms, a burst in one write, and at
+    /// once when the server stops. The file holds
     /// `{"resourceVersion":"N","nodes":[…],"pods":[…]}`.
     pub async fn start_with_state_file(
         addr: SocketAddr,
@@ -180,10 +181,12 @@ impl TestApiServer {
                 events,
                 close_watches,
                 state_file,
+                saver: Default::default(),
             }),
             addr,
             running: None,
         };
+        state::Saver::spawn(&server.shared);
         server.listen().await?;
         Ok(server)
     }
@@ -227,6 +230,7 @@ impl TestApiServer {
             let _ = running.shutdown.send(true);
             let _ = running.task.await;
         }
+        self.shared.flush();
     }
 
     /// Starts listening again on the same address with the same state (and watch history).
@@ -391,6 +395,7 @@ impl Drop for TestApiServer {
             let _ = running.shutdown.send(true);
             running.task.abort();
         }
+        self.shared.flush();
     }
 }
 

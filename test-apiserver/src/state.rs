@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -47,6 +47,54 @@ pub(crate) struct Shared {
     /// Bumped to end every open watch; the flag says whether with a 410 `ERROR` event.
     pub(crate) close_watches: watch::Sender<(u64, bool)>,
     pub(crate) state_file: Option<PathBuf>,
+    /// Writes to the state file are coalesced (see [`Shared::save`]).
+    pub(crate) saver: Saver,
+}
+
+/// Coalesces state-file writes: a burst of changes costs one write of the whole state, not
+/// one per change (5,000 Nodes loaded one by one would otherwise write the file 5,000 times).
+#[derive(Debug, Default)]
+pub(crate) struct Saver {
+    /// A write is pending.
+    pending: Mutex<bool>,
+    wake: Condvar,
+}
+
+/// Longest a change waits before the state file holds it.
+const SAVE_DELAY: Duration = Duration::from_millis(50);
+
+impl Saver {
+    fn pending(&self) -> MutexGuard<'_, bool> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the thread that writes `shared`'s state file after changes.
+    pub(crate) fn spawn(shared: &Arc<Shared>) {
+        let weak: Weak<Shared> = Arc::downgrade(shared);
+        let _ = std::thread::Builder::new()
+            .name("state-file".into())
+            .spawn(move || loop {
+                {
+                    let Some(shared) = weak.upgrade() else { return };
+                    let mut f = shared.saver.pending();
+                    while !*f {
+                        let (g, _) = shared
+                            .saver
+                            .wake
+                            .wait_timeout(f, Duration::from_secs(1))
+                            .unwrap_or_else(|p| p.into_inner());
+                        f = g;
+                        // Only this thread holds the state: the server is gone.
+                        if Arc::strong_count(&shared) == 1 {
+                            return;
+                        }
+                    }
+                }
+                std::thread::sleep(SAVE_DELAY);
+                let Some(shared) = weak.upgrade() else { return };
+                shared.flush();
+            });
+    }
 }
 
 pub(crate) fn now_rfc3339() -> String {
@@ -233,10 +281,28 @@ impl Shared {
     }
 
     /// Writes the state file, if any (atomically: temporary file + rename).
+    /// Records that the state changed: the saver thread writes the file within
+    /// [`SAVE_DELAY`]; [`Shared::flush`] (on stop) writes it at once.
     pub(crate) fn save(&self) {
+        if self.state_file.is_none() {
+            return;
+        }
+        *self.saver.pending() = true;
+        self.saver.wake.notify_one();
+    }
+
+    /// Writes the state file now if a change is pending.
+    pub(crate) fn flush(&self) {
         let Some(path) = &self.state_file else {
             return;
         };
+        {
+            let mut f = self.saver.pending();
+            if !*f {
+                return;
+            }
+            *f = false;
+        }
         let st = self.lock();
         let doc = json!({
             "resourceVersion": st.rv.to_string(),
