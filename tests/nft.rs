@@ -206,7 +206,7 @@ fn nftables_mode_tables_masquerade_repair_and_mode_switch() {
         )),
         "{report}"
     );
-    assert!(line(&report, "vxlan-guard").starts_with("PASS vxlan-guard: VXLAN to UDP 8472 is accepted only from the 1 peers' public IPs (nftables set)"));
+    assert!(line(&report, "vxlan-guard").starts_with("PASS vxlan-guard: VXLAN to UDP 8472 is accepted only from the 1 peers' public IPs (set ip flannel-rs-guard peers)"));
     assert!(
         line(&report, "forward-reject").starts_with("PASS "),
         "{report}"

@@ -347,7 +347,13 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
                     outcome = Err(DaemonError::WatchEnded);
                     break;
                 };
-                let events = watcher.apply(update);
+                let mut events = watcher.apply(update);
+                // A burst (many Nodes changed at once, a relist) is planned and applied once:
+                // take what is already queued before syncing the plane.
+                for _ in 0..MAX_DRAIN {
+                    let Ok(more) = rx.try_recv() else { break };
+                    events.extend(watcher.apply(more));
+                }
                 for ev in &events {
                     debug!(event = ?ev, "lease event");
                 }
@@ -519,6 +525,10 @@ async fn sync_plane(plane: &mut Plane, peers: &[Peer], failing: &mut Condition) 
         )),
     }
 }
+
+/// Most queued lease updates folded into one plane sync (a bound, so a store that never stops
+/// sending cannot starve the other branches of the loop).
+const MAX_DRAIN: usize = 4096;
 
 /// Completes at `at`, never when `None` (a disabled `select!` branch).
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {

@@ -520,11 +520,46 @@ pub fn vxlan_guard(
         .filter(|l| l.starts_with(&allow_head) && l.ends_with("-j RETURN"))
         .filter_map(|l| l[allow_head.len()..].split(['/', ' ']).next()?.parse().ok())
         .collect();
+    judge_allow_list(
+        &AllowList {
+            port,
+            network,
+            allowed: &allowed,
+            name: VXLAN_IN_CHAIN,
+            restart,
+        },
+        peers,
+    )
+}
+
+/// The VXLAN guard's allow-list as read from the firewall (iptables chain or nftables set).
+pub(crate) struct AllowList<'a> {
+    pub(crate) port: u16,
+    pub(crate) network: Ipv4Net,
+    /// The addresses it accepts VXLAN from.
+    pub(crate) allowed: &'a [IpAddr],
+    /// How messages name it (`FLANNEL-VXLAN-IN`, `set ip flannel-rs-guard peers`).
+    pub(crate) name: &'a str,
+    /// The fix for a stale list.
+    pub(crate) restart: &'a str,
+}
+
+/// Compares the allow-list with the peers' public IPs (`None`: the lease store is unreadable):
+/// a peer missing fails (its VXLAN is dropped), an address without a lease warns.
+pub(crate) fn judge_allow_list(list: &AllowList<'_>, peers: Option<&[IpAddr]>) -> Finding {
+    let id = ids::VXLAN_GUARD;
+    let AllowList {
+        port,
+        network,
+        allowed,
+        name,
+        restart,
+    } = *list;
     let Some(peers) = peers else {
         return Finding::new(
             Status::Pass,
             id,
-            format!("VXLAN to UDP {port} is accepted only from {} listed addresses; UDP {port} from pods in {network} is dropped (lease store unreadable: allow-list not compared)", allowed.len()),
+            format!("VXLAN to UDP {port} is accepted only from the {} addresses of {name}; UDP {port} from pods in {network} is dropped (lease store unreadable: allow-list not compared)", allowed.len()),
         );
     };
     let absent: Vec<String> = peers
@@ -537,7 +572,7 @@ pub fn vxlan_guard(
             Status::Fail,
             id,
             format!(
-                "VXLAN from peer(s) {} is dropped: {VXLAN_IN_CHAIN} does not list them",
+                "VXLAN from peer(s) {} is dropped: {name} does not list them",
                 absent.join(", ")
             ),
         )
@@ -553,7 +588,7 @@ pub fn vxlan_guard(
             Status::Warn,
             id,
             format!(
-                "{VXLAN_IN_CHAIN} still accepts VXLAN from {}, which hold(s) no valid lease",
+                "{name} still accepts VXLAN from {}, which hold(s) no valid lease",
                 extra.join(", ")
             ),
         )
@@ -563,7 +598,7 @@ pub fn vxlan_guard(
         Status::Pass,
         id,
         format!(
-            "VXLAN to UDP {port} is accepted only from the {} peers' public IPs; UDP {port} from pods in {network} is dropped",
+            "VXLAN to UDP {port} is accepted only from the {} peers' public IPs ({name}); UDP {port} from pods in {network} is dropped",
             peers.len()
         ),
     )

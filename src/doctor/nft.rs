@@ -13,6 +13,7 @@ use std::net::IpAddr;
 
 use ipnet::Ipv4Net;
 
+use super::checks::{judge_allow_list, AllowList};
 use super::report::{ids, Finding, Status};
 use crate::masq::{NFT_GUARD_TABLE, NFT_POSTRTG_CHAIN, NFT_V4_TABLE};
 
@@ -599,52 +600,16 @@ pub fn vxlan_guard_nft(
         .find(|s| s.family == "ip" && s.table == t && s.name == "peers")
         .map(|s| s.elements.iter().filter_map(|e| e.parse().ok()).collect())
         .unwrap_or_default();
-    let Some(peers) = peers else {
-        return Finding::new(
-            Status::Pass,
-            id,
-            format!("VXLAN to UDP {port} is accepted only from {} addresses of set peers; UDP {port} from pods in {network} is dropped (lease store unreadable: allow-list not compared)", allowed.len()),
-        );
-    };
-    let absent: Vec<String> = peers
-        .iter()
-        .filter(|p| !allowed.contains(p))
-        .map(ToString::to_string)
-        .collect();
-    if !absent.is_empty() {
-        return Finding::new(
-            Status::Fail,
-            id,
-            format!(
-                "VXLAN from peer(s) {} is dropped: set ip {t} peers does not list them",
-                absent.join(", ")
-            ),
-        )
-        .fix(restart);
-    }
-    let extra: Vec<String> = allowed
-        .iter()
-        .filter(|a| !peers.contains(a))
-        .map(ToString::to_string)
-        .collect();
-    if !extra.is_empty() {
-        return Finding::new(
-            Status::Warn,
-            id,
-            format!(
-                "set ip {t} peers still accepts VXLAN from {}, which hold(s) no valid lease",
-                extra.join(", ")
-            ),
-        )
-        .fix(restart);
-    }
-    Finding::new(
-        Status::Pass,
-        id,
-        format!(
-            "VXLAN to UDP {port} is accepted only from the {} peers' public IPs (nftables set); UDP {port} from pods in {network} is dropped",
-            peers.len()
-        ),
+    let name = format!("set ip {t} peers");
+    judge_allow_list(
+        &AllowList {
+            port,
+            network,
+            allowed: &allowed,
+            name: &name,
+            restart: &restart,
+        },
+        peers,
     )
 }
 
