@@ -47,6 +47,7 @@ pub mod net;
 pub mod proto;
 pub mod scenario;
 pub mod store;
+pub mod suite;
 pub mod sys;
 
 pub use bench::{BenchPath, BenchReport, BenchRow};
