@@ -239,9 +239,7 @@ impl Cluster {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let secs = seconds.to_string();
-            let mut args = vec![
-                "iperf3", "-c", &p.dst_ip, "-p", &port, "-t", &secs, "-J",
-            ];
+            let mut args = vec!["iperf3", "-c", &p.dst_ip, "-p", &port, "-t", &secs, "-J"];
             args.extend_from_slice(extra);
             let out = cmd::run(
                 &mut cmd::ns_command(&p.src_ns, &args),

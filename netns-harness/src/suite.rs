@@ -322,7 +322,9 @@ pub fn udp_pps(json: &str) -> Result<f64> {
     let num = |k: &str| sum.get(k).and_then(serde_json::Value::as_f64);
     let packets = num("packets").ok_or_else(|| anyhow!("no packets"))?;
     let lost = num("lost_packets").unwrap_or(0.0);
-    let secs = num("seconds").filter(|s| *s > 0.0).ok_or_else(|| anyhow!("no seconds"))?;
+    let secs = num("seconds")
+        .filter(|s| *s > 0.0)
+        .ok_or_else(|| anyhow!("no seconds"))?;
     Ok((packets - lost).max(0.0) / secs)
 }
 
@@ -432,8 +434,18 @@ impl Cluster {
         let gbps = tcp_gbps(&json)?;
         let gb = gbps * f64::from(seconds) / 8.0;
         let hz = USER_HZ;
-        let per_gb = |t: u64| if gb > 0.0 { t as f64 / hz / gb } else { f64::NAN };
-        Ok((gbps, per_gb(m1.saturating_sub(m0)), per_gb(f1.saturating_sub(f0))))
+        let per_gb = |t: u64| {
+            if gb > 0.0 {
+                t as f64 / hz / gb
+            } else {
+                f64::NAN
+            }
+        };
+        Ok((
+            gbps,
+            per_gb(m1.saturating_sub(m0)),
+            per_gb(f1.saturating_sub(f0)),
+        ))
     }
 
     fn measure_rtt(&self, p: &Pair, pings: u32) -> Result<(f64, f64)> {
@@ -441,7 +453,9 @@ impl Cluster {
         let out = cmd::run(
             &mut cmd::ns_command(
                 &p.src_ns,
-                &["ping", "-n", "-c", &count, "-i", "0.001", "-W", "1", &p.dst_ip],
+                &[
+                    "ping", "-n", "-c", &count, "-i", "0.001", "-W", "1", &p.dst_ip,
+                ],
             ),
             Duration::from_secs(u64::from(pings) / 500 + 15),
         )?;
@@ -462,8 +476,10 @@ impl Cluster {
         out: &mut SuiteReport,
     ) -> Result<()> {
         let Some(p) = self.pair_for(path) else {
-            out.errors
-                .push(format!("{}: no such pair of nodes in this cluster", path.label()));
+            out.errors.push(format!(
+                "{}: no such pair of nodes in this cluster",
+                path.label()
+            ));
             return Ok(());
         };
         let mut push = |metric, value| {
@@ -531,7 +547,12 @@ impl Cluster {
                     self.set_wire(wire)?;
                     for path in Path3::ALL {
                         sys::check_interrupted()?;
-                        eprintln!("bench: round {} {} {}", round + 1, wire.label(), path.label());
+                        eprintln!(
+                            "bench: round {} {} {}",
+                            round + 1,
+                            wire.label(),
+                            path.label()
+                        );
                         self.measure_path(round, wire, path, &options, &mut report)?;
                     }
                 }
@@ -590,7 +611,9 @@ pub fn write_chart(report: &SuiteReport, path: &Path) -> Result<()> {
             let i = (*x / per as f64).floor() as usize;
             let centre = (i * per) as f64 + per as f64 / 2.0;
             if (x - centre).abs() < 0.3 {
-                metrics.get(i).map_or(String::new(), |m| m.label().to_string())
+                metrics
+                    .get(i)
+                    .map_or(String::new(), |m| m.label().to_string())
             } else {
                 String::new()
             }
@@ -613,10 +636,15 @@ pub fn write_chart(report: &SuiteReport, path: &Path) -> Result<()> {
                     colour(w).filled(),
                 )))?
                 .label(if mi == 0 { w.label() } else { "" })
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour(w).filled()));
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour(w).filled())
+                });
         }
     }
-    chart.draw_series(LineSeries::new([(0.0, 1.0), (n, 1.0)], BLACK.stroke_width(1)))?;
+    chart.draw_series(LineSeries::new(
+        [(0.0, 1.0), (n, 1.0)],
+        BLACK.stroke_width(1),
+    ))?;
     chart
         .configure_series_labels()
         .border_style(BLACK)

@@ -74,7 +74,11 @@ impl TunPort for FakeTun {
         if !q.is_empty() {
             return Ok(true);
         }
-        let q = self.queued.wait_timeout(q, timeout.min(FAKE_WAIT)).unwrap().0;
+        let q = self
+            .queued
+            .wait_timeout(q, timeout.min(FAKE_WAIT))
+            .unwrap()
+            .0;
         Ok(!q.is_empty())
     }
 
