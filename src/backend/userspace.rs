@@ -36,11 +36,6 @@ const BUF_LEN: usize = 65_536 + 64;
 const MAX_GSO_BYTES: usize = 65_000;
 /// Most segments the kernel accepts in one UDP GSO send (UDP_MAX_SEGMENTS on older kernels).
 const MAX_GSO_SEGMENTS: usize = 64;
-/// How long a woken packet thread keeps polling both directions after the last packet
-/// before it sleeps again (adaptive busy polling: a reply is usually back within this).
-const SPIN: Duration = Duration::from_micros(50);
-/// Most packets read from TUN per turn before the thread looks at the socket again.
-const TX_BATCH: usize = 64;
 /// Messages per receive call (`recvmmsg`); each may hold a UDP GRO batch.
 const RX_SLOTS: usize = 64;
 /// Bytes per receive slot: the largest UDP payload (UDP GRO batches stay below 64 KiB too),
@@ -382,23 +377,22 @@ fn spawn_loops<T: TunPort + 'static, S: DatagramPort + 'static>(
     queues: Vec<(Arc<T>, Arc<S>)>,
     threads: &mut Vec<JoinHandle<()>>,
 ) -> io::Result<()> {
-    let epoch = Instant::now();
     for (q, (tun, sock)) in queues.into_iter().enumerate() {
-        let queue = Arc::new(QueueState::new());
-        for (name, home) in [("tx", Direction::Tx), ("rx", Direction::Rx)] {
+        for (name, run) in [
+            ("tx", Worker::run_tx as fn(&Worker<T, S>)),
+            ("rx", Worker::run_rx as fn(&Worker<T, S>)),
+        ] {
             let w = Worker {
                 shared: shared.clone(),
                 tun: tun.clone(),
                 sock: sock.clone(),
-                queue: queue.clone(),
-                epoch,
             };
             let live = shared.live.clone();
             live.fetch_add(1, Ordering::SeqCst);
             let spawned = std::thread::Builder::new()
                 .name(format!("vxlan-{name}{q}"))
                 .spawn(move || {
-                    w.guarded(name, home);
+                    w.guarded(name, run);
                     live.fetch_sub(1, Ordering::SeqCst);
                 });
             match spawned {
@@ -413,66 +407,11 @@ fn spawn_loops<T: TunPort + 'static, S: DatagramPort + 'static>(
     Ok(())
 }
 
-/// The direction a packet thread sleeps on when idle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Direction {
-    /// TUN → VXLAN.
-    Tx,
-    /// VXLAN → TUN.
-    Rx,
-}
-
-/// TX buffers of one queue: whichever thread holds the lock reads TUN.
-struct TxState {
-    buf: Vec<u8>,
-    arena: Vec<u8>,
-    /// UDP GSO works (cleared for good when the kernel refuses it).
-    gso_ok: bool,
-    icmp: IcmpLimiter,
-}
-
-/// RX buffers of one queue: whichever thread holds the lock reads the socket.
-struct RxState {
-    buf: Vec<u8>,
-    msgs: Vec<crate::dataplane::ports::Received>,
-    packets: Vec<std::ops::Range<usize>>,
-    coalescer: Coalescer,
-}
-
-/// Both directions' state of one queue, each taken by one thread at a time: that keeps the
-/// packets of a flow in order whichever thread serves them.
-struct QueueState {
-    tx: std::sync::Mutex<TxState>,
-    rx: std::sync::Mutex<RxState>,
-}
-
-impl QueueState {
-    fn new() -> QueueState {
-        QueueState {
-            tx: std::sync::Mutex::new(TxState {
-                buf: vec![0u8; BUF_LEN],
-                arena: Vec::with_capacity(2 * BUF_LEN),
-                gso_ok: true,
-                icmp: IcmpLimiter::default(),
-            }),
-            rx: std::sync::Mutex::new(RxState {
-                buf: vec![0u8; RX_SLOTS * RX_SLOT],
-                msgs: Vec::with_capacity(RX_SLOTS),
-                packets: Vec::with_capacity(RX_SLOTS),
-                coalescer: Coalescer::new(),
-            }),
-        }
-    }
-}
-
 /// One packet thread's view: the shared state and the queue it serves.
 struct Worker<T, S> {
     shared: Shared,
     tun: Arc<T>,
     sock: Arc<S>,
-    queue: Arc<QueueState>,
-    /// Time origin of the ICMP rate limit.
-    epoch: Instant,
 }
 
 impl<T, S> std::ops::Deref for Worker<T, S> {
@@ -487,9 +426,9 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
     /// Runs a packet loop until shutdown. Nothing in it should panic; if something does
     /// anyway, the loop is restarted (and counted) rather than leaving the node silently
     /// without a data path.
-    fn guarded(self, name: &str, home: Direction) {
+    fn guarded(self, name: &str, run: fn(&Worker<T, S>)) {
         while !self.stop.load(Ordering::Relaxed) {
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(home)));
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&self)));
             if result.is_err() {
                 self.io_errors.count_panic();
                 tracing::error!(thread = name, "packet loop panicked; restarting it");
@@ -500,136 +439,64 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
         }
     }
 
-    /// Runs one thread of a queue until shutdown. The thread sleeps on its `home` descriptor
-    /// (TUN for TX, the socket for RX); once woken it serves BOTH directions, each under its
-    /// lock so that packets of a flow stay in order, and keeps polling both without sleeping
-    /// until nothing arrived for [`SPIN`]. A reply the kernel produces while we write to TUN
-    /// (an echo reply, a TCP ACK) is then read and sent by the thread that is already
-    /// running instead of after a wakeup of the other one, and a reply from the peer is
-    /// caught by the thread that just sent the request.
-    fn run(&self, home: Direction) {
+    /// TUN → VXLAN. The packet is read so that its vnet header ends exactly where the
+    /// VXLAN + Ethernet headroom ends; encap then overwrites the consumed vnet header. TSO
+    /// super-packets are split into an arena laid out for one UDP GSO send per batch. ICMP
+    /// errors the core builds are rate limited like the kernel's (1000/s, bursts of 50).
+    fn run_tx(&self) {
+        let epoch = Instant::now();
+        let mut icmp = IcmpLimiter::default();
+        let mut buf = vec![0u8; BUF_LEN];
+        let mut arena = Vec::with_capacity(2 * BUF_LEN);
+        let mut gso_ok = true;
+        let off = VXLAN_HEADROOM - VNET_HDR_LEN;
         while !self.stop.load(Ordering::Relaxed) {
-            let ready = match home {
-                Direction::Tx => self.tun.wait_readable(POLL),
-                Direction::Rx => self.sock.wait_readable(POLL),
-            };
-            match ready {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(e) => {
-                    warn!(error = %e, direction = ?home, "waiting for packets failed");
-                    std::thread::sleep(POLL);
-                    continue;
-                }
-            }
-            let mut last = Instant::now();
-            while !self.stop.load(Ordering::Relaxed) {
-                let busy = self.serve_tx() | self.serve_rx();
-                if busy {
-                    last = Instant::now();
-                } else if last.elapsed() >= SPIN {
-                    break;
-                } else {
-                    std::hint::spin_loop();
-                }
-            }
-        }
-    }
-
-    /// Reads and sends what TUN holds (up to a batch) if no other thread is doing so;
-    /// returns whether a packet was read.
-    fn serve_tx(&self) -> bool {
-        let mut st = match self.queue.tx.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return false,
-        };
-        let mut any = false;
-        for _ in 0..TX_BATCH {
-            match self.tx_once(&mut st) {
-                Ok(true) => any = true,
-                Ok(false) => break,
+            let n = match self.tun.recv(&mut buf[off..], POLL) {
+                Ok(Some(n)) => n,
+                Ok(None) => continue,
                 Err(e) => {
                     warn!(error = %e, "TUN read failed");
                     std::thread::sleep(POLL);
-                    break;
+                    continue;
                 }
-            }
-        }
-        any
-    }
-
-    /// Receives and delivers one batch of datagrams if no other thread is doing so; returns
-    /// whether anything arrived.
-    fn serve_rx(&self) -> bool {
-        let mut st = match self.queue.rx.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return false,
-        };
-        match self.rx_once(&mut st) {
-            Ok(any) => any,
-            Err(e) => {
-                warn!(error = %e, "UDP receive failed");
-                std::thread::sleep(POLL);
-                false
-            }
-        }
-    }
-
-    /// TUN → VXLAN, one packet if one is queued. The packet is read so that its vnet header
-    /// ends exactly where the VXLAN + Ethernet headroom ends; encap then overwrites the
-    /// consumed vnet header. TSO super-packets are split into an arena laid out for one UDP
-    /// GSO send per batch. ICMP errors the core builds are rate limited like the kernel's
-    /// (1000/s, bursts of 50).
-    fn tx_once(&self, st: &mut TxState) -> io::Result<bool> {
-        let TxState {
-            buf,
-            arena,
-            gso_ok,
-            icmp,
-        } = st;
-        let off = VXLAN_HEADROOM - VNET_HDR_LEN;
-        let Some(n) = self.tun.try_recv(&mut buf[off..])? else {
-            return Ok(false);
-        };
-        let end = off + n;
-        let now = self.epoch.elapsed();
-        let hdr = match VirtioNetHdr::parse(buf.get(off..end).unwrap_or_default()) {
-            Ok(h) => h,
-            Err(reason) => {
-                self.counters.count_drop(reason);
-                return Ok(true);
-            }
-        };
-        let table = self.table.load();
-        if hdr.gso_kind() == GsoKind::None {
-            if hdr.needs_csum() {
-                let (start, offset) = (hdr.csum_start.into(), hdr.csum_offset.into());
-                let packet = &mut buf[VXLAN_HEADROOM..end];
-                if let Err(reason) = complete_partial_checksum(packet, start, offset) {
+            };
+            let end = off + n;
+            let now = epoch.elapsed();
+            let hdr = match VirtioNetHdr::parse(buf.get(off..end).unwrap_or_default()) {
+                Ok(h) => h,
+                Err(reason) => {
                     self.counters.count_drop(reason);
-                    return Ok(true);
+                    continue;
                 }
+            };
+            let table = self.table.load();
+            if hdr.gso_kind() == GsoKind::None {
+                if hdr.needs_csum() {
+                    let (start, offset) = (hdr.csum_start.into(), hdr.csum_offset.into());
+                    let packet = &mut buf[VXLAN_HEADROOM..end];
+                    if let Err(reason) = complete_partial_checksum(packet, start, offset) {
+                        self.counters.count_drop(reason);
+                        continue;
+                    }
+                }
+                self.encap_and_send(&mut buf, VXLAN_HEADROOM..end, &table, (&mut icmp, now));
+                continue;
             }
-            self.encap_and_send(buf, VXLAN_HEADROOM..end, &table, (icmp, now));
-            return Ok(true);
+            let segs = match gso_split(&buf[VXLAN_HEADROOM..end], &hdr, &mut arena, VXLAN_HEADROOM)
+            {
+                Ok(s) => s,
+                Err(reason) => {
+                    self.counters.count_drop(reason);
+                    continue;
+                }
+            };
+            if segs.len() == 1 {
+                let Some(p) = segs.packet(0) else { continue };
+                self.encap_and_send(&mut arena, p, &table, (&mut icmp, now));
+            } else {
+                self.send_segments(&mut arena, &segs, &table, &mut gso_ok, (&mut icmp, now));
+            }
         }
-        let segs = match gso_split(&buf[VXLAN_HEADROOM..end], &hdr, arena, VXLAN_HEADROOM) {
-            Ok(s) => s,
-            Err(reason) => {
-                self.counters.count_drop(reason);
-                return Ok(true);
-            }
-        };
-        if segs.len() == 1 {
-            if let Some(p) = segs.packet(0) {
-                self.encap_and_send(arena, p, &table, (icmp, now));
-            }
-        } else {
-            self.send_segments(arena, &segs, &table, gso_ok, (icmp, now));
-        }
-        Ok(true)
     }
 
     /// Writes an error the core built in `buf[packet]` (e.g. ICMP net unreachable) back to
@@ -741,65 +608,67 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
         }
     }
 
-    /// VXLAN → TUN, one batch if anything is queued. One `recvmmsg` fetches a batch of
-    /// messages (each a datagram or a UDP GRO run of them); every datagram is decapsulated in
-    /// place; the inner packets are merged into TCP super-packets where the kernel's GRO
-    /// would have merged them and written with one TUN write each. Unmerged packets are
-    /// written with a zeroed vnet header placed over the already-parsed tail of their inner
-    /// Ethernet header.
-    fn rx_once(&self, st: &mut RxState) -> io::Result<bool> {
-        let RxState {
-            buf,
-            msgs,
-            packets,
-            coalescer,
-        } = st;
-        self.sock.try_recv_batch(buf, RX_SLOT, msgs)?;
-        if msgs.is_empty() {
-            return Ok(false);
-        }
-        let table = self.table.load();
-        packets.clear();
-        for m in msgs.iter() {
-            if m.truncated {
-                self.counters.count_drop(DropReason::Truncated);
+    /// VXLAN → TUN. One `recvmmsg` fetches a batch of messages (each a datagram or a UDP
+    /// GRO run of them); every datagram is decapsulated in place; the inner packets are
+    /// merged into TCP super-packets where the kernel's GRO would have merged them and
+    /// written with one TUN write each. Unmerged packets are written with a zeroed vnet
+    /// header placed over the already-parsed tail of their inner Ethernet header.
+    fn run_rx(&self) {
+        let mut buf = vec![0u8; RX_SLOTS * RX_SLOT];
+        let mut msgs = Vec::with_capacity(RX_SLOTS);
+        let mut packets = Vec::with_capacity(RX_SLOTS);
+        let mut coalescer = Coalescer::new();
+        while !self.stop.load(Ordering::Relaxed) {
+            if let Err(e) = self.sock.recv_batch(&mut buf, RX_SLOT, &mut msgs) {
+                warn!(error = %e, "UDP receive failed");
+                std::thread::sleep(POLL);
                 continue;
             }
-            for d in m.datagrams() {
-                match decap(buf, d, m.src.ip(), &table, &self.local) {
-                    DecapVerdict::Deliver { packet } => packets.push(packet),
-                    DecapVerdict::Reply { dst, frame } => {
-                        let _ = self
-                            .sock
-                            .send_to(&buf[frame], SocketAddr::new(dst, self.port));
-                        self.counters.count_reply();
-                    }
-                    DecapVerdict::Drop(reason) => self.counters.count_drop(reason),
-                }
+            if msgs.is_empty() {
+                continue;
             }
-        }
-        if !self.coalesce {
-            for p in packets.iter() {
-                self.deliver_one(buf, p.clone());
-            }
-            return Ok(true);
-        }
-        coalescer.coalesce(buf, packets);
-        for w in coalescer.writes() {
-            let pieces = coalescer.pieces(w);
-            let sent = match pieces {
-                [one] if w.segments == 1 => {
-                    self.deliver_one(buf, one.clone());
+            let table = self.table.load();
+            packets.clear();
+            for m in &msgs {
+                if m.truncated {
+                    self.counters.count_drop(DropReason::Truncated);
                     continue;
                 }
-                _ => self.tun.send_gather(&w.hdr.to_bytes(), buf, pieces),
-            };
-            match sent {
-                Ok(()) => w.segment_lens().for_each(|l| self.counters.count_rx(l)),
-                Err(_) => self.io_errors.count_tun_write_failure(),
+                for d in m.datagrams() {
+                    match decap(&mut buf, d, m.src.ip(), &table, &self.local) {
+                        DecapVerdict::Deliver { packet } => packets.push(packet),
+                        DecapVerdict::Reply { dst, frame } => {
+                            let _ = self
+                                .sock
+                                .send_to(&buf[frame], SocketAddr::new(dst, self.port));
+                            self.counters.count_reply();
+                        }
+                        DecapVerdict::Drop(reason) => self.counters.count_drop(reason),
+                    }
+                }
+            }
+            if !self.coalesce {
+                for p in &packets {
+                    self.deliver_one(&mut buf, p.clone());
+                }
+                continue;
+            }
+            coalescer.coalesce(&mut buf, &packets);
+            for w in coalescer.writes() {
+                let pieces = coalescer.pieces(w);
+                let sent = match pieces {
+                    [one] if w.segments == 1 => {
+                        self.deliver_one(&mut buf, one.clone());
+                        continue;
+                    }
+                    _ => self.tun.send_gather(&w.hdr.to_bytes(), &buf, pieces),
+                };
+                match sent {
+                    Ok(()) => w.segment_lens().for_each(|l| self.counters.count_rx(l)),
+                    Err(_) => self.io_errors.count_tun_write_failure(),
+                }
             }
         }
-        Ok(true)
     }
 
     /// Writes one decapsulated inner packet to TUN.

@@ -65,23 +65,6 @@ impl TunPort for FakeTun {
         Ok(Some(n))
     }
 
-    fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        self.recv(buf, Duration::ZERO)
-    }
-
-    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        let q = self.inbox.lock().unwrap();
-        if !q.is_empty() {
-            return Ok(true);
-        }
-        let q = self
-            .queued
-            .wait_timeout(q, timeout.min(FAKE_WAIT))
-            .unwrap()
-            .0;
-        Ok(!q.is_empty())
-    }
-
     fn send(&self, packet: &[u8]) -> io::Result<()> {
         self.send_gather(packet, &[], &[])
     }
@@ -194,34 +177,11 @@ impl DatagramPort for FakeSocket {
         slot_len: usize,
         out: &mut Vec<Received>,
     ) -> io::Result<()> {
-        self.wait_readable(FAKE_WAIT)?;
-        self.try_recv_batch(buf, slot_len, out)
-    }
-
-    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        let empty = |q: &HashMap<IpAddr, VecDeque<Message>>| {
-            q.get(&self.addr.ip()).is_none_or(VecDeque::is_empty)
-        };
-        let mut queues = self.net.queues.lock().unwrap();
-        if empty(&queues) {
-            queues = self
-                .net
-                .arrived
-                .wait_timeout(queues, timeout.min(FAKE_WAIT))
-                .unwrap()
-                .0;
-        }
-        Ok(!empty(&queues))
-    }
-
-    fn try_recv_batch(
-        &self,
-        buf: &mut [u8],
-        slot_len: usize,
-        out: &mut Vec<Received>,
-    ) -> io::Result<()> {
         out.clear();
         let mut queues = self.net.queues.lock().unwrap();
+        if queues.get(&self.addr.ip()).is_some_and(VecDeque::is_empty) {
+            queues = self.net.arrived.wait_timeout(queues, FAKE_WAIT).unwrap().0;
+        }
         let Some(q) = queues.get_mut(&self.addr.ip()) else {
             return Ok(());
         };

@@ -38,12 +38,6 @@ pub trait TunPort: Send + Sync {
     /// within `timeout`, so the caller can look for shutdown.
     fn recv(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>>;
 
-    /// Reads one packet if one is queued, without waiting.
-    fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>>;
-
-    /// Waits until a packet can be read or `timeout` passes; true when readable.
-    fn wait_readable(&self, timeout: Duration) -> io::Result<bool>;
-
     /// Writes one packet (vnet header first).
     fn send(&self, packet: &[u8]) -> io::Result<()>;
 
@@ -69,15 +63,4 @@ pub trait DatagramPort: Send + Sync {
         slot_len: usize,
         out: &mut Vec<Received>,
     ) -> io::Result<()>;
-
-    /// [`DatagramPort::recv_batch`] without waiting: `out` stays empty if nothing is queued.
-    fn try_recv_batch(
-        &self,
-        buf: &mut [u8],
-        slot_len: usize,
-        out: &mut Vec<Received>,
-    ) -> io::Result<()>;
-
-    /// Waits until a datagram can be received or `timeout` passes; true when readable.
-    fn wait_readable(&self, timeout: Duration) -> io::Result<bool>;
 }

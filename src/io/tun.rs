@@ -237,15 +237,6 @@ impl crate::dataplane::ports::TunPort for Tun {
         Tun::recv(self, buf, timeout)
     }
 
-    fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        Tun::try_recv(self, buf)
-    }
-
-    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        wait_fd(self.fd.as_raw_fd(), libc::POLLIN, ms)
-    }
-
     fn send(&self, packet: &[u8]) -> io::Result<()> {
         Tun::send(self, packet)
     }

@@ -97,17 +97,6 @@ impl VxlanSocket {
         slot_len: usize,
         out: &mut Vec<Received>,
     ) -> io::Result<()> {
-        self.recv_batch_with(buf, slot_len, out, 0)
-    }
-
-    /// [`VxlanSocket::recv_batch`] with extra `recvmmsg` flags (`MSG_DONTWAIT`: no wait).
-    fn recv_batch_with(
-        &self,
-        buf: &mut [u8],
-        slot_len: usize,
-        out: &mut Vec<Received>,
-        flags: libc::c_int,
-    ) -> io::Result<()> {
         const MAX: usize = 64;
         out.clear();
         if slot_len == 0 {
@@ -145,7 +134,7 @@ impl VxlanSocket {
                     self.sock.as_raw_fd(),
                     msgs.as_mut_ptr(),
                     slots as libc::c_uint,
-                    libc::MSG_WAITFORONE | flags,
+                    libc::MSG_WAITFORONE,
                     std::ptr::null_mut(),
                 )
             };
@@ -261,20 +250,6 @@ impl crate::dataplane::ports::DatagramPort for VxlanSocket {
         out: &mut Vec<Received>,
     ) -> io::Result<()> {
         VxlanSocket::recv_batch(self, buf, slot_len, out)
-    }
-
-    fn try_recv_batch(
-        &self,
-        buf: &mut [u8],
-        slot_len: usize,
-        out: &mut Vec<Received>,
-    ) -> io::Result<()> {
-        self.recv_batch_with(buf, slot_len, out, libc::MSG_DONTWAIT)
-    }
-
-    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        crate::io::tun::wait_fd(self.sock.as_raw_fd(), libc::POLLIN, ms)
     }
 }
 
