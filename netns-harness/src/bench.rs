@@ -161,15 +161,16 @@ pub fn parse_ping_avg(text: &str) -> Result<f64> {
         .context("ping avg")
 }
 
-struct Pair {
-    src_ns: String,
-    dst_ns: String,
-    dst_ip: String,
-    names: (String, String),
+/// Two endpoints of a measured path.
+pub(crate) struct Pair {
+    pub(crate) src_ns: String,
+    pub(crate) dst_ns: String,
+    pub(crate) dst_ip: String,
+    pub(crate) names: (String, String),
 }
 
 impl Cluster {
-    fn pod_pair(&self, a: NodeKind, b: NodeKind) -> Option<Pair> {
+    pub(crate) fn pod_pair(&self, a: NodeKind, b: NodeKind) -> Option<Pair> {
         let src = self
             .nodes()
             .iter()
@@ -187,7 +188,7 @@ impl Cluster {
         })
     }
 
-    fn underlay_pair(&self) -> Option<Pair> {
+    pub(crate) fn underlay_pair(&self) -> Option<Pair> {
         let n = self.nodes();
         let (a, b) = (n.first()?, n.get(1)?);
         Some(Pair {
@@ -199,6 +200,13 @@ impl Cluster {
     }
 
     fn iperf(&mut self, p: &Pair, seconds: u32) -> Result<f64> {
+        let out = self.iperf_raw(p, seconds, &[])?;
+        parse_iperf_json(&out)
+    }
+
+    /// Runs iperf3 from `p.src_ns` to a one-off server in `p.dst_ns` for `seconds` with
+    /// `extra` client arguments; returns the client's JSON output.
+    pub(crate) fn iperf_raw(&mut self, p: &Pair, seconds: u32, extra: &[&str]) -> Result<String> {
         sys::check_interrupted()?;
         let log = self.run_dir().join(format!("iperf3-{}.log", p.names.1));
         let port = IPERF_PORT.to_string();
@@ -230,23 +238,14 @@ impl Cluster {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+            let secs = seconds.to_string();
+            let mut args = vec!["iperf3", "-c", &p.dst_ip, "-p", &port, "-t", &secs, "-J"];
+            args.extend_from_slice(extra);
             let out = cmd::run(
-                &mut cmd::ns_command(
-                    &p.src_ns,
-                    &[
-                        "iperf3",
-                        "-c",
-                        &p.dst_ip,
-                        "-p",
-                        &port,
-                        "-t",
-                        &seconds.to_string(),
-                        "-J",
-                    ],
-                ),
+                &mut cmd::ns_command(&p.src_ns, &args),
                 Duration::from_secs(u64::from(seconds) + 20),
             )?;
-            parse_iperf_json(&String::from_utf8_lossy(&out.stdout))
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         })();
         self.release(pid);
         res

@@ -50,6 +50,7 @@ pub mod proto;
 pub mod scale;
 pub mod scenario;
 pub mod store;
+pub mod suite;
 pub mod sys;
 
 pub use bench::{BenchPath, BenchReport, BenchRow};

@@ -99,14 +99,29 @@ enum Cmd {
         #[arg(long, conflicts_with = "run")]
         stale: bool,
     },
-    /// Throughput (iperf3) and latency per path of a running cluster.
+    /// Underlay, kernel vxlan (kernel-ref) and userspace side by side on a running cluster
+    /// with two userspace and two kernel-ref nodes: TCP x1/x4, 64-byte UDP packets/s, ping
+    /// RTT mean/p99, CPU per GB, on the GSO and the MTU wire, min/median/max over rounds.
+    /// Prints the table and writes bench.json and bench.svg.
     Bench {
         /// Run prefix (default: the newest run).
         #[arg(long)]
         run: Option<String>,
-        /// iperf3 duration per path.
-        #[arg(long, default_value_t = 10)]
+        /// iperf3 duration per measurement.
+        #[arg(long, default_value_t = 3)]
         seconds: u32,
+        /// Rounds (each measures everything once).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Pings per RTT measurement, 1 ms apart.
+        #[arg(long, default_value_t = 1000)]
+        pings: u32,
+        /// Only the GSO wire (veth default offloads), skip the MTU wire.
+        #[arg(long)]
+        gso_only: bool,
+        /// Directory for bench.json and bench.svg (default: the run directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// up (2 userspace + 2 kernel-ref nodes) → check → bench → down, cleaning up on any exit.
     Demo {
@@ -588,11 +603,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("run {prefix} removed");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Bench { run, seconds } => {
+        Cmd::Bench {
+            run,
+            seconds,
+            rounds,
+            pings,
+            gso_only,
+            out,
+        } => {
+            use netns_harness::suite::{write_chart, SuiteOptions, Wire};
             netns_harness::install_signal_handler()?;
             let mut c = Cluster::load(&cli.base_dir, run.as_deref())?;
-            let r = c.bench(*seconds)?;
+            let options = SuiteOptions {
+                rounds: (*rounds).clamp(1, 20),
+                seconds: (*seconds).clamp(1, 60),
+                pings: (*pings).clamp(10, 10_000),
+                wires: if *gso_only {
+                    vec![Wire::Gso]
+                } else {
+                    vec![Wire::Gso, Wire::Mtu]
+                },
+            };
+            let r = c.bench_suite(options)?;
             print!("{r}");
+            let dir = out.clone().unwrap_or_else(|| c.run_dir().to_path_buf());
+            std::fs::create_dir_all(&dir)?;
+            let json = dir.join("bench.json");
+            std::fs::write(&json, serde_json::to_string_pretty(&r.to_json())?)?;
+            let svg = dir.join("bench.svg");
+            write_chart(&r, &svg)?;
+            println!("wrote {} and {}", json.display(), svg.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo {

@@ -20,6 +20,7 @@ use crate::dataplane::offload::{
     complete_partial_checksum, finish_rx_checksum, gso_split, rx_super_packet, GsoKind, Segments,
     VirtioNetHdr,
 };
+use crate::dataplane::ports::{DatagramPort, TunPort};
 use crate::dataplane::{
     decap, encap, Counters, DecapVerdict, DropReason, EncapVerdict, IcmpLimiter, LocalVtep,
     PeerTable, RemoteVtep, VXLAN_HEADROOM,
@@ -170,38 +171,19 @@ impl UserspaceVxlan {
         if !self.threads.is_empty() {
             return Ok(());
         }
-        for (name, run) in [
-            ("tx", Worker::run_tx as fn(&Worker)),
-            ("rx", Worker::run_rx as fn(&Worker)),
-        ] {
-            let w = Worker {
-                io_errors: self.io_errors.clone(),
-                tun: tun.clone(),
-                sock: sock.try_clone()?,
-                table: self.table.clone(),
-                counters: self.counters.clone(),
-                stop: self.stop.clone(),
-                local: self.local.clone(),
-                port: self.port,
-                coalesce: self.tso,
-                mtu: self.mtu,
-            };
-            let live = self.live.clone();
-            live.fetch_add(1, Ordering::SeqCst);
-            let spawned = std::thread::Builder::new()
-                .name(format!("vxlan-{name}"))
-                .spawn(move || {
-                    w.guarded(name, run);
-                    live.fetch_sub(1, Ordering::SeqCst);
-                });
-            match spawned {
-                Ok(t) => self.threads.push(t),
-                Err(e) => {
-                    self.live.fetch_sub(1, Ordering::SeqCst);
-                    return Err(e);
-                }
-            }
-        }
+        let shared = Shared {
+            io_errors: self.io_errors.clone(),
+            table: self.table.clone(),
+            counters: self.counters.clone(),
+            stop: self.stop.clone(),
+            live: self.live.clone(),
+            local: self.local.clone(),
+            port: self.port,
+            coalesce: self.tso,
+            mtu: self.mtu,
+        };
+        let queues = vec![(tun.clone(), Arc::new(sock.try_clone()?))];
+        spawn_loops(&shared, queues, &mut self.threads)?;
         Ok(())
     }
 
@@ -381,13 +363,15 @@ impl IoErrors {
     }
 }
 
-struct Worker {
+/// What every packet thread of one data plane shares.
+#[derive(Clone)]
+struct Shared {
     io_errors: Arc<IoErrors>,
-    tun: Arc<Tun>,
-    sock: VxlanSocket,
     table: Arc<ArcSwap<PeerTable>>,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
+    /// Packet threads still running.
+    live: Arc<AtomicUsize>,
     local: Arc<LocalVtep>,
     port: u16,
     /// Merge received TCP segments into super-packets before writing them to TUN.
@@ -396,11 +380,63 @@ struct Worker {
     mtu: usize,
 }
 
-impl Worker {
+/// Starts a TX and an RX thread for every `(TUN queue, socket)` pair, appending them to
+/// `threads`; each counts itself in `shared.live` while it runs.
+fn spawn_loops<T: TunPort + 'static, S: DatagramPort + 'static>(
+    shared: &Shared,
+    queues: Vec<(Arc<T>, Arc<S>)>,
+    threads: &mut Vec<JoinHandle<()>>,
+) -> io::Result<()> {
+    for (q, (tun, sock)) in queues.into_iter().enumerate() {
+        for (name, run) in [
+            ("tx", Worker::run_tx as fn(&Worker<T, S>)),
+            ("rx", Worker::run_rx as fn(&Worker<T, S>)),
+        ] {
+            let w = Worker {
+                shared: shared.clone(),
+                tun: tun.clone(),
+                sock: sock.clone(),
+            };
+            let live = shared.live.clone();
+            live.fetch_add(1, Ordering::SeqCst);
+            let spawned = std::thread::Builder::new()
+                .name(format!("vxlan-{name}{q}"))
+                .spawn(move || {
+                    w.guarded(name, run);
+                    live.fetch_sub(1, Ordering::SeqCst);
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    shared.live.fetch_sub(1, Ordering::SeqCst);
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One packet thread's view: the shared state and the queue it serves.
+struct Worker<T, S> {
+    shared: Shared,
+    tun: Arc<T>,
+    sock: Arc<S>,
+}
+
+impl<T, S> std::ops::Deref for Worker<T, S> {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+impl<T: TunPort, S: DatagramPort> Worker<T, S> {
     /// Runs a packet loop until shutdown. Nothing in it should panic; if something does
     /// anyway, the loop is restarted (and counted) rather than leaving the node silently
     /// without a data path.
-    fn guarded(self, name: &str, run: fn(&Worker)) {
+    fn guarded(self, name: &str, run: fn(&Worker<T, S>)) {
         while !self.stop.load(Ordering::Relaxed) {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&self)));
             if result.is_err() {
@@ -699,3 +735,7 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "userspace_tests.rs"]
+mod tests;

@@ -233,6 +233,25 @@ impl Tun {
     }
 }
 
+impl crate::dataplane::ports::TunPort for Tun {
+    fn recv(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+        Tun::recv(self, buf, timeout)
+    }
+
+    fn send(&self, packet: &[u8]) -> io::Result<()> {
+        Tun::send(self, packet)
+    }
+
+    fn send_gather(
+        &self,
+        hdr: &[u8],
+        buf: &[u8],
+        pieces: &[std::ops::Range<usize>],
+    ) -> io::Result<()> {
+        Tun::send_gather(self, hdr, buf, pieces)
+    }
+}
+
 /// Sets the vnet header size and the offloads the kernel may hand to reads (per open file).
 fn set_offload(fd: &OwnedFd, offload: TunOffload) -> io::Result<()> {
     if offload.vnet_hdr {

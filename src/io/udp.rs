@@ -13,28 +13,7 @@ const UDP_GRO: libc::c_int = 104;
 /// Control buffer per received message: one `int` cmsg (UDP_GRO) with room to spare.
 const CMSG_WORDS: usize = 8;
 
-/// One message of a [`VxlanSocket::recv_batch`]: a datagram, or with UDP GRO several
-/// datagrams of one sender laid end to end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Received {
-    /// Where the message starts in the batch buffer.
-    pub offset: usize,
-    /// Bytes received.
-    pub len: usize,
-    /// The sender.
-    pub src: SocketAddr,
-    /// Size of each coalesced datagram (the last may be shorter); `len` when not coalesced.
-    pub segment: usize,
-    /// The message did not fit its slot and was cut (it should be dropped).
-    pub truncated: bool,
-}
-
-impl Received {
-    /// The byte ranges (in the batch buffer) of the datagrams this message holds.
-    pub fn datagrams(&self) -> impl Iterator<Item = std::ops::Range<usize>> {
-        crate::dataplane::gro_datagrams(self.offset, self.len, self.segment)
-    }
-}
+pub use crate::dataplane::ports::Received;
 
 /// A bound UDP socket with large buffers and a receive timeout, so loops can see shutdown.
 #[derive(Debug)]
@@ -252,6 +231,25 @@ impl VxlanSocket {
                 return Err(err);
             }
         }
+    }
+}
+
+impl crate::dataplane::ports::DatagramPort for VxlanSocket {
+    fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<()> {
+        VxlanSocket::send_to(self, buf, dst)
+    }
+
+    fn send_gso(&self, buf: &[u8], segment: u16, dst: SocketAddr) -> io::Result<()> {
+        VxlanSocket::send_gso(self, buf, segment, dst)
+    }
+
+    fn recv_batch(
+        &self,
+        buf: &mut [u8],
+        slot_len: usize,
+        out: &mut Vec<Received>,
+    ) -> io::Result<()> {
+        VxlanSocket::recv_batch(self, buf, slot_len, out)
     }
 }
 

@@ -19,6 +19,7 @@ mod drop;
 mod encap;
 pub mod offload;
 mod peers;
+pub mod ports;
 mod ratelimit;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
