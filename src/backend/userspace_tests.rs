@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::sync::{Condvar, Mutex};
 
 use super::*;
-use crate::dataplane::coalesce::tests::tcp_packet;
+use crate::dataplane::coalesce::fixtures::tcp_packet;
 use crate::dataplane::ports::Received;
 use crate::dataplane::testutil::ipv4_packet;
 
@@ -247,6 +247,7 @@ impl Node {
             local: Arc::new(local),
             port: PORT,
             coalesce,
+            mtu: 1450,
         };
         let tun = Arc::new(FakeTun::default());
         let sock = Arc::new(FakeSocket::bind(net, public(me)));
