@@ -7,7 +7,7 @@
 use ipnet::IpNet;
 use std::net::IpAddr;
 
-use super::kernel::{apply_ops, read_routes, SyncReport};
+use super::apply::{apply_ops, read_routes, SyncReport};
 use super::plan::{self, HostGwPlanConfig};
 use super::Peer;
 use crate::netlink::{IpFamily, Netlink, NetlinkError};

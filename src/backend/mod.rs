@@ -1,5 +1,6 @@
 //! Backends: turn peers into host state. Pure planners decide; reconcilers apply.
 
+pub mod apply;
 pub mod handoff;
 pub mod hostgw;
 pub mod intake;

@@ -75,7 +75,7 @@ impl FallbackRoutes {
     async fn sync_vtep_routes(&self, vteps: &BTreeSet<IpNet>) -> Result<(), String> {
         let nl = self.routes.netlink();
         let index = crate::io::iface::index_of(&self.device).map_err(|e| e.to_string())?;
-        let current = crate::backend::kernel::read_routes(nl, IpFamily::V4)
+        let current = crate::backend::apply::read_routes(nl, IpFamily::V4)
             .await
             .map_err(|e| e.to_string())?;
         let present: BTreeSet<IpNet> = current

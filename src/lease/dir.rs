@@ -37,15 +37,12 @@ use futures::future::BoxFuture;
 use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::mpsc;
 
+use super::alloc::{plan_acquisition, Plan, RACE_RETRIES};
 use super::store::{LeaseStore, StoreError, WatchUpdate};
 use super::{Lease, LeaseAttrs, SubnetKey};
-use crate::config::netconf::{AllocRange, NetConfig, Subnet};
+use crate::config::netconf::NetConfig;
 use crate::config::subnet_env::{temp_path, write_file_atomic, PreviousSubnets};
 
-/// Attempts before giving up on a contended allocation (upstream's `raceRetries`).
-pub(crate) const RACE_RETRIES: usize = 10;
-/// Free candidates collected before picking one at random (upstream's limit).
-const MAX_CANDIDATES: usize = 100;
 /// Default watch poll interval.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -197,118 +194,6 @@ impl DirStore {
         }
         Err(StoreError::MaxRetries)
     }
-}
-
-/// What [`plan_acquisition`] decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Plan {
-    /// Our lease from a previous run (found by public IP) fits the config: rewrite it with
-    /// our attributes.
-    Reuse(SubnetKey),
-    /// Create a lease at `key`, after deleting `stale` (our previous lease, which no longer
-    /// fits the config).
-    Create {
-        /// The lease to create.
-        key: SubnetKey,
-        /// Our incompatible old lease, to delete first.
-        stale: Option<SubnetKey>,
-    },
-}
-
-/// flannel's subnet choice (compat §6.3), shared by the directory and etcd stores; no IO
-/// besides the random pick. `keys` are all lease keys present, valid or not (every one
-/// blocks its subnets); `leases` the valid ones, in key order. Steps: reuse the first lease
-/// carrying our public IP if it fits the config (else plan to delete it), else the previous
-/// subnet from subnet.env if free and compatible, else a random free subnet among the first
-/// [`MAX_CANDIDATES`] (IPv6 chosen independently).
-pub(crate) fn plan_acquisition(
-    range4: &AllocRange<Ipv4Net>,
-    range6: Option<&AllocRange<Ipv6Net>>,
-    keys: &[SubnetKey],
-    leases: &[Lease],
-    attrs: &LeaseAttrs,
-    previous: &PreviousSubnets,
-) -> Result<Plan, StoreError> {
-    let mut taken4: Vec<Ipv4Net> = keys.iter().map(|k| k.ipv4).collect();
-    let mut taken6: Vec<Ipv6Net> = keys.iter().filter_map(|k| k.ipv6).collect();
-    let mine = leases
-        .iter()
-        .find(|l| !attrs.public_ip.is_unspecified() && l.attrs.public_ip == attrs.public_ip);
-
-    // 1. Our own lease from a previous run, found by public IP.
-    let mut stale = None;
-    if let Some(lease) = mine {
-        let fits4 = lease.subnet.is_some_and(|s| range4.is_compatible(&s));
-        let fits6 = match (range6, lease.ipv6_subnet) {
-            (None, None) => true,
-            (Some(r), Some(s)) => r.is_compatible(&s),
-            _ => false,
-        };
-        if let (true, true, Some(key)) = (fits4, fits6, lease.key()) {
-            tracing::info!(lease = %key, public_ip = %attrs.public_ip, "found lease for current IP, reusing");
-            return Ok(Plan::Reuse(key));
-        }
-        if let Some(key) = lease.key() {
-            tracing::info!(lease = %key, public_ip = %attrs.public_ip, "found lease for current IP but not compatible with current config, deleting");
-            stale = Some(key);
-        }
-        taken4.retain(|t| Some(*t) != lease.subnet);
-        taken6.retain(|t| Some(*t) != lease.ipv6_subnet);
-    }
-
-    // 2. The subnet subnet.env says we had.
-    if let Some(prev4) = previous.ipv4 {
-        let prev6 = range6.and(previous.ipv6);
-        let free = !taken4.iter().any(|t| t.overlaps(&prev4))
-            && !prev6.is_some_and(|p| taken6.iter().any(|t| t.overlaps(&p)));
-        let fits = range4.is_compatible(&prev4)
-            && match (range6, prev6) {
-                (None, _) => true,
-                (Some(r), Some(p)) => r.is_compatible(&p),
-                (Some(_), None) => false,
-            };
-        if free && fits {
-            tracing::info!(subnet = %prev4, ipv6_subnet = ?prev6, "found previously leased subnet, reusing");
-            let key = SubnetKey {
-                ipv4: prev4,
-                ipv6: prev6,
-            };
-            return Ok(Plan::Create { key, stale });
-        } else if !fits {
-            tracing::warn!(subnet = %prev4, "previously leased subnet is not compatible with the network config, ignoring");
-        } else {
-            tracing::info!(subnet = %prev4, "previously leased subnet is taken by another node");
-        }
-    }
-
-    // 3. A random free subnet.
-    let free4 = range4.free_subnets(&taken4, MAX_CANDIDATES);
-    let ipv4 = *pick(&free4)?.ok_or(StoreError::OutOfSubnets)?;
-    let ipv6 = match range6 {
-        None => None,
-        Some(r) => {
-            let free6 = r.free_subnets(&taken6, MAX_CANDIDATES);
-            Some(*pick(&free6)?.ok_or(StoreError::OutOfSubnets)?)
-        }
-    };
-    Ok(Plan::Create {
-        key: SubnetKey { ipv4, ipv6 },
-        stale,
-    })
-}
-
-/// A uniformly random element (`Ok(None)` when empty).
-fn pick<T>(items: &[T]) -> Result<Option<&T>, StoreError> {
-    if items.is_empty() {
-        return Ok(None);
-    }
-    let r = getrandom::u64().map_err(|e| StoreError::Io {
-        path: PathBuf::from("getrandom"),
-        source: io::Error::other(e.to_string()),
-    })?;
-    let len = u64::try_from(items.len()).unwrap_or(u64::MAX);
-    let idx = usize::try_from(r % len).unwrap_or(0);
-    Ok(items.get(idx))
 }
 
 /// Writes `bytes` to a new file at `path`, failing with `AlreadyExists` if it exists. Readers
@@ -593,79 +478,5 @@ mod tests {
         assert!(canonical_key("x10.1.2.0-24").is_err());
         assert!(canonical_key("10.1.2.5-24").is_err());
         assert!(canonical_key("README").is_err());
-    }
-
-    #[test]
-    fn plan_follows_upstream_order() {
-        let cfg = NetConfig::parse(
-            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.3.0"}"#,
-        )
-        .expect("parses");
-        let range4 = cfg.ipv4_range().expect("ok").expect("v4");
-        let key = |s: &str| s.parse::<SubnetKey>().expect("key");
-        let lease = |k: &str, last: u8| Lease {
-            subnet: Some(key(k).ipv4),
-            ipv6_subnet: None,
-            attrs: LeaseAttrs {
-                public_ip: std::net::Ipv4Addr::new(198, 51, 100, last),
-                ..LeaseAttrs::default()
-            },
-            expiration: None,
-            node: None,
-        };
-        let ours = lease("10.244.1.0-24", 1).attrs;
-        let none = PreviousSubnets::default();
-        let plan = |keys: &[SubnetKey], leases: &[Lease], prev: &PreviousSubnets| {
-            plan_acquisition(&range4, None, keys, leases, &ours, prev)
-        };
-        // 1. Our lease, found by public IP, fits: reuse.
-        let mine = [lease("10.244.2.0-24", 1)];
-        let keys = [key("10.244.2.0-24")];
-        assert_eq!(
-            plan(&keys, &mine, &none).expect("plan"),
-            Plan::Reuse(key("10.244.2.0-24"))
-        );
-        // Out of range: deleted, and its subnet is free again for the previous-subnet hint.
-        let outside = [lease("10.244.9.0-24", 1)];
-        let keys = [key("10.244.9.0-24")];
-        let prev = PreviousSubnets {
-            ipv4: Some("10.244.3.0/24".parse().expect("net")),
-            ipv6: None,
-        };
-        assert_eq!(
-            plan(&keys, &outside, &prev).expect("plan"),
-            Plan::Create {
-                key: key("10.244.3.0-24"),
-                stale: Some(key("10.244.9.0-24")),
-            }
-        );
-        // 2. The previous subnet is taken (a corrupt entry counts): 3. the only free one.
-        let keys = [key("10.244.3.0-24"), key("10.244.1.0-24")];
-        assert_eq!(
-            plan(&keys, &[], &prev).expect("plan"),
-            Plan::Create {
-                key: key("10.244.2.0-24"),
-                stale: None,
-            }
-        );
-        let full = [
-            key("10.244.1.0-24"),
-            key("10.244.2.0-24"),
-            key("10.244.3.0-24"),
-        ];
-        assert!(matches!(
-            plan(&full, &[], &none),
-            Err(StoreError::OutOfSubnets)
-        ));
-    }
-
-    #[test]
-    fn pick_is_in_range() {
-        let items = [1, 2, 3];
-        for _ in 0..50 {
-            let v = pick(&items).expect("random").expect("non-empty");
-            assert!(items.contains(v));
-        }
-        assert_eq!(pick::<u8>(&[]).expect("random"), None);
     }
 }

@@ -10,7 +10,7 @@
 //! the node with its public IP.
 //!
 //! Acquisition is upstream's algorithm, whose pure part is shared with the directory store
-//! (`dir::plan_acquisition`); creation is a transaction that succeeds only while the key is
+//! (`alloc::plan_acquisition`); creation is a transaction that succeeds only while the key is
 //! absent, retried up to 10 times. Watching sends a [`WatchUpdate::Snapshot`] (a prefix get)
 //! and then the watch events from the revision after it; a broken watch reconnects with
 //! back-off (100 ms doubling to 5 s, measured from the start of the failed attempt) and resumes
@@ -55,7 +55,7 @@ use proto::mvccpb::{Event, KeyValue};
 use tokio::sync::{mpsc, OnceCell};
 use tokio::time::Instant;
 
-use super::dir::{plan_acquisition, Plan, RACE_RETRIES};
+use super::alloc::{plan_acquisition, Plan, RACE_RETRIES};
 use super::store::{LeaseStore, StoreError, WatchUpdate};
 use super::{Lease, LeaseAttrs, LeaseEvent, SubnetKey};
 use crate::config::flags::Flags;

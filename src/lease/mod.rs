@@ -6,6 +6,7 @@
 //! [`watcher`] turns store snapshots and events into add/remove events for the backends;
 //! [`store`] is the store interface and [`dir`] the local directory store.
 
+pub(crate) mod alloc;
 pub mod annotations;
 pub mod dir;
 #[cfg(feature = "etcd")]
