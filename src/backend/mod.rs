@@ -6,6 +6,7 @@ pub mod hostgw;
 pub mod intake;
 pub mod kernel;
 pub mod plan;
+pub mod reach;
 pub mod userspace;
 
 use std::net::IpAddr;

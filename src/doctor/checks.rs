@@ -6,8 +6,8 @@ use ipnet::Ipv4Net;
 
 use super::iptables::{forward_verdict, host_firewall, parse_filter, ForwardVerdict};
 use super::report::{ids, Finding, Status};
+use crate::backend::reach::{peer_label, unreachable_fixes, ProbeContext};
 use crate::backend::Peer;
-use crate::daemon::probe::{peer_label, unreachable_fixes, ProbeContext};
 use crate::lease::Lease;
 
 /// Parses a boolean-ish sysctl file (`/proc/sys/net/ipv4/ip_forward`): its integer value.

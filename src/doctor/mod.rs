@@ -22,11 +22,11 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::backend::intake::{intake, IntakeConfig};
+use crate::backend::reach::{probe_target, ProbeContext};
 use crate::backend::Peer;
 use crate::config::flags::{Dataplane, Flags};
 use crate::config::netconf::{BackendConfig, NetConfig, VxlanConfig};
 use crate::config::subnet_env::SubnetEnv;
-use crate::daemon::probe::{probe_target, ProbeContext};
 
 use self::checks::own_addresses;
 use self::report::{ids, Finding, Status};
@@ -89,7 +89,7 @@ async fn mtu_check(
         Ok(big) => {
             let results: Vec<(String, bool)> = big
                 .iter()
-                .map(|p| (crate::daemon::probe::peer_label(&p.peer, ctx), p.answered))
+                .map(|p| (crate::backend::reach::peer_label(&p.peer, ctx), p.answered))
                 .collect();
             host::mtu(Some(m), overhead, &results)
         }
