@@ -74,7 +74,12 @@ impl FallbackRoutes {
     /// `/32` routes on the TUN device: exactly `vteps` (inside Network).
     async fn sync_vtep_routes(&self, vteps: &BTreeSet<IpNet>) -> Result<(), String> {
         let nl = self.routes.netlink();
-        let index = crate::io::iface::index_of(&self.device).map_err(|e| e.to_string())?;
+        let index = nl
+            .link_by_name(&self.device)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("device {} does not exist", self.device))?
+            .index;
         let current = crate::backend::apply::read_routes(nl, IpFamily::V4)
             .await
             .map_err(|e| e.to_string())?;

@@ -21,7 +21,6 @@ use crate::dataplane::LocalVtep;
 use crate::io::tun::TunOpenError;
 use crate::masq::{ensure_async, GuardApplier, Iptables, MasqConfig, Nft, Rule, VxlanGuard};
 use crate::netlink::{IpFamily, Netlink};
-use crate::netlink::{Route, RouteScope};
 use crate::wire::MacAddr;
 
 use super::backoff::{Backoff, Condition};
@@ -404,10 +403,8 @@ async fn open_userspace(nl: &Netlink, cfg: &UserspaceConfig) -> std::io::Result<
         match e.raw_os_error() {
             Some(libc::EINVAL) if !recreated => {
                 warn!(%device, error = %e, "the existing device is not a compatible TUN device; recreating it");
-                if let Ok(Some(link)) = nl.link_by_name(device).await {
-                    if let Err(e) = nl.link_del(link.index).await {
-                        warn!(%device, error = %e, "could not remove it");
-                    }
+                if let Err(e) = nl.link_del_by_name(device).await {
+                    warn!(%device, error = %e, "could not remove it");
                 }
                 recreated = true;
             }
@@ -538,24 +535,20 @@ fn summarize(report: &crate::backend::kernel::SyncReport) -> Result<(), String> 
 /// A kernel vxlan device left by upstream flannel or our kernel mode under the name the
 /// userspace device needs: removed, as flannel itself recreates incompatible devices.
 async fn remove_foreign_device(nl: &Netlink, device: &str) {
-    if let Ok(Some(link)) = nl.link_by_name(device).await {
-        if link.kind.as_deref() != Some("tun") {
-            warn!(
-                %device, kind = ?link.kind,
-                "removing the existing non-TUN device of the same name (left by kernel mode or upstream flannel)"
-            );
-            if let Err(e) = nl.link_del(link.index).await {
-                warn!(%device, error = %e, "could not remove it");
-            }
+    match nl.remove_non_tun(device).await {
+        Ok(Some(kind)) => warn!(
+            %device, %kind,
+            "removed the existing non-TUN device of the same name (left by kernel mode or upstream flannel)"
+        ),
+        Ok(None) => {}
+        Err(e) => {
+            warn!(%device, error = %e, "could not remove the existing non-TUN device of the same name")
         }
     }
 }
 
-/// `ip link set <dev> mtu <mtu> up; ip addr add <subnet network>/32 dev <dev>;
-/// ip route replace <Network> dev <dev>`: the whole Network goes through the TUN device, the
-/// /32 gives host-originated packets a source inside our subnet. On a device kept from a
-/// previous run this reconciles: other IPv4 addresses (an old lease's) are removed, what is
-/// already right is left alone, so forwarding is never interrupted.
+/// The TUN device's MTU, address and Network route ([`Netlink::configure_tun`]), with what it
+/// had to change logged.
 async fn configure_tun(
     nl: &Netlink,
     device: &str,
@@ -563,32 +556,16 @@ async fn configure_tun(
     network: Ipv4Net,
     subnet: Ipv4Net,
 ) -> Result<(), String> {
-    let index = crate::io::iface::index_of(device).map_err(|e| e.to_string())?;
-    nl.link_set_mtu(index, mtu)
+    let report = nl
+        .configure_tun(device, mtu, network, subnet)
         .await
         .map_err(|e| e.to_string())?;
-    let addr = IpNet::V4(Ipv4Net::new(subnet.network(), 32).map_err(|e| e.to_string())?);
-    let present = nl
-        .addr_list(index, IpFamily::V4)
-        .await
-        .map_err(|e| e.to_string())?;
-    for stale in present.iter().filter(|a| **a != addr) {
-        warn!(%device, address = %stale, "removing an address our lease no longer has");
-        if let Err(e) = nl.addr_del(index, *stale).await {
-            warn!(%device, address = %stale, error = %e, "could not remove it");
-        }
+    for stale in &report.removed {
+        warn!(%device, address = %stale, "removed an address our lease no longer has");
     }
-    if !present.contains(&addr) {
-        match nl.addr_add(index, addr).await {
-            Err(e) if !e.is_exists() => return Err(e.to_string()),
-            _ => {}
-        }
+    for (stale, e) in &report.not_removed {
+        warn!(%device, address = %stale, error = %e, "could not remove an address our lease no longer has");
     }
-    nl.link_set_up(index).await.map_err(|e| e.to_string())?;
-    let mut route = Route::via(IpNet::V4(network), subnet.network().into()).dev(index);
-    route.gateway = None;
-    route.scope = RouteScope::Link;
-    nl.route_replace(&route).await.map_err(|e| e.to_string())?;
     Ok(())
 }
 

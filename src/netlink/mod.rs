@@ -13,6 +13,7 @@ mod events;
 mod link;
 mod neigh;
 mod route;
+mod tun;
 
 use std::fmt;
 use std::io;
@@ -30,6 +31,7 @@ pub use events::{LinkEvent, LinkEvents};
 pub use link::{Link, VxlanAttrs, VxlanSpec};
 pub use neigh::{FdbEntry, Neighbour};
 pub use route::{Route, RouteProtocol, RouteScope, RouteType, RT_TABLE_MAIN};
+pub use tun::TunReport;
 
 /// How many times a dump interrupted by a concurrent change (`NLM_F_DUMP_INTR`) is retried.
 const DUMP_RETRIES: usize = 3;
