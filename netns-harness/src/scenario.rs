@@ -206,6 +206,11 @@ impl Scenario {
         if matches!(self, Scenario::P3Fallback | Scenario::P3FallbackMixed) {
             s.flanneld_args
                 .extend(FALLBACK_ARGS.iter().map(|a| a.to_string()));
+            // As kube-flannel.yml runs it: flanneld masquerades, so the CNI bridge does not
+            // (FLANNEL_IPMASQ=true), and pod-to-pod traffic keeps the pod's address. Without
+            // it the bridge plugin masquerades pod traffic to the node's VTEP address, which
+            // is host traffic as far as the fallback is concerned.
+            s.ip_masq = true;
         }
         s.base_dir = opts.base_dir.clone();
         s.store = opts.store;
@@ -219,7 +224,13 @@ impl Scenario {
     /// `--link-offloads off` (finished checksums, MTU-sized frames): it runs with off
     /// whatever [`ScenarioOpts::link_offloads`] says, and so does a cluster it shares.
     pub fn needs_real_wire(self) -> bool {
-        matches!(self, Scenario::P2ClusterIp | Scenario::P3VxlanPort)
+        matches!(
+            self,
+            Scenario::P2ClusterIp
+                | Scenario::P3VxlanPort
+                | Scenario::P3Fallback
+                | Scenario::P3FallbackMixed
+        )
     }
 }
 
