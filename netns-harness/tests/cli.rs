@@ -66,7 +66,18 @@ fn up_check_capture_down_across_processes() {
     let _cleanup = BaseGuard(base.clone());
     let out = harness(
         &base,
-        &["up", "--nodes", "2", "--pods", "1", "--kinds", "kernel-ref"],
+        // `capture verify` checks every checksum on the wire: a real wire, not kind's veths.
+        &[
+            "up",
+            "--nodes",
+            "2",
+            "--pods",
+            "1",
+            "--kinds",
+            "kernel-ref",
+            "--link-offloads",
+            "off",
+        ],
     );
     assert!(out.status.success());
     let run = text(&out)
