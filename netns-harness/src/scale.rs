@@ -55,11 +55,7 @@ pub struct ProcUsage {
 impl ProcUsage {
     /// Reads the usage of `pid` (None when it is gone).
     pub fn of(pid: u32) -> Option<ProcUsage> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let rest = &stat[stat.rfind(')')? + 1..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // After the name, field 14 (utime) is index 11 and field 15 (stime) index 12.
-        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        let ticks = cmd::cpu_ticks(pid)?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let kib = |key: &str| {
             status
@@ -367,7 +363,7 @@ pub fn peer_scale(opts: &PeerScaleOpts) -> Result<PeerScaleReport> {
     let ids: Vec<usize> = (0..opts.peers).collect();
     create_peers(&c, &ids)?;
     let load_secs = loaded.elapsed().as_secs_f64();
-    cluster_log(format!("{} peers loaded in {load_secs:.1} s", opts.peers));
+    crate::cluster::log(format!("{} peers loaded in {load_secs:.1} s", opts.peers));
 
     let started = Instant::now();
     c.start_flanneld(node)?;
@@ -644,8 +640,4 @@ fn sampled_failures(c: &Cluster, pairs: &[(String, Ipv4Addr)]) -> Vec<String> {
         }
     });
     failed.into_inner().unwrap_or_default()
-}
-
-fn cluster_log(msg: String) {
-    crate::cluster::log(msg);
 }

@@ -362,20 +362,6 @@ fn machine_busy_ticks() -> Option<u64> {
     Some([0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum())
 }
 
-/// utime + stime of `pid` in clock ticks.
-fn process_ticks(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = text.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest[0] is field 3 (state); utime is field 14, stime 15.
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-/// Clock ticks per second in `/proc/stat` and `/proc/<pid>/stat` (`USER_HZ`, 100 on every
-/// Linux architecture the harness runs on).
-const USER_HZ: f64 = 100.0;
-
 impl Cluster {
     /// Sets the underlay offloads of every node's veth (both ends) for `wire`.
     fn set_wire(&self, wire: Wire) -> Result<()> {
@@ -427,13 +413,13 @@ impl Cluster {
     /// One TCP stream, with the CPU it cost: (Gbit/s, machine s/GB, flanneld s/GB).
     fn measure_tcp1(&mut self, p: &Pair, seconds: u32) -> Result<(f64, f64, f64)> {
         let pids = self.flanneld_pids(&[&p.src_ns, &p.dst_ns]);
-        let proc_ticks = |pids: &[u32]| pids.iter().filter_map(|&p| process_ticks(p)).sum::<u64>();
+        let proc_ticks = |pids: &[u32]| pids.iter().filter_map(|&p| cmd::cpu_ticks(p)).sum::<u64>();
         let (m0, f0) = (machine_busy_ticks().unwrap_or(0), proc_ticks(&pids));
         let json = self.iperf_raw(p, seconds, &[])?;
         let (m1, f1) = (machine_busy_ticks().unwrap_or(0), proc_ticks(&pids));
         let gbps = tcp_gbps(&json)?;
         let gb = gbps * f64::from(seconds) / 8.0;
-        let hz = USER_HZ;
+        let hz = sys::clock_ticks_per_sec() as f64;
         let per_gb = |t: u64| {
             if gb > 0.0 {
                 t as f64 / hz / gb
