@@ -159,31 +159,27 @@ impl Plane {
                     .await
                     .map_err(fail)?;
                 info!(%device, mtu, %mac, port = cfg.port, handed_over, "userspace VXLAN data plane ready");
+                // DirectRouting and the host-gw fallback route on-link peers the same way.
+                let direct_config = || HostGwConfig {
+                    iface: ext.name.clone(),
+                    iface_addr: ext.iface_addr.into(),
+                    public_ip: ext.ext_addr.into(),
+                    network: network.into(),
+                    subnet: subnet.into(),
+                };
                 let direct = if vx.direct_routing {
-                    let d = HostGw::setup_direct(HostGwConfig {
-                        iface: ext.name.clone(),
-                        iface_addr: ext.iface_addr.into(),
-                        public_ip: ext.ext_addr.into(),
-                        network: network.into(),
-                        subnet: subnet.into(),
-                    })
-                    .await
-                    .map_err(|e| fail(format!("DirectRouting: {e}")))?;
+                    let d = HostGw::setup_direct(direct_config())
+                        .await
+                        .map_err(|e| fail(format!("DirectRouting: {e}")))?;
                     info!(iface = %ext.name, "DirectRouting: on-link peers are routed via the external interface");
                     Some(Box::new(d))
                 } else {
                     None
                 };
                 let fallback = if flags.host_gw_fallback && direct.is_none() {
-                    let routes = HostGw::setup_direct(HostGwConfig {
-                        iface: ext.name.clone(),
-                        iface_addr: ext.iface_addr.into(),
-                        public_ip: ext.ext_addr.into(),
-                        network: network.into(),
-                        subnet: subnet.into(),
-                    })
-                    .await
-                    .map_err(|e| fail(format!("host-gw fallback: {e}")))?;
+                    let routes = HostGw::setup_direct(direct_config())
+                        .await
+                        .map_err(|e| fail(format!("host-gw fallback: {e}")))?;
                     Some(Box::new(super::fallback_plane::FallbackRoutes::new(
                         routes,
                         device.clone(),

@@ -280,7 +280,6 @@ impl Shared {
         Some(old)
     }
 
-    /// Writes the state file, if any (atomically: temporary file + rename).
     /// Records that the state changed: the saver thread writes the file within
     /// [`SAVE_DELAY`]; [`Shared::flush`] (on stop) writes it at once.
     pub(crate) fn save(&self) {
@@ -291,7 +290,8 @@ impl Shared {
         self.saver.wake.notify_one();
     }
 
-    /// Writes the state file now if a change is pending.
+    /// Writes the state file now if a change is pending (atomically: temporary file +
+    /// rename).
     pub(crate) fn flush(&self) {
         let Some(path) = &self.state_file else {
             return;
