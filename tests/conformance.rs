@@ -29,6 +29,7 @@ use flannel_rs::lease::store::{LeaseStore, WatchUpdate};
 use flannel_rs::lease::{Lease, LeaseAttrs, LeaseWatcher};
 use ipnet::Ipv4Net;
 use test_support::fixtures::{attrs, net};
+use test_support::TempDir;
 use tokio::sync::mpsc;
 
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
@@ -392,28 +393,6 @@ suite!(kube, KubeFixture);
 // ---------------------------------------------------------------------------------------
 // Fixtures.
 
-/// A scratch directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let mut n = [0u8; 8];
-        getrandom::fill(&mut n).expect("random");
-        let dir = std::env::temp_dir().join(format!(
-            "flannel-rs-conformance-{tag}-{:016x}",
-            u64::from_le_bytes(n)
-        ));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn write_atomic(path: &Path, body: &[u8]) {
     let tmp = path.with_file_name(format!(
         ".{}.tmp",
@@ -452,7 +431,7 @@ impl Fixture for DirFixture {
     const NAME: &'static str = "directory";
 
     async fn start(tag: &str) -> Option<Self> {
-        let dir = TempDir::new(&format!("dir-{tag}"));
+        let dir = TempDir::new(&format!("conformance-dir-{tag}"));
         std::fs::create_dir_all(dir.0.join("subnets")).expect("mkdir subnets");
         std::fs::write(dir.0.join("config"), CONFIG).expect("write config");
         Some(DirFixture {
@@ -679,7 +658,7 @@ mod kube_fixture {
 
         async fn start(tag: &str) -> Option<Self> {
             let server = TestApiServer::start().await.expect("test API server");
-            let dir = TempDir::new(&format!("kube-{tag}"));
+            let dir = TempDir::new(&format!("conformance-kube-{tag}"));
             std::fs::write(dir.0.join("net-conf.json"), CONFIG).expect("net-conf");
             Some(KubeFixture { server, dir })
         }

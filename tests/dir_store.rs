@@ -14,29 +14,8 @@ use flannel_rs::lease::store::{LeaseStore, StoreError, WatchUpdate};
 use flannel_rs::lease::{Lease, LeaseAttrs};
 use ipnet::Ipv4Net;
 use test_support::fixtures::{mac, net, vxlan_attrs, VXLAN_CONFIG};
+use test_support::TempDir;
 use tokio::sync::mpsc;
-
-/// A scratch directory removed on drop (also when a test fails).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let mut n = [0u8; 8];
-        getrandom::fill(&mut n).expect("random");
-        let dir = std::env::temp_dir().join(format!(
-            "flannel-rs-dir-{tag}-{:016x}",
-            u64::from_le_bytes(n)
-        ));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn store_with(dir: &Path, config: &str) -> (DirStore, NetConfig) {
     std::fs::write(dir.join("config"), config).expect("write config");
@@ -59,7 +38,7 @@ fn lease_file(dir: &Path, lease: &Lease) -> PathBuf {
 
 #[test]
 fn acquire_in_empty_dir() {
-    let tmp = TempDir::new("empty");
+    let tmp = TempDir::new("dir-empty");
     let (store, cfg) = store_with(&tmp.0, VXLAN_CONFIG);
     let a = attrs(1, 1);
     let lease = store
@@ -77,7 +56,7 @@ fn acquire_in_empty_dir() {
 
 #[test]
 fn reuse_on_restart_by_public_ip() {
-    let tmp = TempDir::new("reuse");
+    let tmp = TempDir::new("dir-reuse");
     let (store, cfg) = store_with(&tmp.0, VXLAN_CONFIG);
     let first = store
         .acquire_blocking(&cfg, &attrs(2, 7), &PreviousSubnets::default())
@@ -113,7 +92,7 @@ fn reuse_on_restart_by_public_ip() {
 
 #[test]
 fn previous_subnet_hint_and_incompatible_lease() {
-    let tmp = TempDir::new("hint");
+    let tmp = TempDir::new("dir-hint");
     let (store, cfg) = store_with(&tmp.0, VXLAN_CONFIG);
     let hint = PreviousSubnets {
         ipv4: Some(net("10.244.77.0/24")),
@@ -159,7 +138,7 @@ fn previous_subnet_hint_and_incompatible_lease() {
 
 #[test]
 fn out_of_subnets_and_corrupt_files_block_their_subnet() {
-    let tmp = TempDir::new("full");
+    let tmp = TempDir::new("dir-full");
     // /22 with /24 subnets: SubnetMin 10.9.1.0 .. SubnetMax 10.9.3.0, three subnets.
     let (store, cfg) = store_with(
         &tmp.0,
@@ -181,7 +160,7 @@ fn out_of_subnets_and_corrupt_files_block_their_subnet() {
 
 #[test]
 fn dual_stack_keys() {
-    let tmp = TempDir::new("dual");
+    let tmp = TempDir::new("dir-dual");
     let (store, cfg) = store_with(
         &tmp.0,
         r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd42:1::/48","Backend":{"Type":"vxlan"}}"#,
@@ -201,7 +180,7 @@ fn dual_stack_keys() {
 
 #[test]
 fn config_errors() {
-    let tmp = TempDir::new("cfg");
+    let tmp = TempDir::new("dir-cfg");
     let store = DirStore::new(&tmp.0);
     let e = store.network_config_blocking().expect_err("missing config");
     assert!(e.to_string().contains("flannel config not found"), "{e}");
@@ -217,7 +196,7 @@ fn config_errors() {
 
 #[test]
 fn eight_daemons_racing_get_distinct_subnets() {
-    let tmp = TempDir::new("race");
+    let tmp = TempDir::new("dir-race");
     // /20 → 15 candidate /24s, so random picks collide often and the retry path runs.
     let (_, cfg) = store_with(
         &tmp.0,
@@ -264,7 +243,7 @@ async fn next_snapshot(rx: &mut mpsc::Receiver<WatchUpdate>) -> Vec<Lease> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_sees_add_update_remove_and_skips_corrupt() {
-    let tmp = TempDir::new("watch");
+    let tmp = TempDir::new("dir-watch");
     let (store, cfg) = store_with(&tmp.0, VXLAN_CONFIG);
     assert_eq!(store.network_config().await.expect("config"), VXLAN_CONFIG);
     let (tx, mut rx) = mpsc::channel(8);
@@ -319,7 +298,7 @@ async fn watch_sees_add_update_remove_and_skips_corrupt() {
 /// while the valid lease next to them is listed and watched as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_files_are_skipped_without_blocking_or_reading_them() {
-    let tmp = TempDir::new("hostile");
+    let tmp = TempDir::new("dir-hostile");
     let (store, cfg) = store_with(&tmp.0, VXLAN_CONFIG);
     let lease = store
         .acquire_blocking(&cfg, &attrs(1, 1), &PreviousSubnets::default())

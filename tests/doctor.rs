@@ -280,10 +280,7 @@ fn doctor_on_host_gw_probes_public_ips() {
         return;
     }
     let _g = serial();
-    let mut s = spec(&[Kernel, Kernel], 1);
-    s.net_conf = Some(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#.into());
-    let c = Cluster::up(&s).expect("host-gw cluster up");
-    assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
+    let c = host_gw_pair();
     let n2_subnet = c.node_subnet("n2").expect("subnet");
     let n2_ip = c.node_ip("n2").expect("ip");
 

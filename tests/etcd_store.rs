@@ -19,6 +19,7 @@ use flannel_rs::lease::{Lease, LeaseAttrs, LeaseEvent, VxlanBackendData};
 use ipnet::{Ipv4Net, Ipv6Net};
 use test_support::etcd::EtcdServer;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 const VXLAN_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const FIXTURE_VXLAN: &str = include_str!("fixtures/compat/lease-vxlan.json");
@@ -126,6 +127,29 @@ impl Env {
         resp.kvs.first().map(|kv| (kv.value.clone(), kv.lease))
     }
 
+    /// Restarts etcd (with `wipe`, on an empty data directory) and reconnects the raw client.
+    async fn restart(mut self, wipe: bool) -> Env {
+        self.server = restart_server(self.server, wipe).await;
+        self.raw = Client::connect(&[self.server.endpoint()], ConnectOptions::default())
+            .await
+            .expect("reconnect raw client");
+        self
+    }
+
+    /// Polls `subnet_key` until etcd holds it under another lease ID than `before` (a
+    /// renewal): the value and the new ID. Fails with `what` after [`PROMPT`].
+    async fn wait_renewed(&self, subnet_key: &str, before: i64, what: &str) -> (Vec<u8>, i64) {
+        let deadline = Instant::now() + PROMPT;
+        loop {
+            let (v, id) = self.get(subnet_key).await.expect("lease still there");
+            if id != before {
+                return (v, id);
+            }
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Writes a lease value as upstream flannel does: attached to a fresh 24 h etcd lease.
     async fn put_as_flannel(&self, subnet_key: &str, value: &str) {
         let grant = self.raw.lease_grant(86_400).await.expect("grant");
@@ -180,6 +204,37 @@ fn value(last: u8, mac_last: u8) -> String {
 
 fn net(s: &str) -> Ipv4Net {
     s.parse().expect("net")
+}
+
+/// Restarts `server` (with `wipe`, on an empty data directory) off the runtime's threads:
+/// restarting blocks until etcd answers.
+async fn restart_server(mut server: EtcdServer, wipe: bool) -> EtcdServer {
+    tokio::task::spawn_blocking(move || {
+        if wipe {
+            server.wipe_and_restart();
+        } else {
+            server.restart();
+        }
+        server
+    })
+    .await
+    .expect("restart etcd")
+}
+
+/// Acquires node 1's lease from `store` and starts watching it with `complete_lease`: the
+/// lease, its key and the monitoring task.
+async fn acquire_monitored(
+    store: &EtcdStore,
+    cfg: &NetConfig,
+) -> (Lease, String, JoinHandle<Result<(), StoreError>>) {
+    let lease = store
+        .acquire(cfg, &attrs(1, 1), &no_previous())
+        .await
+        .expect("acquired");
+    let key = lease.key().expect("key").to_string();
+    let (monitor, watched) = (store.clone(), lease.clone());
+    let task = tokio::spawn(async move { monitor.complete_lease(&watched).await });
+    (lease, key, task)
 }
 
 fn no_previous() -> PreviousSubnets {
@@ -668,18 +723,7 @@ async fn watch_survives_etcd_restart() {
 
     env.server.stop();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    // Restarting blocks until etcd answers; keep it off the runtime's threads.
-    let mut server = env.server;
-    let server = tokio::task::spawn_blocking(move || {
-        server.restart();
-        server
-    })
-    .await
-    .expect("restart");
-    env.server = server;
-    env.raw = Client::connect(&[env.server.endpoint()], ConnectOptions::default())
-        .await
-        .expect("reconnect raw client");
+    let env = env.restart(false).await;
     let changed = Instant::now();
     env.put_as_flannel("10.244.2.0-24", &value(2, 2)).await;
     let e = wait_event(&mut rx, PROMPT, |_| true).await;
@@ -701,7 +745,7 @@ async fn watch_survives_etcd_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_relists_when_etcd_history_goes_backwards() {
-    let Some(mut env) = Env::start("rewind").await else {
+    let Some(env) = Env::start("rewind").await else {
         return;
     };
     let store = env.store();
@@ -715,17 +759,7 @@ async fn watch_relists_when_etcd_history_goes_backwards() {
     for _ in 0..20 {
         wait_event(&mut rx, PROMPT, |_| true).await;
     }
-    let mut server = env.server;
-    let server = tokio::task::spawn_blocking(move || {
-        server.wipe_and_restart();
-        server
-    })
-    .await
-    .expect("wipe");
-    env.server = server;
-    env.raw = Client::connect(&[env.server.endpoint()], ConnectOptions::default())
-        .await
-        .expect("reconnect raw client");
+    let env = env.restart(true).await;
     env.put_as_flannel("10.244.100.0-24", &value(100, 100))
         .await;
     // The watch notices the lower revision and re-lists (before or after the put): then only
@@ -817,15 +851,7 @@ async fn own_lease_deleted_or_taken_fires_revocation() {
     };
     let cfg = env.put_config(VXLAN_CONFIG).await;
     for takeover in [false, true] {
-        let store = env.store();
-        let lease = store
-            .acquire(&cfg, &attrs(1, 1), &no_previous())
-            .await
-            .expect("acquired");
-        let key = lease.key().expect("key").to_string();
-        let monitor = store.clone();
-        let watched = lease.clone();
-        let task = tokio::spawn(async move { monitor.complete_lease(&watched).await });
+        let (_, key, task) = acquire_monitored(&env.store(), &cfg).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(!task.is_finished(), "nothing happened yet");
         if takeover {
@@ -860,24 +886,9 @@ async fn renewal_reputs_with_a_new_ttl() {
     let store = env
         .store()
         .with_renew_margin(LEASE_TTL - Duration::from_secs(2));
-    let lease = store
-        .acquire(&cfg, &attrs(1, 1), &no_previous())
-        .await
-        .expect("acquired");
-    let key = lease.key().expect("key").to_string();
+    let (lease, key, task) = acquire_monitored(&store, &cfg).await;
     let (value_before, id_before) = env.get(&key).await.expect("written");
-    let monitor = store.clone();
-    let watched = lease.clone();
-    let task = tokio::spawn(async move { monitor.complete_lease(&watched).await });
-    let deadline = Instant::now() + PROMPT;
-    let (value_after, id_after) = loop {
-        let (v, id) = env.get(&key).await.expect("still there");
-        if id != id_before {
-            break (v, id);
-        }
-        assert!(Instant::now() < deadline, "not renewed");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (value_after, id_after) = env.wait_renewed(&key, id_before, "not renewed").await;
     assert_eq!(value_after, value_before, "same value, byte for byte");
     assert_ne!(id_after, 0);
     assert!(env.ttl(id_after).await > 86_000);
@@ -908,38 +919,14 @@ async fn renewal_retries_while_etcd_is_down() {
         .store()
         .with_renew_margin(LEASE_TTL - Duration::from_secs(2))
         .with_renew_retry(Duration::from_millis(500));
-    let lease = store
-        .acquire(&cfg, &attrs(1, 1), &no_previous())
-        .await
-        .expect("acquired");
-    let key = lease.key().expect("key").to_string();
+    let (_, key, task) = acquire_monitored(&store, &cfg).await;
     let (_, id_before) = env.get(&key).await.expect("written");
-    let monitor = store.clone();
-    let watched = lease.clone();
-    let task = tokio::spawn(async move { monitor.complete_lease(&watched).await });
     // Down before the first renewal is due, back after several retries have failed.
     env.server.stop();
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let mut server = env.server;
-    let server = tokio::task::spawn_blocking(move || {
-        server.restart();
-        server
-    })
-    .await
-    .expect("restart");
-    env.server = server;
-    env.raw = Client::connect(&[env.server.endpoint()], ConnectOptions::default())
-        .await
-        .expect("reconnect raw client");
-    let deadline = Instant::now() + PROMPT;
-    loop {
-        let (_, id) = env.get(&key).await.expect("lease survived the outage");
-        if id != id_before {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not renewed after etcd returned");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let env = env.restart(false).await;
+    env.wait_renewed(&key, id_before, "not renewed after etcd returned")
+        .await;
     assert!(
         log_text().contains("Error renewing lease (trying again in 1 min)"),
         "failed renewals are logged with upstream's message"
@@ -1056,7 +1043,7 @@ async fn user_and_password_authenticate_and_renew_the_token() {
         endpoints: vec![server.endpoint()],
         prefix: prefix.to_owned(),
         username: "root".to_owned(),
-        password: password.to_owned(),
+        password: password.into(),
         ..EtcdConfig::default()
     };
     let admin = Client::connect(
@@ -1076,7 +1063,7 @@ async fn user_and_password_authenticate_and_renew_the_token() {
     // Without credentials etcd refuses; with a wrong password too, saying why.
     let anonymous = EtcdStore::new(&EtcdConfig {
         username: String::new(),
-        password: String::new(),
+        password: Default::default(),
         ..config("")
     })
     .expect("valid");
@@ -1105,13 +1092,7 @@ async fn user_and_password_authenticate_and_renew_the_token() {
 
     // etcd restarts (every simple token is gone): the broken watch reconnects and sees the
     // next change, written by a client that must renew its token too.
-    let mut server = server;
-    let server = tokio::task::spawn_blocking(move || {
-        server.restart();
-        server
-    })
-    .await
-    .expect("restart");
+    let server = restart_server(server, false).await;
     let grant = admin
         .lease_grant(86_400)
         .await

@@ -14,6 +14,7 @@ use netns_harness::cmd::{self, ProcRecord};
 use netns_harness::store::etcd_key;
 use netns_harness::sys::{send_signal, Signal};
 use netns_harness::{privileged_test_guard, Cluster, NodeKind, StoreKind};
+use test_support::sorted_lines;
 
 /// A flanneld this test started itself (to read its exit status); killed by PID on drop.
 struct Daemon {
@@ -426,16 +427,6 @@ impl Churn {
             std::thread::sleep(pace);
         }
     }
-}
-
-fn sorted_lines(text: &str) -> Vec<String> {
-    let mut v: Vec<String> = text
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect();
-    v.sort();
-    v
 }
 
 /// (routes, neighbours, FDB entries) on `node`'s flannel.1: what is, and what flannel would

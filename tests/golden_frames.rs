@@ -28,6 +28,7 @@ use flannel_rs::dataplane::{
     RemoteVtep, VXLAN_HEADROOM,
 };
 use flannel_rs::wire::{arp, ethernet, ipv4, ipv6, udp, EtherType, IpProtocol, MacAddr};
+use ipnet::{Ipv4Net, Ipv6Net};
 
 const VNI: u32 = 1;
 const PORT: u16 = 8472;
@@ -48,52 +49,48 @@ fn fixture_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kernel_vxlan.pcap")
 }
 
-/// Node B's view (our userspace VTEP receiving from the kernel on A).
-fn view_b() -> (PeerTable, LocalVtep) {
-    let a = RemoteVtep {
-        public_ip: UNDERLAY_A.into(),
-        mac: MAC_A,
+/// One node of the fixture: underlay address, VTEP MAC, VTEP addresses (IPv4, IPv6); its pod
+/// subnets are the VTEP addresses' /24 and /64.
+struct Node(Ipv4Addr, MacAddr, Ipv4Addr, &'static str);
+
+const NODE_A: Node = Node(UNDERLAY_A, MAC_A, VTEP_A, VTEP_A6);
+const NODE_B: Node = Node(UNDERLAY_B, MAC_B, VTEP_B, VTEP_B6);
+
+/// Node `me`'s data-plane view with `peer` as its only peer.
+fn view(me: &Node, peer: &Node) -> (PeerTable, LocalVtep) {
+    let subnets = |n: &Node| -> (Ipv4Net, Ipv6Net) {
+        let v4 = format!("{}/24", n.2).parse().unwrap();
+        (v4, format!("{}/64", n.3).parse().unwrap())
+    };
+    let remote = RemoteVtep {
+        public_ip: peer.0.into(),
+        mac: peer.1,
         vni: VNI,
     };
-    let table = PeerTable::new([
-        ("10.244.1.0/24".parse().unwrap(), a),
-        ("fd10:244:1::/64".parse().unwrap(), a),
-    ]);
+    let (peer4, peer6) = subnets(peer);
+    let (own4, own6) = subnets(me);
     let local = LocalVtep {
         vni: VNI,
-        mac: MAC_B,
-        addr_v4: Some(VTEP_B),
-        addr_v6: Some(VTEP_B6.parse().unwrap()),
+        mac: me.1,
+        addr_v4: Some(me.2),
+        addr_v6: Some(me.3.parse().unwrap()),
         error_source_v4: None,
         error_source_v6: None,
-        subnet_v4: Some("10.244.2.0/24".parse().unwrap()),
-        subnet_v6: Some("fd10:244:2::/64".parse().unwrap()),
+        subnet_v4: Some(own4),
+        subnet_v6: Some(own6),
     };
+    let table = PeerTable::new([(peer4.into(), remote), (peer6.into(), remote)]);
     (table, local)
+}
+
+/// Node B's view (our userspace VTEP receiving from the kernel on A).
+fn view_b() -> (PeerTable, LocalVtep) {
+    view(&NODE_B, &NODE_A)
 }
 
 /// Node A's view (what the kernel on A does when it sends to B).
 fn view_a() -> (PeerTable, LocalVtep) {
-    let b = RemoteVtep {
-        public_ip: UNDERLAY_B.into(),
-        mac: MAC_B,
-        vni: VNI,
-    };
-    let table = PeerTable::new([
-        ("10.244.2.0/24".parse().unwrap(), b),
-        ("fd10:244:2::/64".parse().unwrap(), b),
-    ]);
-    let local = LocalVtep {
-        vni: VNI,
-        mac: MAC_A,
-        addr_v4: Some(VTEP_A),
-        addr_v6: Some(VTEP_A6.parse().unwrap()),
-        error_source_v4: None,
-        error_source_v6: None,
-        subnet_v4: Some("10.244.1.0/24".parse().unwrap()),
-        subnet_v6: Some("fd10:244:1::/64".parse().unwrap()),
-    };
-    (table, local)
+    view(&NODE_A, &NODE_B)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -396,18 +393,19 @@ fn fixture_frames_decap_and_reencap_exactly() {
 // ---------------------------------------------------------------------------------------
 // Live capture (root).
 
-/// Runs a command, panicking with its stderr on failure; returns stdout.
+/// Runs a command (`args[0]`), panicking with its stderr on failure; returns stdout.
 fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("spawn {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    test_support::run(args[0], &args[1..])
+}
+
+/// [`run`] with the command as one whitespace-separated line.
+fn sh(line: &str) -> String {
+    run(&line.split_whitespace().collect::<Vec<_>>())
+}
+
+/// [`run_quiet`] with the command as one line.
+fn sh_quiet(line: &str) {
+    run_quiet(&line.split_whitespace().collect::<Vec<_>>());
 }
 
 /// Runs a command whose failure is expected or harmless (e.g. a ping nobody answers).
@@ -478,17 +476,6 @@ impl Drop for Capture {
     }
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
-
 /// Sends `payload` as one UDP datagram from namespace `ns` to `dst`:`PORT` (bash's /dev/udp).
 fn send_from(ns: &str, dst: Ipv4Addr, payload: &[u8], scratch: &Path) {
     std::fs::write(scratch, payload).unwrap();
@@ -520,14 +507,7 @@ fn echo_request(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
 
 #[test]
 fn live_kernel_frames_match_fixture_and_interoperate() {
-    if !is_root() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("CI=true: this privileged test must run as root");
-        }
-        eprintln!(
-            "skipping live_kernel_frames_match_fixture_and_interoperate: needs root \
-             (run: sudo -E cargo test --test golden_frames)"
-        );
+    if !test_support::privileged("live_kernel_frames_match_fixture_and_interoperate") {
         return;
     }
     let tag = format!(
@@ -547,96 +527,32 @@ fn live_kernel_frames_match_fixture_and_interoperate() {
     let _scratch_cleanup = ScratchFile(scratch.clone());
 
     // Underlay: a veth pair created directly inside the namespaces.
-    run(&[
-        "ip", "-n", &na, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns",
-        &nb,
-    ]);
-    run(&[
-        "ip",
-        "-n",
-        &na,
-        "addr",
-        "add",
-        &format!("{UNDERLAY_A}/24"),
-        "dev",
-        "veth0",
-    ]);
-    run(&[
-        "ip",
-        "-n",
-        &nb,
-        "addr",
-        "add",
-        &format!("{UNDERLAY_B}/24"),
-        "dev",
-        "veth1",
-    ]);
+    sh(&format!(
+        "ip -n {na} link add veth0 type veth peer name veth1 netns {nb}"
+    ));
+    sh(&format!("ip -n {na} addr add {UNDERLAY_A}/24 dev veth0"));
+    sh(&format!("ip -n {nb} addr add {UNDERLAY_B}/24 dev veth1"));
     // Real outer checksums in the capture (veth would otherwise pass partial ones along).
-    run(&[
-        "ip", "netns", "exec", &na, "ethtool", "-K", "veth0", "tx", "off",
-    ]);
-    run(&[
-        "ip", "netns", "exec", &nb, "ethtool", "-K", "veth1", "tx", "off",
-    ]);
+    sh(&format!("ip netns exec {na} ethtool -K veth0 tx off"));
+    sh(&format!("ip netns exec {nb} ethtool -K veth1 tx off"));
     for (ns, dev) in [(&na, "veth0"), (&nb, "veth1"), (&na, "lo"), (&nb, "lo")] {
         run(&["ip", "-n", ns, "link", "set", dev, "up"]);
     }
 
     // Node A: flannel.1 as flannel creates it (compat §7.1, §7.3).
     let (mac_a, mac_b) = (MAC_A.to_string(), MAC_B.to_string());
-    run(&[
-        "ip",
-        "-n",
-        &na,
-        "link",
-        "add",
-        "flannel.1",
-        "address",
-        &mac_a,
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        &UNDERLAY_A.to_string(),
-        "dev",
-        "veth0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ]);
+    sh(&format!(
+        "ip -n {na} link add flannel.1 address {mac_a} type vxlan id 1 local {UNDERLAY_A} \
+         dev veth0 dstport 8472 nolearning"
+    ));
     run(&["ip", "-n", &na, "link", "set", "flannel.1", "mtu", "1450"]);
-    run(&[
-        "ip",
-        "netns",
-        "exec",
-        &na,
-        "sysctl",
-        "-qw",
-        "net.ipv6.conf.flannel/1.accept_ra=0",
-    ]);
-    run(&[
-        "ip",
-        "-n",
-        &na,
-        "addr",
-        "add",
-        &format!("{VTEP_A}/32"),
-        "dev",
-        "flannel.1",
-    ]);
-    run(&[
-        "ip",
-        "-n",
-        &na,
-        "-6",
-        "addr",
-        "add",
-        &format!("{VTEP_A6}/128"),
-        "dev",
-        "flannel.1",
-        "nodad",
-    ]);
+    sh(&format!(
+        "ip netns exec {na} sysctl -qw net.ipv6.conf.flannel/1.accept_ra=0"
+    ));
+    sh(&format!("ip -n {na} addr add {VTEP_A}/32 dev flannel.1"));
+    sh(&format!(
+        "ip -n {na} -6 addr add {VTEP_A6}/128 dev flannel.1 nodad"
+    ));
     run(&["ip", "-n", &na, "link", "set", "flannel.1", "up"]);
 
     // Node B: capture everything on the VXLAN port.
@@ -673,43 +589,13 @@ fn live_kernel_frames_match_fixture_and_interoperate() {
 
     // Phase 1: route only, flooding to B: the kernel ARPs for the gateway 10.244.2.0.
     let via = VTEP_B.to_string();
-    run(&[
-        "ip",
-        "-n",
-        &na,
-        "route",
-        "add",
-        "10.244.2.0/24",
-        "via",
-        &via,
-        "dev",
-        "flannel.1",
-        "onlink",
-    ]);
-    run(&[
-        "bridge",
-        "-n",
-        &na,
-        "fdb",
-        "append",
-        "00:00:00:00:00:00",
-        "dev",
-        "flannel.1",
-        "dst",
-        &UNDERLAY_B.to_string(),
-        "self",
-        "permanent",
-    ]);
-    run_quiet(&[
-        "ip",
-        "netns",
-        "exec",
-        &na,
-        "ping",
-        "-c1",
-        "-W1",
-        &POD_B.to_string(),
-    ]);
+    sh(&format!(
+        "ip -n {na} route add 10.244.2.0/24 via {via} dev flannel.1 onlink"
+    ));
+    sh(&format!(
+        "bridge -n {na} fdb append 00:00:00:00:00:00 dev flannel.1 dst {UNDERLAY_B} self permanent"
+    ));
+    sh_quiet(&format!("ip netns exec {na} ping -c1 -W1 {POD_B}"));
     let arp_req = capture
         .wait_for(Duration::from_secs(5), |d| {
             d.src == IpAddr::V4(UNDERLAY_A) && d.payload.get(20..22) == Some(&[0x08, 0x06][..])
@@ -740,103 +626,27 @@ fn live_kernel_frames_match_fixture_and_interoperate() {
     }
 
     // Phase 2: flannel's per-peer programming (compat §7.4): neighbour, FDB, onlink route.
-    run(&[
-        "ip",
-        "-n",
-        &na,
-        "neigh",
-        "replace",
-        &via,
-        "lladdr",
-        &mac_b,
-        "dev",
-        "flannel.1",
-        "nud",
-        "permanent",
-    ]);
-    run(&[
-        "bridge",
-        "-n",
-        &na,
-        "fdb",
-        "replace",
-        &mac_b,
-        "dev",
-        "flannel.1",
-        "dst",
-        &UNDERLAY_B.to_string(),
-        "self",
-        "permanent",
-    ]);
-    run(&[
-        "bridge",
-        "-n",
-        &na,
-        "fdb",
-        "del",
-        "00:00:00:00:00:00",
-        "dev",
-        "flannel.1",
-        "dst",
-        &UNDERLAY_B.to_string(),
-        "self",
-    ]);
-    run(&[
-        "ip",
-        "-n",
-        &na,
-        "route",
-        "replace",
-        "10.244.2.0/24",
-        "via",
-        &via,
-        "dev",
-        "flannel.1",
-        "onlink",
-    ]);
-    run(&[
-        "ip",
-        "-n",
-        &na,
-        "-6",
-        "neigh",
-        "replace",
-        VTEP_B6,
-        "lladdr",
-        &mac_b,
-        "dev",
-        "flannel.1",
-        "nud",
-        "permanent",
-    ]);
-    run(&[
-        "ip",
-        "-n",
-        &na,
-        "-6",
-        "route",
-        "replace",
-        "fd10:244:2::/64",
-        "via",
-        VTEP_B6,
-        "dev",
-        "flannel.1",
-        "onlink",
-    ]);
+    sh(&format!(
+        "ip -n {na} neigh replace {via} lladdr {mac_b} dev flannel.1 nud permanent"
+    ));
+    sh(&format!(
+        "bridge -n {na} fdb replace {mac_b} dev flannel.1 dst {UNDERLAY_B} self permanent"
+    ));
+    sh(&format!(
+        "bridge -n {na} fdb del 00:00:00:00:00:00 dev flannel.1 dst {UNDERLAY_B} self"
+    ));
+    sh(&format!(
+        "ip -n {na} route replace 10.244.2.0/24 via {via} dev flannel.1 onlink"
+    ));
+    sh(&format!(
+        "ip -n {na} -6 neigh replace {VTEP_B6} lladdr {mac_b} dev flannel.1 nud permanent"
+    ));
+    sh(&format!(
+        "ip -n {na} -6 route replace fd10:244:2::/64 via {VTEP_B6} dev flannel.1 onlink"
+    ));
 
-    run_quiet(&[
-        "ip",
-        "netns",
-        "exec",
-        &na,
-        "ping",
-        "-c1",
-        "-W1",
-        &POD_B.to_string(),
-    ]);
-    run_quiet(&[
-        "ip", "netns", "exec", &na, "ping", "-6", "-c1", "-W1", POD_B6,
-    ]);
+    sh_quiet(&format!("ip netns exec {na} ping -c1 -W1 {POD_B}"));
+    sh_quiet(&format!("ip netns exec {na} ping -6 -c1 -W1 {POD_B6}"));
     let udp_cmd = format!("printf '%s' '{UDP_TEXT}' > /dev/udp/{POD_B}/9999");
     run(&["ip", "netns", "exec", &na, "bash", "-c", &udp_cmd]);
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use netns::*;
 use netns_harness::{privileged_test_guard, Cluster, NodeKind};
+use test_support::sorted_lines;
 
 use NodeKind::{Kernel, KernelRef, Userspace};
 
@@ -29,34 +30,25 @@ fn expected_triplets(c: &Cluster, node: &str) -> (Vec<String>, Vec<String>, Vec<
     (routes, neigh, fdb)
 }
 
-fn lines(text: &str) -> Vec<String> {
-    let mut v: Vec<String> = text
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect();
-    v.sort();
-    v
-}
-
 fn assert_programmed_like_flannel(c: &Cluster, node: &str) {
     let (mut routes, mut neigh, mut fdb) = expected_triplets(c, node);
     routes.sort();
     neigh.sort();
     fdb.sort();
     assert_eq!(
-        lines(&sh(c, node, &["ip", "route", "show", "dev", "flannel.1"])),
+        sorted_lines(&sh(c, node, &["ip", "route", "show", "dev", "flannel.1"])),
         routes
     );
     assert_eq!(
-        lines(&sh(c, node, &["ip", "neigh", "show", "dev", "flannel.1"])),
+        sorted_lines(&sh(c, node, &["ip", "neigh", "show", "dev", "flannel.1"])),
         neigh
     );
     // `bridge fdb show dev` also lists the device's own permanent entries; keep peers only.
-    let fdb_now: Vec<String> = lines(&sh(c, node, &["bridge", "fdb", "show", "dev", "flannel.1"]))
-        .into_iter()
-        .filter(|l| l.contains(" dst "))
-        .collect();
+    let fdb_now: Vec<String> =
+        sorted_lines(&sh(c, node, &["bridge", "fdb", "show", "dev", "flannel.1"]))
+            .into_iter()
+            .filter(|l| l.contains(" dst "))
+            .collect();
     assert_eq!(fdb_now, fdb);
 }
 
@@ -225,10 +217,7 @@ fn host_gw_and_direct_routing() {
         return;
     }
     let _g = serial();
-    let mut s = spec(&[Kernel, Kernel], 1);
-    s.net_conf = Some(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#.into());
-    let c = Cluster::up(&s).expect("host-gw cluster up");
-    assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
+    let c = host_gw_pair();
     let peer = c.node("n2").expect("n2");
     let routes = sh(&c, "n1", &["ip", "route"]);
     let want = format!(
@@ -314,7 +303,7 @@ fn bad_leases_are_skipped_with_a_warning_naming_the_node() {
 
 /// Like `assert_programmed_like_flannel`, for a lease dir that also holds invalid leases.
 fn assert_programmed_like_flannel_except(c: &Cluster, node: &str, skip: &[&str]) {
-    let routes = lines(&sh(c, node, &["ip", "route", "show", "dev", "flannel.1"]));
+    let routes = sorted_lines(&sh(c, node, &["ip", "route", "show", "dev", "flannel.1"]));
     let peers: Vec<String> = c.node_names().into_iter().filter(|n| n != node).collect();
     assert_eq!(routes.len(), peers.len(), "{routes:?}");
     for r in &routes {

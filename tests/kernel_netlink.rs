@@ -16,20 +16,10 @@ use flannel_rs::io::ethtool;
 use flannel_rs::netlink::{self, IpFamily, Netlink};
 use flannel_rs::wire::MacAddr;
 use test_support::netns::{Netns, Ns};
+use test_support::sorted_lines;
 
 fn privileged() -> bool {
     test_support::privileged("kernel_netlink")
-}
-
-/// Non-empty lines, trimmed, sorted.
-fn lines(s: &str) -> Vec<String> {
-    let mut v: Vec<String> = s
-        .lines()
-        .map(|l| l.trim().to_owned())
-        .filter(|l| !l.is_empty())
-        .collect();
-    v.sort();
-    v
 }
 
 fn mac(last: u8) -> MacAddr {
@@ -67,7 +57,18 @@ fn vx_peer(subnet: &str, public_ip: &str, m: u8) -> Peer {
 }
 
 fn routes_on(ns: &Ns, dev: &str) -> Vec<String> {
-    lines(&ns.ip(&["route", "show", "dev", dev]))
+    sorted_lines(&ns.ip(&["route", "show", "dev", dev]))
+}
+
+/// Asserts flannel.1's neighbours, own FDB entries and routes, as the sorted lines of
+/// `ip neigh show`, `bridge fdb show` and `ip route show` for the device.
+fn assert_flannel_1(ns: &Ns, neigh: &[&str], fdb: &[&str], routes: &[&str]) {
+    let dev = "flannel.1";
+    let got_neigh = sorted_lines(&ns.ip(&["neigh", "show", "dev", dev]));
+    assert_eq!(got_neigh, neigh, "neighbours");
+    let got_fdb = sorted_lines(&ns.bridge(&["fdb", "show", "dev", dev]));
+    assert_eq!(got_fdb, fdb, "fdb");
+    assert_eq!(routes_on(ns, dev), routes, "routes");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -224,30 +225,20 @@ fn sync_programs_exact_triplets_and_removes() {
         assert_eq!(report.added, 6);
         assert_eq!(report.skipped.len(), 1);
 
-        assert_eq!(
-            lines(&ns.ip(&["neigh", "show", "dev", "flannel.1"])),
-            vec![
+        assert_flannel_1(
+            &ns,
+            &[
                 "10.244.2.0 lladdr 02:00:00:00:00:02 PERMANENT",
                 "10.244.3.0 lladdr 02:00:00:00:00:03 PERMANENT",
-            ]
-        );
-        assert_eq!(
-            lines(&ns.bridge(&["fdb", "show", "dev", "flannel.1"])),
-            vec![
+            ],
+            &[
                 "02:00:00:00:00:02 dst 198.18.0.2 self permanent",
                 "02:00:00:00:00:03 dst 203.0.113.3 self permanent",
-            ]
-        );
-        let flannel_routes: Vec<String> = lines(&ns.ip(&["route"]))
-            .into_iter()
-            .filter(|l| l.contains("flannel.1"))
-            .collect();
-        assert_eq!(
-            flannel_routes,
-            vec![
-                "10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink",
-                "10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink",
-            ]
+            ],
+            &[
+                "10.244.2.0/24 via 10.244.2.0 onlink",
+                "10.244.3.0/24 via 10.244.3.0 onlink",
+            ],
         );
 
         // Idempotent.
@@ -259,26 +250,18 @@ fn sync_programs_exact_triplets_and_removes() {
         let peers2 = vec![vx_peer("10.244.3.0/24", "203.0.113.33", 33)];
         let report = vx.sync(&peers2).await;
         assert!(report.is_clean(), "{report:?}");
-        assert_eq!(
-            lines(&ns.ip(&["neigh", "show", "dev", "flannel.1"])),
-            vec!["10.244.3.0 lladdr 02:00:00:00:00:21 PERMANENT"]
-        );
-        assert_eq!(
-            lines(&ns.bridge(&["fdb", "show", "dev", "flannel.1"])),
-            vec!["02:00:00:00:00:21 dst 203.0.113.33 self permanent"]
-        );
-        assert_eq!(
-            routes_on(&ns, "flannel.1"),
-            vec!["10.244.3.0/24 via 10.244.3.0 onlink"]
+        assert_flannel_1(
+            &ns,
+            &["10.244.3.0 lladdr 02:00:00:00:00:21 PERMANENT"],
+            &["02:00:00:00:00:21 dst 203.0.113.33 self permanent"],
+            &["10.244.3.0/24 via 10.244.3.0 onlink"],
         );
 
         // Everything gone.
         let report = vx.sync(&[]).await;
         assert!(report.is_clean(), "{report:?}");
         assert_eq!(report.removed, 3);
-        assert!(lines(&ns.ip(&["neigh", "show", "dev", "flannel.1"])).is_empty());
-        assert!(lines(&ns.bridge(&["fdb", "show", "dev", "flannel.1"])).is_empty());
-        assert!(routes_on(&ns, "flannel.1").is_empty());
+        assert_flannel_1(&ns, &[], &[], &[]);
     });
 }
 
@@ -308,7 +291,7 @@ fn startup_removes_stale_and_hand_added_entries() {
     ns.bridge_line("fdb append 00:00:00:00:00:00 dev flannel.1 dst 198.18.0.77 self permanent");
     ns.bridge_line("fdb append 00:00:00:00:00:00 dev flannel.1 dst 198.18.0.78 self permanent");
     assert_eq!(
-        lines(&ns.bridge(&["fdb", "show", "dev", "flannel.1"])).len(),
+        sorted_lines(&ns.bridge(&["fdb", "show", "dev", "flannel.1"])).len(),
         4
     );
 
@@ -319,17 +302,11 @@ fn startup_removes_stale_and_hand_added_entries() {
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(report.added, 0, "the leased peer's entries were adopted");
     assert_eq!(report.removed, 6, "{report:?}");
-    assert_eq!(
-        lines(&ns.ip(&["neigh", "show", "dev", "flannel.1"])),
-        vec!["10.244.2.0 lladdr 02:00:00:00:00:02 PERMANENT"]
-    );
-    assert_eq!(
-        lines(&ns.bridge(&["fdb", "show", "dev", "flannel.1"])),
-        vec!["02:00:00:00:00:02 dst 198.18.0.2 self permanent"]
-    );
-    assert_eq!(
-        routes_on(&ns, "flannel.1"),
-        vec!["10.244.2.0/24 via 10.244.2.0 onlink"]
+    assert_flannel_1(
+        &ns,
+        &["10.244.2.0 lladdr 02:00:00:00:00:02 PERMANENT"],
+        &["02:00:00:00:00:02 dst 198.18.0.2 self permanent"],
+        &["10.244.2.0/24 via 10.244.2.0 onlink"],
     );
     let all = ns.ip(&["route"]);
     assert!(
@@ -374,21 +351,21 @@ fn device_deletion_recreates_and_replays_within_5s() {
                 .await
                 .is_err()
         );
-        assert_eq!(
-            lines(&ns.ip(&["neigh", "show", "dev", "flannel.1"])),
-            vec![
+        assert_flannel_1(
+            &ns,
+            &[
                 "10.244.2.0 lladdr 02:00:00:00:00:02 PERMANENT",
                 "10.244.3.0 lladdr 02:00:00:00:00:03 PERMANENT",
-            ]
-        );
-        assert_eq!(
-            lines(&ns.bridge(&["fdb", "show", "dev", "flannel.1"])),
-            vec![
+            ],
+            &[
                 "02:00:00:00:00:02 dst 198.18.0.2 self permanent",
                 "02:00:00:00:00:03 dst 198.18.0.3 self permanent",
-            ]
+            ],
+            &[
+                "10.244.2.0/24 via 10.244.2.0 onlink",
+                "10.244.3.0/24 via 10.244.3.0 onlink",
+            ],
         );
-        assert_eq!(routes_on(&ns, "flannel.1").len(), 2);
         let addrs = ns.ip_line("-4 addr show dev flannel.1");
         assert!(addrs.contains("inet 10.244.1.0/32"), "{addrs}");
         assert!(!ethtool::tx_checksum_ip_generic("flannel.1").unwrap());
@@ -483,7 +460,7 @@ fn direct_routing_uses_public_ip_for_onlink_peers() {
         .await
     });
     assert!(report.is_clean(), "{report:?}");
-    let all = lines(&ns.ip(&["route"]));
+    let all = sorted_lines(&ns.ip(&["route"]));
     assert!(
         all.contains(&"10.244.2.0/24 via 198.18.0.5 dev ul0".to_owned()),
         "{all:?}"
@@ -493,7 +470,7 @@ fn direct_routing_uses_public_ip_for_onlink_peers() {
         "{all:?}"
     );
     assert_eq!(
-        lines(&ns.ip(&["neigh", "show", "dev", "flannel.1"])),
+        sorted_lines(&ns.ip(&["neigh", "show", "dev", "flannel.1"])),
         vec!["10.244.3.0 lladdr 02:00:00:00:00:07 PERMANENT"]
     );
 }
@@ -528,14 +505,14 @@ fn ipv6_device_and_triplets() {
         let report = vx.sync(&peers).await;
         assert!(report.is_clean(), "{report:?}");
         assert_eq!(
-            lines(&ns.ip_line("-6 neigh show dev flannel-v6.1")),
+            sorted_lines(&ns.ip_line("-6 neigh show dev flannel-v6.1")),
             vec!["fd42:10:244:2:: lladdr 02:00:00:00:00:02 PERMANENT"]
         );
         assert_eq!(
-            lines(&ns.bridge(&["fdb", "show", "dev", "flannel-v6.1"])),
+            sorted_lines(&ns.bridge(&["fdb", "show", "dev", "flannel-v6.1"])),
             vec!["02:00:00:00:00:02 dst 2001:db8:18::2 self permanent"]
         );
-        let routes = lines(&ns.ip_line("-6 route show dev flannel-v6.1"));
+        let routes = sorted_lines(&ns.ip_line("-6 route show dev flannel-v6.1"));
         assert!(
             routes.iter().any(|r| r.starts_with("fd42:10:244:2::/64 via fd42:10:244:2:: metric 1024 onlink")),
             "{routes:?}"
@@ -597,7 +574,7 @@ fn host_gw_routes_kept_and_cleaned() {
             "10.244.3.0/24 via 198.18.0.6 dev ul0".to_owned(),
         ];
         let ours = |ns: &Ns| -> Vec<String> {
-            lines(&ns.ip(&["route"]))
+            sorted_lines(&ns.ip(&["route"]))
                 .into_iter()
                 .filter(|l| l.starts_with("10.244."))
                 .collect()

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{json, Value};
 use test_apiserver::TestApiServer;
 use test_support::fixtures::{self, vxlan_data_json, VXLAN_CONFIG};
+use test_support::TempDir;
 use tokio::sync::mpsc;
 
 const P: &str = "flannel.alpha.coreos.com/";
@@ -79,28 +80,6 @@ const UPSTREAM_NODE: &str = r#"{
     }
   }
 }"#;
-
-/// A scratch directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let mut n = [0u8; 8];
-        getrandom::fill(&mut n).expect("random");
-        let dir = std::env::temp_dir().join(format!(
-            "flannel-rs-kube-{tag}-{:016x}",
-            u64::from_le_bytes(n)
-        ));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A test API server plus a net-conf.json file.
 struct Cluster {
@@ -433,6 +412,16 @@ async fn host_gw_and_dual_stack_annotations() {
     assert_eq!(got.len(), 6, "{got:?}");
 }
 
+/// The error acquiring node `name`'s lease fails with (no previous subnets).
+async fn acquire_error(c: &Cluster, name: &str, attrs: &LeaseAttrs) -> String {
+    c.store(name)
+        .await
+        .acquire(&c.net(), attrs, &PreviousSubnets::default())
+        .await
+        .expect_err(name)
+        .to_string()
+}
+
 #[tokio::test]
 async fn acquire_errors_name_the_problem() {
     let c = Cluster::new("acqerr", VXLAN_CONFIG).await;
@@ -440,39 +429,24 @@ async fn acquire_errors_name_the_problem() {
     let prev = PreviousSubnets::default();
 
     c.server.add_node(node("no-cidr", &[], &[]));
-    let e = c
-        .store("no-cidr")
-        .await
-        .acquire(&c.net(), &attrs, &prev)
-        .await
-        .expect_err("no cidr");
-    assert_eq!(e.to_string(), r#"node "no-cidr" pod cidr not assigned"#);
+    let e = acquire_error(&c, "no-cidr", &attrs).await;
+    assert_eq!(e, r#"node "no-cidr" pod cidr not assigned"#);
 
     c.server.add_node(node(
         "three",
         &["10.244.1.0/24", "fd42::/64", "10.244.2.0/24"],
         &[],
     ));
-    let e = c
-        .store("three")
-        .await
-        .acquire(&c.net(), &attrs, &prev)
-        .await
-        .expect_err("three cidrs");
+    let e = acquire_error(&c, "three", &attrs).await;
     assert_eq!(
-        e.to_string(),
+        e,
         r#"node "three" pod cidrs should be IPv4/IPv6 only or dualstack"#
     );
 
     c.server.add_node(node("far", &["10.9.0.0/24"], &[]));
-    let e = c
-        .store("far")
-        .await
-        .acquire(&c.net(), &attrs, &prev)
-        .await
-        .expect_err("outside");
+    let e = acquire_error(&c, "far", &attrs).await;
     assert_eq!(
-        e.to_string(),
+        e,
         r#"subnet "10.244.0.0/16" specified in the flannel net config doesn't contain "10.9.0.0/24" PodCIDR of the "far" node"#
     );
     assert!(
@@ -480,15 +454,9 @@ async fn acquire_errors_name_the_problem() {
         "nothing published for a bad lease"
     );
 
-    let e = c
-        .store("ghost")
-        .await
-        .acquire(&c.net(), &attrs, &prev)
-        .await
-        .expect_err("missing");
+    let e = acquire_error(&c, "ghost", &attrs).await;
     assert!(
-        e.to_string()
-            .starts_with(r#"timeout contacting kube-api, failed to patch node "ghost". Error: "#),
+        e.starts_with(r#"timeout contacting kube-api, failed to patch node "ghost". Error: "#),
         "{e}"
     );
 
@@ -497,15 +465,9 @@ async fn acquire_errors_name_the_problem() {
         &["10.244.9.0/24"],
         &[("public-ip-overwrite", "203.0.113.999")],
     ));
-    let e = c
-        .store("bad-ow")
-        .await
-        .acquire(&c.net(), &attrs, &prev)
-        .await
-        .expect_err("overwrite");
+    let e = acquire_error(&c, "bad-ow", &attrs).await;
     assert!(
-        e.to_string()
-            .contains(r#"flannel.alpha.coreos.com/public-ip-overwrite="203.0.113.999""#),
+        e.contains(r#"flannel.alpha.coreos.com/public-ip-overwrite="203.0.113.999""#),
         "{e}"
     );
 

@@ -58,17 +58,33 @@ fn golden_forward(network: &str) -> String {
     .join("\n")
 }
 
+fn masq_config(network: &str, subnet: &str, random_fully: Option<bool>) -> MasqConfig {
+    MasqConfig {
+        network: network.parse().unwrap(),
+        subnet: subnet.parse().unwrap(),
+        random_fully,
+    }
+}
+
+/// Sets up `cfg`'s masquerade rules in `ns` (and with `forward`, the forward rules), as a
+/// daemon starting without a previous subnet does.
+fn setup_in(ns: &Netns, family: IpFamily, cfg: MasqConfig, forward: bool) {
+    ns.run(move || {
+        let ipt = Iptables::detect(family).expect("iptables");
+        ipt.setup_masq(&cfg, None).expect("masq");
+        if forward {
+            ipt.setup_forward(cfg.network).expect("forward");
+        }
+    });
+}
+
 #[test]
 fn ipv4_rules_match_flannel_e2e_golden_and_resync_restores() {
     if !privileged() {
         return;
     }
     let ns = Netns::new("v4");
-    let cfg = MasqConfig {
-        network: "10.42.0.0/16".parse().unwrap(),
-        subnet: "10.42.1.0/24".parse().unwrap(),
-        random_fully: None,
-    };
+    let cfg = masq_config("10.42.0.0/16", "10.42.1.0/24", None);
     let (masq, fwd) = ns.run(move || {
         let ipt = Iptables::detect(IpFamily::V4).expect("iptables");
         assert!(ipt.supports_random_fully());
@@ -145,16 +161,8 @@ fn ipv6_rules_match_flannel_e2e_golden() {
         return;
     }
     let ns = Netns::new("v6");
-    let cfg = MasqConfig {
-        network: "fd42:10:244::/56".parse().unwrap(),
-        subnet: "fd42:10:244:1::/64".parse().unwrap(),
-        random_fully: None,
-    };
-    ns.run(move || {
-        let ipt = Iptables::detect(IpFamily::V6).expect("ip6tables");
-        ipt.setup_masq(&cfg, None).expect("masq");
-        ipt.setup_forward(cfg.network).expect("forward");
-    });
+    let cfg = masq_config("fd42:10:244::/56", "fd42:10:244:1::/64", None);
+    setup_in(&ns, IpFamily::V6, cfg, true);
     assert_eq!(
         nat_flannel(&ns, "ip6tables"),
         golden_postrouting("fd42:10:244:1::/64", "fd42:10:244::/56", "ff00::/8")
@@ -171,19 +179,11 @@ fn rules_of_previous_subnet_removed() {
         return;
     }
     let ns = Netns::new("prev");
-    let old = MasqConfig {
-        network: "10.42.0.0/16".parse().unwrap(),
-        subnet: "10.42.9.0/24".parse().unwrap(),
-        random_fully: Some(false),
-    };
-    let new = MasqConfig {
-        subnet: "10.42.1.0/24".parse().unwrap(),
-        random_fully: None,
-        ..old
-    };
+    let old = masq_config("10.42.0.0/16", "10.42.9.0/24", Some(false));
+    let new = masq_config("10.42.0.0/16", "10.42.1.0/24", None);
+    setup_in(&ns, IpFamily::V4, old, false);
     ns.run(move || {
         let ipt = Iptables::detect(IpFamily::V4).expect("iptables");
-        ipt.setup_masq(&old, None).expect("old");
         ipt.setup_masq(&new, Some((old.network, old.subnet)))
             .expect("new");
     });
@@ -203,15 +203,12 @@ fn random_fully_can_be_disabled() {
         return;
     }
     let ns = Netns::new("norand");
-    let cfg = MasqConfig {
-        network: "10.42.0.0/16".parse().unwrap(),
-        subnet: "10.42.1.0/24".parse().unwrap(),
-        random_fully: Some(false),
-    };
-    ns.run(move || {
-        let ipt = Iptables::detect(IpFamily::V4).expect("iptables");
-        ipt.setup_masq(&cfg, None).expect("masq");
-    });
+    setup_in(
+        &ns,
+        IpFamily::V4,
+        masq_config("10.42.0.0/16", "10.42.1.0/24", Some(false)),
+        false,
+    );
     assert_eq!(
         nat_flannel(&ns, "iptables"),
         golden_postrouting("10.42.1.0/24", "10.42.0.0/16", "224.0.0.0/4")
@@ -324,15 +321,10 @@ fn nft_tables_replaced_whole_repaired_and_cleaned_up() {
     assert_eq!(ns.exec_line("nft list table ip flannel-ipv4"), table);
 
     // Clean-up of iptables mode removes flannel's chains and jumps; of nftables mode, tables.
-    let cfg = MasqConfig {
-        network: "10.42.0.0/16".parse().unwrap(),
-        subnet: "10.42.1.0/24".parse().unwrap(),
-        random_fully: None,
-    };
+    let cfg = masq_config("10.42.0.0/16", "10.42.1.0/24", None);
+    setup_in(&ns, IpFamily::V4, cfg, true);
     let (removed, gone) = ns.run(move || {
         let ipt = Iptables::detect(IpFamily::V4).expect("iptables");
-        ipt.setup_masq(&cfg, None).expect("masq");
-        ipt.setup_forward(cfg.network).expect("forward");
         let removed = ipt.cleanup_flannel_chains().expect("cleanup");
         let gone = Nft::detect().expect("nft").cleanup().expect("nft cleanup");
         (removed, gone)

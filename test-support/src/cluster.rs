@@ -43,6 +43,15 @@ pub fn test_prefix() -> String {
     format!("frt{:02x}{:02x}{:02x}", b[0], b[1], b[2])
 }
 
+/// Two kernel-mode nodes on the host-gw backend, up and passing the harness checks.
+pub fn host_gw_pair() -> Cluster {
+    let mut s = spec(&[NodeKind::Kernel, NodeKind::Kernel], 1);
+    s.net_conf = Some(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#.into());
+    let c = Cluster::up(&s).expect("host-gw cluster up");
+    assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
+    c
+}
+
 /// A spec for these node kinds with our binaries.
 pub fn spec(kinds: &[NodeKind], pods: usize) -> ClusterSpec {
     let mut s = ClusterSpec::new(kinds, pods);

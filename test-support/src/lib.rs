@@ -6,7 +6,8 @@
 //! * [`cluster`]: harness clusters of our `flanneld` (sibling binaries, specs, commands in
 //!   namespaces, bulk TCP transfers, teardown checks);
 //! * [`fixtures`]: lease attributes, MACs and configs the store tests share;
-//! * [`etcd`]: a private etcd server on 127.0.0.1, stopped by PID.
+//! * [`etcd`]: a private etcd server on 127.0.0.1, stopped by PID;
+//! * [`TempDir`]: a scratch directory removed on drop.
 //!
 //! Privileged tests start with [`privileged`]: it skips (with a message) when not root and
 //! fails when `CI=true`, because CI must run them.
@@ -15,6 +16,9 @@ pub mod cluster;
 pub mod etcd;
 pub mod fixtures;
 pub mod netns;
+mod tempdir;
+
+pub use tempdir::TempDir;
 
 pub use netns_harness::privileged_test_guard as privileged;
 
@@ -33,6 +37,17 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The non-empty lines of `text`, trimmed and sorted (command output compared as a set).
+pub fn sorted_lines(text: &str) -> Vec<String> {
+    let mut v: Vec<String> = text
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect();
+    v.sort();
+    v
 }
 
 /// Polls `f` every 50 ms until it is true or `limit` passes; returns the time it took.
