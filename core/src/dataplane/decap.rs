@@ -211,23 +211,28 @@ mod tests {
     }
 
     fn run(d: &[u8]) -> DecapVerdict {
-        let mut b = d.to_vec();
-        decap(&mut b, 0..d.len(), sender().public_ip, &table(), &local())
+        run_as(d, sender().public_ip, &local())
+    }
+
+    /// Decapsulates a copy of `d` received from `src` by `me`.
+    fn run_as(d: &[u8], src: IpAddr, me: &LocalVtep) -> DecapVerdict {
+        run_at(d, 0, src, me).1
+    }
+
+    /// Decapsulates `d` received from `src` by `me`, placed at `offset` in a buffer: the
+    /// buffer afterwards and the verdict.
+    fn run_at(d: &[u8], offset: usize, src: IpAddr, me: &LocalVtep) -> (Vec<u8>, DecapVerdict) {
+        let mut b = vec![0xee; offset];
+        b.extend_from_slice(d);
+        let v = decap(&mut b, offset..offset + d.len(), src, &table(), me);
+        (b, v)
     }
 
     #[test]
     fn delivers_ipv4_trimmed() {
         let mut d = datagram(0x08, 1, local().mac, 0x0800, &inner());
         d.extend_from_slice(&[0; 6]); // Ethernet padding
-        let mut buf = vec![0u8; 3];
-        buf.extend_from_slice(&d);
-        let v = decap(
-            &mut buf,
-            3..3 + d.len(),
-            sender().public_ip,
-            &table(),
-            &local(),
-        );
+        let (_, v) = run_at(&d, 3, sender().public_ip, &local());
         assert_eq!(
             v,
             DecapVerdict::Deliver {
@@ -247,90 +252,58 @@ mod tests {
     #[test]
     fn each_check_has_its_reason() {
         let good = datagram(0x08, 1, local().mac, 0x0800, &inner());
-        let mut b = good.clone();
         let stranger = "198.18.0.99".parse().unwrap();
         assert_eq!(
-            decap(&mut b, 0..good.len(), stranger, &table(), &local()),
+            run_as(&good, stranger, &local()),
             DecapVerdict::Drop(DropReason::UnknownSource)
         );
+        let mut b = good.clone();
+        let past_the_end = 0..good.len() + 1;
         assert_eq!(
-            decap(
-                &mut b,
-                0..good.len() + 1,
-                sender().public_ip,
-                &table(),
-                &local()
-            ),
+            decap(&mut b, past_the_end, sender().public_ip, &table(), &local()),
             DecapVerdict::Drop(DropReason::InvalidBuffer)
         );
-        let drop = |r| DecapVerdict::Drop(r);
-        assert_eq!(run(&good[..21]), drop(DropReason::Truncated));
-        assert_eq!(run(&[]), drop(DropReason::Truncated));
-        assert_eq!(
-            run(&datagram(0x00, 1, local().mac, 0x0800, &inner())),
-            drop(DropReason::VxlanFlagNotSet)
-        );
-        assert_eq!(
-            run(&datagram(0x08, 2, local().mac, 0x0800, &inner())),
-            drop(DropReason::WrongVni)
-        );
-        let other = MacAddr([0x02, 0, 0, 0, 0, 9]);
-        assert_eq!(
-            run(&datagram(0x08, 1, other, 0x0800, &inner())),
-            drop(DropReason::WrongDstMac)
-        );
-        assert_eq!(
-            run(&datagram(0x08, 1, MacAddr::BROADCAST, 0x0800, &inner())),
-            drop(DropReason::WrongDstMac)
-        );
-        assert_eq!(
-            run(&datagram(0x08, 1, local().mac, 0x8100, &inner())),
-            drop(DropReason::VlanTagged)
-        );
-        assert_eq!(
-            run(&datagram(0x08, 1, local().mac, 0x88a8, &inner())),
-            drop(DropReason::VlanTagged)
-        );
-        assert_eq!(
-            run(&datagram(0x08, 1, local().mac, 0x88cc, &inner())),
-            drop(DropReason::UnsupportedEtherType)
-        );
-        // IPv4 EtherType with an IPv6 packet, a short packet, a lying total length.
+        let (us, other) = (local().mac, MacAddr([0x02, 0, 0, 0, 0, 9]));
+        // IPv4 EtherType with an IPv6 packet, a short packet, a lying total length, IHL < 5.
         let six = ipv6_packet(
             "fd10:244:1::1".parse().unwrap(),
             "fd10:244:2::1".parse().unwrap(),
             17,
             &[0; 8],
         );
-        assert_eq!(
-            run(&datagram(0x08, 1, local().mac, 0x0800, &six)),
-            drop(DropReason::MalformedIp)
-        );
-        assert!(matches!(
-            run(&datagram(0x08, 1, local().mac, 0x86dd, &six)),
-            DecapVerdict::Deliver { .. }
-        ));
-        assert_eq!(
-            run(&datagram(0x08, 1, local().mac, 0x0800, &inner()[..19])),
-            drop(DropReason::Truncated)
-        );
         let mut long = inner();
         long[3] += 1;
-        assert_eq!(
-            run(&datagram(0x08, 1, local().mac, 0x0800, &long)),
-            drop(DropReason::Truncated)
-        );
         let mut bad = inner();
-        bad[0] = 0x44; // IHL below 5
-
-        assert_eq!(
-            run(&datagram(0x08, 1, local().mac, 0x0800, &bad)),
-            drop(DropReason::MalformedIp)
-        );
-        assert_eq!(
-            run(&datagram(0x08, 1, local().mac, 0x0800, &[])),
-            drop(DropReason::Truncated)
-        );
+        bad[0] = 0x44;
+        let ip = inner();
+        use DropReason::*;
+        let cases: [(Vec<u8>, DropReason); 15] = [
+            (good[..21].to_vec(), Truncated),
+            (Vec::new(), Truncated),
+            (datagram(0x00, 1, us, 0x0800, &ip), VxlanFlagNotSet),
+            (datagram(0x08, 2, us, 0x0800, &ip), WrongVni),
+            (datagram(0x08, 1, other, 0x0800, &ip), WrongDstMac),
+            (
+                datagram(0x08, 1, MacAddr::BROADCAST, 0x0800, &ip),
+                WrongDstMac,
+            ),
+            (datagram(0x08, 1, us, 0x8100, &ip), VlanTagged),
+            (datagram(0x08, 1, us, 0x88a8, &ip), VlanTagged),
+            (datagram(0x08, 1, us, 0x88cc, &ip), UnsupportedEtherType),
+            (datagram(0x08, 1, us, 0x0800, &six), MalformedIp),
+            (datagram(0x08, 1, us, 0x0800, &ip[..19]), Truncated),
+            (datagram(0x08, 1, us, 0x0800, &long), Truncated),
+            (datagram(0x08, 1, us, 0x0800, &bad), MalformedIp),
+            (datagram(0x08, 1, us, 0x0800, &[]), Truncated),
+            (datagram(0x08, 1, us, 0x86dd, &six[..39]), Truncated),
+        ];
+        for (i, (d, reason)) in cases.iter().enumerate() {
+            assert_eq!(run(d), DecapVerdict::Drop(*reason), "case {i}");
+        }
+        assert!(matches!(
+            run(&datagram(0x08, 1, us, 0x86dd, &six)),
+            DecapVerdict::Deliver { .. }
+        ));
     }
 
     fn arp_request(target: Ipv4Addr, op: u16) -> Vec<u8> {
@@ -352,15 +325,7 @@ mod tests {
             let mut payload = arp_request(Ipv4Addr::new(10, 244, 2, 0), 1);
             payload.extend_from_slice(&[0; 18]); // minimum-frame padding
             let d = datagram(0x08, 1, dst, 0x0806, &payload);
-            let mut buf = vec![0xeeu8; 4];
-            buf.extend_from_slice(&d);
-            let v = decap(
-                &mut buf,
-                4..4 + d.len(),
-                sender().public_ip,
-                &table(),
-                &local(),
-            );
+            let (buf, v) = run_at(&d, 4, sender().public_ip, &local());
             let DecapVerdict::Reply { dst: to, frame } = v else {
                 panic!("{v:?}")
             };
@@ -432,9 +397,8 @@ mod tests {
             0x0806,
             &arp_request(Ipv4Addr::new(10, 244, 2, 0), 1),
         );
-        let mut buf = d.clone();
         assert_eq!(
-            decap(&mut buf, 0..d.len(), sender().public_ip, &table(), &no_v4),
+            run_as(&d, sender().public_ip, &no_v4),
             drop(DropReason::ArpNotForUs)
         );
     }
@@ -481,16 +445,14 @@ mod tests {
         }
         // The same frame is fine from the owner of the source subnet.
         let d = ip_datagram("10.244.3.9", "10.244.2.7");
-        let mut b = d.clone();
         assert!(matches!(
-            decap(&mut b, 0..d.len(), third().public_ip, &table(), &local()),
+            run_as(&d, third().public_ip, &local()),
             DecapVerdict::Deliver { .. }
         ));
         // IPv4-mapped outer source counts as the IPv4 address.
-        let mut b = d.clone();
         let mapped = "::ffff:198.18.0.3".parse().unwrap();
         assert!(matches!(
-            decap(&mut b, 0..d.len(), mapped, &table(), &local()),
+            run_as(&d, mapped, &local()),
             DecapVerdict::Deliver { .. }
         ));
     }
@@ -516,19 +478,11 @@ mod tests {
         let mut no_v6 = local();
         no_v6.subnet_v6 = None;
         let d = ip_datagram("fd10:244:1::5", "fd10:244:2::7");
-        let mut b = d.clone();
-        assert_eq!(
-            decap(&mut b, 0..d.len(), sender().public_ip, &table(), &no_v6),
-            foreign
-        );
+        assert_eq!(run_as(&d, sender().public_ip, &no_v6), foreign);
         let mut no_v4 = local();
         no_v4.subnet_v4 = None;
         let d = ip_datagram("10.244.1.5", "10.244.2.0");
-        let mut b = d.clone();
-        assert_eq!(
-            decap(&mut b, 0..d.len(), sender().public_ip, &table(), &no_v4),
-            foreign
-        );
+        assert_eq!(run_as(&d, sender().public_ip, &no_v4), foreign);
     }
 
     #[test]

@@ -892,6 +892,22 @@ mod tests {
         gso: u16,
     }
 
+    impl Tso {
+        /// A super-packet without IP or TCP options, sequence number and IPv4 ID 1.
+        fn plain(v6: bool, flags: u8, payload: Vec<u8>, gso: u16) -> Tso {
+            Tso {
+                v6,
+                ip_opts: 0,
+                tcp_opts: 0,
+                seq: 1,
+                ident: 1,
+                flags,
+                payload,
+                gso,
+            }
+        }
+    }
+
     fn arb_tso() -> impl Strategy<Value = Tso> {
         (
             any::<bool>(),
@@ -1148,16 +1164,7 @@ mod tests {
 
     #[test]
     fn rx_super_packet_refuses_what_it_cannot_hand_over() {
-        let t = Tso {
-            v6: false,
-            ip_opts: 0,
-            tcp_opts: 0,
-            seq: 1,
-            ident: 1,
-            flags: 0x10,
-            payload: vec![7; 5000],
-            gso: 1000,
-        };
+        let t = Tso::plain(false, 0x10, vec![7; 5000], 1000);
         let (mut p, _) = build(&t);
         // A bad checksum that is not the pseudo-header sum: left for the kernel to drop.
         p[36..38].copy_from_slice(&[0x12, 0x34]);
@@ -1176,50 +1183,32 @@ mod tests {
 
     #[test]
     fn rejects_inconsistent_headers() {
-        let t = Tso {
-            v6: false,
-            ip_opts: 0,
-            tcp_opts: 0,
-            seq: 1,
-            ident: 1,
-            flags: 0x18,
-            payload: vec![1; 3000],
-            gso: 1000,
-        };
+        let t = Tso::plain(false, 0x18, vec![1; 3000], 1000);
         let (input, hdr) = build(&t);
         let mut arena = Vec::new();
         let split = |input: &[u8], hdr: &VirtioNetHdr, arena: &mut Vec<u8>| {
             gso_split(input, hdr, arena, 22).map(|s| s.len())
         };
         assert_eq!(split(&input, &hdr, &mut arena), Ok(3));
-        assert_eq!(
-            split(&input, &VirtioNetHdr { gso_size: 0, ..hdr }, &mut arena),
-            Err(DropReason::BadOffload)
-        );
-        assert_eq!(
-            split(&input, &VirtioNetHdr { gso_size: 1, ..hdr }, &mut arena),
-            Err(DropReason::TooManySegments)
-        );
-        assert_eq!(
-            split(&input, &VirtioNetHdr { gso_type: 4, ..hdr }, &mut arena),
-            Err(DropReason::BadOffload)
-        );
-        assert_eq!(
-            split(&input, &VirtioNetHdr { gso_type: 3, ..hdr }, &mut arena),
-            Err(DropReason::UnsupportedGso)
-        );
-        assert_eq!(
-            split(&input, &VirtioNetHdr { gso_type: 5, ..hdr }, &mut arena),
-            Err(DropReason::BadOffload)
-        );
-        assert_eq!(
-            split(&input[..input.len() - 1], &hdr, &mut arena),
-            Err(DropReason::Truncated)
-        );
-        assert_eq!(
-            split(&input[..30], &hdr, &mut arena),
-            Err(DropReason::Truncated)
-        );
+        let bad_headers = [
+            (VirtioNetHdr { gso_size: 0, ..hdr }, DropReason::BadOffload),
+            (
+                VirtioNetHdr { gso_size: 1, ..hdr },
+                DropReason::TooManySegments,
+            ),
+            (VirtioNetHdr { gso_type: 4, ..hdr }, DropReason::BadOffload),
+            (
+                VirtioNetHdr { gso_type: 3, ..hdr },
+                DropReason::UnsupportedGso,
+            ),
+            (VirtioNetHdr { gso_type: 5, ..hdr }, DropReason::BadOffload),
+        ];
+        for (bad, reason) in &bad_headers {
+            assert_eq!(split(&input, bad, &mut arena), Err(*reason), "{bad:?}");
+        }
+        for cut in [&input[..input.len() - 1], &input[..30]] {
+            assert_eq!(split(cut, &hdr, &mut arena), Err(DropReason::Truncated));
+        }
         assert_eq!(split(&[], &hdr, &mut arena), Err(DropReason::Truncated));
         let mut frag = input.clone();
         ipv4::Packet::new_unchecked(&mut frag[..]).set_frag(false, true, 0);
@@ -1275,14 +1264,10 @@ mod tests {
     #[test]
     fn arena_capacity_is_reused() {
         let t = Tso {
-            v6: true,
-            ip_opts: 0,
             tcp_opts: 12,
             seq: 7,
             ident: 0,
-            flags: 0x19,
-            payload: vec![9; 64_000],
-            gso: 1398,
+            ..Tso::plain(true, 0x19, vec![9; 64_000], 1398)
         };
         let (input, hdr) = build(&t);
         let mut arena = Vec::new();
