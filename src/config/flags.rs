@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
+use super::secret::Secret;
 use super::subnet_env::parse_go_bool;
 
 /// What the command line asks for.
@@ -61,9 +62,9 @@ impl fmt::Display for Dataplane {
     }
 }
 
-/// Every flanneld flag, typed. `Debug` masks the etcd password, so the whole struct can be
-/// logged at start-up like flannel's "CLI flags config".
-#[derive(Clone, PartialEq, Eq)]
+/// Every flanneld flag, typed. `Debug` masks the etcd password ([`Secret`]), so the whole
+/// struct can be logged at start-up like flannel's "CLI flags config".
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Flags {
     /// `--etcd-endpoints`, split on `,`.
     pub etcd_endpoints: Vec<String>,
@@ -78,7 +79,7 @@ pub struct Flags {
     /// `--etcd-username`.
     pub etcd_username: String,
     /// `--etcd-password`.
-    pub etcd_password: String,
+    pub etcd_password: Secret,
     /// `--kube-subnet-mgr`: leases from the Kubernetes API instead of etcd.
     pub kube_subnet_mgr: bool,
     /// `--kube-api-url`.
@@ -163,7 +164,7 @@ impl Default for Flags {
             etcd_certfile: String::new(),
             etcd_cafile: String::new(),
             etcd_username: String::new(),
-            etcd_password: String::new(),
+            etcd_password: Secret::default(),
             kube_subnet_mgr: false,
             kube_api_url: String::new(),
             kubeconfig_file: String::new(),
@@ -198,64 +199,6 @@ impl Default for Flags {
             cni_bin_dir: PathBuf::from("/opt/cni/bin"),
             cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
         }
-    }
-}
-
-impl fmt::Debug for Flags {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let password = if self.etcd_password.is_empty() {
-            ""
-        } else {
-            "***"
-        };
-        f.debug_struct("Flags")
-            .field("etcd_endpoints", &self.etcd_endpoints)
-            .field("etcd_prefix", &self.etcd_prefix)
-            .field("etcd_keyfile", &self.etcd_keyfile)
-            .field("etcd_certfile", &self.etcd_certfile)
-            .field("etcd_cafile", &self.etcd_cafile)
-            .field("etcd_username", &self.etcd_username)
-            .field("etcd_password", &password)
-            .field("kube_subnet_mgr", &self.kube_subnet_mgr)
-            .field("kube_api_url", &self.kube_api_url)
-            .field("kubeconfig_file", &self.kubeconfig_file)
-            .field("kube_annotation_prefix", &self.kube_annotation_prefix)
-            .field("iface", &self.iface)
-            .field("iface_regex", &self.iface_regex)
-            .field("iface_can_reach", &self.iface_can_reach)
-            .field("public_ip", &self.public_ip)
-            .field("public_ipv6", &self.public_ipv6)
-            .field("subnet_file", &self.subnet_file)
-            .field("subnet_lease_renew_margin", &self.subnet_lease_renew_margin)
-            .field("ip_masq", &self.ip_masq)
-            .field(
-                "ip_masq_fully_random_disable",
-                &self.ip_masq_fully_random_disable,
-            )
-            .field("iptables_resync", &self.iptables_resync)
-            .field("iptables_forward_rules", &self.iptables_forward_rules)
-            .field("ip_blackhole_route", &self.ip_blackhole_route)
-            .field("net_config_path", &self.net_config_path)
-            .field(
-                "set_node_network_unavailable",
-                &self.set_node_network_unavailable,
-            )
-            .field("healthz_ip", &self.healthz_ip)
-            .field("healthz_port", &self.healthz_port)
-            .field("verbosity", &self.verbosity)
-            .field("vmodule", &self.vmodule)
-            .field("log_backtrace_at", &self.log_backtrace_at)
-            .field("dataplane", &self.dataplane)
-            .field("lease_dir", &self.lease_dir)
-            .field("vxlan_tx_checksum_offload", &self.vxlan_tx_checksum_offload)
-            .field("metrics_port", &self.metrics_port)
-            .field("metrics_ip", &self.metrics_ip)
-            .field("peer_probe_interval", &self.peer_probe_interval)
-            .field("host_gw_fallback", &self.host_gw_fallback)
-            .field("host_gw_fallback_damping", &self.host_gw_fallback_damping)
-            .field("cni_bin_dir", &self.cni_bin_dir)
-            .field("cni_conf_dir", &self.cni_conf_dir)
-            .finish()
     }
 }
 
@@ -750,7 +693,7 @@ fn build(values: &BTreeMap<&'static str, (Origin, Vec<String>)>) -> Result<Flags
         etcd_certfile: string("etcd-certfile"),
         etcd_cafile: string("etcd-cafile"),
         etcd_username: string("etcd-username"),
-        etcd_password: string("etcd-password"),
+        etcd_password: string("etcd-password").into(),
         kube_subnet_mgr: boolean("kube-subnet-mgr")?,
         kube_api_url: string("kube-api-url"),
         kubeconfig_file: string("kubeconfig-file"),

@@ -9,6 +9,7 @@ pub mod flags;
 pub(crate) mod gojson;
 pub mod install_conf;
 pub mod netconf;
+pub mod secret;
 pub mod subnet_env;
 
 pub use flags::{Command, Dataplane, FlagError, Flags};

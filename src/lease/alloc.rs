@@ -8,13 +8,25 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::store::StoreError;
 use super::{Lease, LeaseAttrs, SubnetKey};
-use crate::config::netconf::{AllocRange, Subnet};
+use crate::config::netconf::{AllocRange, NetConfig, Subnet};
 use crate::config::subnet_env::PreviousSubnets;
 
 /// Attempts before giving up on a contended allocation (upstream's `raceRetries`).
 pub(crate) const RACE_RETRIES: usize = 10;
 /// Free candidates collected before picking one at random (upstream's limit).
 const MAX_CANDIDATES: usize = 100;
+
+/// `config`'s IPv4 allocation range (required: these stores always allocate IPv4; `store`
+/// names the store in the error) and its IPv6 range when IPv6 is enabled.
+pub(crate) fn alloc_ranges(
+    config: &NetConfig,
+    store: &'static str,
+) -> Result<(AllocRange<Ipv4Net>, Option<AllocRange<Ipv6Net>>), StoreError> {
+    let range4 = config
+        .ipv4_range()?
+        .ok_or(StoreError::Ipv4Required(store))?;
+    Ok((range4, config.ipv6_range()?))
+}
 
 /// What [`plan_acquisition`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

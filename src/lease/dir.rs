@@ -37,7 +37,7 @@ use futures::future::BoxFuture;
 use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::mpsc;
 
-use super::alloc::{plan_acquisition, Plan, RACE_RETRIES};
+use super::alloc::{alloc_ranges, plan_acquisition, Plan, RACE_RETRIES};
 use super::store::{LeaseStore, StoreError, WatchUpdate};
 use super::{Lease, LeaseAttrs, SubnetKey};
 use crate::config::netconf::NetConfig;
@@ -125,10 +125,7 @@ impl DirStore {
         attrs: &LeaseAttrs,
         previous: &PreviousSubnets,
     ) -> Result<Lease, StoreError> {
-        let range4 = config
-            .ipv4_range()?
-            .ok_or(StoreError::Ipv4Required("directory"))?;
-        let range6 = config.ipv6_range()?;
+        let (range4, range6) = alloc_ranges(config, "directory")?;
         let subnets = self.subnets_dir();
         fs::create_dir_all(&subnets).map_err(|source| StoreError::Io {
             path: subnets.clone(),

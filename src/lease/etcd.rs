@@ -49,17 +49,18 @@ use futures::future::BoxFuture;
 use proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use proto::etcdserverpb::request_op::Request;
 use proto::etcdserverpb::{
-    Compare, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest, WatchCreateRequest,
+    Compare, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest, TxnResponse, WatchCreateRequest,
 };
 use proto::mvccpb::{Event, KeyValue};
 use tokio::sync::{mpsc, OnceCell};
 use tokio::time::Instant;
 
-use super::alloc::{plan_acquisition, Plan, RACE_RETRIES};
+use super::alloc::{alloc_ranges, plan_acquisition, Plan, RACE_RETRIES};
 use super::store::{LeaseStore, StoreError, WatchUpdate};
 use super::{Lease, LeaseAttrs, LeaseEvent, SubnetKey};
 use crate::config::flags::Flags;
 use crate::config::netconf::{NetConfig, Subnet};
+use crate::config::secret::Secret;
 use crate::config::subnet_env::PreviousSubnets;
 
 /// `--etcd-prefix` default.
@@ -80,7 +81,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const STORE: &str = "etcd";
 
 /// The etcd flags, as given (upstream's `EtcdConfig`). `Debug` masks the password.
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EtcdConfig {
     /// `--etcd-endpoints`, already split on `,`.
     pub endpoints: Vec<String>,
@@ -95,22 +96,7 @@ pub struct EtcdConfig {
     /// `--etcd-username`.
     pub username: String,
     /// `--etcd-password`.
-    pub password: String,
-}
-
-impl fmt::Debug for EtcdConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let password = if self.password.is_empty() { "" } else { "***" };
-        f.debug_struct("EtcdConfig")
-            .field("endpoints", &self.endpoints)
-            .field("prefix", &self.prefix)
-            .field("keyfile", &self.keyfile)
-            .field("certfile", &self.certfile)
-            .field("cafile", &self.cafile)
-            .field("username", &self.username)
-            .field("password", &password)
-            .finish()
-    }
+    pub password: Secret,
 }
 
 impl EtcdConfig {
@@ -321,7 +307,8 @@ impl EtcdStore {
             options.tls = Some(ConnectOptions::tls(None, ca));
         }
         if !config.username.is_empty() {
-            options.credentials = Some((config.username.clone(), config.password.clone()));
+            options.credentials =
+                Some((config.username.clone(), config.password.expose().to_owned()));
         } else if !config.password.is_empty() {
             tracing::warn!("--etcd-password is set without --etcd-username; not authenticating");
         }
@@ -527,10 +514,7 @@ impl EtcdStore {
         attrs: &LeaseAttrs,
         previous: &PreviousSubnets,
     ) -> Result<Lease, StoreError> {
-        let range4 = config
-            .ipv4_range()?
-            .ok_or(StoreError::Ipv4Required(STORE))?;
-        let range6 = config.ipv6_range()?;
+        let (range4, range6) = alloc_ranges(config, STORE)?;
         for _ in 0..RACE_RETRIES {
             let (kvs, _) = self.get_subnets().await?;
             let mut keys = Vec::new();
@@ -597,6 +581,24 @@ impl EtcdStore {
     }
 
     /// Revokes an etcd lease that ended up unused (best effort: it expires anyway).
+    /// Runs `txn`, whose puts hold the fresh etcd lease `id`: its response when it succeeded;
+    /// `None` when a comparison failed. Unless it succeeded, `id` is revoked.
+    async fn txn_or_revoke(
+        &self,
+        client: &Client,
+        id: i64,
+        what: &str,
+        txn: TxnRequest,
+    ) -> Result<Option<TxnResponse>, StoreError> {
+        match rpc(what, client.txn(txn)).await {
+            Ok(r) if r.succeeded => Ok(Some(r)),
+            other => {
+                self.revoke(client, id).await;
+                other.map(|_| None)
+            }
+        }
+    }
+
     async fn revoke(&self, client: &Client, id: i64) {
         if let Err(e) = rpc("revoke etcd lease", client.lease_revoke(id)).await {
             tracing::debug!(lease_id = id, error = %e, "cannot revoke unused etcd lease");
@@ -648,28 +650,19 @@ impl EtcdStore {
             success: vec![put_op(&etcd_key, attrs.to_json(), id)],
             failure: Vec::new(),
         };
-        let resp = match rpc("create lease", client.txn(txn)).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.revoke(&client, id).await;
-                return Err(e);
-            }
-        };
-        if !resp.succeeded {
-            self.revoke(&client, id).await;
+        let Some(resp) = self.txn_or_revoke(&client, id, "create lease", txn).await? else {
             return Ok(None);
-        }
+        };
         let revision = resp.header.map_or(0, |h| h.revision);
         if key.ipv6.is_some() && self.lost_ipv6_race(key, revision).await? {
             tracing::debug!(lease = %key, "another node created a lease for the same IPv6 subnet first");
             let undo = TxnRequest {
-                compare: vec![Compare {
-                    result: CompareResult::Equal.into(),
-                    target: CompareTarget::Mod.into(),
-                    key: etcd_key.clone().into_bytes(),
-                    target_union: Some(TargetUnion::ModRevision(revision)),
-                    range_end: Vec::new(),
-                }],
+                compare: vec![compare_eq(
+                    &etcd_key,
+                    "",
+                    CompareTarget::Mod,
+                    TargetUnion::ModRevision(revision),
+                )],
                 success: vec![RequestOp {
                     request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
                         key: etcd_key.clone().into_bytes(),
@@ -711,25 +704,20 @@ impl EtcdStore {
         let client = self.client().await?;
         let (id, expiration) = self.grant(&client).await?;
         let txn = TxnRequest {
-            compare: vec![Compare {
-                result: CompareResult::Equal.into(),
-                target: CompareTarget::Value.into(),
-                key: etcd_key.clone().into_bytes(),
-                target_union: Some(TargetUnion::Value(value.clone().into_bytes())),
-                range_end: Vec::new(),
-            }],
+            compare: vec![compare_eq(
+                &etcd_key,
+                "",
+                CompareTarget::Value,
+                TargetUnion::Value(value.clone().into_bytes()),
+            )],
             success: vec![put_op(&etcd_key, value, id)],
             failure: Vec::new(),
         };
-        let resp = match rpc("renew lease", client.txn(txn)).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.revoke(&client, id).await;
-                return Err(e);
-            }
-        };
-        if !resp.succeeded {
-            self.revoke(&client, id).await;
+        if self
+            .txn_or_revoke(&client, id, "renew lease", txn)
+            .await?
+            .is_none()
+        {
             return Err(StoreError::LeaseRevoked { key: etcd_key });
         }
         Ok(Lease {
@@ -1239,11 +1227,22 @@ async fn rpc<T>(
 /// A comparison that holds while no key in [key, range_end) exists (just key when range_end
 /// is empty).
 fn compare_version(key: &str, range_end: &str) -> Compare {
+    compare_eq(
+        key,
+        range_end,
+        CompareTarget::Version,
+        TargetUnion::Version(0),
+    )
+}
+
+/// A comparison that holds while `target` of [key, range_end) (just key when range_end is
+/// empty) equals `value`.
+fn compare_eq(key: &str, range_end: &str, target: CompareTarget, value: TargetUnion) -> Compare {
     Compare {
         result: CompareResult::Equal.into(),
-        target: CompareTarget::Version.into(),
+        target: target.into(),
         key: key.as_bytes().to_vec(),
-        target_union: Some(TargetUnion::Version(0)),
+        target_union: Some(value),
         range_end: range_end.as_bytes().to_vec(),
     }
 }
