@@ -103,30 +103,14 @@ impl Netlink {
         index: u32,
         family: IpFamily,
     ) -> Result<Vec<Neighbour>, NetlinkError> {
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = family.address_family();
-        let msgs = self
-            .dump(RouteNetlinkMessage::GetNeighbour(msg), || {
+        let entries = self
+            .neigh_dump(index, family.address_family(), || {
                 format!("ip {} neigh show dev ifindex {index}", family.ip_flag())
             })
             .await?;
         let mut out = Vec::new();
-        for m in msgs {
-            let RouteNetlinkMessage::NewNeighbour(n) = m else {
-                continue;
-            };
-            if n.header.ifindex != index {
-                continue;
-            }
-            let mut ip = None;
-            let mut mac = None;
-            for attr in &n.attributes {
-                match attr {
-                    NeighbourAttribute::Destination(a) => ip = neighbour_ip(a),
-                    NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
-                    _ => {}
-                }
-            }
+        for n in entries {
+            let (ip, mac) = dst_and_mac(&n);
             if let Some(ip) = ip.filter(|ip| IpFamily::of(*ip) == family) {
                 out.push(Neighbour {
                     ifindex: index,
@@ -146,14 +130,8 @@ impl Netlink {
         mac: MacAddr,
         dst: IpAddr,
     ) -> Result<(), NetlinkError> {
-        let mut msg = fdb_msg(index, mac, dst);
-        msg.header.state = NeighbourState::Permanent;
-        self.ack(
-            RouteNetlinkMessage::NewNeighbour(msg),
-            NLM_F_CREATE | NLM_F_REPLACE,
-            || format!("bridge fdb replace {mac} dev ifindex {index} dst {dst} self permanent"),
-        )
-        .await
+        self.fdb_add(index, mac, dst, NLM_F_REPLACE, "replace")
+            .await
     }
 
     /// `bridge fdb append <mac> dev <index> dst <dst> self permanent`: adds one more remote
@@ -164,12 +142,32 @@ impl Netlink {
         mac: MacAddr,
         dst: IpAddr,
     ) -> Result<(), NetlinkError> {
+        self.fdb_add(
+            index,
+            mac,
+            dst,
+            rtnetlink::packet_core::NLM_F_APPEND,
+            "append",
+        )
+        .await
+    }
+
+    /// `bridge fdb <verb> <mac> dev <index> dst <dst> self permanent`, `verb` being what the
+    /// extra netlink `flags` (beside `NLM_F_CREATE`) mean.
+    async fn fdb_add(
+        &self,
+        index: u32,
+        mac: MacAddr,
+        dst: IpAddr,
+        flags: u16,
+        verb: &str,
+    ) -> Result<(), NetlinkError> {
         let mut msg = fdb_msg(index, mac, dst);
         msg.header.state = NeighbourState::Permanent;
         self.ack(
             RouteNetlinkMessage::NewNeighbour(msg),
-            NLM_F_CREATE | rtnetlink::packet_core::NLM_F_APPEND,
-            || format!("bridge fdb append {mac} dev ifindex {index} dst {dst} self permanent"),
+            NLM_F_CREATE | flags,
+            || format!("bridge fdb {verb} {mac} dev ifindex {index} dst {dst} self permanent"),
         )
         .await
     }
@@ -187,31 +185,14 @@ impl Netlink {
 
     /// `bridge fdb show dev <index>`: the device's own (`self`) entries, any state.
     pub async fn fdb_list(&self, index: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Bridge;
-        let msgs = self
-            .dump(RouteNetlinkMessage::GetNeighbour(msg), || {
+        let entries = self
+            .neigh_dump(index, AddressFamily::Bridge, || {
                 format!("bridge fdb show dev ifindex {index}")
             })
             .await?;
         let mut out = Vec::new();
-        for m in msgs {
-            let RouteNetlinkMessage::NewNeighbour(n) = m else {
-                continue;
-            };
-            if n.header.ifindex != index || n.header.family != AddressFamily::Bridge {
-                continue;
-            }
-            let mut mac = None;
-            let mut dst = None;
-            for attr in &n.attributes {
-                match attr {
-                    NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
-                    NeighbourAttribute::Destination(a) => dst = neighbour_ip(a),
-                    _ => {}
-                }
-            }
-            if let Some(mac) = mac {
+        for n in entries {
+            if let (dst, Some(mac)) = dst_and_mac(&n) {
                 out.push(FdbEntry {
                     ifindex: index,
                     mac,
@@ -223,6 +204,45 @@ impl Netlink {
         }
         Ok(out)
     }
+
+    /// Dumps the `family` neighbour table (`AF_BRIDGE`: the FDB) and keeps device `index`'s
+    /// entries.
+    async fn neigh_dump(
+        &self,
+        index: u32,
+        family: AddressFamily,
+        op: impl Fn() -> String,
+    ) -> Result<Vec<NeighbourMessage>, NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family;
+        let msgs = self
+            .dump(RouteNetlinkMessage::GetNeighbour(msg), op)
+            .await?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n)
+                    if n.header.ifindex == index && n.header.family == family =>
+                {
+                    Some(n)
+                }
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+/// A neighbour message's protocol address (`NDA_DST`) and link-layer address (`NDA_LLADDR`).
+fn dst_and_mac(n: &NeighbourMessage) -> (Option<IpAddr>, Option<MacAddr>) {
+    let (mut dst, mut mac) = (None, None);
+    for attr in &n.attributes {
+        match attr {
+            NeighbourAttribute::Destination(a) => dst = neighbour_ip(a),
+            NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
+            _ => {}
+        }
+    }
+    (dst, mac)
 }
 
 fn fdb_msg(index: u32, mac: MacAddr, dst: IpAddr) -> NeighbourMessage {
