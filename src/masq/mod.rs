@@ -197,135 +197,54 @@ fn multicast(family: IpFamily) -> &'static str {
     }
 }
 
+/// A rule as flannel writes them: `matches`, `-m comment --comment <comment>`, `-j <jump…>`.
+fn commented(table: Table, chain: &str, matches: &[&str], comment: &str, jump: &[&str]) -> Rule {
+    let mut spec = matches.to_vec();
+    spec.extend(["-m", "comment", "--comment", comment, "-j"]);
+    spec.extend_from_slice(jump);
+    Rule::new(table, chain, &spec)
+}
+
 /// flannel's masquerade rules (`masqRules` / `masqIP6Rules`), in order.
 pub fn masq_rules(network: IpNet, subnet: IpNet, random_fully: bool) -> Vec<Rule> {
     let n = network.trunc().to_string();
     let p = subnet.trunc().to_string();
     let mc = multicast(IpFamily::of_net(network));
-    let c = MASQ_COMMENT;
-    let nat = Table::Nat;
     let masq: &[&str] = if random_fully {
-        &["-j", "MASQUERADE", "--random-fully"]
+        &["MASQUERADE", "--random-fully"]
     } else {
-        &["-j", "MASQUERADE"]
+        &["MASQUERADE"]
     };
-    let with = |head: &[&str], tail: &[&str]| -> Vec<String> {
-        head.iter()
-            .chain(tail.iter())
-            .map(|s| (*s).to_owned())
-            .collect()
+    let rule = |matches: &[&str], jump: &[&str]| {
+        commented(Table::Nat, POSTRTG_CHAIN, matches, MASQ_COMMENT, jump)
     };
     vec![
-        Rule::new(
-            nat,
+        commented(
+            Table::Nat,
             "POSTROUTING",
-            &["-m", "comment", "--comment", c, "-j", POSTRTG_CHAIN],
+            &[],
+            MASQ_COMMENT,
+            &[POSTRTG_CHAIN],
         ),
-        Rule::new(
-            nat,
-            POSTRTG_CHAIN,
-            &[
-                "-m",
-                "mark",
-                "--mark",
-                KUBE_PROXY_MARK,
-                "-m",
-                "comment",
-                "--comment",
-                c,
-                "-j",
-                "RETURN",
-            ],
-        ),
-        Rule::new(
-            nat,
-            POSTRTG_CHAIN,
-            &[
-                "-s",
-                &p,
-                "-d",
-                &n,
-                "-m",
-                "comment",
-                "--comment",
-                c,
-                "-j",
-                "RETURN",
-            ],
-        ),
-        Rule::new(
-            nat,
-            POSTRTG_CHAIN,
-            &[
-                "-s",
-                &n,
-                "-d",
-                &p,
-                "-m",
-                "comment",
-                "--comment",
-                c,
-                "-j",
-                "RETURN",
-            ],
-        ),
-        Rule::new(
-            nat,
-            POSTRTG_CHAIN,
-            &[
-                "!",
-                "-s",
-                &n,
-                "-d",
-                &p,
-                "-m",
-                "comment",
-                "--comment",
-                c,
-                "-j",
-                "RETURN",
-            ],
-        ),
-        Rule {
-            table: nat,
-            chain: POSTRTG_CHAIN.to_owned(),
-            spec: with(
-                &["-s", &n, "!", "-d", mc, "-m", "comment", "--comment", c],
-                masq,
-            ),
-        },
-        Rule {
-            table: nat,
-            chain: POSTRTG_CHAIN.to_owned(),
-            spec: with(
-                &["!", "-s", &n, "-d", &n, "-m", "comment", "--comment", c],
-                masq,
-            ),
-        },
+        rule(&["-m", "mark", "--mark", KUBE_PROXY_MARK], &["RETURN"]),
+        rule(&["-s", &p, "-d", &n], &["RETURN"]),
+        rule(&["-s", &n, "-d", &p], &["RETURN"]),
+        rule(&["!", "-s", &n, "-d", &p], &["RETURN"]),
+        rule(&["-s", &n, "!", "-d", mc], masq),
+        rule(&["!", "-s", &n, "-d", &n], masq),
     ]
 }
 
 /// flannel's forward rules (`forwardRules`), in order.
 pub fn forward_rules(network: IpNet) -> Vec<Rule> {
     let n = network.trunc().to_string();
-    let c = FWD_COMMENT;
-    let f = Table::Filter;
+    let rule = |matches: &[&str], jump: &[&str]| {
+        commented(Table::Filter, FWD_CHAIN, matches, FWD_COMMENT, jump)
+    };
     vec![
-        Rule::new(
-            f,
-            "FORWARD",
-            &["-m", "comment", "--comment", c, "-j", FWD_CHAIN],
-        ),
-        Rule::new(
-            f,
-            FWD_CHAIN,
-            &["-s", &n, "-m", "comment", "--comment", c, "-j", "ACCEPT"],
-        ),
-        Rule::new(
-            f,
-            FWD_CHAIN,
-            &["-d", &n, "-m", "comment", "--comment", c, "-j", "ACCEPT"],
-        ),
+        commented(Table::Filter, "FORWARD", &[], FWD_COMMENT, &[FWD_CHAIN]),
+        rule(&["-s", &n], &["ACCEPT"]),
+        rule(&["-d", &n], &["ACCEPT"]),
     ]
 }
 
