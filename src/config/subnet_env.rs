@@ -307,15 +307,11 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
+    /// Upstream's example file (tests/compat.rs checks it against the values it holds).
+    const UPSTREAM: &str = include_str!("../../tests/fixtures/compat/subnet.env");
+
     fn example() -> SubnetEnv {
-        SubnetEnv {
-            network: Some("10.42.0.0/16".parse().expect("net")),
-            subnet: Some("10.42.0.0/24".parse().expect("net")),
-            ipv6_network: Some("2001:cafe:42::/56".parse().expect("net")),
-            ipv6_subnet: Some("2001:cafe:42::/64".parse().expect("net")),
-            mtu: 1450,
-            ipmasq: true,
-        }
+        SubnetEnv::parse(UPSTREAM, Path::new("subnet.env")).expect("upstream example parses")
     }
 
     fn scratch(name: &str) -> PathBuf {
@@ -326,12 +322,7 @@ mod tests {
 
     #[test]
     fn renders_flannel_example() {
-        assert_eq!(
-            example().render(),
-            "FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.0.1/24\n\
-             FLANNEL_IPV6_NETWORK=2001:cafe:42::/56\nFLANNEL_IPV6_SUBNET=2001:cafe:42::1/64\n\
-             FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
-        );
+        assert_eq!(example().render(), UPSTREAM);
         let v4only = SubnetEnv {
             ipv6_network: None,
             ipv6_subnet: None,

@@ -515,83 +515,78 @@ mod tests {
             inode: 333,
             owner: None,
         };
-        // Userspace: only our socket.
-        assert_eq!(
-            status(&vxlan_port(
-                8472,
-                "flannel.1",
-                true,
-                &[],
-                std::slice::from_ref(&ours)
-            )),
-            Status::Pass
-        );
-        // Kernel mode: our device's kernel socket.
-        let dev = vec![("flannel.1".to_owned(), 8472)];
-        assert_eq!(
-            status(&vxlan_port(
-                8472,
-                "flannel.1",
-                false,
-                &dev,
-                std::slice::from_ref(&kernel)
-            )),
-            Status::Pass
-        );
-        // Userspace with a kernel vxlan device on the port.
-        let f = vxlan_port(
-            8472,
-            "flannel.1",
-            true,
-            &[("vx0".into(), 8472)],
-            &[ours.clone(), kernel.clone()],
-        );
-        assert_eq!(status(&f), Status::Fail);
-        assert!(
-            text(&f).contains("vxlan device vx0 (dstport 8472)"),
-            "{}",
-            text(&f)
-        );
-        assert!(text(&f).contains("ip link del vx0"), "{}", text(&f));
-        // A foreign process.
         let other = UdpSocket {
             inode: 9,
             owner: Some((200, "socat".into())),
         };
-        let f = vxlan_port(8472, "flannel.1", false, &dev, &[other]);
-        assert!(
-            text(&f).contains("process socat (pid 200) has UDP 8472 open"),
-            "{}",
-            text(&f)
-        );
-        // In kernel mode even a flanneld socket is not ours (our kernel mode binds nothing).
-        assert_eq!(
-            status(&vxlan_port(
-                8472,
-                "flannel.1",
-                false,
-                &dev,
-                std::slice::from_ref(&ours)
-            )),
-            Status::Fail
-        );
-        // A socket nobody holds, without a vxlan device to explain it.
-        let f = vxlan_port(8472, "flannel.1", true, &[], &[ours.clone(), kernel]);
-        assert!(
-            text(&f).contains("a UDP socket (inode 333) of an unknown process"),
-            "{}",
-            text(&f)
-        );
-        // Other ports do not matter.
-        assert_eq!(
-            status(&vxlan_port(
-                8472,
-                "flannel.1",
+        let dev = |name: &str, port| vec![(name.to_owned(), port)];
+        let own = dev("flannel.1", 8472);
+        // (case, userspace, vxlan devices, sockets on 8472, verdict, what it says)
+        let cases = [
+            (
+                "userspace: only our socket",
                 true,
-                &[("vx0".into(), 4789)],
-                &[]
-            )),
-            Status::Pass
-        );
+                vec![],
+                vec![ours.clone()],
+                Status::Pass,
+                &[][..],
+            ),
+            (
+                "kernel mode: our device's socket",
+                false,
+                own.clone(),
+                vec![kernel.clone()],
+                Status::Pass,
+                &[],
+            ),
+            (
+                "userspace with a kernel vxlan device on the port",
+                true,
+                dev("vx0", 8472),
+                vec![ours.clone(), kernel.clone()],
+                Status::Fail,
+                &["vxlan device vx0 (dstport 8472)", "ip link del vx0"],
+            ),
+            (
+                "a foreign process",
+                false,
+                own.clone(),
+                vec![other],
+                Status::Fail,
+                &["process socat (pid 200) has UDP 8472 open"],
+            ),
+            // Our kernel mode binds nothing: there even a flanneld socket is not ours.
+            (
+                "kernel mode: flanneld's socket",
+                false,
+                own,
+                vec![ours.clone()],
+                Status::Fail,
+                &[],
+            ),
+            (
+                "a socket nobody holds, no vxlan device to explain it",
+                true,
+                vec![],
+                vec![ours, kernel],
+                Status::Fail,
+                &["a UDP socket (inode 333) of an unknown process"],
+            ),
+            (
+                "other ports do not matter",
+                true,
+                dev("vx0", 4789),
+                vec![],
+                Status::Pass,
+                &[],
+            ),
+        ];
+        for (case, userspace, devices, sockets, verdict, says) in cases {
+            let f = vxlan_port(8472, "flannel.1", userspace, &devices, &sockets);
+            assert_eq!(status(&f), verdict, "{case}");
+            for words in says {
+                assert!(text(&f).contains(words), "{case}: {}", text(&f));
+            }
+        }
     }
 }
