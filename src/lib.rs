@@ -8,6 +8,8 @@
 //!   userspace VXLAN (TUN + UDP), kernel VXLAN (netlink) or host-gw routes.
 //! * [`lease`] is the lease model (flannel's JSON), the watcher that diffs snapshots into
 //!   events, and the stores (local directory, etcd, Kubernetes).
+//! * [`masq`] is flannel's firewall rules (iptables or nftables masquerade and forward
+//!   accepts) and our VXLAN guard, rendered purely and applied with the firewall programs.
 //! * [`config`] is flanneld's flags and `FLANNELD_*` environment, net-conf.json and subnet.env.
 //! * [`dataplane`] is the sans-IO packet core: peer table, encap/decap, verdicts, counters.
 //! * [`wire`] is zero-copy views over packet bytes and the internet checksum.

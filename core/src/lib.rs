@@ -1,9 +1,10 @@
 //! flannel-core: the sans-IO packet core of flannel-rs.
 //!
-//! * [`wire`] is zero-copy views over packet bytes (Ethernet, ARP, IPv4, IPv6, UDP, TCP,
-//!   VXLAN) and the internet checksum.
+//! * [`wire`] is zero-copy views over packet bytes (Ethernet, ARP, IPv4, IPv6, ICMP/ICMPv6,
+//!   UDP, TCP, VXLAN) and the internet checksum.
 //! * [`dataplane`] is the packet core: peer table, encap/decap returning verdicts, TSO split,
-//!   receive coalescing, drop counters.
+//!   receive coalescing, the ICMP error rate limit, drop counters, and the TUN and socket
+//!   traits the packet loop is generic over.
 //!
 //! The rule, kept by construction: this crate does no IO. Its dependencies are pure
 //! computation (thiserror, ipnet, multiversion, bytemuck); it has no tokio, libc, netlink or

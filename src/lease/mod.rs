@@ -4,7 +4,10 @@
 //! compat §6.1) byte for byte, because etcd data and directory-store files are shared with
 //! upstream nodes: [`LeaseAttrs`] is the etcd value, [`SubnetKey`] the last key segment.
 //! [`watcher`] turns store snapshots and events into add/remove events for the backends;
-//! [`store`] is the store interface and [`dir`] the local directory store.
+//! [`store`] is the store interface; the stores are [`dir`] (a local directory), `etcd` and
+//! `kube` (the Kubernetes API; both behind their cargo features), with the subnet choice the
+//! directory and etcd stores share in `alloc`; [`annotations`] parses Kubernetes node
+//! annotations into leases.
 
 pub(crate) mod alloc;
 pub mod annotations;
