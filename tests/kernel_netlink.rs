@@ -207,7 +207,6 @@ fn sync_programs_exact_triplets_and_removes() {
         return;
     }
     let ns = Netns::new("sync").with_underlay();
-    let cmd = ns.handle();
     let peers = vec![
         vx_peer("10.244.2.0/24", "198.18.0.2", 2),
         vx_peer("10.244.3.0/24", "203.0.113.3", 3),
@@ -216,8 +215,7 @@ fn sync_programs_exact_triplets_and_removes() {
             ..vx_peer("10.244.4.0/24", "198.18.0.4", 4)
         },
     ];
-    ns.run_async(move || async move {
-        let ns = cmd;
+    ns.run_async_with(move |ns| async move {
         let mut vx = KernelVxlan::setup(cfg()).await.expect("setup");
         let report = vx.sync(&peers).await;
         assert!(report.is_clean(), "{report:?}");
@@ -322,9 +320,7 @@ fn device_deletion_recreates_and_replays_within_5s() {
         return;
     }
     let ns = Netns::new("del").with_underlay();
-    let cmd = ns.handle();
-    ns.run_async(move || async move {
-        let ns = cmd;
+    ns.run_async_with(|ns| async move {
         let peers = vec![
             vx_peer("10.244.2.0/24", "198.18.0.2", 2),
             vx_peer("10.244.3.0/24", "198.18.0.3", 3),
@@ -481,9 +477,7 @@ fn ipv6_device_and_triplets() {
         return;
     }
     let ns = Netns::new("v6").with_underlay();
-    let cmd = ns.handle();
-    ns.run_async(move || async move {
-        let ns = cmd;
+    ns.run_async_with(|ns| async move {
         let c = KernelVxlanConfig {
             local_ip: "2001:db8:18::1".parse().unwrap(),
             network: "fd42:10:244::/56".parse().unwrap(),
@@ -530,9 +524,7 @@ fn host_gw_routes_kept_and_cleaned() {
         return;
     }
     let ns = Netns::new("hgw").with_underlay();
-    let cmd = ns.handle();
-    ns.run_async(move || async move {
-        let ns = cmd;
+    ns.run_async_with(|ns| async move {
         let hcfg = HostGwConfig {
             iface: "ul0".into(),
             iface_addr: "198.18.0.1".parse().unwrap(),

@@ -101,7 +101,7 @@ fn fast() -> KubeTiming {
 impl Cluster {
     async fn new(tag: &str, config: &str) -> Cluster {
         let server = TestApiServer::start().await.expect("test API server");
-        let dir = TempDir::new(tag);
+        let dir = TempDir::new(&format!("kube-{tag}"));
         std::fs::write(dir.0.join("net-conf.json"), config).expect("write net-conf");
         Cluster {
             server,
@@ -141,6 +141,14 @@ impl Cluster {
 
     fn net(&self) -> NetConfig {
         NetConfig::parse(&self.config).expect("config")
+    }
+
+    /// `store`'s lease for `attrs` (no previous subnets); the test fails if there is none.
+    async fn acquire(&self, store: &KubeStore, attrs: &LeaseAttrs) -> Lease {
+        store
+            .acquire(&self.net(), attrs, &PreviousSubnets::default())
+            .await
+            .expect("acquire")
     }
 }
 
@@ -294,10 +302,7 @@ async fn acquire_publishes_flannels_annotations_once() {
     assert_eq!(store.name(), "Kubernetes Subnet Manager - node-a");
     assert_eq!(store.network_config().await.expect("config"), VXLAN_CONFIG);
     let attrs = vxlan_attrs(Ipv4Addr::new(198, 51, 100, 1), 0x01);
-    let lease = store
-        .acquire(&c.net(), &attrs, &PreviousSubnets::default())
-        .await
-        .expect("acquire");
+    let lease = c.acquire(&store, &attrs).await;
     assert_eq!(
         lease.subnet.map(|s| s.to_string()).as_deref(),
         Some("10.244.1.0/24")
@@ -326,18 +331,12 @@ async fn acquire_publishes_flannels_annotations_once() {
 
     // A restart with the same inputs patches nothing.
     let again = c.store("node-a").await;
-    again
-        .acquire(&c.net(), &attrs, &PreviousSubnets::default())
-        .await
-        .expect("re-acquire");
+    c.acquire(&again, &attrs).await;
     assert_eq!(patches(&c.server).len(), 1);
 
     // A new MAC changes only backend-data.
     let moved = vxlan_attrs(Ipv4Addr::new(198, 51, 100, 1), 0x02);
-    again
-        .acquire(&c.net(), &moved, &PreviousSubnets::default())
-        .await
-        .expect("acquire with a new MAC");
+    c.acquire(&again, &moved).await;
     let p = patches(&c.server);
     assert_eq!(p.len(), 2);
     let body: Value = serde_json::from_str(&p[1].body).expect("json");
@@ -364,10 +363,7 @@ async fn host_gw_and_dual_stack_annotations() {
         backend_type: "host-gw".into(),
         ..LeaseAttrs::default()
     };
-    store
-        .acquire(&c.net(), &attrs, &PreviousSubnets::default())
-        .await
-        .expect("acquire");
+    c.acquire(&store, &attrs).await;
     let got = flannel_annotations(&c.server, "gw");
     assert_eq!(
         got.get(&format!("{P}backend-data")).map(String::as_str),
@@ -392,10 +388,7 @@ async fn host_gw_and_dual_stack_annotations() {
         }
         .to_raw(),
     );
-    let lease = store
-        .acquire(&c.net(), &attrs, &PreviousSubnets::default())
-        .await
-        .expect("acquire");
+    let lease = c.acquire(&store, &attrs).await;
     assert_eq!(
         lease.ipv6_subnet.map(|s| s.to_string()).as_deref(),
         Some("fd42:0:0:4::/64")
@@ -496,14 +489,9 @@ async fn upstream_written_nodes_are_peers() {
     c.server.add_node(upstream);
     c.server.add_node(node("ours", &["10.244.1.0/24"], &[]));
     let store = c.store("ours").await;
-    let lease = store
-        .acquire(
-            &c.net(),
-            &vxlan_attrs(Ipv4Addr::new(198, 51, 100, 1), 1),
-            &PreviousSubnets::default(),
-        )
-        .await
-        .expect("acquire");
+    let lease = c
+        .acquire(&store, &vxlan_attrs(Ipv4Addr::new(198, 51, 100, 1), 1))
+        .await;
 
     let leases = store.list().await.expect("list");
     assert_eq!(leases.len(), 2);
@@ -549,10 +537,7 @@ async fn public_ip_overwrite_is_published_for_peers() {
         .add_node(peer("other", "10.244.3.0/24", "198.51.100.3", 3));
     let store = c.store("natted").await;
     let attrs = vxlan_attrs(Ipv4Addr::new(198, 51, 100, 2), 2);
-    let lease = store
-        .acquire(&c.net(), &attrs, &PreviousSubnets::default())
-        .await
-        .expect("acquire");
+    let lease = c.acquire(&store, &attrs).await;
     // Locally the detected address stays in use; peers get the overwrite.
     assert_eq!(lease.attrs.public_ip, Ipv4Addr::new(198, 51, 100, 2));
     let got = flannel_annotations(&c.server, "natted");
@@ -571,10 +556,7 @@ async fn public_ip_overwrite_is_published_for_peers() {
 
     // Restarting with the same inputs does not patch again.
     let before = patches(&c.server).len();
-    store
-        .acquire(&c.net(), &attrs, &PreviousSubnets::default())
-        .await
-        .expect("re-acquire");
+    c.acquire(&store, &attrs).await;
     assert_eq!(patches(&c.server).len(), before);
 }
 
@@ -631,14 +613,8 @@ async fn node_public_ip_and_stored_mac() {
     let store = c.store("r").await;
     let (v4, _) = store.stored_vtep_macs().await.expect("macs");
     assert_eq!(v4, Some(mac(0x08)));
-    store
-        .acquire(
-            &c.net(),
-            &vxlan_attrs(Ipv4Addr::new(198, 51, 100, 8), 0x08),
-            &PreviousSubnets::default(),
-        )
-        .await
-        .expect("acquire");
+    c.acquire(&store, &vxlan_attrs(Ipv4Addr::new(198, 51, 100, 8), 0x08))
+        .await;
     assert!(patches(&c.server).is_empty());
 }
 
@@ -1149,14 +1125,8 @@ async fn custom_prefix_and_kubeconfig() {
         .store_with(&flags, &[("NODE_NAME", "n")])
         .await
         .expect("connect via kubeconfig");
-    store
-        .acquire(
-            &c.net(),
-            &vxlan_attrs(Ipv4Addr::new(198, 51, 100, 1), 1),
-            &PreviousSubnets::default(),
-        )
-        .await
-        .expect("acquire");
+    c.acquire(&store, &vxlan_attrs(Ipv4Addr::new(198, 51, 100, 1), 1))
+        .await;
     let got = annotations(&c.server, "n");
     assert_eq!(
         got.get("example.com/pfx-backend-type").map(String::as_str),

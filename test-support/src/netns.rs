@@ -118,6 +118,17 @@ impl Netns {
         })
     }
 
+    /// [`Netns::run_async`] with the namespace's command helpers handed to the body.
+    pub fn run_async_with<F, Fut, R>(&self, f: F) -> R
+    where
+        F: FnOnce(Ns) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = R>,
+        R: Send + 'static,
+    {
+        let ns = self.handle();
+        self.run_async(move || f(ns))
+    }
+
     /// Underlay: veth `ul0` (peer `ul1`, both up, in this namespace) 198.18.0.1/24 and
     /// 2001:db8:18::1/64, MTU 1500, with a default route via 198.18.0.254.
     pub fn with_underlay(self) -> Self {
