@@ -164,7 +164,6 @@ mod tests {
     use super::super::testutil::*;
     use super::super::*;
     use crate::wire::{arp, ipv4, vxlan, EtherType, MacAddr};
-    use ipnet::IpNet;
     use proptest::prelude::*;
 
     /// We are node 2, receiving from node 1.
@@ -182,12 +181,7 @@ mod tests {
     }
 
     fn table() -> PeerTable {
-        PeerTable::new([
-            ("10.244.1.0/24".parse::<IpNet>().unwrap(), sender()),
-            ("fd10:244:1::/64".parse::<IpNet>().unwrap(), sender()),
-            ("10.244.3.0/24".parse::<IpNet>().unwrap(), third()),
-            ("fd10:244:3::/64".parse::<IpNet>().unwrap(), third()),
-        ])
+        test_table(&[1, 3])
     }
 
     /// A VXLAN datagram: header with `flags`/`vni`, Ethernet `dst` ← sender, `ethertype`, `payload`.
@@ -414,6 +408,15 @@ mod tests {
         datagram(0x08, 1, local().mac, et, &p)
     }
 
+    /// `v4` or `v6`, whichever has the family of the address `addr`.
+    fn of_family<'a>(addr: &str, v4: &'a str, v6: &'a str) -> &'a str {
+        if addr.contains(':') {
+            v6
+        } else {
+            v4
+        }
+    }
+
     #[test]
     fn inner_source_must_belong_to_the_sending_peer() {
         let drop = |r| DecapVerdict::Drop(r);
@@ -436,11 +439,7 @@ mod tests {
             "fd10:244:3::9",
             "fd10:99::1",
         ] {
-            let dst = if src.contains(':') {
-                "fd10:244:2::7"
-            } else {
-                "10.244.2.7"
-            };
+            let dst = of_family(src, "10.244.2.7", "fd10:244:2::7");
             assert_eq!(run(&ip_datagram(src, dst)), mismatch, "{src}");
         }
         // The same frame is fine from the owner of the source subnet.
@@ -467,11 +466,7 @@ mod tests {
             "8.8.8.8",
             "fd10:244:3::7",
         ] {
-            let src = if dst.contains(':') {
-                "fd10:244:1::5"
-            } else {
-                "10.244.1.5"
-            };
+            let src = of_family(dst, "10.244.1.5", "fd10:244:1::5");
             assert_eq!(run(&ip_datagram(src, dst)), foreign, "{dst}");
         }
         // Without a subnet of that family nothing of it is delivered.

@@ -224,10 +224,7 @@ mod tests {
     }
 
     fn table() -> PeerTable {
-        PeerTable::new([
-            ("10.244.2.0/24".parse::<IpNet>().unwrap(), peer()),
-            ("fd10:244:2::/64".parse::<IpNet>().unwrap(), peer()),
-        ])
+        test_table(&[2])
     }
 
     fn v4(s: &str) -> Ipv4Addr {

@@ -202,6 +202,7 @@ pub mod testutil {
     //! the main crate's tests).
     use super::*;
     use crate::wire::{ipv4, ipv6, IpProtocol};
+    use ipnet::IpNet;
 
     /// An IPv4 packet with `payload` and a valid header checksum.
     pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
@@ -262,6 +263,18 @@ pub mod testutil {
             mac: node.mac,
             vni: node.vni,
         }
+    }
+
+    /// A peer table holding test nodes `nodes` ([`test_peer`]) with both their subnets.
+    pub fn test_table(nodes: &[u8]) -> PeerTable {
+        PeerTable::new(nodes.iter().flat_map(|&n| {
+            let node = test_node(n);
+            let subnets = [node.subnet_v4.map(IpNet::V4), node.subnet_v6.map(IpNet::V6)];
+            subnets
+                .into_iter()
+                .flatten()
+                .map(move |s| (s, test_peer(n)))
+        }))
     }
 
     /// `packet` placed after `headroom` zero bytes, with `tail` spare bytes after it.
