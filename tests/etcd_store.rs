@@ -256,6 +256,22 @@ async fn next_update(rx: &mut mpsc::Receiver<WatchUpdate>, within: Duration) -> 
         .expect("watch still running")
 }
 
+/// Waits for the next event and checks that it is an `Added` (`added`) or `Removed` for the
+/// lease of `subnet`; the event.
+async fn expect_event(
+    rx: &mut mpsc::Receiver<WatchUpdate>,
+    added: bool,
+    subnet: &str,
+) -> LeaseEvent {
+    let e = wait_event(rx, PROMPT, |_| true).await;
+    let kind_ok = matches!(e, LeaseEvent::Added(_)) == added;
+    assert!(
+        kind_ok && e.lease().subnet == Some(net(subnet)),
+        "want added={added} {subnet}: {e:?}"
+    );
+    e
+}
+
 /// Receives updates until one contains an event matching `want`; returns it.
 async fn wait_event(
     rx: &mut mpsc::Receiver<WatchUpdate>,
@@ -632,11 +648,7 @@ async fn watch_sees_add_update_remove_and_expiry() {
         "update: {e:?}"
     );
     env.delete("10.244.1.0-24").await;
-    let e = wait_event(&mut rx, PROMPT, |_| true).await;
-    assert!(
-        matches!(&e, LeaseEvent::Removed(l) if l.subnet == Some(net("10.244.1.0/24"))),
-        "delete: {e:?}"
-    );
+    expect_event(&mut rx, false, "10.244.1.0/24").await;
     // Expiry of the etcd lease is a removal too.
     let grant = env.raw.lease_grant(2).await.expect("grant");
     env.raw
@@ -645,11 +657,7 @@ async fn watch_sees_add_update_remove_and_expiry() {
         .expect("put");
     let e = wait_event(&mut rx, PROMPT, |_| true).await;
     assert!(matches!(&e, LeaseEvent::Added(_)), "{e:?}");
-    let e = wait_event(&mut rx, PROMPT, |_| true).await;
-    assert!(
-        matches!(&e, LeaseEvent::Removed(l) if l.subnet == Some(net("10.244.3.0/24"))),
-        "expiry: {e:?}"
-    );
+    expect_event(&mut rx, false, "10.244.3.0/24").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -703,11 +711,7 @@ async fn compaction_mid_watch_relists_and_continues() {
     assert_eq!(store.stats().compactions, 1);
     // And the watch continues from there.
     env.put_as_flannel("10.244.3.0-24", &value(3, 3)).await;
-    let e = wait_event(&mut rx, PROMPT, |_| true).await;
-    assert!(
-        matches!(&e, LeaseEvent::Added(l) if l.subnet == Some(net("10.244.3.0/24"))),
-        "{e:?}"
-    );
+    expect_event(&mut rx, true, "10.244.3.0/24").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1105,11 +1109,7 @@ async fn user_and_password_authenticate_and_renew_the_token() {
         )
         .await
         .expect("put after restart");
-    let e = wait_event(&mut rx, PROMPT, |_| true).await;
-    assert!(
-        matches!(&e, LeaseEvent::Added(l) if l.subnet == Some(net("10.244.9.0/24"))),
-        "{e:?}"
-    );
+    expect_event(&mut rx, true, "10.244.9.0/24").await;
     assert!(store.stats().reconnects >= 1, "{:?}", store.stats());
     drop(server);
 }

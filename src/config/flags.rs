@@ -561,6 +561,20 @@ fn build(values: &BTreeMap<&'static str, (Origin, Vec<String>)>) -> Result<Flags
         (spec, origin, vals)
     };
     let string = |name| get(name).2.pop().unwrap_or_default();
+    // The error for `name`'s (last) value, saying why.
+    let refuse = |name, reason: &str| {
+        let (spec, origin, mut v) = get(name);
+        invalid(spec, origin, &v.pop().unwrap_or_default(), reason)
+    };
+    // `name`'s value if `ok` accepts it, else the error with `reason`.
+    let checked = |name, ok: fn(&str) -> bool, reason: &str| {
+        let value = string(name);
+        if ok(&value) {
+            Ok(value)
+        } else {
+            Err(refuse(name, reason))
+        }
+    };
     let boolean = |name| -> Result<bool, FlagError> {
         let (spec, origin, mut v) = get(name);
         match v.pop() {
@@ -605,28 +619,20 @@ fn build(values: &BTreeMap<&'static str, (Origin, Vec<String>)>) -> Result<Flags
         None => None,
         Some(IpAddr::V4(a)) => Some(a),
         Some(IpAddr::V6(_)) => {
-            let (spec, origin, mut v) = get("public-ip");
-            let s = v.pop().unwrap_or_default();
-            return Err(invalid(
-                spec,
-                origin,
-                &s,
+            return Err(refuse(
+                "public-ip",
                 "not an IPv4 address (use --public-ipv6)",
-            ));
+            ))
         }
     };
     let public_ipv6 = match parsed("public-ipv6", "an IPv6 address")? {
         None => None,
         Some(IpAddr::V6(a)) => Some(a),
         Some(IpAddr::V4(_)) => {
-            let (spec, origin, mut v) = get("public-ipv6");
-            let s = v.pop().unwrap_or_default();
-            return Err(invalid(
-                spec,
-                origin,
-                &s,
+            return Err(refuse(
+                "public-ipv6",
                 "not an IPv6 address (use --public-ip)",
-            ));
+            ))
         }
     };
 
@@ -642,40 +648,18 @@ fn build(values: &BTreeMap<&'static str, (Origin, Vec<String>)>) -> Result<Flags
         }
     }
 
-    let (spec, origin, mut v) = get("dataplane");
-    let dataplane = match v.pop().as_deref() {
+    let dataplane = match get("dataplane").2.pop().as_deref() {
         None | Some("userspace") => Dataplane::Userspace,
         Some("kernel") => Dataplane::Kernel,
-        Some(other) => {
-            return Err(invalid(
-                spec,
-                origin,
-                other,
-                "must be \"userspace\" or \"kernel\"",
-            ))
-        }
+        Some(_) => return Err(refuse("dataplane", "must be \"userspace\" or \"kernel\"")),
     };
 
-    let (spec, origin, mut v) = get("vmodule");
-    let vmodule = v.pop().unwrap_or_default();
-    if !vmodule_ok(&vmodule) {
-        return Err(invalid(
-            spec,
-            origin,
-            &vmodule,
-            "expected a comma-separated list of pattern=N",
-        ));
-    }
-    let (spec, origin, mut v) = get("log_backtrace_at");
-    let log_backtrace_at = v.pop().unwrap_or_default();
-    if !backtrace_at_ok(&log_backtrace_at) {
-        return Err(invalid(
-            spec,
-            origin,
-            &log_backtrace_at,
-            "expected file.go:N",
-        ));
-    }
+    let vmodule = checked(
+        "vmodule",
+        vmodule_ok,
+        "expected a comma-separated list of pattern=N",
+    )?;
+    let log_backtrace_at = checked("log_backtrace_at", backtrace_at_ok, "expected file.go:N")?;
 
     let lease_dir = Some(string("lease-dir"))
         .filter(|s| !s.is_empty())
