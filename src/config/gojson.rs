@@ -133,29 +133,37 @@ pub(crate) fn bool_value(field: &str, raw: &RawValue) -> Result<Option<bool>, Fi
 /// A JSON integer literal (Go decodes integers from the literal text: no fraction, exponent
 /// or, for unsigned fields, sign). `null` → `None`.
 pub(crate) fn int_value(field: &str, raw: &RawValue) -> Result<Option<i64>, FieldError> {
-    let text = raw.get();
-    if text == "null" {
-        return Ok(None);
-    }
-    let digits = text.strip_prefix('-').unwrap_or(text);
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(FieldError::new(field, text, "an integer"));
-    }
-    text.parse::<i64>()
-        .map(Some)
-        .map_err(|_| FieldError::new(field, text, "an integer in the 64-bit range"))
+    integer_value(field, raw, true)
 }
 
 /// A non-negative JSON integer literal. `null` → `None`.
 pub(crate) fn uint_value(field: &str, raw: &RawValue) -> Result<Option<u64>, FieldError> {
+    integer_value(field, raw, false)
+}
+
+/// [`int_value`] (`signed`: a leading `-` is allowed) or [`uint_value`] as `T`.
+fn integer_value<T: std::str::FromStr>(
+    field: &str,
+    raw: &RawValue,
+    signed: bool,
+) -> Result<Option<T>, FieldError> {
     let text = raw.get();
     if text == "null" {
         return Ok(None);
     }
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(FieldError::new(field, text, "a non-negative integer"));
+    let digits = match text.strip_prefix('-') {
+        Some(rest) if signed => rest,
+        _ => text,
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        let want = if signed {
+            "an integer"
+        } else {
+            "a non-negative integer"
+        };
+        return Err(FieldError::new(field, text, want));
     }
-    text.parse::<u64>()
+    text.parse::<T>()
         .map(Some)
         .map_err(|_| FieldError::new(field, text, "an integer in the 64-bit range"))
 }
