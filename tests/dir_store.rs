@@ -68,25 +68,17 @@ fn reuse_on_restart_by_public_ip() {
             .expect("other");
     }
     // A fresh store instance (daemon restart) with the same public IP and the VtepMAC the
-    // caller preserved gets the same subnet; the file is unchanged.
+    // caller preserved gets the same subnet, the file unchanged; a new MAC (device recreated)
+    // keeps the subnet and rewrites the data.
     let restarted = DirStore::new(&tmp.0);
-    let again = restarted
-        .acquire_blocking(&cfg, &attrs(2, 7), &PreviousSubnets::default())
-        .expect("again");
-    assert_eq!(again.subnet, first.subnet);
-    assert_eq!(
-        std::fs::read_to_string(lease_file(&tmp.0, &again)).expect("file"),
-        attrs(2, 7).to_json()
-    );
-    // A new MAC (device recreated) keeps the subnet and rewrites the data.
-    let newmac = restarted
-        .acquire_blocking(&cfg, &attrs(2, 8), &PreviousSubnets::default())
-        .expect("mac");
-    assert_eq!(newmac.subnet, first.subnet);
-    assert_eq!(
-        std::fs::read_to_string(lease_file(&tmp.0, &newmac)).expect("file"),
-        attrs(2, 8).to_json()
-    );
+    for (vtep_mac, case) in [(7, "same MAC"), (8, "new MAC")] {
+        let again = restarted
+            .acquire_blocking(&cfg, &attrs(2, vtep_mac), &PreviousSubnets::default())
+            .expect(case);
+        assert_eq!(again.subnet, first.subnet, "{case}");
+        let file = std::fs::read_to_string(lease_file(&tmp.0, &again)).expect("file");
+        assert_eq!(file, attrs(2, vtep_mac).to_json(), "{case}");
+    }
     assert_eq!(restarted.list().expect("list").len(), 5);
 }
 
