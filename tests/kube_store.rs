@@ -1023,16 +1023,17 @@ async fn node_name_resolution() {
     c.server.add_pod(unscheduled);
     let flags = c.flags();
 
+    // The environment of flannel's pod, with this NODE_NAME.
+    let in_pod = |node_name| {
+        [
+            ("NODE_NAME", node_name),
+            ("POD_NAME", "kube-flannel-ds-abcde"),
+            ("POD_NAMESPACE", "kube-flannel"),
+        ]
+    };
     // NODE_NAME wins over the pod.
     let s = c
-        .store_with(
-            &flags,
-            &[
-                ("NODE_NAME", "explicit"),
-                ("POD_NAME", "kube-flannel-ds-abcde"),
-                ("POD_NAMESPACE", "kube-flannel"),
-            ],
-        )
+        .store_with(&flags, &in_pod("explicit"))
         .await
         .expect("connect");
     assert_eq!(s.node_name(), "explicit");
@@ -1043,17 +1044,7 @@ async fn node_name_resolution() {
         .all(|r| !r.path.contains("/pods/")));
 
     // Empty NODE_NAME: the pod's spec.nodeName.
-    let s = c
-        .store_with(
-            &flags,
-            &[
-                ("NODE_NAME", ""),
-                ("POD_NAME", "kube-flannel-ds-abcde"),
-                ("POD_NAMESPACE", "kube-flannel"),
-            ],
-        )
-        .await
-        .expect("connect");
+    let s = c.store_with(&flags, &in_pod("")).await.expect("connect");
     assert_eq!(s.node_name(), "worker-7");
     assert!(c.server.requests().iter().any(|r| r.method == "GET"
         && r.path == "/api/v1/namespaces/kube-flannel/pods/kube-flannel-ds-abcde"));
