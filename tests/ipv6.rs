@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Node as KubeNode;
+use serde_json::json;
+use test_apiserver::TestApiServer;
 use test_support::cluster::{flanneld, serial};
 use test_support::netns::Netns;
 use test_support::{privileged, wait_for};
@@ -41,6 +44,7 @@ struct Node {
     log_file: PathBuf,
     ns: Netns,
     pod: Netns,
+    index: u8,
 }
 
 impl Drop for Node {
@@ -67,27 +71,23 @@ fn sysctls(ns: &Netns, forwarding: bool) {
 }
 
 impl Node {
-    /// Node `i` (1-based): eth0 on the switch with 198.18.0.i and 2001:db8:18::i, default
-    /// routes of both families through eth0 (flanneld picks its interface from them).
-    fn new(sw: &Switch, i: u8, dir: &Path) -> Node {
+    /// Node `i` (1-based): eth0 on the switch with 2001:db8:18::i (and 198.18.0.i if `v4`),
+    /// default routes through eth0 (flanneld picks its interface from them).
+    fn new(sw: &Switch, i: u8, dir: &Path, v4: bool) -> Node {
         let ns = Netns::new(&format!("v6n{i}"));
         sysctls(&ns, true);
         let port = format!("sw{i}");
-        sw.ns.ip(&[
-            "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-        ]);
-        sw.ns.ip(&["link", "set", &port, "master", "br0", "up"]);
-        ns.ip(&["addr", "add", &format!("198.18.0.{i}/24"), "dev", "eth0"]);
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("2001:db8:18::{i}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
+        sw.ns.ip_line(&format!(
+            "link add {port} type veth peer name eth0 netns {}",
+            ns.name
+        ));
+        sw.ns.ip_line(&format!("link set {port} master br0 up"));
+        ns.ip_line(&format!("addr add 2001:db8:18::{i}/64 dev eth0 nodad"));
         ns.ip_line("link set eth0 up");
-        ns.ip_line("route add default via 198.18.0.254 dev eth0");
+        if v4 {
+            ns.ip_line(&format!("addr add 198.18.0.{i}/24 dev eth0"));
+            ns.ip_line("route add default via 198.18.0.254 dev eth0");
+        }
         ns.ip_line("-6 route add default via 2001:db8:18::fe dev eth0");
         let pod = Netns::new(&format!("v6p{i}"));
         sysctls(&pod, false);
@@ -97,18 +97,20 @@ impl Node {
             log_file: dir.join(format!("flanneld-{i}.log")),
             ns,
             pod,
+            index: i,
         }
     }
 
-    fn start(&mut self, lease_dir: &Path, extra: &[&str]) {
+    /// Starts flanneld with `args` (and `NODE_NAME=node-<i>` for the Kubernetes store).
+    fn start(&mut self, args: &[String]) {
         let log = std::fs::File::create(&self.log_file).expect("log file");
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns.name])
             .arg(flanneld())
-            .arg(format!("--lease-dir={}", lease_dir.display()))
             .arg(format!("--subnet-file={}", self.env_file.display()))
             .args(["--iptables-resync=1", "-v=1"])
-            .args(extra)
+            .args(args)
+            .env("NODE_NAME", format!("node-{}", self.index))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -134,33 +136,22 @@ impl Node {
 
     /// Gives the pod the second address of each of the node's subnets, the node side the
     /// first (like the CNI bridge's gateway), default routes via the node.
-    fn plumb_pod(&self, v4: &str, v6: &str) {
-        self.ns.ip(&[
-            "link",
-            "add",
-            "vp",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &self.pod.name,
-        ]);
-        self.ns
-            .ip(&["addr", "add", &format!("{v4}1/24"), "dev", "vp"]);
-        self.ns
-            .ip(&["addr", "add", &format!("{v6}1/64"), "dev", "vp", "nodad"]);
-        self.ns.ip_line("link set vp up");
-        self.pod
-            .ip(&["addr", "add", &format!("{v4}2/24"), "dev", "eth0"]);
-        self.pod
-            .ip(&["addr", "add", &format!("{v6}2/64"), "dev", "eth0", "nodad"]);
-        self.pod.ip_line("link set eth0 up");
-        self.pod
-            .ip(&["route", "add", "default", "via", &format!("{v4}1")]);
-        self.pod
-            .ip(&["-6", "route", "add", "default", "via", &format!("{v6}1")]);
+    fn plumb_pod(&self, v4: Option<&str>, v6: &str) {
+        let (ns, pod) = (&self.ns, &self.pod);
+        ns.ip_line(&format!(
+            "link add vp type veth peer name eth0 netns {}",
+            pod.name
+        ));
+        ns.ip_line(&format!("addr add {v6}1/64 dev vp nodad"));
+        ns.ip_line("link set vp up");
+        pod.ip_line(&format!("addr add {v6}2/64 dev eth0 nodad"));
+        pod.ip_line("link set eth0 up");
+        pod.ip_line(&format!("-6 route add default via {v6}1"));
+        if let Some(v4) = v4 {
+            ns.ip_line(&format!("addr add {v4}1/24 dev vp"));
+            pod.ip_line(&format!("addr add {v4}2/24 dev eth0"));
+            pod.ip_line(&format!("route add default via {v4}1"));
+        }
     }
 }
 
@@ -191,26 +182,44 @@ fn two_nodes(
     std::fs::create_dir_all(&lease_dir).expect("lease dir");
     std::fs::write(lease_dir.join("config"), config).expect("config");
     let sw = Switch::new();
-    let mut nodes: Vec<Node> = (1..=2).map(|i| Node::new(&sw, i, tmp)).collect();
+    let mut nodes: Vec<Node> = (1..=2).map(|i| Node::new(&sw, i, tmp, true)).collect();
+    let mut args = vec![format!("--lease-dir={}", lease_dir.display())];
+    args.extend(extra.iter().map(|a| a.to_string()));
     for n in &mut nodes {
-        n.start(&lease_dir, extra);
+        n.start(&args);
     }
     let mut prefixes = Vec::new();
     for n in &mut nodes {
         let env = n.subnet_env();
         let v4 = prefix_of(&env_value(&env, "FLANNEL_SUBNET"));
         let v6 = prefix_of(&env_value(&env, "FLANNEL_IPV6_SUBNET"));
-        n.plumb_pod(&v4, &v6);
+        n.plumb_pod(Some(&v4), &v6);
         prefixes.push((v4, v6));
     }
     (sw, nodes, prefixes)
 }
 
-fn tempdir(tag: &str) -> PathBuf {
+/// A scratch directory removed on drop (also on panic).
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir(tag: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("frs-ipv6-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("tempdir");
-    d
+    TempDir(d)
 }
 
 /// Pings `dst` from the pod of `from` until one answer (at most 10 s).
@@ -454,8 +463,6 @@ fn dual_stack_kernel_vxlan() {
         fwd.contains(r#"-A FLANNEL-FWD -s 2001:db8:42::/56 -m comment --comment "flanneld forward" -j ACCEPT"#),
         "{fwd}"
     );
-    drop(nodes);
-    let _ = std::fs::remove_dir_all(&tmp);
 }
 
 #[test]
@@ -499,8 +506,6 @@ fn dual_stack_host_gw() {
     );
     let seen = tcp_v6(n2, n1, &format!("{}2", px[0].1));
     assert_eq!(seen, format!("hello {}2", px[1].1));
-    drop(nodes);
-    let _ = std::fs::remove_dir_all(&tmp);
 }
 
 #[test]
@@ -514,8 +519,8 @@ fn userspace_data_plane_refuses_ipv6_vxlan_naming_the_kernel_one() {
     std::fs::create_dir_all(&lease_dir).expect("lease dir");
     std::fs::write(lease_dir.join("config"), DUAL_VXLAN).expect("config");
     let sw = Switch::new();
-    let mut n = Node::new(&sw, 1, &tmp);
-    n.start(&lease_dir, &[]);
+    let mut n = Node::new(&sw, 1, &tmp, true);
+    n.start(&[format!("--lease-dir={}", lease_dir.display())]);
     let mut child = n.flanneld.take().expect("child");
     let exited = wait_for(Duration::from_secs(10), || {
         child.try_wait().ok().flatten().is_some()
@@ -527,5 +532,197 @@ fn userspace_data_plane_refuses_ipv6_vxlan_naming_the_kernel_one() {
     assert!(!status.success(), "{}", n.log());
     assert!(n.log().contains("needs --dataplane=kernel"), "{}", n.log());
     assert!(!n.env_file.exists());
-    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// The test API server, run in the switch namespace on 2001:db8:18::fe (the nodes' IPv6
+/// default gateway) by a thread of its own; stopped on drop.
+struct ApiServer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const API_URL: &str = "http://[2001:db8:18::fe]:6443";
+
+impl ApiServer {
+    fn start(sw: &Switch, nodes: Vec<KubeNode>) -> ApiServer {
+        sw.ns.ip_line("addr add 2001:db8:18::fe/64 dev br0 nodad");
+        let path = sw.ns.path();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            flannel_rs::io::netns::enter(&path).expect("setns");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let addr = "[2001:db8:18::fe]:6443".parse().expect("addr");
+                let server = TestApiServer::start_on(addr).await.expect("api server");
+                for n in nodes {
+                    server.add_node(n);
+                }
+                let _ = ready_tx.send(());
+                let _ = stopped.await;
+            });
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("api server ready");
+        ApiServer {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// A node's annotations, read over HTTP from the switch namespace.
+    fn annotations(sw: &Switch, node: &str) -> serde_json::Map<String, serde_json::Value> {
+        let body = sw.ns.exec(&[
+            "curl",
+            "-sf",
+            "--max-time",
+            "5",
+            &format!("{API_URL}/api/v1/nodes/{node}"),
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("node json");
+        v["metadata"]["annotations"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn kube_node(name: &str, cidr: &str) -> KubeNode {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+        "status": {"conditions": [
+            {"type": "Ready", "status": "True", "reason": "KubeletReady"},
+            {"type": "NetworkUnavailable", "status": "True", "reason": "NoRouteCreated"}
+        ]}
+    }))
+    .expect("node")
+}
+
+#[test]
+fn ipv6_only_kernel_vxlan_with_the_kube_store() {
+    if !privileged("ipv6_only_kernel_vxlan_with_the_kube_store") {
+        return;
+    }
+    let _g = serial();
+    let tmp = tempdir("v6only");
+    let conf = tmp.join("net-conf.json");
+    std::fs::write(
+        &conf,
+        r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"vxlan"}}"#,
+    )
+    .expect("net-conf");
+    let sw = Switch::new();
+    let _api = ApiServer::start(
+        &sw,
+        vec![
+            kube_node("node-1", "2001:db8:42:1::/64"),
+            kube_node("node-2", "2001:db8:42:2::/64"),
+        ],
+    );
+    // IPv6-only underlay: the nodes have no IPv4 address at all.
+    let mut nodes: Vec<Node> = (1..=2).map(|i| Node::new(&sw, i, &tmp, false)).collect();
+    let args = [
+        "--kube-subnet-mgr".to_string(),
+        format!("--kube-api-url={API_URL}"),
+        format!("--net-config-path={}", conf.display()),
+        "--dataplane=kernel".into(),
+        "--ip-masq".into(),
+    ];
+    for n in &mut nodes {
+        n.start(&args);
+    }
+    for (i, n) in nodes.iter_mut().enumerate() {
+        let env = n.subnet_env();
+        let want = format!(
+            "FLANNEL_IPV6_NETWORK=2001:db8:42::/56\nFLANNEL_IPV6_SUBNET=2001:db8:42:{}::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n",
+            i + 1
+        );
+        assert_eq!(env, want);
+        n.plumb_pod(None, &format!("2001:db8:42:{}::", i + 1));
+    }
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+
+    // flannel's IPv6 annotations; no IPv4 ones for an IPv6-only vxlan node.
+    let mac2 = {
+        let link = n2.ns.ip(&["-o", "link", "show", "flannel-v6.1"]);
+        link.split("link/ether ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .expect("mac")
+            .to_string()
+    };
+    let ok = wait_for(Duration::from_secs(10), || {
+        let a = ApiServer::annotations(&sw, "node-2");
+        a.get("flannel.alpha.coreos.com/public-ipv6")
+            .and_then(|v| v.as_str())
+            == Some("2001:db8:18::2")
+    });
+    assert!(ok.is_some(), "{}", n2.log());
+    let a = ApiServer::annotations(&sw, "node-2");
+    assert_eq!(
+        a["flannel.alpha.coreos.com/backend-v6-data"],
+        json!(format!(r#"{{"VNI":1,"VtepMAC":"{mac2}"}}"#))
+    );
+    assert_eq!(a["flannel.alpha.coreos.com/backend-type"], json!("vxlan"));
+    assert!(
+        !a.contains_key("flannel.alpha.coreos.com/public-ip"),
+        "{a:?}"
+    );
+    assert!(
+        !a.contains_key("flannel.alpha.coreos.com/backend-data"),
+        "{a:?}"
+    );
+
+    // Only the IPv6 device, with n2's entries.
+    let link = n1.ns.ip(&["-d", "link", "show", "flannel-v6.1"]);
+    assert!(
+        link.contains("vxlan id 1 local 2001:db8:18::1 dev eth0"),
+        "{link}"
+    );
+    assert!(!n1.ns.ip(&["link", "show"]).contains("flannel.1:"));
+    let ok = wait_for(Duration::from_secs(10), || {
+        n1.ns
+            .ip(&["-6", "route", "show", "dev", "flannel-v6.1"])
+            .contains("2001:db8:42:2::/64 via 2001:db8:42:2:: metric 1024 onlink")
+    });
+    assert!(ok.is_some(), "{}", n1.log());
+    assert_eq!(
+        sorted_lines(&n1.ns.ip(&["-6", "neigh", "show", "dev", "flannel-v6.1"])),
+        [format!("2001:db8:42:2:: lladdr {mac2} PERMANENT")]
+    );
+    let fdb: Vec<String> = sorted_lines(&n1.ns.bridge(&["fdb", "show", "dev", "flannel-v6.1"]))
+        .into_iter()
+        .filter(|l| l.contains(" dst "))
+        .collect();
+    assert_eq!(fdb, [format!("{mac2} dst 2001:db8:18::2 self permanent")]);
+
+    assert!(ping_until(n1, "2001:db8:42:2::2"), "ping6: {}", n1.log());
+    assert_eq!(tcp_v6(n2, n1, "2001:db8:42:1::2"), "hello 2001:db8:42:2::2");
+
+    // ip6tables rules only: IPv4 is not enabled.
+    let nat6 = n1
+        .ns
+        .exec(&["ip6tables", "-t", "nat", "-S", "FLANNEL-POSTRTG"]);
+    assert!(
+        nat6.contains("-A FLANNEL-POSTRTG -s 2001:db8:42:1::/64 -d 2001:db8:42::/56"),
+        "{nat6}"
+    );
+    let nat4 = n1.ns.exec(&["iptables", "-t", "nat", "-S"]);
+    assert!(!nat4.contains("FLANNEL-POSTRTG"), "{nat4}");
 }
