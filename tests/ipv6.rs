@@ -20,7 +20,8 @@ use test_support::netns::Netns;
 use test_support::{privileged, wait_for};
 
 const DUAL_VXLAN: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"vxlan"}}"#;
-const DUAL_HOST_GW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"host-gw"}}"#;
+/// host-gw in flannel's nftables mode.
+const DUAL_HOST_GW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","EnableNFTables":true,"Backend":{"Type":"host-gw"}}"#;
 
 /// The underlay switch: a bridge in its own namespace.
 struct Switch {
@@ -473,7 +474,7 @@ fn dual_stack_host_gw() {
     let _g = serial();
     let tmp = tempdir("hostgw");
     // The default data plane: host-gw needs no --dataplane flag for IPv6.
-    let (_sw, nodes, px) = two_nodes(&tmp, DUAL_HOST_GW, &[]);
+    let (_sw, nodes, px) = two_nodes(&tmp, DUAL_HOST_GW, &["--ip-masq"]);
     let (n1, n2) = (&nodes[0], &nodes[1]);
     let env = std::fs::read_to_string(&n1.env_file).expect("env");
     assert_eq!(env_value(&env, "FLANNEL_MTU"), "1500");
@@ -506,6 +507,32 @@ fn dual_stack_host_gw() {
     );
     let seen = tcp_v6(n2, n1, &format!("{}2", px[0].1));
     assert_eq!(seen, format!("hello {}2", px[1].1));
+
+    // nftables mode: flannel's rules in `ip6 flannel-ipv6` (and `ip flannel-ipv4`).
+    let p6 = format!("{}/64", px[0].1);
+    let chain6 = n1
+        .ns
+        .exec(&["nft", "list", "chain", "ip6", "flannel-ipv6", "postrtg"]);
+    for rule in [
+        format!("ip6 saddr {p6} ip6 daddr 2001:db8:42::/56 return"),
+        format!("ip6 saddr 2001:db8:42::/56 ip6 daddr {p6} return"),
+        format!("ip6 saddr != {p6} ip6 daddr 2001:db8:42::/56 return"),
+        "ip6 saddr 2001:db8:42::/56 ip6 daddr != ff00::/8 masquerade".to_string(),
+        "ip6 saddr != 2001:db8:42::/56 ip6 daddr 2001:db8:42::/56 masquerade".to_string(),
+    ] {
+        assert!(chain6.contains(&rule), "{rule}: {chain6}");
+    }
+    let fwd6 = n1
+        .ns
+        .exec(&["nft", "list", "chain", "ip6", "flannel-ipv6", "forward"]);
+    assert!(fwd6.contains("ip6 daddr 2001:db8:42::/56 accept"), "{fwd6}");
+    let chain4 = n1
+        .ns
+        .exec(&["nft", "list", "chain", "ip", "flannel-ipv4", "postrtg"]);
+    assert!(
+        chain4.contains("ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade"),
+        "{chain4}"
+    );
 }
 
 #[test]
@@ -725,4 +752,14 @@ fn ipv6_only_kernel_vxlan_with_the_kube_store() {
     );
     let nat4 = n1.ns.exec(&["iptables", "-t", "nat", "-S"]);
     assert!(!nat4.contains("FLANNEL-POSTRTG"), "{nat4}");
+    // The VXLAN guard's allow-list, in ip6tables: the peer's public IPv6 only.
+    let ok = wait_for(Duration::from_secs(10), || {
+        let g = n1.ns.exec(&["ip6tables", "-S", "FLANNEL-VXLAN-IN"]);
+        g.contains("-s 2001:db8:18::2/128") && g.contains("-j DROP")
+    });
+    assert!(
+        ok.is_some(),
+        "{}",
+        n1.ns.exec(&["ip6tables", "-S", "FLANNEL-VXLAN-IN"])
+    );
 }
