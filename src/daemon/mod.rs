@@ -761,18 +761,8 @@ fn intake_config(
     ext: &ExternalInterface,
 ) -> IntakeConfig {
     let allocating = flags.lease_dir.is_some() || !flags.kube_subnet_mgr;
-    let subnet_len = net
-        .ipv4_range()
-        .ok()
-        .flatten()
-        .map(|r| r.subnet_len)
-        .filter(|_| allocating);
-    let subnet_len_v6 = net
-        .ipv6_range()
-        .ok()
-        .flatten()
-        .map(|r| r.subnet_len)
-        .filter(|_| allocating);
+    let v4_len = net.ipv4_range().ok().flatten().map(|r| r.subnet_len);
+    let v6_len = net.ipv6_range().ok().flatten().map(|r| r.subnet_len);
     let mut own_ips: Vec<std::net::IpAddr> = vec![ext.ext_addr.into(), ext.iface_addr.into()];
     own_ips.extend(
         ext.ext_v6_addr
@@ -784,8 +774,8 @@ fn intake_config(
     IntakeConfig {
         network_v4: families.v4.map(|(n, _)| n),
         network_v6: families.v6.map(|(n, _)| n),
-        subnet_len_v4: subnet_len,
-        subnet_len_v6,
+        subnet_len_v4: v4_len.filter(|_| allocating),
+        subnet_len_v6: v6_len.filter(|_| allocating),
         own_subnets: families.nets().into_iter().map(|(_, s)| s).collect(),
         own_ips,
     }

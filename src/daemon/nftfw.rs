@@ -105,6 +105,13 @@ impl NftFirewall {
                     .ensure_table(fam, name, script)
                     .map_err(|e| format!("nftables: couldn't set up table {fam} {name}: {e}"))?
                 {
+                    // Said at once: the next table's check takes a while.
+                    if !first {
+                        warn!(
+                            table = name,
+                            "Some nftables rules are missing or changed; recreated the table"
+                        );
+                    }
                     rewritten.push(name);
                 }
             }
@@ -116,10 +123,9 @@ impl NftFirewall {
             info!(
                 masq = self.ip_masq,
                 forward = self.forward,
+                tables = ?done,
                 "nftables: flannel tables installed"
             );
-        } else if !done.is_empty() {
-            warn!(tables = ?done, "Some nftables rules are missing or changed; recreated the table");
         }
         Ok(())
     }
