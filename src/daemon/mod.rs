@@ -299,6 +299,9 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
 
     // --ip-blackhole-route: kept in place every --iptables-resync seconds, like flannel, in
     // its own task so a stuck netlink call cannot hold the main loop.
+    if flags.ip_blackhole_route && families.v4.is_none() {
+        warn!("--ip-blackhole-route adds an IPv4 route (flannel's AddBlackholeV4Route) and IPv4 is not enabled: no effect");
+    }
     let blackhole_task = flags
         .ip_blackhole_route
         .then_some(families.v4)
