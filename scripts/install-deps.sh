@@ -12,6 +12,9 @@ check etcd etcd-server
 check etcdctl etcd-client
 check iptables iptables
 check iptables-restore iptables
+# tests/ipv6.rs: IPv6 masquerade rules; curl reads Node annotations from the test API server.
+check ip6tables iptables
+check curl curl
 # EnableNFTables mode (flanneld runs `nft -f -`) and tests/nft.rs.
 check nft nftables
 check ping iputils-ping

@@ -27,10 +27,22 @@ pub fn check(flags: &Flags, net: &NetConfig, env: &dyn Fn(&str) -> Option<String
             );
         }
     }
-    if let Some(v6) = flags.public_ipv6 {
-        d.refused.push(format!(
-            "--public-ipv6={v6}: flannel-rs runs IPv4 overlays only (EnableIPv6 is not supported), \
-             so no IPv6 public address is used: remove --public-ipv6 / FLANNELD_PUBLIC_IPV6"
+    if net.enable_ipv6
+        && flags.dataplane == Dataplane::Userspace
+        && matches!(net.backend(), Ok(BackendConfig::Vxlan(_)))
+    {
+        d.refused.push(
+            "EnableIPv6 with the vxlan backend needs --dataplane=kernel: the userspace data plane \
+             (--dataplane=userspace, this build's default) carries IPv4 overlays only; run \
+             --dataplane=kernel (FLANNELD_DATAPLANE=kernel) for dual-stack and IPv6-only vxlan, \
+             or the host-gw backend"
+                .into(),
+        );
+    }
+    if let (Some(v6), false) = (flags.public_ipv6, net.enable_ipv6) {
+        d.ignored.push(format!(
+            "--public-ipv6={v6}: no effect; EnableIPv6 is false in the network config, so no IPv6 \
+             address is published"
         ));
     }
     if !flags.vmodule.is_empty() {
@@ -121,14 +133,43 @@ mod tests {
     }
 
     #[test]
-    fn public_ipv6_is_refused() {
+    fn public_ipv6_without_ipv6_is_ignored_with_a_warning() {
         let f = Flags {
             public_ipv6: Some("2001:db8::1".parse().expect("v6")),
             ..Flags::default()
         };
         let d = check(&f, &vxlan(), &no_env);
-        assert_eq!(d.refused.len(), 1);
-        assert!(d.refused[0].contains("remove --public-ipv6"));
+        assert!(d.refused.is_empty(), "{d:?}");
+        assert_eq!(d.ignored.len(), 1);
+        assert!(d.ignored[0].contains("EnableIPv6 is false"));
+    }
+
+    #[test]
+    fn ipv6_vxlan_needs_the_kernel_data_plane() {
+        let dual = net(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"vxlan"}}"#,
+        );
+        let f = Flags {
+            dataplane: Dataplane::Userspace,
+            public_ipv6: Some("2001:db8::1".parse().expect("v6")),
+            ..Flags::default()
+        };
+        let d = check(&f, &dual, &no_env);
+        assert_eq!(d.refused.len(), 1, "{d:?}");
+        assert!(d.refused[0].contains("needs --dataplane=kernel"));
+        assert!(d.ignored.is_empty());
+        let kernel = Flags {
+            dataplane: Dataplane::Kernel,
+            ..f
+        };
+        assert_eq!(check(&kernel, &dual, &no_env), Decision::default());
+        let hostgw = net(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"host-gw"}}"#,
+        );
+        assert_eq!(
+            check(&Flags::default(), &hostgw, &no_env),
+            Decision::default()
+        );
     }
 
     #[test]

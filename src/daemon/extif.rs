@@ -1,6 +1,6 @@
 //! Choosing the external (underlay) interface exactly as flanneld does (compat §2.1).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use regex::Regex;
 
@@ -18,7 +18,58 @@ pub struct ExternalInterface {
     /// The interface's own IPv4 address (VXLAN sockets bind here).
     pub iface_addr: Ipv4Addr,
     /// The address peers use to reach us: `--public-ip` if set, else `iface_addr`.
+    /// Both are `0.0.0.0` on an IPv6-only node (flannel's lease then says `"PublicIP":"0.0.0.0"`).
     pub ext_addr: Ipv4Addr,
+    /// The interface's own IPv6 address (IPv6 enabled only).
+    pub iface_v6_addr: Option<Ipv6Addr>,
+    /// `--public-ipv6` if set, else `iface_v6_addr` (IPv6 enabled only).
+    pub ext_v6_addr: Option<Ipv6Addr>,
+}
+
+impl ExternalInterface {
+    /// The (interface, public) addresses of one family; `None` when it is not enabled.
+    pub fn addrs(&self, v6: bool) -> Option<(IpAddr, IpAddr)> {
+        if v6 {
+            Some((self.iface_v6_addr?.into(), self.ext_v6_addr?.into()))
+        } else {
+            (!self.iface_addr.is_unspecified())
+                .then_some((self.iface_addr.into(), self.ext_addr.into()))
+        }
+    }
+}
+
+/// Which address families the overlay runs (`EnableIPv4` / `EnableIPv6`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IpStack {
+    /// IPv4 only (flannel's default).
+    #[default]
+    V4,
+    /// IPv6 only.
+    V6,
+    /// Both.
+    Dual,
+}
+
+impl IpStack {
+    /// The stack of `EnableIPv4`/`EnableIPv6`; `None` when both are false.
+    pub fn of(enable_ipv4: bool, enable_ipv6: bool) -> Option<IpStack> {
+        match (enable_ipv4, enable_ipv6) {
+            (true, false) => Some(IpStack::V4),
+            (false, true) => Some(IpStack::V6),
+            (true, true) => Some(IpStack::Dual),
+            (false, false) => None,
+        }
+    }
+
+    /// Whether IPv4 is enabled.
+    pub fn v4(self) -> bool {
+        self != IpStack::V6
+    }
+
+    /// Whether IPv6 is enabled.
+    pub fn v6(self) -> bool {
+        self != IpStack::V4
+    }
 }
 
 /// How the interface is asked for: the relevant flags.
@@ -34,6 +85,12 @@ pub struct Selection<'a> {
     pub public_ip: Option<Ipv4Addr>,
     /// The interface of the IPv4 default route.
     pub default_route_iface: Option<&'a str>,
+    /// The families to find addresses for.
+    pub stack: IpStack,
+    /// `--public-ipv6` (or the node-public-ipv6 annotation).
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// The interface of the IPv6 default route.
+    pub default_route_iface_v6: Option<&'a str>,
 }
 
 /// Why no interface could be chosen; messages are flannel's.
@@ -59,6 +116,22 @@ pub enum SelectError {
     /// The interface has no IPv4 address.
     #[error("interface {0} has no IPv4 address")]
     NoIpv4(String),
+    /// The interface has no IPv6 address (IPv6 enabled).
+    #[error("failed to find IPv6 address for interface {0}")]
+    NoIpv6(String),
+    /// Dual-stack: the two default routes leave through different interfaces.
+    #[error(
+        "v6 default route interface {v6} must be the same with v4 default route interface {v4}"
+    )]
+    DefaultRouteMismatch {
+        /// The IPv4 default route's interface.
+        v4: String,
+        /// The IPv6 default route's interface.
+        v6: String,
+    },
+    /// `--public-ipv6` alone must be an address of a local interface.
+    #[error("Failed to find any valid interface to use: no interface has the public IPv6 {0}")]
+    PublicIpv6NotLocal(Ipv6Addr),
     /// The interface MTU is zero.
     #[error("failed to determine MTU for {0} interface")]
     ZeroMtu(String),
@@ -69,10 +142,15 @@ pub fn select(ifaces: &[Interface], sel: &Selection<'_>) -> Result<ExternalInter
     let explicit =
         !sel.iface.is_empty() || !sel.iface_regex.is_empty() || sel.can_reach_source.is_some();
     let chosen = if !explicit {
-        match sel.public_ip {
-            Some(ip) => by_addr(ifaces, IpAddr::V4(ip)).ok_or(SelectError::PublicIpNotLocal(ip))?,
-            None => {
-                let name = sel.default_route_iface.ok_or(SelectError::NoDefaultRoute)?;
+        match (sel.public_ip, sel.public_ipv6) {
+            (Some(ip), _) => {
+                by_addr(ifaces, IpAddr::V4(ip)).ok_or(SelectError::PublicIpNotLocal(ip))?
+            }
+            (None, Some(ip)) if sel.stack.v6() => {
+                by_addr(ifaces, IpAddr::V6(ip)).ok_or(SelectError::PublicIpv6NotLocal(ip))?
+            }
+            _ => {
+                let name = default_route_iface(sel)?;
                 ifaces
                     .iter()
                     .find(|i| i.name == name)
@@ -82,7 +160,18 @@ pub fn select(ifaces: &[Interface], sel: &Selection<'_>) -> Result<ExternalInter
     } else {
         find_explicit(ifaces, sel)?.ok_or(SelectError::NoMatch)?
     };
-    let iface_addr = first_ipv4(chosen).ok_or_else(|| SelectError::NoIpv4(chosen.name.clone()))?;
+    let (iface_addr, ext_addr) = if sel.stack.v4() {
+        let a = first_ipv4(chosen).ok_or_else(|| SelectError::NoIpv4(chosen.name.clone()))?;
+        (a, sel.public_ip.unwrap_or(a))
+    } else {
+        (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED)
+    };
+    let (iface_v6_addr, ext_v6_addr) = if sel.stack.v6() {
+        let a = first_ipv6(chosen).ok_or_else(|| SelectError::NoIpv6(chosen.name.clone()))?;
+        (Some(a), Some(sel.public_ipv6.unwrap_or(a)))
+    } else {
+        (None, None)
+    };
     if chosen.mtu == 0 {
         return Err(SelectError::ZeroMtu(chosen.name.clone()));
     }
@@ -91,8 +180,33 @@ pub fn select(ifaces: &[Interface], sel: &Selection<'_>) -> Result<ExternalInter
         index: chosen.index,
         mtu: chosen.mtu,
         iface_addr,
-        ext_addr: sel.public_ip.unwrap_or(iface_addr),
+        ext_addr,
+        iface_v6_addr,
+        ext_v6_addr,
     })
+}
+
+/// The default route's interface of the enabled families; dual-stack needs both to agree.
+fn default_route_iface<'a>(sel: &Selection<'a>) -> Result<&'a str, SelectError> {
+    match sel.stack {
+        IpStack::V4 => sel.default_route_iface.ok_or(SelectError::NoDefaultRoute),
+        IpStack::V6 => sel
+            .default_route_iface_v6
+            .ok_or(SelectError::NoDefaultRoute),
+        IpStack::Dual => {
+            let v4 = sel.default_route_iface.ok_or(SelectError::NoDefaultRoute)?;
+            let v6 = sel
+                .default_route_iface_v6
+                .ok_or(SelectError::NoDefaultRoute)?;
+            if v4 != v6 {
+                return Err(SelectError::DefaultRouteMismatch {
+                    v4: v4.to_owned(),
+                    v6: v6.to_owned(),
+                });
+            }
+            Ok(v4)
+        }
+    }
 }
 
 fn find_explicit<'i>(
@@ -116,7 +230,7 @@ fn find_explicit<'i>(
         let by_ip = ifaces.iter().find(|i| {
             i.addrs
                 .iter()
-                .any(|a| a.addr.is_ipv4() && re.is_match(&a.addr.to_string()))
+                .any(|a| family_enabled(sel.stack, a.addr) && re.is_match(&a.addr.to_string()))
         });
         if let Some(hit) = by_ip.or_else(|| ifaces.iter().find(|i| re.is_match(&i.name))) {
             return Ok(Some(hit));
@@ -130,6 +244,27 @@ fn find_explicit<'i>(
 
 fn by_addr(ifaces: &[Interface], ip: IpAddr) -> Option<&Interface> {
     ifaces.iter().find(|i| i.addrs.iter().any(|a| a.addr == ip))
+}
+
+/// Whether `--iface-regex` matches addresses of this family (IPv6 ones only with IPv6 on).
+fn family_enabled(stack: IpStack, addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(_) => stack.v4(),
+        IpAddr::V6(_) => stack.v6(),
+    }
+}
+
+/// The interface's preferred IPv6 address: global before link-local (`fe80::/10`), in
+/// kernel order; loopback never.
+fn first_ipv6(iface: &Interface) -> Option<Ipv6Addr> {
+    let v6 = || {
+        iface.addrs.iter().filter_map(|a| match a.addr {
+            IpAddr::V6(v) if !v.is_loopback() && !v.is_unspecified() => Some(v),
+            _ => None,
+        })
+    };
+    let link_local = |a: &Ipv6Addr| a.segments()[0] & 0xffc0 == 0xfe80;
+    v6().find(|a| !link_local(a)).or_else(|| v6().next())
 }
 
 /// The interface's preferred IPv4 address: global before link-local, in kernel order.
@@ -253,5 +388,60 @@ mod tests {
             select(&world(), &sel),
             Err(SelectError::BadRegex { .. })
         ));
+    }
+
+    fn dual_world() -> Vec<Interface> {
+        vec![
+            iface("eth0", 2, &["198.18.0.5", "fe80::1", "2001:db8:18::5"]),
+            iface("eth1", 3, &["203.0.113.7", "2001:db8:19::7"]),
+        ]
+    }
+
+    #[test]
+    fn dual_stack_needs_one_default_route_interface() {
+        let mut sel = Selection {
+            stack: IpStack::Dual,
+            default_route_iface: Some("eth0"),
+            default_route_iface_v6: Some("eth0"),
+            ..Default::default()
+        };
+        let e = select(&dual_world(), &sel).unwrap();
+        assert_eq!(e.iface_v6_addr, Some("2001:db8:18::5".parse().unwrap()));
+        assert_eq!(e.ext_v6_addr, e.iface_v6_addr);
+        assert_eq!(e.ext_addr, "198.18.0.5".parse::<Ipv4Addr>().unwrap());
+        sel.default_route_iface_v6 = Some("eth1");
+        assert_eq!(
+            select(&dual_world(), &sel).unwrap_err().to_string(),
+            "v6 default route interface eth1 must be the same with v4 default route interface eth0"
+        );
+    }
+
+    #[test]
+    fn ipv6_only_uses_the_v6_default_route_and_public_ipv6() {
+        let sel = Selection {
+            stack: IpStack::V6,
+            default_route_iface_v6: Some("eth1"),
+            ..Default::default()
+        };
+        let e = select(&dual_world(), &sel).unwrap();
+        assert_eq!(e.name, "eth1");
+        assert_eq!(e.ext_addr, Ipv4Addr::UNSPECIFIED);
+        let sel = Selection {
+            stack: IpStack::V6,
+            public_ipv6: Some("2001:db8:18::5".parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(select(&dual_world(), &sel).unwrap().name, "eth0");
+        // IPv6 on an interface with only a link-local or no IPv6 address.
+        let sel = Selection {
+            stack: IpStack::Dual,
+            default_route_iface: Some("lo"),
+            default_route_iface_v6: Some("lo"),
+            ..Default::default()
+        };
+        assert_eq!(
+            select(&world(), &sel),
+            Err(SelectError::NoIpv6("lo".into()))
+        );
     }
 }

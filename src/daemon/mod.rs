@@ -7,6 +7,7 @@
 pub mod backoff;
 mod blackhole;
 pub mod compat;
+mod dual;
 pub mod extif;
 pub mod fallback;
 mod fallback_plane;
@@ -38,9 +39,10 @@ use crate::lease::{LeaseAttrs, LeaseWatcher};
 use crate::wire::MacAddr;
 
 use self::backoff::{Backoff, Condition};
-use self::extif::{ExternalInterface, SelectError, Selection};
+use self::dual::{Families, Planes};
+use self::extif::{ExternalInterface, IpStack, SelectError, Selection};
 use self::metrics::DaemonMetrics;
-use self::plane::Plane;
+use crate::netlink::IpFamily;
 
 /// How often every peer is re-applied even without lease changes (flannel's host-gw route
 /// check period); repairs routes, neighbours and FDB entries removed by hand.
@@ -135,19 +137,7 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     if !flags.kube_subnet_mgr {
         net.validate()?;
     }
-    let network = match (net.enable_ipv4, net.network, net.enable_ipv6) {
-        (true, Some(n), false) => n,
-        (_, _, true) => {
-            return Err(DaemonError::Unsupported(
-                "EnableIPv6 is not supported by flannel-rs yet: run an IPv4 overlay".into(),
-            ))
-        }
-        _ => {
-            return Err(DaemonError::Unsupported(
-                "none defined stack: EnableIPv4 is false and EnableIPv6 is false".into(),
-            ))
-        }
-    };
+    let stack = dual::stack_of(&net)?;
     let backend = net.backend()?.clone();
     let env = |name: &str| std::env::var(name).ok();
     let decision = compat::check(&flags, &net, &env);
@@ -159,48 +149,63 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     }
     let mut flags = flags;
     match store.stored_public_ips().await {
-        // kube: the node-public-ip annotation acts like --public-ip (flannel ≥ v0.25.3).
-        Ok((Some(ip), _)) => {
-            info!(%ip, "using the public IP stored for this node");
-            flags.public_ip = Some(ip);
+        // kube: the node-public-ip(v6) annotations act like --public-ip(v6) (flannel ≥ v0.25.3).
+        Ok((v4, v6)) => {
+            if let Some(ip) = v4 {
+                info!(%ip, "using the public IP stored for this node");
+                flags.public_ip = Some(ip);
+            }
+            if let Some(ip) = v6.filter(|_| stack.v6()) {
+                info!(%ip, "using the public IPv6 stored for this node");
+                flags.public_ipv6 = Some(ip);
+            }
         }
-        Ok(_) => {}
         Err(e @ StoreError::Unavailable { .. }) => {
             warn!(error = %e, "could not read stored public IP")
         }
         Err(e) => return Err(e.into()),
     }
-    let ext = external_interface(&flags)?;
+    let ext = external_interface(&flags, stack)?;
     info!(
         iface = %ext.name, iface_addr = %ext.iface_addr, ext_addr = %ext.ext_addr,
+        iface_v6_addr = ?ext.iface_v6_addr, ext_v6_addr = ?ext.ext_v6_addr,
         "using interface"
     );
 
     let previous = read_previous_subnets(&flags.subnet_file);
     let mut attrs = LeaseAttrs {
         public_ip: ext.ext_addr,
+        public_ipv6: ext.ext_v6_addr,
         backend_type: backend.kind().to_owned(),
         ..LeaseAttrs::default()
     };
-    let vtep_mac = match &backend {
+    let vtep_macs = match &backend {
         BackendConfig::Vxlan(vx) => {
-            let mac = choose_vtep_mac(store.as_ref(), &ext, vx.vni, &flags).await;
-            attrs.backend_data = Some(
-                crate::lease::VxlanBackendData {
-                    vni: vx.vni,
-                    vtep_mac: mac,
+            let mut macs = (None, None);
+            for family in [IpFamily::V4, IpFamily::V6] {
+                let v6 = family == IpFamily::V6;
+                if (v6 && !stack.v6()) || (!v6 && !stack.v4()) {
+                    continue;
                 }
-                .to_raw(),
-            );
-            Some(mac)
+                let mac = choose_vtep_mac(store.as_ref(), &ext, vx.vni, &flags, family).await;
+                let data = Some(
+                    crate::lease::VxlanBackendData {
+                        vni: vx.vni,
+                        vtep_mac: mac,
+                    }
+                    .to_raw(),
+                );
+                if v6 {
+                    (attrs.backend_v6_data, macs.1) = (data, Some(mac));
+                } else {
+                    (attrs.backend_data, macs.0) = (data, Some(mac));
+                }
+            }
+            macs
         }
         BackendConfig::HostGw => {
-            if ext.ext_addr != ext.iface_addr {
-                return Err(DaemonError::Register(
-                    "your PublicIP differs from interface IP, meaning that probably you're on a NAT, which is not supported by host-gw backend".into(),
-                ));
-            }
-            None
+            dual::check_host_gw_not_nat(&ext)?;
+            (None, None)
         }
         BackendConfig::Other { kind } => {
             return Err(DaemonError::Unsupported(format!(
@@ -210,20 +215,16 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     };
 
     let lease = store.acquire(&net, &attrs, &previous).await?;
-    let subnet = lease
-        .subnet
-        .ok_or_else(|| DaemonError::Register("IPv4 is enabled but the lease has no IPv4".into()))?;
-    info!(%subnet, store = %store.name(), "acquired lease");
+    let families = Families::of_lease(&net, &lease)?;
+    info!(subnet = ?lease.subnet, ipv6_subnet = ?lease.ipv6_subnet, store = %store.name(), "acquired lease");
 
-    let mut plane = Plane::start(&flags, &backend, &ext, network, subnet, vtep_mac)
+    let mut plane = Planes::start(&flags, &backend, &ext, &families, vtep_macs)
         .await
         .map_err(|e| DaemonError::Register(e.to_string()))?;
     let mtu = plane.mtu();
     metrics.set_plane(plane.metrics_source());
 
-    let previous_env = SubnetEnv::read(&flags.subnet_file)
-        .ok()
-        .and_then(|e| e.network.zip(e.subnet));
+    let previous_env = SubnetEnv::read(&flags.subnet_file).ok();
     let (peers_tx, peers_rx) = watch::channel(Vec::<Peer>::new());
     // --host-gw-fallback: the prober publishes the subnets to route directly.
     let (fallback_tx, mut fallback_rx) = watch::channel(std::collections::HashSet::new());
@@ -244,17 +245,38 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
         ))
     });
     let nftables = net.enable_nftables;
-    let firewall = if nftables {
-        plane::Firewall::nftables(nftfw::NftFirewall::new(&flags, network, subnet))
+    let nets = families.nets();
+    let firewalls = if nftables {
+        let [v4, v6] = [0, 1].map(|i| {
+            nets.iter()
+                .copied()
+                .find(|(n, _)| i == usize::from(matches!(n, ipnet::IpNet::V6(_))))
+        });
+        vec![plane::Firewall::nftables(nftfw::NftFirewall::new(
+            &flags, v4, v6,
+        ))]
     } else {
-        plane::Firewall::new(&flags, network, subnet, previous_env)
+        nets.iter()
+            .map(|&(network, subnet)| {
+                let previous = previous_env.and_then(|e| match network {
+                    ipnet::IpNet::V4(_) => {
+                        e.network.zip(e.subnet).map(|(n, s)| (n.into(), s.into()))
+                    }
+                    ipnet::IpNet::V6(_) => e
+                        .ipv6_network
+                        .zip(e.ipv6_subnet)
+                        .map(|(n, s)| (n.into(), s.into())),
+                });
+                plane::Firewall::new(&flags, network, subnet, previous)
+            })
+            .collect()
     };
     let fw_period = Duration::from_secs(u64::from(flags.iptables_resync.max(1)));
     let (first_round, installed) = tokio::sync::oneshot::channel();
     // As flannel (v0.27+): the other mode's rules are removed before ours are installed.
     let firewall_task = tokio::spawn(async move {
         nftfw::cleanup_other_mode(nftables).await;
-        firewall.run(fw_period, Some(first_round)).await
+        dual::run_firewalls(firewalls, fw_period, first_round).await
     });
     // As flannel, rules are in place before subnet.env says the node is ready; but a stuck
     // iptables delays neither SIGTERM nor, after its timeout, start-up.
@@ -267,28 +289,33 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     }
     // The VXLAN guard chains follow the peers in their own task (a stuck iptables cannot
     // hold lease handling or SIGTERM).
-    let guard_task = plane::VxlanGuardRules::new(&flags, &backend, network, nftables)
-        .map(|guard| tokio::spawn(guard.run(peers_tx.subscribe(), fw_period)));
+    let guard_tasks: Vec<_> = nets
+        .iter()
+        .filter_map(|&(network, _)| {
+            plane::VxlanGuardRules::new(&flags, &backend, network, nftables)
+        })
+        .map(|guard| tokio::spawn(guard.run(peers_tx.subscribe(), fw_period)))
+        .collect();
 
     // --ip-blackhole-route: kept in place every --iptables-resync seconds, like flannel, in
     // its own task so a stuck netlink call cannot hold the main loop.
-    let blackhole_task = flags.ip_blackhole_route.then(|| {
-        let mut blackhole = blackhole::Blackhole::new(subnet);
-        tokio::spawn(async move {
-            loop {
-                let _ = tokio::time::timeout(NETLINK_TIMEOUT, blackhole.ensure()).await;
-                tokio::time::sleep(fw_period).await;
-            }
-        })
-    });
-    let env = SubnetEnv {
-        network: Some(network),
-        subnet: Some(subnet),
-        ipv6_network: None,
-        ipv6_subnet: None,
-        mtu,
-        ipmasq: flags.ip_masq,
-    };
+    if flags.ip_blackhole_route && families.v4.is_none() {
+        warn!("--ip-blackhole-route adds an IPv4 route (flannel's AddBlackholeV4Route) and IPv4 is not enabled: no effect");
+    }
+    let blackhole_task = flags
+        .ip_blackhole_route
+        .then_some(families.v4)
+        .flatten()
+        .map(|(_, subnet)| {
+            let mut blackhole = blackhole::Blackhole::new(subnet);
+            tokio::spawn(async move {
+                loop {
+                    let _ = tokio::time::timeout(NETLINK_TIMEOUT, blackhole.ensure()).await;
+                    tokio::time::sleep(fw_period).await;
+                }
+            })
+        });
+    let env = families.subnet_env(mtu, flags.ip_masq);
     match env.write_atomic(&flags.subnet_file) {
         Ok(()) => {
             ready.store(true, Ordering::Relaxed);
@@ -312,7 +339,7 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     let (tx, mut rx) = mpsc::channel(64);
     let watch_task = tokio::spawn(supervise_watch(store.clone(), tx));
     let mut watcher = LeaseWatcher::new(lease.subnet, lease.ipv6_subnet);
-    let intake_cfg = intake_config(&flags, &net, subnet, &ext);
+    let intake_cfg = intake_config(&flags, &net, &families, &ext);
     let mut refusal_log = RefusalLog::default();
     let mut peers: Vec<Peer> = Vec::new();
     // Nothing is programmed (or removed as stale) before the store's first snapshot: an
@@ -398,7 +425,7 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
                     }
                     Err(e) => {
                         recover_failing.fail(&e);
-                        if let Some(reason) = give_up_recovery(&flags, &ext, &recover_failing, &e) {
+                        if let Some(reason) = give_up_recovery(&flags, stack, &ext, &recover_failing, &e) {
                             outcome = Err(DaemonError::InterfaceLost {
                                 iface: ext.name.clone(),
                                 lasted: recover_failing
@@ -427,7 +454,7 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     }
     watch_task.abort();
     firewall_task.abort();
-    if let Some(g) = guard_task {
+    for g in guard_tasks {
         g.abort();
     }
     if let Some(b) = blackhole_task {
@@ -516,7 +543,7 @@ async fn fetch_config(store: &dyn LeaseStore) -> String {
 }
 
 /// One sync of the data plane, bounded by [`NETLINK_TIMEOUT`]; failures are one condition.
-async fn sync_plane(plane: &mut Plane, peers: &[Peer], failing: &mut Condition) {
+async fn sync_plane(plane: &mut Planes, peers: &[Peer], failing: &mut Condition) {
     match tokio::time::timeout(NETLINK_TIMEOUT, plane.sync(peers)).await {
         Ok(Ok(())) => failing.clear(),
         Ok(Err(e)) => failing.fail(&format!("{e}; retrying on the next sync")),
@@ -543,11 +570,12 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 /// [`RECOVERY_GIVE_UP`].
 fn give_up_recovery(
     flags: &Flags,
+    stack: IpStack,
     ext: &ExternalInterface,
     failing: &Condition,
     error: &str,
 ) -> Option<String> {
-    if let Ok(now) = external_interface(flags) {
+    if let Ok(now) = external_interface(flags, stack) {
         if now.name != ext.name {
             return Some(format!(
                 "{error}; the flags now select interface {} instead",
@@ -627,10 +655,14 @@ async fn start_http(
     Ok(())
 }
 
-/// The external interface flannel's rules select for these flags (compat §2.1).
-pub fn external_interface(flags: &Flags) -> Result<ExternalInterface, DaemonError> {
+/// The external interface flannel's rules select for these flags and families (compat §2.1).
+pub fn external_interface(flags: &Flags, stack: IpStack) -> Result<ExternalInterface, DaemonError> {
     let ifaces = iface::interfaces().map_err(io_err("list interfaces"))?;
     let default_route = iface::default_route_interface_v4().unwrap_or(None);
+    let default_route_v6 = stack
+        .v6()
+        .then(|| crate::io::route6::default_route_interface_v6().unwrap_or(None))
+        .flatten();
     let can_reach_source = match flags.iface_can_reach {
         Some(ip) => Some(iface::source_for(ip).map_err(io_err(format!("find the route to {ip}")))?),
         None => None,
@@ -643,37 +675,48 @@ pub fn external_interface(flags: &Flags) -> Result<ExternalInterface, DaemonErro
             can_reach_source,
             public_ip: flags.public_ip,
             default_route_iface: default_route.as_deref(),
+            stack,
+            public_ipv6: flags.public_ipv6,
+            default_route_iface_v6: default_route_v6.as_deref(),
         },
     )?)
 }
 
-/// The VTEP MAC to publish: the one our previous lease (same public IP) carried, so peers'
-/// entries stay valid across restarts; else the existing kernel device's; else a new random
-/// locally administered address.
+/// The VTEP MAC of `family`'s device to publish: the one our previous lease (same public IP)
+/// carried, so peers' entries stay valid across restarts; else the existing kernel device's;
+/// else a new random locally administered address.
 async fn choose_vtep_mac(
     store: &dyn LeaseStore,
     ext: &ExternalInterface,
     vni: u32,
     flags: &Flags,
+    family: IpFamily,
 ) -> MacAddr {
-    if let Ok((Some(mac), _)) = store.stored_vtep_macs().await {
-        if mac.is_unicast() {
-            info!(%mac, "reusing the VTEP MAC stored for this node");
+    let v6 = family == IpFamily::V6;
+    if let Ok(stored) = store.stored_vtep_macs().await {
+        if let Some(mac) = if v6 { stored.1 } else { stored.0 }.filter(MacAddr::is_unicast) {
+            info!(%mac, %family, "reusing the VTEP MAC stored for this node");
             return mac;
         }
     }
     if let Ok(leases) = store.list().await {
         let previous = leases
             .iter()
-            .filter(|l| l.attrs.public_ip == ext.ext_addr)
-            .find_map(|l| l.attrs.vxlan_data().ok().flatten())
+            .filter(|l| match v6 {
+                false => l.attrs.public_ip == ext.ext_addr,
+                true => l.attrs.public_ipv6.is_some() && l.attrs.public_ipv6 == ext.ext_v6_addr,
+            })
+            .find_map(|l| match v6 {
+                false => l.attrs.vxlan_data().ok().flatten(),
+                true => l.attrs.vxlan_v6_data().ok().flatten(),
+            })
             .filter(|d| d.vni == vni && d.vtep_mac.is_unicast());
         if let Some(d) = previous {
             info!(mac = %d.vtep_mac, "reusing the VTEP MAC of our previous lease");
             return d.vtep_mac;
         }
     }
-    if let Some(mac) = plane::existing_device_mac(flags, vni).await {
+    if let Some(mac) = plane::existing_device_mac(flags, vni, family).await {
         info!(%mac, "reusing the VTEP MAC of the existing device");
         return mac;
     }
@@ -717,23 +760,27 @@ async fn supervise_watch(store: Arc<dyn LeaseStore>, tx: mpsc::Sender<WatchUpdat
 fn intake_config(
     flags: &Flags,
     net: &NetConfig,
-    subnet: ipnet::Ipv4Net,
+    families: &Families,
     ext: &ExternalInterface,
 ) -> IntakeConfig {
     let allocating = flags.lease_dir.is_some() || !flags.kube_subnet_mgr;
-    let subnet_len = net
-        .ipv4_range()
-        .ok()
-        .flatten()
-        .map(|r| r.subnet_len)
-        .filter(|_| allocating);
+    let v4_len = net.ipv4_range().ok().flatten().map(|r| r.subnet_len);
+    let v6_len = net.ipv6_range().ok().flatten().map(|r| r.subnet_len);
+    let mut own_ips: Vec<std::net::IpAddr> = vec![ext.ext_addr.into(), ext.iface_addr.into()];
+    own_ips.extend(
+        ext.ext_v6_addr
+            .into_iter()
+            .chain(ext.iface_v6_addr)
+            .map(std::net::IpAddr::from),
+    );
+    own_ips.retain(|ip| !ip.is_unspecified());
     IntakeConfig {
-        network_v4: net.network,
-        network_v6: None,
-        subnet_len_v4: subnet_len,
-        subnet_len_v6: None,
-        own_subnets: vec![subnet.into()],
-        own_ips: vec![ext.ext_addr.into(), ext.iface_addr.into()],
+        network_v4: families.v4.map(|(n, _)| n),
+        network_v6: families.v6.map(|(n, _)| n),
+        subnet_len_v4: v4_len.filter(|_| allocating),
+        subnet_len_v6: v6_len.filter(|_| allocating),
+        own_subnets: families.nets().into_iter().map(|(_, s)| s).collect(),
+        own_ips,
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
 use crate::config::flags::Flags;
@@ -19,8 +19,9 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub(super) struct NftFirewall {
     nft: Option<Arc<Nft>>,
-    network: Ipv4Net,
-    subnet: Ipv4Net,
+    /// (Network, our subnet) of each enabled family.
+    v4: Option<(IpNet, IpNet)>,
+    v6: Option<(IpNet, IpNet)>,
     ip_masq: bool,
     random_fully_disabled: bool,
     forward: bool,
@@ -30,11 +31,15 @@ pub(super) struct NftFirewall {
 }
 
 impl NftFirewall {
-    pub(super) fn new(flags: &Flags, network: Ipv4Net, subnet: Ipv4Net) -> NftFirewall {
+    pub(super) fn new(
+        flags: &Flags,
+        v4: Option<(IpNet, IpNet)>,
+        v6: Option<(IpNet, IpNet)>,
+    ) -> NftFirewall {
         NftFirewall {
             nft: None,
-            network,
-            subnet,
+            v4,
+            v6,
             ip_masq: flags.ip_masq,
             random_fully_disabled: flags.ip_masq_fully_random_disable,
             forward: flags.iptables_forward_rules,
@@ -61,7 +66,7 @@ impl NftFirewall {
         let scripts = match &self.scripts {
             Some(s) => s.clone(),
             None => {
-                let (network, subnet) = (IpNet::V4(self.network), IpNet::V4(self.subnet));
+                let (v4_nets, v6_nets) = (self.v4, self.v6);
                 let (ip_masq, no_random, forward) =
                     (self.ip_masq, self.random_fully_disabled, self.forward);
                 let probe = nft.clone();
@@ -70,19 +75,23 @@ impl NftFirewall {
                 })
                 .await
                 .map_err(|e| format!("nft task failed: {e}"))?;
-                let v4 = NftRules {
-                    family: IpFamily::V4,
-                    masq: ip_masq.then_some((network, subnet, random_fully)),
-                    forward: forward.then_some(network),
-                };
-                let v6 = NftRules {
-                    family: IpFamily::V6,
-                    masq: None,
-                    forward: None,
+                // A family that is not enabled gets its table empty, as upstream's.
+                let rules = |family, nets: Option<(IpNet, IpNet)>| NftRules {
+                    family,
+                    masq: nets
+                        .filter(|_| ip_masq)
+                        .map(|(network, subnet)| (network, subnet, random_fully)),
+                    forward: nets.filter(|_| forward).map(|(network, _)| network),
                 };
                 let s = Arc::new(vec![
-                    (IpFamily::V4, flannel_table_script(&v4)),
-                    (IpFamily::V6, flannel_table_script(&v6)),
+                    (
+                        IpFamily::V4,
+                        flannel_table_script(&rules(IpFamily::V4, v4_nets)),
+                    ),
+                    (
+                        IpFamily::V6,
+                        flannel_table_script(&rules(IpFamily::V6, v6_nets)),
+                    ),
                 ]);
                 self.scripts = Some(s.clone());
                 s
@@ -96,6 +105,13 @@ impl NftFirewall {
                     .ensure_table(fam, name, script)
                     .map_err(|e| format!("nftables: couldn't set up table {fam} {name}: {e}"))?
                 {
+                    // Said at once: the next table's check takes a while.
+                    if !first {
+                        warn!(
+                            table = name,
+                            "Some nftables rules are missing or changed; recreated the table"
+                        );
+                    }
                     rewritten.push(name);
                 }
             }
@@ -107,10 +123,9 @@ impl NftFirewall {
             info!(
                 masq = self.ip_masq,
                 forward = self.forward,
+                tables = ?done,
                 "nftables: flannel tables installed"
             );
-        } else if !done.is_empty() {
-            warn!(tables = ?done, "Some nftables rules are missing or changed; recreated the table");
         }
         Ok(())
     }

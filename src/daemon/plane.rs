@@ -54,6 +54,12 @@ pub enum PlaneError {
     /// host-gw could not start.
     #[error(transparent)]
     HostGw(#[from] crate::backend::hostgw::HostGwError),
+    /// The external interface has no address of the lease's family.
+    #[error("no address of the family of lease {0} on the external interface {1}")]
+    NoAddress(IpNet, String),
+    /// IPv6 leases need the kernel data plane (`compat::check` refuses this first).
+    #[error("IPv6 needs --dataplane=kernel: the userspace data plane carries IPv4 overlays only")]
+    UserspaceIpv6,
     /// The backend type has no data plane here.
     #[error("unknown backend type: {0}")]
     Unknown(String),
@@ -85,12 +91,19 @@ impl Plane {
         flags: &Flags,
         backend: &BackendConfig,
         ext: &ExternalInterface,
-        network: Ipv4Net,
-        subnet: Ipv4Net,
+        network: IpNet,
+        subnet: IpNet,
         vtep_mac: Option<MacAddr>,
     ) -> Result<Plane, PlaneError> {
+        // This family's (interface, public) addresses.
+        let (iface_addr, public_ip) = ext
+            .addrs(matches!(subnet, IpNet::V6(_)))
+            .ok_or_else(|| PlaneError::NoAddress(subnet, ext.name.clone()))?;
         match (backend, vtep_mac) {
             (BackendConfig::Vxlan(vx), Some(mac)) if flags.dataplane == Dataplane::Userspace => {
+                let (IpNet::V4(network), IpNet::V4(subnet)) = (network, subnet) else {
+                    return Err(PlaneError::UserspaceIpv6);
+                };
                 let device = vx.device_name();
                 let underlay_mtu = vx.mtu.unwrap_or(ext.mtu);
                 let mtu = underlay_mtu.saturating_sub(VXLAN_OVERHEAD);
@@ -205,14 +218,14 @@ impl Plane {
                 let kv = KernelVxlan::setup(KernelVxlanConfig {
                     vni: vx.vni,
                     underlay_ifname: ext.name.clone(),
-                    local_ip: ext.ext_addr.into(),
+                    local_ip: public_ip,
                     port: vx.port,
                     learning: vx.learning,
                     gbp: vx.gbp,
                     mtu: Some(vx.mtu.unwrap_or(ext.mtu)),
                     vtep_mac: mac,
-                    network: network.into(),
-                    subnet: subnet.into(),
+                    network,
+                    subnet,
                     direct_routing: vx.direct_routing,
                     keep_tx_checksum: flags.vxlan_tx_checksum_offload,
                 })
@@ -227,10 +240,10 @@ impl Plane {
             (BackendConfig::HostGw, _) => Ok(Plane::HostGw(
                 HostGw::setup(HostGwConfig {
                     iface: ext.name.clone(),
-                    iface_addr: ext.iface_addr.into(),
-                    public_ip: ext.ext_addr.into(),
-                    network: network.into(),
-                    subnet: subnet.into(),
+                    iface_addr,
+                    public_ip,
+                    network,
+                    subnet,
                 })
                 .await?,
             )),
@@ -565,13 +578,19 @@ async fn configure_tun(
     Ok(())
 }
 
-/// The MAC of an existing `flannel.<VNI>` vxlan device, for kernel mode restarts.
-pub(super) async fn existing_device_mac(flags: &Flags, vni: u32) -> Option<MacAddr> {
+/// The MAC of an existing `flannel.<VNI>` (`flannel-v6.<VNI>`) vxlan device, for kernel
+/// mode restarts.
+pub(super) async fn existing_device_mac(
+    flags: &Flags,
+    vni: u32,
+    family: IpFamily,
+) -> Option<MacAddr> {
     if flags.dataplane != Dataplane::Kernel {
         return None;
     }
     let nl = Netlink::connect().ok()?;
-    let link = nl.link_by_name(&format!("flannel.{vni}")).await.ok()??;
+    let name = crate::backend::kernel::device_name(vni, family);
+    let link = nl.link_by_name(&name).await.ok()??;
     (link.kind.as_deref() == Some("vxlan")).then_some(link.mac?)
 }
 
@@ -594,13 +613,13 @@ struct Setup {
 impl Firewall {
     pub(super) fn new(
         flags: &Flags,
-        network: Ipv4Net,
-        subnet: Ipv4Net,
-        previous: Option<(Ipv4Net, Ipv4Net)>,
+        network: IpNet,
+        subnet: IpNet,
+        previous: Option<(IpNet, IpNet)>,
     ) -> Firewall {
         let wanted = flags.ip_masq || flags.iptables_forward_rules;
         let ipt = if wanted {
-            match Iptables::detect(IpFamily::V4) {
+            match Iptables::detect(IpFamily::of_net(network)) {
                 Ok(i) => Some(Arc::new(i)),
                 Err(e) => {
                     warn!(error = %e, "iptables unavailable; masquerade/forward rules not installed");
@@ -613,11 +632,11 @@ impl Firewall {
         let masq = flags.ip_masq.then(|| {
             (
                 MasqConfig {
-                    network: network.into(),
-                    subnet: subnet.into(),
+                    network,
+                    subnet,
                     random_fully: flags.ip_masq_fully_random_disable.then_some(false),
                 },
-                previous.map(|(n, s)| (IpNet::V4(n), IpNet::V4(s))),
+                previous,
             )
         });
         Firewall {
@@ -625,7 +644,7 @@ impl Firewall {
             rules: Arc::new(Vec::new()),
             pending: Some(Arc::new(Setup {
                 masq,
-                forward: flags.iptables_forward_rules.then_some(IpNet::V4(network)),
+                forward: flags.iptables_forward_rules.then_some(network),
             })),
             nft: None,
         }
@@ -744,7 +763,7 @@ impl VxlanGuardRules {
     pub(super) fn new(
         flags: &Flags,
         backend: &BackendConfig,
-        network: Ipv4Net,
+        network: IpNet,
         nftables: bool,
     ) -> Option<VxlanGuardRules> {
         let BackendConfig::Vxlan(vx) = backend else {
@@ -760,7 +779,7 @@ impl VxlanGuardRules {
                 }
             }
         } else {
-            match Iptables::detect(IpFamily::V4) {
+            match Iptables::detect(IpFamily::of_net(network)) {
                 Ok(i) => Some(GuardApplier::Iptables(Arc::new(i))),
                 Err(e) => {
                     warn!(error = %e, "iptables unavailable; VXLAN guard rules not installed");
@@ -771,7 +790,7 @@ impl VxlanGuardRules {
         Some(VxlanGuardRules {
             ipt,
             port: vx.vxlan_port(),
-            network: network.into(),
+            network,
             allow_list: flags.dataplane == Dataplane::Kernel,
             wanted: None,
             in_place: false,

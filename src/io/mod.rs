@@ -7,5 +7,6 @@ pub mod handoff;
 pub mod icmp;
 pub mod iface;
 pub mod netns;
+pub mod route6;
 pub mod tun;
 pub mod udp;

@@ -54,7 +54,7 @@ pub enum StoreError {
     #[error(transparent)]
     Config(#[from] NetConfigError),
     /// The store's keys need an IPv4 subnet but the config disables IPv4.
-    #[error("the {0} store needs EnableIPv4: its lease keys always carry an IPv4 subnet")]
+    #[error("the {0} store needs EnableIPv4: IPv6-only leases (flannel's `0.0.0.0-0&<IPv6 subnet>` keys) are not implemented for it yet; run IPv6-only clusters with --kube-subnet-mgr")]
     Ipv4Required(&'static str),
     /// No free subnet between SubnetMin and SubnetMax (upstream's message).
     #[error("out of subnets")]

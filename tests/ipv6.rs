@@ -1,0 +1,764 @@
+//! `EnableIPv6` end to end (issue #12): dual-stack overlays with `--dataplane=kernel` (vxlan)
+//! and host-gw. Two flanneld nodes in namespaces behind one bridge share a `--lease-dir`
+//! store; each has a pod namespace on its subnets. Checked: subnet.env, the lease JSON,
+//! `flannel-v6.1` and its per-peer route/neighbour/FDB entries, host-gw v6 routes, the
+//! ip6tables masquerade chain, and pod-to-pod ping, ping6 and TCP over IPv6.
+//! Privileged: run as root (CI=true makes them mandatory).
+//!
+//! Addresses (all inside the test's namespaces): underlay 198.18.0.0/24 and
+//! 2001:db8:18::/64, pods 10.244.0.0/16 and 2001:db8:42::/56.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::MutexGuard;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node as KubeNode;
+use serde_json::json;
+use test_apiserver::TestApiServer;
+use test_support::cluster::{flanneld, serial};
+use test_support::netns::Netns;
+use test_support::{privileged, wait_for};
+
+const DUAL_VXLAN: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"vxlan"}}"#;
+/// host-gw in flannel's nftables mode.
+const DUAL_HOST_GW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","EnableNFTables":true,"Backend":{"Type":"host-gw"}}"#;
+
+/// The underlay switch: a bridge in its own namespace.
+struct Switch {
+    ns: Netns,
+}
+
+impl Switch {
+    fn new() -> Switch {
+        let ns = Netns::new("v6sw");
+        ns.ip_line("link add br0 type bridge");
+        ns.ip_line("link set br0 up");
+        Switch { ns }
+    }
+}
+
+/// A node namespace with flanneld and one pod namespace; flanneld is stopped by its PID on
+/// drop, before the namespaces go.
+struct Node {
+    flanneld: Option<Child>,
+    env_file: PathBuf,
+    log_file: PathBuf,
+    ns: Netns,
+    pod: Netns,
+    index: u8,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.flanneld.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// IPv6 addresses usable at once (no duplicate address detection), forwarding on.
+fn sysctls(ns: &Netns, forwarding: bool) {
+    let mut args = vec![
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+    ];
+    if forwarding {
+        args.extend(["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]);
+    }
+    ns.exec(&args);
+}
+
+impl Node {
+    /// Node `i` (1-based): eth0 on the switch with 2001:db8:18::i (and 198.18.0.i if `v4`),
+    /// default routes through eth0 (flanneld picks its interface from them).
+    fn new(sw: &Switch, i: u8, dir: &Path, v4: bool) -> Node {
+        let ns = Netns::new(&format!("v6n{i}"));
+        sysctls(&ns, true);
+        let port = format!("sw{i}");
+        sw.ns.ip_line(&format!(
+            "link add {port} type veth peer name eth0 netns {}",
+            ns.name
+        ));
+        sw.ns.ip_line(&format!("link set {port} master br0 up"));
+        ns.ip_line(&format!("addr add 2001:db8:18::{i}/64 dev eth0 nodad"));
+        ns.ip_line("link set eth0 up");
+        if v4 {
+            ns.ip_line(&format!("addr add 198.18.0.{i}/24 dev eth0"));
+            ns.ip_line("route add default via 198.18.0.254 dev eth0");
+        }
+        ns.ip_line("-6 route add default via 2001:db8:18::fe dev eth0");
+        let pod = Netns::new(&format!("v6p{i}"));
+        sysctls(&pod, false);
+        Node {
+            flanneld: None,
+            env_file: dir.join(format!("subnet-{i}.env")),
+            log_file: dir.join(format!("flanneld-{i}.log")),
+            ns,
+            pod,
+            index: i,
+        }
+    }
+
+    /// Starts flanneld with `args` (and `NODE_NAME=node-<i>` for the Kubernetes store).
+    fn start(&mut self, args: &[String]) {
+        let log = std::fs::File::create(&self.log_file).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns.name])
+            .arg(flanneld())
+            .arg(format!("--subnet-file={}", self.env_file.display()))
+            .args(["--iptables-resync=1", "-v=1"])
+            .args(args)
+            .env("NODE_NAME", format!("node-{}", self.index))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start flanneld");
+        self.flanneld = Some(child);
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// Waits for subnet.env and returns its text.
+    fn subnet_env(&mut self) -> String {
+        let ok = wait_for(Duration::from_secs(20), || {
+            if let Some(Ok(Some(st))) = self.flanneld.as_mut().map(Child::try_wait) {
+                panic!("flanneld exited with {st}: {}", self.log());
+            }
+            self.env_file.exists()
+        });
+        assert!(ok.is_some(), "no subnet.env: {}", self.log());
+        std::fs::read_to_string(&self.env_file).expect("subnet.env")
+    }
+
+    /// Gives the pod the second address of each of the node's subnets, the node side the
+    /// first (like the CNI bridge's gateway), default routes via the node.
+    fn plumb_pod(&self, v4: Option<&str>, v6: &str) {
+        let (ns, pod) = (&self.ns, &self.pod);
+        ns.ip_line(&format!(
+            "link add vp type veth peer name eth0 netns {}",
+            pod.name
+        ));
+        ns.ip_line(&format!("addr add {v6}1/64 dev vp nodad"));
+        ns.ip_line("link set vp up");
+        pod.ip_line(&format!("addr add {v6}2/64 dev eth0 nodad"));
+        pod.ip_line("link set eth0 up");
+        pod.ip_line(&format!("-6 route add default via {v6}1"));
+        if let Some(v4) = v4 {
+            ns.ip_line(&format!("addr add {v4}1/24 dev vp"));
+            pod.ip_line(&format!("addr add {v4}2/24 dev eth0"));
+            pod.ip_line(&format!("route add default via {v4}1"));
+        }
+    }
+}
+
+/// `KEY=value` of subnet.env.
+fn env_value(env: &str, key: &str) -> String {
+    env.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key} missing in {env}"))
+        .to_string()
+}
+
+/// `10.244.3.1/24` → `10.244.3.`; `2001:db8:42:7::1/64` → `2001:db8:42:7::`.
+fn prefix_of(first_host: &str) -> String {
+    let addr = first_host.split('/').next().expect("addr");
+    addr.strip_suffix('1')
+        .expect("first host ends in 1")
+        .to_string()
+}
+
+/// Two nodes up on `config` with `extra` flags, each with a plumbed pod; the pods' address
+/// prefixes (v4, v6) per node.
+fn two_nodes(
+    tmp: &Path,
+    config: &str,
+    extra: &[&str],
+) -> (Switch, Vec<Node>, Vec<(String, String)>) {
+    let lease_dir = lease_store(tmp, config);
+    let sw = Switch::new();
+    let mut nodes: Vec<Node> = (1..=2).map(|i| Node::new(&sw, i, tmp, true)).collect();
+    let mut args = vec![format!("--lease-dir={}", lease_dir.display())];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    for n in &mut nodes {
+        n.start(&args);
+    }
+    let mut prefixes = Vec::new();
+    for n in &mut nodes {
+        let env = n.subnet_env();
+        let v4 = prefix_of(&env_value(&env, "FLANNEL_SUBNET"));
+        let v6 = prefix_of(&env_value(&env, "FLANNEL_IPV6_SUBNET"));
+        n.plumb_pod(Some(&v4), &v6);
+        prefixes.push((v4, v6));
+    }
+    (sw, nodes, prefixes)
+}
+
+/// A scratch directory removed on drop (also on panic).
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The start of every test here: root (mandatory in CI), one at a time, a scratch directory.
+fn begin(test: &str, tag: &str) -> Option<(MutexGuard<'static, ()>, TempDir)> {
+    privileged(test).then(|| (serial(), tempdir(tag)))
+}
+
+/// `<tmp>/leases` holding the network config `config`: a `--lease-dir` store.
+fn lease_store(tmp: &Path, config: &str) -> PathBuf {
+    let dir = tmp.join("leases");
+    std::fs::create_dir_all(&dir).expect("lease dir");
+    std::fs::write(dir.join("config"), config).expect("config");
+    dir
+}
+
+fn tempdir(tag: &str) -> TempDir {
+    let d = std::env::temp_dir().join(format!("frs-ipv6-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("tempdir");
+    TempDir(d)
+}
+
+/// Pings `dst` from the pod of `from` until one answer (at most 10 s).
+fn ping_until(from: &Node, dst: &str) -> bool {
+    let v6 = dst.contains(':');
+    wait_for(Duration::from_secs(10), || {
+        let mut args = vec!["netns", "exec", from.pod.name.as_str(), "ping"];
+        if v6 {
+            args.push("-6");
+        }
+        args.extend(["-c", "1", "-W", "1", dst]);
+        Command::new("ip")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+    .is_some()
+}
+
+const TCP_SERVER: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", 7777))
+s.listen(1)
+s.settimeout(20)
+c, a = s.accept()
+c.sendall(("hello " + a[0]).encode())
+c.close()
+"#;
+
+const TCP_CLIENT: &str = r#"
+import socket, sys, time
+for _ in range(40):
+    try:
+        c = socket.create_connection((sys.argv[1], 7777), 5)
+        break
+    except OSError:
+        time.sleep(0.25)
+print(c.recv(200).decode())
+"#;
+
+/// A TCP connection over IPv6 from pod `from` to pod `to` (address `dst`); what the server
+/// saw as the client's address.
+fn tcp_v6(from: &Node, to: &Node, dst: &str) -> String {
+    let server = Command::new("timeout")
+        .args([
+            "25",
+            "ip",
+            "netns",
+            "exec",
+            &to.pod.name,
+            "python3",
+            "-c",
+            TCP_SERVER,
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("server");
+    let out = Command::new("timeout")
+        .args([
+            "20",
+            "ip",
+            "netns",
+            "exec",
+            &from.pod.name,
+            "python3",
+            "-c",
+            TCP_CLIENT,
+            dst,
+        ])
+        .output()
+        .expect("client");
+    let mut server = server;
+    let _ = server.wait();
+    assert!(
+        out.status.success(),
+        "TCP over IPv6 to {dst}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The MAC of device `dev` on node `n`.
+fn mac_of(n: &Node, dev: &str) -> String {
+    let link = n.ns.ip(&["-o", "link", "show", dev]);
+    link.split("link/ether ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("mac")
+        .to_string()
+}
+
+/// flannel's entries on `flannel-v6.1` of node `n` for the peer with subnet address `net`
+/// (a /64), VTEP MAC `mac` and public IPv6 `public`, and no others.
+fn assert_v6_peer_entries(n: &Node, net: &str, mac: &str, public: &str) {
+    // What `ip route replace <subnet> via <subnet address> dev flannel-v6.1 onlink` makes
+    // (IPv6 routes get the kernel's metric 1024); the /128 of our own address aside.
+    let routes = n.ns.ip(&["-6", "route", "show", "dev", "flannel-v6.1"]);
+    assert_eq!(
+        entries(&routes, " via "),
+        [format!("{net}/64 via {net} metric 1024 onlink pref medium")],
+        "{routes}"
+    );
+    let neigh = n.ns.ip(&["-6", "neigh", "show", "dev", "flannel-v6.1"]);
+    assert_eq!(
+        entries(&neigh, "lladdr"),
+        [format!("{net} lladdr {mac} PERMANENT")]
+    );
+    let fdb = n.ns.bridge(&["fdb", "show", "dev", "flannel-v6.1"]);
+    assert_eq!(
+        entries(&fdb, " dst "),
+        [format!("{mac} dst {public} self permanent")]
+    );
+}
+
+/// The lines of `text` that contain `keep`, trimmed, sorted and deduplicated.
+fn entries(text: &str, keep: &str) -> Vec<String> {
+    let set: BTreeSet<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.contains(keep))
+        .collect();
+    set.into_iter().map(String::from).collect()
+}
+
+/// The lease file of the node whose IPv6 public address is `public6`.
+fn lease_file(lease_dir: &Path, public6: &str) -> (String, String) {
+    for e in std::fs::read_dir(lease_dir.join("subnets")).expect("subnets") {
+        let e = e.expect("entry");
+        let text = std::fs::read_to_string(e.path()).expect("lease");
+        if text.contains(&format!("\"PublicIPv6\":\"{public6}\"")) {
+            return (e.file_name().to_string_lossy().into_owned(), text);
+        }
+    }
+    panic!("no lease with PublicIPv6 {public6}");
+}
+
+#[test]
+fn dual_stack_kernel_vxlan() {
+    let Some((_g, tmp)) = begin("dual_stack_kernel_vxlan", "vxlan") else {
+        return;
+    };
+    let (_sw, nodes, px) = two_nodes(&tmp, DUAL_VXLAN, &["--dataplane=kernel", "--ip-masq"]);
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+
+    // subnet.env: flannel's keys and order, both families.
+    let env = std::fs::read_to_string(&n1.env_file).expect("env");
+    let keys: Vec<&str> = env.lines().filter_map(|l| l.split('=').next()).collect();
+    assert_eq!(
+        keys,
+        [
+            "FLANNEL_NETWORK",
+            "FLANNEL_SUBNET",
+            "FLANNEL_IPV6_NETWORK",
+            "FLANNEL_IPV6_SUBNET",
+            "FLANNEL_MTU",
+            "FLANNEL_IPMASQ"
+        ],
+        "{env}"
+    );
+    assert_eq!(env_value(&env, "FLANNEL_IPV6_NETWORK"), "2001:db8:42::/56");
+    assert!(
+        env_value(&env, "FLANNEL_IPV6_SUBNET").ends_with("::1/64"),
+        "{env}"
+    );
+    assert_eq!(env_value(&env, "FLANNEL_MTU"), "1450");
+    assert_eq!(env_value(&env, "FLANNEL_IPMASQ"), "true");
+
+    // Each node's lease: key `v4-len&v6-len`, PublicIPv6 and BackendV6Data with the MAC of
+    // its flannel-v6.1.
+    let lease_dir = tmp.join("leases");
+    let (key2, lease2) = lease_file(&lease_dir, "2001:db8:18::2");
+    let mac2 = mac_of(n2, "flannel-v6.1");
+    let net2_v6 = px[1].1.clone();
+    assert_eq!(key2, format!("{}0-24&{net2_v6}-64", px[1].0), "{lease2}");
+    assert!(
+        lease2.starts_with(r#"{"PublicIP":"198.18.0.2","PublicIPv6":"2001:db8:18::2","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"#),
+        "{lease2}"
+    );
+    assert!(
+        lease2.ends_with(&format!(
+            r#","BackendV6Data":{{"VNI":1,"VtepMAC":"{mac2}"}}}}"#
+        )),
+        "{lease2}"
+    );
+    assert_ne!(mac2, mac_of(n2, "flannel.1"), "one MAC per device");
+
+    // flannel-v6.1 as flannel creates it, and n2's entries on n1.
+    let link = n1.ns.ip(&["-d", "link", "show", "flannel-v6.1"]);
+    assert!(
+        link.contains("vxlan id 1 local 2001:db8:18::1 dev eth0"),
+        "{link}"
+    );
+    let addrs = n1.ns.ip(&[
+        "-6",
+        "addr",
+        "show",
+        "dev",
+        "flannel-v6.1",
+        "scope",
+        "global",
+    ]);
+    assert!(addrs.contains(&format!("inet6 {}/128", px[0].1)), "{addrs}");
+    assert_v6_peer_entries(n1, &net2_v6, &mac2, "2001:db8:18::2");
+    // The IPv4 device carries only IPv4 peers, the IPv6 one only IPv6 peers.
+    let fdb4 = n1.ns.bridge(&["fdb", "show", "dev", "flannel.1"]);
+    assert!(fdb4.contains("dst 198.18.0.2 self permanent"), "{fdb4}");
+    assert!(!fdb4.contains("2001:db8"), "{fdb4}");
+
+    // Pod to pod, both families, and TCP over IPv6 without NAT between pods.
+    let (p2v4, p2v6) = (format!("{}2", px[1].0), format!("{}2", px[1].1));
+    assert!(ping_until(n1, &p2v4), "ping {p2v4}: {}", n1.log());
+    assert!(ping_until(n1, &p2v6), "ping6 {p2v6}: {}", n1.log());
+    assert!(ping_until(n2, &format!("{}2", px[0].1)), "ping6 back");
+    let seen = tcp_v6(n1, n2, &p2v6);
+    assert_eq!(seen, format!("hello {}2", px[0].1));
+
+    // ip6tables: flannel's masquerade chain, upstream's text with the IPv6 values.
+    let save = n1
+        .ns
+        .exec(&["ip6tables", "-t", "nat", "-S", "FLANNEL-POSTRTG"]);
+    let random_fully = save.contains("--random-fully");
+    let (n, p) = ("2001:db8:42::/56", format!("{}/64", px[0].1));
+    let c = r#"-m comment --comment "flanneld masq""#;
+    let rf = if random_fully { " --random-fully" } else { "" };
+    let want = [
+        "-N FLANNEL-POSTRTG".to_string(),
+        format!("-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {c} -j RETURN"),
+        format!("-A FLANNEL-POSTRTG -s {p} -d {n} {c} -j RETURN"),
+        format!("-A FLANNEL-POSTRTG -s {n} -d {p} {c} -j RETURN"),
+        format!("-A FLANNEL-POSTRTG ! -s {n} -d {p} {c} -j RETURN"),
+        format!("-A FLANNEL-POSTRTG -s {n} ! -d ff00::/8 {c} -j MASQUERADE{rf}"),
+        format!("-A FLANNEL-POSTRTG ! -s {n} -d {n} {c} -j MASQUERADE{rf}"),
+    ];
+    let got: Vec<String> = save.lines().map(str::to_string).collect();
+    assert_eq!(got, want);
+    let post = n1.ns.exec(&["ip6tables", "-t", "nat", "-S", "POSTROUTING"]);
+    assert!(
+        post.contains(&format!("-A POSTROUTING {c} -j FLANNEL-POSTRTG")),
+        "{post}"
+    );
+    let fwd = n1.ns.exec(&["ip6tables", "-S", "FLANNEL-FWD"]);
+    assert!(
+        fwd.contains(r#"-A FLANNEL-FWD -s 2001:db8:42::/56 -m comment --comment "flanneld forward" -j ACCEPT"#),
+        "{fwd}"
+    );
+}
+
+#[test]
+fn dual_stack_host_gw() {
+    let Some((_g, tmp)) = begin("dual_stack_host_gw", "hostgw") else {
+        return;
+    };
+    // The default data plane: host-gw needs no --dataplane flag for IPv6.
+    let (_sw, nodes, px) = two_nodes(&tmp, DUAL_HOST_GW, &["--ip-masq"]);
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    let env = std::fs::read_to_string(&n1.env_file).expect("env");
+    assert_eq!(env_value(&env, "FLANNEL_MTU"), "1500");
+    let (_, lease2) = lease_file(&tmp.join("leases"), "2001:db8:18::2");
+    assert_eq!(
+        lease2,
+        r#"{"PublicIP":"198.18.0.2","PublicIPv6":"2001:db8:18::2","BackendType":"host-gw"}"#
+    );
+    let routes6 = n1.ns.ip(&["-6", "route", "show", "dev", "eth0"]);
+    let want = format!("{}/64 via 2001:db8:18::2", px[1].1);
+    assert!(
+        routes6.lines().any(|l| l.starts_with(&want)),
+        "want {want}: {routes6}"
+    );
+    let routes4 = n1.ns.ip(&["route", "show", "dev", "eth0"]);
+    let want4 = format!("{}0/24 via 198.18.0.2", px[1].0);
+    assert!(
+        routes4.lines().any(|l| l.starts_with(&want4)),
+        "want {want4}: {routes4}"
+    );
+    assert!(
+        ping_until(n1, &format!("{}2", px[1].0)),
+        "ping: {}",
+        n1.log()
+    );
+    assert!(
+        ping_until(n1, &format!("{}2", px[1].1)),
+        "ping6: {}",
+        n1.log()
+    );
+    let seen = tcp_v6(n2, n1, &format!("{}2", px[0].1));
+    assert_eq!(seen, format!("hello {}2", px[1].1));
+
+    // nftables mode: flannel's rules in `ip6 flannel-ipv6` (and `ip flannel-ipv4`).
+    let p6 = format!("{}/64", px[0].1);
+    let chain6 = n1
+        .ns
+        .exec(&["nft", "list", "chain", "ip6", "flannel-ipv6", "postrtg"]);
+    for rule in [
+        format!("ip6 saddr {p6} ip6 daddr 2001:db8:42::/56 return"),
+        format!("ip6 saddr 2001:db8:42::/56 ip6 daddr {p6} return"),
+        format!("ip6 saddr != {p6} ip6 daddr 2001:db8:42::/56 return"),
+        "ip6 saddr 2001:db8:42::/56 ip6 daddr != ff00::/8 masquerade".to_string(),
+        "ip6 saddr != 2001:db8:42::/56 ip6 daddr 2001:db8:42::/56 masquerade".to_string(),
+    ] {
+        assert!(chain6.contains(&rule), "{rule}: {chain6}");
+    }
+    let fwd6 = n1
+        .ns
+        .exec(&["nft", "list", "chain", "ip6", "flannel-ipv6", "forward"]);
+    assert!(fwd6.contains("ip6 daddr 2001:db8:42::/56 accept"), "{fwd6}");
+    let chain4 = n1
+        .ns
+        .exec(&["nft", "list", "chain", "ip", "flannel-ipv4", "postrtg"]);
+    assert!(
+        chain4.contains("ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade"),
+        "{chain4}"
+    );
+}
+
+#[test]
+fn userspace_data_plane_refuses_ipv6_vxlan_naming_the_kernel_one() {
+    let Some((_g, tmp)) = begin(
+        "userspace_data_plane_refuses_ipv6_vxlan_naming_the_kernel_one",
+        "refuse",
+    ) else {
+        return;
+    };
+    let lease_dir = lease_store(&tmp, DUAL_VXLAN);
+    let sw = Switch::new();
+    let mut n = Node::new(&sw, 1, &tmp, true);
+    n.start(&[format!("--lease-dir={}", lease_dir.display())]);
+    let mut child = n.flanneld.take().expect("child");
+    let exited = wait_for(Duration::from_secs(10), || {
+        child.try_wait().ok().flatten().is_some()
+    });
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let status = child.wait().expect("wait");
+    assert!(!status.success(), "{}", n.log());
+    assert!(n.log().contains("needs --dataplane=kernel"), "{}", n.log());
+    assert!(!n.env_file.exists());
+}
+
+/// The test API server, run in the switch namespace on 2001:db8:18::fe (the nodes' IPv6
+/// default gateway) by a thread of its own; stopped on drop.
+struct ApiServer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const API_URL: &str = "http://[2001:db8:18::fe]:6443";
+
+impl ApiServer {
+    fn start(sw: &Switch, nodes: Vec<KubeNode>) -> ApiServer {
+        sw.ns.ip_line("addr add 2001:db8:18::fe/64 dev br0 nodad");
+        let path = sw.ns.path();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            flannel_rs::io::netns::enter(&path).expect("setns");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let addr = "[2001:db8:18::fe]:6443".parse().expect("addr");
+                let server = TestApiServer::start_on(addr).await.expect("api server");
+                for n in nodes {
+                    server.add_node(n);
+                }
+                let _ = ready_tx.send(());
+                let _ = stopped.await;
+            });
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("api server ready");
+        ApiServer {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// A node's annotations, read over HTTP from the switch namespace.
+    fn annotations(sw: &Switch, node: &str) -> serde_json::Map<String, serde_json::Value> {
+        let body = sw.ns.exec(&[
+            "curl",
+            "-sf",
+            "--max-time",
+            "5",
+            &format!("{API_URL}/api/v1/nodes/{node}"),
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("node json");
+        v["metadata"]["annotations"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn kube_node(name: &str, cidr: &str) -> KubeNode {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+        "status": {"conditions": [
+            {"type": "Ready", "status": "True", "reason": "KubeletReady"},
+            {"type": "NetworkUnavailable", "status": "True", "reason": "NoRouteCreated"}
+        ]}
+    }))
+    .expect("node")
+}
+
+#[test]
+fn ipv6_only_kernel_vxlan_with_the_kube_store() {
+    let Some((_g, tmp)) = begin("ipv6_only_kernel_vxlan_with_the_kube_store", "v6only") else {
+        return;
+    };
+    let conf = tmp.join("net-conf.json");
+    std::fs::write(
+        &conf,
+        r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"vxlan"}}"#,
+    )
+    .expect("net-conf");
+    let sw = Switch::new();
+    let _api = ApiServer::start(
+        &sw,
+        vec![
+            kube_node("node-1", "2001:db8:42:1::/64"),
+            kube_node("node-2", "2001:db8:42:2::/64"),
+        ],
+    );
+    // IPv6-only underlay: the nodes have no IPv4 address at all.
+    let mut nodes: Vec<Node> = (1..=2).map(|i| Node::new(&sw, i, &tmp, false)).collect();
+    let args = [
+        "--kube-subnet-mgr".to_string(),
+        format!("--kube-api-url={API_URL}"),
+        format!("--net-config-path={}", conf.display()),
+        "--dataplane=kernel".into(),
+        "--ip-masq".into(),
+    ];
+    for n in &mut nodes {
+        n.start(&args);
+    }
+    for (i, n) in nodes.iter_mut().enumerate() {
+        let env = n.subnet_env();
+        let want = format!(
+            "FLANNEL_IPV6_NETWORK=2001:db8:42::/56\nFLANNEL_IPV6_SUBNET=2001:db8:42:{}::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n",
+            i + 1
+        );
+        assert_eq!(env, want);
+        n.plumb_pod(None, &format!("2001:db8:42:{}::", i + 1));
+    }
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+
+    // flannel's IPv6 annotations; no IPv4 ones for an IPv6-only vxlan node.
+    let mac2 = mac_of(n2, "flannel-v6.1");
+    let ok = wait_for(Duration::from_secs(10), || {
+        let a = ApiServer::annotations(&sw, "node-2");
+        a.get("flannel.alpha.coreos.com/public-ipv6")
+            .and_then(|v| v.as_str())
+            == Some("2001:db8:18::2")
+    });
+    assert!(ok.is_some(), "{}", n2.log());
+    let a = ApiServer::annotations(&sw, "node-2");
+    assert_eq!(
+        a["flannel.alpha.coreos.com/backend-v6-data"],
+        json!(format!(r#"{{"VNI":1,"VtepMAC":"{mac2}"}}"#))
+    );
+    assert_eq!(a["flannel.alpha.coreos.com/backend-type"], json!("vxlan"));
+    assert!(
+        !a.contains_key("flannel.alpha.coreos.com/public-ip"),
+        "{a:?}"
+    );
+    assert!(
+        !a.contains_key("flannel.alpha.coreos.com/backend-data"),
+        "{a:?}"
+    );
+
+    // Only the IPv6 device, with n2's entries.
+    let link = n1.ns.ip(&["-d", "link", "show", "flannel-v6.1"]);
+    assert!(
+        link.contains("vxlan id 1 local 2001:db8:18::1 dev eth0"),
+        "{link}"
+    );
+    assert!(!n1.ns.ip(&["link", "show"]).contains("flannel.1:"));
+    let ok = wait_for(Duration::from_secs(10), || {
+        n1.ns
+            .ip(&["-6", "route", "show", "dev", "flannel-v6.1"])
+            .contains("2001:db8:42:2::/64 via")
+    });
+    assert!(ok.is_some(), "{}", n1.log());
+    assert_v6_peer_entries(n1, "2001:db8:42:2::", &mac2, "2001:db8:18::2");
+
+    assert!(ping_until(n1, "2001:db8:42:2::2"), "ping6: {}", n1.log());
+    assert_eq!(tcp_v6(n2, n1, "2001:db8:42:1::2"), "hello 2001:db8:42:2::2");
+
+    // ip6tables rules only: IPv4 is not enabled.
+    let nat6 = n1
+        .ns
+        .exec(&["ip6tables", "-t", "nat", "-S", "FLANNEL-POSTRTG"]);
+    assert!(
+        nat6.contains("-A FLANNEL-POSTRTG -s 2001:db8:42:1::/64 -d 2001:db8:42::/56"),
+        "{nat6}"
+    );
+    let nat4 = n1.ns.exec(&["iptables", "-t", "nat", "-S"]);
+    assert!(!nat4.contains("FLANNEL-POSTRTG"), "{nat4}");
+    // The VXLAN guard's allow-list, in ip6tables: the peer's public IPv6 only.
+    let ok = wait_for(Duration::from_secs(10), || {
+        let g = n1.ns.exec(&["ip6tables", "-S", "FLANNEL-VXLAN-IN"]);
+        g.contains("-s 2001:db8:18::2/128") && g.contains("-j DROP")
+    });
+    assert!(
+        ok.is_some(),
+        "{}",
+        n1.ns.exec(&["ip6tables", "-S", "FLANNEL-VXLAN-IN"])
+    );
+}
