@@ -576,8 +576,7 @@ async fn route_lookup(nl: &Netlink, ip: IpAddr) -> (IpAddr, Result<Route, Netlin
 pub async fn onlink_public_ips(nl: &Netlink, family: IpFamily, peers: &[Peer]) -> HashSet<IpAddr> {
     let ips: BTreeSet<IpAddr> = peers
         .iter()
-        .filter(|p| IpFamily::of_net(p.subnet) == family)
-        .filter(|p| p.backend_type == plan::BACKEND_VXLAN)
+        .filter(|p| IpFamily::of_net(p.subnet) == family && p.vtep().is_some())
         .map(|p| p.public_ip)
         .collect();
     // Futures collected first (no closure in the stream's type keeps the sync future Send).

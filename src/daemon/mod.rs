@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::backend::intake::{intake, IntakeConfig, RefusalLog};
+use crate::backend::intake::{intake, IntakeConfig, NodeBackend, RefusalLog};
 use crate::backend::Peer;
 use crate::config::flags::Flags;
 use crate::config::netconf::{BackendConfig, NetConfig, NetConfigError};
@@ -312,7 +312,7 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     let (tx, mut rx) = mpsc::channel(64);
     let watch_task = tokio::spawn(supervise_watch(store.clone(), tx));
     let mut watcher = LeaseWatcher::new(lease.subnet, lease.ipv6_subnet);
-    let intake_cfg = intake_config(&flags, &net, subnet, &ext);
+    let intake_cfg = intake_config(&flags, &net, &backend, subnet, &ext);
     let mut refusal_log = RefusalLog::default();
     let mut peers: Vec<Peer> = Vec::new();
     // Nothing is programmed (or removed as stale) before the store's first snapshot: an
@@ -712,11 +712,13 @@ async fn supervise_watch(store: Arc<dyn LeaseStore>, tx: mpsc::Sender<WatchUpdat
     }
 }
 
-/// What lease intake checks peers against: Network, SubnetLen where this store allocates
-/// (etcd, directory; the Kubernetes store takes podCIDRs as they are), our subnet and addresses.
+/// What lease intake checks peers against: our backend, Network, SubnetLen where this store
+/// allocates (etcd, directory; the Kubernetes store takes podCIDRs as they are), our subnet and
+/// addresses.
 fn intake_config(
     flags: &Flags,
     net: &NetConfig,
+    backend: &BackendConfig,
     subnet: ipnet::Ipv4Net,
     ext: &ExternalInterface,
 ) -> IntakeConfig {
@@ -728,6 +730,7 @@ fn intake_config(
         .map(|r| r.subnet_len)
         .filter(|_| allocating);
     IntakeConfig {
+        backend: NodeBackend::of(backend).unwrap_or_default(),
         network_v4: net.network,
         network_v6: None,
         subnet_len_v4: subnet_len,
