@@ -1,4 +1,15 @@
 //! Backends: turn peers into host state. Pure planners decide; reconcilers apply.
+//!
+//! How a lease change flows: a store sends a snapshot or events; `lease::LeaseWatcher` turns
+//! them into added/removed events against the peer leases it holds, the one diff of the lease
+//! set (the Kubernetes store has already turned Node objects into lease events). On any event
+//! the daemon runs [`intake::intake`] over the watcher's whole set, once, and hands the
+//! checked peer set as one value (`&[Peer]`) to the data plane, and through a watch channel to
+//! the prober and the VXLAN guard. A plane diffs nothing but that set against what it has:
+//! the userspace plane builds its peer table whole and swaps it in; the kernel vxlan, host-gw
+//! and direct-route reconcilers plan the entries and diff them against the kernel's
+//! ([`plan::Plan::diff`]), the one diff that must stay. The daemon repeats the last sync
+//! every 10 s.
 
 pub mod apply;
 pub mod handoff;
