@@ -340,16 +340,7 @@ impl KernelVxlan {
             }
         };
         let ops = plan.diff(&current);
-        let name = self.name.clone();
-        let index = self.ifindex;
-        apply_ops(&self.nl, &ops, index, &mut report, move |i| {
-            if i == index {
-                name.clone()
-            } else {
-                format!("ifindex {i}")
-            }
-        })
-        .await;
+        apply_ops(&self.nl, &ops, self.ifindex, &self.name, &mut report).await;
         report
     }
 

@@ -718,6 +718,24 @@ mod tests {
         peer(subnet, ip, kind)
     }
 
+    /// The iproute2 commands of `ops` (VXLAN device index 10; device `n` named `if<n>`).
+    fn describe(ops: &[Op]) -> Vec<String> {
+        ops.iter()
+            .map(|o| o.describe(10, |i| format!("if{i}")))
+            .collect()
+    }
+
+    /// `dst via <via> dev <dev>`, metric 0.
+    fn route(dst: &str, via: &str, dev: u32, onlink: bool) -> RouteEntry {
+        RouteEntry {
+            dst: dst.parse().unwrap(),
+            via: Some(via.parse().unwrap()),
+            dev: Some(dev),
+            onlink,
+            metric: 0,
+        }
+    }
+
     fn vx_cfg() -> VxlanPlanConfig {
         VxlanPlanConfig {
             ifindex: 10,
@@ -806,13 +824,8 @@ mod tests {
         let peers = vec![vx_peer("10.244.2.0/24", "198.18.0.2", 2)];
         let plan = plan_vxlan(&vx_cfg(), &peers, |_| false);
         assert!(plan.skipped.is_empty());
-        let ops = plan.diff(&KernelState::default());
-        let described: Vec<String> = ops
-            .iter()
-            .map(|o| o.describe(10, |i| format!("if{i}")))
-            .collect();
         assert_eq!(
-            described,
+            describe(&plan.diff(&KernelState::default())),
             vec![
                 "ip neigh replace 10.244.2.0 lladdr 02:00:00:00:00:02 dev if10 nud permanent",
                 "bridge fdb replace 02:00:00:00:00:02 dev if10 dst 198.18.0.2 self permanent",
@@ -843,13 +856,7 @@ mod tests {
             .iter()
             .all(|p| p.neigh.is_none() && p.fdb.is_none()));
         // A direct route of a peer that is no longer on-link is ours to remove.
-        let stale = RouteEntry {
-            dst: "10.244.3.0/24".parse().unwrap(),
-            via: Some("203.0.113.3".parse().unwrap()),
-            dev: Some(3),
-            onlink: false,
-            metric: 0,
-        };
+        let stale = route("10.244.3.0/24", "203.0.113.3", 3, false);
         let ops = plan_direct_routes(&cfg, &peers, |_| false).diff(&KernelState {
             routes: vec![stale],
             ..Default::default()
@@ -865,13 +872,8 @@ mod tests {
         ];
         let onlink: IpAddr = "198.18.0.2".parse().unwrap();
         let plan = plan_vxlan(&vx_cfg(), &peers, |ip| ip == onlink);
-        let ops = plan.diff(&KernelState::default());
-        let described: Vec<String> = ops
-            .iter()
-            .map(|o| o.describe(10, |i| format!("if{i}")))
-            .collect();
         assert_eq!(
-            described,
+            describe(&plan.diff(&KernelState::default())),
             vec![
                 "ip route replace 10.244.2.0/24 via 198.18.0.2",
                 "ip neigh replace 10.244.3.0 lladdr 02:00:00:00:00:03 dev if10 nud permanent",
@@ -889,11 +891,6 @@ mod tests {
         ];
         let fallback: IpNet = "10.244.2.0/24".parse().unwrap();
         let plan = plan_vxlan_fallback(&vx_cfg(), &peers, |_| false, |s| s == fallback);
-        let describe = |ops: &[Op]| -> Vec<String> {
-            ops.iter()
-                .map(|o| o.describe(10, |i| format!("if{i}")))
-                .collect()
-        };
         assert_eq!(
             describe(&plan.diff(&KernelState::default())),
             vec![
@@ -940,11 +937,8 @@ mod tests {
         let plan = plan_host_gw(&cfg, &[hg, vx, v6]);
         assert_eq!(plan.other_family, 1);
         assert!(plan.skipped.is_empty());
-        let ops = plan.diff(&KernelState::default());
         assert_eq!(
-            ops.iter()
-                .map(|o| o.describe(10, |i| format!("if{i}")))
-                .collect::<Vec<_>>(),
+            describe(&plan.diff(&KernelState::default())),
             vec!["ip route replace 10.244.2.0/24 via 198.18.0.2 dev if3"]
         );
     }
@@ -977,34 +971,13 @@ mod tests {
         current
             .fdb
             .insert(mac(9), vec!["198.18.0.9".parse().unwrap()]);
-        let stale = RouteEntry {
-            dst: "10.244.9.0/24".parse().unwrap(),
-            via: Some("10.244.9.0".parse().unwrap()),
-            dev: Some(10),
-            onlink: true,
-            metric: 0,
-        };
+        let stale = route("10.244.9.0/24", "10.244.9.0", 10, true);
         // Not ours: connected route of the bridge, a route outside Network on another device.
-        let bridge = RouteEntry {
-            dst: "10.244.1.0/24".parse().unwrap(),
-            via: Some("10.244.1.1".parse().unwrap()),
-            dev: Some(4),
-            onlink: false,
-            metric: 0,
-        };
-        let other = RouteEntry {
-            dst: "192.168.77.0/24".parse().unwrap(),
-            via: Some("198.18.0.254".parse().unwrap()),
-            dev: Some(2),
-            onlink: false,
-            metric: 0,
-        };
+        let bridge = route("10.244.1.0/24", "10.244.1.1", 4, false);
+        let other = route("192.168.77.0/24", "198.18.0.254", 2, false);
         current.routes = vec![stale, bridge, other];
-        let ops = plan.diff(&current);
         assert_eq!(
-            ops.iter()
-                .map(|o| o.describe(10, |i| format!("if{i}")))
-                .collect::<Vec<_>>(),
+            describe(&plan.diff(&current)),
             vec![
                 "ip route del 10.244.9.0/24 via 10.244.9.0 dev if10 onlink",
                 "bridge fdb del 02:00:00:00:00:09 dev if10 dst 198.18.0.9 self",
@@ -1043,13 +1016,7 @@ mod tests {
             mac(2),
             vec!["198.18.0.7".parse().unwrap(), "198.18.0.8".parse().unwrap()],
         );
-        let r = |via: &str| RouteEntry {
-            dst: "10.244.2.0/24".parse().unwrap(),
-            via: Some(via.parse().unwrap()),
-            dev: Some(10),
-            onlink: true,
-            metric: 0,
-        };
+        let r = |via: &str| route("10.244.2.0/24", via, 10, true);
         current.routes = vec![r("10.244.2.7"), r("10.244.2.8")];
         let ops = plan.diff(&current);
         let after = apply_all(&current, &ops);

@@ -259,42 +259,49 @@ impl KubeStore {
 
     /// Waits for this node like upstream (poll every 3 s, at most 30 s).
     async fn wait_for_own_node(&self) -> Result<Node, StoreError> {
-        let deadline = tokio::time::Instant::now() + self.timing.node_timeout;
-        loop {
-            let message = match self.nodes.get(&self.node_name).await {
-                Ok(node) => return Ok(node),
-                Err(e) if is_not_found(&e) => format!("node {:?} does not exist", self.node_name),
-                Err(e) => e.to_string(),
-            };
-            debug!(node = %self.node_name, "waiting for own node: {message}");
-            if tokio::time::Instant::now() + self.timing.node_poll > deadline {
-                return Err(KubeError::Timeout {
-                    node: self.node_name.clone(),
-                    message,
+        self.poll_node("waiting for own node", || async move {
+            match self.nodes.get(&self.node_name).await {
+                Ok(node) => Ok(node),
+                Err(e) if is_not_found(&e) => {
+                    Err(format!("node {:?} does not exist", self.node_name))
                 }
-                .into());
+                Err(e) => Err(e.to_string()),
             }
-            tokio::time::sleep(self.timing.node_poll).await;
-        }
+        })
+        .await
     }
 
     /// Strategic-merge PATCH of `nodes/<name>/status`, retried like upstream.
     async fn patch_status(&self, body: serde_json::Value) -> Result<(), StoreError> {
+        let body = &body;
+        self.poll_node("failed to patch node", || async move {
+            let patch = Patch::Strategic(body);
+            self.nodes
+                .patch_status(&self.node_name, &PatchParams::default(), &patch)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await
+    }
+
+    /// Tries `attempt` every `node_poll` until it succeeds or `node_timeout` would pass
+    /// (upstream's node retries); the timeout names the last failure.
+    async fn poll_node<T, F>(
+        &self,
+        what: &str,
+        mut attempt: impl FnMut() -> F,
+    ) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, String>>,
+    {
         let deadline = tokio::time::Instant::now() + self.timing.node_timeout;
         loop {
-            let message = match self
-                .nodes
-                .patch_status(
-                    &self.node_name,
-                    &PatchParams::default(),
-                    &Patch::Strategic(&body),
-                )
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(e) => e.to_string(),
+            let message = match attempt().await {
+                Ok(v) => return Ok(v),
+                Err(message) => message,
             };
-            debug!(node = %self.node_name, "failed to patch node: {message}");
+            debug!(node = %self.node_name, "{what}: {message}");
             if tokio::time::Instant::now() + self.timing.node_poll > deadline {
                 return Err(KubeError::Timeout {
                     node: self.node_name.clone(),
