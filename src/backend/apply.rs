@@ -200,10 +200,10 @@ pub(crate) async fn apply_ops(
     for (op, outcome) in adds.iter().zip(results.into_iter().flatten()) {
         match outcome {
             Outcome::Done => report.added += 1,
-            Outcome::Failed(e) => report.fail(op.peer(), op.describe(index, &dev_name), &e),
+            Outcome::Failed(e) => report.fail(op.peer(), op.describe(index, dev_name), &e),
             Outcome::SkippedAfterFailure => report.failures.push(OpFailure {
                 peer: op.peer(),
-                op: op.describe(index, &dev_name),
+                op: op.describe(index, dev_name),
                 error: "skipped: an earlier operation for this peer failed".to_owned(),
                 errno: None,
             }),
@@ -226,7 +226,7 @@ pub(crate) async fn apply_ops(
             .collect()
             .await;
         for (op, r) in batch.iter().zip(results) {
-            let text = op.describe(index, &dev_name);
+            let text = op.describe(index, dev_name);
             match r {
                 Ok(()) => {
                     tracing::info!(op = %text, "removed stale entry (no current lease for it)");

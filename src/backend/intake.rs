@@ -19,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::plan::{BACKEND_HOST_GW, BACKEND_VXLAN};
-use super::{Peer, PeerKind};
+use super::{Checked, Peer, PeerKind};
 use crate::lease::Lease;
 
 /// The backend this node runs: only leases of its type become peers.
@@ -269,7 +269,7 @@ pub fn intake<'a>(leases: impl IntoIterator<Item = &'a Lease>, cfg: &IntakeConfi
                 public_ip: c.public_ip,
                 kind,
                 node: c.node,
-                checked: (),
+                checked: Checked,
             }),
             _ => refused.push(Refusal {
                 subnet: Some(c.subnet),

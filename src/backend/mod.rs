@@ -68,8 +68,13 @@ pub struct Peer {
     /// The remote Kubernetes node's name, where the store knows it (for messages).
     pub node: Option<String>,
     /// Only intake (in this module's tree) builds peers.
-    checked: (),
+    checked: Checked,
 }
+
+/// The mark of a [`Peer`] built by intake: private, so no code outside this module's tree
+/// can write a `Peer { .. }` literal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Checked;
 
 impl Peer {
     /// The VTEP MAC and VNI of a vxlan peer.
@@ -88,7 +93,7 @@ impl Peer {
             public_ip: public_ip.parse().expect("ip"),
             kind,
             node: None,
-            checked: (),
+            checked: Checked,
         }
     }
 }

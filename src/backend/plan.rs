@@ -706,7 +706,7 @@ mod tests {
             public_ip: ip.parse().unwrap(),
             kind,
             node: None,
-            checked: (),
+            checked: crate::backend::Checked,
         }
     }
 
@@ -716,6 +716,14 @@ mod tests {
             vni: 1,
         };
         peer(subnet, ip, kind)
+    }
+
+    fn hg_cfg(ifindex: u32) -> HostGwPlanConfig {
+        HostGwPlanConfig {
+            ifindex,
+            network: "10.244.0.0/16".parse().unwrap(),
+            own_subnet: "10.244.1.0/24".parse().unwrap(),
+        }
     }
 
     /// The iproute2 commands of `ops` (VXLAN device index 10; device `n` named `if<n>`).
@@ -836,11 +844,7 @@ mod tests {
 
     #[test]
     fn userspace_direct_routes_only_for_onlink_vxlan_peers() {
-        let cfg = HostGwPlanConfig {
-            ifindex: 3,
-            network: "10.244.0.0/16".parse().unwrap(),
-            own_subnet: "10.244.1.0/24".parse().unwrap(),
-        };
+        let cfg = hg_cfg(3);
         let hg = peer("10.244.4.0/24", "198.18.0.4", PeerKind::HostGw);
         let peers = vec![
             vx_peer("10.244.2.0/24", "198.18.0.2", 2),
@@ -925,11 +929,7 @@ mod tests {
 
     #[test]
     fn host_gw_routes_and_skips() {
-        let cfg = HostGwPlanConfig {
-            ifindex: 3,
-            network: "10.244.0.0/16".parse().unwrap(),
-            own_subnet: "10.244.1.0/24".parse().unwrap(),
-        };
+        let cfg = hg_cfg(3);
         let hg = peer("10.244.2.0/24", "198.18.0.2", PeerKind::HostGw);
         // Intake hands a host-gw node no vxlan peer; one would be left out, not skipped.
         let vx = vx_peer("10.244.3.0/24", "198.18.0.3", 3);
@@ -1140,7 +1140,7 @@ mod tests {
                 IpAddr::V6(_) => false,
             };
             let plan = if host_gw {
-                plan_host_gw(&HostGwPlanConfig { ifindex: 2, network: "10.244.0.0/16".parse().unwrap(), own_subnet: "10.244.1.0/24".parse().unwrap() }, &peers)
+                plan_host_gw(&hg_cfg(2), &peers)
             } else {
                 plan_vxlan(&vx_cfg(), &peers, onlink)
             };

@@ -818,22 +818,12 @@ fn plan_annotations(
     want.insert(names.backend_type.clone(), kind.to_owned());
     if kind != "vxlan" || data != "null" {
         want.insert(names.backend_data.clone(), data);
-        let overwrite = optional_ipv4(current, &names.public_ip_overwrite)?;
-        let ip = match overwrite {
-            Some(_) => {
-                let text = current
-                    .get(&names.public_ip_overwrite)
-                    .cloned()
-                    .unwrap_or_default();
-                if current.get(&names.public_ip) != Some(&text) {
-                    plan.overrides
-                        .push((text.clone(), names.public_ip_overwrite.clone()));
-                }
-                text
-            }
-            None => attrs.public_ip.to_string(),
-        };
-        want.insert(names.public_ip.clone(), ip);
+        let overwritten = optional_ipv4(current, &names.public_ip_overwrite)?.is_some();
+        let own = Some(attrs.public_ip.to_string());
+        let pair = (&names.public_ip, &names.public_ip_overwrite);
+        if let Some(ip) = published_ip(current, pair, overwritten, own, &mut plan) {
+            want.insert(names.public_ip.clone(), ip);
+        }
     }
     let write_v6 = match kind {
         "vxlan" => v6_data != "null",
@@ -843,22 +833,10 @@ fn plan_annotations(
     };
     if write_v6 {
         want.insert(names.backend_v6_data.clone(), v6_data);
-        let overwrite = optional_ipv6(current, &names.public_ipv6_overwrite)?;
-        let ip = match overwrite {
-            Some(_) => {
-                let text = current
-                    .get(&names.public_ipv6_overwrite)
-                    .cloned()
-                    .unwrap_or_default();
-                if current.get(&names.public_ipv6) != Some(&text) {
-                    plan.overrides
-                        .push((text.clone(), names.public_ipv6_overwrite.clone()));
-                }
-                Some(text)
-            }
-            None => attrs.public_ipv6.map(|a| a.to_string()),
-        };
-        if let Some(ip) = ip {
+        let overwritten = optional_ipv6(current, &names.public_ipv6_overwrite)?.is_some();
+        let own = attrs.public_ipv6.map(|a| a.to_string());
+        let pair = (&names.public_ipv6, &names.public_ipv6_overwrite);
+        if let Some(ip) = published_ip(current, pair, overwritten, own, &mut plan) {
             want.insert(names.public_ipv6.clone(), ip);
         }
     }
@@ -868,6 +846,27 @@ fn plan_annotations(
         .filter(|(k, v)| current.get(k) != Some(v))
         .collect();
     Ok(plan)
+}
+
+/// The public IP annotation `pair.0` to write: the value of the overwrite annotation `pair.1`
+/// when it holds a valid address (`overwritten`; recorded in the plan's overrides when it
+/// differs from what is published), else our own address `own`.
+fn published_ip(
+    current: &BTreeMap<String, String>,
+    pair: (&String, &String),
+    overwritten: bool,
+    own: Option<String>,
+    plan: &mut AnnotationPlan,
+) -> Option<String> {
+    let (published, overwrite) = pair;
+    if !overwritten {
+        return own;
+    }
+    let text = current.get(overwrite).cloned().unwrap_or_default();
+    if current.get(published) != Some(&text) {
+        plan.overrides.push((text.clone(), overwrite.clone()));
+    }
+    Some(text)
 }
 
 /// One managed node as the watch knows it.
