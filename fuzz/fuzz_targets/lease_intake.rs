@@ -89,7 +89,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         ..cfg.clone()
     };
     let got_hg = intake(&leases, &hg_cfg);
-    // Every peer is of this node's backend, a vxlan one with a unicast VTEP MAC.
+    // A host-gw node gets host-gw peers only (and a vxlan node, below, vxlan ones).
     assert!(got_hg.peers.iter().all(|p| p.kind == PeerKind::HostGw));
     // Every address family of a lease ends as one peer or one refusal (a lease with no
     // family as one refusal); identical refusals are merged.
