@@ -147,19 +147,10 @@ fn contains_net(outer: IpNet, inner: IpNet) -> bool {
     outer.contains(&inner)
 }
 
-/// Why a peer is not programmed: a conflict between the kernel entries of two peers.
+/// Why a peer is not programmed: a conflict between the kernel entries of two peers that
+/// intake cannot see (their subnets, and so their neighbour addresses, never overlap).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SkipReason {
-    /// Another peer (earlier in subnet order) holds the same subnet.
-    DuplicateSubnet {
-        /// The public IP of the peer that won.
-        holder: IpAddr,
-    },
-    /// Another peer's subnet has the same network address (the neighbour entry's key).
-    NeighbourConflict {
-        /// The subnet that holds that neighbour address.
-        holder: IpNet,
-    },
     /// The VTEP MAC is already mapped to another public IP by another peer.
     MacConflict {
         /// The subnet of the peer that holds the MAC.
@@ -170,12 +161,6 @@ pub enum SkipReason {
 impl fmt::Display for SkipReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SkipReason::DuplicateSubnet { holder } => {
-                write!(f, "subnet already leased to {holder}")
-            }
-            SkipReason::NeighbourConflict { holder } => {
-                write!(f, "same network address as subnet {holder}")
-            }
             SkipReason::MacConflict { holder } => {
                 write!(
                     f,
@@ -389,9 +374,10 @@ fn same_family(a: IpNet, b: IpNet) -> bool {
 }
 
 /// Shared skeleton: sort, take the entries of each peer `entries` plans (`None`: not this
-/// plan's kind, left out as flannel's backends ignore other lease types), resolve conflicts
-/// the planner alone can see (first in subnet order wins); intake already refused
-/// overlapping subnets and other backend types.
+/// plan's kind, left out as flannel's backends ignore other lease types), resolve the one
+/// conflict the planner alone can see, a VTEP MAC claimed with two public IPs (first in
+/// subnet order wins). Intake already refused overlapping subnets (so subnets and neighbour
+/// addresses are unique) and other backend types.
 fn build(
     ownership: Ownership,
     peers: &[Peer],
@@ -404,8 +390,6 @@ fn build(
     all.sort();
     all.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
     let mut out: Vec<PeerPlan> = Vec::new();
-    let mut by_subnet: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
-    let mut neigh_holder: BTreeMap<IpAddr, IpNet> = BTreeMap::new();
     let mut mac_holder: BTreeMap<MacAddr, (IpAddr, IpNet)> = BTreeMap::new();
     for (subnet, peer) in all {
         if !same_family(subnet, ownership.network) {
@@ -419,16 +403,6 @@ fn build(
         let Some(plan) = entries(subnet, peer) else {
             continue;
         };
-        if let Some(holder) = by_subnet.get(&subnet) {
-            skipped.push(skip(SkipReason::DuplicateSubnet { holder: *holder }));
-            continue;
-        }
-        if let Some(n) = plan.neigh {
-            if let Some(holder) = neigh_holder.get(&n.ip) {
-                skipped.push(skip(SkipReason::NeighbourConflict { holder: *holder }));
-                continue;
-            }
-        }
         if let Some(f) = plan.fdb {
             if let Some((dst, holder)) = mac_holder.get(&f.mac) {
                 if *dst != f.dst {
@@ -436,10 +410,6 @@ fn build(
                     continue;
                 }
             }
-        }
-        by_subnet.insert(subnet, peer.public_ip);
-        if let Some(n) = plan.neigh {
-            neigh_holder.insert(n.ip, subnet);
         }
         if let Some(f) = plan.fdb {
             mac_holder.entry(f.mac).or_insert((f.dst, subnet));
@@ -947,15 +917,17 @@ mod tests {
     fn conflicts_are_skipped_deterministically() {
         let peers = vec![
             vx_peer("10.244.2.0/24", "198.18.0.2", 2),
-            vx_peer("10.244.2.0/24", "198.18.0.9", 9), // duplicate subnet
-            vx_peer("10.244.2.0/25", "198.18.0.8", 8), // same neighbour address
             vx_peer("10.244.4.0/24", "198.18.0.4", 2), // MAC 2 with another IP
+            vx_peer("10.244.5.0/24", "198.18.0.2", 2), // MAC 2, same IP: one FDB entry
         ];
         let plan = plan_vxlan(&vx_cfg(), &peers, |_| false);
-        assert_eq!(plan.peers.len(), 1);
+        assert_eq!(plan.peers.len(), 2);
         let reasons: Vec<String> = plan.skipped.iter().map(|s| s.reason.to_string()).collect();
-        assert_eq!(reasons.len(), 3, "{reasons:?}");
-        assert!(reasons.iter().any(|r| r.contains("VtepMAC already used")));
+        assert_eq!(
+            reasons,
+            ["VtepMAC already used by subnet 10.244.2.0/24 with another public IP"]
+        );
+        assert_eq!(plan.skipped[0].peer, peers[1]);
         let mut rev = peers.clone();
         rev.reverse();
         assert_eq!(plan_vxlan(&vx_cfg(), &rev, |_| false), plan);
@@ -1057,6 +1029,22 @@ mod tests {
             })
     }
 
+    /// Peers as intake hands them over: no two overlap (a repeated peer stays, as the
+    /// planners deduplicate).
+    fn arb_peers() -> impl Strategy<Value = Vec<Peer>> {
+        proptest::collection::vec(arb_peer(), 0..12).prop_map(|all| {
+            let mut kept: Vec<Peer> = Vec::new();
+            for p in all {
+                let clash =
+                    |q: &Peer| q != &p && super::super::intake::overlaps(q.subnet, p.subnet);
+                if !kept.iter().any(clash) {
+                    kept.push(p);
+                }
+            }
+            kept
+        })
+    }
+
     fn arb_route() -> impl Strategy<Value = RouteEntry> {
         (
             0u8..30,
@@ -1114,7 +1102,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_order_same_plan(mut peers in proptest::collection::vec(arb_peer(), 0..12), seed in any::<u64>(), onlink_mask in any::<u16>()) {
+        fn any_order_same_plan(mut peers in arb_peers(), seed in any::<u64>(), onlink_mask in any::<u16>()) {
             let onlink = |ip: IpAddr| match ip {
                 IpAddr::V4(v4) => onlink_mask & (1 << (v4.octets()[3] % 16)) != 0,
                 IpAddr::V6(_) => false,
@@ -1134,7 +1122,7 @@ mod tests {
         }
 
         #[test]
-        fn diff_converges(peers in proptest::collection::vec(arb_peer(), 0..12), current in arb_current(), onlink_mask in any::<u16>(), host_gw in proptest::bool::weighted(0.2)) {
+        fn diff_converges(peers in arb_peers(), current in arb_current(), onlink_mask in any::<u16>(), host_gw in proptest::bool::weighted(0.2)) {
             let onlink = |ip: IpAddr| match ip {
                 IpAddr::V4(v4) => onlink_mask & (1 << (v4.octets()[3] % 16)) != 0,
                 IpAddr::V6(_) => false,
