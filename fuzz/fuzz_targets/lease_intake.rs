@@ -9,7 +9,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use flannel_rs::backend::intake::{intake, overlaps, unusable_kind, IntakeConfig};
+use flannel_rs::backend::intake::{intake, overlaps, unusable_kind, IntakeConfig, NodeBackend};
+use flannel_rs::backend::PeerKind;
 use flannel_rs::backend::plan::{plan_host_gw, plan_vxlan, HostGwPlanConfig, VxlanPlanConfig};
 use flannel_rs::lease::{Lease, LeaseAttrs, VxlanBackendData};
 use flannel_rs::wire::MacAddr;
@@ -74,6 +75,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let own_ip: IpAddr = Ipv4Addr::new(198, 18, 0, 1).into();
     let kube_like = data.first().is_some_and(|b| b & 0x80 != 0);
     let cfg = IntakeConfig {
+        backend: NodeBackend::Vxlan,
         network_v4: Some(network),
         network_v6: Some(network6),
         subnet_len_v4: (!kube_like).then_some(24),
@@ -82,6 +84,13 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         own_ips: vec![own_ip],
     };
     let got = intake(&leases, &cfg);
+    let hg_cfg = IntakeConfig {
+        backend: NodeBackend::HostGw,
+        ..cfg.clone()
+    };
+    let got_hg = intake(&leases, &hg_cfg);
+    // A host-gw node gets host-gw peers only (and a vxlan node, below, vxlan ones).
+    assert!(got_hg.peers.iter().all(|p| p.kind == PeerKind::HostGw));
     // Every address family of a lease ends as one peer or one refusal (a lease with no
     // family as one refusal); identical refusals are merged.
     let outcomes: usize = leases
@@ -106,9 +115,10 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             p.public_ip != own_ip && unusable_kind(p.public_ip).is_none(),
             "{p:?}"
         );
-        if p.backend_type == "vxlan" {
-            assert!(p.vtep_mac.is_some_and(|m| m.is_unicast()) && p.vni.is_some());
-        }
+        assert!(
+            matches!(p.kind, PeerKind::Vxlan { vtep_mac, .. } if vtep_mac.is_unicast()),
+            "{p:?}"
+        );
         for q in &got.peers[i + 1..] {
             assert!(!overlaps(p.subnet, q.subnet), "{p:?} overlaps {q:?}");
         }
@@ -128,11 +138,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             network: network.into(),
             own_subnet: own,
         },
-        &got.peers,
+        &got_hg.peers,
     );
-    for plan in [&vx, &hg] {
+    for (plan, peers) in [(&vx, &got.peers), (&hg, &got_hg.peers)] {
         for (i, pp) in plan.peers.iter().enumerate() {
-            assert!(got.peers.iter().any(|p| p.subnet == pp.subnet), "{pp:?}");
+            assert!(peers.iter().any(|p| p.subnet == pp.subnet), "{pp:?}");
             let inside =
                 IpNet::V4(network).contains(&pp.route.dst) && pp.route.dst.prefix_len() > 16;
             assert!(inside, "{pp:?}");

@@ -161,13 +161,21 @@ enum Outcome {
 /// Applies `ops` in the planner's order. Additions run per peer in order (neighbour, FDB,
 /// route), peers concurrently; after a failed addition the rest of that peer's additions are
 /// skipped. Removals run class by class (routes, FDB, neighbours), each class concurrently.
+/// Failures name device `index` `name`, other devices by index.
 pub(crate) async fn apply_ops(
     nl: &Netlink,
     ops: &[Op],
     index: u32,
+    name: &str,
     report: &mut SyncReport,
-    dev_name: impl Fn(u32) -> String,
 ) {
+    let dev_name = |i: u32| {
+        if i == index {
+            name.to_owned()
+        } else {
+            format!("ifindex {i}")
+        }
+    };
     // Additions: contiguous runs of one peer.
     let split = ops.iter().position(Op::is_removal).unwrap_or(ops.len());
     let (adds, removals) = ops.split_at(split);
@@ -192,10 +200,10 @@ pub(crate) async fn apply_ops(
     for (op, outcome) in adds.iter().zip(results.into_iter().flatten()) {
         match outcome {
             Outcome::Done => report.added += 1,
-            Outcome::Failed(e) => report.fail(op.peer(), op.describe(index, &dev_name), &e),
+            Outcome::Failed(e) => report.fail(op.peer(), op.describe(index, dev_name), &e),
             Outcome::SkippedAfterFailure => report.failures.push(OpFailure {
                 peer: op.peer(),
-                op: op.describe(index, &dev_name),
+                op: op.describe(index, dev_name),
                 error: "skipped: an earlier operation for this peer failed".to_owned(),
                 errno: None,
             }),
@@ -218,7 +226,7 @@ pub(crate) async fn apply_ops(
             .collect()
             .await;
         for (op, r) in batch.iter().zip(results) {
-            let text = op.describe(index, &dev_name);
+            let text = op.describe(index, dev_name);
             match r {
                 Ok(()) => {
                     tracing::info!(op = %text, "removed stale entry (no current lease for it)");

@@ -186,16 +186,7 @@ impl HostGw {
             }
         };
         let ops = plan.diff(&current);
-        let iface = self.cfg.iface.clone();
-        let index = link.index;
-        apply_ops(&self.nl, &ops, index, &mut report, move |i| {
-            if i == index {
-                iface.clone()
-            } else {
-                format!("ifindex {i}")
-            }
-        })
-        .await;
+        apply_ops(&self.nl, &ops, link.index, &self.cfg.iface, &mut report).await;
         report
     }
 }

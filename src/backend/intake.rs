@@ -6,8 +6,11 @@
 //! Network, has another prefix length than SubnetLen (allocating stores only), overlaps our own
 //! subnet, overlaps another peer's subnet (then *both* are refused: no first-come winner, no
 //! broad lease hijacking a cluster), has an unusable public IP (ours, unspecified, loopback,
-//! link-local, multicast, broadcast, reserved) or broken vxlan backend data. Pure and
-//! family-generic; overlaps are found by a sort and one sweep (O(n log n)).
+//! link-local, multicast, broadcast, reserved), broken vxlan backend data, or another backend
+//! type than this node's (flannel's backends ignore those: "ignoring non-vxlan …"; such a
+//! lease still takes part in the overlap check, so it cannot let an overlapping peer through).
+//! What passes becomes a [`Peer`] with a typed [`PeerKind`]; nothing downstream checks a lease
+//! again. Pure and family-generic; overlaps are found by a sort and one sweep (O(n log n)).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -15,12 +18,45 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::Peer;
+use super::plan::{BACKEND_HOST_GW, BACKEND_VXLAN};
+use super::{Checked, Peer, PeerKind};
 use crate::lease::Lease;
+
+/// The backend this node runs: only leases of its type become peers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NodeBackend {
+    /// `vxlan` (the default backend of flannel's documentation and manifest).
+    #[default]
+    Vxlan,
+    /// `host-gw`.
+    HostGw,
+}
+
+impl NodeBackend {
+    /// The backend a network config selects; `None` for a type flannel-rs does not implement.
+    pub fn of(backend: &crate::config::netconf::BackendConfig) -> Option<NodeBackend> {
+        use crate::config::netconf::BackendConfig;
+        match backend {
+            BackendConfig::Vxlan(_) => Some(NodeBackend::Vxlan),
+            BackendConfig::HostGw => Some(NodeBackend::HostGw),
+            BackendConfig::Other { .. } => None,
+        }
+    }
+
+    /// The lease `BackendType` of this backend.
+    pub fn backend_type(self) -> &'static str {
+        match self {
+            NodeBackend::Vxlan => BACKEND_VXLAN,
+            NodeBackend::HostGw => BACKEND_HOST_GW,
+        }
+    }
+}
 
 /// What intake compares leases with: the cluster network and our own lease.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IntakeConfig {
+    /// This node's backend.
+    pub backend: NodeBackend,
     /// `Network` (IPv4 peers are refused without it).
     pub network_v4: Option<Ipv4Net>,
     /// `IPv6Network` (IPv6 peers are refused without it).
@@ -75,6 +111,13 @@ pub enum RefuseReason {
         /// What is wrong.
         reason: String,
     },
+    /// The lease is of another backend type than this node's.
+    OtherBackend {
+        /// The lease's `BackendType`.
+        backend_type: String,
+        /// This node's.
+        ours: &'static str,
+    },
 }
 
 impl RefuseReason {
@@ -89,6 +132,7 @@ impl RefuseReason {
             RefuseReason::OwnPublicIp => "own_public_ip",
             RefuseReason::BadPublicIp { .. } => "bad_public_ip",
             RefuseReason::BadBackendData { .. } => "bad_backend_data",
+            RefuseReason::OtherBackend { .. } => "other_backend",
         }
     }
 }
@@ -116,6 +160,11 @@ impl fmt::Display for RefuseReason {
                 write!(f, "PublicIP is {kind}, not a usable unicast address")
             }
             RefuseReason::BadBackendData { reason } => f.write_str(reason),
+            RefuseReason::OtherBackend { backend_type, ours } => write!(
+                f,
+                "backend type {:?} is not this node's {ours}; not programmed, as flannel",
+                backend_type
+            ),
         }
     }
 }
@@ -159,7 +208,7 @@ pub struct Intake {
 /// Checks `leases` against `cfg`; see the module docs.
 pub fn intake<'a>(leases: impl IntoIterator<Item = &'a Lease>, cfg: &IntakeConfig) -> Intake {
     let mut refused = Vec::new();
-    let mut candidates: Vec<Peer> = Vec::new();
+    let mut candidates: Vec<Candidate> = Vec::new();
     for lease in leases {
         let v4 = lease.subnet.map(|s| {
             (
@@ -197,49 +246,78 @@ pub fn intake<'a>(leases: impl IntoIterator<Item = &'a Lease>, cfg: &IntakeConfi
                 node: lease.node.clone(),
                 reason,
             };
-            if let Err(reason) = check_subnet(subnet, cfg).and_then(|()| check_ip(public_ip, cfg)) {
-                refused.push(refuse(reason));
-                continue;
+            let kind = check_subnet(subnet, cfg)
+                .and_then(|()| check_ip(public_ip, cfg))
+                .and_then(|()| kind(&lease.attrs.backend_type, data));
+            match kind {
+                Ok(kind) => candidates.push(Candidate {
+                    subnet,
+                    public_ip,
+                    node: lease.node.clone(),
+                    backend_type: lease.attrs.backend_type.clone(),
+                    kind,
+                }),
+                Err(reason) => refused.push(refuse(reason)),
             }
-            let (vtep_mac, vni) = if lease.attrs.backend_type == super::plan::BACKEND_VXLAN {
-                match data {
-                    Ok(Some(d)) if d.vtep_mac.is_unicast() => (Some(d.vtep_mac), Some(d.vni)),
-                    Ok(Some(d)) => {
-                        refused.push(refuse(RefuseReason::BadBackendData {
-                            reason: format!("VtepMAC {} is not a unicast MAC", d.vtep_mac),
-                        }));
-                        continue;
-                    }
-                    Ok(None) => {
-                        refused.push(refuse(RefuseReason::BadBackendData {
-                            reason: "vxlan lease without BackendData".into(),
-                        }));
-                        continue;
-                    }
-                    Err(e) => {
-                        refused.push(refuse(RefuseReason::BadBackendData {
-                            reason: e.to_string(),
-                        }));
-                        continue;
-                    }
-                }
-            } else {
-                (None, None)
-            };
-            candidates.push(Peer {
-                subnet,
-                public_ip,
-                backend_type: lease.attrs.backend_type.clone(),
-                vtep_mac,
-                vni,
-                node: lease.node.clone(),
-            });
         }
     }
-    let peers = sweep_overlaps(candidates, &mut refused);
+    let mut peers = Vec::with_capacity(candidates.len());
+    for c in sweep_overlaps(candidates, &mut refused) {
+        match c.kind {
+            Some(kind) if kind.backend_type() == cfg.backend.backend_type() => peers.push(Peer {
+                subnet: c.subnet,
+                public_ip: c.public_ip,
+                kind,
+                node: c.node,
+                checked: Checked,
+            }),
+            _ => refused.push(Refusal {
+                subnet: Some(c.subnet),
+                public_ip: c.public_ip,
+                node: c.node,
+                reason: RefuseReason::OtherBackend {
+                    backend_type: c.backend_type,
+                    ours: cfg.backend.backend_type(),
+                },
+            }),
+        }
+    }
+    peers.sort();
     refused.sort();
     refused.dedup();
     Intake { peers, refused }
+}
+
+/// A lease family that passed the checks of its own, before the overlap sweep.
+struct Candidate {
+    subnet: IpNet,
+    public_ip: IpAddr,
+    node: Option<String>,
+    backend_type: String,
+    /// `None` for a backend type flannel-rs does not program.
+    kind: Option<PeerKind>,
+}
+
+/// The typed kind of a lease of `backend_type` with vxlan backend data `data` (of the
+/// family in question); `Ok(None)` for another backend type.
+fn kind(
+    backend_type: &str,
+    data: Result<Option<crate::lease::VxlanBackendData>, crate::lease::AttrsError>,
+) -> Result<Option<PeerKind>, RefuseReason> {
+    let bad = |reason: String| Err(RefuseReason::BadBackendData { reason });
+    match backend_type {
+        BACKEND_VXLAN => match data {
+            Ok(Some(d)) if d.vtep_mac.is_unicast() => Ok(Some(PeerKind::Vxlan {
+                vtep_mac: d.vtep_mac,
+                vni: d.vni,
+            })),
+            Ok(Some(d)) => bad(format!("VtepMAC {} is not a unicast MAC", d.vtep_mac)),
+            Ok(None) => bad("vxlan lease without BackendData".into()),
+            Err(e) => bad(e.to_string()),
+        },
+        BACKEND_HOST_GW => Ok(Some(PeerKind::HostGw)),
+        _ => Ok(None),
+    }
 }
 
 fn check_subnet(subnet: IpNet, cfg: &IntakeConfig) -> Result<(), RefuseReason> {
@@ -336,13 +414,13 @@ fn range(n: IpNet) -> (bool, u128, u128) {
 /// range start, an overlap is a start at or below the highest end seen so far in the same
 /// family; such a run of mutually chained ranges is a cluster, and every member of a cluster
 /// of two or more is refused.
-fn sweep_overlaps(mut candidates: Vec<Peer>, refused: &mut Vec<Refusal>) -> Vec<Peer> {
+fn sweep_overlaps(mut candidates: Vec<Candidate>, refused: &mut Vec<Refusal>) -> Vec<Candidate> {
     candidates.sort_by_key(|p| {
         let (fam, start, end) = range(p.subnet);
         // Wider first at equal start, so a cluster's first member covers the others.
         (fam, start, std::cmp::Reverse(end), p.public_ip)
     });
-    let mut peers = Vec::with_capacity(candidates.len());
+    let mut kept = Vec::with_capacity(candidates.len());
     let mut i = 0;
     while i < candidates.len() {
         let (fam, _, mut end) = range(candidates[i].subnet);
@@ -355,10 +433,10 @@ fn sweep_overlaps(mut candidates: Vec<Peer>, refused: &mut Vec<Refusal>) -> Vec<
             end = end.max(e);
             j += 1;
         }
-        let cluster = &candidates[i..j];
-        if cluster.len() == 1 {
-            peers.push(cluster[0].clone());
+        if j == i + 1 {
+            kept.push(i);
         } else {
+            let cluster = &candidates[i..j];
             // Prefixes are nested or disjoint, so the first (widest) member contains every
             // other: each names the first, the first names the second.
             for (k, p) in cluster.iter().enumerate() {
@@ -376,8 +454,12 @@ fn sweep_overlaps(mut candidates: Vec<Peer>, refused: &mut Vec<Refusal>) -> Vec<
         }
         i = j;
     }
-    peers.sort();
-    peers
+    let mut kept = kept.into_iter().peekable();
+    candidates
+        .into_iter()
+        .enumerate()
+        .filter_map(|(k, c)| kept.next_if_eq(&k).map(|_| c))
+        .collect()
 }
 
 /// Remembers which refusals were already reported, so each is logged once while it lasts
@@ -424,8 +506,16 @@ mod tests {
         }
     }
 
-    fn reasons(i: &Intake) -> Vec<String> {
-        i.refused.iter().map(ToString::to_string).collect()
+    /// `got` refused exactly `count` leases, among them one naming each of `needles`.
+    fn assert_refused(got: &Intake, count: usize, needles: &[&str]) {
+        let text: Vec<String> = got.refused.iter().map(ToString::to_string).collect();
+        for needle in needles {
+            assert!(
+                text.iter().any(|t| t.contains(needle)),
+                "{needle}: {text:#?}"
+            );
+        }
+        assert_eq!(text.len(), count, "{text:#?}");
     }
 
     fn subnets(i: &Intake) -> Vec<String> {
@@ -450,24 +540,31 @@ mod tests {
             lease("10.244.9.0-25", &vxlan("198.18.0.9", "02:00:00:00:00:09")),
         ];
         let got = intake(leases.iter().rev(), &cfg());
-        assert_eq!(subnets(&got), ["10.244.2.0/24", "10.244.8.0/24"]);
-        assert_eq!(got.peers[0].vtep_mac, "02:00:00:00:00:02".parse().ok());
-        assert_eq!(got.peers[0].vni, Some(1));
-        assert_eq!(got.peers[1].vtep_mac, None);
-        let text = reasons(&got);
-        assert_eq!(text.len(), 5, "{text:#?}");
-        for needle in [
+        assert_eq!(subnets(&got), ["10.244.2.0/24"]);
+        assert_eq!(
+            got.peers[0].kind,
+            PeerKind::Vxlan {
+                vtep_mac: "02:00:00:00:00:02".parse().expect("mac"),
+                vni: 1
+            }
+        );
+        assert_refused(&got, 6, &[
             "10.245.1.0/24 of node 198.18.0.3 refused: subnet is not strictly inside Network",
             "10.244.4.0/24 of node 198.18.0.4 refused: VtepMAC 01:00:5e:00:00:04 is not a unicast",
             "10.244.5.0/24 of node 0.0.0.0 refused: PublicIP is unspecified",
             "10.244.7.0/24 of node 198.18.0.7 refused: vxlan lease without BackendData",
             "10.244.9.0/25 of node 198.18.0.9 refused: prefix length is not SubnetLen 24",
-        ] {
-            assert!(
-                text.iter().any(|t| t.contains(needle)),
-                "{needle}: {text:#?}"
-            );
-        }
+            "10.244.8.0/24 of node 198.18.0.8 refused: backend type \"host-gw\" is not this node's vxlan",
+        ]);
+        // A host-gw node takes the host-gw lease and refuses the valid vxlan one.
+        let hg = IntakeConfig {
+            backend: NodeBackend::HostGw,
+            ..cfg()
+        };
+        let got = intake(&leases, &hg);
+        assert_eq!(subnets(&got), ["10.244.8.0/24"]);
+        assert_eq!(got.peers[0].kind, PeerKind::HostGw);
+        assert_refused(&got, 6, &["10.244.2.0/24 of node 198.18.0.2 refused: backend type \"vxlan\" is not this node's host-gw"]);
     }
 
     #[test]
@@ -484,22 +581,29 @@ mod tests {
         let got = intake(&leases, &c);
         // The /16 equals Network; the /24 and its two nested leases refuse each other.
         assert_eq!(subnets(&got), ["10.244.2.0/24"]);
-        let text = reasons(&got);
-        assert_eq!(text.len(), 4, "{text:#?}");
-        for needle in [
+        assert_refused(&got, 4, &[
             "10.244.0.0/16 of node 198.18.0.66 refused: subnet is not strictly inside Network",
             "10.244.3.0/24 of node 198.18.0.3 refused: overlaps 10.244.3.128/25 of node 198.18.0.4",
             "10.244.3.128/25 of node 198.18.0.4 refused: overlaps 10.244.3.0/24 of node 198.18.0.3",
             "10.244.3.192/26 of node 198.18.0.5 refused: overlaps 10.244.3.0/24",
-        ] {
-            assert!(
-                text.iter().any(|t| t.contains(needle)),
-                "{needle}: {text:#?}"
-            );
-        }
+        ]);
         // Arrival order does not matter.
         let rev = intake(leases.iter().rev(), &c);
         assert_eq!(rev, got);
+    }
+
+    #[test]
+    fn a_lease_of_another_backend_still_refuses_what_it_overlaps() {
+        let leases = [
+            lease("10.244.2.0-24", &vxlan("198.18.0.2", "02:00:00:00:00:02")),
+            lease(
+                "10.244.2.0-24",
+                r#"{"PublicIP":"198.18.0.3","PublicIPv6":null,"BackendType":"udp"}"#,
+            ),
+        ];
+        let got = intake(&leases, &cfg());
+        assert!(got.peers.is_empty());
+        assert_refused(&got, 2, &["overlaps 10.244.2.0/24 of node 198.18.0.3"]);
     }
 
     #[test]
@@ -523,25 +627,22 @@ mod tests {
         ];
         let got = intake(&leases, &c);
         assert_eq!(subnets(&got), ["10.244.11.0/24"]);
-        let text = reasons(&got);
-        for needle in [
-            "10.244.0.0/23 of node 198.18.0.2 refused: overlaps our own subnet 10.244.1.0/24",
-            "10.244.1.128/25 of node 198.18.0.3 refused: overlaps our own subnet",
-            "10.244.1.0/24 of node 198.18.0.12 refused: overlaps our own subnet",
-            "10.244.4.0/24 of node 198.18.0.1 refused: PublicIP is one of this node's",
-            "PublicIP is loopback",
-            "PublicIP is link-local",
-            "PublicIP is multicast",
-            "PublicIP is broadcast",
-            "PublicIP is reserved",
-            "10.244.10.0/24 of node 0.1.2.3 refused: PublicIP is unspecified",
-        ] {
-            assert!(
-                text.iter().any(|t| t.contains(needle)),
-                "{needle}: {text:#?}"
-            );
-        }
-        assert_eq!(text.len(), 10, "{text:#?}");
+        assert_refused(
+            &got,
+            10,
+            &[
+                "10.244.0.0/23 of node 198.18.0.2 refused: overlaps our own subnet 10.244.1.0/24",
+                "10.244.1.128/25 of node 198.18.0.3 refused: overlaps our own subnet",
+                "10.244.1.0/24 of node 198.18.0.12 refused: overlaps our own subnet",
+                "10.244.4.0/24 of node 198.18.0.1 refused: PublicIP is one of this node's",
+                "PublicIP is loopback",
+                "PublicIP is link-local",
+                "PublicIP is multicast",
+                "PublicIP is broadcast",
+                "PublicIP is reserved",
+                "10.244.10.0/24 of node 0.1.2.3 refused: PublicIP is unspecified",
+            ],
+        );
     }
 
     #[test]
@@ -571,20 +672,13 @@ mod tests {
             got.peers[0].public_ip,
             "2001:db8:ff::2".parse::<IpAddr>().expect("ip")
         );
-        let text = reasons(&got);
-        for needle in [
+        assert_refused(&got, 5, &[
             "2001:db8:100:8000::/56 of node 2001:db8:ff::3 refused: prefix length is not SubnetLen 64",
             "PublicIP is link-local",
             "PublicIP is multicast",
             "2001:db8:200:6::/64 of node 2001:db8:ff::6 refused: subnet is not strictly inside",
             "2001:db8:100::/56 of node 2001:db8:ff::7 refused: overlaps our own subnet 2001:db8:100:1::/64",
-        ] {
-            assert!(
-                text.iter().any(|t| t.contains(needle)),
-                "{needle}: {text:#?}"
-            );
-        }
-        assert_eq!(text.len(), 5, "{text:#?}");
+        ]);
     }
 
     #[test]

@@ -340,16 +340,7 @@ impl KernelVxlan {
             }
         };
         let ops = plan.diff(&current);
-        let name = self.name.clone();
-        let index = self.ifindex;
-        apply_ops(&self.nl, &ops, index, &mut report, move |i| {
-            if i == index {
-                name.clone()
-            } else {
-                format!("ifindex {i}")
-            }
-        })
-        .await;
+        apply_ops(&self.nl, &ops, self.ifindex, &self.name, &mut report).await;
         report
     }
 
@@ -576,8 +567,7 @@ async fn route_lookup(nl: &Netlink, ip: IpAddr) -> (IpAddr, Result<Route, Netlin
 pub async fn onlink_public_ips(nl: &Netlink, family: IpFamily, peers: &[Peer]) -> HashSet<IpAddr> {
     let ips: BTreeSet<IpAddr> = peers
         .iter()
-        .filter(|p| IpFamily::of_net(p.subnet) == family)
-        .filter(|p| p.backend_type == plan::BACKEND_VXLAN)
+        .filter(|p| IpFamily::of_net(p.subnet) == family && p.vtep().is_some())
         .map(|p| p.public_ip)
         .collect();
     // Futures collected first (no closure in the stream's type keeps the sync future Send).

@@ -15,7 +15,9 @@
 //! entries, then neighbours. It only touches entries an [`Ownership`] claims.
 //!
 //! A peer's VNI is not compared with ours, as upstream: every node of a cluster shares the
-//! Backend configuration.
+//! Backend configuration. Peers come checked from [`super::intake`], typed by
+//! [`PeerKind`]: a planner takes the peers of its kind and has nothing left to check but the
+//! conflicts between kernel entries that only it sees (one VTEP MAC, one FDB entry).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -23,7 +25,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::Peer;
+use super::{Peer, PeerKind};
 use crate::wire::MacAddr;
 
 /// `BackendType` of VXLAN leases.
@@ -145,25 +147,10 @@ fn contains_net(outer: IpNet, inner: IpNet) -> bool {
     outer.contains(&inner)
 }
 
-/// Why a peer is not programmed.
+/// Why a peer is not programmed: a conflict between the kernel entries of two peers that
+/// intake cannot see (their subnets, and so their neighbour addresses, never overlap).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SkipReason {
-    /// The lease is of another backend type (flannel: "ignoring non-vxlan …").
-    WrongBackend,
-    /// A VXLAN lease without a VTEP MAC.
-    NoVtepMac,
-    /// A VXLAN lease whose VTEP MAC is not unicast (zero, multicast or broadcast).
-    InvalidVtepMac,
-    /// Another peer (earlier in subnet order) holds the same subnet.
-    DuplicateSubnet {
-        /// The public IP of the peer that won.
-        holder: IpAddr,
-    },
-    /// Another peer's subnet has the same network address (the neighbour entry's key).
-    NeighbourConflict {
-        /// The subnet that holds that neighbour address.
-        holder: IpNet,
-    },
     /// The VTEP MAC is already mapped to another public IP by another peer.
     MacConflict {
         /// The subnet of the peer that holds the MAC.
@@ -174,15 +161,6 @@ pub enum SkipReason {
 impl fmt::Display for SkipReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SkipReason::WrongBackend => f.write_str("lease of another backend type"),
-            SkipReason::NoVtepMac => f.write_str("vxlan lease without VtepMAC"),
-            SkipReason::InvalidVtepMac => f.write_str("VtepMAC is not a unicast address"),
-            SkipReason::DuplicateSubnet { holder } => {
-                write!(f, "subnet already leased to {holder}")
-            }
-            SkipReason::NeighbourConflict { holder } => {
-                write!(f, "same network address as subnet {holder}")
-            }
             SkipReason::MacConflict { holder } => {
                 write!(
                     f,
@@ -284,10 +262,11 @@ pub fn plan_vxlan_fallback(
         network: cfg.network.trunc(),
         own_subnet: cfg.own_subnet.trunc(),
     };
-    build(ownership, BACKEND_VXLAN, peers, |subnet, peer| {
+    build(ownership, peers, |subnet, peer| {
+        let (mac, _) = peer.vtep()?;
         let metric = default_metric(subnet);
         if is_onlink(peer.public_ip) {
-            return Ok(PeerPlan {
+            return Some(PeerPlan {
                 subnet,
                 neigh: None,
                 fdb: None,
@@ -300,10 +279,6 @@ pub fn plan_vxlan_fallback(
                 },
                 vtep_route: None,
             });
-        }
-        let mac = peer.vtep_mac.ok_or(SkipReason::NoVtepMac)?;
-        if !mac.is_unicast() {
-            return Err(SkipReason::InvalidVtepMac);
         }
         let gw = subnet.network();
         let overlay = |dst| RouteEntry {
@@ -326,7 +301,7 @@ pub fn plan_vxlan_fallback(
             ),
             false => (overlay(subnet), None),
         };
-        Ok(PeerPlan {
+        Some(PeerPlan {
             subnet,
             neigh: Some(Neigh { ip: gw, mac }),
             fdb: Some(Fdb {
@@ -346,8 +321,8 @@ pub fn plan_host_gw(cfg: &HostGwPlanConfig, peers: &[Peer]) -> Plan {
         network: cfg.network.trunc(),
         own_subnet: cfg.own_subnet.trunc(),
     };
-    build(ownership, BACKEND_HOST_GW, peers, |subnet, peer| {
-        Ok(route_via_public_ip(cfg, subnet, peer))
+    build(ownership, peers, |subnet, peer| {
+        (peer.kind == PeerKind::HostGw).then(|| route_via_public_ip(cfg, subnet, peer))
     })
 }
 
@@ -364,13 +339,9 @@ pub fn plan_direct_routes(
         network: cfg.network.trunc(),
         own_subnet: cfg.own_subnet.trunc(),
     };
-    let direct: Vec<Peer> = peers
-        .iter()
-        .filter(|p| p.backend_type == BACKEND_VXLAN && is_onlink(p.public_ip))
-        .cloned()
-        .collect();
-    build(ownership, BACKEND_VXLAN, &direct, |subnet, peer| {
-        Ok(route_via_public_ip(cfg, subnet, peer))
+    build(ownership, peers, |subnet, peer| {
+        (peer.vtep().is_some() && is_onlink(peer.public_ip))
+            .then(|| route_via_public_ip(cfg, subnet, peer))
     })
 }
 
@@ -402,64 +373,36 @@ fn same_family(a: IpNet, b: IpNet) -> bool {
     )
 }
 
-/// Shared skeleton: filter by backend type, sort, resolve conflicts the planner alone can see
-/// (first in subnet order wins); intake already refused overlapping subnets.
+/// Shared skeleton: sort, take the entries of each peer `entries` plans (`None`: not this
+/// plan's kind, left out as flannel's backends ignore other lease types), resolve the one
+/// conflict the planner alone can see, a VTEP MAC claimed with two public IPs (first in
+/// subnet order wins). Intake already refused overlapping subnets (so subnets and neighbour
+/// addresses are unique) and other backend types.
 fn build(
     ownership: Ownership,
-    backend: &str,
     peers: &[Peer],
-    entries: impl Fn(IpNet, &Peer) -> Result<PeerPlan, SkipReason>,
+    entries: impl Fn(IpNet, &Peer) -> Option<PeerPlan>,
 ) -> Plan {
     let mut other_family = 0;
     let mut skipped = Vec::new();
-    let mut candidates: Vec<(IpNet, &Peer)> = Vec::new();
     // Sorted and deduplicated first, so any order of the same peers gives the same plan.
     let mut all: Vec<(IpNet, &Peer)> = peers.iter().map(|p| (p.subnet.trunc(), p)).collect();
     all.sort();
     all.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+    let mut out: Vec<PeerPlan> = Vec::new();
+    let mut mac_holder: BTreeMap<MacAddr, (IpAddr, IpNet)> = BTreeMap::new();
     for (subnet, peer) in all {
         if !same_family(subnet, ownership.network) {
             other_family += 1;
             continue;
         }
-        // Subnets inside Network and clear of ours were checked at intake
-        // (`backend::intake`), where peers come from.
-        if peer.backend_type != backend {
-            skipped.push(Skipped {
-                peer: peer.clone(),
-                reason: SkipReason::WrongBackend,
-            });
-        } else {
-            candidates.push((subnet, peer));
-        }
-    }
-
-    let mut out: Vec<PeerPlan> = Vec::new();
-    let mut by_subnet: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
-    let mut neigh_holder: BTreeMap<IpAddr, IpNet> = BTreeMap::new();
-    let mut mac_holder: BTreeMap<MacAddr, (IpAddr, IpNet)> = BTreeMap::new();
-    for (subnet, peer) in candidates {
         let skip = |reason| Skipped {
             peer: peer.clone(),
             reason,
         };
-        if let Some(holder) = by_subnet.get(&subnet) {
-            skipped.push(skip(SkipReason::DuplicateSubnet { holder: *holder }));
+        let Some(plan) = entries(subnet, peer) else {
             continue;
-        }
-        let plan = match entries(subnet, peer) {
-            Ok(p) => p,
-            Err(reason) => {
-                skipped.push(skip(reason));
-                continue;
-            }
         };
-        if let Some(n) = plan.neigh {
-            if let Some(holder) = neigh_holder.get(&n.ip) {
-                skipped.push(skip(SkipReason::NeighbourConflict { holder: *holder }));
-                continue;
-            }
-        }
         if let Some(f) = plan.fdb {
             if let Some((dst, holder)) = mac_holder.get(&f.mac) {
                 if *dst != f.dst {
@@ -467,10 +410,6 @@ fn build(
                     continue;
                 }
             }
-        }
-        by_subnet.insert(subnet, peer.public_ip);
-        if let Some(n) = plan.neigh {
-            neigh_holder.insert(n.ip, subnet);
         }
         if let Some(f) = plan.fdb {
             mac_holder.entry(f.mac).or_insert((f.dst, subnet));
@@ -731,14 +670,47 @@ mod tests {
         MacAddr([0x02, 0, 0, 0, 0, last])
     }
 
-    fn vx_peer(subnet: &str, ip: &str, m: u8) -> Peer {
+    fn peer(subnet: &str, ip: &str, kind: PeerKind) -> Peer {
         Peer {
             subnet: subnet.parse().unwrap(),
             public_ip: ip.parse().unwrap(),
-            backend_type: BACKEND_VXLAN.into(),
-            vtep_mac: Some(mac(m)),
-            vni: Some(1),
+            kind,
             node: None,
+            checked: crate::backend::Checked,
+        }
+    }
+
+    fn vx_peer(subnet: &str, ip: &str, m: u8) -> Peer {
+        let kind = PeerKind::Vxlan {
+            vtep_mac: mac(m),
+            vni: 1,
+        };
+        peer(subnet, ip, kind)
+    }
+
+    fn hg_cfg(ifindex: u32) -> HostGwPlanConfig {
+        HostGwPlanConfig {
+            ifindex,
+            network: "10.244.0.0/16".parse().unwrap(),
+            own_subnet: "10.244.1.0/24".parse().unwrap(),
+        }
+    }
+
+    /// The iproute2 commands of `ops` (VXLAN device index 10; device `n` named `if<n>`).
+    fn describe(ops: &[Op]) -> Vec<String> {
+        ops.iter()
+            .map(|o| o.describe(10, |i| format!("if{i}")))
+            .collect()
+    }
+
+    /// `dst via <via> dev <dev>`, metric 0.
+    fn route(dst: &str, via: &str, dev: u32, onlink: bool) -> RouteEntry {
+        RouteEntry {
+            dst: dst.parse().unwrap(),
+            via: Some(via.parse().unwrap()),
+            dev: Some(dev),
+            onlink,
+            metric: 0,
         }
     }
 
@@ -830,13 +802,8 @@ mod tests {
         let peers = vec![vx_peer("10.244.2.0/24", "198.18.0.2", 2)];
         let plan = plan_vxlan(&vx_cfg(), &peers, |_| false);
         assert!(plan.skipped.is_empty());
-        let ops = plan.diff(&KernelState::default());
-        let described: Vec<String> = ops
-            .iter()
-            .map(|o| o.describe(10, |i| format!("if{i}")))
-            .collect();
         assert_eq!(
-            described,
+            describe(&plan.diff(&KernelState::default())),
             vec![
                 "ip neigh replace 10.244.2.0 lladdr 02:00:00:00:00:02 dev if10 nud permanent",
                 "bridge fdb replace 02:00:00:00:00:02 dev if10 dst 198.18.0.2 self permanent",
@@ -847,14 +814,8 @@ mod tests {
 
     #[test]
     fn userspace_direct_routes_only_for_onlink_vxlan_peers() {
-        let cfg = HostGwPlanConfig {
-            ifindex: 3,
-            network: "10.244.0.0/16".parse().unwrap(),
-            own_subnet: "10.244.1.0/24".parse().unwrap(),
-        };
-        let mut hg = vx_peer("10.244.4.0/24", "198.18.0.4", 4);
-        hg.backend_type = BACKEND_HOST_GW.into();
-        hg.vtep_mac = None;
+        let cfg = hg_cfg(3);
+        let hg = peer("10.244.4.0/24", "198.18.0.4", PeerKind::HostGw);
         let peers = vec![
             vx_peer("10.244.2.0/24", "198.18.0.2", 2),
             vx_peer("10.244.3.0/24", "203.0.113.3", 3),
@@ -869,13 +830,7 @@ mod tests {
             .iter()
             .all(|p| p.neigh.is_none() && p.fdb.is_none()));
         // A direct route of a peer that is no longer on-link is ours to remove.
-        let stale = RouteEntry {
-            dst: "10.244.3.0/24".parse().unwrap(),
-            via: Some("203.0.113.3".parse().unwrap()),
-            dev: Some(3),
-            onlink: false,
-            metric: 0,
-        };
+        let stale = route("10.244.3.0/24", "203.0.113.3", 3, false);
         let ops = plan_direct_routes(&cfg, &peers, |_| false).diff(&KernelState {
             routes: vec![stale],
             ..Default::default()
@@ -891,13 +846,8 @@ mod tests {
         ];
         let onlink: IpAddr = "198.18.0.2".parse().unwrap();
         let plan = plan_vxlan(&vx_cfg(), &peers, |ip| ip == onlink);
-        let ops = plan.diff(&KernelState::default());
-        let described: Vec<String> = ops
-            .iter()
-            .map(|o| o.describe(10, |i| format!("if{i}")))
-            .collect();
         assert_eq!(
-            described,
+            describe(&plan.diff(&KernelState::default())),
             vec![
                 "ip route replace 10.244.2.0/24 via 198.18.0.2",
                 "ip neigh replace 10.244.3.0 lladdr 02:00:00:00:00:03 dev if10 nud permanent",
@@ -915,11 +865,6 @@ mod tests {
         ];
         let fallback: IpNet = "10.244.2.0/24".parse().unwrap();
         let plan = plan_vxlan_fallback(&vx_cfg(), &peers, |_| false, |s| s == fallback);
-        let describe = |ops: &[Op]| -> Vec<String> {
-            ops.iter()
-                .map(|o| o.describe(10, |i| format!("if{i}")))
-                .collect()
-        };
         assert_eq!(
             describe(&plan.diff(&KernelState::default())),
             vec![
@@ -954,30 +899,16 @@ mod tests {
 
     #[test]
     fn host_gw_routes_and_skips() {
-        let cfg = HostGwPlanConfig {
-            ifindex: 3,
-            network: "10.244.0.0/16".parse().unwrap(),
-            own_subnet: "10.244.1.0/24".parse().unwrap(),
-        };
-        let mut hg = vx_peer("10.244.2.0/24", "198.18.0.2", 2);
-        hg.backend_type = BACKEND_HOST_GW.into();
+        let cfg = hg_cfg(3);
+        let hg = peer("10.244.2.0/24", "198.18.0.2", PeerKind::HostGw);
+        // Intake hands a host-gw node no vxlan peer; one would be left out, not skipped.
         let vx = vx_peer("10.244.3.0/24", "198.18.0.3", 3);
-        let mut v6 = vx_peer("fd42::/64", "2001:db8::3", 3);
-        v6.backend_type = BACKEND_HOST_GW.into();
-        let plan = plan_host_gw(&cfg, &[hg, vx.clone(), v6]);
+        let v6 = peer("fd42::/64", "2001:db8::3", PeerKind::HostGw);
+        let plan = plan_host_gw(&cfg, &[hg, vx, v6]);
         assert_eq!(plan.other_family, 1);
+        assert!(plan.skipped.is_empty());
         assert_eq!(
-            plan.skipped,
-            vec![Skipped {
-                peer: vx,
-                reason: SkipReason::WrongBackend
-            }]
-        );
-        let ops = plan.diff(&KernelState::default());
-        assert_eq!(
-            ops.iter()
-                .map(|o| o.describe(10, |i| format!("if{i}")))
-                .collect::<Vec<_>>(),
+            describe(&plan.diff(&KernelState::default())),
             vec!["ip route replace 10.244.2.0/24 via 198.18.0.2 dev if3"]
         );
     }
@@ -986,19 +917,17 @@ mod tests {
     fn conflicts_are_skipped_deterministically() {
         let peers = vec![
             vx_peer("10.244.2.0/24", "198.18.0.2", 2),
-            vx_peer("10.244.2.0/24", "198.18.0.9", 9), // duplicate subnet
-            vx_peer("10.244.2.0/25", "198.18.0.8", 8), // same neighbour address
             vx_peer("10.244.4.0/24", "198.18.0.4", 2), // MAC 2 with another IP
-            Peer {
-                vtep_mac: Some(MacAddr::BROADCAST),
-                ..vx_peer("10.244.6.0/24", "198.18.0.6", 6)
-            },
+            vx_peer("10.244.5.0/24", "198.18.0.2", 2), // MAC 2, same IP: one FDB entry
         ];
         let plan = plan_vxlan(&vx_cfg(), &peers, |_| false);
-        assert_eq!(plan.peers.len(), 1);
+        assert_eq!(plan.peers.len(), 2);
         let reasons: Vec<String> = plan.skipped.iter().map(|s| s.reason.to_string()).collect();
-        assert_eq!(reasons.len(), 4, "{reasons:?}");
-        assert!(reasons.iter().any(|r| r.contains("unicast")));
+        assert_eq!(
+            reasons,
+            ["VtepMAC already used by subnet 10.244.2.0/24 with another public IP"]
+        );
+        assert_eq!(plan.skipped[0].peer, peers[1]);
         let mut rev = peers.clone();
         rev.reverse();
         assert_eq!(plan_vxlan(&vx_cfg(), &rev, |_| false), plan);
@@ -1014,34 +943,13 @@ mod tests {
         current
             .fdb
             .insert(mac(9), vec!["198.18.0.9".parse().unwrap()]);
-        let stale = RouteEntry {
-            dst: "10.244.9.0/24".parse().unwrap(),
-            via: Some("10.244.9.0".parse().unwrap()),
-            dev: Some(10),
-            onlink: true,
-            metric: 0,
-        };
+        let stale = route("10.244.9.0/24", "10.244.9.0", 10, true);
         // Not ours: connected route of the bridge, a route outside Network on another device.
-        let bridge = RouteEntry {
-            dst: "10.244.1.0/24".parse().unwrap(),
-            via: Some("10.244.1.1".parse().unwrap()),
-            dev: Some(4),
-            onlink: false,
-            metric: 0,
-        };
-        let other = RouteEntry {
-            dst: "192.168.77.0/24".parse().unwrap(),
-            via: Some("198.18.0.254".parse().unwrap()),
-            dev: Some(2),
-            onlink: false,
-            metric: 0,
-        };
+        let bridge = route("10.244.1.0/24", "10.244.1.1", 4, false);
+        let other = route("192.168.77.0/24", "198.18.0.254", 2, false);
         current.routes = vec![stale, bridge, other];
-        let ops = plan.diff(&current);
         assert_eq!(
-            ops.iter()
-                .map(|o| o.describe(10, |i| format!("if{i}")))
-                .collect::<Vec<_>>(),
+            describe(&plan.diff(&current)),
             vec![
                 "ip route del 10.244.9.0/24 via 10.244.9.0 dev if10 onlink",
                 "bridge fdb del 02:00:00:00:00:09 dev if10 dst 198.18.0.9 self",
@@ -1080,13 +988,7 @@ mod tests {
             mac(2),
             vec!["198.18.0.7".parse().unwrap(), "198.18.0.8".parse().unwrap()],
         );
-        let r = |via: &str| RouteEntry {
-            dst: "10.244.2.0/24".parse().unwrap(),
-            via: Some(via.parse().unwrap()),
-            dev: Some(10),
-            onlink: true,
-            metric: 0,
-        };
+        let r = |via: &str| route("10.244.2.0/24", via, 10, true);
         current.routes = vec![r("10.244.2.7"), r("10.244.2.8")];
         let ops = plan.diff(&current);
         let after = apply_all(&current, &ops);
@@ -1100,34 +1002,47 @@ mod tests {
             prop_oneof![Just(24u8), Just(25u8)],
             0u8..16,
             0u8..12,
-            prop_oneof![4 => Just(BACKEND_VXLAN), 1 => Just(BACKEND_HOST_GW)],
-            proptest::bool::weighted(0.9),
+            proptest::bool::weighted(0.8),
             proptest::bool::weighted(0.1),
         )
-            .prop_map(|(third, len, host, m, backend, has_mac, v6)| {
+            .prop_map(|(third, len, host, m, vxlan, v6)| {
                 // Intake never hands over our own subnet (10.244.1.0/24).
                 let third = if third == 1 { 24 } else { third };
-                if v6 {
-                    Peer {
-                        subnet: format!("fd42:0:0:{third}::/64").parse().unwrap(),
-                        public_ip: format!("2001:db8::{host}").parse().unwrap(),
-                        backend_type: backend.into(),
-                        vtep_mac: has_mac.then_some(MacAddr([2, 0, 0, 0, 0, m])),
-                        vni: Some(1),
-                        node: None,
-                    }
-                } else {
-                    Peer {
-                        subnet: IpNet::new(format!("10.244.{third}.0").parse().unwrap(), len)
-                            .unwrap(),
-                        public_ip: format!("198.18.0.{host}").parse().unwrap(),
-                        backend_type: backend.into(),
-                        vtep_mac: has_mac.then_some(MacAddr([2, 0, 0, 0, 0, m])),
-                        vni: Some(1),
-                        node: None,
-                    }
-                }
+                let kind = match vxlan {
+                    true => PeerKind::Vxlan {
+                        vtep_mac: MacAddr([2, 0, 0, 0, 0, m]),
+                        vni: 1,
+                    },
+                    false => PeerKind::HostGw,
+                };
+                let (subnet, ip) = match v6 {
+                    true => (
+                        format!("fd42:0:0:{third}::/64"),
+                        format!("2001:db8::{host}"),
+                    ),
+                    false => (
+                        format!("10.244.{third}.0/{len}"),
+                        format!("198.18.0.{host}"),
+                    ),
+                };
+                peer(&subnet, &ip, kind)
             })
+    }
+
+    /// Peers as intake hands them over: no two overlap (a repeated peer stays, as the
+    /// planners deduplicate).
+    fn arb_peers() -> impl Strategy<Value = Vec<Peer>> {
+        proptest::collection::vec(arb_peer(), 0..12).prop_map(|all| {
+            let mut kept: Vec<Peer> = Vec::new();
+            for p in all {
+                let clash =
+                    |q: &Peer| q != &p && super::super::intake::overlaps(q.subnet, p.subnet);
+                if !kept.iter().any(clash) {
+                    kept.push(p);
+                }
+            }
+            kept
+        })
     }
 
     fn arb_route() -> impl Strategy<Value = RouteEntry> {
@@ -1187,7 +1102,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_order_same_plan(mut peers in proptest::collection::vec(arb_peer(), 0..12), seed in any::<u64>(), onlink_mask in any::<u16>()) {
+        fn any_order_same_plan(mut peers in arb_peers(), seed in any::<u64>(), onlink_mask in any::<u16>()) {
             let onlink = |ip: IpAddr| match ip {
                 IpAddr::V4(v4) => onlink_mask & (1 << (v4.octets()[3] % 16)) != 0,
                 IpAddr::V6(_) => false,
@@ -1202,17 +1117,18 @@ mod tests {
             }
             let b = plan_vxlan(&vx_cfg(), &peers, onlink);
             prop_assert_eq!(&a, &b);
-            prop_assert_eq!(a.peers.len() + a.skipped.len() + a.other_family, n - dup_count(&peers));
+            let host_gw = distinct(&peers).into_iter().filter(|p| p.kind == PeerKind::HostGw && p.subnet.addr().is_ipv4()).count();
+            prop_assert_eq!(a.peers.len() + a.skipped.len() + a.other_family + host_gw, n - dup_count(&peers));
         }
 
         #[test]
-        fn diff_converges(peers in proptest::collection::vec(arb_peer(), 0..12), current in arb_current(), onlink_mask in any::<u16>(), host_gw in proptest::bool::weighted(0.2)) {
+        fn diff_converges(peers in arb_peers(), current in arb_current(), onlink_mask in any::<u16>(), host_gw in proptest::bool::weighted(0.2)) {
             let onlink = |ip: IpAddr| match ip {
                 IpAddr::V4(v4) => onlink_mask & (1 << (v4.octets()[3] % 16)) != 0,
                 IpAddr::V6(_) => false,
             };
             let plan = if host_gw {
-                plan_host_gw(&HostGwPlanConfig { ifindex: 2, network: "10.244.0.0/16".parse().unwrap(), own_subnet: "10.244.1.0/24".parse().unwrap() }, &peers)
+                plan_host_gw(&hg_cfg(2), &peers)
             } else {
                 plan_vxlan(&vx_cfg(), &peers, onlink)
             };
@@ -1237,11 +1153,15 @@ mod tests {
         }
     }
 
-    fn dup_count(peers: &[Peer]) -> usize {
+    /// The peers as a plan sees them: once each.
+    fn distinct(peers: &[Peer]) -> Vec<&Peer> {
         let mut v: Vec<(IpNet, &Peer)> = peers.iter().map(|p| (p.subnet.trunc(), p)).collect();
         v.sort();
-        let before = v.len();
         v.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
-        before - v.len()
+        v.into_iter().map(|(_, p)| p).collect()
+    }
+
+    fn dup_count(peers: &[Peer]) -> usize {
+        peers.len() - distinct(peers).len()
     }
 }

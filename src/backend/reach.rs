@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::Peer;
+use super::{Peer, PeerKind};
 use crate::config::flags::Flags;
 use crate::config::netconf::BackendConfig;
 use crate::lease::annotations::AnnotationNames;
@@ -52,9 +52,9 @@ impl ProbeContext {
 /// (its subnet's network address, `/32` on `flannel.<VNI>`) for vxlan, the public IP for
 /// host-gw. `None` for peers of other families or backends.
 pub fn probe_target(peer: &Peer) -> Option<Ipv4Addr> {
-    match (peer.backend_type.as_str(), peer.subnet, peer.public_ip) {
-        ("vxlan", IpNet::V4(net), _) => Some(net.network()),
-        ("host-gw", IpNet::V4(_), IpAddr::V4(ip)) => Some(ip),
+    match (peer.kind, peer.subnet, peer.public_ip) {
+        (PeerKind::Vxlan { .. }, IpNet::V4(net), _) => Some(net.network()),
+        (PeerKind::HostGw, IpNet::V4(_), IpAddr::V4(ip)) => Some(ip),
         _ => None,
     }
 }

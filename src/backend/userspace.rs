@@ -68,15 +68,6 @@ pub struct UserspaceConfig {
     pub mtu: usize,
 }
 
-/// A peer the data plane could not use, with the reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SkippedPeer {
-    /// The peer's subnet.
-    pub subnet: ipnet::IpNet,
-    /// Why it was skipped.
-    pub reason: &'static str,
-}
-
 /// Descriptors of a running data plane handed over by the previous flanneld
 /// ([`crate::backend::handoff`]): its TUN device and its UDP socket.
 #[derive(Debug)]
@@ -231,12 +222,12 @@ impl UserspaceVxlan {
         self.table.load().len()
     }
 
-    /// Replaces the peer table with one built from `peers`; returns the peers it could not use.
-    pub fn sync(&self, peers: &[Peer]) -> Vec<SkippedPeer> {
-        let (entries, skipped) = plan_table(peers);
+    /// Replaces the peer table with one built from `peers` (the checked peer set: nothing
+    /// is re-checked or diffed here, the table is rebuilt whole and swapped in).
+    pub fn sync(&self, peers: &[Peer]) {
+        let entries = plan_table(peers);
         debug!(peers = entries.len(), "userspace peer table swapped");
         self.table.store(Arc::new(PeerTable::new(entries)));
-        skipped
     }
 
     /// Stops the packet threads (each finishes the packet it holds) and closes our
@@ -295,35 +286,21 @@ impl Handover {
     }
 }
 
-/// The pure part of [`UserspaceVxlan::sync`]: which peers become table entries.
-pub fn plan_table(peers: &[Peer]) -> (Vec<(ipnet::IpNet, RemoteVtep)>, Vec<SkippedPeer>) {
-    let mut entries = Vec::with_capacity(peers.len());
-    let mut skipped = Vec::new();
-    for p in peers {
-        if p.backend_type != "vxlan" {
-            skipped.push(SkippedPeer {
-                subnet: p.subnet,
-                reason: "not a vxlan lease",
-            });
-            continue;
-        }
-        let (Some(mac), Some(vni)) = (p.vtep_mac, p.vni) else {
-            skipped.push(SkippedPeer {
-                subnet: p.subnet,
-                reason: "vxlan lease without VtepMAC/VNI",
-            });
-            continue;
-        };
-        entries.push((
-            p.subnet,
-            RemoteVtep {
+/// The pure part of [`UserspaceVxlan::sync`]: the table entries of the vxlan peers (intake
+/// hands a vxlan node no other kind).
+pub fn plan_table(peers: &[Peer]) -> Vec<(ipnet::IpNet, RemoteVtep)> {
+    peers
+        .iter()
+        .filter_map(|p| {
+            let (mac, vni) = p.vtep()?;
+            let vtep = RemoteVtep {
                 public_ip: p.public_ip,
                 mac,
                 vni,
-            },
-        ));
-    }
-    (entries, skipped)
+            };
+            Some((p.subnet, vtep))
+        })
+        .collect()
 }
 
 /// IO failures of the packet threads (the sans-IO core's [`Counters`] cover verdicts).

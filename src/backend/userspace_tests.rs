@@ -286,6 +286,18 @@ fn plain() -> VirtioNetHdr {
     VirtioNetHdr::parse(&[0; VNET_HDR_LEN]).unwrap()
 }
 
+/// The vnet header of a TCP/IPv4 super-packet (40 header bytes) for 1000-byte segments.
+fn tso_1000() -> VirtioNetHdr {
+    VirtioNetHdr {
+        flags: VirtioNetHdr::F_NEEDS_CSUM,
+        gso_type: VirtioNetHdr::GSO_TCPV4,
+        hdr_len: 40,
+        gso_size: 1000,
+        csum_start: 20,
+        csum_offset: 16,
+    }
+}
+
 /// A small UDP packet from pod 10.244.1.5 to pod `dst`, its payload tagged with `i`.
 fn udp_packet(dst: Ipv4Addr, i: u8) -> Vec<u8> {
     let mut udp = vec![0u8; 8 + 16];
@@ -334,15 +346,7 @@ fn tso_super_packet_is_split_sent_with_gso_and_merged_again() {
     let b = Node::start(&net, 2, 1, true);
     let payload: Vec<u8> = (0..8 * 1000u32).map(|i| (i % 251) as u8).collect();
     let sup = tcp_packet(false, 1, 1000, 0x10, &[], &payload);
-    let hdr = VirtioNetHdr {
-        flags: VirtioNetHdr::F_NEEDS_CSUM,
-        gso_type: VirtioNetHdr::GSO_TCPV4,
-        hdr_len: 40,
-        gso_size: 1000,
-        csum_start: 20,
-        csum_offset: 16,
-    };
-    a.tun.inject(&hdr, &sup);
+    a.tun.inject(&tso_1000(), &sup);
     // Eight segments crossed the fake wire in one GSO send (one GRO message) ...
     wait_until(|| b.shared.counters.snapshot().rx_packets >= 8);
     assert_eq!(a.shared.counters.snapshot().tx_packets, 8);
@@ -368,15 +372,7 @@ fn without_coalescing_every_segment_is_its_own_write() {
     let b = Node::start(&net, 2, 1, false);
     let payload = vec![0x5a; 3 * 1000];
     let sup = tcp_packet(false, 1, 1000, 0x10, &[], &payload);
-    let hdr = VirtioNetHdr {
-        flags: VirtioNetHdr::F_NEEDS_CSUM,
-        gso_type: VirtioNetHdr::GSO_TCPV4,
-        hdr_len: 40,
-        gso_size: 1000,
-        csum_start: 20,
-        csum_offset: 16,
-    };
-    a.tun.inject(&hdr, &sup);
+    a.tun.inject(&tso_1000(), &sup);
     let got = b.tun.wait_written(3);
     assert_eq!(got.len(), 3);
     for (i, w) in got.iter().enumerate() {

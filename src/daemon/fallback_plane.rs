@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use tracing::warn;
 
 use crate::backend::hostgw::HostGw;
-use crate::backend::plan::{host_net, BACKEND_VXLAN};
+use crate::backend::plan::host_net;
 use crate::backend::Peer;
 use crate::netlink::{IpFamily, Route, RouteScope};
 
@@ -46,7 +46,7 @@ impl FallbackRoutes {
     pub(super) async fn sync(&mut self, peers: &[Peer]) -> Result<(), String> {
         let direct: Vec<Peer> = peers
             .iter()
-            .filter(|p| p.backend_type == BACKEND_VXLAN && self.subnets.contains(&p.subnet))
+            .filter(|p| self.subnets.contains(&p.subnet))
             .cloned()
             .collect();
         let onlink: HashSet<IpAddr> = direct.iter().map(|p| p.public_ip).collect();

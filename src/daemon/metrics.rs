@@ -122,7 +122,7 @@ impl DaemonMetrics {
         register(
             &mut reg,
             "flannel_skipped_leases",
-            "Leases skipped because they are invalid (see the daemon log).",
+            "Peer leases refused at intake now: invalid, or of another backend type (see the daemon log).",
             skipped_leases.clone(),
         );
         register(

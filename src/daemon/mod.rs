@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::backend::intake::{intake, IntakeConfig, RefusalLog};
+use crate::backend::intake::{intake, IntakeConfig, NodeBackend, RefusalLog};
 use crate::backend::Peer;
 use crate::config::flags::Flags;
 use crate::config::netconf::{BackendConfig, NetConfig, NetConfigError};
@@ -339,7 +339,7 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
     let (tx, mut rx) = mpsc::channel(64);
     let watch_task = tokio::spawn(supervise_watch(store.clone(), tx));
     let mut watcher = LeaseWatcher::new(lease.subnet, lease.ipv6_subnet);
-    let intake_cfg = intake_config(&flags, &net, &families, &ext);
+    let intake_cfg = intake_config(&flags, &net, &backend, &families, &ext);
     let mut refusal_log = RefusalLog::default();
     let mut peers: Vec<Peer> = Vec::new();
     // Nothing is programmed (or removed as stale) before the store's first snapshot: an
@@ -755,11 +755,13 @@ async fn supervise_watch(store: Arc<dyn LeaseStore>, tx: mpsc::Sender<WatchUpdat
     }
 }
 
-/// What lease intake checks peers against: Network, SubnetLen where this store allocates
-/// (etcd, directory; the Kubernetes store takes podCIDRs as they are), our subnet and addresses.
+/// What lease intake checks peers against: our backend, Network, SubnetLen where this store
+/// allocates (etcd, directory; the Kubernetes store takes podCIDRs as they are), our subnet and
+/// addresses.
 fn intake_config(
     flags: &Flags,
     net: &NetConfig,
+    backend: &BackendConfig,
     families: &Families,
     ext: &ExternalInterface,
 ) -> IntakeConfig {
@@ -775,6 +777,7 @@ fn intake_config(
     );
     own_ips.retain(|ip| !ip.is_unspecified());
     IntakeConfig {
+        backend: NodeBackend::of(backend).unwrap_or_default(),
         network_v4: families.v4.map(|(n, _)| n),
         network_v6: families.v6.map(|(n, _)| n),
         subnet_len_v4: v4_len.filter(|_| allocating),

@@ -12,7 +12,6 @@ use tracing::{info, warn};
 use crate::backend::handoff;
 use crate::backend::hostgw::{HostGw, HostGwConfig};
 use crate::backend::kernel::{onlink_public_ips, KernelVxlan, KernelVxlanConfig};
-use crate::backend::plan::BACKEND_VXLAN;
 use crate::backend::userspace::{UserspaceConfig, UserspaceVxlan};
 use crate::backend::Peer;
 use crate::config::flags::{Dataplane, Flags};
@@ -291,9 +290,7 @@ impl Plane {
                     .filter(|p| !direct_peers.contains(&p.subnet))
                     .cloned()
                     .collect();
-                for s in dp.sync(&tunneled) {
-                    warn!(subnet = %s.subnet, reason = s.reason, "peer not programmed");
-                }
+                dp.sync(&tunneled);
                 if !dp.serving() {
                     start_serving(dp, handoff).await;
                 } else if handoff.listener.as_ref().is_some_and(|l| l.released()) {
@@ -450,7 +447,7 @@ async fn sync_direct(d: &mut HostGw, peers: &[Peer]) -> (HashSet<IpNet>, Result<
     }
     let direct = peers
         .iter()
-        .filter(|p| p.backend_type == BACKEND_VXLAN && onlink.contains(&p.public_ip))
+        .filter(|p| onlink.contains(&p.public_ip))
         .map(|p| p.subnet)
         .filter(|s| !failed.contains(s))
         .collect();

@@ -268,7 +268,7 @@ pub async fn run(
         for (i, (peer, target)) in targets.iter().enumerate() {
             let ok = answered.get(i).copied().unwrap_or(false);
             let switch = match fallback.as_mut() {
-                Some(f) if peer.backend_type == crate::backend::plan::BACKEND_VXLAN => {
+                Some(f) if peer.vtep().is_some() => {
                     let round = Round {
                         on_link: onlink.contains(&peer.public_ip),
                         vxlan_answered: ok,
@@ -314,14 +314,14 @@ mod tests {
     use super::*;
 
     fn peer(subnet: &str, ip: &str, backend: &str) -> Peer {
-        Peer {
-            subnet: subnet.parse().expect("subnet"),
-            public_ip: ip.parse().expect("ip"),
-            backend_type: backend.to_owned(),
-            vtep_mac: None,
-            vni: Some(1),
-            node: None,
-        }
+        let kind = match backend {
+            "vxlan" => crate::backend::PeerKind::Vxlan {
+                vtep_mac: crate::wire::MacAddr([2, 0, 0, 0, 0, 1]),
+                vni: 1,
+            },
+            _ => crate::backend::PeerKind::HostGw,
+        };
+        Peer::checked_for_test(subnet, ip, kind)
     }
 
     fn ctx(kube: bool) -> ProbeContext {
@@ -343,10 +343,8 @@ mod tests {
             probe_target(&peer("fd10::/64", "198.51.100.8", "vxlan")),
             None
         );
-        assert_eq!(
-            probe_target(&peer("10.244.4.0/24", "198.51.100.9", "udp")),
-            None
-        );
+        let v6_host_gw = peer("fd10::/64", "2001:db8::9", "host-gw");
+        assert_eq!(probe_target(&v6_host_gw), None);
     }
 
     #[test]
@@ -421,10 +419,8 @@ mod tests {
 
     #[test]
     fn kube_peers_are_named_with_the_command_that_fixes_them() {
-        let named = Peer {
-            node: Some("worker-b".into()),
-            ..peer("10.244.1.0/24", "172.19.0.13", "vxlan")
-        };
+        let mut named = peer("10.244.1.0/24", "172.19.0.13", "vxlan");
+        named.node = Some("worker-b".into());
         let m = unreachable_message(&named, Ipv4Addr::new(10, 244, 1, 0), &ctx(true));
         assert!(
             m.starts_with("peer worker-b (10.244.1.0/24 at 172.19.0.13, UDP 8472) does not answer"),

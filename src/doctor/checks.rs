@@ -828,14 +828,11 @@ mod tests {
 
     #[test]
     fn peers_one_line_each() {
-        let peer = |s: &str, ip: &str| Peer {
-            subnet: s.parse().expect("subnet"),
-            public_ip: ip.parse().expect("ip"),
-            backend_type: "vxlan".into(),
-            vtep_mac: None,
-            vni: Some(1),
-            node: None,
+        let vxlan = crate::backend::PeerKind::Vxlan {
+            vtep_mac: crate::wire::MacAddr([2, 0, 0, 0, 0, 1]),
+            vni: 1,
         };
+        let peer = |s: &str, ip: &str| Peer::checked_for_test(s, ip, vxlan);
         let probes = [
             PeerProbe {
                 peer: peer("10.244.1.0/24", "198.51.100.7"),
@@ -871,7 +868,7 @@ mod tests {
             ..ctx()
         };
         let mut p = probes[0].clone();
-        p.peer.backend_type = "host-gw".into();
+        p.peer.kind = crate::backend::PeerKind::HostGw;
         p.target = "198.51.100.7".parse().expect("ip");
         let f = &peer_reachable(&[p], &hg)[0];
         assert_eq!(

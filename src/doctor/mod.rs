@@ -21,7 +21,7 @@ pub mod report;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use crate::backend::intake::{intake, IntakeConfig};
+use crate::backend::intake::{intake, IntakeConfig, NodeBackend};
 use crate::backend::reach::{probe_target, ProbeContext};
 use crate::backend::Peer;
 use crate::config::flags::{Dataplane, Flags};
@@ -243,6 +243,7 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
                 .iter()
                 .filter(|l| l.subnet != own_subnet && !ours.contains(&l.attrs.public_ip));
             let cfg = IntakeConfig {
+                backend: NodeBackend::of(&backend).unwrap_or_default(),
                 network_v4: net.network,
                 own_subnets: own_subnet.map(ipnet::IpNet::V4).into_iter().collect(),
                 own_ips: ours.iter().copied().map(std::net::IpAddr::V4).collect(),

@@ -259,42 +259,49 @@ impl KubeStore {
 
     /// Waits for this node like upstream (poll every 3 s, at most 30 s).
     async fn wait_for_own_node(&self) -> Result<Node, StoreError> {
-        let deadline = tokio::time::Instant::now() + self.timing.node_timeout;
-        loop {
-            let message = match self.nodes.get(&self.node_name).await {
-                Ok(node) => return Ok(node),
-                Err(e) if is_not_found(&e) => format!("node {:?} does not exist", self.node_name),
-                Err(e) => e.to_string(),
-            };
-            debug!(node = %self.node_name, "waiting for own node: {message}");
-            if tokio::time::Instant::now() + self.timing.node_poll > deadline {
-                return Err(KubeError::Timeout {
-                    node: self.node_name.clone(),
-                    message,
+        self.poll_node("waiting for own node", || async move {
+            match self.nodes.get(&self.node_name).await {
+                Ok(node) => Ok(node),
+                Err(e) if is_not_found(&e) => {
+                    Err(format!("node {:?} does not exist", self.node_name))
                 }
-                .into());
+                Err(e) => Err(e.to_string()),
             }
-            tokio::time::sleep(self.timing.node_poll).await;
-        }
+        })
+        .await
     }
 
     /// Strategic-merge PATCH of `nodes/<name>/status`, retried like upstream.
     async fn patch_status(&self, body: serde_json::Value) -> Result<(), StoreError> {
+        let body = &body;
+        self.poll_node("failed to patch node", || async move {
+            let patch = Patch::Strategic(body);
+            self.nodes
+                .patch_status(&self.node_name, &PatchParams::default(), &patch)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await
+    }
+
+    /// Tries `attempt` every `node_poll` until it succeeds or `node_timeout` would pass
+    /// (upstream's node retries); the timeout names the last failure.
+    async fn poll_node<T, F>(
+        &self,
+        what: &str,
+        mut attempt: impl FnMut() -> F,
+    ) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, String>>,
+    {
         let deadline = tokio::time::Instant::now() + self.timing.node_timeout;
         loop {
-            let message = match self
-                .nodes
-                .patch_status(
-                    &self.node_name,
-                    &PatchParams::default(),
-                    &Patch::Strategic(&body),
-                )
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(e) => e.to_string(),
+            let message = match attempt().await {
+                Ok(v) => return Ok(v),
+                Err(message) => message,
             };
-            debug!(node = %self.node_name, "failed to patch node: {message}");
+            debug!(node = %self.node_name, "{what}: {message}");
             if tokio::time::Instant::now() + self.timing.node_poll > deadline {
                 return Err(KubeError::Timeout {
                     node: self.node_name.clone(),
@@ -811,22 +818,12 @@ fn plan_annotations(
     want.insert(names.backend_type.clone(), kind.to_owned());
     if kind != "vxlan" || data != "null" {
         want.insert(names.backend_data.clone(), data);
-        let overwrite = optional_ipv4(current, &names.public_ip_overwrite)?;
-        let ip = match overwrite {
-            Some(_) => {
-                let text = current
-                    .get(&names.public_ip_overwrite)
-                    .cloned()
-                    .unwrap_or_default();
-                if current.get(&names.public_ip) != Some(&text) {
-                    plan.overrides
-                        .push((text.clone(), names.public_ip_overwrite.clone()));
-                }
-                text
-            }
-            None => attrs.public_ip.to_string(),
-        };
-        want.insert(names.public_ip.clone(), ip);
+        let overwritten = optional_ipv4(current, &names.public_ip_overwrite)?.is_some();
+        let own = Some(attrs.public_ip.to_string());
+        let pair = (&names.public_ip, &names.public_ip_overwrite);
+        if let Some(ip) = published_ip(current, pair, overwritten, own, &mut plan) {
+            want.insert(names.public_ip.clone(), ip);
+        }
     }
     let write_v6 = match kind {
         "vxlan" => v6_data != "null",
@@ -836,22 +833,10 @@ fn plan_annotations(
     };
     if write_v6 {
         want.insert(names.backend_v6_data.clone(), v6_data);
-        let overwrite = optional_ipv6(current, &names.public_ipv6_overwrite)?;
-        let ip = match overwrite {
-            Some(_) => {
-                let text = current
-                    .get(&names.public_ipv6_overwrite)
-                    .cloned()
-                    .unwrap_or_default();
-                if current.get(&names.public_ipv6) != Some(&text) {
-                    plan.overrides
-                        .push((text.clone(), names.public_ipv6_overwrite.clone()));
-                }
-                Some(text)
-            }
-            None => attrs.public_ipv6.map(|a| a.to_string()),
-        };
-        if let Some(ip) = ip {
+        let overwritten = optional_ipv6(current, &names.public_ipv6_overwrite)?.is_some();
+        let own = attrs.public_ipv6.map(|a| a.to_string());
+        let pair = (&names.public_ipv6, &names.public_ipv6_overwrite);
+        if let Some(ip) = published_ip(current, pair, overwritten, own, &mut plan) {
             want.insert(names.public_ipv6.clone(), ip);
         }
     }
@@ -861,6 +846,27 @@ fn plan_annotations(
         .filter(|(k, v)| current.get(k) != Some(v))
         .collect();
     Ok(plan)
+}
+
+/// The public IP annotation `pair.0` to write: the value of the overwrite annotation `pair.1`
+/// when it holds a valid address (`overwritten`; recorded in the plan's overrides when it
+/// differs from what is published), else our own address `own`.
+fn published_ip(
+    current: &BTreeMap<String, String>,
+    pair: (&String, &String),
+    overwritten: bool,
+    own: Option<String>,
+    plan: &mut AnnotationPlan,
+) -> Option<String> {
+    let (published, overwrite) = pair;
+    if !overwritten {
+        return own;
+    }
+    let text = current.get(overwrite).cloned().unwrap_or_default();
+    if current.get(published) != Some(&text) {
+        plan.overrides.push((text.clone(), overwrite.clone()));
+    }
+    Some(text)
 }
 
 /// One managed node as the watch knows it.
