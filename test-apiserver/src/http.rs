@@ -1,4 +1,4 @@
-//! HTTP: the accept loop, request recording, routing, and `Status` error responses.
+//! HTTP: the accept loop, request recording and routing.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -21,81 +20,11 @@ use crate::nodes::{
     list_nodes, list_pods, parse_json, patch_node, patch_pod, replace_node, replace_pod,
 };
 use crate::patch::validate;
+use crate::response::{error_response, full, json_response, ApiError, ResBody};
 use crate::state::{str_at, Shared};
 use crate::watches::{watch, Scope};
 use crate::RecordedRequest;
 use crate::{discovery, openapi};
-
-/// An API error: HTTP status, `reason`, message.
-#[derive(Debug)]
-pub(crate) struct ApiError {
-    pub(crate) code: StatusCode,
-    pub(crate) reason: &'static str,
-    pub(crate) message: String,
-}
-
-impl ApiError {
-    pub(crate) fn new(
-        code: StatusCode,
-        reason: &'static str,
-        message: impl Into<String>,
-    ) -> ApiError {
-        ApiError {
-            code,
-            reason,
-            message: message.into(),
-        }
-    }
-
-    pub(crate) fn not_found(kind: &str, name: &str) -> ApiError {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            format!("{kind} \"{name}\" not found"),
-        )
-    }
-
-    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "BadRequest", message)
-    }
-
-    pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", message)
-    }
-}
-
-/// A Kubernetes `Status` object for a failure.
-pub(crate) fn status_json(code: u16, reason: &str, message: &str) -> Value {
-    json!({
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    })
-}
-
-pub(crate) type ResBody = BoxBody<Bytes, Infallible>;
-
-pub(crate) fn full(bytes: impl Into<Bytes>) -> ResBody {
-    Full::new(bytes.into()).boxed()
-}
-
-pub(crate) fn json_response(code: StatusCode, value: &Value) -> Response<ResBody> {
-    let mut res = Response::new(full(value.to_string()));
-    *res.status_mut() = code;
-    res.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    res
-}
-
-pub(crate) fn error_response(e: &ApiError) -> Response<ResBody> {
-    json_response(e.code, &status_json(e.code.as_u16(), e.reason, &e.message))
-}
 
 pub(crate) async fn accept_loop(
     listener: TcpListener,

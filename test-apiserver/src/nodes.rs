@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{json, Value};
 
-use crate::http::ApiError;
 use crate::patch::{apply_patch, validate};
+use crate::response::ApiError;
 use crate::selectors::Selector;
 use crate::state::{str_at, Shared};
 

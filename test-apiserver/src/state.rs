@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{json, Map, Value};
 use tokio::sync::{broadcast, watch};
 
-use crate::http::ApiError;
+use crate::response::ApiError;
 use crate::{RecordedRequest, ServerError};
 
 /// A node change as watchers see it.
