@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::capture::{CaptureOpts, CaptureReport};
-use crate::check::{Cell, Matrix, ProbeKind, ProbeOutcome, SourceKind};
+use crate::check::{Cell, Matrix, ProbeOutcome, SourceKind};
+pub use crate::cluster::{parse_ethtool_feature, KUBE_MARK};
 use crate::cluster::{Cluster, ClusterSpec, NodeKind, DEFAULT_BASE_DIR};
 use crate::cmd;
 use crate::doctor::{DoctorReport, DoctorRun, Level};
-use crate::lease::{self, NetConf};
 use crate::proto;
-use crate::store::{etcd_key, StoreKind};
+use crate::store::StoreKind;
 use crate::sys;
 
 /// The emulated ClusterIP of the same-kind service (field problem P2).
@@ -39,8 +39,6 @@ pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const CLUSTER_IP_MIXED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 /// The service port of the emulated ClusterIPs (the backends listen on the responders' TCP port).
 pub const SERVICE_PORT: u16 = 8080;
-/// kube-proxy's masquerade mark (KUBE-MARK-MASQ).
-pub const KUBE_MARK: &str = "0x4000/0x4000";
 /// flanneld flags of the fallback scenarios: probes every 6 s (fallback after 3 misses,
 /// 12-18 s after the drop: the broken matrix, ~7 s, is measured before), a 5 s damping
 /// window instead of 60 s, /metrics on the nodes' loopback.
@@ -54,8 +52,6 @@ pub const FALLBACK_ARGS: [&str; 4] = [
 const FALLBACK_METRICS_PORT: u16 = 9102;
 /// The port the P3 "VXLAN blocked" scenario moves the backend to.
 pub const MOVED_PORT: u16 = 8475;
-/// Comment of the rule counting VXLAN packets that carry kube-proxy's mark.
-const MARKED_VXLAN: &str = "netns-harness: VXLAN packets with mark 0x4000";
 /// Request size of the multi-segment TCP probes.
 const BIG_PROBE: usize = 4000;
 
@@ -660,258 +656,6 @@ pub fn run_on(c: &mut Cluster, s: Scenario, opts: &ScenarioOpts) -> Result<Scena
         run: c.prefix().to_string(),
         phases,
         elapsed: start.elapsed(),
-    })
-}
-
-// ---------------------------------------------------------------------------------------
-// Cluster helpers (kube-proxy emulation, net-conf changes, probes, ethtool)
-
-impl Cluster {
-    /// Emulates one ClusterIP the way kube-proxy (iptables mode, before Kubernetes 1.19) does,
-    /// in `node`'s nat table: PREROUTING and OUTPUT jump to KUBE-SERVICES, which marks every
-    /// packet to `vip:port` with 0x4000 (KUBE-MARK-MASQ; every source is marked, as with
-    /// `--masquerade-all`, so pod traffic is masqueraded too) and DNATs it to `pod`'s TCP
-    /// responder; KUBE-POSTROUTING masquerades marked packets with `--random-fully` and does
-    /// not clear the mark, so the VXLAN packet a kernel vxlan device builds around such a
-    /// packet carries the mark too and is masqueraded again (the double NAT of kubernetes
-    /// issue 88986). A host route for the VIP via eth0 lets host traffic reach OUTPUT in runs
-    /// without a default route; the DNAT re-routes it into the overlay.
-    pub fn add_kube_proxy_service(
-        &self,
-        node: &str,
-        vip: Ipv4Addr,
-        port: u16,
-        pod: &str,
-    ) -> Result<()> {
-        let n = self
-            .node(node)
-            .ok_or_else(|| anyhow!("no node {node:?}"))?
-            .clone();
-        let dst = self.pod_ip(pod).ok_or_else(|| anyhow!("no pod {pod:?}"))?;
-        let ns = n.ns.as_str();
-        let ipt = |args: &[&str]| -> Result<bool> {
-            let mut v = vec!["iptables", "-w", "-t", "nat"];
-            v.extend_from_slice(args);
-            Ok(cmd::run(&mut cmd::ns_command(ns, &v), cmd::SHORT)?
-                .status
-                .success())
-        };
-        let must = |args: &[&str]| -> Result<()> {
-            if ipt(args)? {
-                Ok(())
-            } else {
-                bail!("{node}: iptables -t nat {} failed", args.join(" "))
-            }
-        };
-        for chain in ["KUBE-SERVICES", "KUBE-MARK-MASQ", "KUBE-POSTROUTING"] {
-            if !ipt(&["-S", chain])? {
-                must(&["-N", chain])?;
-            }
-        }
-        let mark = ["-j", "MARK", "--set-xmark", KUBE_MARK];
-        if !ipt(&[&["-C", "KUBE-MARK-MASQ"][..], &mark[..]].concat())? {
-            must(&[&["-A", "KUBE-MARK-MASQ"][..], &mark[..]].concat())?;
-        }
-        let masq = [
-            "-m",
-            "mark",
-            "--mark",
-            KUBE_MARK,
-            "-j",
-            "MASQUERADE",
-            "--random-fully",
-        ];
-        if !ipt(&[&["-C", "KUBE-POSTROUTING"][..], &masq[..]].concat())? {
-            must(&[&["-A", "KUBE-POSTROUTING"][..], &masq[..]].concat())?;
-        }
-        for (chain, target) in [
-            ("PREROUTING", "KUBE-SERVICES"),
-            ("OUTPUT", "KUBE-SERVICES"),
-            ("POSTROUTING", "KUBE-POSTROUTING"),
-        ] {
-            if !ipt(&["-C", chain, "-j", target])? {
-                must(&["-I", chain, "1", "-j", target])?;
-            }
-        }
-        let vip_s = format!("{vip}/32");
-        let port_s = port.to_string();
-        let svc = ["-d", &vip_s, "-p", "tcp", "--dport", &port_s];
-        must(
-            &[
-                &["-A", "KUBE-SERVICES"][..],
-                &svc[..],
-                &["-j", "KUBE-MARK-MASQ"],
-            ]
-            .concat(),
-        )?;
-        let to = format!("{dst}:{}", proto::TCP_PORT);
-        must(
-            &[
-                &["-A", "KUBE-SERVICES"][..],
-                &svc[..],
-                &["-j", "DNAT", "--to-destination", &to],
-            ]
-            .concat(),
-        )?;
-        let routed = cmd::run(
-            &mut cmd::ns_command(ns, &["ip", "route", "get", &vip.to_string()]),
-            cmd::SHORT,
-        )?
-        .status
-        .success();
-        if !routed {
-            cmd::ip(&["-n", ns, "route", "add", &vip_s, "dev", "eth0"])?;
-        }
-        Ok(())
-    }
-
-    /// `node`'s KUBE-POSTROUTING rules with exact packet counters (`iptables -L -v -x`).
-    fn postrouting_rules(&self, node: &str) -> Result<String> {
-        let out = self.exec_ok(
-            node,
-            &[
-                "iptables",
-                "-w",
-                "-t",
-                "nat",
-                "-L",
-                "KUBE-POSTROUTING",
-                "-n",
-                "-v",
-                "-x",
-            ],
-        )?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// Packets counted by the KUBE-POSTROUTING MASQUERADE rule on `node`.
-    pub fn masquerade_packets(&self, node: &str) -> Result<u64> {
-        Ok(self
-            .postrouting_rules(node)?
-            .lines()
-            .filter(|l| l.contains("MASQUERADE"))
-            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-            .sum())
-    }
-
-    /// Adds a counting rule (no target) at the top of `node`'s KUBE-POSTROUTING chain for VXLAN
-    /// packets to `port` that carry kube-proxy's mark; read it with
-    /// [`marked_vxlan_packets`](Self::marked_vxlan_packets).
-    pub fn count_marked_vxlan(&self, node: &str, port: u16) -> Result<()> {
-        let port = port.to_string();
-        self.exec_ok(
-            node,
-            &[
-                "iptables",
-                "-w",
-                "-t",
-                "nat",
-                "-I",
-                "KUBE-POSTROUTING",
-                "1",
-                "-p",
-                "udp",
-                "--dport",
-                &port,
-                "-m",
-                "mark",
-                "--mark",
-                KUBE_MARK,
-                "-m",
-                "comment",
-                "--comment",
-                MARKED_VXLAN,
-            ],
-        )
-        .map(|_| ())
-    }
-
-    /// Packets counted by the [`count_marked_vxlan`](Self::count_marked_vxlan) rule.
-    pub fn marked_vxlan_packets(&self, node: &str) -> Result<u64> {
-        self.postrouting_rules(node)?
-            .lines()
-            .find(|l| l.contains(MARKED_VXLAN))
-            .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-            .ok_or_else(|| anyhow!("{node}: no marked-VXLAN counting rule in KUBE-POSTROUTING"))
-    }
-
-    /// Replaces the network config in the run's store (lease directory `config`, etcd
-    /// `/coreos.com/network/config`, or the kube `net-conf.json`) and in the run state.
-    /// Daemons read it when they start: restart them to apply it. kernel-ref nodes are not
-    /// reprogrammed.
-    pub fn set_net_conf(&mut self, json: &str) -> Result<()> {
-        NetConf::parse(json)?;
-        match self.state.store {
-            StoreKind::Dir => self.lease_dir().init(json)?,
-            StoreKind::Etcd => self.etcd_put(&etcd_key("config"), json.as_bytes(), None)?,
-            StoreKind::Kube => lease::write_atomic(&self.net_conf_path(), json.as_bytes())?,
-        }
-        self.state.net_conf = json.to_string();
-        self.save()
-    }
-
-    /// Restarts every node's flanneld, one after the other (like restarting the DaemonSet).
-    pub fn restart_all_flanneld(&mut self) -> Result<()> {
-        let names: Vec<String> = self
-            .nodes()
-            .iter()
-            .filter(|n| n.kind.runs_flanneld())
-            .map(|n| n.name.clone())
-            .collect();
-        for n in names {
-            self.restart_flanneld(&n)?;
-        }
-        Ok(())
-    }
-
-    /// A TCP echo probe of `bytes` bytes (0: a short line) from namespace `from`.
-    pub fn probe_tcp_bytes(
-        &self,
-        from: &str,
-        ip: Ipv4Addr,
-        port: u16,
-        bytes: usize,
-    ) -> ProbeOutcome {
-        let fail = |detail: String| ProbeOutcome {
-            kind: ProbeKind::Tcp,
-            ok: false,
-            detail,
-        };
-        let (Ok(ns), Some(bin)) = (self.resolve_ns(from), self.harness_bin()) else {
-            return fail(format!("no namespace {from} or no netns-harness binary"));
-        };
-        let bin = bin.to_string_lossy().into_owned();
-        let addr = format!("{ip}:{port}");
-        let n = bytes.to_string();
-        match cmd::run(
-            &mut cmd::ns_command(&ns, &[&bin, "probe", "tcp", &addr, "--bytes", &n]),
-            Duration::from_secs(6),
-        ) {
-            Ok(o) if o.status.success() => ProbeOutcome {
-                kind: ProbeKind::Tcp,
-                ok: true,
-                detail: String::from_utf8_lossy(&o.stdout).trim().to_string(),
-            },
-            Ok(o) => fail(String::from_utf8_lossy(&o.stderr).trim().to_string()),
-            Err(e) => fail(format!("{e:#}")),
-        }
-    }
-
-    /// `tx-checksum-ip-generic` of `dev` in `node` (`ethtool -k`): Some(true) when on.
-    pub fn tx_checksum_ip_generic(&self, node: &str, dev: &str) -> Result<Option<bool>> {
-        let out = self.exec_ok(node, &["ethtool", "-k", dev])?;
-        Ok(parse_ethtool_feature(
-            &String::from_utf8_lossy(&out.stdout),
-            "tx-checksum-ip-generic",
-        ))
-    }
-}
-
-/// The value of one feature in `ethtool -k` output (`name: on [fixed]`).
-pub fn parse_ethtool_feature(text: &str, name: &str) -> Option<bool> {
-    text.lines().find_map(|l| {
-        let (k, v) = l.trim().split_once(':')?;
-        (k.trim() == name).then(|| v.split_whitespace().next() == Some("on"))
     })
 }
 
@@ -2362,6 +2106,8 @@ fn fmt_secs(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::check::ProbeKind;
+    use crate::lease::{self, NetConf};
 
     #[test]
     fn names_round_trip() {
