@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::check::{run_probe, Cell, Matrix, ProbeKind, ProbeOutcome, SourceKind, Task, WORKERS};
 use crate::cmd;
 
-use super::Cluster;
+use super::{Cluster, PodState};
 
 impl Cluster {
     /// One probe from namespace `from` (`n1`, `n1p2` or a full name of this run) to `ip`:
@@ -93,24 +93,8 @@ impl Cluster {
                     continue;
                 }
                 same_node_done |= same;
-                let cell = m.cells.len();
-                m.cells.push(Cell {
-                    src: sp.name.clone(),
-                    src_kind: SourceKind::Pod,
-                    dst: dp.name.clone(),
-                    dst_ip: dp.ip,
-                    same_node: same,
-                    results: Vec::new(),
-                });
-                for k in pod_kinds {
-                    tasks.push(Task {
-                        cell,
-                        kind: *k,
-                        ns: sp.ns.clone(),
-                        ip: dp.ip,
-                        port: None,
-                    });
-                }
+                let src = (sp.name.as_str(), SourceKind::Pod, sp.ns.as_str());
+                add_cell(&mut m, &mut tasks, src, dp, same, pod_kinds);
             }
         }
         for n in self.nodes() {
@@ -119,24 +103,8 @@ impl Cluster {
                 if dn.name == n.name {
                     continue;
                 }
-                let cell = m.cells.len();
-                m.cells.push(Cell {
-                    src: n.name.clone(),
-                    src_kind: SourceKind::Host,
-                    dst: dp.name.clone(),
-                    dst_ip: dp.ip,
-                    same_node: false,
-                    results: Vec::new(),
-                });
-                for k in host_kinds {
-                    tasks.push(Task {
-                        cell,
-                        kind: *k,
-                        ns: n.ns.clone(),
-                        ip: dp.ip,
-                        port: None,
-                    });
-                }
+                let src = (n.name.as_str(), SourceKind::Host, n.ns.as_str());
+                add_cell(&mut m, &mut tasks, src, dp, false, host_kinds);
             }
         }
         let results: Mutex<Vec<Option<ProbeOutcome>>> = Mutex::new(vec![None; tasks.len()]);
@@ -208,4 +176,32 @@ impl Cluster {
             Err(e) => fail(format!("{e:#}")),
         }
     }
+}
+
+/// One matrix cell from `src` (name, kind, namespace) to the pod `dst`, and a probe task of
+/// each kind for it.
+fn add_cell(
+    m: &mut Matrix,
+    tasks: &mut Vec<Task>,
+    (src, src_kind, ns): (&str, SourceKind, &str),
+    dst: &PodState,
+    same_node: bool,
+    kinds: &[ProbeKind],
+) {
+    let cell = m.cells.len();
+    m.cells.push(Cell {
+        src: src.to_string(),
+        src_kind,
+        dst: dst.name.clone(),
+        dst_ip: dst.ip,
+        same_node,
+        results: Vec::new(),
+    });
+    tasks.extend(kinds.iter().map(|&kind| Task {
+        cell,
+        kind,
+        ns: ns.to_string(),
+        ip: dst.ip,
+        port: None,
+    }));
 }

@@ -98,83 +98,41 @@ impl Cluster {
     /// of the same site, so every peer sees one address per node).
     pub(super) fn add_nat(&self, site: u8, private: Ipv4Addr, public: Ipv4Addr) -> Result<()> {
         let ns = self.router_ns(site);
-        let (pv, pb) = (private.to_string(), public.to_string());
+        let pb = public.to_string();
         cmd::ip(&["-n", &ns, "addr", "add", &format!("{pb}/32"), "dev", "eth1"])?;
-        cmd::ns_ok(
-            &ns,
-            &[
-                "iptables",
-                "-w",
-                "-t",
-                "nat",
-                "-A",
-                "PREROUTING",
-                "-d",
-                &pb,
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &pv,
-            ],
-        )?;
-        cmd::ns_ok(
-            &ns,
-            &[
-                "iptables",
-                "-w",
-                "-t",
-                "nat",
-                "-A",
-                "POSTROUTING",
-                "-s",
-                &pv,
-                "-j",
-                "SNAT",
-                "--to-source",
-                &pb,
-            ],
-        )?;
+        for rule in nat_rules("-A", private, public) {
+            cmd::ns_ok(&ns, &rule.iter().map(String::as_str).collect::<Vec<_>>())?;
+        }
         Ok(())
     }
 
     /// Undoes [`add_nat`](Self::add_nat) (best effort).
     pub(super) fn remove_nat(&self, site: u8, private: Ipv4Addr, public: Ipv4Addr) {
         let ns = self.router_ns(site);
-        let (pv, pb) = (private.to_string(), public.to_string());
-        let _ = cmd::ns_ok(
-            &ns,
-            &[
-                "iptables",
-                "-w",
-                "-t",
-                "nat",
-                "-D",
-                "PREROUTING",
-                "-d",
-                &pb,
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &pv,
-            ],
-        );
-        let _ = cmd::ns_ok(
-            &ns,
-            &[
-                "iptables",
-                "-w",
-                "-t",
-                "nat",
-                "-D",
-                "POSTROUTING",
-                "-s",
-                &pv,
-                "-j",
-                "SNAT",
-                "--to-source",
-                &pb,
-            ],
-        );
-        let _ = cmd::ip(&["-n", &ns, "addr", "del", &format!("{pb}/32"), "dev", "eth1"]);
+        for rule in nat_rules("-D", private, public) {
+            let _ = cmd::ns_ok(&ns, &rule.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+        let pb = format!("{public}/32");
+        let _ = cmd::ip(&["-n", &ns, "addr", "del", &pb, "dev", "eth1"]);
     }
+}
+
+/// The two iptables commands of a 1:1 NAT (`op` `-A` or `-D`): DNAT of `public` to `private`
+/// in PREROUTING, SNAT of `private` to `public` in POSTROUTING.
+fn nat_rules(op: &str, private: Ipv4Addr, public: Ipv4Addr) -> [Vec<String>; 2] {
+    let (pv, pb) = (private.to_string(), public.to_string());
+    let rule = |chain: &str, args: [&str; 6]| -> Vec<String> {
+        ["iptables", "-w", "-t", "nat", op, chain]
+            .iter()
+            .chain(&args)
+            .map(|a| a.to_string())
+            .collect()
+    };
+    [
+        rule(
+            "PREROUTING",
+            ["-d", &pb, "-j", "DNAT", "--to-destination", &pv],
+        ),
+        rule("POSTROUTING", ["-s", &pv, "-j", "SNAT", "--to-source", &pb]),
+    ]
 }
