@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::nodes::{
-    list_nodes, list_pods, parse_json, patch_node, patch_pod, replace_node, replace_pod,
+    list_nodes, list_pods, parse_json, patch_node, patch_pod, replace_node, replace_pod, Patch,
 };
 use crate::patch::validate;
 use crate::response::{error_response, full, json_response, ApiError, ResBody};
@@ -254,10 +254,10 @@ pub(crate) fn route(
             .delete_node(name)
             .map_or_else(|| Err(ApiError::not_found("nodes", name)), ok),
         (&Method::PATCH, ["api", "v1", "nodes", name]) => {
-            patch_node(shared, name, false, req.content_type, body, fv).and_then(ok)
+            patch_node(shared, name, Patch(false, req.content_type, body, fv)).and_then(ok)
         }
         (&Method::PATCH, ["api", "v1", "nodes", name, "status"]) => {
-            patch_node(shared, name, true, req.content_type, body, fv).and_then(ok)
+            patch_node(shared, name, Patch(true, req.content_type, body, fv)).and_then(ok)
         }
         (&Method::GET, ["api", "v1", "pods"]) if req.is_watch() => {
             watch(shared, shutdown, q, Scope::Pods(None))
@@ -315,10 +315,10 @@ pub(crate) fn route(
             replace_pod(shared, ns, name, body, fv).and_then(ok)
         }
         (&Method::PATCH, ["api", "v1", "namespaces", ns, "pods", name]) => {
-            patch_pod(shared, ns, name, false, req.content_type, body, fv).and_then(ok)
+            patch_pod(shared, ns, name, Patch(false, req.content_type, body, fv)).and_then(ok)
         }
         (&Method::PATCH, ["api", "v1", "namespaces", ns, "pods", name, "status"]) => {
-            patch_pod(shared, ns, name, true, req.content_type, body, fv).and_then(ok)
+            patch_pod(shared, ns, name, Patch(true, req.content_type, body, fv)).and_then(ok)
         }
         (&Method::DELETE, ["api", "v1", "namespaces", ns, "pods", name]) => shared
             .delete_pod(ns, name)

@@ -44,6 +44,12 @@ struct Kube {
 }
 
 impl Kube {
+    /// A server for `test` (its state file named by `tag`), or None when kubectl is missing
+    /// outside CI (the test skips).
+    fn start(test: &str, tag: &str) -> Option<Kube> {
+        have_kubectl(test).then(|| Kube::new(tag))
+    }
+
     fn new(test: &str) -> Kube {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -170,10 +176,9 @@ spec:
 
 #[test]
 fn discovery_version_and_resources() {
-    if !have_kubectl("discovery_version_and_resources") {
+    let Some(k) = Kube::start("discovery_version_and_resources", "discovery") else {
         return;
-    }
-    let k = Kube::new("discovery");
+    };
     let v = k.json(&["version"]);
     assert_eq!(v["serverVersion"]["gitVersion"], "v1.33.0-test-apiserver");
     let res = k.ok(&["api-resources", "--no-headers"]);
@@ -213,10 +218,9 @@ fn discovery_version_and_resources() {
 
 #[test]
 fn create_get_describe_apply_replace_delete() {
-    if !have_kubectl("create_get_describe_apply_replace_delete") {
+    let Some(k) = Kube::start("create_get_describe_apply_replace_delete", "crud") else {
         return;
-    }
-    let k = Kube::new("crud");
+    };
     let node = k.file("node.yaml", NODE);
     assert_eq!(k.ok(&["create", "-f", &node]), "node/n1 created\n");
     let n = k.json(&["get", "node", "n1"]);
@@ -321,10 +325,9 @@ fn create_get_describe_apply_replace_delete() {
 
 #[test]
 fn annotate_label_and_patch_types() {
-    if !have_kubectl("annotate_label_and_patch_types") {
+    let Some(k) = Kube::start("annotate_label_and_patch_types", "patch") else {
         return;
-    }
-    let k = Kube::new("patch");
+    };
     k.ok(&["create", "-f", &k.file("node.yaml", NODE)]);
     k.ok(&["annotate", "node", "n1", "example.com/a=1"]);
     let err = k.fails(&["annotate", "node", "n1", "example.com/a=2"], None);
@@ -510,10 +513,9 @@ impl Drop for Watching {
 
 #[test]
 fn get_watch_follows_changes() {
-    if !have_kubectl("get_watch_follows_changes") {
+    let Some(k) = Kube::start("get_watch_follows_changes", "watch") else {
         return;
-    }
-    let k = Kube::new("watch");
+    };
     k.ok(&["create", "-f", &k.file("node.yaml", NODE)]);
     let mut w = Watching::start(&k, "nodes");
     assert!(w.wait_for("ADDED n1 <none>"), "initial list: {:?}", w.seen);
@@ -550,10 +552,9 @@ fn get_watch_follows_changes() {
 
 #[test]
 fn watch_bookmarks_selectors_and_expiry() {
-    if !have_kubectl("watch_bookmarks_selectors_and_expiry") {
+    let Some(k) = Kube::start("watch_bookmarks_selectors_and_expiry", "bookmarks") else {
         return;
-    }
-    let k = Kube::new("bookmarks");
+    };
     k.server.set_bookmark_interval(Duration::from_millis(200));
     k.ok(&["create", "-f", &k.file("node.yaml", NODE)]);
     let start = k.server.resource_version();
