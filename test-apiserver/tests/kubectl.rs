@@ -50,6 +50,11 @@ impl Kube {
         have_kubectl(test).then(|| Kube::new(tag))
     }
 
+    /// `kubectl patch node n1 <type> -p <body>`, which must succeed.
+    fn patch_n1(&self, patch_type: &str, body: &str) -> String {
+        self.ok(&["patch", "node", "n1", patch_type, "-p", body])
+    }
+
     fn new(test: &str) -> Kube {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -342,30 +347,15 @@ fn annotate_label_and_patch_types() {
     ]);
     k.ok(&["annotate", "node", "n1", "example.com/b-"]);
     k.ok(&["label", "node", "n1", "zone=a"]);
-    k.ok(&[
-        "patch",
-        "node",
-        "n1",
-        "--type=strategic",
-        "-p",
-        r#"{"metadata":{"labels":{"s":"1"}}}"#,
-    ]);
-    k.ok(&[
-        "patch",
-        "node",
-        "n1",
+    k.patch_n1("--type=strategic", r#"{"metadata":{"labels":{"s":"1"}}}"#);
+    k.patch_n1(
         "--type=merge",
-        "-p",
         r#"{"metadata":{"labels":{"zone":null,"m":"1"}}}"#,
-    ]);
-    k.ok(&[
-        "patch",
-        "node",
-        "n1",
+    );
+    k.patch_n1(
         "--type=json",
-        "-p",
         r#"[{"op":"add","path":"/spec/taints","value":[{"key":"k","effect":"NoSchedule"}]}]"#,
-    ]);
+    );
     let err = k.fails(
         &[
             "patch",
@@ -401,14 +391,7 @@ fn annotate_label_and_patch_types() {
     ]);
     k.ok(&["patch", "node", "n1", "--subresource=status", "--type=strategic", "-p",
         r#"{"spec":{"podCIDR":"10.244.9.0/24"},"status":{"conditions":[{"type":"NetworkUnavailable","status":"False","reason":"FlannelIsUp"}]}}"#]);
-    k.ok(&[
-        "patch",
-        "node",
-        "n1",
-        "--type=merge",
-        "-p",
-        r#"{"status":{"conditions":[]}}"#,
-    ]);
+    k.patch_n1("--type=merge", r#"{"status":{"conditions":[]}}"#);
     let n = k.json(&["get", "node", "n1"]);
     let types: Vec<&str> = n["status"]["conditions"]
         .as_array()
