@@ -191,7 +191,7 @@ fn bulk_tcp(c: &Cluster, src: &str, dst: &str) {
 /// traffic of `during` and of a bulk TCP transfer n1p1 -> n2p1, verified with tshark.
 fn capture_bulk(
     tx_offload: bool,
-    max_packets: usize,
+    max_packets: u64,
     during: impl FnOnce(&Cluster),
 ) -> CaptureReport {
     let mut spec = kernel_refs(2, 1);
