@@ -4,11 +4,8 @@
 
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::cluster::Cluster;
 use crate::cmd;
 use crate::proto;
 
@@ -220,18 +217,18 @@ impl fmt::Display for Matrix {
     }
 }
 
-struct Task {
-    cell: usize,
-    kind: ProbeKind,
-    ns: String,
-    ip: Ipv4Addr,
+pub(crate) struct Task {
+    pub(crate) cell: usize,
+    pub(crate) kind: ProbeKind,
+    pub(crate) ns: String,
+    pub(crate) ip: Ipv4Addr,
     /// None: the responder's port for the kind.
-    port: Option<u16>,
+    pub(crate) port: Option<u16>,
 }
 
 /// Concurrent probes (each is a short child process; bounded so a broken cluster still
 /// finishes in seconds, not minutes).
-const WORKERS: usize = 8;
+pub(crate) const WORKERS: usize = 8;
 
 fn first_line(b: &[u8]) -> String {
     let s = String::from_utf8_lossy(b);
@@ -245,7 +242,7 @@ fn first_line(b: &[u8]) -> String {
         .collect()
 }
 
-fn run_probe(bin: Option<&std::path::Path>, t: &Task) -> ProbeOutcome {
+pub(crate) fn run_probe(bin: Option<&std::path::Path>, t: &Task) -> ProbeOutcome {
     let ip = t.ip.to_string();
     let result = match t.kind {
         ProbeKind::Icmp => cmd::run(
@@ -309,264 +306,6 @@ fn run_probe(bin: Option<&std::path::Path>, t: &Task) -> ProbeOutcome {
             ok: false,
             detail: format!("{e:#}"),
         },
-    }
-}
-
-impl Cluster {
-    /// One probe from namespace `from` (`n1`, `n1p2` or a full name of this run) to `ip`:
-    /// ICMP ignores `port`; TCP, UDP and DNS use `port` (None: the responders' port).
-    pub fn probe(
-        &self,
-        from: &str,
-        kind: ProbeKind,
-        ip: Ipv4Addr,
-        port: Option<u16>,
-    ) -> ProbeOutcome {
-        let ns = match self.resolve_ns(from) {
-            Ok(ns) => ns,
-            Err(e) => {
-                return ProbeOutcome {
-                    kind,
-                    ok: false,
-                    detail: format!("{e:#}"),
-                }
-            }
-        };
-        run_probe(
-            self.harness_bin(),
-            &Task {
-                cell: 0,
-                kind,
-                ns,
-                ip,
-                port,
-            },
-        )
-    }
-
-    /// Emulates a ClusterIP the way kube-proxy (iptables mode) handles traffic from the node
-    /// itself: in `node`'s nat table, OUTPUT marks packets to `vip:vip_port` that do not come
-    /// from the cluster network for masquerading (KUBE-MARK-MASQ) and DNATs them to `pod`'s
-    /// responder (`proto_name` `tcp` or `udp`); POSTROUTING masquerades marked packets
-    /// (KUBE-POSTROUTING), so the pod answers the node's overlay address. Adds a host route
-    /// for the VIP via `eth0` when the node has no route to it (flat runs have no default
-    /// route) so the packet reaches OUTPUT; it never leaves untranslated.
-    pub fn add_cluster_ip(
-        &self,
-        node: &str,
-        vip: Ipv4Addr,
-        vip_port: u16,
-        pod: &str,
-        proto_name: &str,
-    ) -> anyhow::Result<()> {
-        let n = self
-            .node(node)
-            .ok_or_else(|| anyhow::anyhow!("no node {node:?}"))?;
-        let dst = self
-            .pod_ip(pod)
-            .ok_or_else(|| anyhow::anyhow!("no pod {pod:?}"))?;
-        let port = match proto_name {
-            "tcp" => proto::TCP_PORT,
-            "udp" => proto::UDP_PORT,
-            other => anyhow::bail!("ClusterIP protocol {other:?}: tcp or udp"),
-        };
-        let network = self.net_conf()?.network.to_string();
-        let ns = n.ns.clone();
-        let vip_s = format!("{vip}/32");
-        let vport = vip_port.to_string();
-        let routed = cmd::run(
-            &mut cmd::ns_command(&ns, &["ip", "route", "get", &vip.to_string()]),
-            cmd::SHORT,
-        )?
-        .status
-        .success();
-        if !routed {
-            cmd::ip(&["-n", &ns, "route", "add", &vip_s, "dev", "eth0"])?;
-        }
-        let service: [&str; 8] = [
-            "-d", &vip_s, "-p", proto_name, "--dport", &vport, "-m", "comment",
-        ];
-        let comment = "netns-harness ClusterIP";
-        let mut mark = vec![
-            "iptables", "-w", "-t", "nat", "-A", "OUTPUT", "!", "-s", &network,
-        ];
-        mark.extend(service);
-        mark.extend([
-            "--comment",
-            comment,
-            "-j",
-            "MARK",
-            "--set-xmark",
-            "0x4000/0x4000",
-        ]);
-        cmd::ns_ok(&ns, &mark)?;
-        let target = format!("{dst}:{port}");
-        let mut dnat = vec!["iptables", "-w", "-t", "nat", "-A", "OUTPUT"];
-        dnat.extend(service);
-        dnat.extend([
-            "--comment",
-            comment,
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &target,
-        ]);
-        cmd::ns_ok(&ns, &dnat)?;
-        let masq = [
-            "POSTROUTING",
-            "-m",
-            "mark",
-            "--mark",
-            "0x4000/0x4000",
-            "-m",
-            "comment",
-            "--comment",
-            comment,
-            "-j",
-            "MASQUERADE",
-        ];
-        let rule =
-            |op: &'static str| [&["iptables", "-w", "-t", "nat", op][..], &masq[..]].concat();
-        let present = cmd::run(&mut cmd::ns_command(&ns, &rule("-C")), cmd::SHORT)?;
-        if !present.status.success() {
-            cmd::ns_ok(&ns, &rule("-A"))?;
-        }
-        Ok(())
-    }
-
-    /// Runs the connectivity matrix.
-    pub fn check(&self) -> Matrix {
-        let mut m = Matrix {
-            run: self.prefix().to_string(),
-            ..Matrix::default()
-        };
-        let pod_kinds: &[ProbeKind] = if self.state().responders {
-            &[
-                ProbeKind::Icmp,
-                ProbeKind::Tcp,
-                ProbeKind::Udp,
-                ProbeKind::Dns,
-            ]
-        } else {
-            &[ProbeKind::Icmp]
-        };
-        let host_kinds: &[ProbeKind] = if self.state().responders {
-            &[ProbeKind::Icmp, ProbeKind::Tcp]
-        } else {
-            &[ProbeKind::Icmp]
-        };
-        for n in self.nodes() {
-            m.legend.push(format!(
-                "{} {:<10} underlay {:<13} subnet {}{}",
-                n.name,
-                n.kind.as_str(),
-                n.underlay_ip,
-                n.subnet
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                match (n.site, n.public_ip) {
-                    (Some(s), Some(p)) => format!("  site {s} NAT {p}"),
-                    _ => String::new(),
-                }
-            ));
-        }
-        let pods = self.pods();
-        m.destinations = pods.iter().map(|(_, p)| p.name.clone()).collect();
-        let mut tasks = Vec::new();
-        let mut same_node_done = false;
-        for (sn, sp) in &pods {
-            m.sources.push(sp.name.clone());
-            for (dn, dp) in &pods {
-                if sp.name == dp.name {
-                    continue;
-                }
-                let same = sn.name == dn.name;
-                if same && same_node_done {
-                    continue;
-                }
-                same_node_done |= same;
-                let cell = m.cells.len();
-                m.cells.push(Cell {
-                    src: sp.name.clone(),
-                    src_kind: SourceKind::Pod,
-                    dst: dp.name.clone(),
-                    dst_ip: dp.ip,
-                    same_node: same,
-                    results: Vec::new(),
-                });
-                for k in pod_kinds {
-                    tasks.push(Task {
-                        cell,
-                        kind: *k,
-                        ns: sp.ns.clone(),
-                        ip: dp.ip,
-                        port: None,
-                    });
-                }
-            }
-        }
-        for n in self.nodes() {
-            m.sources.push(n.name.clone());
-            for (dn, dp) in &pods {
-                if dn.name == n.name {
-                    continue;
-                }
-                let cell = m.cells.len();
-                m.cells.push(Cell {
-                    src: n.name.clone(),
-                    src_kind: SourceKind::Host,
-                    dst: dp.name.clone(),
-                    dst_ip: dp.ip,
-                    same_node: false,
-                    results: Vec::new(),
-                });
-                for k in host_kinds {
-                    tasks.push(Task {
-                        cell,
-                        kind: *k,
-                        ns: n.ns.clone(),
-                        ip: dp.ip,
-                        port: None,
-                    });
-                }
-            }
-        }
-        let results: Mutex<Vec<Option<ProbeOutcome>>> = Mutex::new(vec![None; tasks.len()]);
-        let next = AtomicUsize::new(0);
-        let bin = self.harness_bin();
-        std::thread::scope(|s| {
-            for _ in 0..WORKERS.min(tasks.len()) {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(t) = tasks.get(i) else { break };
-                    let out = if crate::sys::interrupted() {
-                        ProbeOutcome {
-                            kind: t.kind,
-                            ok: false,
-                            detail: "interrupted".into(),
-                        }
-                    } else {
-                        run_probe(bin, t)
-                    };
-                    if let Ok(mut r) = results.lock() {
-                        r[i] = Some(out);
-                    }
-                });
-            }
-        });
-        let results = results.into_inner().unwrap_or_default();
-        for (t, r) in tasks.iter().zip(results) {
-            let r = r.unwrap_or(ProbeOutcome {
-                kind: t.kind,
-                ok: false,
-                detail: "probe did not run".into(),
-            });
-            m.cells[t.cell].results.push(r);
-        }
-        for c in &mut m.cells {
-            c.results.sort_by_key(|r| r.kind);
-        }
-        m
     }
 }
 

@@ -36,6 +36,7 @@
 //! ```
 
 pub mod bench;
+pub mod binaries;
 pub mod capture;
 pub mod check;
 pub mod cluster;

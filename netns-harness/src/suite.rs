@@ -557,17 +557,14 @@ impl Cluster {
 /// userspace, so that above 1 always means "userspace is better") as SVG.
 pub fn write_chart(report: &SuiteReport, path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    let metrics = [
-        Metric::Tcp1,
-        Metric::Tcp4,
-        Metric::UdpKpps,
-        Metric::RttMean,
-        Metric::RttP99,
-        Metric::CpuMachine,
-    ];
+    // Every metric but flanneld's own CPU (kernel vxlan has no flanneld on the data path).
+    let metrics = Metric::ALL
+        .into_iter()
+        .filter(|m| *m != Metric::CpuFlanneld)
+        .collect::<Vec<_>>();
     let wires = &report.options.wires;
     let mut bars: Vec<(String, Wire, f64)> = Vec::new();
-    for m in metrics {
+    for &m in &metrics {
         for &w in wires {
             if let Some(r) = report.ratio(w, m) {
                 let v = if m.higher_is_better() { r } else { 1.0 / r };

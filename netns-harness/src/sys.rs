@@ -135,3 +135,10 @@ pub fn sleep_interruptible(d: std::time::Duration) -> anyhow::Result<()> {
         std::thread::sleep(left.min(std::time::Duration::from_millis(100)));
     }
 }
+
+/// One progress line on stderr (silent with `NETNS_HARNESS_QUIET`).
+pub(crate) fn log(msg: impl AsRef<str>) {
+    if std::env::var_os("NETNS_HARNESS_QUIET").is_none() {
+        eprintln!("[netns-harness] {}", msg.as_ref());
+    }
+}

@@ -6,6 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -19,6 +20,16 @@ fn base_dir(tag: &str) -> PathBuf {
 /// Runs built by child processes are not owned by this test: remove whatever is left under
 /// the test's base directory when the test ends, passing or failing.
 struct BaseGuard(PathBuf);
+
+/// The start of every test here: None when it must skip (not root, not CI); else the serial
+/// lock and the test's base directory with its guard.
+fn begin(test: &str, tag: &str) -> Option<(MutexGuard<'static, ()>, BaseGuard)> {
+    if !privileged_test_guard(test) {
+        return None;
+    }
+    let serial = serial();
+    Some((serial, BaseGuard(base_dir(tag))))
+}
 
 impl Drop for BaseGuard {
     fn drop(&mut self) {
@@ -56,34 +67,28 @@ fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-#[test]
-fn up_check_capture_down_across_processes() {
-    if !privileged_test_guard("up_check_capture_down_across_processes") {
-        return;
-    }
-    let _g = serial();
-    let base = base_dir("up");
-    let _cleanup = BaseGuard(base.clone());
-    let out = harness(
-        &base,
-        // `capture verify` checks every checksum on the wire: a real wire, not kind's veths.
-        &[
-            "up",
-            "--nodes",
-            "2",
-            "--pods",
-            "1",
-            "--kinds",
-            "kernel-ref",
-            "--link-offloads",
-            "off",
-        ],
-    );
+/// `netns-harness up` of two kernel-ref nodes with one pod each and `extra` flags; it must
+/// succeed. Returns its output and the run id it printed.
+fn up(base: &Path, extra: &[&str]) -> (Output, String) {
+    let mut args = vec!["up", "--nodes", "2", "--pods", "1", "--kinds", "kernel-ref"];
+    args.extend_from_slice(extra);
+    let out = harness(base, &args);
     assert!(out.status.success());
     let run = text(&out)
         .lines()
         .find_map(|l| l.strip_prefix("run ").map(str::to_string))
         .expect("run id printed");
+    (out, run)
+}
+
+#[test]
+fn up_check_capture_down_across_processes() {
+    let Some((_g, cleanup)) = begin("up_check_capture_down_across_processes", "up") else {
+        return;
+    };
+    let base = cleanup.0.clone();
+    // `capture verify` checks every checksum on the wire: a real wire, not kind's veths.
+    let (out, run) = up(&base, &["--link-offloads", "off"]);
     assert!(text(&out).contains("state.json"));
     assert_eq!(leftover_namespaces(&run).len(), 5);
 
@@ -135,12 +140,10 @@ fn up_check_capture_down_across_processes() {
 
 #[test]
 fn demo_tears_down_on_sigterm() {
-    if !privileged_test_guard("demo_tears_down_on_sigterm") {
+    let Some((_g, cleanup)) = begin("demo_tears_down_on_sigterm", "demo") else {
         return;
-    }
-    let _g = serial();
-    let base = base_dir("demo");
-    let _cleanup = BaseGuard(base.clone());
+    };
+    let base = cleanup.0.clone();
     let mut child = Command::new(harness_bin())
         .arg("--base-dir")
         .arg(&base)
@@ -208,32 +211,12 @@ fn demo_tears_down_on_sigterm() {
 /// outage with a node added meanwhile; a two-site kube run fixed with `annotate` + `restart`.
 #[test]
 fn stores_and_sites_across_processes() {
-    if !privileged_test_guard("stores_and_sites_across_processes") {
+    let Some((_g, cleanup)) = begin("stores_and_sites_across_processes", "stores") else {
         return;
-    }
-    let _g = serial();
-    let base = base_dir("stores");
-    let _cleanup = BaseGuard(base.clone());
-    let out = harness(
-        &base,
-        &[
-            "up",
-            "--nodes",
-            "2",
-            "--pods",
-            "1",
-            "--kinds",
-            "kernel-ref",
-            "--store",
-            "etcd",
-        ],
-    );
-    assert!(out.status.success());
+    };
+    let base = cleanup.0.clone();
+    let (out, run) = up(&base, &["--store", "etcd"]);
     assert!(text(&out).contains("store etcd at http://198.18.0.254:2379"));
-    let run = text(&out)
-        .lines()
-        .find_map(|l| l.strip_prefix("run ").map(str::to_string))
-        .expect("run id printed");
     // Underlay, two nodes, two pods, control plane.
     assert_eq!(leftover_namespaces(&run).len(), 6);
     let out = harness(&base, &["store", "stop"]);
@@ -249,23 +232,7 @@ fn stores_and_sites_across_processes() {
     assert!(harness(&base, &["down"]).status.success());
     assert!(leftover_namespaces(&run).is_empty());
 
-    let out = harness(
-        &base,
-        &[
-            "up",
-            "--nodes",
-            "2",
-            "--pods",
-            "1",
-            "--kinds",
-            "kernel-ref",
-            "--store",
-            "kube",
-            "--sites",
-            "1,2",
-        ],
-    );
-    assert!(out.status.success());
+    up(&base, &["--store", "kube", "--sites", "1,2"]);
     let out = harness(&base, &["check"]);
     assert!(
         !out.status.success(),

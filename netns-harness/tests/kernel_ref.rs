@@ -6,7 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use netns_harness::{privileged_test_guard, BenchPath, CaptureOpts, Cluster, NodeKind};
+use netns_harness::{
+    privileged_test_guard, BenchPath, CaptureOpts, CaptureReport, Cluster, NodeKind,
+};
 
 #[test]
 fn three_kernel_ref_nodes_full_matrix_bench_and_teardown() {
@@ -185,6 +187,32 @@ fn bulk_tcp(c: &Cluster, src: &str, dst: &str) {
     let _ = server.wait();
 }
 
+/// Two kernel-ref nodes whose underlay veths keep tx checksum offload or not: the VXLAN
+/// traffic of `during` and of a bulk TCP transfer n1p1 -> n2p1, verified with tshark.
+fn capture_bulk(
+    tx_offload: bool,
+    max_packets: u64,
+    during: impl FnOnce(&Cluster),
+) -> CaptureReport {
+    let mut spec = kernel_refs(2, 1);
+    spec.underlay_tx_offload = tx_offload;
+    let mut c = Cluster::up(&spec).expect("cluster up");
+    let cap = c
+        .start_capture(&CaptureOpts {
+            max_packets,
+            max_seconds: 60,
+            filter: Some("udp port 8472".into()),
+            ..CaptureOpts::default()
+        })
+        .expect("capture");
+    during(&c);
+    bulk_tcp(&c, "n1p1", "n2p1");
+    let pcap = c.stop_capture(&cap.name).expect("stop");
+    let r = c.verify_capture(&pcap).expect("tshark");
+    println!("{r}");
+    r
+}
+
 #[test]
 fn capture_on_underlay_has_only_valid_checksums() {
     if !privileged_test_guard("capture_on_underlay_has_only_valid_checksums") {
@@ -192,23 +220,10 @@ fn capture_on_underlay_has_only_valid_checksums() {
     }
     let _g = serial();
     // Real-wire underlay (--link-offloads off): every checksum is finished before the wire.
-    let mut spec = kernel_refs(2, 1);
-    spec.underlay_tx_offload = false;
-    let mut c = Cluster::up(&spec).expect("cluster up");
-    let cap = c
-        .start_capture(&CaptureOpts {
-            max_packets: 4000,
-            max_seconds: 60,
-            filter: Some("udp port 8472".into()),
-            ..CaptureOpts::default()
-        })
-        .expect("capture");
-    let m = c.check();
-    assert!(m.all_pass(), "{m}");
-    bulk_tcp(&c, "n1p1", "n2p1");
-    let pcap = c.stop_capture(&cap.name).expect("stop");
-    let r = c.verify_capture(&pcap).expect("tshark");
-    println!("{r}");
+    let r = capture_bulk(false, 4000, |c| {
+        let m = c.check();
+        assert!(m.all_pass(), "{m}");
+    });
     assert!(r.vxlan_frames > 100, "{r}");
     assert_eq!(r.vnis.iter().copied().collect::<Vec<_>>(), vec![1]);
     assert!(
@@ -227,21 +242,7 @@ fn capture_verifier_flags_unfinished_checksums() {
         return;
     }
     let _g = serial();
-    let mut spec = kernel_refs(2, 1);
-    spec.underlay_tx_offload = true;
-    let mut c = Cluster::up(&spec).expect("cluster up");
-    let cap = c
-        .start_capture(&CaptureOpts {
-            max_packets: 2000,
-            max_seconds: 60,
-            filter: Some("udp port 8472".into()),
-            ..CaptureOpts::default()
-        })
-        .expect("capture");
-    bulk_tcp(&c, "n1p1", "n2p1");
-    let pcap = c.stop_capture(&cap.name).expect("stop");
-    let r = c.verify_capture(&pcap).expect("tshark");
-    println!("{r}");
+    let r = capture_bulk(true, 2000, |_| {});
     assert!(r.vxlan_frames > 0, "{r}");
     assert!(
         r.bad_total() > 0,

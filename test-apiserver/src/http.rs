@@ -1,4 +1,4 @@
-//! HTTP: the accept loop, request recording, routing, and `Status` error responses.
+//! HTTP: the accept loop, request recording and routing.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -18,84 +17,14 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::nodes::{
-    list_nodes, list_pods, parse_json, patch_node, patch_pod, replace_node, replace_pod,
+    list_nodes, list_pods, parse_json, patch_node, patch_pod, replace_node, replace_pod, Patch,
 };
 use crate::patch::validate;
+use crate::response::{error_response, full, json_response, ApiError, ResBody};
 use crate::state::{str_at, Shared};
 use crate::watches::{watch, Scope};
 use crate::RecordedRequest;
 use crate::{discovery, openapi};
-
-/// An API error: HTTP status, `reason`, message.
-#[derive(Debug)]
-pub(crate) struct ApiError {
-    pub(crate) code: StatusCode,
-    pub(crate) reason: &'static str,
-    pub(crate) message: String,
-}
-
-impl ApiError {
-    pub(crate) fn new(
-        code: StatusCode,
-        reason: &'static str,
-        message: impl Into<String>,
-    ) -> ApiError {
-        ApiError {
-            code,
-            reason,
-            message: message.into(),
-        }
-    }
-
-    pub(crate) fn not_found(kind: &str, name: &str) -> ApiError {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            format!("{kind} \"{name}\" not found"),
-        )
-    }
-
-    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "BadRequest", message)
-    }
-
-    pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", message)
-    }
-}
-
-/// A Kubernetes `Status` object for a failure.
-pub(crate) fn status_json(code: u16, reason: &str, message: &str) -> Value {
-    json!({
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    })
-}
-
-pub(crate) type ResBody = BoxBody<Bytes, Infallible>;
-
-pub(crate) fn full(bytes: impl Into<Bytes>) -> ResBody {
-    Full::new(bytes.into()).boxed()
-}
-
-pub(crate) fn json_response(code: StatusCode, value: &Value) -> Response<ResBody> {
-    let mut res = Response::new(full(value.to_string()));
-    *res.status_mut() = code;
-    res.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    res
-}
-
-pub(crate) fn error_response(e: &ApiError) -> Response<ResBody> {
-    json_response(e.code, &status_json(e.code.as_u16(), e.reason, &e.message))
-}
 
 pub(crate) async fn accept_loop(
     listener: TcpListener,
@@ -325,10 +254,10 @@ pub(crate) fn route(
             .delete_node(name)
             .map_or_else(|| Err(ApiError::not_found("nodes", name)), ok),
         (&Method::PATCH, ["api", "v1", "nodes", name]) => {
-            patch_node(shared, name, false, req.content_type, body, fv).and_then(ok)
+            patch_node(shared, name, Patch(false, req.content_type, body, fv)).and_then(ok)
         }
         (&Method::PATCH, ["api", "v1", "nodes", name, "status"]) => {
-            patch_node(shared, name, true, req.content_type, body, fv).and_then(ok)
+            patch_node(shared, name, Patch(true, req.content_type, body, fv)).and_then(ok)
         }
         (&Method::GET, ["api", "v1", "pods"]) if req.is_watch() => {
             watch(shared, shutdown, q, Scope::Pods(None))
@@ -386,10 +315,10 @@ pub(crate) fn route(
             replace_pod(shared, ns, name, body, fv).and_then(ok)
         }
         (&Method::PATCH, ["api", "v1", "namespaces", ns, "pods", name]) => {
-            patch_pod(shared, ns, name, false, req.content_type, body, fv).and_then(ok)
+            patch_pod(shared, ns, name, Patch(false, req.content_type, body, fv)).and_then(ok)
         }
         (&Method::PATCH, ["api", "v1", "namespaces", ns, "pods", name, "status"]) => {
-            patch_pod(shared, ns, name, true, req.content_type, body, fv).and_then(ok)
+            patch_pod(shared, ns, name, Patch(true, req.content_type, body, fv)).and_then(ok)
         }
         (&Method::DELETE, ["api", "v1", "namespaces", ns, "pods", name]) => shared
             .delete_pod(ns, name)

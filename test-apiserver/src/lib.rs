@@ -53,6 +53,7 @@ mod http;
 mod nodes;
 mod openapi;
 mod patch;
+mod response;
 mod selectors;
 mod state;
 mod watches;

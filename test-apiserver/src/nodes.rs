@@ -4,10 +4,12 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::http::ApiError;
 use crate::patch::{apply_patch, validate};
+use crate::response::ApiError;
 use crate::selectors::Selector;
 use crate::state::{str_at, Shared};
 
@@ -104,40 +106,12 @@ fn keep_section(old: &Value, new: &mut Value, keep: &str) {
 const PATCH_ATTEMPTS: usize = 5;
 
 /// `PATCH /api/v1/nodes/<name>[/status]`.
-pub(crate) fn patch_node(
-    shared: &Shared,
-    name: &str,
-    status: bool,
-    content_type: &str,
-    body: &[u8],
-    field_validation: Option<&str>,
-) -> Result<Value, ApiError> {
-    let mut last = None;
-    for _ in 0..PATCH_ATTEMPTS {
-        let old = shared
-            .lock()
-            .nodes
-            .get(name)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found("nodes", name))?;
-        let mut new = apply_patch(&old, content_type, body)?;
-        keep_section(&old, &mut new, if status { "spec" } else { "status" });
-        if str_at(&new, "/metadata/name") != name {
-            return Err(ApiError::invalid("metadata.name: field is immutable"));
-        }
-        validate::<Node>(&new, field_validation)?;
-        let old_rv = sent_version(&old);
-        if sent_version(&new) != old_rv {
-            // The patch carried a resourceVersion: compare it, do not retry.
-            let sent = sent_version(&new);
-            return shared.update_node_checked(name, new, &sent);
-        }
-        match shared.update_node_checked(name, new, &old_rv) {
-            Ok(v) => return Ok(v),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| ApiError::invalid("patch failed")))
+pub(crate) fn patch_node(shared: &Shared, name: &str, patch: Patch) -> Result<Value, ApiError> {
+    patch.apply::<Node>(
+        ("nodes", name),
+        || shared.lock().nodes.get(name).cloned(),
+        |new, rv| shared.update_node_checked(name, new, rv),
+    )
 }
 
 /// `PUT /api/v1/nodes/<name>[/status]`.
@@ -173,38 +147,14 @@ pub(crate) fn patch_pod(
     shared: &Shared,
     ns: &str,
     name: &str,
-    status: bool,
-    content_type: &str,
-    body: &[u8],
-    field_validation: Option<&str>,
+    patch: Patch,
 ) -> Result<Value, ApiError> {
     let key = (ns.to_owned(), name.to_owned());
-    let mut last = None;
-    for _ in 0..PATCH_ATTEMPTS {
-        let old = shared
-            .lock()
-            .pods
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found("pods", name))?;
-        let mut new = apply_patch(&old, content_type, body)?;
-        keep_section(&old, &mut new, if status { "spec" } else { "status" });
-        if str_at(&new, "/metadata/name") != name {
-            return Err(ApiError::invalid("metadata.name: field is immutable"));
-        }
-        validate::<Pod>(&new, field_validation)?;
-        let old_rv = sent_version(&old);
-        if sent_version(&new) != old_rv {
-            // The patch carried a resourceVersion: compare it, do not retry.
-            let sent = sent_version(&new);
-            return shared.update_pod_checked(ns, name, new, &sent);
-        }
-        match shared.update_pod_checked(ns, name, new, &old_rv) {
-            Ok(v) => return Ok(v),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| ApiError::invalid("patch failed")))
+    patch.apply::<Pod>(
+        ("pods", name),
+        || shared.lock().pods.get(&key).cloned(),
+        |new, rv| shared.update_pod_checked(ns, name, new, rv),
+    )
 }
 
 /// `PUT /api/v1/namespaces/<ns>/pods/<name>`.
@@ -228,4 +178,49 @@ pub(crate) fn replace_pod(
 
 pub(crate) fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))
+}
+
+/// One PATCH request: the `/status` subresource (the patch may change `status` only, else
+/// anything but `status`), its content type, body and `fieldValidation`.
+pub(crate) struct Patch<'a>(
+    pub(crate) bool,
+    pub(crate) &'a str,
+    pub(crate) &'a [u8],
+    pub(crate) Option<&'a str>,
+);
+
+impl Patch<'_> {
+    /// Reads the object (`kind` as in the URL, `name`) with `get`, applies the patch, keeps
+    /// the section it may not change, checks the name and the schema of `T`, and stores it
+    /// with `update` against the resourceVersion the patch carried, else against the one
+    /// read, retrying on a conflict (the API server's optimistic concurrency).
+    fn apply<T: DeserializeOwned + Serialize>(
+        &self,
+        (kind, name): (&str, &str),
+        get: impl Fn() -> Option<Value>,
+        update: impl Fn(Value, &str) -> Result<Value, ApiError>,
+    ) -> Result<Value, ApiError> {
+        let Patch(status, content_type, body, field_validation) = *self;
+        let mut last = None;
+        for _ in 0..PATCH_ATTEMPTS {
+            let old = get().ok_or_else(|| ApiError::not_found(kind, name))?;
+            let mut new = apply_patch(&old, content_type, body)?;
+            keep_section(&old, &mut new, if status { "spec" } else { "status" });
+            if str_at(&new, "/metadata/name") != name {
+                return Err(ApiError::invalid("metadata.name: field is immutable"));
+            }
+            validate::<T>(&new, field_validation)?;
+            let old_rv = sent_version(&old);
+            if sent_version(&new) != old_rv {
+                // The patch carried a resourceVersion: compare it, do not retry.
+                let sent = sent_version(&new);
+                return update(new, &sent);
+            }
+            match update(new, &old_rv) {
+                Ok(v) => return Ok(v),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ApiError::invalid("patch failed")))
+    }
 }

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use crate::http::ApiError;
+use crate::response::ApiError;
 
 /// One selector term.
 #[derive(Debug, Clone, PartialEq, Eq)]

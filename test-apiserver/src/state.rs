@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{json, Map, Value};
 use tokio::sync::{broadcast, watch};
 
-use crate::http::ApiError;
+use crate::response::ApiError;
 use crate::{RecordedRequest, ServerError};
 
 /// A node change as watchers see it.
@@ -235,13 +235,8 @@ impl Shared {
 
     pub(crate) fn delete_node(&self, name: &str) -> Option<Value> {
         let mut st = self.lock();
-        let mut old = st.nodes.remove(name)?;
-        st.rv += 1;
-        set_rv(&mut old, st.rv);
-        self.publish(&mut st, "DELETED", &old);
-        drop(st);
-        self.save();
-        Some(old)
+        let old = st.nodes.remove(name)?;
+        Some(self.deleted(st, old))
     }
 
     pub(crate) fn put_pod(&self, mut value: Value) -> Value {
@@ -271,13 +266,19 @@ impl Shared {
     /// Deletes a pod (emits DELETED).
     pub(crate) fn delete_pod(&self, ns: &str, name: &str) -> Option<Value> {
         let mut st = self.lock();
-        let mut old = st.pods.remove(&(ns.to_owned(), name.to_owned()))?;
+        let old = st.pods.remove(&(ns.to_owned(), name.to_owned()))?;
+        Some(self.deleted(st, old))
+    }
+
+    /// An object just removed from `st`: a new resourceVersion on it, DELETED to the
+    /// watchers, the state saved. Returns it as deleted.
+    fn deleted(&self, mut st: MutexGuard<'_, State>, mut old: Value) -> Value {
         st.rv += 1;
         set_rv(&mut old, st.rv);
         self.publish(&mut st, "DELETED", &old);
         drop(st);
         self.save();
-        Some(old)
+        old
     }
 
     /// Records that the state changed: the saver thread writes the file within

@@ -14,8 +14,8 @@ use hyper::Response;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
-use crate::http::{status_json, ApiError, ResBody};
 use crate::nodes::selector;
+use crate::response::{status_json, ApiError, ResBody};
 use crate::state::Shared;
 
 /// A response body fed by a channel: the watch stream.

@@ -44,6 +44,17 @@ struct Kube {
 }
 
 impl Kube {
+    /// A server for `test` (its state file named by `tag`), or None when kubectl is missing
+    /// outside CI (the test skips).
+    fn start(test: &str, tag: &str) -> Option<Kube> {
+        have_kubectl(test).then(|| Kube::new(tag))
+    }
+
+    /// `kubectl patch node n1 <type> -p <body>`, which must succeed.
+    fn patch_n1(&self, patch_type: &str, body: &str) -> String {
+        self.ok(&["patch", "node", "n1", patch_type, "-p", body])
+    }
+
     fn new(test: &str) -> Kube {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -170,10 +181,9 @@ spec:
 
 #[test]
 fn discovery_version_and_resources() {
-    if !have_kubectl("discovery_version_and_resources") {
+    let Some(k) = Kube::start("discovery_version_and_resources", "discovery") else {
         return;
-    }
-    let k = Kube::new("discovery");
+    };
     let v = k.json(&["version"]);
     assert_eq!(v["serverVersion"]["gitVersion"], "v1.33.0-test-apiserver");
     let res = k.ok(&["api-resources", "--no-headers"]);
@@ -213,10 +223,9 @@ fn discovery_version_and_resources() {
 
 #[test]
 fn create_get_describe_apply_replace_delete() {
-    if !have_kubectl("create_get_describe_apply_replace_delete") {
+    let Some(k) = Kube::start("create_get_describe_apply_replace_delete", "crud") else {
         return;
-    }
-    let k = Kube::new("crud");
+    };
     let node = k.file("node.yaml", NODE);
     assert_eq!(k.ok(&["create", "-f", &node]), "node/n1 created\n");
     let n = k.json(&["get", "node", "n1"]);
@@ -321,10 +330,9 @@ fn create_get_describe_apply_replace_delete() {
 
 #[test]
 fn annotate_label_and_patch_types() {
-    if !have_kubectl("annotate_label_and_patch_types") {
+    let Some(k) = Kube::start("annotate_label_and_patch_types", "patch") else {
         return;
-    }
-    let k = Kube::new("patch");
+    };
     k.ok(&["create", "-f", &k.file("node.yaml", NODE)]);
     k.ok(&["annotate", "node", "n1", "example.com/a=1"]);
     let err = k.fails(&["annotate", "node", "n1", "example.com/a=2"], None);
@@ -339,30 +347,15 @@ fn annotate_label_and_patch_types() {
     ]);
     k.ok(&["annotate", "node", "n1", "example.com/b-"]);
     k.ok(&["label", "node", "n1", "zone=a"]);
-    k.ok(&[
-        "patch",
-        "node",
-        "n1",
-        "--type=strategic",
-        "-p",
-        r#"{"metadata":{"labels":{"s":"1"}}}"#,
-    ]);
-    k.ok(&[
-        "patch",
-        "node",
-        "n1",
+    k.patch_n1("--type=strategic", r#"{"metadata":{"labels":{"s":"1"}}}"#);
+    k.patch_n1(
         "--type=merge",
-        "-p",
         r#"{"metadata":{"labels":{"zone":null,"m":"1"}}}"#,
-    ]);
-    k.ok(&[
-        "patch",
-        "node",
-        "n1",
+    );
+    k.patch_n1(
         "--type=json",
-        "-p",
         r#"[{"op":"add","path":"/spec/taints","value":[{"key":"k","effect":"NoSchedule"}]}]"#,
-    ]);
+    );
     let err = k.fails(
         &[
             "patch",
@@ -398,14 +391,7 @@ fn annotate_label_and_patch_types() {
     ]);
     k.ok(&["patch", "node", "n1", "--subresource=status", "--type=strategic", "-p",
         r#"{"spec":{"podCIDR":"10.244.9.0/24"},"status":{"conditions":[{"type":"NetworkUnavailable","status":"False","reason":"FlannelIsUp"}]}}"#]);
-    k.ok(&[
-        "patch",
-        "node",
-        "n1",
-        "--type=merge",
-        "-p",
-        r#"{"status":{"conditions":[]}}"#,
-    ]);
+    k.patch_n1("--type=merge", r#"{"status":{"conditions":[]}}"#);
     let n = k.json(&["get", "node", "n1"]);
     let types: Vec<&str> = n["status"]["conditions"]
         .as_array()
@@ -510,10 +496,9 @@ impl Drop for Watching {
 
 #[test]
 fn get_watch_follows_changes() {
-    if !have_kubectl("get_watch_follows_changes") {
+    let Some(k) = Kube::start("get_watch_follows_changes", "watch") else {
         return;
-    }
-    let k = Kube::new("watch");
+    };
     k.ok(&["create", "-f", &k.file("node.yaml", NODE)]);
     let mut w = Watching::start(&k, "nodes");
     assert!(w.wait_for("ADDED n1 <none>"), "initial list: {:?}", w.seen);
@@ -550,10 +535,9 @@ fn get_watch_follows_changes() {
 
 #[test]
 fn watch_bookmarks_selectors_and_expiry() {
-    if !have_kubectl("watch_bookmarks_selectors_and_expiry") {
+    let Some(k) = Kube::start("watch_bookmarks_selectors_and_expiry", "bookmarks") else {
         return;
-    }
-    let k = Kube::new("bookmarks");
+    };
     k.server.set_bookmark_interval(Duration::from_millis(200));
     k.ok(&["create", "-f", &k.file("node.yaml", NODE)]);
     let start = k.server.resource_version();
