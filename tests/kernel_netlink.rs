@@ -15,6 +15,7 @@ use flannel_rs::backend::hostgw::{HostGw, HostGwConfig, HostGwError};
 use flannel_rs::backend::intake::{intake, IntakeConfig, NodeBackend};
 use flannel_rs::backend::kernel::{KernelVxlan, KernelVxlanConfig};
 use flannel_rs::backend::Peer;
+use flannel_rs::config::flags::{self, Command};
 use flannel_rs::io::ethtool;
 use flannel_rs::lease::{Lease, LeaseAttrs, VxlanBackendData};
 use flannel_rs::netlink::{self, IpFamily, Netlink};
@@ -671,6 +672,111 @@ fn netlink_handle_basics() {
             .collect();
         assert!(all.contains("lo") && all.contains("ul0") && all.contains("ul1"));
     });
+}
+
+/// Interface lookups for the external interface: every interface with index, MTU and
+/// addresses, the default route's device (first default of the main table; a multipath one
+/// names its first next hop), the source towards a destination; and flannel's selection on top.
+#[test]
+fn interface_lookups_and_external_interface() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new("if").with_underlay();
+    ns.ip_line("link add ex0 type veth peer name ex1");
+    ns.ip_line("link set ex1 up");
+    ns.ip_line("link set ex0 mtu 1400 up");
+    ns.ip_line("addr add 203.0.113.9/24 dev ex0");
+    ns.ip_line("addr add 169.254.3.3/16 dev ex0");
+    ns.run_async(|| async {
+        let nl = Netlink::connect().unwrap();
+        let ifs = nl.interfaces().await.unwrap();
+        let ul = ifs.iter().find(|i| i.name == "ul0").expect("ul0");
+        let ex = ifs.iter().find(|i| i.name == "ex0").expect("ex0");
+        assert_eq!(ul.mtu, 1500);
+        assert_eq!(ex.mtu, 1400);
+        // IPv4 first, in the order added; then IPv6 (the link-local one comes with the link).
+        assert_eq!(
+            ex.addrs[..2],
+            [
+                "203.0.113.9/24".parse().unwrap(),
+                "169.254.3.3/16".parse().unwrap()
+            ]
+        );
+        assert_eq!(ul.addrs[0], "198.18.0.1/24".parse().unwrap());
+        assert!(
+            ul.addrs.contains(&"2001:db8:18::1/64".parse().unwrap()),
+            "{ul:?}"
+        );
+        assert_eq!(
+            nl.default_route_index(IpFamily::V4).await.unwrap(),
+            Some(ul.index)
+        );
+        assert_eq!(nl.default_route_index(IpFamily::V6).await.unwrap(), None);
+        assert_eq!(
+            nl.source_for("203.0.113.77".parse().unwrap())
+                .await
+                .unwrap(),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
+        assert!(nl
+            .source_for("2001:db8:99::1".parse().unwrap())
+            .await
+            .is_err());
+
+        let ext = |args: &[&str]| {
+            let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+            let Ok(Command::Run(f)) = flags::parse(&args, &|_: &str| None) else {
+                panic!("flags {args:?}");
+            };
+            async move { flannel_rs::daemon::external_interface(&f).await }
+        };
+        let e = ext(&[]).await.unwrap();
+        assert_eq!((e.name.as_str(), e.index, e.mtu), ("ul0", ul.index, 1500));
+        assert_eq!(e.iface_addr.to_string(), "198.18.0.1");
+        let e = ext(&["--public-ip=203.0.113.9"]).await.unwrap();
+        assert_eq!((e.name.as_str(), e.mtu), ("ex0", 1400));
+        let e = ext(&["--iface-can-reach=203.0.113.200"]).await.unwrap();
+        assert_eq!(e.name, "ex0");
+        // A regex matches addresses before names; the global address before the link-local.
+        let e = ext(&[r"--iface-regex=^(169|203)\."]).await.unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.iface_addr.to_string().as_str()),
+            ("ex0", "203.0.113.9")
+        );
+        let err = ext(&["--iface=nope0"]).await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "Failed to find interface to use that matches the interfaces and/or regexes provided"
+        );
+    });
+
+    // A multipath default route first in the table: its first next hop's device.
+    ns.ip_line("route del default");
+    ns.ip_line(
+        "route add default nexthop via 203.0.113.1 dev ex0 nexthop via 198.18.0.254 dev ul0",
+    );
+    ns.run_async(|| async {
+        let nl = Netlink::connect().unwrap();
+        let ex = nl.link_by_name("ex0").await.unwrap().expect("ex0");
+        assert_eq!(
+            nl.default_route_index(IpFamily::V4).await.unwrap(),
+            Some(ex.index)
+        );
+    });
+    // No default route: flannel's error.
+    ns.ip_line("route del default");
+    let err = ns.run_async(|| async {
+        let f = flags::Flags::default();
+        flannel_rs::daemon::external_interface(&f)
+            .await
+            .unwrap_err()
+            .to_string()
+    });
+    assert_eq!(
+        err,
+        "Failed to find any valid interface to use: failed to get default interface: no default route"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

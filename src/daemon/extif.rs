@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use regex::Regex;
 
-use crate::io::iface::Interface;
+use crate::netlink::Interface;
 
 /// The interface flannel talks to peers through, and the addresses it publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,7 +230,7 @@ fn find_explicit<'i>(
         let by_ip = ifaces.iter().find(|i| {
             i.addrs
                 .iter()
-                .any(|a| family_enabled(sel.stack, a.addr) && re.is_match(&a.addr.to_string()))
+                .any(|a| family_enabled(sel.stack, a.addr()) && re.is_match(&a.addr().to_string()))
         });
         if let Some(hit) = by_ip.or_else(|| ifaces.iter().find(|i| re.is_match(&i.name))) {
             return Ok(Some(hit));
@@ -243,7 +243,9 @@ fn find_explicit<'i>(
 }
 
 fn by_addr(ifaces: &[Interface], ip: IpAddr) -> Option<&Interface> {
-    ifaces.iter().find(|i| i.addrs.iter().any(|a| a.addr == ip))
+    ifaces
+        .iter()
+        .find(|i| i.addrs.iter().any(|a| a.addr() == ip))
 }
 
 /// Whether `--iface-regex` matches addresses of this family (IPv6 ones only with IPv6 on).
@@ -258,7 +260,7 @@ fn family_enabled(stack: IpStack, addr: IpAddr) -> bool {
 /// kernel order; loopback never.
 fn first_ipv6(iface: &Interface) -> Option<Ipv6Addr> {
     let v6 = || {
-        iface.addrs.iter().filter_map(|a| match a.addr {
+        iface.addrs.iter().filter_map(|a| match a.addr() {
             IpAddr::V6(v) if !v.is_loopback() && !v.is_unspecified() => Some(v),
             _ => None,
         })
@@ -270,7 +272,7 @@ fn first_ipv6(iface: &Interface) -> Option<Ipv6Addr> {
 /// The interface's preferred IPv4 address: global before link-local, in kernel order.
 fn first_ipv4(iface: &Interface) -> Option<Ipv4Addr> {
     let v4 = || {
-        iface.addrs.iter().filter_map(|a| match a.addr {
+        iface.addrs.iter().filter_map(|a| match a.addr() {
             IpAddr::V4(v) => Some(v),
             IpAddr::V6(_) => None,
         })
@@ -282,7 +284,6 @@ fn first_ipv4(iface: &Interface) -> Option<Ipv4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::iface::IfAddr;
 
     fn iface(name: &str, index: u32, addrs: &[&str]) -> Interface {
         Interface {
@@ -291,10 +292,7 @@ mod tests {
             mtu: 1500,
             addrs: addrs
                 .iter()
-                .map(|a| IfAddr {
-                    addr: a.parse().unwrap(),
-                    prefix_len: 24,
-                })
+                .map(|a| format!("{a}/24").parse().unwrap())
                 .collect(),
         }
     }

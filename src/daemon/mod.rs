@@ -32,8 +32,6 @@ use crate::backend::Peer;
 use crate::config::flags::Flags;
 use crate::config::netconf::{BackendConfig, NetConfig, NetConfigError};
 use crate::config::subnet_env::{read_previous_subnets, SubnetEnv};
-use crate::io::iface;
-use crate::lease::dir::DirStore;
 use crate::lease::store::{LeaseStore, StoreError, WatchUpdate};
 use crate::lease::{LeaseAttrs, LeaseWatcher};
 use crate::wire::MacAddr;
@@ -42,7 +40,7 @@ use self::backoff::{Backoff, Condition};
 use self::dual::{Families, Planes};
 use self::extif::{ExternalInterface, IpStack, SelectError, Selection};
 use self::metrics::DaemonMetrics;
-use crate::netlink::IpFamily;
+use crate::netlink::{IpFamily, Netlink, NetlinkError};
 
 /// How often every peer is re-applied even without lease changes (flannel's host-gw route
 /// check period); repairs routes, neighbours and FDB entries removed by hand.
@@ -74,6 +72,12 @@ pub enum DaemonError {
     /// The lease store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The lease store could not be opened.
+    #[error(transparent)]
+    OpenStore(#[from] crate::lease::OpenError),
+    /// A netlink request failed (the error names the equivalent `ip` command).
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
     /// No usable external interface.
     #[error(transparent)]
     Interface(#[from] SelectError),
@@ -121,7 +125,7 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonEr
 /// Runs flanneld until `shutdown` completes.
 pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     info!("CLI flags config: {flags:?}");
-    let store = open_store(&flags).await?;
+    let store = crate::lease::open(&flags).await?;
     let ready = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(DaemonMetrics::default());
     start_http(&flags, &ready, &metrics).await?;
@@ -165,7 +169,7 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
         }
         Err(e) => return Err(e.into()),
     }
-    let ext = external_interface(&flags, stack)?;
+    let ext = external_interface(&flags, stack).await?;
     info!(
         iface = %ext.name, iface_addr = %ext.iface_addr, ext_addr = %ext.ext_addr,
         iface_v6_addr = ?ext.iface_v6_addr, ext_v6_addr = ?ext.ext_v6_addr,
@@ -425,7 +429,7 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
                     }
                     Err(e) => {
                         recover_failing.fail(&e);
-                        if let Some(reason) = give_up_recovery(&flags, stack, &ext, &recover_failing, &e) {
+                        if let Some(reason) = give_up_recovery(&flags, stack, &ext, &recover_failing, &e).await {
                             outcome = Err(DaemonError::InterfaceLost {
                                 iface: ext.name.clone(),
                                 lasted: recover_failing
@@ -494,35 +498,6 @@ fn host_gw_fallback(flags: &Flags, backend: &BackendConfig) -> Option<fallback::
     })
 }
 
-/// Opens the lease store the flags select: `--lease-dir`, else `--kube-subnet-mgr`, else etcd.
-pub async fn open_store(flags: &Flags) -> Result<Box<dyn LeaseStore>, DaemonError> {
-    if let Some(dir) = &flags.lease_dir {
-        return Ok(Box::new(DirStore::new(dir.clone())));
-    }
-    if flags.kube_subnet_mgr {
-        #[cfg(feature = "kube")]
-        {
-            let env = |name: &str| std::env::var(name).ok();
-            let kube = crate::lease::kube::KubeStore::connect(flags, &env).await?;
-            return Ok(Box::new(kube));
-        }
-        #[cfg(not(feature = "kube"))]
-        return Err(DaemonError::Unsupported(
-            "--kube-subnet-mgr: this flanneld was built without the kube feature".into(),
-        ));
-    }
-    #[cfg(feature = "etcd")]
-    {
-        let etcd = crate::lease::etcd::EtcdStore::from_flags(flags)
-            .map_err(|e| DaemonError::Unsupported(e.to_string()))?;
-        Ok(Box::new(etcd))
-    }
-    #[cfg(not(feature = "etcd"))]
-    Err(DaemonError::Unsupported(
-        "the etcd store: this flanneld was built without the etcd feature; use --lease-dir".into(),
-    ))
-}
-
 /// Fetches the network config, retrying forever like flannel (which retries every second;
 /// here with backoff up to 10 s, logged once per minute while it fails).
 async fn fetch_config(store: &dyn LeaseStore) -> String {
@@ -568,14 +543,14 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 /// Whether to stop retrying the device's recreation, and why: the flags would now choose
 /// another external interface (a restart picks it up), or recreation has failed for
 /// [`RECOVERY_GIVE_UP`].
-fn give_up_recovery(
+async fn give_up_recovery(
     flags: &Flags,
     stack: IpStack,
     ext: &ExternalInterface,
     failing: &Condition,
     error: &str,
 ) -> Option<String> {
-    if let Ok(now) = external_interface(flags, stack) {
+    if let Ok(now) = external_interface(flags, stack).await {
         if now.name != ext.name {
             return Some(format!(
                 "{error}; the flags now select interface {} instead",
@@ -655,26 +630,40 @@ async fn start_http(
     Ok(())
 }
 
-/// The external interface flannel's rules select for these flags and families (compat §2.1).
-pub fn external_interface(flags: &Flags, stack: IpStack) -> Result<ExternalInterface, DaemonError> {
-    let ifaces = iface::interfaces().map_err(io_err("list interfaces"))?;
-    let default_route = iface::default_route_interface_v4().unwrap_or(None);
-    let default_route_v6 = stack
-        .v6()
-        .then(|| crate::io::route6::default_route_interface_v6().unwrap_or(None))
-        .flatten();
+/// The external interface flannel's rules select for these flags and families (compat §2.1),
+/// from what netlink reports of the current namespace.
+pub async fn external_interface(
+    flags: &Flags,
+    stack: IpStack,
+) -> Result<ExternalInterface, DaemonError> {
+    let nl = Netlink::connect()?;
+    let ifaces = nl.interfaces().await?;
+    let (nl, ifaces) = (&nl, &ifaces);
+    let default_route = |family| async move {
+        let index = nl.default_route_index(family).await.unwrap_or(None)?;
+        ifaces
+            .iter()
+            .find(|i| i.index == index)
+            .map(|i| i.name.clone())
+    };
+    let default_route_v4 = default_route(IpFamily::V4).await;
+    let default_route_v6 = if stack.v6() {
+        default_route(IpFamily::V6).await
+    } else {
+        None
+    };
     let can_reach_source = match flags.iface_can_reach {
-        Some(ip) => Some(iface::source_for(ip).map_err(io_err(format!("find the route to {ip}")))?),
+        Some(ip) => Some(nl.source_for(ip).await?),
         None => None,
     };
     Ok(extif::select(
-        &ifaces,
+        ifaces,
         &Selection {
             iface: &flags.iface,
             iface_regex: &flags.iface_regex,
             can_reach_source,
             public_ip: flags.public_ip,
-            default_route_iface: default_route.as_deref(),
+            default_route_iface: default_route_v4.as_deref(),
             stack,
             public_ipv6: flags.public_ipv6,
             default_route_iface_v6: default_route_v6.as_deref(),

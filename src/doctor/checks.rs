@@ -8,6 +8,7 @@ use super::iptables::{forward_verdict, host_firewall, parse_filter, ForwardVerdi
 use super::report::{ids, Finding, Status};
 use crate::backend::reach::{peer_label, unreachable_fixes, ProbeContext};
 use crate::backend::Peer;
+pub use crate::io::procfs::Process;
 use crate::lease::Lease;
 
 /// Parses a boolean-ish sysctl file (`/proc/sys/net/ipv4/ip_forward`): its integer value.
@@ -189,17 +190,6 @@ pub fn forward_reject(rules: Result<&str, &str>, network: Option<Ipv4Net>) -> Fi
             .fix(format!("or accept the pod network above it: iptables -I FORWARD 1 -s {network} -j ACCEPT; iptables -I FORWARD 1 -d {network} -j ACCEPT"))
         }
     }
-}
-
-/// A running process.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Process {
-    /// Process id.
-    pub pid: u32,
-    /// `/proc/<pid>/comm` (at most 15 bytes).
-    pub comm: String,
-    /// Base name of `argv[0]` from `/proc/<pid>/cmdline` (empty for kernel threads).
-    pub exe: String,
 }
 
 /// `host-firewall`: firewalld/ufw chains in the filter table, or a firewalld process

@@ -1,5 +1,6 @@
-//! Gathering facts from the node (the only part of `doctor` that does IO): sysctls,
-//! processes, iptables, the overlay device, the lease store, ICMP probes.
+//! Gathering facts from the node (the only part of `doctor` that does IO, all of it through
+//! `io`, `netlink`, `masq` and `lease`): sysctls, processes, iptables, the overlay device, the
+//! lease store, ICMP probes.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -7,62 +8,24 @@ use std::time::Duration;
 
 use super::checks::{DeviceFacts, PeerProbe, Process};
 use super::host::{
-    classify_config, is_cni_config_name, parse_proc_net_udp, ConfigKind, PluginFile, UdpSocket,
-    CNI_PLUGINS,
+    classify_config, is_cni_config_name, ConfigKind, PluginFile, UdpSocket, CNI_PLUGINS,
 };
 use crate::backend::Peer;
 use crate::config::flags::Flags;
 use crate::io::icmp::Pinger;
+use crate::io::procfs;
 use crate::lease::Lease;
 use crate::masq::{Iptables, Table};
 use crate::netlink::{IpFamily, Netlink};
 
-/// Upper bound on processes read from `/proc`.
-const MAX_PROCESSES: usize = 100_000;
-
-/// `/proc/sys/net/ipv4/ip_forward` of this namespace.
+/// `net.ipv4.ip_forward` of this namespace.
 pub fn ip_forward() -> Result<String, String> {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").map_err(|e| e.to_string())
-}
-
-/// `/proc/<pid>` of every process (at most [`MAX_PROCESSES`] entries of `/proc` read).
-fn process_dirs() -> impl Iterator<Item = (u32, std::path::PathBuf)> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .take(MAX_PROCESSES)
-        .filter_map(|entry| {
-            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
-            Some((pid, entry.path()))
-        })
-}
-
-/// A process's `comm` (empty when it cannot be read).
-fn comm(process_dir: &Path) -> String {
-    std::fs::read_to_string(process_dir.join("comm"))
-        .map(|s| s.trim_end_matches('\n').to_owned())
-        .unwrap_or_default()
+    procfs::sysctl(procfs::IP_FORWARD).map_err(|e| e.to_string())
 }
 
 /// Every process's pid, comm and `argv[0]` base name.
 pub fn processes() -> Vec<Process> {
-    let mut out = Vec::new();
-    for (pid, base) in process_dirs() {
-        let comm = comm(&base);
-        let exe = std::fs::read(base.join("cmdline"))
-            .ok()
-            .and_then(|b| {
-                let first = b.split(|&c| c == 0).next()?.to_vec();
-                let s = String::from_utf8_lossy(&first).into_owned();
-                Path::new(&s)
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-            })
-            .unwrap_or_default();
-        out.push(Process { pid, comm, exe });
-    }
-    out
+    procfs::processes()
 }
 
 /// `iptables -t filter -S` with the same runner and flags flanneld's rules use.
@@ -112,12 +75,16 @@ pub async fn device(name: &str, vni: u32) -> Result<DeviceFacts, String> {
     })
 }
 
-/// IPv4 addresses of this namespace's interfaces.
-pub fn interface_addresses() -> Vec<IpAddr> {
-    crate::io::iface::interfaces()
+/// The addresses of this namespace's interfaces (empty when netlink fails).
+pub async fn interface_addresses() -> Vec<IpAddr> {
+    let Ok(nl) = Netlink::connect() else {
+        return Vec::new();
+    };
+    nl.interfaces()
+        .await
         .map(|ifs| {
             ifs.into_iter()
-                .flat_map(|i| i.addrs.into_iter().map(|a| a.addr))
+                .flat_map(|i| i.addrs.into_iter().map(|a| a.addr()))
                 .collect()
         })
         .unwrap_or_default()
@@ -134,13 +101,9 @@ pub struct StoreView {
     pub stored_public_ip: Option<Ipv4Addr>,
 }
 
-/// Reads config and leases from the store the flags select (the daemon's [`open_store`]).
-///
-/// [`open_store`]: crate::daemon::open_store
+/// Reads config and leases from the store the flags select (as the daemon opens it).
 pub async fn store(flags: &Flags) -> Result<StoreView, String> {
-    let store = crate::daemon::open_store(flags)
-        .await
-        .map_err(|e| e.to_string())?;
+    let store = crate::lease::open(flags).await.map_err(|e| e.to_string())?;
     let config = store.network_config().await.map_err(|e| e.to_string())?;
     let leases = store.list().await.map_err(|e| e.to_string())?;
     let stored_public_ip = store.stored_public_ips().await.ok().and_then(|(v4, _)| v4);
@@ -234,10 +197,9 @@ pub fn cni_configs(dir: &Path) -> Result<Vec<(String, ConfigKind)>, String> {
     Ok(out)
 }
 
-/// `/proc/sys/net/bridge/bridge-nf-call-iptables` of this namespace.
+/// `net.bridge.bridge-nf-call-iptables` of this namespace.
 pub fn br_netfilter() -> Result<String, String> {
-    std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
-        .map_err(|e| e.to_string())
+    procfs::sysctl(procfs::BRIDGE_NF_CALL_IPTABLES).map_err(|e| e.to_string())
 }
 
 /// The namespace's vxlan devices (name, destination port; the kernel's default 8472 when
@@ -256,18 +218,8 @@ pub async fn vxlan_port(port: u16) -> Result<(Vec<(String, u16)>, Vec<UdpSocket>
             (l.name, p)
         })
         .collect();
-    let mut inodes: Vec<u64> = Vec::new();
-    for file in ["/proc/net/udp", "/proc/net/udp6"] {
-        if let Ok(text) = std::fs::read_to_string(file) {
-            inodes.extend(
-                parse_proc_net_udp(&text)
-                    .into_iter()
-                    .filter(|(p, _)| *p == port)
-                    .map(|(_, i)| i),
-            );
-        }
-    }
-    let owners = socket_owners(&inodes);
+    let inodes = procfs::udp_socket_inodes(port);
+    let owners = procfs::socket_owners(&inodes);
     let sockets = inodes
         .into_iter()
         .map(|inode| UdpSocket {
@@ -279,35 +231,4 @@ pub async fn vxlan_port(port: u16) -> Result<(Vec<(String, u16)>, Vec<UdpSocket>
         })
         .collect();
     Ok((devices, sockets))
-}
-
-/// (inode, pid, comm) for the processes holding the sockets `inodes` (from `/proc/*/fd`).
-fn socket_owners(inodes: &[u64]) -> Vec<(u64, u32, String)> {
-    let wanted: Vec<String> = inodes
-        .iter()
-        .filter(|i| **i != 0)
-        .map(|i| format!("socket:[{i}]"))
-        .collect();
-    let mut out = Vec::new();
-    if wanted.is_empty() {
-        return out;
-    }
-    for (pid, base) in process_dirs() {
-        let Ok(fds) = std::fs::read_dir(base.join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            let Ok(target) = std::fs::read_link(fd.path()) else {
-                continue;
-            };
-            let target = target.to_string_lossy();
-            if let Some(k) = wanted.iter().position(|w| *w == target) {
-                let comm = comm(&base);
-                if let Some(inode) = inodes.iter().filter(|i| **i != 0).nth(k) {
-                    out.push((*inode, pid, comm));
-                }
-            }
-        }
-    }
-    out
 }

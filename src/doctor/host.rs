@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use super::report::{ids, Finding, Status};
+use crate::io::procfs::BRIDGE_NF_CALL_IPTABLES;
 
 /// The CNI plugins flannel's config chain needs: `flannel` delegates to `bridge` with
 /// `host-local` IPAM, and kube-flannel.yml's conflist adds `portmap`.
@@ -200,7 +201,7 @@ pub fn br_netfilter(raw: Result<&str, &str>) -> Finding {
         Err(e) => Finding::new(
             Status::Fail,
             id,
-            format!("/proc/sys/net/bridge/bridge-nf-call-iptables is missing ({e}): br_netfilter is not loaded, so Services break for pods on the same node (upstream flannel refuses to start: \"Failed to check br_netfilter\")"),
+            format!("{BRIDGE_NF_CALL_IPTABLES} is missing ({e}): br_netfilter is not loaded, so Services break for pods on the same node (upstream flannel refuses to start: \"Failed to check br_netfilter\")"),
         )
         .fix("modprobe br_netfilter, and load it at boot: echo br_netfilter > /etc/modules-load.d/br_netfilter.conf"),
         Ok(Some(1)) => Finding::new(Status::Pass, id, "net.bridge.bridge-nf-call-iptables = 1"),
@@ -223,20 +224,6 @@ pub struct UdpSocket {
     pub inode: u64,
     /// The process holding it (pid, comm), when found in `/proc/*/fd`.
     pub owner: Option<(u32, String)>,
-}
-
-/// Local ports and inodes of `/proc/net/udp` lines (the header skipped, bad lines ignored).
-pub fn parse_proc_net_udp(text: &str) -> Vec<(u16, u64)> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let local = cols.get(1)?;
-            let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
-            let inode = cols.get(9)?.parse().ok()?;
-            Some((port, inode))
-        })
-        .collect()
 }
 
 /// `vxlan-port`: nothing but this node's flanneld (userspace) or its `flannel.<VNI>` device
@@ -494,15 +481,6 @@ mod tests {
         let f = br_netfilter(Err("No such file or directory"));
         assert_eq!(status(&f), Status::Fail);
         assert!(text(&f).contains("modprobe br_netfilter"));
-    }
-
-    #[test]
-    fn proc_net_udp_parsing() {
-        let t = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
-  1: 00000000:2118 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 0 2 0000000000000000 0\n\
-  2: 0100A8C6:2118 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 41234 2 0000000000000000 0\n\
-  garbage\n";
-        assert_eq!(parse_proc_net_udp(t), vec![(8472, 0), (8472, 41234)]);
     }
 
     #[test]

@@ -229,7 +229,7 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
 
     let stored_ip = store.as_ref().ok().and_then(|v| v.stored_public_ip);
     let ours = own_addresses(
-        &gather::interface_addresses(),
+        &gather::interface_addresses().await,
         &[flags.public_ip, stored_ip],
     );
     let mut peer_ips: Option<Vec<std::net::IpAddr>> = None;

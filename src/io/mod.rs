@@ -5,8 +5,7 @@
 pub mod ethtool;
 pub mod handoff;
 pub mod icmp;
-pub mod iface;
 pub mod netns;
-pub mod route6;
+pub mod procfs;
 pub mod tun;
 pub mod udp;

@@ -18,6 +18,7 @@ pub mod etcd;
 pub mod kube;
 #[cfg(feature = "kube")]
 pub mod kube_error;
+mod open;
 pub mod store;
 pub mod watcher;
 
@@ -34,6 +35,7 @@ use crate::config::gojson::{self, FieldError};
 use crate::wire::MacAddr;
 
 pub use dir::DirStore;
+pub use open::{open, OpenError};
 pub use store::{LeaseStore, StoreError, WatchUpdate};
 pub use watcher::LeaseWatcher;
 

@@ -16,21 +16,32 @@ impl Netlink {
         index: u32,
         family: IpFamily,
     ) -> Result<Vec<IpNet>, NetlinkError> {
-        let mut msg = AddressMessage::default();
-        msg.header.family = family.address_family();
-        let msgs = self
-            .dump(RouteNetlinkMessage::GetAddress(msg), || {
+        Ok(self
+            .addr_dump(family, || {
                 format!("ip {} addr show ifindex {index}", family.ip_flag())
             })
-            .await?;
+            .await?
+            .into_iter()
+            .filter(|(i, _)| *i == index)
+            .map(|(_, net)| net)
+            .collect())
+    }
+
+    /// `ip -4|-6 addr show`: (device index, address with prefix) of every device, in the
+    /// kernel's order.
+    pub(super) async fn addr_dump(
+        &self,
+        family: IpFamily,
+        op: impl Fn() -> String,
+    ) -> Result<Vec<(u32, IpNet)>, NetlinkError> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = family.address_family();
+        let msgs = self.dump(RouteNetlinkMessage::GetAddress(msg), op).await?;
         let mut out = Vec::new();
         for m in msgs {
             let RouteNetlinkMessage::NewAddress(a) = m else {
                 continue;
             };
-            if a.header.index != index {
-                continue;
-            }
             // IPv4 reports the interface address in IFA_LOCAL (IFA_ADDRESS is the peer on
             // point-to-point links); IPv6 only sends IFA_ADDRESS.
             let mut local = None;
@@ -45,7 +56,7 @@ impl Netlink {
             if let Some(ip) = local.or(address) {
                 if IpFamily::of(ip) == family {
                     if let Ok(net) = IpNet::new(ip, a.header.prefix_len) {
-                        out.push(net);
+                        out.push((a.header.index, net));
                     }
                 }
             }

@@ -1,4 +1,6 @@
-//! rtnetlink in iproute2 vocabulary: links, addresses, neighbours, FDB entries and routes.
+//! rtnetlink in iproute2 vocabulary: links, addresses, neighbours, FDB entries and routes, and
+//! the interface lookups built on them (every interface with its addresses, the default route's
+//! device).
 //!
 //! Every method of [`Netlink`] says which `ip …` / `bridge …` command it equals. Requests are
 //! built directly as `netlink-packet-route` messages and sent over one `rtnetlink` connection,
@@ -10,6 +12,7 @@
 
 mod addr;
 mod events;
+mod iface;
 mod link;
 mod neigh;
 mod route;
@@ -28,6 +31,7 @@ use rtnetlink::packet_core::{
 };
 
 pub use events::{LinkEvent, LinkEvents};
+pub use iface::Interface;
 pub use link::{Link, VxlanAttrs, VxlanSpec};
 pub use neigh::{FdbEntry, Neighbour};
 pub use route::{Route, RouteProtocol, RouteScope, RouteType, RT_TABLE_MAIN};

@@ -24,7 +24,7 @@ pub struct Route {
     pub dst: IpNet,
     /// `via`.
     pub gateway: Option<IpAddr>,
-    /// `dev` (output interface index).
+    /// `dev` (output interface index; of a multipath route, its first next hop's).
     pub oif: Option<u32>,
     /// `onlink` (`RTNH_F_ONLINK`): the gateway is on the device even without a covering
     /// connected route.
@@ -242,6 +242,11 @@ fn parse_route(m: &RouteMessage) -> Option<Route> {
             RouteAttribute::Destination(a) => dst_ip = route_ip(a),
             RouteAttribute::Gateway(a) => gateway = route_ip(a),
             RouteAttribute::Oif(i) => oif = Some(*i),
+            // A multipath route names its devices per next hop; `dev` is the first one's
+            // (as `/proc/net/route` shows it).
+            RouteAttribute::MultiPath(hops) => {
+                oif = oif.or(hops.first().map(|h| h.interface_index))
+            }
             RouteAttribute::Priority(p) => metric = *p,
             RouteAttribute::Table(t) => table = *t,
             RouteAttribute::PrefSource(a) => prefsrc = route_ip(a),
