@@ -3,6 +3,7 @@
 #![allow(unsafe_code)]
 
 pub mod ethtool;
+pub mod exec;
 pub mod handoff;
 pub mod icmp;
 pub mod netns;

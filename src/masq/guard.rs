@@ -225,6 +225,7 @@ impl Iptables {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::exec::Invocation;
 
     fn guard(peers: &[&str]) -> VxlanGuard {
         VxlanGuard {
@@ -331,12 +332,12 @@ mod tests {
     }
 
     impl super::super::Runner for FakeFilter {
-        fn run(
-            &self,
-            program: &str,
-            args: &[String],
-            stdin: Option<&str>,
-        ) -> Result<String, MasqError> {
+        fn invoke(&self, cmd: &Invocation<'_>) -> Result<String, MasqError> {
+            let Invocation {
+                program,
+                args,
+                stdin,
+            } = *cmd;
             if args.iter().any(|a| a == "--version") {
                 return Ok("iptables v1.8.9 (nf_tables)".into());
             }

@@ -288,6 +288,7 @@ fn by_table(rules: &[Rule]) -> Vec<(Table, Vec<&Rule>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::exec::Invocation;
     use std::sync::Mutex;
 
     /// A fake iptables: keeps `-S` output per table and records restore payloads.
@@ -300,12 +301,12 @@ mod tests {
     }
 
     impl Runner for Fake {
-        fn run(
-            &self,
-            program: &str,
-            args: &[String],
-            stdin: Option<&str>,
-        ) -> Result<String, MasqError> {
+        fn invoke(&self, cmd: &Invocation<'_>) -> Result<String, MasqError> {
+            let Invocation {
+                program,
+                args,
+                stdin,
+            } = *cmd;
             self.commands
                 .lock()
                 .unwrap()
