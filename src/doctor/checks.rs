@@ -446,31 +446,71 @@ pub fn subnet_lease(
     }
 }
 
-/// `vxlan-guard`: whether the VXLAN guard chains are in place in `iptables -t filter -S`
-/// text: the jumps for UDP `port` from INPUT and FORWARD, the drops of pod sources and the
-/// allow-list of `peers`' public IPs (kernel mode, `allow_list`; compared when the store could
-/// be read). `port` is `None` for host-gw.
-pub fn vxlan_guard(
-    rules: Result<&str, &str>,
-    network: Option<Ipv4Net>,
-    port: Option<u16>,
-    allow_list: bool,
-    peers: Option<&[IpAddr]>,
+/// What the `vxlan-guard` checks (iptables, nftables) compare the firewall with.
+#[derive(Debug, Clone, Copy)]
+pub struct GuardWant<'a> {
+    /// The pod Network (`None`: unknown).
+    pub network: Option<Ipv4Net>,
+    /// The VXLAN port (`None`: host-gw, nothing to guard).
+    pub port: Option<u16>,
+    /// Kernel mode: the guard also holds an allow-list of the peers' public IPs.
+    pub allow_list: bool,
+    /// The peers' public IPs (`None`: the lease store could not be read).
+    pub peers: Option<&'a [IpAddr]>,
+}
+
+#[cfg(test)]
+impl<'a> GuardWant<'a> {
+    /// All fields in order.
+    pub(crate) fn new(
+        network: Option<Ipv4Net>,
+        port: Option<u16>,
+        allow_list: bool,
+        peers: Option<&'a [IpAddr]>,
+    ) -> Self {
+        GuardWant {
+            network,
+            port,
+            allow_list,
+            peers,
+        }
+    }
+}
+
+/// How both `vxlan-guard` checks start: skipped without a port to guard, without a
+/// `listing` of the firewall (`what` names it in the message) or without a Network; else
+/// `judge(listing, port, network)`.
+pub(crate) fn guard_check<T>(
+    listing: Result<T, &str>,
+    what: &str,
+    want: &GuardWant<'_>,
+    judge: impl FnOnce(T, u16, Ipv4Net) -> Finding,
 ) -> Finding {
-    use crate::masq::{guard_jumps, guard_rules, VxlanGuard, VXLAN_IN_CHAIN};
     let id = ids::VXLAN_GUARD;
-    let Some(port) = port else {
+    let Some(port) = want.port else {
         return Finding::new(Status::Skip, id, "host-gw backend: no VXLAN port to guard");
     };
-    let text = match rules {
-        Ok(t) => t,
-        Err(e) => {
-            return Finding::new(Status::Skip, id, format!("cannot list iptables rules: {e}"))
-        }
+    let listing = match listing {
+        Ok(l) => l,
+        Err(e) => return Finding::new(Status::Skip, id, format!("cannot list {what}: {e}")),
     };
-    let Some(network) = network else {
+    let Some(network) = want.network else {
         return Finding::new(Status::Skip, id, "the pod Network is unknown");
     };
+    judge(listing, port, network)
+}
+
+/// `vxlan-guard`: whether the VXLAN guard chains are in place in `iptables -t filter -S`
+/// text: the jumps for UDP port from INPUT and FORWARD, the drops of pod sources and (kernel
+/// mode) the allow-list of the peers' public IPs (compared when the store could be read).
+pub fn vxlan_guard(rules: Result<&str, &str>, want: &GuardWant<'_>) -> Finding {
+    guard_check(rules, "iptables rules", want, |text, port, network| {
+        iptables_guard(text, port, network, want)
+    })
+}
+
+fn iptables_guard(text: &str, port: u16, network: Ipv4Net, want: &GuardWant<'_>) -> Finding {
+    use crate::masq::{guard_jumps, guard_rules, VxlanGuard, VXLAN_IN_CHAIN};
     let lines: Vec<&str> = text.lines().collect();
     let has = |r: &crate::masq::Rule| lines.contains(&r.render().as_str());
     let restart = "restart flanneld: it installs FLANNEL-VXLAN-IN/FLANNEL-VXLAN-FWD and re-checks them every --iptables-resync seconds; if they keep disappearing, find what flushes INPUT/FORWARD (a firewall reload)";
@@ -478,7 +518,7 @@ pub fn vxlan_guard(
         port,
         network: network.into(),
         peers: Vec::new(),
-        allow_list,
+        allow_list: want.allow_list,
     });
     let missing: Vec<String> = guard_jumps(port)
         .iter()
@@ -486,43 +526,30 @@ pub fn vxlan_guard(
         .filter(|r| !has(r))
         .map(crate::masq::Rule::render)
         .collect();
-    if !missing.is_empty() {
-        return Finding::new(
-            Status::Fail,
-            id,
-            format!(
-                "VXLAN guard rules missing ({}): VXLAN to UDP {port} may come from any address, or pods may send it as their node",
-                missing.join("; ")
-            ),
-        )
-        .fix(restart);
-    }
-    if !allow_list {
-        return Finding::new(
-            Status::Pass,
-            id,
-            format!("UDP {port} from pods in {network} is dropped; the userspace data plane accepts VXLAN only from the peers' public IPs"),
-        );
-    }
     let allow_head = format!("-A {VXLAN_IN_CHAIN} -s ");
     let allowed: Vec<IpAddr> = lines
         .iter()
         .filter(|l| l.starts_with(&allow_head) && l.ends_with("-j RETURN"))
         .filter_map(|l| l[allow_head.len()..].split(['/', ' ']).next()?.parse().ok())
         .collect();
-    judge_allow_list(
+    judge_guard(
         &AllowList {
             port,
             network,
             allowed: &allowed,
             name: VXLAN_IN_CHAIN,
             restart,
+            missing_label: "VXLAN guard rules missing",
+            drop_note: "",
         },
-        peers,
+        &missing,
+        want.allow_list,
+        want.peers,
     )
 }
 
-/// The VXLAN guard's allow-list as read from the firewall (iptables chain or nftables set).
+/// The VXLAN guard as read from one firewall (iptables chain or nftables table) and how
+/// messages name its parts.
 pub(crate) struct AllowList<'a> {
     pub(crate) port: u16,
     pub(crate) network: Ipv4Net,
@@ -530,21 +557,46 @@ pub(crate) struct AllowList<'a> {
     pub(crate) allowed: &'a [IpAddr],
     /// How messages name it (`FLANNEL-VXLAN-IN`, `set ip flannel-rs-guard peers`).
     pub(crate) name: &'a str,
-    /// The fix for a stale list.
+    /// The fix for a stale list or missing rules.
     pub(crate) restart: &'a str,
+    /// How a message about missing rules starts ("VXLAN guard rules missing").
+    pub(crate) missing_label: &'a str,
+    /// Said after "UDP <port> from pods … is dropped" (which firewall, or nothing).
+    pub(crate) drop_note: &'a str,
 }
 
-/// Compares the allow-list with the peers' public IPs (`None`: the lease store is unreadable):
-/// a peer missing fails (its VXLAN is dropped), an address without a lease warns.
-pub(crate) fn judge_allow_list(list: &AllowList<'_>, peers: Option<&[IpAddr]>) -> Finding {
-    let id = ids::VXLAN_GUARD;
+/// The verdict both guard checks (iptables, nftables) end in: rules `missing` fail; without
+/// an allow-list (userspace mode) the pod drops are the whole guard; else the allow-list is
+/// compared with the peers' public IPs (`None`: the lease store is unreadable): a peer
+/// missing fails (its VXLAN is dropped), an address without a lease warns.
+pub(crate) fn judge_guard(
+    list: &AllowList<'_>,
+    missing: &[String],
+    allow_list: bool,
+    peers: Option<&[IpAddr]>,
+) -> Finding {
     let AllowList {
         port,
         network,
         allowed,
         name,
         restart,
+        missing_label,
+        drop_note,
     } = *list;
+    let id = ids::VXLAN_GUARD;
+    let to_fix = |status, text: String| Finding::new(status, id, text).fix(restart);
+    if !missing.is_empty() {
+        let m = missing.join("; ");
+        return to_fix(Status::Fail, format!("{missing_label} ({m}): VXLAN to UDP {port} may come from any address, or pods may send it as their node"));
+    }
+    if !allow_list {
+        return Finding::new(
+            Status::Pass,
+            id,
+            format!("UDP {port} from pods in {network} is dropped{drop_note}; the userspace data plane accepts VXLAN only from the peers' public IPs"),
+        );
+    }
     let Some(peers) = peers else {
         return Finding::new(
             Status::Pass,
@@ -552,37 +604,27 @@ pub(crate) fn judge_allow_list(list: &AllowList<'_>, peers: Option<&[IpAddr]>) -
             format!("VXLAN to UDP {port} is accepted only from the {} addresses of {name}; UDP {port} from pods in {network} is dropped (lease store unreadable: allow-list not compared)", allowed.len()),
         );
     };
-    let absent: Vec<String> = peers
-        .iter()
-        .filter(|p| !allowed.contains(p))
-        .map(ToString::to_string)
-        .collect();
+    let not_in = |these: &[IpAddr], those: &[IpAddr]| -> String {
+        let v: Vec<String> = these
+            .iter()
+            .filter(|a| !those.contains(a))
+            .map(ToString::to_string)
+            .collect();
+        v.join(", ")
+    };
+    let absent = not_in(peers, allowed);
     if !absent.is_empty() {
-        return Finding::new(
+        return to_fix(
             Status::Fail,
-            id,
-            format!(
-                "VXLAN from peer(s) {} is dropped: {name} does not list them",
-                absent.join(", ")
-            ),
-        )
-        .fix(restart);
+            format!("VXLAN from peer(s) {absent} is dropped: {name} does not list them"),
+        );
     }
-    let extra: Vec<String> = allowed
-        .iter()
-        .filter(|a| !peers.contains(a))
-        .map(ToString::to_string)
-        .collect();
+    let extra = not_in(allowed, peers);
     if !extra.is_empty() {
-        return Finding::new(
+        return to_fix(
             Status::Warn,
-            id,
-            format!(
-                "{name} still accepts VXLAN from {}, which hold(s) no valid lease",
-                extra.join(", ")
-            ),
-        )
-        .fix(restart);
+            format!("{name} still accepts VXLAN from {extra}, which hold(s) no valid lease"),
+        );
     }
     Finding::new(
         Status::Pass,
@@ -970,17 +1012,23 @@ mod tests {
         let net = "10.244.0.0/16".parse().ok();
         let peers: Vec<IpAddr> = vec!["198.18.0.2".parse().expect("ip")];
         let text = guard_text(&["198.18.0.2"]);
-        let f = vxlan_guard(Ok(&text), net, Some(8472), true, Some(&peers));
+        let f = vxlan_guard(
+            Ok(&text),
+            &GuardWant::new(net, Some(8472), true, Some(&peers)),
+        );
         assert_eq!(f.status, Status::Pass, "{f:?}");
         assert!(f.message.contains("only from the 1 peers"), "{f:?}");
         // A peer that joined but is not listed: its VXLAN is dropped.
         let two: Vec<IpAddr> = vec![peers[0], "198.18.0.3".parse().expect("ip")];
-        let f = vxlan_guard(Ok(&text), net, Some(8472), true, Some(&two));
+        let f = vxlan_guard(
+            Ok(&text),
+            &GuardWant::new(net, Some(8472), true, Some(&two)),
+        );
         assert_eq!(f.status, Status::Fail, "{f:?}");
         assert!(f.message.contains("198.18.0.3 is dropped"), "{f:?}");
         assert!(!f.fixes.is_empty());
         // A peer that left is still accepted.
-        let f = vxlan_guard(Ok(&text), net, Some(8472), true, Some(&[]));
+        let f = vxlan_guard(Ok(&text), &GuardWant::new(net, Some(8472), true, Some(&[])));
         assert_eq!(f.status, Status::Warn, "{f:?}");
         // No jump from INPUT: everything is accepted.
         let no_jump: String = text
@@ -988,26 +1036,42 @@ mod tests {
             .filter(|l| !l.starts_with("-A INPUT"))
             .collect::<Vec<_>>()
             .join("\n");
-        let f = vxlan_guard(Ok(&no_jump), net, Some(8472), true, Some(&peers));
+        let f = vxlan_guard(
+            Ok(&no_jump),
+            &GuardWant::new(net, Some(8472), true, Some(&peers)),
+        );
         assert_eq!(f.status, Status::Fail, "{f:?}");
         assert!(
             f.message.contains("-A INPUT -p udp -m udp --dport 8472"),
             "{f:?}"
         );
         // Another port (Backend.Port changed, daemon not restarted).
-        let f = vxlan_guard(Ok(&text), net, Some(8475), true, Some(&peers));
+        let f = vxlan_guard(
+            Ok(&text),
+            &GuardWant::new(net, Some(8475), true, Some(&peers)),
+        );
         assert_eq!(f.status, Status::Fail, "{f:?}");
         assert_eq!(
-            vxlan_guard(Ok(&text), net, None, true, None).status,
+            vxlan_guard(Ok(&text), &GuardWant::new(net, None, true, None)).status,
             Status::Skip
         );
         // Userspace mode: the pod drops suffice, the allow-list is not required.
-        let f = vxlan_guard(Ok(&no_jump), net, Some(8472), false, Some(&peers));
+        let f = vxlan_guard(
+            Ok(&no_jump),
+            &GuardWant::new(net, Some(8472), false, Some(&peers)),
+        );
         assert_eq!(f.status, Status::Fail, "{f:?}");
-        let f = vxlan_guard(Ok(&text), net, Some(8472), false, Some(&two));
+        let f = vxlan_guard(
+            Ok(&text),
+            &GuardWant::new(net, Some(8472), false, Some(&two)),
+        );
         assert_eq!(f.status, Status::Pass, "{f:?}");
         assert_eq!(
-            vxlan_guard(Err("no iptables"), net, Some(8472), true, None).status,
+            vxlan_guard(
+                Err("no iptables"),
+                &GuardWant::new(net, Some(8472), true, None)
+            )
+            .status,
             Status::Skip
         );
     }

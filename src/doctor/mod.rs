@@ -280,10 +280,16 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
     let nftables = net.as_ref().is_some_and(|n| n.enable_nftables);
     let kernel = flags.dataplane == crate::config::flags::Dataplane::Kernel;
     let ruleset_ref = ruleset.as_ref().map_err(String::as_str);
+    let guard = checks::GuardWant {
+        network,
+        port,
+        allow_list: kernel,
+        peers: peer_ips.as_deref(),
+    };
     findings.push(if nftables {
-        nft::vxlan_guard_nft(ruleset_ref, network, port, kernel, peer_ips.as_deref())
+        nft::vxlan_guard_nft(ruleset_ref, &guard)
     } else {
-        checks::vxlan_guard(rules_ref, network, port, kernel, peer_ips.as_deref())
+        checks::vxlan_guard(rules_ref, &guard)
     });
     findings.extend(nft::masquerade(
         flags.ip_masq,

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use ipnet::Ipv4Net;
 
-use super::checks::{judge_allow_list, AllowList};
+use super::checks::{guard_check, judge_guard, AllowList, GuardWant};
 use super::report::{ids, Finding, Status};
 use crate::masq::{NFT_GUARD_TABLE, NFT_POSTRTG_CHAIN, NFT_V4_TABLE};
 
@@ -535,27 +535,17 @@ fn masquerade_rules(
     }
 }
 
-/// `vxlan-guard` in nftables mode: table `ip flannel-rs-guard` drops UDP `port` from
-/// `network` on input and forward, and (kernel mode, `allow_list`) from any address not in
-/// set `peers`, which should hold exactly `peers`' public IPs when the store was read.
-pub fn vxlan_guard_nft(
-    ruleset: Result<&NftRuleset, &str>,
-    network: Option<Ipv4Net>,
-    port: Option<u16>,
-    allow_list: bool,
-    peers: Option<&[IpAddr]>,
-) -> Finding {
-    let id = ids::VXLAN_GUARD;
-    let Some(port) = port else {
-        return Finding::new(Status::Skip, id, "host-gw backend: no VXLAN port to guard");
-    };
-    let rs = match ruleset {
-        Ok(rs) => rs,
-        Err(e) => return Finding::new(Status::Skip, id, format!("cannot list nftables: {e}")),
-    };
-    let Some(network) = network else {
-        return Finding::new(Status::Skip, id, "the pod Network is unknown");
-    };
+/// `vxlan-guard` in nftables mode: table `ip flannel-rs-guard` drops UDP port from the
+/// Network on input and forward, and (kernel mode) from any address not in set `peers`,
+/// which should hold exactly the peers' public IPs when the store was read.
+pub fn vxlan_guard_nft(ruleset: Result<&NftRuleset, &str>, want: &GuardWant<'_>) -> Finding {
+    guard_check(ruleset, "nftables", want, |rs, port, network| {
+        nft_guard(rs, port, network, want)
+    })
+}
+
+fn nft_guard(rs: &NftRuleset, port: u16, network: Ipv4Net, want: &GuardWant<'_>) -> Finding {
+    let allow_list = want.allow_list;
     let t = NFT_GUARD_TABLE;
     let restart = format!("restart flanneld: in nftables mode it writes table ip {t} and re-checks it every --iptables-resync seconds");
     let pod_drop = format!("udp dport {port} ip saddr {} drop", network.trunc());
@@ -576,24 +566,6 @@ pub fn vxlan_guard_nft(
     {
         missing.push(format!("input: {allow}"));
     }
-    if !missing.is_empty() {
-        return Finding::new(
-            Status::Fail,
-            id,
-            format!(
-                "VXLAN guard missing from nftables table ip {t} ({}): VXLAN to UDP {port} may come from any address, or pods may send it as their node",
-                missing.join("; ")
-            ),
-        )
-        .fix(restart);
-    }
-    if !allow_list {
-        return Finding::new(
-            Status::Pass,
-            id,
-            format!("UDP {port} from pods in {network} is dropped (nftables); the userspace data plane accepts VXLAN only from the peers' public IPs"),
-        );
-    }
     let allowed: Vec<IpAddr> = rs
         .sets
         .iter()
@@ -601,15 +573,20 @@ pub fn vxlan_guard_nft(
         .map(|s| s.elements.iter().filter_map(|e| e.parse().ok()).collect())
         .unwrap_or_default();
     let name = format!("set ip {t} peers");
-    judge_allow_list(
+    let missing_label = format!("VXLAN guard missing from nftables table ip {t}");
+    judge_guard(
         &AllowList {
             port,
             network,
             allowed: &allowed,
             name: &name,
             restart: &restart,
+            missing_label: &missing_label,
+            drop_note: " (nftables)",
         },
-        peers,
+        &missing,
+        allow_list,
+        want.peers,
     )
 }
 
@@ -810,16 +787,28 @@ table ip flannel-rs-guard {
         let rs = parse_ruleset(RULESET);
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
         let peers = [ip("198.18.0.2"), ip("198.18.0.3"), ip("198.18.0.4")];
-        let f = vxlan_guard_nft(Ok(&rs), Some(net()), Some(8472), true, Some(&peers));
+        let f = vxlan_guard_nft(
+            Ok(&rs),
+            &GuardWant::new(Some(net()), Some(8472), true, Some(&peers)),
+        );
         assert_eq!(f.status, Status::Pass, "{}", f.message);
         let more = [ip("198.18.0.2"), ip("198.18.0.9")];
-        let f = vxlan_guard_nft(Ok(&rs), Some(net()), Some(8472), true, Some(&more));
+        let f = vxlan_guard_nft(
+            Ok(&rs),
+            &GuardWant::new(Some(net()), Some(8472), true, Some(&more)),
+        );
         assert_eq!(f.status, Status::Fail);
         assert!(f.message.contains("198.18.0.9"));
-        let f = vxlan_guard_nft(Ok(&rs), Some(net()), Some(4789), false, None);
+        let f = vxlan_guard_nft(
+            Ok(&rs),
+            &GuardWant::new(Some(net()), Some(4789), false, None),
+        );
         assert_eq!(f.status, Status::Fail);
         let empty = NftRuleset::default();
-        let f = vxlan_guard_nft(Ok(&empty), Some(net()), Some(8472), false, None);
+        let f = vxlan_guard_nft(
+            Ok(&empty),
+            &GuardWant::new(Some(net()), Some(8472), false, None),
+        );
         assert_eq!(f.status, Status::Fail);
     }
 }

@@ -53,17 +53,11 @@ pub fn run(cmd: &Invocation<'_>, limit: Duration) -> Result<Output, ExecError> {
         cmd: cmd.line(),
         source,
     };
-    let mut child = Command::new(cmd.program)
-        .args(cmd.args)
-        .stdin(if cmd.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn)?;
+    let mut command = Command::new(cmd.program);
+    command.args(cmd.args);
+    command.stdin(cmd.stdin.map_or_else(Stdio::null, |_| Stdio::piped()));
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().map_err(spawn)?;
     if let (Some(input), Some(mut pipe)) = (cmd.stdin, child.stdin.take()) {
         pipe.write_all(input.as_bytes()).map_err(spawn)?;
     }
@@ -126,13 +120,9 @@ fn wait_bounded(mut child: Child, limit: Duration) -> std::io::Result<Output> {
 mod tests {
     use super::*;
 
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| (*s).to_owned()).collect()
-    }
-
     #[test]
     fn output_stdin_and_exit_status() {
-        let a = args(&["-c", "cat; echo err >&2; exit 3"]);
+        let a = ["-c".to_owned(), "cat; echo err >&2; exit 3".to_owned()];
         let cmd = Invocation {
             program: "sh",
             args: &a,
@@ -155,7 +145,7 @@ mod tests {
             run(&none, Duration::from_secs(1)),
             Err(ExecError::Spawn { .. })
         ));
-        let a = args(&["5"]);
+        let a = ["5".to_owned()];
         let slow = Invocation {
             program: "sleep",
             args: &a,

@@ -333,17 +333,12 @@ mod tests {
 
     impl super::super::Runner for FakeFilter {
         fn invoke(&self, cmd: &Invocation<'_>) -> Result<String, MasqError> {
-            let Invocation {
-                program,
-                args,
-                stdin,
-            } = *cmd;
-            if args.iter().any(|a| a == "--version") {
+            if cmd.args.iter().any(|a| a == "--version") {
                 return Ok("iptables v1.8.9 (nf_tables)".into());
             }
             let mut rules = self.rules.lock().expect("lock");
-            if program.ends_with("-restore") {
-                let payload = stdin.unwrap_or_default();
+            if cmd.program.ends_with("-restore") {
+                let payload = cmd.stdin.unwrap_or_default();
                 for line in payload.lines() {
                     if let Some(decl) = line.strip_prefix(':') {
                         let chain = decl.split(' ').next().unwrap_or_default();
