@@ -1,8 +1,11 @@
-//! Module-level import cycles are build errors of the design, not of the compiler: this test
-//! reads every source file of the workspace's crates, resolves its `crate::…` and `super::…`
-//! paths to the module (file) they name, and fails on any cycle between modules that are not
-//! each other's ancestor (a `mod.rs` re-exporting its children is structure, not a cycle).
-//! Test modules (`#[cfg(test)]` and after) are ignored.
+//! Layering rules the compiler does not check, checked by reading the sources:
+//! - module-level import cycles: every `crate::…` and `super::…` path is resolved to the module
+//!   (file) it names; a cycle between modules that are not each other's ancestor fails (a
+//!   `mod.rs` re-exporting its children is structure, not a cycle);
+//! - only `src/io` and `src/netlink` talk to the kernel: no other module runs a program, names
+//!   a `/proc` or `/sys` path or calls libc (its constants, such as errno values, are data).
+//!
+//! Test modules (`#[cfg(test)]` and after) and comments are ignored.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -258,5 +261,60 @@ fn the_checker_finds_a_planted_cycle_and_ignores_parents() {
         names,
         vec![vec!["a::x".to_string(), "b".to_string()]],
         "{graph:?}"
+    );
+}
+
+/// The only directories whose code may talk to the kernel directly.
+const KERNEL_HOMES: &[&str] = &["src/io", "src/netlink"];
+
+/// What talking to the kernel looks like in source: running a program, a `/proc` or `/sys`
+/// path, a libc function or type (lower-case after `libc::`; constants are upper-case).
+fn kernel_talk(code: &str) -> Vec<String> {
+    let mut found: Vec<String> = ["process::Command", "Command::new", "\"/proc/", "\"/sys/"]
+        .iter()
+        .filter(|p| code.contains(*p))
+        .map(|p| (*p).to_owned())
+        .collect();
+    for (i, _) in code.match_indices("libc::") {
+        let rest = &code[i + "libc::".len()..];
+        if rest.starts_with(|c: char| c.is_ascii_lowercase()) {
+            let end = rest
+                .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            found.push(format!("libc::{}", &rest[..end]));
+        }
+    }
+    found
+}
+
+#[test]
+fn only_io_and_netlink_talk_to_the_kernel() {
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut report = Vec::new();
+    for root in ["src", "core/src"] {
+        for path in modules(&ws.join(root)).into_values() {
+            let rel = path.strip_prefix(ws).expect("in workspace");
+            if KERNEL_HOMES.iter().any(|home| rel.starts_with(home)) {
+                continue;
+            }
+            let found = kernel_talk(&code(&std::fs::read_to_string(&path).expect("read")));
+            if !found.is_empty() {
+                report.push(format!("{}: {}", rel.display(), found.join(", ")));
+            }
+        }
+    }
+    assert!(
+        report.is_empty(),
+        "kernel-talking code outside {KERNEL_HOMES:?} (move it there and call it):\n{}",
+        report.join("\n")
+    );
+}
+
+#[test]
+fn the_kernel_check_sees_code_not_comments_or_constants() {
+    let src = "use std::process::Command;\n// std::fs::read(\"/proc/x\")\nfn f() { let _ = libc::EINVAL; unsafe { libc::ioctl(0, 0) }; std::fs::read(\"/sys/class/net\"); }\n#[cfg(test)]\nmod t { fn g() { std::fs::read(\"/proc/self/stat\"); } }";
+    assert_eq!(
+        kernel_talk(&code(src)),
+        vec!["process::Command", "\"/sys/", "libc::ioctl"]
     );
 }
