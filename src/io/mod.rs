@@ -1,5 +1,6 @@
-//! The only module that talks to the OS with `unsafe`: TUN device, UDP batching, ethtool ioctls,
-//! raw ICMP probes.
+//! The OS beyond rtnetlink (which is `crate::netlink`): TUN device, UDP batching, ethtool ioctls,
+//! raw ICMP probes, namespaces, fd passing (the only `unsafe` code), running programs
+//! ([`exec`]) and reading `/proc` ([`procfs`]).
 #![allow(unsafe_code)]
 
 pub mod ethtool;
