@@ -57,7 +57,7 @@ pub trait Runner: Send + Sync + fmt::Debug {
 }
 
 /// Runs real programs (found through `PATH`) in the calling thread's network namespace, each
-/// killed after [`COMMAND_TIMEOUT`].
+/// killed after `COMMAND_TIMEOUT` (30 s).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemRunner;
 
