@@ -16,6 +16,8 @@ use flannel_rs::backend::intake::{intake, IntakeConfig, NodeBackend};
 use flannel_rs::backend::kernel::{KernelVxlan, KernelVxlanConfig};
 use flannel_rs::backend::Peer;
 use flannel_rs::config::flags::{self, Command};
+use flannel_rs::daemon::external_interface;
+use flannel_rs::daemon::extif::IpStack;
 use flannel_rs::io::ethtool;
 use flannel_rs::lease::{Lease, LeaseAttrs, VxlanBackendData};
 use flannel_rs::netlink::{self, IpFamily, Netlink};
@@ -729,7 +731,7 @@ fn interface_lookups_and_external_interface() {
             let Ok(Command::Run(f)) = flags::parse(&args, &|_: &str| None) else {
                 panic!("flags {args:?}");
             };
-            async move { flannel_rs::daemon::external_interface(&f).await }
+            async move { external_interface(&f, IpStack::V4).await }
         };
         let e = ext(&[]).await.unwrap();
         assert_eq!((e.name.as_str(), e.index, e.mtu), ("ul0", ul.index, 1500));
@@ -751,24 +753,43 @@ fn interface_lookups_and_external_interface() {
         );
     });
 
-    // A multipath default route first in the table: its first next hop's device.
+    // A multipath default route first in the table: its first next hop's device. IPv6: an
+    // unreachable default before the real one is no way out.
     ns.ip_line("route del default");
     ns.ip_line(
         "route add default nexthop via 203.0.113.1 dev ex0 nexthop via 198.18.0.254 dev ul0",
     );
+    ns.ip_line("-6 route add unreachable default metric 1");
+    ns.ip_line("-6 route add default via 2001:db8:18::fe dev ul0 metric 2");
     ns.run_async(|| async {
         let nl = Netlink::connect().unwrap();
-        let ex = nl.link_by_name("ex0").await.unwrap().expect("ex0");
+        let index = |name: &'static str| {
+            let nl = nl.clone();
+            async move { nl.link_by_name(name).await.unwrap().expect(name).index }
+        };
+        let (ex, ul) = (index("ex0").await, index("ul0").await);
+        let v4 = nl.default_route_index(IpFamily::V4).await.unwrap();
+        let v6 = nl.default_route_index(IpFamily::V6).await.unwrap();
+        assert_eq!((v4, v6), (Some(ex), Some(ul)));
+        // Dual stack: both default routes must leave through one interface.
+        let err = external_interface(&flags::Flags::default(), IpStack::Dual)
+            .await
+            .unwrap_err()
+            .to_string();
         assert_eq!(
-            nl.default_route_index(IpFamily::V4).await.unwrap(),
-            Some(ex.index)
+            err,
+            "v6 default route interface ul0 must be the same with v4 default route interface ex0"
         );
+        let e = external_interface(&flags::Flags::default(), IpStack::V6)
+            .await
+            .unwrap();
+        assert_eq!(e.name, "ul0");
     });
     // No default route: flannel's error.
     ns.ip_line("route del default");
     let err = ns.run_async(|| async {
         let f = flags::Flags::default();
-        flannel_rs::daemon::external_interface(&f)
+        external_interface(&f, IpStack::V4)
             .await
             .unwrap_err()
             .to_string()
