@@ -304,8 +304,12 @@ fn nftables_mode_tables_masquerade_repair_and_mode_switch() {
         listing(&c, "n1", "ip", "flannel-ipv4")
     );
     println!("deleted rule and peer repaired after {repaired:?}");
-    let log = std::fs::read_to_string(c.flanneld_log("n1")).expect("log");
-    assert!(log.contains("Some nftables rules are missing"), "{log}");
+    // The repair is logged after nft has rewritten and re-listed the table: give it a moment.
+    let read_log = || std::fs::read_to_string(c.flanneld_log("n1")).expect("log");
+    let logged = wait_for(Duration::from_secs(2), || {
+        read_log().contains("Some nftables rules are missing")
+    });
+    assert!(logged.is_some(), "{}", read_log());
 
     // 6. Switching n1 to iptables mode removes the tables; switching back removes the chains.
     let config = c.lease_dir().config_path();
