@@ -342,7 +342,13 @@ fn mac_of(n: &Node, dev: &str) -> String {
 /// (a /64), VTEP MAC `mac` and public IPv6 `public`, and no others.
 fn assert_v6_peer_entries(n: &Node, net: &str, mac: &str, public: &str) {
     // What `ip route replace <subnet> via <subnet address> dev flannel-v6.1 onlink` makes
-    // (IPv6 routes get the kernel's metric 1024); the /128 of our own address aside.
+    // (IPv6 routes get the kernel's metric 1024); the /128 of our own address aside. The
+    // peer's lease may reach `n` a moment after `n` wrote subnet.env.
+    let programmed = wait_for(Duration::from_secs(10), || {
+        n.ns.ip(&["-6", "route", "show", "dev", "flannel-v6.1"])
+            .contains(&format!("{net}/64 via"))
+    });
+    assert!(programmed.is_some(), "{}", n.log());
     let routes = n.ns.ip(&["-6", "route", "show", "dev", "flannel-v6.1"]);
     assert_eq!(
         entries(&routes, " via "),

@@ -1,5 +1,5 @@
 //! Underlay → TUN: validate a VXLAN datagram and unwrap its inner packet, or answer ARP (and
-//! NDP, [`super::ndp`]).
+//! NDP, module `ndp`).
 
 use std::net::IpAddr;
 use std::ops::Range;
@@ -22,7 +22,7 @@ use crate::wire::{arp, ethernet, vxlan, EtherType};
 /// node's pods) and the inner destination is in our own subnet (we relay for nobody). An ARP
 /// request for our VTEP address from an address in the sending peer's subnet is answered in
 /// place (the reply is a VXLAN datagram for `src`), and so is an IPv6 neighbour solicitation
-/// for it ([`super::ndp`]). Nothing outside `buf[datagram]` is read
+/// for it (module `ndp`). Nothing outside `buf[datagram]` is read
 /// or written.
 #[inline]
 pub fn decap(
