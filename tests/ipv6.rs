@@ -367,6 +367,20 @@ fn assert_v6_peer_entries(n: &Node, net: &str, mac: &str, public: &str) {
     );
 }
 
+/// `flannel-v6.1` of node `n` has the /128 of its subnet address `net`.
+fn assert_v6_vtep_address(n: &Node, net: &str) {
+    let addrs = n.ns.ip(&[
+        "-6",
+        "addr",
+        "show",
+        "dev",
+        "flannel-v6.1",
+        "scope",
+        "global",
+    ]);
+    assert!(addrs.contains(&format!("inet6 {net}/128")), "{addrs}");
+}
+
 /// The lines of `text` that contain `keep`, trimmed, sorted and deduplicated.
 fn entries(text: &str, keep: &str) -> Vec<String> {
     let set: BTreeSet<&str> = text
@@ -445,16 +459,7 @@ fn dual_stack_kernel_vxlan() {
         link.contains("vxlan id 1 local 2001:db8:18::1 dev eth0"),
         "{link}"
     );
-    let addrs = n1.ns.ip(&[
-        "-6",
-        "addr",
-        "show",
-        "dev",
-        "flannel-v6.1",
-        "scope",
-        "global",
-    ]);
-    assert!(addrs.contains(&format!("inet6 {}/128", px[0].1)), "{addrs}");
+    assert_v6_vtep_address(n1, &px[0].1);
     assert_v6_peer_entries(n1, &net2_v6, &mac2, "2001:db8:18::2");
     // The IPv4 device carries only IPv4 peers, the IPv6 one only IPv6 peers.
     let fdb4 = n1.ns.bridge(&["fdb", "show", "dev", "flannel.1"]);
@@ -803,36 +808,15 @@ impl Capture {
                 .status();
             let _ = c.wait();
         }
-        let out = Command::new("tshark")
-            .arg("-n")
-            .arg("-r")
-            .arg(&self.pcap)
-            .args(["-d", "udp.port==8472,vxlan"])
-            .args([
-                "-o",
-                "udp.check_checksum:TRUE",
-                "-o",
-                "tcp.check_checksum:TRUE",
-            ])
-            .args(["-Y", "vxlan", "-T", "fields", "-E", "occurrence=a"])
-            .args([
-                "-e",
-                "ipv6.src",
-                "-e",
-                "udp.checksum",
-                "-e",
-                "udp.checksum.status",
-            ])
-            .args(["-e", "tcp.checksum.status", "-e", "icmpv6.checksum.status"])
-            .output()
-            .expect("tshark");
-        assert!(
-            out.status.success(),
-            "tshark: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
+        let pcap = self.pcap.to_string_lossy();
+        const READ: &str = "-d udp.port==8472,vxlan -o udp.check_checksum:TRUE \
+            -o tcp.check_checksum:TRUE -Y vxlan -T fields -E occurrence=a -e ipv6.src \
+            -e udp.checksum -e udp.checksum.status -e tcp.checksum.status \
+            -e icmpv6.checksum.status";
+        let mut args = vec!["-n", "-r", &pcap];
+        args.extend(READ.split_whitespace());
+        let out = test_support::run("tshark", &args);
+        out.lines()
             .map(|l| l.split('\t').map(str::to_owned).collect())
             .collect()
     }
@@ -920,16 +904,7 @@ fn dual_stack_userspace_vxlan_with_a_kernel_peer() {
     // address and MTU underlay − 70; its lease carries its own IPv6 VTEP MAC.
     let link = n1.ns.ip(&["-d", "link", "show", "flannel-v6.1"]);
     assert!(link.contains("mtu 1430") && link.contains("tun"), "{link}");
-    let addrs = n1.ns.ip(&[
-        "-6",
-        "addr",
-        "show",
-        "dev",
-        "flannel-v6.1",
-        "scope",
-        "global",
-    ]);
-    assert!(addrs.contains(&format!("inet6 {}/128", px[0].1)), "{addrs}");
+    assert_v6_vtep_address(n1, &px[0].1);
     let lease_dir = tmp.join("leases");
     let (_, lease1) = lease_file(&lease_dir, "2001:db8:18::1");
     let mac1 = v6_vtep_mac(&lease1);
