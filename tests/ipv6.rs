@@ -181,12 +181,21 @@ fn two_nodes(
     config: &str,
     extra: &[&str],
 ) -> (Switch, Vec<Node>, Vec<(String, String)>) {
+    two_nodes_each(tmp, config, [extra, extra])
+}
+
+/// [`two_nodes`] with flags of its own for each node.
+fn two_nodes_each(
+    tmp: &Path,
+    config: &str,
+    extra: [&[&str]; 2],
+) -> (Switch, Vec<Node>, Vec<(String, String)>) {
     let lease_dir = lease_store(tmp, config);
     let sw = Switch::new();
     let mut nodes: Vec<Node> = (1..=2).map(|i| Node::new(&sw, i, tmp, true)).collect();
-    let mut args = vec![format!("--lease-dir={}", lease_dir.display())];
-    args.extend(extra.iter().map(|a| a.to_string()));
-    for n in &mut nodes {
+    for (n, extra) in nodes.iter_mut().zip(extra) {
+        let mut args = vec![format!("--lease-dir={}", lease_dir.display())];
+        args.extend(extra.iter().map(|a| a.to_string()));
         n.start(&args);
     }
     let mut prefixes = Vec::new();
@@ -333,7 +342,13 @@ fn mac_of(n: &Node, dev: &str) -> String {
 /// (a /64), VTEP MAC `mac` and public IPv6 `public`, and no others.
 fn assert_v6_peer_entries(n: &Node, net: &str, mac: &str, public: &str) {
     // What `ip route replace <subnet> via <subnet address> dev flannel-v6.1 onlink` makes
-    // (IPv6 routes get the kernel's metric 1024); the /128 of our own address aside.
+    // (IPv6 routes get the kernel's metric 1024); the /128 of our own address aside. The
+    // peer's lease may reach `n` a moment after `n` wrote subnet.env.
+    let programmed = wait_for(Duration::from_secs(10), || {
+        n.ns.ip(&["-6", "route", "show", "dev", "flannel-v6.1"])
+            .contains(&format!("{net}/64 via"))
+    });
+    assert!(programmed.is_some(), "{}", n.log());
     let routes = n.ns.ip(&["-6", "route", "show", "dev", "flannel-v6.1"]);
     assert_eq!(
         entries(&routes, " via "),
@@ -350,6 +365,20 @@ fn assert_v6_peer_entries(n: &Node, net: &str, mac: &str, public: &str) {
         entries(&fdb, " dst "),
         [format!("{mac} dst {public} self permanent")]
     );
+}
+
+/// `flannel-v6.1` of node `n` has the /128 of its subnet address `net`.
+fn assert_v6_vtep_address(n: &Node, net: &str) {
+    let addrs = n.ns.ip(&[
+        "-6",
+        "addr",
+        "show",
+        "dev",
+        "flannel-v6.1",
+        "scope",
+        "global",
+    ]);
+    assert!(addrs.contains(&format!("inet6 {net}/128")), "{addrs}");
 }
 
 /// The lines of `text` that contain `keep`, trimmed, sorted and deduplicated.
@@ -430,16 +459,7 @@ fn dual_stack_kernel_vxlan() {
         link.contains("vxlan id 1 local 2001:db8:18::1 dev eth0"),
         "{link}"
     );
-    let addrs = n1.ns.ip(&[
-        "-6",
-        "addr",
-        "show",
-        "dev",
-        "flannel-v6.1",
-        "scope",
-        "global",
-    ]);
-    assert!(addrs.contains(&format!("inet6 {}/128", px[0].1)), "{addrs}");
+    assert_v6_vtep_address(n1, &px[0].1);
     assert_v6_peer_entries(n1, &net2_v6, &mac2, "2001:db8:18::2");
     // The IPv4 device carries only IPv4 peers, the IPv6 one only IPv6 peers.
     let fdb4 = n1.ns.bridge(&["fdb", "show", "dev", "flannel.1"]);
@@ -552,31 +572,6 @@ fn dual_stack_host_gw() {
     );
 }
 
-#[test]
-fn userspace_data_plane_refuses_ipv6_vxlan_naming_the_kernel_one() {
-    let Some((_g, tmp)) = begin(
-        "userspace_data_plane_refuses_ipv6_vxlan_naming_the_kernel_one",
-        "refuse",
-    ) else {
-        return;
-    };
-    let lease_dir = lease_store(&tmp, DUAL_VXLAN);
-    let sw = Switch::new();
-    let mut n = Node::new(&sw, 1, &tmp, true);
-    n.start(&[format!("--lease-dir={}", lease_dir.display())]);
-    let mut child = n.flanneld.take().expect("child");
-    let exited = wait_for(Duration::from_secs(10), || {
-        child.try_wait().ok().flatten().is_some()
-    });
-    if exited.is_none() {
-        let _ = child.kill();
-    }
-    let status = child.wait().expect("wait");
-    assert!(!status.success(), "{}", n.log());
-    assert!(n.log().contains("needs --dataplane=kernel"), "{}", n.log());
-    assert!(!n.env_file.exists());
-}
-
 /// The test API server, run in the switch namespace on 2001:db8:18::fe (the nodes' IPv6
 /// default gateway) by a thread of its own; stopped on drop.
 struct ApiServer {
@@ -657,32 +652,28 @@ fn kube_node(name: &str, cidr: &str) -> KubeNode {
     .expect("node")
 }
 
-#[test]
-fn ipv6_only_kernel_vxlan_with_the_kube_store() {
-    let Some((_g, tmp)) = begin("ipv6_only_kernel_vxlan_with_the_kube_store", "v6only") else {
-        return;
-    };
+/// Two IPv6-only nodes (no IPv4 address at all) with the Kubernetes store (the test API
+/// server in the switch namespace) on `dataplane`, subnet.env checked, pods plumbed.
+fn v6_only_nodes(tmp: &Path, sw: &Switch, dataplane: &str) -> (ApiServer, Vec<Node>) {
     let conf = tmp.join("net-conf.json");
     std::fs::write(
         &conf,
         r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"vxlan"}}"#,
     )
     .expect("net-conf");
-    let sw = Switch::new();
-    let _api = ApiServer::start(
-        &sw,
+    let api = ApiServer::start(
+        sw,
         vec![
             kube_node("node-1", "2001:db8:42:1::/64"),
             kube_node("node-2", "2001:db8:42:2::/64"),
         ],
     );
-    // IPv6-only underlay: the nodes have no IPv4 address at all.
-    let mut nodes: Vec<Node> = (1..=2).map(|i| Node::new(&sw, i, &tmp, false)).collect();
+    let mut nodes: Vec<Node> = (1..=2).map(|i| Node::new(sw, i, tmp, false)).collect();
     let args = [
         "--kube-subnet-mgr".to_string(),
         format!("--kube-api-url={API_URL}"),
         format!("--net-config-path={}", conf.display()),
-        "--dataplane=kernel".into(),
+        format!("--dataplane={dataplane}"),
         "--ip-masq".into(),
     ];
     for n in &mut nodes {
@@ -697,6 +688,16 @@ fn ipv6_only_kernel_vxlan_with_the_kube_store() {
         assert_eq!(env, want);
         n.plumb_pod(None, &format!("2001:db8:42:{}::", i + 1));
     }
+    (api, nodes)
+}
+
+#[test]
+fn ipv6_only_kernel_vxlan_with_the_kube_store() {
+    let Some((_g, tmp)) = begin("ipv6_only_kernel_vxlan_with_the_kube_store", "v6only") else {
+        return;
+    };
+    let sw = Switch::new();
+    let (_api, nodes) = v6_only_nodes(&tmp, &sw, "kernel");
     let (n1, n2) = (&nodes[0], &nodes[1]);
 
     // flannel's IPv6 annotations; no IPv4 ones for an IPv6-only vxlan node.
@@ -760,5 +761,215 @@ fn ipv6_only_kernel_vxlan_with_the_kube_store() {
         ok.is_some(),
         "{}",
         n1.ns.exec(&["ip6tables", "-S", "FLANNEL-VXLAN-IN"])
+    );
+}
+
+/// A tcpdump of the VXLAN port on `eth0` of node `n`, bounded in packets and time, stopped
+/// by its PID (SIGTERM flushes the file).
+struct Capture {
+    child: Option<Child>,
+    pcap: PathBuf,
+}
+
+impl Capture {
+    fn start(n: &Node, dir: &Path) -> Capture {
+        let pcap = dir.join(format!("n{}.pcap", n.index));
+        let log = dir.join(format!("tcpdump-{}.log", n.index));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &n.ns.name, "timeout", "120", "tcpdump"])
+            .args(["-i", "eth0", "-n", "-U", "-c", "20000", "-w"])
+            .arg(&pcap)
+            .args(["udp", "port", "8472"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("tcpdump log"))
+            .spawn()
+            .expect("tcpdump");
+        let listening = wait_for(Duration::from_secs(10), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("listening on"))
+        });
+        assert!(
+            listening.is_some(),
+            "tcpdump: {:?}",
+            std::fs::read_to_string(&log)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        Capture {
+            child: Some(child),
+            pcap,
+        }
+    }
+
+    /// Stops the capture; per frame: outer IPv6 source, outer UDP checksum and its status,
+    /// inner TCP and ICMPv6 checksum statuses (tshark: 0 Bad, 1 Good).
+    fn stop(mut self) -> Vec<Vec<String>> {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+        let pcap = self.pcap.to_string_lossy();
+        const READ: &str = "-d udp.port==8472,vxlan -o udp.check_checksum:TRUE \
+            -o tcp.check_checksum:TRUE -Y vxlan -T fields -E occurrence=a -e ipv6.src \
+            -e udp.checksum -e udp.checksum.status -e tcp.checksum.status \
+            -e icmpv6.checksum.status";
+        let mut args = vec!["-n", "-r", &pcap];
+        args.extend(READ.split_whitespace());
+        let out = test_support::run("tshark", &args);
+        out.lines()
+            .map(|l| l.split('\t').map(str::to_owned).collect())
+            .collect()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The VXLAN frames of `frames` whose outer IPv6 source is `src`, asserting that each has
+/// a non-zero outer UDP checksum tshark verifies and no bad inner TCP/ICMPv6 checksum.
+fn checked_frames_from(frames: &[Vec<String>], src: &str) -> usize {
+    let field = |f: &[String], i: usize| f.get(i).cloned().unwrap_or_default();
+    let mine: Vec<&Vec<String>> = frames
+        .iter()
+        .filter(|f| field(f, 0).split(',').next() == Some(src))
+        .collect();
+    for f in &mine {
+        let sum = field(f, 1);
+        let outer = sum.split(',').next().unwrap_or("");
+        assert!(
+            !outer
+                .trim_start_matches("0x")
+                .trim_start_matches('0')
+                .is_empty(),
+            "zero outer UDP checksum over IPv6: {f:?}"
+        );
+        assert_eq!(
+            field(f, 2).split(',').next(),
+            Some("1"),
+            "outer UDP checksum: {f:?}"
+        );
+        for inner in [field(f, 3), field(f, 4)] {
+            assert!(!inner.split(',').any(|s| s == "0"), "inner checksum: {f:?}");
+        }
+    }
+    mine.len()
+}
+
+/// The `VtepMAC` of `BackendV6Data` in a lease file's JSON.
+fn v6_vtep_mac(lease: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(lease).expect("lease JSON");
+    v["BackendV6Data"]["VtepMAC"]
+        .as_str()
+        .expect("BackendV6Data.VtepMAC")
+        .to_string()
+}
+
+/// DF pings from the pod of `from` to `dst` over IPv6: one at the overlay MTU passes, one
+/// byte more (the pod's own link allows it) gets an ICMPv6 Packet Too Big naming the MTU.
+fn assert_v6_mtu(from: &Node, dst: &str, mtu: u32) {
+    let ping = |payload: u32| {
+        from.pod.exec(&[
+            "sh",
+            "-c",
+            &format!("ping -6 -M do -s {payload} -c 2 -W 2 {dst} 2>&1; true"),
+        ])
+    };
+    let at = ping(mtu - 48);
+    assert!(at.contains(" 0% packet loss"), "DF ping6 at the MTU: {at}");
+    let over = ping(mtu - 47);
+    assert!(
+        over.contains("Packet too big") && over.contains(&format!("mtu={mtu}")),
+        "expected an ICMPv6 Packet Too Big: {over}"
+    );
+}
+
+#[test]
+fn dual_stack_userspace_vxlan_with_a_kernel_peer() {
+    let Some((_g, tmp)) = begin("dual_stack_userspace_vxlan_with_a_kernel_peer", "usdual") else {
+        return;
+    };
+    // n1: the userspace data plane (this build's default); n2: the kernel's vxlan devices.
+    let (_sw, nodes, px) = two_nodes_each(&tmp, DUAL_VXLAN, [&[], &["--dataplane=kernel"]]);
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    let env = std::fs::read_to_string(&n1.env_file).expect("env");
+    assert_eq!(env_value(&env, "FLANNEL_MTU"), "1450", "{env}");
+
+    // n1's IPv6 device is a TUN device named like flannel's, with the /128 of its subnet
+    // address and MTU underlay − 70; its lease carries its own IPv6 VTEP MAC.
+    let link = n1.ns.ip(&["-d", "link", "show", "flannel-v6.1"]);
+    assert!(link.contains("mtu 1430") && link.contains("tun"), "{link}");
+    assert_v6_vtep_address(n1, &px[0].1);
+    let lease_dir = tmp.join("leases");
+    let (_, lease1) = lease_file(&lease_dir, "2001:db8:18::1");
+    let mac1 = v6_vtep_mac(&lease1);
+    assert_ne!(
+        mac1,
+        v6_vtep_mac(&lease_file(&lease_dir, "2001:db8:18::2").1)
+    );
+    // The kernel peer programs the userspace node like any flannel node.
+    let ok = wait_for(Duration::from_secs(10), || {
+        n2.ns
+            .ip(&["-6", "neigh", "show", "dev", "flannel-v6.1"])
+            .contains(&mac1)
+    });
+    assert!(ok.is_some(), "{}", n2.log());
+    assert_v6_peer_entries(n2, &px[0].1, &mac1, "2001:db8:18::1");
+
+    // Full checksums on n1's wire (no tx offload), so the capture shows what was computed.
+    n1.ns.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
+    let cap = Capture::start(n1, &tmp);
+    let (p1v6, p2v6) = (format!("{}2", px[0].1), format!("{}2", px[1].1));
+    assert!(ping_until(n1, &p2v6), "ping6 {p2v6}: {}", n1.log());
+    assert!(ping_until(n2, &p1v6), "ping6 {p1v6}: {}", n1.log());
+    assert!(ping_until(n1, &format!("{}2", px[1].0)), "ping (IPv4)");
+    assert_eq!(tcp_v6(n1, n2, &p2v6), format!("hello {p1v6}"));
+    assert_eq!(tcp_v6(n2, n1, &p1v6), format!("hello {p2v6}"));
+    assert_v6_mtu(n1, &p2v6, 1430);
+    let frames = cap.stop();
+    let sent = checked_frames_from(&frames, "2001:db8:18::1");
+    let received = frames
+        .iter()
+        .filter(|f| f.first().is_some_and(|s| s.starts_with("2001:db8:18::2")))
+        .count();
+    assert!(
+        sent >= 10 && received >= 10,
+        "{sent} sent, {received} received: {frames:?}"
+    );
+}
+
+#[test]
+fn ipv6_only_userspace_vxlan_with_the_kube_store() {
+    let Some((_g, tmp)) = begin("ipv6_only_userspace_vxlan_with_the_kube_store", "usv6") else {
+        return;
+    };
+    let sw = Switch::new();
+    let (_api, nodes) = v6_only_nodes(&tmp, &sw, "userspace");
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    assert!(!n1.ns.ip(&["link", "show"]).contains("flannel.1:"));
+    let link = n1.ns.ip(&["-d", "link", "show", "flannel-v6.1"]);
+    assert!(link.contains("tun"), "{link}");
+    // Full checksums on both wires (no tx offload), so the capture shows what was computed.
+    for n in &nodes {
+        n.ns.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
+    }
+    let cap = Capture::start(n2, &tmp);
+    assert!(ping_until(n1, "2001:db8:42:2::2"), "ping6: {}", n1.log());
+    assert_eq!(tcp_v6(n2, n1, "2001:db8:42:1::2"), "hello 2001:db8:42:2::2");
+    assert_eq!(tcp_v6(n1, n2, "2001:db8:42:2::2"), "hello 2001:db8:42:1::2");
+    assert_v6_mtu(n2, "2001:db8:42:1::2", 1430);
+    let frames = cap.stop();
+    assert!(
+        checked_frames_from(&frames, "2001:db8:18::2") >= 5,
+        "{frames:?}"
+    );
+    assert!(
+        checked_frames_from(&frames, "2001:db8:18::1") >= 5,
+        "{frames:?}"
     );
 }

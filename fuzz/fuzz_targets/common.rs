@@ -1,7 +1,8 @@
 //! The node both fuzz targets pretend to be: 10.244.1.0/24 with VNI 1, peers in
-//! 10.244.0.0/16 (several prefix lengths) and fd10:244::/48.
+//! 10.244.0.0/16 (several prefix lengths) and fd10:244::/48 (some reached over IPv4, some over
+//! IPv6 only).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::OnceLock;
 
 use flannel_core::dataplane::{LocalVtep, PeerTable, RemoteVtep};
@@ -23,8 +24,13 @@ pub fn local() -> LocalVtep {
     }
 }
 
+/// Peers 7 and up have only an IPv6 public address (IPv6 outer transport).
 pub fn peer_ip(i: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(198, 18, 0, i))
+    if i >= 7 {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, u16::from(i)))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(198, 18, 0, i))
+    }
 }
 
 /// Built once per process: rebuilding it per input would dominate the run time.
@@ -46,5 +52,7 @@ fn build_table() -> PeerTable {
         entry("10.244.3.128/25", 4),
         entry("10.245.0.0/16", 5),
         entry("fd10:244:2::/64", 6),
+        entry("fd10:244:3::/64", 7),
+        entry("fd10:244:4::/64", 8),
     ])
 }

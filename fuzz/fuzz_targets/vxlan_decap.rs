@@ -1,4 +1,5 @@
-//! Arbitrary UDP payloads through `decap`, placed in a buffer with bytes before and after the
+//! Arbitrary UDP payloads (raw, or IPv6 behind valid VXLAN/Ethernet headers, from IPv4 and
+//! IPv6 underlay sources) through `decap`, placed in a buffer with bytes before and after the
 //! datagram (as in a receive slot): must never panic, every range it returns must lie inside
 //! the datagram, nothing outside the datagram is written, and the bytes after it (which
 //! could complete a truncated request) do not change the verdict. Delivered packets then go
@@ -11,12 +12,34 @@ use flannel_core::dataplane::offload::{finish_rx_checksum, rx_super_packet, RxCh
 use flannel_core::dataplane::{decap, DecapVerdict, VXLAN_HEADROOM};
 use libfuzzer_sys::fuzz_target;
 
+/// VXLAN (VNI 1) + Ethernet headers for IPv6 to `dst`, from a peer's MAC.
+fn ipv6_frame_to(dst: [u8; 6]) -> Vec<u8> {
+    let mut h = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    h.extend_from_slice(&dst);
+    h.extend_from_slice(&[2, 0, 0, 0, 1, 7, 0x86, 0xdd]);
+    h
+}
+
 fuzz_target!(|data: &[u8]| {
-    let Some((&sel, datagram)) = data.split_first() else {
+    let Some((&sel, rest)) = data.split_first() else {
         return;
     };
-    // Mostly a known peer, sometimes a stranger.
-    let src = common::peer_ip(if sel < 240 { 2 + sel % 5 } else { 99 });
+    let Some((&shape, raw)) = rest.split_first() else {
+        return;
+    };
+    // Raw datagrams, or the fuzzer's bytes as an IPv6 packet behind valid headers (to our
+    // MAC, or to our solicited-node group: the NDP responder), so v6 inner paths are reached.
+    let datagram: Vec<u8> = match shape % 4 {
+        1 => ipv6_frame_to(common::LOCAL_MAC.0),
+        2 => ipv6_frame_to([0x33, 0x33, 0xff, 0, 0, 0]),
+        _ => Vec::new(),
+    }
+    .into_iter()
+    .chain(raw.iter().copied())
+    .collect();
+    let datagram = &datagram[..];
+    // Mostly a known peer (over IPv4 or IPv6), sometimes a stranger.
+    let src = common::peer_ip(if sel < 240 { 2 + sel % 7 } else { 99 });
     let (table, local) = (common::table(), common::local());
     let offset = usize::from(sel % 4);
     let slack = usize::from(sel / 4 % 48);

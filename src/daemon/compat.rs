@@ -27,18 +27,6 @@ pub fn check(flags: &Flags, net: &NetConfig, env: &dyn Fn(&str) -> Option<String
             );
         }
     }
-    if net.enable_ipv6
-        && flags.dataplane == Dataplane::Userspace
-        && matches!(net.backend(), Ok(BackendConfig::Vxlan(_)))
-    {
-        d.refused.push(
-            "EnableIPv6 with the vxlan backend needs --dataplane=kernel: the userspace data plane \
-             (--dataplane=userspace, this build's default) carries IPv4 overlays only; run \
-             --dataplane=kernel (FLANNELD_DATAPLANE=kernel) for dual-stack and IPv6-only vxlan, \
-             or the host-gw backend"
-                .into(),
-        );
-    }
     if let (Some(v6), false) = (flags.public_ipv6, net.enable_ipv6) {
         d.ignored.push(format!(
             "--public-ipv6={v6}: no effect; EnableIPv6 is false in the network config, so no IPv6 \
@@ -145,7 +133,7 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_vxlan_needs_the_kernel_data_plane() {
+    fn ipv6_vxlan_runs_on_either_data_plane() {
         let dual = net(
             r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"vxlan"}}"#,
         );
@@ -154,22 +142,12 @@ mod tests {
             public_ipv6: Some("2001:db8::1".parse().expect("v6")),
             ..Flags::default()
         };
-        let d = check(&f, &dual, &no_env);
-        assert_eq!(d.refused.len(), 1, "{d:?}");
-        assert!(d.refused[0].contains("needs --dataplane=kernel"));
-        assert!(d.ignored.is_empty());
+        assert_eq!(check(&f, &dual, &no_env), Decision::default());
         let kernel = Flags {
             dataplane: Dataplane::Kernel,
             ..f
         };
         assert_eq!(check(&kernel, &dual, &no_env), Decision::default());
-        let hostgw = net(
-            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"host-gw"}}"#,
-        );
-        assert_eq!(
-            check(&Flags::default(), &hostgw, &no_env),
-            Decision::default()
-        );
     }
 
     #[test]

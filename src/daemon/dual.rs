@@ -166,12 +166,20 @@ impl Planes {
         Ok(())
     }
 
+    /// Entries of every family's userspace peer table together.
     pub(super) fn peer_table_len(&self) -> Option<usize> {
-        self.first().and_then(Plane::peer_table_len)
+        self.0
+            .iter()
+            .filter_map(Plane::peer_table_len)
+            .reduce(|a, b| a + b)
     }
 
+    /// Packet loop panics of every family's userspace plane together (one panic budget).
     pub(super) fn packet_loop_panics(&self) -> Option<u64> {
-        self.first().and_then(Plane::packet_loop_panics)
+        self.0
+            .iter()
+            .filter_map(Plane::packet_loop_panics)
+            .reduce(|a, b| a + b)
     }
 
     pub(super) async fn shutdown(self) {

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -30,9 +30,6 @@ use super::metrics::PlaneMetrics;
 /// [`crate::masq::iptables::COMMAND_TIMEOUT`]).
 const IPTABLES_TASK_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// VXLAN overhead flannel subtracts from the underlay MTU (also for IPv6 underlays).
-const VXLAN_OVERHEAD: u32 = 50;
-
 /// Why a data plane could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum PlaneError {
@@ -56,9 +53,6 @@ pub enum PlaneError {
     /// The external interface has no address of the lease's family.
     #[error("no address of the family of lease {0} on the external interface {1}")]
     NoAddress(IpNet, String),
-    /// IPv6 leases need the kernel data plane (`compat::check` refuses this first).
-    #[error("IPv6 needs --dataplane=kernel: the userspace data plane carries IPv4 overlays only")]
-    UserspaceIpv6,
     /// The backend type has no data plane here.
     #[error("unknown backend type: {0}")]
     Unknown(String),
@@ -78,6 +72,8 @@ pub(super) enum Plane {
         /// `--host-gw-fallback` (without DirectRouting, which already routes on-link peers
         /// directly): routes of the peers on the direct path.
         fallback: Option<Box<super::fallback_plane::FallbackRoutes>>,
+        /// The IPv6 plane (`flannel-v6.<VNI>`): programs the IPv6 peers only.
+        v6: bool,
     },
     /// The kernel's vxlan device, programmed like flannel.
     Kernel(Box<KernelVxlan>),
@@ -100,12 +96,15 @@ impl Plane {
             .ok_or_else(|| PlaneError::NoAddress(subnet, ext.name.clone()))?;
         match (backend, vtep_mac) {
             (BackendConfig::Vxlan(vx), Some(mac)) if flags.dataplane == Dataplane::Userspace => {
-                let (IpNet::V4(network), IpNet::V4(subnet)) = (network, subnet) else {
-                    return Err(PlaneError::UserspaceIpv6);
+                let v6 = subnet.addr().is_ipv6();
+                // IPv6 runs beside IPv4 as upstream's flannel-v6.<VNI>: its own device,
+                // socket on the v6 underlay address and VTEP MAC (backend-v6-data).
+                let device = match v6 {
+                    false => vx.device_name(),
+                    true => crate::backend::kernel::device_name(vx.vni, IpFamily::V6),
                 };
-                let device = vx.device_name();
                 let underlay_mtu = vx.mtu.unwrap_or(ext.mtu);
-                let mtu = underlay_mtu.saturating_sub(VXLAN_OVERHEAD);
+                let mtu = underlay_mtu.saturating_sub(crate::backend::kernel::overhead(iface_addr));
                 let fail = |reason: String| PlaneError::Userspace {
                     device: device.clone(),
                     reason,
@@ -137,21 +136,9 @@ impl Plane {
                     vni: vx.vni,
                     port: vx.vxlan_port(),
                     // The interface's own address: behind 1:1 NAT the public IP is not local.
-                    bind: ext.iface_addr.into(),
+                    bind: iface_addr,
                     mac,
-                    local: LocalVtep {
-                        vni: vx.vni,
-                        mac,
-                        addr_v4: Some(subnet.network()),
-                        addr_v6: None,
-                        // Network's first address: never a node's (SubnetMin skips the
-                        // first subnet), so errors from it pass the kernel's martian check.
-                        error_source_v4: (network.network() != subnet.network())
-                            .then_some(network.network()),
-                        error_source_v6: None,
-                        subnet_v4: Some(subnet),
-                        subnet_v6: None,
-                    },
+                    local: local_vtep(vx.vni, mac, network, subnet),
                     tso: true,
                     mtu: mtu as usize,
                 };
@@ -171,6 +158,20 @@ impl Plane {
                     .await
                     .map_err(fail)?;
                 info!(%device, mtu, %mac, port = cfg.port, handed_over, "userspace VXLAN data plane ready");
+                if v6 && (vx.direct_routing || flags.host_gw_fallback) {
+                    warn!(%device, "DirectRouting and --host-gw-fallback are not applied to IPv6 in userspace mode: every IPv6 peer is tunneled");
+                }
+                let (IpNet::V4(network), IpNet::V4(subnet)) = (network, subnet) else {
+                    return Ok(Plane::Userspace {
+                        dp,
+                        nl,
+                        mtu,
+                        handoff: Handoff::new(path, predecessor),
+                        direct: None,
+                        fallback: None,
+                        v6,
+                    });
+                };
                 // DirectRouting and the host-gw fallback route on-link peers the same way.
                 let direct_config = || HostGwConfig {
                     iface: ext.name.clone(),
@@ -204,13 +205,10 @@ impl Plane {
                     dp,
                     nl,
                     mtu,
-                    handoff: Handoff {
-                        path,
-                        predecessor,
-                        listener: None,
-                    },
+                    handoff: Handoff::new(path, predecessor),
                     direct,
                     fallback,
+                    v6,
                 })
             }
             (BackendConfig::Vxlan(vx), Some(mac)) => {
@@ -278,6 +276,7 @@ impl Plane {
                 handoff,
                 direct,
                 fallback,
+                v6,
                 ..
             } => {
                 let (direct_peers, direct_result) = match direct.as_mut() {
@@ -287,6 +286,7 @@ impl Plane {
                 // On-link peers are reached by their direct route: not encapsulated to.
                 let tunneled: Vec<Peer> = peers
                     .iter()
+                    .filter(|p| p.subnet.addr().is_ipv6() == *v6)
                     .filter(|p| !direct_peers.contains(&p.subnet))
                     .cloned()
                     .collect();
@@ -465,6 +465,49 @@ pub(super) struct Handoff {
     listener: Option<handoff::Listener>,
 }
 
+impl Handoff {
+    fn new(path: Option<std::path::PathBuf>, predecessor: Option<handoff::Predecessor>) -> Self {
+        Handoff {
+            path,
+            predecessor,
+            listener: None,
+        }
+    }
+}
+
+/// Our VTEP for one family's userspace plane: the subnet's network address answers ARP/NDP;
+/// ICMP errors come from Network's first address, never a node's (SubnetMin skips the first
+/// subnet), so they pass the kernel's martian check on TUN.
+fn local_vtep(vni: u32, mac: MacAddr, network: IpNet, subnet: IpNet) -> LocalVtep {
+    use std::net::IpAddr;
+    let first = network.network();
+    let error_source = (first != subnet.network()).then_some(first);
+    let v4 = |a: IpAddr| match a {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    };
+    let v6 = |a: IpAddr| match a {
+        IpAddr::V6(a) => Some(a),
+        IpAddr::V4(_) => None,
+    };
+    LocalVtep {
+        vni,
+        mac,
+        addr_v4: v4(subnet.network()),
+        addr_v6: v6(subnet.network()),
+        error_source_v4: error_source.and_then(v4),
+        error_source_v6: error_source.and_then(v6),
+        subnet_v4: match subnet {
+            IpNet::V4(s) => Some(s),
+            IpNet::V6(_) => None,
+        },
+        subnet_v6: match subnet {
+            IpNet::V6(s) => Some(s),
+            IpNet::V4(_) => None,
+        },
+    }
+}
+
 /// The handover socket: next to subnet.env (`/run/flannel` by default, a hostPath both the old
 /// and the new pod mount).
 fn handoff_path(flags: &Flags, device: &str) -> Option<std::path::PathBuf> {
@@ -559,8 +602,8 @@ async fn configure_tun(
     nl: &Netlink,
     device: &str,
     mtu: u32,
-    network: Ipv4Net,
-    subnet: Ipv4Net,
+    network: IpNet,
+    subnet: IpNet,
 ) -> Result<(), String> {
     let report = nl
         .configure_tun(device, mtu, network, subnet)

@@ -1,7 +1,7 @@
 //! The userspace plane's TUN device as the kernel's routing sees it, in `ip` terms: clearing a
 //! foreign device out of its name, and its MTU, address and the Network route.
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 
 use super::{IpFamily, Netlink, NetlinkError, Route, RouteScope};
 
@@ -40,7 +40,7 @@ impl Netlink {
         }
     }
 
-    /// `ip link set <dev> mtu <mtu> up; ip addr add <subnet network>/32 dev <dev>;
+    /// `ip link set <dev> mtu <mtu> up; ip addr add <subnet network>/32 (/128) dev <dev>;
     /// ip route replace <Network> dev <dev> scope link`: the whole Network goes through the
     /// TUN device, the /32 gives host-originated packets a source inside our subnet. On a
     /// device kept from a previous run this reconciles: other IPv4 addresses (an old lease's)
@@ -49,8 +49,8 @@ impl Netlink {
         &self,
         device: &str,
         mtu: u32,
-        network: Ipv4Net,
-        subnet: Ipv4Net,
+        network: IpNet,
+        subnet: IpNet,
     ) -> Result<TunReport, NetlinkError> {
         let index = self
             .link_by_name(device)
@@ -62,10 +62,17 @@ impl Netlink {
             })?
             .index;
         self.link_set_mtu(index, mtu).await?;
-        let addr = IpNet::V4(Ipv4Net::new(subnet.network(), 32).unwrap_or(subnet));
-        let present = self.addr_list(index, IpFamily::V4).await?;
+        let addr = IpNet::new(subnet.network(), subnet.max_prefix_len()).unwrap_or(subnet);
+        let family = match subnet {
+            IpNet::V4(_) => IpFamily::V4,
+            IpNet::V6(_) => IpFamily::V6,
+        };
+        let present = self.addr_list(index, family).await?;
         let mut report = TunReport::default();
-        for stale in present.iter().filter(|a| **a != addr) {
+        // The kernel's own IPv6 link-local address stays.
+        let link_local =
+            |a: &IpNet| matches!(a, IpNet::V6(a) if a.addr().segments()[0] & 0xffc0 == 0xfe80);
+        for stale in present.iter().filter(|a| **a != addr && !link_local(a)) {
             match self.addr_del(index, *stale).await {
                 Ok(()) => report.removed.push(*stale),
                 Err(e) => report.not_removed.push((*stale, e.to_string())),
@@ -78,9 +85,11 @@ impl Netlink {
             }
         }
         self.link_set_up(index).await?;
-        let mut route = Route::via(IpNet::V4(network), subnet.network().into()).dev(index);
+        let mut route = Route::via(network, subnet.network()).dev(index);
         route.gateway = None;
-        route.scope = RouteScope::Link;
+        if family == IpFamily::V4 {
+            route.scope = RouteScope::Link;
+        }
         self.route_replace(&route).await?;
         Ok(report)
     }

@@ -1,10 +1,11 @@
-//! Underlay → TUN: validate a VXLAN datagram and unwrap its inner packet, or answer ARP.
+//! Underlay → TUN: validate a VXLAN datagram and unwrap its inner packet, or answer ARP (and
+//! NDP, module `ndp`).
 
 use std::net::IpAddr;
 use std::ops::Range;
 
 use super::{
-    headroom_mut, inspect_ip, write_headers, DecapVerdict, DropReason, LocalVtep, PeerTable,
+    headroom_mut, inspect_ip, ndp, write_headers, DecapVerdict, DropReason, LocalVtep, PeerTable,
     VXLAN_HEADROOM,
 };
 use crate::wire::{arp, ethernet, vxlan, EtherType};
@@ -13,13 +14,15 @@ use crate::wire::{arp, ethernet, vxlan, EtherType};
 ///
 /// Call once per datagram received on the VXLAN port. Checks, in order: `src` is a peer's
 /// public IP, the datagram holds VXLAN + Ethernet headers, the I flag, the VNI equals ours,
-/// the inner destination MAC is ours (broadcast only for ARP), and the EtherType.
+/// the inner destination MAC is ours (broadcast only for ARP, our solicited-node group only
+/// for IPv6), and the EtherType.
 ///
 /// IPv4/IPv6 packets are delivered, trimmed to their header's length, only if the peer whose
 /// subnet contains the inner source is the one at `src` (a peer cannot speak for another
 /// node's pods) and the inner destination is in our own subnet (we relay for nobody). An ARP
 /// request for our VTEP address from an address in the sending peer's subnet is answered in
-/// place (the reply is a VXLAN datagram for `src`). Nothing outside `buf[datagram]` is read
+/// place (the reply is a VXLAN datagram for `src`), and so is an IPv6 neighbour solicitation
+/// for it (module `ndp`). Nothing outside `buf[datagram]` is read
 /// or written.
 #[inline]
 pub fn decap(
@@ -66,7 +69,12 @@ fn checked_decap(
     }
     let eth = ethernet::Frame::new_unchecked(eth_hdr);
     let (dst_mac, ethertype) = (eth.dst_addr(), eth.ethertype());
-    let for_us = dst_mac == local.mac || (dst_mac.is_broadcast() && ethertype == EtherType::Arp);
+    let for_us = dst_mac == local.mac
+        || (dst_mac.is_broadcast() && ethertype == EtherType::Arp)
+        || (ethertype == EtherType::Ipv6
+            && local
+                .addr_v6
+                .is_some_and(|a| dst_mac == ndp::solicited_node_mac(a)));
     if !for_us {
         return DecapVerdict::Drop(DropReason::WrongDstMac);
     }
@@ -80,6 +88,11 @@ fn checked_decap(
                 Ok(_) => return DecapVerdict::Drop(DropReason::MalformedIp),
                 Err(r) => return DecapVerdict::Drop(r),
             };
+            if want == 6 {
+                if let Some(v) = ndp::answer_ndp(buf, start..end, src, table, local) {
+                    return v;
+                }
+            }
             if !sent_by_owner(table, info.src, src) {
                 return DecapVerdict::Drop(DropReason::InnerSourceMismatch);
             }

@@ -57,6 +57,9 @@ drop_reasons! {
     MalformedArp => "malformed_arp",
     /// A valid ARP packet that needs no answer (a reply, or a request for another address).
     ArpNotForUs => "arp_not_for_us",
+    /// An ICMPv6 neighbour solicitation that gets no answer: not for our VTEP address, or
+    /// failing RFC 4861's checks (hop limit 255, code 0, length, checksum).
+    NdpNotForUs => "ndp_not_for_us",
     /// No peer subnet contains the inner destination.
     NoRoute => "no_route",
     /// A `virtio_net_hdr` that contradicts its packet (checksum offsets out of range, zero

@@ -17,6 +17,7 @@ mod counters;
 mod decap;
 mod drop;
 mod encap;
+mod ndp;
 pub mod offload;
 mod peers;
 pub mod ports;

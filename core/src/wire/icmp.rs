@@ -28,6 +28,11 @@ pub const V6_DEST_UNREACHABLE: u8 = 1;
 /// ICMPv6 destination-unreachable code: no route to destination.
 pub const V6_CODE_NO_ROUTE: u8 = 0;
 
+/// ICMPv6 type: neighbour solicitation (RFC 4861 §4.3).
+pub const V6_NEIGHBOR_SOLICIT: u8 = 135;
+/// ICMPv6 type: neighbour advertisement (RFC 4861 §4.4).
+pub const V6_NEIGHBOR_ADVERT: u8 = 136;
+
 /// True if the ICMP type is an informational query or answer (echo, timestamp, information,
 /// address mask): the only ICMP messages an ICMP error may be sent about (RFC 1812
 /// §4.3.2.7).
