@@ -111,6 +111,9 @@ struct HostGwFallback {
     lifted_at: Instant,
 }
 
+/// Per node: its name, its IPv4 routes and those joined for a detail line.
+type NodeRoutes<'a> = Vec<(&'a str, String, String)>;
+
 /// How long the fallback and lifted phases wait for a switch and the matrix.
 fn limit(opts: &ScenarioOpts) -> Duration {
     opts.converge.max(Duration::from_secs(40))
@@ -133,10 +136,9 @@ impl HostGwFallback {
             .into_iter()
             .filter(|n| n != blocked)
             .collect();
-        let watcher = others
-            .first()
-            .cloned()
-            .ok_or_else(|| anyhow!("no flanneld node besides {blocked}"))?;
+        let Some(watcher) = others.first().cloned() else {
+            bail!("no flanneld node besides {blocked}");
+        };
         Ok(HostGwFallback {
             blocked: blocked.to_string(),
             b_falls_back: b.kind.runs_flanneld(),
@@ -170,6 +172,23 @@ impl HostGwFallback {
             Some(s) => Ok((s.to_string(), s.network().to_string())),
             None => bail!("{} has no subnet", self.blocked),
         }
+    }
+
+    /// Each of `others` with its IPv4 routes (and those joined for a detail line), beside the
+    /// start of the direct route to the blocked node and of the blocked node's VTEP /32.
+    fn others_routes(&self, c: &Cluster) -> Result<(String, String, NodeRoutes<'_>)> {
+        let (b_subnet, b_vtep) = self.subnet_vtep()?;
+        let direct = format!("{b_subnet} via {} dev eth0", self.b.underlay_ip);
+        let routes = self
+            .others
+            .iter()
+            .map(|n| {
+                let r = ipv4_routes(c, n);
+                let joined = r.lines().collect::<Vec<_>>().join("; ");
+                (n.as_str(), r, joined)
+            })
+            .collect();
+        Ok((direct, format!("{b_vtep} "), routes))
     }
 
     /// A capture of VXLAN to or from (`dir`) the blocked node, its probes (`icmp`) or not.
@@ -426,18 +445,16 @@ impl Cause for HostGwFallback {
         p.captures
             .push((format!("VXLAN to {b_ip}, ICMP probes"), probes));
         p.captures.push((format!("net {network}"), plain));
-        let (b_subnet, b_vtep) = self.subnet_vtep()?;
-        for n in others {
-            let routes = ipv4_routes(c, n);
-            let direct = format!("{b_subnet} via {b_ip} dev eth0");
-            let vtep = format!("{b_vtep} ");
+        let (direct, vtep, routes) = self.others_routes(c)?;
+        for (n, routes, joined) in routes {
+            let on_overlay = |l: &str| l.starts_with(&vtep) && l.contains("dev flannel");
             p.expect(
-                format!("{n}: {direct}, and {b_vtep}/32 stays on the overlay device"),
-                routes.lines().any(|l| l.starts_with(&direct))
-                    && routes
-                        .lines()
-                        .any(|l| l.starts_with(&vtep) && l.contains("dev flannel")),
-                routes.lines().collect::<Vec<_>>().join("; "),
+                format!(
+                    "{n}: {direct}, and {}/32 stays on the overlay device",
+                    vtep.trim_end()
+                ),
+                routes.lines().any(|l| l.starts_with(&direct)) && routes.lines().any(on_overlay),
+                joined,
             );
             let log = std::fs::read_to_string(c.flanneld_log(n)).unwrap_or_default();
             let line = format!("host-gw fallback, routing its subnet directly via {b_ip}");
@@ -474,7 +491,7 @@ impl Cause for HostGwFallback {
         let (blocked, port, others, watcher) =
             (&self.blocked, self.port, &self.others, &self.watcher);
         let b_ip = self.b.underlay_ip.to_string();
-        let (b_subnet, b_vtep) = self.subnet_vtep()?;
+        let (b_subnet, _) = self.subnet_vtep()?;
         let limit = limit(opts);
         let want = path_line(c, blocked, "vxlan");
         let back = wait_until(limit, || {
@@ -522,17 +539,11 @@ impl Cause for HostGwFallback {
             vx.to_string().replace('\n', "; "),
         );
         p.captures.push((format!("VXLAN to {b_ip}, not ICMP"), vx));
-        for n in others {
-            let routes = ipv4_routes(c, n);
-            let direct = format!("{b_subnet} via {b_ip} dev eth0");
-            let vtep = format!("{b_vtep} ");
-            p.expect(
-                format!("{n}: no direct route and no /32 to {blocked} left"),
-                !routes
-                    .lines()
-                    .any(|l| l.starts_with(&direct) || l.starts_with(&vtep)),
-                routes.lines().collect::<Vec<_>>().join("; "),
-            );
+        let (direct, vtep, routes) = self.others_routes(c)?;
+        for (n, routes, joined) in routes {
+            let left = |l: &str| l.starts_with(&direct) || l.starts_with(&vtep);
+            let what = format!("{n}: no direct route and no /32 to {blocked} left");
+            p.expect(what, !routes.lines().any(left), joined);
         }
         Ok(())
     }
