@@ -1,5 +1,7 @@
 //! Issue #17: the VXLAN port dropped on one node of a layer-2 segment, healed by `--host-gw-fallback` without a config change and back on VXLAN once the drop is lifted.
+//! A P3 [`Cause`] with an extra phase: baseline, broken, fallback, lifted.
 
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -7,12 +9,15 @@ use anyhow::{anyhow, bail, Result};
 
 use crate::capture::CaptureOpts;
 use crate::check::{Cell, Matrix, SourceKind};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, NodeState};
 use crate::sys;
 
+use super::p3::{
+    baseline_break_fix, ipv4_routes, missing_direct_routes, udp_drop, Affected, Cause,
+};
 use super::{
-    broken_matrix, capture_during, expect_matrix_pass, expect_split, flanneld_nodes, fmt_secs,
-    owners, Phase, ScenarioOpts, FALLBACK_ARGS, FALLBACK_METRICS_PORT,
+    broken_matrix, capture_during, expect_matrix_pass, flanneld_nodes, fmt_secs, owners, Phase,
+    ScenarioOpts, FALLBACK_ARGS, FALLBACK_METRICS_PORT,
 };
 
 /// `/metrics` of a node's flanneld ([`FALLBACK_METRICS_PORT`], loopback of its namespace).
@@ -50,12 +55,6 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-fn ipv4_routes(c: &Cluster, node: &str) -> String {
-    c.exec_ok(node, &["ip", "-4", "route", "show"])
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
 /// `udp port <port> and <hosts> and` the inner IPv4 protocol (byte 9 of the inner header,
 /// after UDP 8 + VXLAN 8 + Ethernet 14 bytes) being ICMP or not: the prober's echo requests
 /// are the only inner ICMP a fallback node sends to its peer's VTEP. Not ICMP: traffic to a
@@ -85,193 +84,141 @@ fn check_until(c: &Cluster, limit: Duration, judged: impl Fn(&Cell) -> bool) -> 
     }
 }
 
-pub(super) fn p3_fallback(
-    c: &mut Cluster,
-    opts: &ScenarioOpts,
-    blocked: &str,
-) -> Result<Vec<Phase>> {
-    if c.state().sites {
-        bail!("the host-gw fallback scenarios need every node on one layer-2 segment");
-    }
-    let conf = c.net_conf()?;
-    if conf.backend_type != "vxlan" {
-        bail!("the run uses backend {:?}, not vxlan", conf.backend_type);
-    }
-    let port = conf.effective_port();
-    let network = conf.network.to_string();
-    let b = c
-        .node(blocked)
-        .cloned()
-        .ok_or_else(|| anyhow!("no node {blocked}"))?;
-    let b_ip = b.underlay_ip.to_string();
-    let b_falls_back = b.kind.runs_flanneld();
-    let vteps: Vec<Ipv4Addr> = c
-        .nodes()
-        .iter()
-        .filter_map(|n| n.subnet.map(|s| s.network()))
-        .collect();
-    // Upstream does not fall back: its host's own traffic to our pods leaves from its VTEP
-    // address, and our replies to that address stay on the (blocked) VXLAN path by design.
-    let known_gap =
-        |cell: &Cell| !b_falls_back && cell.src_kind == SourceKind::Host && cell.src == blocked;
-    // The flannel-rs nodes that must route to the blocked node directly.
-    let others: Vec<String> = flanneld_nodes(c)
-        .into_iter()
-        .filter(|n| n != blocked)
-        .collect();
-    let watcher = others
-        .first()
-        .cloned()
-        .ok_or_else(|| anyhow!("no flanneld node besides {blocked}"))?;
-    let owner = owners(c);
-    let affected = |cell: &Cell| {
-        !cell.same_node
-            && (owner.get(&cell.src).map(String::as_str) == Some(blocked)
-                || owner.get(&cell.dst).map(String::as_str) == Some(blocked))
-    };
-    let rule = |op: &'static str| -> Vec<String> {
-        let mut v: Vec<String> = ["iptables", "-w", op, "INPUT"].map(String::from).to_vec();
-        if op == "-I" {
-            v.push("1".into());
+/// The drop on `blocked`, the fallback healing it, the drop lifted. Carries what the phases
+/// share: the nodes' roles and the timings across phases.
+struct HostGwFallback {
+    blocked: String,
+    /// The blocked node.
+    b: NodeState,
+    /// Whether `blocked` runs flannel-rs (and so falls back itself).
+    b_falls_back: bool,
+    port: u16,
+    network: String,
+    /// Every node's VTEP address (the network address of its subnet).
+    vteps: Vec<Ipv4Addr>,
+    /// The flannel-rs nodes that must route to `blocked` directly.
+    others: Vec<String>,
+    /// The first of `others`, whose /metrics the baseline and lifted phases read.
+    watcher: String,
+    owner: HashMap<String, String>,
+    /// When the drop went in.
+    blocked_at: Instant,
+    /// How long after the drop the broken matrix was taken.
+    measured: Duration,
+    /// The broken matrix (the fallback must be no worse).
+    broken: Option<Matrix>,
+    /// When the drop was deleted.
+    lifted_at: Instant,
+}
+
+/// Per node: its name, its IPv4 routes and those joined for a detail line.
+type NodeRoutes<'a> = Vec<(&'a str, String, String)>;
+
+/// How long the fallback and lifted phases wait for a switch and the matrix.
+fn limit(opts: &ScenarioOpts) -> Duration {
+    opts.converge.max(Duration::from_secs(40))
+}
+
+impl HostGwFallback {
+    fn new(c: &Cluster, blocked: &str) -> Result<HostGwFallback> {
+        if c.state().sites {
+            bail!("the host-gw fallback scenarios need every node on one layer-2 segment");
         }
-        v.extend(["-p", "udp", "--dport", &port.to_string(), "-j", "DROP"].map(String::from));
-        v
-    };
-    let run_rule = |c: &Cluster, op: &'static str| -> Result<()> {
-        let v = rule(op);
-        let refs: Vec<&str> = v.iter().map(String::as_str).collect();
-        c.exec_ok(blocked, &refs).map(|_| ())
-    };
-    let mut phases = Vec::new();
+        let conf = c.net_conf()?;
+        if conf.backend_type != "vxlan" {
+            bail!("the run uses backend {:?}, not vxlan", conf.backend_type);
+        }
+        let b = c
+            .node(blocked)
+            .cloned()
+            .ok_or_else(|| anyhow!("no node {blocked}"))?;
+        let others: Vec<String> = flanneld_nodes(c)
+            .into_iter()
+            .filter(|n| n != blocked)
+            .collect();
+        let Some(watcher) = others.first().cloned() else {
+            bail!("no flanneld node besides {blocked}");
+        };
+        Ok(HostGwFallback {
+            blocked: blocked.to_string(),
+            b_falls_back: b.kind.runs_flanneld(),
+            b,
+            port: conf.effective_port(),
+            network: conf.network.to_string(),
+            vteps: c
+                .nodes()
+                .iter()
+                .filter_map(|n| n.subnet.map(|s| s.network()))
+                .collect(),
+            others,
+            watcher,
+            owner: owners(c),
+            blocked_at: Instant::now(),
+            measured: Duration::ZERO,
+            broken: None,
+            lifted_at: Instant::now(),
+        })
+    }
 
-    let mut p = Phase::new(
-        "baseline",
-        format!(
-            "healthy cluster, vxlan on UDP {port}, every flanneld with {}",
-            FALLBACK_ARGS.join(" ")
-        ),
-    );
-    expect_matrix_pass(&mut p, c, opts.converge);
-    let want = path_line(c, blocked, "vxlan");
-    let ok = wait_until(Duration::from_secs(10), || {
-        node_metrics(c, &watcher).contains(&want)
-    });
-    p.expect(
-        format!("{watcher}: /metrics shows the path to {blocked} as vxlan"),
-        ok,
-        want.trim().to_string(),
-    );
-    phases.push(p);
+    /// Upstream does not fall back: its host's own traffic to our pods leaves from its VTEP
+    /// address, and our replies to that address stay on the (blocked) VXLAN path by design.
+    fn known_gap(&self, cell: &Cell) -> bool {
+        !self.b_falls_back && cell.src_kind == SourceKind::Host && cell.src == self.blocked
+    }
 
-    let mut p = Phase::new(
-        "broken",
-        format!("iptables -I INPUT 1 -p udp --dport {port} -j DROP on {blocked} only"),
-    );
-    run_rule(c, "-I")?;
-    let blocked_at = Instant::now();
-    let m = broken_matrix(c);
-    let measured = blocked_at.elapsed();
-    expect_split(&mut p, &m, &format!("with {blocked}"), affected, true);
-    p.note(format!("matrix measured within {measured:?} of the drop"));
-    let direct = path_line(c, blocked, "direct");
-    let early: Vec<&String> = others
-        .iter()
-        .filter(|n| node_metrics(c, n).contains(&direct))
-        .collect();
-    p.expect(
-        "no node had fallen back yet when the broken matrix was taken",
-        early.is_empty(),
-        format!("already direct on {early:?} after {measured:?}"),
-    );
-    let broken = m.clone();
-    p.matrix = Some(m);
-    phases.push(p);
-
-    let mut p = Phase::new(
-        "fallback",
-        format!("the drop stays; no config change, no restart: the fallback routes {blocked}'s pairs directly"),
-    );
-    let limit = opts.converge.max(Duration::from_secs(40));
-    // Wait for the switch first, so the captures below only see the direct path.
-    let want = path_line(c, blocked, "direct");
-    let switched = wait_until(limit, || {
-        others.iter().all(|n| node_metrics(c, n).contains(&want))
-    });
-    // …and for the data planes to have applied it (the main loop syncs after the prober
-    // published the set): the direct routes on every fallback node.
-    let direct_route = |o: &crate::cluster::NodeState| {
-        o.subnet
-            .map(|s| format!("{s} via {} dev eth0", o.underlay_ip))
-    };
-    let mut route_wanted: Vec<(String, String)> = others
-        .iter()
-        .filter_map(|n| Some((n.clone(), direct_route(&b)?)))
-        .collect();
-    if b_falls_back {
-        for o in c.nodes().iter().filter(|o| o.name != blocked) {
-            if let Some(r) = direct_route(o) {
-                route_wanted.push((blocked.to_string(), r));
-            }
+    /// The blocked node's subnet and VTEP address.
+    fn subnet_vtep(&self) -> Result<(String, String)> {
+        match self.b.subnet {
+            Some(s) => Ok((s.to_string(), s.network().to_string())),
+            None => bail!("{} has no subnet", self.blocked),
         }
     }
-    let routed = wait_until(limit, || {
-        route_wanted
+
+    /// Each of `others` with its IPv4 routes (and those joined for a detail line), beside the
+    /// start of the direct route to the blocked node and of the blocked node's VTEP /32.
+    fn others_routes(&self, c: &Cluster) -> Result<(String, String, NodeRoutes<'_>)> {
+        let (b_subnet, b_vtep) = self.subnet_vtep()?;
+        let direct = format!("{b_subnet} via {} dev eth0", self.b.underlay_ip);
+        let routes = self
+            .others
             .iter()
-            .all(|(n, r)| ipv4_routes(c, n).lines().any(|l| l.starts_with(r.as_str())))
-    });
-    p.expect(
-        "every fallback node has its direct routes in place",
-        routed,
-        format!("{route_wanted:?}"),
-    );
-    let healed_after = blocked_at.elapsed();
-    p.expect(
-        format!(
-            "/metrics of {} shows the path to {blocked} as direct",
-            others.join(", ")
-        ),
-        switched,
-        format!("{} after the drop", fmt_secs(healed_after)),
-    );
-    let cap_to = c.start_capture(&CaptureOpts {
-        filter: Some(vxlan_filter(
-            port,
-            &format!("dst host {b_ip}"),
-            false,
-            &vteps,
-        )),
-        max_seconds: 120,
-        ..CaptureOpts::default()
-    })?;
-    let cap_from = c.start_capture(&CaptureOpts {
-        filter: Some(vxlan_filter(
-            port,
-            &format!("src host {b_ip}"),
-            false,
-            &vteps,
-        )),
-        max_seconds: 120,
-        ..CaptureOpts::default()
-    })?;
-    let cap_probes = c.start_capture(&CaptureOpts {
-        filter: Some(vxlan_filter(
-            port,
-            &format!("dst host {b_ip}"),
-            true,
-            &vteps,
-        )),
-        max_seconds: 120,
-        ..CaptureOpts::default()
-    })?;
-    let (_, pcap_plain) = capture_during(c, &format!("net {network}"), |c| {
-        if b_falls_back {
-            return expect_matrix_pass(&mut p, c, limit);
-        }
-        let m = check_until(c, limit, |x| !known_gap(x));
+            .map(|n| {
+                let r = ipv4_routes(c, n);
+                let joined = r.lines().collect::<Vec<_>>().join("; ");
+                (n.as_str(), r, joined)
+            })
+            .collect();
+        Ok((direct, format!("{b_vtep} "), routes))
+    }
+
+    /// A capture of VXLAN to or from (`dir`) the blocked node, its probes (`icmp`) or not.
+    fn start_vxlan_capture(
+        &self,
+        c: &mut Cluster,
+        dir: &str,
+        icmp: bool,
+    ) -> Result<crate::capture::Capture> {
+        c.start_capture(&CaptureOpts {
+            filter: Some(vxlan_filter(
+                self.port,
+                &format!("{dir} host {}", self.b.underlay_ip),
+                icmp,
+                &self.vteps,
+            )),
+            max_seconds: 120,
+            ..CaptureOpts::default()
+        })
+    }
+
+    /// The matrix of the fallback phase with an upstream blocked node: everything but the known
+    /// gap passes, and nothing that passed while broken fails now.
+    fn expect_upstream_fallback_matrix(&self, p: &mut Phase, c: &Cluster, limit: Duration) {
+        let blocked = &self.blocked;
+        let m = check_until(c, limit, |x| !self.known_gap(x));
         let bad: Vec<String> = m
             .cells
             .iter()
-            .filter(|x| !known_gap(x) && !x.ok())
+            .filter(|x| !self.known_gap(x) && !x.ok())
             .map(|x| format!("{}->{} {}", x.src, x.dst, x.letters()))
             .collect();
         p.expect(
@@ -281,13 +228,17 @@ pub(super) fn p3_fallback(
             bad.is_empty(),
             format!("failing: {}", bad.join(", ")),
         );
+        let broken = self
+            .broken
+            .as_ref()
+            .map(|m| m.cells.as_slice())
+            .unwrap_or_default();
         let worse: Vec<String> = m
             .cells
             .iter()
             .filter(|x| !x.ok())
             .filter(|x| {
                 broken
-                    .cells
                     .iter()
                     .any(|y| y.src == x.src && y.dst == x.dst && y.ok())
             })
@@ -301,7 +252,7 @@ pub(super) fn p3_fallback(
         let gap: Vec<String> = m
             .cells
             .iter()
-            .filter(|x| known_gap(x))
+            .filter(|x| self.known_gap(x))
             .map(|x| format!("{}->{} {}", x.src, x.dst, x.letters()))
             .collect();
         p.note(format!(
@@ -309,170 +260,300 @@ pub(super) fn p3_fallback(
             gap.join(", ")
         ));
         p.matrix = Some(m);
-    })?;
-    let healed_after = blocked_at.elapsed();
-    p.expect(
-        "the matrix heals within 35 s of the drop (3 missed probes at 6 s, a sync, a matrix)",
-        healed_after <= Duration::from_secs(35),
-        format!("healed after {}", fmt_secs(healed_after)),
-    );
-    p.note(format!(
-        "matrix passes {} after the drop",
-        fmt_secs(healed_after)
-    ));
-    // Let at least one probe round go by inside the captures.
-    std::thread::sleep(Duration::from_millis(6500));
-    let to = crate::capture::verify_pcap(&c.stop_capture(&cap_to.name)?, port)?;
-    let from = crate::capture::verify_pcap(&c.stop_capture(&cap_from.name)?, port)?;
-    let probes = crate::capture::verify_pcap(&c.stop_capture(&cap_probes.name)?, port)?;
-    let plain = crate::capture::verify_pcap(&pcap_plain, port)?;
-    p.expect(
-        format!("capture: no pod traffic over VXLAN to {blocked} ({b_ip}) on the direct path"),
-        to.frames == 0,
-        format!("{} frames", to.frames),
-    );
-    if b_falls_back {
-        p.expect(
-            format!("capture: no pod traffic over VXLAN from {blocked} either (it fell back too)"),
-            from.frames == 0,
-            format!("{} frames", from.frames),
-        );
-    } else {
-        p.expect(
-            format!(
-                "capture: {blocked} (upstream, no fallback) still sends its replies over VXLAN"
-            ),
-            from.frames > 0,
-            format!("{} frames", from.frames),
-        );
     }
-    p.expect(
-        format!("capture: the VTEP of {blocked} is still probed over VXLAN (inner ICMP)"),
-        probes.frames > 0,
-        format!("{} frames", probes.frames),
-    );
-    p.expect(
-        format!("capture: pod traffic crosses the underlay unencapsulated ({network})"),
-        plain.frames > 0 && plain.vxlan_frames == 0,
-        format!("{} frames, {} VXLAN", plain.frames, plain.vxlan_frames),
-    );
-    p.captures
-        .push((format!("VXLAN to {b_ip}, not ICMP (must be empty)"), to));
-    p.captures
-        .push((format!("VXLAN from {b_ip}, not ICMP"), from));
-    p.captures
-        .push((format!("VXLAN to {b_ip}, ICMP probes"), probes));
-    p.captures.push((format!("net {network}"), plain));
-    let (b_subnet, b_vtep) = match b.subnet {
-        Some(s) => (s.to_string(), s.network().to_string()),
-        None => bail!("{blocked} has no subnet"),
-    };
-    for n in &others {
-        let routes = ipv4_routes(c, n);
-        let direct = format!("{b_subnet} via {b_ip} dev eth0");
-        let vtep = format!("{b_vtep} ");
-        p.expect(
-            format!("{n}: {direct}, and {b_vtep}/32 stays on the overlay device"),
-            routes.lines().any(|l| l.starts_with(&direct))
-                && routes
-                    .lines()
-                    .any(|l| l.starts_with(&vtep) && l.contains("dev flannel")),
-            routes.lines().collect::<Vec<_>>().join("; "),
-        );
-        let log = std::fs::read_to_string(c.flanneld_log(n)).unwrap_or_default();
-        let line = format!("host-gw fallback, routing its subnet directly via {b_ip}");
-        p.expect(
-            format!("{n}: one log line names {blocked} and why"),
-            log.lines().filter(|l| l.contains(&line)).count() == 1
-                && log
-                    .lines()
-                    .any(|l| l.contains(&line) && l.contains("went unanswered")),
-            line,
-        );
-    }
-    if b_falls_back {
-        let routes = ipv4_routes(c, blocked);
-        let missing: Vec<String> = c
-            .nodes()
-            .iter()
-            .filter(|o| o.name != blocked)
-            .filter_map(|o| {
-                let want = format!("{} via {} dev eth0", o.subnet?, o.underlay_ip);
-                (!routes.lines().any(|l| l.starts_with(&want))).then_some(want)
-            })
-            .collect();
-        p.expect(
-            format!("{blocked}: routes every peer directly (its probes' replies are dropped)"),
-            missing.is_empty(),
-            format!("missing: {}", missing.join(", ")),
-        );
-    }
-    phases.push(p);
+}
 
-    let mut p = Phase::new(
-        "lifted",
-        format!("the DROP of UDP {port} on {blocked} deleted: back to VXLAN after the 5 s damping window"),
-    );
-    run_rule(c, "-D")?;
-    let lifted_at = Instant::now();
-    let want = path_line(c, blocked, "vxlan");
-    let back = wait_until(limit, || {
-        others.iter().all(|n| node_metrics(c, n).contains(&want))
-    });
-    p.expect(
+impl Cause for HostGwFallback {
+    fn baseline(&self) -> String {
         format!(
-            "/metrics of {} shows the path to {blocked} as vxlan again",
-            others.join(", ")
-        ),
-        back,
-        format!("{} after lifting", fmt_secs(lifted_at.elapsed())),
-    );
-    let switches = format!(
-        "flannel_peer_path_switches_total{{subnet=\"{}\",public_ip=\"{b_ip}\"}} 2\n",
-        b_subnet
-    );
-    let text = node_metrics(c, &watcher);
-    p.expect(
-        format!("{watcher}: exactly 2 switches for {blocked} (there and back)"),
-        text.contains(&switches),
-        switches.trim().to_string(),
-    );
-    if b_falls_back {
-        let want: Vec<String> = others.iter().map(|o| path_line(c, o, "vxlan")).collect();
-        let ok = wait_until(limit, || {
-            let t = node_metrics(c, blocked);
-            want.iter().all(|w| t.contains(w))
+            "healthy cluster, vxlan on UDP {}, every flanneld with {}",
+            self.port,
+            FALLBACK_ARGS.join(" ")
+        )
+    }
+    fn healthy(&self, p: &mut Phase, c: &Cluster) {
+        let (watcher, blocked) = (&self.watcher, &self.blocked);
+        let want = path_line(c, blocked, "vxlan");
+        let ok = wait_until(Duration::from_secs(10), || {
+            node_metrics(c, watcher).contains(&want)
         });
         p.expect(
-            format!("{blocked}: every peer back on vxlan"),
+            format!("{watcher}: /metrics shows the path to {blocked} as vxlan"),
             ok,
-            want.join(""),
+            want.trim().to_string(),
         );
     }
-    let (_, pcap_vx) = capture_during(
-        c,
-        &vxlan_filter(port, &format!("dst host {b_ip}"), false, &vteps),
-        |c| expect_matrix_pass(&mut p, c, limit),
-    )?;
-    let vx = crate::capture::verify_pcap(&pcap_vx, port)?;
-    p.expect(
-        format!("capture: pod traffic to {blocked} is VXLAN again, checksums valid"),
-        vx.vxlan_frames > 0 && vx.bad_total() == 0,
-        vx.to_string().replace('\n', "; "),
-    );
-    p.captures.push((format!("VXLAN to {b_ip}, not ICMP"), vx));
-    for n in &others {
-        let routes = ipv4_routes(c, n);
-        let direct = format!("{b_subnet} via {b_ip} dev eth0");
-        let vtep = format!("{b_vtep} ");
+    fn break_it(&mut self, c: &mut Cluster) -> Result<Phase> {
+        udp_drop(c, &self.blocked, self.port, "-I")?;
+        self.blocked_at = Instant::now();
+        Ok(Phase::new(
+            "broken",
+            format!(
+                "iptables -I INPUT 1 -p udp --dport {} -j DROP on {} only",
+                self.port, self.blocked
+            ),
+        ))
+    }
+    fn affected(&self) -> Option<Affected<'_>> {
+        let blocked = self.blocked.as_str();
+        let owner = &self.owner;
+        Some((
+            format!("with {blocked}"),
+            Box::new(move |cell: &Cell| {
+                !cell.same_node
+                    && (owner.get(&cell.src).map(String::as_str) == Some(blocked)
+                        || owner.get(&cell.dst).map(String::as_str) == Some(blocked))
+            }),
+        ))
+    }
+    fn broken_matrix(&mut self, c: &mut Cluster) -> Result<Matrix> {
+        let m = broken_matrix(c);
+        self.measured = self.blocked_at.elapsed();
+        Ok(m)
+    }
+    /// The matrix was taken before any node fell back.
+    fn broken(&mut self, p: &mut Phase, c: &mut Cluster) -> Result<()> {
+        let measured = self.measured;
+        p.note(format!("matrix measured within {measured:?} of the drop"));
+        let direct = path_line(c, &self.blocked, "direct");
+        let early: Vec<&String> = self
+            .others
+            .iter()
+            .filter(|n| node_metrics(c, n).contains(&direct))
+            .collect();
         p.expect(
-            format!("{n}: no direct route and no /32 to {blocked} left"),
-            !routes
-                .lines()
-                .any(|l| l.starts_with(&direct) || l.starts_with(&vtep)),
-            routes.lines().collect::<Vec<_>>().join("; "),
+            "no node had fallen back yet when the broken matrix was taken",
+            early.is_empty(),
+            format!("already direct on {early:?} after {measured:?}"),
         );
+        self.broken = p.matrix.clone();
+        Ok(())
     }
-    phases.push(p);
-    Ok(phases)
+    /// The drop stays: the fallback switches the blocked node's pairs to direct routes, the
+    /// matrix heals, the captures show the pod traffic unencapsulated.
+    fn while_broken(&mut self, c: &mut Cluster, opts: &ScenarioOpts) -> Result<Option<Phase>> {
+        let (blocked, port, others) = (self.blocked.as_str(), self.port, &self.others);
+        let (b, b_ip, network) = (&self.b, self.b.underlay_ip.to_string(), &self.network);
+        let mut p = Phase::new(
+            "fallback",
+            format!("the drop stays; no config change, no restart: the fallback routes {blocked}'s pairs directly"),
+        );
+        let limit = limit(opts);
+        // Wait for the switch first, so the captures below only see the direct path.
+        let want = path_line(c, blocked, "direct");
+        let switched = wait_until(limit, || {
+            others.iter().all(|n| node_metrics(c, n).contains(&want))
+        });
+        // …and for the data planes to have applied it (the main loop syncs after the prober
+        // published the set): the direct routes on every fallback node.
+        let direct_route = |o: &NodeState| {
+            o.subnet
+                .map(|s| format!("{s} via {} dev eth0", o.underlay_ip))
+        };
+        let mut route_wanted: Vec<(String, String)> = others
+            .iter()
+            .filter_map(|n| Some((n.clone(), direct_route(b)?)))
+            .collect();
+        if self.b_falls_back {
+            for o in c.nodes().iter().filter(|o| o.name != blocked) {
+                if let Some(r) = direct_route(o) {
+                    route_wanted.push((blocked.to_string(), r));
+                }
+            }
+        }
+        let routed = wait_until(limit, || {
+            route_wanted
+                .iter()
+                .all(|(n, r)| ipv4_routes(c, n).lines().any(|l| l.starts_with(r.as_str())))
+        });
+        p.expect(
+            "every fallback node has its direct routes in place",
+            routed,
+            format!("{route_wanted:?}"),
+        );
+        let healed_after = self.blocked_at.elapsed();
+        p.expect(
+            format!(
+                "/metrics of {} shows the path to {blocked} as direct",
+                others.join(", ")
+            ),
+            switched,
+            format!("{} after the drop", fmt_secs(healed_after)),
+        );
+        let cap_to = self.start_vxlan_capture(c, "dst", false)?;
+        let cap_from = self.start_vxlan_capture(c, "src", false)?;
+        let cap_probes = self.start_vxlan_capture(c, "dst", true)?;
+        let (_, pcap_plain) = capture_during(c, &format!("net {network}"), |c| {
+            if self.b_falls_back {
+                expect_matrix_pass(&mut p, c, limit)
+            } else {
+                self.expect_upstream_fallback_matrix(&mut p, c, limit)
+            }
+        })?;
+        let healed_after = self.blocked_at.elapsed();
+        p.expect(
+            "the matrix heals within 35 s of the drop (3 missed probes at 6 s, a sync, a matrix)",
+            healed_after <= Duration::from_secs(35),
+            format!("healed after {}", fmt_secs(healed_after)),
+        );
+        p.note(format!(
+            "matrix passes {} after the drop",
+            fmt_secs(healed_after)
+        ));
+        // Let at least one probe round go by inside the captures.
+        std::thread::sleep(Duration::from_millis(6500));
+        let to = crate::capture::verify_pcap(&c.stop_capture(&cap_to.name)?, port)?;
+        let from = crate::capture::verify_pcap(&c.stop_capture(&cap_from.name)?, port)?;
+        let probes = crate::capture::verify_pcap(&c.stop_capture(&cap_probes.name)?, port)?;
+        let plain = crate::capture::verify_pcap(&pcap_plain, port)?;
+        p.expect(
+            format!("capture: no pod traffic over VXLAN to {blocked} ({b_ip}) on the direct path"),
+            to.frames == 0,
+            format!("{} frames", to.frames),
+        );
+        if self.b_falls_back {
+            p.expect(
+                format!(
+                    "capture: no pod traffic over VXLAN from {blocked} either (it fell back too)"
+                ),
+                from.frames == 0,
+                format!("{} frames", from.frames),
+            );
+        } else {
+            p.expect(
+                format!(
+                    "capture: {blocked} (upstream, no fallback) still sends its replies over VXLAN"
+                ),
+                from.frames > 0,
+                format!("{} frames", from.frames),
+            );
+        }
+        p.expect(
+            format!("capture: the VTEP of {blocked} is still probed over VXLAN (inner ICMP)"),
+            probes.frames > 0,
+            format!("{} frames", probes.frames),
+        );
+        p.expect(
+            format!("capture: pod traffic crosses the underlay unencapsulated ({network})"),
+            plain.frames > 0 && plain.vxlan_frames == 0,
+            format!("{} frames, {} VXLAN", plain.frames, plain.vxlan_frames),
+        );
+        p.captures
+            .push((format!("VXLAN to {b_ip}, not ICMP (must be empty)"), to));
+        p.captures
+            .push((format!("VXLAN from {b_ip}, not ICMP"), from));
+        p.captures
+            .push((format!("VXLAN to {b_ip}, ICMP probes"), probes));
+        p.captures.push((format!("net {network}"), plain));
+        let (direct, vtep, routes) = self.others_routes(c)?;
+        for (n, routes, joined) in routes {
+            let on_overlay = |l: &str| l.starts_with(&vtep) && l.contains("dev flannel");
+            p.expect(
+                format!(
+                    "{n}: {direct}, and {}/32 stays on the overlay device",
+                    vtep.trim_end()
+                ),
+                routes.lines().any(|l| l.starts_with(&direct)) && routes.lines().any(on_overlay),
+                joined,
+            );
+            let log = std::fs::read_to_string(c.flanneld_log(n)).unwrap_or_default();
+            let line = format!("host-gw fallback, routing its subnet directly via {b_ip}");
+            p.expect(
+                format!("{n}: one log line names {blocked} and why"),
+                log.lines().filter(|l| l.contains(&line)).count() == 1
+                    && log
+                        .lines()
+                        .any(|l| l.contains(&line) && l.contains("went unanswered")),
+                line,
+            );
+        }
+        if self.b_falls_back {
+            let missing = missing_direct_routes(c, blocked);
+            p.expect(
+                format!("{blocked}: routes every peer directly (its probes' replies are dropped)"),
+                missing.is_empty(),
+                format!("missing: {}", missing.join(", ")),
+            );
+        }
+        Ok(Some(p))
+    }
+    fn fix(&mut self, c: &mut Cluster) -> Result<Phase> {
+        let (blocked, port) = (&self.blocked, self.port);
+        udp_drop(c, blocked, port, "-D")?;
+        self.lifted_at = Instant::now();
+        Ok(Phase::new(
+            "lifted",
+            format!("the DROP of UDP {port} on {blocked} deleted: back to VXLAN after the 5 s damping window"),
+        ))
+    }
+    /// Back on VXLAN: /metrics, the switch count, the capture, no direct route left.
+    fn fixed(&mut self, p: &mut Phase, c: &mut Cluster, opts: &ScenarioOpts) -> Result<()> {
+        let (blocked, port, others, watcher) =
+            (&self.blocked, self.port, &self.others, &self.watcher);
+        let b_ip = self.b.underlay_ip.to_string();
+        let (b_subnet, _) = self.subnet_vtep()?;
+        let limit = limit(opts);
+        let want = path_line(c, blocked, "vxlan");
+        let back = wait_until(limit, || {
+            others.iter().all(|n| node_metrics(c, n).contains(&want))
+        });
+        p.expect(
+            format!(
+                "/metrics of {} shows the path to {blocked} as vxlan again",
+                others.join(", ")
+            ),
+            back,
+            format!("{} after lifting", fmt_secs(self.lifted_at.elapsed())),
+        );
+        let switches = format!(
+            "flannel_peer_path_switches_total{{subnet=\"{}\",public_ip=\"{b_ip}\"}} 2\n",
+            b_subnet
+        );
+        let text = node_metrics(c, watcher);
+        p.expect(
+            format!("{watcher}: exactly 2 switches for {blocked} (there and back)"),
+            text.contains(&switches),
+            switches.trim().to_string(),
+        );
+        if self.b_falls_back {
+            let want: Vec<String> = others.iter().map(|o| path_line(c, o, "vxlan")).collect();
+            let ok = wait_until(limit, || {
+                let t = node_metrics(c, blocked);
+                want.iter().all(|w| t.contains(w))
+            });
+            p.expect(
+                format!("{blocked}: every peer back on vxlan"),
+                ok,
+                want.join(""),
+            );
+        }
+        let (_, pcap_vx) = capture_during(
+            c,
+            &vxlan_filter(port, &format!("dst host {b_ip}"), false, &self.vteps),
+            |c| expect_matrix_pass(p, c, limit),
+        )?;
+        let vx = crate::capture::verify_pcap(&pcap_vx, port)?;
+        p.expect(
+            format!("capture: pod traffic to {blocked} is VXLAN again, checksums valid"),
+            vx.vxlan_frames > 0 && vx.bad_total() == 0,
+            vx.to_string().replace('\n', "; "),
+        );
+        p.captures.push((format!("VXLAN to {b_ip}, not ICMP"), vx));
+        let (direct, vtep, routes) = self.others_routes(c)?;
+        for (n, routes, joined) in routes {
+            let left = |l: &str| l.starts_with(&direct) || l.starts_with(&vtep);
+            let what = format!("{n}: no direct route and no /32 to {blocked} left");
+            p.expect(what, !routes.lines().any(left), joined);
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn p3_fallback(
+    c: &mut Cluster,
+    opts: &ScenarioOpts,
+    blocked: &str,
+) -> Result<Vec<Phase>> {
+    let cause = HostGwFallback::new(c, blocked)?;
+    baseline_break_fix(c, opts, cause)
 }

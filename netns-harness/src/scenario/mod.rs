@@ -15,8 +15,9 @@
 //! run directory stopped by PID.
 //!
 //! This module is the framework (scenarios, phases, assertions, reports, the shared matrix and
-//! doctor expectations); the scenarios live in `p2`, `p3` (the P3 causes), `fallback` (issue
-//! #17) and `node_setup` (issue #11). The kube-proxy emulation they use is cluster code
+//! doctor expectations); the scenarios live in `p2`, `p3` (the P3 causes and the
+//! baseline/break/fix runner), `fallback` (issue #17, on that runner with an extra phase) and
+//! `node_setup` (issue #11: five break/repair pairs, one phase each, no matrix in between). The kube-proxy emulation they use is cluster code
 //! (`cluster::kubeproxy`).
 
 mod fallback;

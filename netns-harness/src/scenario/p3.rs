@@ -1,6 +1,6 @@
 //! Field problem P3, its causes one by one: ip_forward off, a FORWARD REJECT rule, security
 //! software, the VXLAN port dropped (fixed by moving the port or by host-gw). Each is a
-//! [`Cause`] that [`baseline_break_fix`] runs.
+//! [`Cause`] that [`baseline_break_fix`] runs; so is the host-gw fallback (`fallback.rs`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,10 +20,11 @@ use super::{
 };
 
 /// The pairs a break cuts, with the label the matrix assertion names them by.
-type Affected<'a> = (String, Box<dyn Fn(&Cell) -> bool + 'a>);
+pub(super) type Affected<'a> = (String, Box<dyn Fn(&Cell) -> bool + 'a>);
 
-/// One P3 cause as the field report tells it: a healthy cluster, the break, the fix.
-trait Cause {
+/// One P3 cause as the field report tells it: a healthy cluster, the break, the fix. State a
+/// later phase needs (captures, timings) is carried in the value.
+pub(super) trait Cause {
     /// What the baseline phase shows.
     fn baseline(&self) -> String {
         "healthy cluster".into()
@@ -41,6 +42,11 @@ trait Cause {
     }
     /// Expectations on the broken cluster beyond the matrix (doctor naming the cause).
     fn broken(&mut self, p: &mut Phase, c: &mut Cluster) -> Result<()>;
+    /// An extra phase while the break stays (the host-gw fallback healing it without a fix);
+    /// None: the fix follows the broken phase.
+    fn while_broken(&mut self, _c: &mut Cluster, _opts: &ScenarioOpts) -> Result<Option<Phase>> {
+        Ok(None)
+    }
     /// Applies the report's fix; returns the (empty) phase that saw it.
     fn fix(&mut self, c: &mut Cluster) -> Result<Phase>;
     /// Expectations once fixed: by default the matrix passes again and
@@ -54,8 +60,8 @@ trait Cause {
 
 /// The P3 shape: baseline (the matrix passes), broken (it fails for exactly the affected
 /// pairs, same-node pairs not judged; or still passes when nothing is cut) with doctor naming
-/// the cause, fixed (everything passes again).
-fn baseline_break_fix(
+/// the cause, then [`Cause::while_broken`]'s phase if any, fixed (everything passes again).
+pub(super) fn baseline_break_fix(
     c: &mut Cluster,
     opts: &ScenarioOpts,
     mut cause: impl Cause,
@@ -79,9 +85,13 @@ fn baseline_break_fix(
         expect_matrix_pass(&mut broken, c, opts.converge);
     }
 
+    let mut phases = vec![baseline, broken];
+    phases.extend(cause.while_broken(c, opts)?);
+
     let mut fixed = cause.fix(c)?;
     cause.fixed(&mut fixed, c, opts)?;
-    Ok(vec![baseline, broken, fixed])
+    phases.push(fixed);
+    Ok(phases)
 }
 
 /// The pairs whose traffic `t` forwards (see [`forwarded_by`]).
@@ -148,14 +158,23 @@ pub(super) fn p3_ip_forward(c: &mut Cluster, opts: &ScenarioOpts) -> Result<Vec<
     baseline_break_fix(c, opts, IpForward { t, other, owner })
 }
 
-/// `iptables <op> FORWARD [1] -j REJECT --reject-with icmp-host-prohibited`.
-fn reject_args(op: &'static str) -> Vec<&'static str> {
-    let mut v = vec!["iptables", "-w", op, "FORWARD"];
+/// `iptables -w <op> <chain> [1] <rule>`: `-I` inserts at the head of the chain.
+fn iptables_args<'a>(op: &'a str, chain: &'a str, rule: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["iptables", "-w", op, chain];
     if op == "-I" {
         v.push("1");
     }
-    v.extend(["-j", "REJECT", "--reject-with", "icmp-host-prohibited"]);
+    v.extend(rule);
     v
+}
+
+/// `iptables <op> FORWARD [1] -j REJECT --reject-with icmp-host-prohibited`.
+fn reject_args(op: &'static str) -> Vec<&'static str> {
+    iptables_args(
+        op,
+        "FORWARD",
+        &["-j", "REJECT", "--reject-with", "icmp-host-prohibited"],
+    )
 }
 
 /// Cause 3: a REJECT rule ahead of the accept rules in `t`'s FORWARD chain.
@@ -309,21 +328,23 @@ pub(super) fn p3_security_software(c: &mut Cluster, opts: &ScenarioOpts) -> Resu
     baseline_break_fix(c, opts, SecuritySoftware { t, pid: None })
 }
 
+/// `iptables <op> INPUT [1] -p udp --dport <port> -j DROP` on `node`: `-C` tells whether the
+/// rule is there, `-I`/`-D` must succeed.
+pub(super) fn udp_drop(c: &Cluster, node: &str, port: u16, op: &'static str) -> Result<bool> {
+    let port = port.to_string();
+    let args = iptables_args(op, "INPUT", &["-p", "udp", "--dport", &port, "-j", "DROP"]);
+    if op == "-C" {
+        return Ok(c.exec(node, &args)?.status.success());
+    }
+    c.exec_ok(node, &args).map(|_| true)
+}
+
 /// `iptables -I INPUT 1 -p udp --dport <port> -j DROP` in every node namespace (a security
 /// group between the nodes), unless already there.
 fn block_udp_port(c: &Cluster, port: u16) -> Result<()> {
-    let port = port.to_string();
-    let rule = |op: &'static str| -> Vec<&str> {
-        let mut v = vec!["iptables", "-w", op, "INPUT"];
-        if op == "-I" {
-            v.push("1");
-        }
-        v.extend(["-p", "udp", "--dport", &port, "-j", "DROP"]);
-        v
-    };
     for n in c.node_names() {
-        if !c.exec(&n, &rule("-C"))?.status.success() {
-            c.exec_ok(&n, &rule("-I"))?;
+        if !udp_drop(c, &n, port, "-C")? {
+            udp_drop(c, &n, port, "-I")?;
         }
     }
     Ok(())
@@ -556,19 +577,7 @@ fn host_gw_fixed(
     // Once converged, every node routes every other node's subnet via its underlay address
     // (each node learns a peer's host-gw lease when that peer has restarted).
     for n in c.nodes().to_vec() {
-        let routes = c
-            .exec_ok(&n.name, &["ip", "-4", "route", "show"])
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        let missing: Vec<String> = c
-            .nodes()
-            .iter()
-            .filter(|o| o.name != n.name)
-            .filter_map(|o| {
-                let want = format!("{} via {} dev eth0", o.subnet?, o.underlay_ip);
-                (!routes.lines().any(|l| l.starts_with(&want))).then_some(want)
-            })
-            .collect();
+        let missing = missing_direct_routes(c, &n.name);
         p.expect(
             format!("{}: a host-gw route to every other node's subnet", n.name),
             missing.is_empty(),
@@ -577,6 +586,27 @@ fn host_gw_fixed(
     }
     p.expect_doctor(c, t, "no FAIL on host-gw", no_fail);
     Ok(())
+}
+
+/// `ip -4 route show` in `node`'s namespace (empty if that fails).
+pub(super) fn ipv4_routes(c: &Cluster, node: &str) -> String {
+    c.exec_ok(node, &["ip", "-4", "route", "show"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The direct (host-gw) routes `node` lacks: `<subnet> via <underlay> dev eth0` for every other
+/// node.
+pub(super) fn missing_direct_routes(c: &Cluster, node: &str) -> Vec<String> {
+    let routes = ipv4_routes(c, node);
+    c.nodes()
+        .iter()
+        .filter(|o| o.name != node)
+        .filter_map(|o| {
+            let want = format!("{} via {} dev eth0", o.subnet?, o.underlay_ip);
+            (!routes.lines().any(|l| l.starts_with(&want))).then_some(want)
+        })
+        .collect()
 }
 
 /// The current net-conf with `Backend.Port` set.
