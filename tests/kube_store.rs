@@ -235,10 +235,7 @@ async fn recv(rx: &mut mpsc::Receiver<WatchUpdate>, within: Duration) -> WatchUp
 /// returns its leases' public IPs in order, and the leases.
 async fn next_snapshot(rx: &mut mpsc::Receiver<WatchUpdate>) -> (Vec<String>, Vec<Lease>) {
     match recv(rx, Duration::from_secs(5)).await {
-        WatchUpdate::Snapshot(s) => (
-            s.iter().map(|l| l.attrs.public_ip.to_string()).collect(),
-            s,
-        ),
+        WatchUpdate::Snapshot(s) => (s.iter().map(|l| l.attrs.public_ip.to_string()).collect(), s),
         other => panic!("want a snapshot, got {other:?}"),
     }
 }
@@ -792,7 +789,12 @@ async fn watch_expiry_relists() {
         .add_node(peer("c", "10.244.4.0/24", "198.51.100.4", 4));
     assert_eq!(
         next_snapshot(&mut rx).await.0,
-        ["198.51.100.2", "198.51.100.3", "198.51.100.4", "198.51.100.1"],
+        [
+            "198.51.100.2",
+            "198.51.100.3",
+            "198.51.100.4",
+            "198.51.100.1"
+        ],
         "a resumed watch sends the new set"
     );
     task.abort();

@@ -1320,7 +1320,11 @@ mod tests {
             .iter()
             .map(|l| {
                 let mac = l.attrs.vxlan_data().ok().flatten().map(|d| d.vtep_mac);
-                format!("{} {}", l.attrs.public_ip, mac.map(|m| m.to_string()).unwrap_or_default())
+                format!(
+                    "{} {}",
+                    l.attrs.public_ip,
+                    mac.map(|m| m.to_string()).unwrap_or_default()
+                )
             })
             .collect()
     }
@@ -1383,7 +1387,10 @@ mod tests {
         assert!(set.recompute());
         assert_eq!(
             accepted(&set),
-            ["198.51.100.2 0e:00:00:00:00:02", "198.51.100.4 0e:00:00:00:00:04"]
+            [
+                "198.51.100.2 0e:00:00:00:00:02",
+                "198.51.100.4 0e:00:00:00:00:04"
+            ]
         );
         // The incumbent keeps its lease even though a newer relist would order it later.
         let a_again = node(
@@ -1459,5 +1466,71 @@ mod tests {
         }
         assert!(!set.upsert(&unmanaged));
         assert!(!set.problems.contains_key("u"));
+    }
+
+    /// 5,000 Nodes through this store's `NodeSet` and the daemon's `LeaseWatcher`: the list,
+    /// then churn steps of 50 deletions or 50 additions, each settled once (one recompute, one
+    /// snapshot, one watcher diff), and for comparison one step settled per event. Prints the
+    /// times; `cargo test --release -p flannel-rs --lib node_set_scale -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing, run on demand"]
+    fn node_set_scale_5000() {
+        use std::time::Instant;
+        const N: usize = 5000;
+        const STEP: usize = 50;
+        let make = |i: usize| {
+            let cidr = format!("10.244.{}.{}/29", i / 32, (i % 32) * 8);
+            let ip = format!("198.18.{}.{}", i / 256, i % 256);
+            let mac = format!("0e:00:00:00:{:02x}:{:02x}", i / 256, i % 256);
+            node(
+                &format!("n{i:05}"),
+                "2024-01-01T00:00:00Z",
+                &cidr,
+                &ip,
+                &mac,
+            )
+        };
+        let nodes: Vec<Node> = (0..N).map(make).collect();
+        let mut set = NodeSet::new(names(), &config());
+        let mut watcher = super::super::LeaseWatcher::new(None, None);
+        let t = Instant::now();
+        let added = watcher.apply_snapshot(set.replace_all(&nodes)).len();
+        println!("list of {N}: {:?}", t.elapsed());
+        assert_eq!(added, N);
+        let mut next_new = N;
+        for step in 0..6 {
+            let t = Instant::now();
+            if step % 2 == 0 {
+                for i in (step / 2 * STEP)..((step / 2 + 1) * STEP) {
+                    assert!(set.remove(&format!("n{i:05}")));
+                }
+            } else {
+                for i in next_new..next_new + STEP {
+                    assert!(set.upsert(&make(i)));
+                }
+                next_new += STEP;
+            }
+            assert!(set.recompute());
+            let events = watcher.apply_snapshot(set.leases());
+            println!("churn step of {STEP}, settled once: {:?}", t.elapsed());
+            assert_eq!(events.len(), STEP);
+            assert_eq!(watcher.len(), if step % 2 == 0 { N - STEP } else { N });
+        }
+        let (t, mut derive) = (Instant::now(), std::time::Duration::ZERO);
+        for i in next_new..next_new + STEP {
+            let d = Instant::now();
+            assert!(set.upsert(&make(i)));
+            assert!(set.recompute());
+            derive += d.elapsed();
+            assert_eq!(watcher.apply_snapshot(set.leases()).len(), 1);
+        }
+        println!(
+            "churn step of {STEP}, settled per event: {:?} (deriving the leases: {derive:?})",
+            t.elapsed()
+        );
+        // Status-only updates of every node: no entry changes, nothing to settle.
+        let t = Instant::now();
+        assert!(!(0..N).any(|i| set.upsert(&make(i + STEP * 3))));
+        println!("{N} unchanged node updates: {:?}", t.elapsed());
     }
 }
