@@ -16,7 +16,7 @@ use flannel_rs::config::netconf::NetConfig;
 use flannel_rs::config::subnet_env::PreviousSubnets;
 use flannel_rs::lease::kube::{KubeStore, KubeTiming};
 use flannel_rs::lease::store::{LeaseStore, StoreError, WatchUpdate};
-use flannel_rs::lease::{Lease, LeaseAttrs, LeaseEvent, LeaseWatcher, VxlanBackendData};
+use flannel_rs::lease::{Lease, LeaseAttrs, LeaseWatcher, VxlanBackendData};
 use flannel_rs::wire::MacAddr;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{json, Value};
@@ -229,6 +229,15 @@ async fn recv(rx: &mut mpsc::Receiver<WatchUpdate>, within: Duration) -> WatchUp
         .await
         .expect("a watch update in time")
         .expect("watch channel open")
+}
+
+/// The next update, which must be a snapshot (the Kubernetes store sends nothing else);
+/// returns its leases' public IPs in order, and the leases.
+async fn next_snapshot(rx: &mut mpsc::Receiver<WatchUpdate>) -> (Vec<String>, Vec<Lease>) {
+    match recv(rx, Duration::from_secs(5)).await {
+        WatchUpdate::Snapshot(s) => (s.iter().map(|l| l.attrs.public_ip.to_string()).collect(), s),
+        other => panic!("want a snapshot, got {other:?}"),
+    }
 }
 
 /// Waits until the server has received `n` watch requests (so a watch is established before
@@ -690,67 +699,42 @@ async fn watch_add_update_delete() {
         other => panic!("want snapshot, got {other:?}"),
     }
 
-    // Add.
+    // Add: the whole accepted set, the new dual-stack lease in it.
     c.server.add_node(dual("b", 3, 3, 0x13));
-    match recv(&mut rx, Duration::from_secs(5)).await {
-        WatchUpdate::Events(ev) => {
-            assert_eq!(ev.len(), 1);
-            let LeaseEvent::Added(l) = &ev[0] else {
-                panic!("{ev:?}")
-            };
-            assert_eq!(l.attrs.public_ip, Ipv4Addr::new(198, 51, 100, 3));
-            assert_eq!(
-                l.ipv6_subnet.map(|s| s.to_string()).as_deref(),
-                Some("fd42:0:0:3::/64")
-            );
-        }
-        other => panic!("{other:?}"),
-    }
-    // Changes flanneld does not care about (labels, conditions) produce nothing; a change in
-    // only the IPv6 family does (upstream drops it).
+    let (ips, leases) = next_snapshot(&mut rx).await;
+    assert_eq!(ips, ["198.51.100.2", "198.51.100.3", "198.51.100.1"]);
+    assert_eq!(
+        leases[1].ipv6_subnet.map(|s| s.to_string()).as_deref(),
+        Some("fd42:0:0:3::/64")
+    );
+    // Changes flanneld does not care about (labels, conditions) send nothing (else the next
+    // snapshot would still hold the old IPv6 MAC); a change in only the IPv6 family does
+    // (upstream drops it).
     c.server.update_node("b", |n| {
         n.metadata.labels = Some(BTreeMap::from([("role".into(), "x".into())]));
     });
     let d6 = data(0x33);
     c.server
         .set_annotation("b", &format!("{P}backend-v6-data"), Some(&d6));
-    match recv(&mut rx, Duration::from_secs(5)).await {
-        WatchUpdate::Events(ev) => {
-            assert_eq!(ev.len(), 1, "{ev:?}");
-            let LeaseEvent::Added(l) = &ev[0] else {
-                panic!("{ev:?}")
-            };
-            assert_eq!(
-                l.attrs
-                    .vxlan_v6_data()
-                    .expect("v6 data")
-                    .map(|d| d.vtep_mac),
-                Some(mac(0x33))
-            );
-        }
-        other => panic!("{other:?}"),
-    }
+    let (_, leases) = next_snapshot(&mut rx).await;
+    assert_eq!(
+        leases[1]
+            .attrs
+            .vxlan_v6_data()
+            .expect("v6 data")
+            .map(|d| d.vtep_mac),
+        Some(mac(0x33))
+    );
     // Delete.
     assert!(c.server.delete_node("a"));
-    match recv(&mut rx, Duration::from_secs(5)).await {
-        WatchUpdate::Events(ev) => {
-            assert_eq!(ev.len(), 1);
-            let LeaseEvent::Removed(l) = &ev[0] else {
-                panic!("{ev:?}")
-            };
-            assert_eq!(l.attrs.public_ip, Ipv4Addr::new(198, 51, 100, 2));
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        next_snapshot(&mut rx).await.0,
+        ["198.51.100.3", "198.51.100.1"]
+    );
     // Losing the managed annotation removes the lease too.
     c.server
         .set_annotation("b", &format!("{P}kube-subnet-manager"), None);
-    match recv(&mut rx, Duration::from_secs(5)).await {
-        WatchUpdate::Events(ev) => {
-            assert!(matches!(ev.as_slice(), [LeaseEvent::Removed(_)]), "{ev:?}")
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(next_snapshot(&mut rx).await.0, ["198.51.100.1"]);
     // Closing the receiver ends the watch.
     drop(rx);
     tokio::time::timeout(Duration::from_secs(5), task)
@@ -794,19 +778,25 @@ async fn watch_expiry_relists() {
     // The watch continues after the re-list.
     c.server
         .add_node(peer("b", "10.244.3.0/24", "198.51.100.3", 3));
-    match recv(&mut rx, Duration::from_secs(5)).await {
-        WatchUpdate::Events(ev) => assert!(matches!(ev.as_slice(), [LeaseEvent::Added(_)])),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        next_snapshot(&mut rx).await.0,
+        ["198.51.100.2", "198.51.100.3", "198.51.100.1"]
+    );
     // A clean end of the stream (server-side timeout) resumes without a re-list.
     wait_for_watches(&c.server, 2).await;
     c.server.close_watches();
     c.server
         .add_node(peer("c", "10.244.4.0/24", "198.51.100.4", 4));
-    match recv(&mut rx, Duration::from_secs(5)).await {
-        WatchUpdate::Events(ev) => assert!(matches!(ev.as_slice(), [LeaseEvent::Added(_)])),
-        other => panic!("a resumed watch sends events, got {other:?}"),
-    }
+    assert_eq!(
+        next_snapshot(&mut rx).await.0,
+        [
+            "198.51.100.2",
+            "198.51.100.3",
+            "198.51.100.4",
+            "198.51.100.1"
+        ],
+        "a resumed watch sends the new set"
+    );
     task.abort();
 }
 

@@ -2,7 +2,8 @@
 //!
 //! How a lease change flows: a store sends a snapshot or events; `lease::LeaseWatcher` turns
 //! them into added/removed events against the peer leases it holds, the one diff of the lease
-//! set (the Kubernetes store has already turned Node objects into lease events). On any event
+//! set (the Kubernetes store derives leases from Node objects and sends the accepted set whole,
+//! once per burst of node events that changed it). On any event
 //! the daemon runs [`intake::intake`] over the watcher's whole set, once, and hands the
 //! checked peer set as one value (`&[Peer]`) to the data plane, and through a watch channel to
 //! the prober and the VXLAN guard. A plane diffs nothing but that set against what it has:

@@ -31,6 +31,12 @@
 //! * Watch: list, then watch from the list's resource version; a closed stream resumes from
 //!   the last version seen, an expired version (410 Gone) re-lists and sends a fresh
 //!   [`WatchUpdate::Snapshot`], an unreachable API server is retried with back-off.
+//!
+//! The watch sends only [`WatchUpdate::Snapshot`]s: node events update the pure `NodeSet`
+//! (which drops status heartbeats and unrelated label changes), and once a burst of them has
+//! been read, the leases are derived again (overlaps resolved) and, if they differ, sent whole.
+//! The store computes no added/removed leases: the daemon's `LeaseWatcher` is the one lease
+//! diff.
 
 use core::fmt;
 use std::collections::BTreeMap;
@@ -42,7 +48,7 @@ use std::time::Duration;
 use ::kube::api::{ListParams, Patch, PatchParams, WatchEvent, WatchParams};
 use ::kube::{Api, Client, Config};
 use futures::future::BoxFuture;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -51,7 +57,7 @@ use tracing::{debug, info, warn};
 
 use super::annotations::{node_to_lease, AnnotationError, AnnotationNames};
 use super::store::{LeaseStore, StoreError, StoredPublicIps, StoredVtepMacs, WatchUpdate};
-use super::{Lease, LeaseAttrs, LeaseEvent, VxlanBackendData};
+use super::{Lease, LeaseAttrs, VxlanBackendData};
 use crate::config::flags::Flags;
 use crate::config::gojson::shorten;
 use crate::config::netconf::NetConfig;
@@ -62,6 +68,8 @@ pub use super::kube_error::KubeError;
 const STORE: &str = "kube";
 /// Nodes fetched per LIST page.
 const LIST_PAGE: u32 = 500;
+/// Most node changes folded into one snapshot while the watch keeps delivering.
+const MAX_BURST: usize = 1000;
 
 /// Poll intervals and time limits (upstream's by default; tests shorten them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -440,6 +448,15 @@ impl KubeStore {
         Ok(leases)
     }
 
+    /// Settles the node changes seen since the last update: recomputes the accepted leases
+    /// once and, when they differ, sends them whole (the watcher diffs them). False when the
+    /// receiver went away.
+    async fn settle(&self, set: &mut NodeSet, tx: &mpsc::Sender<WatchUpdate>) -> bool {
+        let changed = set.recompute();
+        self.report(set);
+        !changed || tx.send(WatchUpdate::Snapshot(set.leases())).await.is_ok()
+    }
+
     async fn watch_loop(&self, tx: mpsc::Sender<WatchUpdate>) -> Result<(), StoreError> {
         let mut set = self.node_set();
         let mut backoff = Backoff::new(&self.timing);
@@ -458,12 +475,21 @@ impl KubeStore {
             };
             backoff.succeeded();
             let snapshot = set.replace_all(&nodes);
+            // Node changes not yet settled into a snapshot (see `settle`).
+            let mut pending = 0usize;
             self.report(&mut set);
             debug!(nodes = nodes.len(), leases = snapshot.len(), %rv, "listed nodes");
             if tx.send(WatchUpdate::Snapshot(snapshot)).await.is_err() {
                 return Ok(());
             }
             loop {
+                // A watch that ended (or failed) right after a change: send it before resuming.
+                if pending > 0 {
+                    pending = 0;
+                    if !self.settle(&mut set, &tx).await {
+                        return Ok(());
+                    }
+                }
                 let stream = match self.nodes.watch(&params, &rv).await {
                     Ok(s) => s,
                     Err(e) if is_gone(&e) => {
@@ -479,15 +505,26 @@ impl KubeStore {
                     }
                 };
                 debug!(%rv, "watching nodes");
+                let stream = stream.peekable();
                 futures::pin_mut!(stream);
                 let opened = tokio::time::Instant::now();
                 let mut delivered = false;
                 loop {
+                    // One snapshot per burst: settle once nothing more is ready (or the burst
+                    // is long), so a relist-sized wave of node events is diffed once.
+                    if pending > 0
+                        && (pending >= MAX_BURST || stream.as_mut().peek().now_or_never().is_none())
+                    {
+                        pending = 0;
+                        if !self.settle(&mut set, &tx).await {
+                            return Ok(());
+                        }
+                    }
                     let item = tokio::select! {
                         () = tx.closed() => return Ok(()),
                         item = stream.next() => item,
                     };
-                    let events = match item {
+                    let changed = match item {
                         // The server ended the watch (timeout): resume from `rv`, pausing
                         // first if it ended at once without news (no tight loop).
                         None => {
@@ -547,9 +584,8 @@ impl KubeStore {
                             break;
                         }
                     };
-                    self.report(&mut set);
-                    if !events.is_empty() && tx.send(WatchUpdate::Events(events)).await.is_err() {
-                        return Ok(());
+                    if changed {
+                        pending += 1;
                     }
                 }
             }
@@ -986,41 +1022,39 @@ impl NodeSet {
             })
             .collect();
         self.recompute();
+        self.leases()
+    }
+
+    /// A node was added or changed; true when its entry changed (not on status heartbeats or
+    /// unrelated labels). The accepted leases change only at the next [`NodeSet::recompute`].
+    fn upsert(&mut self, node: &Node) -> bool {
+        let Some(name) = node.metadata.name.clone().filter(|s| !s.is_empty()) else {
+            return false;
+        };
+        match self.entry(node) {
+            Some(entry) if self.entries.get(&name) == Some(&entry) => false,
+            Some(entry) => {
+                self.entries.insert(name, entry);
+                true
+            }
+            None => self.entries.remove(&name).is_some(),
+        }
+    }
+
+    /// A node was deleted; true when it was a managed node.
+    fn remove(&mut self, name: &str) -> bool {
+        self.entries.remove(name).is_some()
+    }
+
+    /// The accepted leases, in node-name order (own lease included).
+    fn leases(&self) -> Vec<Lease> {
         self.accepted.values().cloned().collect()
     }
 
-    /// A node was added or changed.
-    fn upsert(&mut self, node: &Node) -> Vec<LeaseEvent> {
-        let Some(name) = node.metadata.name.clone().filter(|s| !s.is_empty()) else {
-            return Vec::new();
-        };
-        match self.entry(node) {
-            Some(entry) => {
-                if self.entries.get(&name) == Some(&entry) {
-                    return Vec::new();
-                }
-                self.entries.insert(name, entry);
-            }
-            None => {
-                if self.entries.remove(&name).is_none() {
-                    return Vec::new();
-                }
-            }
-        }
-        self.recompute()
-    }
-
-    /// A node was deleted.
-    fn remove(&mut self, name: &str) -> Vec<LeaseEvent> {
-        if self.entries.remove(name).is_none() {
-            return Vec::new();
-        }
-        self.recompute()
-    }
-
-    /// Derives the accepted leases from the entries and returns the changes: removals first,
-    /// then additions. Overlaps go to nodes already accepted, then to older nodes.
-    fn recompute(&mut self) -> Vec<LeaseEvent> {
+    /// Derives the accepted leases from the entries; true when they differ from before. It
+    /// reports no added/removed leases: the consumer's `LeaseWatcher` is the one lease diff.
+    /// Overlaps go to nodes already accepted, then to older nodes.
+    fn recompute(&mut self) -> bool {
         let mut order: Vec<(&String, &Entry)> = self.entries.iter().collect();
         order.sort_by(|(an, ae), (bn, be)| {
             let a_in = self.accepted.contains_key(*an);
@@ -1064,23 +1098,9 @@ impl NodeSet {
             }
         }
         self.problems = problems;
-        let mut removed = Vec::new();
-        let mut added = Vec::new();
-        for (name, old) in &self.accepted {
-            match accepted.get(name) {
-                Some(new) if new.subnet == old.subnet && new.ipv6_subnet == old.ipv6_subnet => {}
-                _ => removed.push(LeaseEvent::Removed(old.clone())),
-            }
-        }
-        for (name, new) in &accepted {
-            match self.accepted.get(name) {
-                Some(old) if old.same_content(new) => {}
-                _ => added.push(LeaseEvent::Added(new.clone())),
-            }
-        }
+        let changed = self.accepted != accepted;
         self.accepted = accepted;
-        removed.extend(added);
-        removed
+        changed
     }
 
     fn take_new_problems(&mut self) -> Vec<(String, String)> {
@@ -1294,12 +1314,17 @@ mod tests {
             .expect("config")
     }
 
-    fn names_of(events: &[LeaseEvent]) -> Vec<String> {
-        events
+    /// Public IPs and VTEP MACs of the accepted leases, in node-name order.
+    fn accepted(set: &NodeSet) -> Vec<String> {
+        set.leases()
             .iter()
-            .map(|e| match e {
-                LeaseEvent::Added(l) => format!("+{}", l.attrs.public_ip),
-                LeaseEvent::Removed(l) => format!("-{}", l.attrs.public_ip),
+            .map(|l| {
+                let mac = l.attrs.vxlan_data().ok().flatten().map(|d| d.vtep_mac);
+                format!(
+                    "{} {}",
+                    l.attrs.public_ip,
+                    mac.map(|m| m.to_string()).unwrap_or_default()
+                )
             })
             .collect()
     }
@@ -1353,11 +1378,20 @@ mod tests {
             set.problems
         );
         // Known problems are not reported again.
-        assert!(set.upsert(&b).is_empty());
+        assert!(!set.upsert(&b));
+        assert!(!set.recompute());
         assert!(set.take_new_problems().is_empty());
-        // Deleting a hands its range over: a's removal first, then b's addition.
-        let events = set.remove("a");
-        assert_eq!(names_of(&events), ["-198.51.100.1", "+198.51.100.2"]);
+        // Deleting a hands its range over to b.
+        assert!(set.remove("a"));
+        assert!(!set.remove("a"));
+        assert!(set.recompute());
+        assert_eq!(
+            accepted(&set),
+            [
+                "198.51.100.2 0e:00:00:00:00:02",
+                "198.51.100.4 0e:00:00:00:00:04"
+            ]
+        );
         // The incumbent keeps its lease even though a newer relist would order it later.
         let a_again = node(
             "a",
@@ -1366,7 +1400,8 @@ mod tests {
             "198.51.100.1",
             "0e:00:00:00:00:01",
         );
-        assert!(set.upsert(&a_again).is_empty());
+        assert!(set.upsert(&a_again));
+        assert!(!set.recompute());
         assert!(set.problems["a"].contains("overlaps node b"));
     }
 
@@ -1381,10 +1416,10 @@ mod tests {
             "0e:00:00:00:00:01",
         );
         assert_eq!(set.replace_all(std::slice::from_ref(&a)).len(), 1);
-        // Unrelated changes (labels, status) produce nothing.
+        // Unrelated changes (labels, status) change nothing.
         let mut relabeled = a.clone();
         relabeled.metadata.labels = Some(BTreeMap::from([("x".into(), "y".into())]));
-        assert!(set.upsert(&relabeled).is_empty());
+        assert!(!set.upsert(&relabeled));
         // A new MAC is an update.
         let moved = node(
             "a",
@@ -1393,15 +1428,17 @@ mod tests {
             "198.51.100.1",
             "0e:00:00:00:00:09",
         );
-        let events = set.upsert(&moved);
-        assert_eq!(names_of(&events), ["+198.51.100.1"]);
+        assert!(set.upsert(&moved));
+        assert!(set.recompute());
+        assert_eq!(accepted(&set), ["198.51.100.1 0e:00:00:00:00:09"]);
         // Broken backend data: the node is dropped and reported once.
         let mut broken = moved.clone();
         if let Some(m) = broken.metadata.annotations.as_mut() {
             m.insert(format!("{P}backend-data"), "{\"VNI\":1".into());
         }
-        let events = set.upsert(&broken);
-        assert_eq!(names_of(&events), ["-198.51.100.1"]);
+        assert!(set.upsert(&broken));
+        assert!(set.recompute());
+        assert!(accepted(&set).is_empty());
         let problems = set.take_new_problems();
         assert_eq!(problems.len(), 1);
         assert!(problems[0].1.contains("backend-data"), "{problems:?}");
@@ -1413,7 +1450,8 @@ mod tests {
             "198.51.100.5",
             "0e:00:00:00:00:05",
         );
-        assert!(set.upsert(&far).is_empty());
+        assert!(set.upsert(&far));
+        assert!(!set.recompute());
         assert!(set.problems["f"].contains("outside the network 10.244.0.0/16"));
         // Unmanaged nodes are ignored silently.
         let mut unmanaged = node(
@@ -1426,7 +1464,73 @@ mod tests {
         if let Some(m) = unmanaged.metadata.annotations.as_mut() {
             m.remove(&format!("{P}kube-subnet-manager"));
         }
-        assert!(set.upsert(&unmanaged).is_empty());
+        assert!(!set.upsert(&unmanaged));
         assert!(!set.problems.contains_key("u"));
+    }
+
+    /// 5,000 Nodes through this store's `NodeSet` and the daemon's `LeaseWatcher`: the list,
+    /// then churn steps of 50 deletions or 50 additions, each settled once (one recompute, one
+    /// snapshot, one watcher diff), and for comparison one step settled per event. Prints the
+    /// times; `cargo test --release -p flannel-rs --lib node_set_scale -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing, run on demand"]
+    fn node_set_scale_5000() {
+        use std::time::Instant;
+        const N: usize = 5000;
+        const STEP: usize = 50;
+        let make = |i: usize| {
+            let cidr = format!("10.244.{}.{}/29", i / 32, (i % 32) * 8);
+            let ip = format!("198.18.{}.{}", i / 256, i % 256);
+            let mac = format!("0e:00:00:00:{:02x}:{:02x}", i / 256, i % 256);
+            node(
+                &format!("n{i:05}"),
+                "2024-01-01T00:00:00Z",
+                &cidr,
+                &ip,
+                &mac,
+            )
+        };
+        let nodes: Vec<Node> = (0..N).map(make).collect();
+        let mut set = NodeSet::new(names(), &config());
+        let mut watcher = super::super::LeaseWatcher::new(None, None);
+        let t = Instant::now();
+        let added = watcher.apply_snapshot(set.replace_all(&nodes)).len();
+        println!("list of {N}: {:?}", t.elapsed());
+        assert_eq!(added, N);
+        let mut next_new = N;
+        for step in 0..6 {
+            let t = Instant::now();
+            if step % 2 == 0 {
+                for i in (step / 2 * STEP)..((step / 2 + 1) * STEP) {
+                    assert!(set.remove(&format!("n{i:05}")));
+                }
+            } else {
+                for i in next_new..next_new + STEP {
+                    assert!(set.upsert(&make(i)));
+                }
+                next_new += STEP;
+            }
+            assert!(set.recompute());
+            let events = watcher.apply_snapshot(set.leases());
+            println!("churn step of {STEP}, settled once: {:?}", t.elapsed());
+            assert_eq!(events.len(), STEP);
+            assert_eq!(watcher.len(), if step % 2 == 0 { N - STEP } else { N });
+        }
+        let (t, mut derive) = (Instant::now(), std::time::Duration::ZERO);
+        for i in next_new..next_new + STEP {
+            let d = Instant::now();
+            assert!(set.upsert(&make(i)));
+            assert!(set.recompute());
+            derive += d.elapsed();
+            assert_eq!(watcher.apply_snapshot(set.leases()).len(), 1);
+        }
+        println!(
+            "churn step of {STEP}, settled per event: {:?} (deriving the leases: {derive:?})",
+            t.elapsed()
+        );
+        // Status-only updates of every node: no entry changes, nothing to settle.
+        let t = Instant::now();
+        assert!(!(0..N).any(|i| set.upsert(&make(i + STEP * 3))));
+        println!("{N} unchanged node updates: {:?}", t.elapsed());
     }
 }

@@ -1,5 +1,7 @@
 //! Turns what stores report (full snapshots, or incremental events) into add/remove events
-//! against the set of *other* nodes' leases. Pure: no IO, no clock.
+//! against the set of *other* nodes' leases: the one diff of the lease set (the Kubernetes
+//! store sends only snapshots, etcd and the directory store events after the first
+//! snapshot). Pure: no IO, no clock.
 //!
 //! Like flannel's `pkg/lease/lease.go` `LeaseWatcher`, but correct where upstream is not: a
 //! snapshot emits `Added` for leases whose contents changed (upstream only reports new ones, so
