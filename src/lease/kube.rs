@@ -1471,9 +1471,9 @@ mod tests {
     /// 5,000 Nodes through this store's `NodeSet` and the daemon's `LeaseWatcher`: the list,
     /// then churn steps of 50 deletions or 50 additions, each settled once (one recompute, one
     /// snapshot, one watcher diff), and for comparison one step settled per event. Prints the
-    /// times; `cargo test --release -p flannel-rs --lib node_set_scale -- --ignored --nocapture`.
+    /// times (`cargo test --release -p flannel-rs --lib node_set_scale -- --nocapture`); asserts
+    /// only the results, so it runs in every test run.
     #[test]
-    #[ignore = "timing, run on demand"]
     fn node_set_scale_5000() {
         use std::time::Instant;
         const N: usize = 5000;
