@@ -48,7 +48,7 @@ pub(crate) enum Plan {
 /// flannel's subnet choice (compat §6.3), shared by the directory and etcd stores; no IO
 /// besides the random pick. `keys` are all lease keys present, valid or not (every one
 /// blocks its subnets); `leases` the valid ones, in key order. Steps: reuse the first lease
-/// carrying our public IP if it fits the config (else plan to delete it), else the previous
+/// carrying our public IP (IPv6 one when IPv4's is unset) if it fits the config (else plan to delete it), else the previous
 /// subnet from subnet.env if free and compatible, else a random free subnet among the first
 /// [`MAX_CANDIDATES`] (each enabled family chosen independently).
 pub(crate) fn plan_acquisition(
@@ -61,9 +61,7 @@ pub(crate) fn plan_acquisition(
 ) -> Result<Plan, StoreError> {
     let mut taken4: Vec<Ipv4Net> = keys.iter().filter_map(SubnetKey::ipv4_subnet).collect();
     let mut taken6: Vec<Ipv6Net> = keys.iter().filter_map(|k| k.ipv6).collect();
-    let mine = leases
-        .iter()
-        .find(|l| !attrs.public_ip.is_unspecified() && l.attrs.public_ip == attrs.public_ip);
+    let mine = leases.iter().find(|l| same_node(&l.attrs, attrs));
 
     // 1. Our own lease from a previous run, found by public IP.
     let mut stale = None;
@@ -104,6 +102,16 @@ pub(crate) fn plan_acquisition(
     let ipv6 = choose(range6, &taken6)?;
     let key = SubnetKey::new(ipv4, ipv6).ok_or(StoreError::OutOfSubnets)?;
     Ok(Plan::Create { key, stale })
+}
+
+/// True when `stored` carries our public IP: the IPv4 one, or on an IPv6-only node (public IP
+/// `0.0.0.0`) the IPv6 one.
+fn same_node(stored: &LeaseAttrs, ours: &LeaseAttrs) -> bool {
+    if ours.public_ip.is_unspecified() {
+        ours.public_ipv6.is_some() && stored.public_ipv6 == ours.public_ipv6
+    } else {
+        stored.public_ip == ours.public_ip
+    }
 }
 
 /// True when `subnet` is present exactly when the family is enabled and fits its range.

@@ -98,6 +98,30 @@ impl EtcdServer {
         format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
+    /// Runs `etcdctl --endpoints <this server> ARGS` (API v3, ETCDCTL_* from the environment
+    /// removed) and returns its stdout; panics when it fails.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let mut cmd = std::process::Command::new("etcdctl");
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ETCDCTL_") {
+                cmd.env_remove(k);
+            }
+        }
+        let out = cmd
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.endpoint())
+            .args(args)
+            .output()
+            .expect("run etcdctl (Debian package etcd-client)");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The client port.
     pub fn client_port(&self) -> u16 {
         self.client_port
