@@ -16,12 +16,15 @@ pub(crate) const RACE_RETRIES: usize = 10;
 /// Free candidates collected before picking one at random (upstream's limit).
 const MAX_CANDIDATES: usize = 100;
 
+/// The allocation range of each family, `None` when the family is disabled.
+pub(crate) type AllocRanges = (Option<AllocRange<Ipv4Net>>, Option<AllocRange<Ipv6Net>>);
+
 /// `config`'s allocation range of each enabled family (IPv6-only leases get upstream's
 /// `0.0.0.0-0&<IPv6 subnet>` keys); `store` names the store when neither is enabled.
 pub(crate) fn alloc_ranges(
     config: &NetConfig,
     store: &'static str,
-) -> Result<(Option<AllocRange<Ipv4Net>>, Option<AllocRange<Ipv6Net>>), StoreError> {
+) -> Result<AllocRanges, StoreError> {
     let ranges = (config.ipv4_range()?, config.ipv6_range()?);
     match ranges {
         (None, None) => Err(StoreError::NoSubnet(store)),
