@@ -55,13 +55,13 @@ pub(crate) enum Plan {
 /// subnet from subnet.env if free and compatible, else a random free subnet among the first
 /// [`MAX_CANDIDATES`] (each enabled family chosen independently).
 pub(crate) fn plan_acquisition(
-    range4: Option<&AllocRange<Ipv4Net>>,
-    range6: Option<&AllocRange<Ipv6Net>>,
+    (range4, range6): &AllocRanges,
     keys: &[SubnetKey],
     leases: &[Lease],
     attrs: &LeaseAttrs,
     previous: &PreviousSubnets,
 ) -> Result<Plan, StoreError> {
+    let (range4, range6) = (range4.as_ref(), range6.as_ref());
     let mut taken4: Vec<Ipv4Net> = keys.iter().filter_map(SubnetKey::ipv4_subnet).collect();
     let mut taken6: Vec<Ipv6Net> = keys.iter().filter_map(|k| k.ipv6).collect();
     let mine = leases.iter().find(|l| same_node(&l.attrs, attrs));
@@ -177,7 +177,7 @@ mod tests {
         let ours = lease("10.244.1.0-24", 1).attrs;
         let none = PreviousSubnets::default();
         let plan = |keys: &[SubnetKey], leases: &[Lease], prev: &PreviousSubnets| {
-            plan_acquisition(Some(&range4), None, keys, leases, &ours, prev)
+            plan_acquisition(&(Some(range4), None), keys, leases, &ours, prev)
         };
         // 1. Our lease, found by public IP, fits: reuse.
         let mine = [lease("10.244.2.0-24", 1)];
@@ -231,7 +231,7 @@ mod tests {
         let attrs = LeaseAttrs::default();
         let none = PreviousSubnets::default();
         let plan = |keys: &[SubnetKey], prev: &PreviousSubnets| {
-            plan_acquisition(None, Some(&range6), keys, &[], &attrs, prev)
+            plan_acquisition(&(None, Some(range6)), keys, &[], &attrs, prev)
         };
         // Dual-stack keys and other IPv6-only keys block their IPv6 subnet; the zero IPv4
         // placeholder blocks nothing.

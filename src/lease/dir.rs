@@ -124,7 +124,7 @@ impl DirStore {
         attrs: &LeaseAttrs,
         previous: &PreviousSubnets,
     ) -> Result<Lease, StoreError> {
-        let (range4, range6) = alloc_ranges(config, "directory")?;
+        let ranges = alloc_ranges(config, "directory")?;
         let subnets = self.subnets_dir();
         fs::create_dir_all(&subnets).map_err(|source| StoreError::Io {
             path: subnets.clone(),
@@ -143,14 +143,7 @@ impl DirStore {
                 .filter_map(|e| canonical_key(&e.name).ok())
                 .collect();
             let leases: Vec<Lease> = entries.iter().filter_map(|e| decode(e).ok()).collect();
-            let key = match plan_acquisition(
-                range4.as_ref(),
-                range6.as_ref(),
-                &keys,
-                &leases,
-                attrs,
-                previous,
-            )? {
+            let key = match plan_acquisition(&ranges, &keys, &leases, attrs, previous)? {
                 Plan::Reuse(key) => {
                     let path = subnets.join(key.to_string());
                     write_file_atomic(&path, attrs.to_json().as_bytes(), 0o644)

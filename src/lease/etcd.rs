@@ -508,7 +508,7 @@ impl EtcdStore {
         attrs: &LeaseAttrs,
         previous: &PreviousSubnets,
     ) -> Result<Lease, StoreError> {
-        let (range4, range6) = alloc_ranges(config, STORE)?;
+        let ranges = alloc_ranges(config, STORE)?;
         for _ in 0..RACE_RETRIES {
             let (kvs, _) = self.get_subnets().await?;
             let mut keys = Vec::new();
@@ -530,14 +530,7 @@ impl EtcdStore {
                     None => {}
                 }
             }
-            let plan = plan_acquisition(
-                range4.as_ref(),
-                range6.as_ref(),
-                &keys,
-                &leases,
-                attrs,
-                previous,
-            )?;
+            let plan = plan_acquisition(&ranges, &keys, &leases, attrs, previous)?;
             let lease_for =
                 |key: SubnetKey, expiration| Lease::at_key(key, attrs.clone(), expiration);
             match plan {

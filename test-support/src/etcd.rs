@@ -101,25 +101,15 @@ impl EtcdServer {
     /// Runs `etcdctl --endpoints <this server> ARGS` (API v3, ETCDCTL_* from the environment
     /// removed) and returns its stdout; panics when it fails.
     pub fn etcdctl(&self, args: &[&str]) -> String {
-        let mut cmd = std::process::Command::new("etcdctl");
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("ETCDCTL_") {
-                cmd.env_remove(k);
-            }
-        }
-        let out = cmd
-            .env("ETCDCTL_API", "3")
-            .arg("--endpoints")
-            .arg(self.endpoint())
-            .args(args)
-            .output()
-            .expect("run etcdctl (Debian package etcd-client)");
-        assert!(
-            out.status.success(),
-            "etcdctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let endpoint = self.endpoint();
+        let inherited: Vec<String> = std::env::vars_os()
+            .filter_map(|(k, _)| k.into_string().ok())
+            .filter(|k| k.starts_with("ETCDCTL_"))
+            .collect();
+        let mut argv: Vec<&str> = inherited.iter().flat_map(|k| ["-u", k.as_str()]).collect();
+        argv.extend(["ETCDCTL_API=3", "etcdctl", "--endpoints", &endpoint]);
+        argv.extend(args);
+        crate::run("env", &argv)
     }
 
     /// The client port.
