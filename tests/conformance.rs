@@ -26,8 +26,10 @@ use std::time::Duration;
 use flannel_rs::config::netconf::NetConfig;
 use flannel_rs::config::subnet_env::PreviousSubnets;
 use flannel_rs::lease::store::{LeaseStore, WatchUpdate};
-use flannel_rs::lease::{Lease, LeaseAttrs, LeaseWatcher};
-use ipnet::Ipv4Net;
+use flannel_rs::lease::{Lease, LeaseAttrs, LeaseWatcher, VxlanBackendData};
+use flannel_rs::wire::MacAddr;
+use ipnet::{Ipv4Net, Ipv6Net};
+use std::net::Ipv6Addr;
 use test_support::fixtures::{attrs, net};
 use test_support::TempDir;
 use tokio::sync::mpsc;
@@ -114,7 +116,12 @@ struct Peers {
 
 impl Peers {
     fn watch(store: Arc<dyn LeaseStore>, own: Option<Ipv4Net>) -> Peers {
-        let state = Arc::new(Mutex::new(LeaseWatcher::new(own, None)));
+        Peers::watch_own(store, own, None)
+    }
+
+    /// [`Peers::watch`] for a node whose own lease may have an IPv6 subnet.
+    fn watch_own(store: Arc<dyn LeaseStore>, own: Option<Ipv4Net>, own6: Option<Ipv6Net>) -> Peers {
+        let state = Arc::new(Mutex::new(LeaseWatcher::new(own, own6)));
         let (tx, mut rx) = mpsc::channel::<WatchUpdate>(64);
         let supervisor = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
@@ -356,6 +363,157 @@ async fn outage_keeps_peers_and_delivers_changes<F: Fixture>(f: &mut F) {
     assert!(store.list().await.is_ok(), "store answers again");
 }
 
+/// The allocating stores' raw side door, for the IPv6 behaviours: the config and leases as
+/// upstream flannel reads and writes them (key = last key segment / file name).
+trait AllocFixture: Fixture {
+    /// Replaces the network config.
+    async fn put_config(&self, json: &str);
+    /// Writes a lease value under `key`, as an upstream node would.
+    async fn put_raw(&self, key: &str, value: &str);
+    /// The stored text under `key`.
+    async fn get_raw(&self, key: &str) -> Option<String>;
+    /// Deletes `key`.
+    async fn delete_raw(&self, key: &str);
+}
+
+const V6_ONLY_CONFIG: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd42:10::/48","Backend":{"Type":"vxlan"}}"#;
+const DUAL_CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd42:10::/48","Backend":{"Type":"vxlan"}}"#;
+
+/// Node `n`'s attributes in an IPv6-only (`PublicIP` 0.0.0.0) or dual-stack cluster.
+fn family_attrs(n: u8, dual: bool) -> LeaseAttrs {
+    let mut a = if dual {
+        attrs(n, 1)
+    } else {
+        LeaseAttrs {
+            backend_type: "vxlan".into(),
+            ..LeaseAttrs::default()
+        }
+    };
+    a.public_ipv6 = Some(Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        0x100,
+        0,
+        0,
+        0,
+        0,
+        u16::from(n),
+    ));
+    let v6_data = VxlanBackendData {
+        vni: 1,
+        vtep_mac: MacAddr([0x0e, 0, 0, 0, 6, n]),
+    };
+    a.backend_v6_data = Some(v6_data.to_raw());
+    a
+}
+
+fn net6(s: &str) -> Ipv6Net {
+    s.parse().expect("net6")
+}
+
+/// IPv6-only or dual-stack leases: acquisition inside IPv6Network under upstream's key
+/// (`0.0.0.0-0&<v6>-64` / `<v4>-24&<v6>-64`) and JSON text, renewal, reuse on restart (by
+/// public IP), reuse of subnet.env's previous subnets, and a watch following an upstream
+/// node's lease appearing and disappearing.
+async fn family_leases<F: AllocFixture>(f: &mut F, dual: bool) {
+    f.put_config(if dual { DUAL_CONFIG } else { V6_ONLY_CONFIG })
+        .await;
+    let store = f.store_for(1).await;
+    let json = store.network_config().await.expect("network config");
+    let cfg = NetConfig::parse(&json).expect("config parses");
+    let mine = family_attrs(1, dual);
+    let none = PreviousSubnets::default();
+    let lease = store.acquire(&cfg, &mine, &none).await.expect("acquire");
+    let v6 = lease.ipv6_subnet.expect("IPv6 subnet");
+    assert!(
+        net6("fd42:10::/48").contains(&v6) && v6.prefix_len() == 64,
+        "{v6}"
+    );
+    assert_eq!(lease.subnet.is_some(), dual, "{lease:?}");
+    let key = lease.key().expect("key").to_string();
+    let want_key = match lease.subnet {
+        Some(s) => format!("{}-24&{}-64", s.addr(), v6.addr()),
+        None => format!("0.0.0.0-0&{}-64", v6.addr()),
+    };
+    assert_eq!(key, want_key, "{}: upstream's key", F::NAME);
+    if !dual {
+        assert_eq!(
+            mine.to_json(),
+            r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8:100::1","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"0e:00:00:00:06:01"}}"#
+        );
+    }
+    assert_eq!(f.get_raw(&key).await, Some(mine.to_json()), "{}", F::NAME);
+
+    let renewed = store.renew_lease(&lease).await.expect("renew");
+    assert_eq!(renewed.key(), lease.key());
+    assert_eq!(f.get_raw(&key).await, Some(mine.to_json()), "after renewal");
+
+    let restarted = f.store_for(1).await;
+    let again = restarted
+        .acquire(&cfg, &mine, &none)
+        .await
+        .expect("re-acquire");
+    assert_eq!(
+        again.key(),
+        lease.key(),
+        "{}: same lease after restart",
+        F::NAME
+    );
+
+    let prev = PreviousSubnets {
+        ipv4: dual.then(|| net("10.244.77.0/24")),
+        ipv6: Some(net6("fd42:10:0:77::/64")),
+    };
+    let third = f.store_for(3).await;
+    let l3 = third
+        .acquire(&cfg, &family_attrs(3, dual), &prev)
+        .await
+        .expect("node 3");
+    assert_eq!(
+        (l3.subnet, l3.ipv6_subnet),
+        (prev.ipv4, prev.ipv6),
+        "subnet.env reused"
+    );
+
+    let foreign = if dual {
+        "10.244.99.0-24&fd42:10:0:99::-64"
+    } else {
+        "0.0.0.0-0&fd42:10:0:99::-64"
+    };
+    let theirs = family_attrs(2, dual);
+    f.put_raw(foreign, &theirs.to_json()).await;
+    let peers = Peers::watch_own(store.clone(), lease.subnet, lease.ipv6_subnet);
+    let want4 = dual.then(|| net("10.244.99.0/24"));
+    let foreign6 = Some(net6("fd42:10:0:99::/64"));
+    peers
+        .wait(
+            "upstream node's lease and node 3, not our own",
+            PROMPT,
+            |p| {
+                p.len() == 2
+                    && p.iter().any(|l| {
+                        l.ipv6_subnet == foreign6 && l.subnet == want4 && l.attrs == theirs
+                    })
+                    && p.iter().any(|l| l.ipv6_subnet == prev.ipv6)
+            },
+        )
+        .await;
+    f.delete_raw(foreign).await;
+    peers
+        .wait("upstream node's lease removed", PROMPT, |p| {
+            p.len() == 1 && p[0].ipv6_subnet == prev.ipv6
+        })
+        .await;
+}
+
+async fn ipv6_only_leases<F: AllocFixture>(f: &mut F) {
+    family_leases(f, false).await;
+}
+
+async fn dual_stack_leases<F: AllocFixture>(f: &mut F) {
+    family_leases(f, true).await;
+}
+
 /// One test: starts the fixture (or skips), runs the behaviour, drops the fixture (which
 /// stops servers and removes files).
 macro_rules! case {
@@ -387,6 +545,22 @@ macro_rules! suite {
 suite!(dir, DirFixture);
 #[cfg(feature = "etcd")]
 suite!(etcd, EtcdFixture);
+
+/// The IPv6 behaviours, for the stores that allocate (the Kubernetes store's dual-stack and
+/// IPv6-only pod CIDRs are covered by tests/kube_store.rs and tests/ipv6.rs).
+macro_rules! family_suite {
+    ($store:ident, $fixture:ty) => {
+        mod $store {
+            use super::*;
+            case!($fixture, ipv6_only_leases);
+            case!($fixture, dual_stack_leases);
+        }
+    };
+}
+
+family_suite!(dir_v6, DirFixture);
+#[cfg(feature = "etcd")]
+family_suite!(etcd_v6, EtcdFixture);
 #[cfg(feature = "kube")]
 suite!(kube, KubeFixture);
 
@@ -472,6 +646,24 @@ impl Fixture for DirFixture {
         std::fs::remove_file(self.subnets()).expect("remove placeholder");
         std::fs::rename(self.dir.0.join("subnets.offline"), self.subnets()).expect("move back");
         self.offline = false;
+    }
+}
+
+impl AllocFixture for DirFixture {
+    async fn put_config(&self, json: &str) {
+        write_atomic(&self.dir.0.join("config"), json.as_bytes());
+    }
+
+    async fn put_raw(&self, key: &str, value: &str) {
+        write_atomic(&self.side_door().join(key), value.as_bytes());
+    }
+
+    async fn get_raw(&self, key: &str) -> Option<String> {
+        std::fs::read_to_string(self.side_door().join(key)).ok()
+    }
+
+    async fn delete_raw(&self, key: &str) {
+        std::fs::remove_file(self.side_door().join(key)).expect("remove lease");
     }
 }
 
@@ -626,6 +818,39 @@ mod etcd_fixture {
 
         async fn end_outage(&mut self) {
             self.proxy.resume().await;
+        }
+    }
+
+    impl AllocFixture for EtcdFixture {
+        async fn put_config(&self, json: &str) {
+            self.raw
+                .put(format!("{PREFIX}/config"), json, 0)
+                .await
+                .expect("put config");
+        }
+
+        async fn put_raw(&self, key: &str, value: &str) {
+            let grant = self.raw.lease_grant(86_400).await.expect("grant");
+            self.raw
+                .put(format!("{PREFIX}/subnets/{key}"), value, grant.id)
+                .await
+                .expect("put lease");
+        }
+
+        async fn get_raw(&self, key: &str) -> Option<String> {
+            let etcd_key = format!("{PREFIX}/subnets/{key}");
+            let text = self
+                ._server
+                .etcdctl(&["get", "--print-value-only", &etcd_key]);
+            let value = text.strip_suffix('\n').unwrap_or(&text);
+            (!value.is_empty()).then(|| value.to_owned())
+        }
+
+        async fn delete_raw(&self, key: &str) {
+            self.raw
+                .delete(format!("{PREFIX}/subnets/{key}"))
+                .await
+                .expect("delete lease");
         }
     }
 }

@@ -180,10 +180,14 @@ fn config_errors() {
         &tmp.0,
         r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd42:2::/48","Backend":{"Type":"vxlan"}}"#,
     );
-    let e = store
+    // IPv6-only allocates (upstream's `0.0.0.0-0&<v6>` key; tests/conformance.rs has more).
+    let l = store
         .acquire_blocking(&cfg, &attrs(1, 1), &PreviousSubnets::default())
-        .expect_err("v6 only");
-    assert!(matches!(e, StoreError::Ipv4Required(_)), "{e}");
+        .expect("v6 only");
+    assert_eq!(l.subnet, None);
+    let v6 = l.ipv6_subnet.expect("v6 subnet");
+    let file = tmp.0.join(format!("subnets/0.0.0.0-0&{}-64", v6.addr()));
+    assert!(file.is_file(), "{}", file.display());
 }
 
 #[test]

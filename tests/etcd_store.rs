@@ -1007,24 +1007,7 @@ async fn subnets_prefix_larger_than_4_mib_lists() {
 
 /// Runs etcdctl against `server` (ETCDCTL_* from the environment removed).
 fn etcdctl(server: &EtcdServer, args: &[&str]) {
-    let mut cmd = std::process::Command::new("etcdctl");
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ETCDCTL_") {
-            cmd.env_remove(k);
-        }
-    }
-    let out = cmd
-        .env("ETCDCTL_API", "3")
-        .arg("--endpoints")
-        .arg(server.endpoint())
-        .args(args)
-        .output()
-        .expect("run etcdctl (Debian package etcd-client)");
-    assert!(
-        out.status.success(),
-        "etcdctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    server.etcdctl(args);
 }
 
 /// --etcd-username/--etcd-password: the store authenticates, renews an expired token and

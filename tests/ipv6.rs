@@ -23,6 +23,8 @@ use test_support::{privileged, wait_for};
 
 const DUAL_VXLAN: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"vxlan"}}"#;
 /// host-gw in flannel's nftables mode.
+/// IPv6-only vxlan.
+const V6_ONLY_VXLAN: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"vxlan"}}"#;
 const DUAL_HOST_GW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","EnableNFTables":true,"Backend":{"Type":"host-gw"}}"#;
 
 /// The underlay switch: a bridge in its own namespace.
@@ -656,11 +658,7 @@ fn kube_node(name: &str, cidr: &str) -> KubeNode {
 /// server in the switch namespace) on `dataplane`, subnet.env checked, pods plumbed.
 fn v6_only_nodes(tmp: &Path, sw: &Switch, dataplane: &str) -> (ApiServer, Vec<Node>) {
     let conf = tmp.join("net-conf.json");
-    std::fs::write(
-        &conf,
-        r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"vxlan"}}"#,
-    )
-    .expect("net-conf");
+    std::fs::write(&conf, V6_ONLY_VXLAN).expect("net-conf");
     let api = ApiServer::start(
         sw,
         vec![
@@ -761,6 +759,50 @@ fn ipv6_only_kernel_vxlan_with_the_kube_store() {
         ok.is_some(),
         "{}",
         n1.ns.exec(&["ip6tables", "-S", "FLANNEL-VXLAN-IN"])
+    );
+}
+
+/// IPv6-only nodes sharing a directory store (upstream's `0.0.0.0-0&<v6>-<len>` lease files):
+/// allocated subnets, the lease file's key and JSON, pod to pod over kernel vxlan.
+#[test]
+fn ipv6_only_kernel_vxlan_with_the_dir_store() {
+    let Some((_g, tmp)) = begin("ipv6_only_kernel_vxlan_with_the_dir_store", "v6dir") else {
+        return;
+    };
+    let lease_dir = lease_store(&tmp, V6_ONLY_VXLAN);
+    let sw = Switch::new();
+    let mut nodes: Vec<Node> = (1..=2).map(|i| Node::new(&sw, i, &tmp, false)).collect();
+    let args = [
+        format!("--lease-dir={}", lease_dir.display()),
+        "--dataplane=kernel".into(),
+    ];
+    let mut px = Vec::new();
+    for n in &mut nodes {
+        n.start(&args);
+        let env = n.subnet_env();
+        assert!(!env.contains("FLANNEL_SUBNET="), "{env}");
+        assert_eq!(env_value(&env, "FLANNEL_IPV6_NETWORK"), "2001:db8:42::/56");
+        let v6 = prefix_of(&env_value(&env, "FLANNEL_IPV6_SUBNET"));
+        n.plumb_pod(None, &v6);
+        px.push(v6);
+    }
+    assert_ne!(px[0], px[1], "distinct subnets");
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    let (key2, lease2) = lease_file(&lease_dir, "2001:db8:18::2");
+    assert_eq!(key2, format!("0.0.0.0-0&{}-64", px[1]), "{lease2}");
+    let mac2 = mac_of(n2, "flannel-v6.1");
+    assert_eq!(
+        lease2,
+        format!(
+            r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8:18::2","BackendType":"vxlan","BackendV6Data":{{"VNI":1,"VtepMAC":"{mac2}"}}}}"#
+        )
+    );
+    assert_v6_peer_entries(n1, &px[1], &mac2, "2001:db8:18::2");
+    let p2 = format!("{}2", px[1]);
+    assert!(ping_until(n1, &p2), "ping6 {p2}: {}", n1.log());
+    assert_eq!(
+        tcp_v6(n2, n1, &format!("{}2", px[0])),
+        format!("hello {p2}")
     );
 }
 

@@ -16,16 +16,20 @@ pub(crate) const RACE_RETRIES: usize = 10;
 /// Free candidates collected before picking one at random (upstream's limit).
 const MAX_CANDIDATES: usize = 100;
 
-/// `config`'s IPv4 allocation range (required: these stores always allocate IPv4; `store`
-/// names the store in the error) and its IPv6 range when IPv6 is enabled.
+/// The allocation range of each family, `None` when the family is disabled.
+pub(crate) type AllocRanges = (Option<AllocRange<Ipv4Net>>, Option<AllocRange<Ipv6Net>>);
+
+/// `config`'s allocation range of each enabled family (IPv6-only leases get upstream's
+/// `0.0.0.0-0&<IPv6 subnet>` keys); `store` names the store when neither is enabled.
 pub(crate) fn alloc_ranges(
     config: &NetConfig,
     store: &'static str,
-) -> Result<(AllocRange<Ipv4Net>, Option<AllocRange<Ipv6Net>>), StoreError> {
-    let range4 = config
-        .ipv4_range()?
-        .ok_or(StoreError::Ipv4Required(store))?;
-    Ok((range4, config.ipv6_range()?))
+) -> Result<AllocRanges, StoreError> {
+    let ranges = (config.ipv4_range()?, config.ipv6_range()?);
+    match ranges {
+        (None, None) => Err(StoreError::NoSubnet(store)),
+        _ => Ok(ranges),
+    }
 }
 
 /// What [`plan_acquisition`] decided.
@@ -47,32 +51,26 @@ pub(crate) enum Plan {
 /// flannel's subnet choice (compat §6.3), shared by the directory and etcd stores; no IO
 /// besides the random pick. `keys` are all lease keys present, valid or not (every one
 /// blocks its subnets); `leases` the valid ones, in key order. Steps: reuse the first lease
-/// carrying our public IP if it fits the config (else plan to delete it), else the previous
+/// carrying our public IP (IPv6 one when IPv4's is unset) if it fits the config (else plan to delete it), else the previous
 /// subnet from subnet.env if free and compatible, else a random free subnet among the first
-/// [`MAX_CANDIDATES`] (IPv6 chosen independently).
+/// [`MAX_CANDIDATES`] (each enabled family chosen independently).
 pub(crate) fn plan_acquisition(
-    range4: &AllocRange<Ipv4Net>,
-    range6: Option<&AllocRange<Ipv6Net>>,
+    (range4, range6): &AllocRanges,
     keys: &[SubnetKey],
     leases: &[Lease],
     attrs: &LeaseAttrs,
     previous: &PreviousSubnets,
 ) -> Result<Plan, StoreError> {
-    let mut taken4: Vec<Ipv4Net> = keys.iter().map(|k| k.ipv4).collect();
+    let (range4, range6) = (range4.as_ref(), range6.as_ref());
+    let mut taken4: Vec<Ipv4Net> = keys.iter().filter_map(SubnetKey::ipv4_subnet).collect();
     let mut taken6: Vec<Ipv6Net> = keys.iter().filter_map(|k| k.ipv6).collect();
-    let mine = leases
-        .iter()
-        .find(|l| !attrs.public_ip.is_unspecified() && l.attrs.public_ip == attrs.public_ip);
+    let mine = leases.iter().find(|l| same_node(&l.attrs, attrs));
 
     // 1. Our own lease from a previous run, found by public IP.
     let mut stale = None;
     if let Some(lease) = mine {
-        let fits4 = lease.subnet.is_some_and(|s| range4.is_compatible(&s));
-        let fits6 = match (range6, lease.ipv6_subnet) {
-            (None, None) => true,
-            (Some(r), Some(s)) => r.is_compatible(&s),
-            _ => false,
-        };
+        let fits4 = fits(range4, lease.subnet);
+        let fits6 = fits(range6, lease.ipv6_subnet);
         if let (true, true, Some(key)) = (fits4, fits6, lease.key()) {
             tracing::info!(lease = %key, public_ip = %attrs.public_ip, "found lease for current IP, reusing");
             return Ok(Plan::Reuse(key));
@@ -85,45 +83,58 @@ pub(crate) fn plan_acquisition(
         taken6.retain(|t| Some(*t) != lease.ipv6_subnet);
     }
 
-    // 2. The subnet subnet.env says we had.
-    if let Some(prev4) = previous.ipv4 {
-        let prev6 = range6.and(previous.ipv6);
-        let free = !taken4.iter().any(|t| t.overlaps(&prev4))
+    // 2. The subnet(s) subnet.env says we had (the IPv6 one alone when IPv4 is disabled).
+    let prev4 = range4.and(previous.ipv4);
+    let prev6 = range6.and(previous.ipv6);
+    if prev4.is_some() || (range4.is_none() && prev6.is_some()) {
+        let free = !prev4.is_some_and(|p| taken4.iter().any(|t| t.overlaps(&p)))
             && !prev6.is_some_and(|p| taken6.iter().any(|t| t.overlaps(&p)));
-        let fits = range4.is_compatible(&prev4)
-            && match (range6, prev6) {
-                (None, _) => true,
-                (Some(r), Some(p)) => r.is_compatible(&p),
-                (Some(_), None) => false,
-            };
-        if free && fits {
-            tracing::info!(subnet = %prev4, ipv6_subnet = ?prev6, "found previously leased subnet, reusing");
-            let key = SubnetKey {
-                ipv4: prev4,
-                ipv6: prev6,
-            };
+        let fits = fits(range4, prev4) && fits(range6, prev6);
+        if let (true, true, Some(key)) = (free, fits, SubnetKey::new(prev4, prev6)) {
+            tracing::info!(lease = %key, "found previously leased subnet, reusing");
             return Ok(Plan::Create { key, stale });
         } else if !fits {
-            tracing::warn!(subnet = %prev4, "previously leased subnet is not compatible with the network config, ignoring");
+            tracing::warn!(subnet = ?prev4, ipv6_subnet = ?prev6, "previously leased subnet is not compatible with the network config, ignoring");
         } else {
-            tracing::info!(subnet = %prev4, "previously leased subnet is taken by another node");
+            tracing::info!(subnet = ?prev4, ipv6_subnet = ?prev6, "previously leased subnet is taken by another node");
         }
     }
 
     // 3. A random free subnet.
-    let free4 = range4.free_subnets(&taken4, MAX_CANDIDATES);
-    let ipv4 = *pick(&free4)?.ok_or(StoreError::OutOfSubnets)?;
-    let ipv6 = match range6 {
-        None => None,
+    let ipv4 = choose(range4, &taken4)?;
+    let ipv6 = choose(range6, &taken6)?;
+    let key = SubnetKey::new(ipv4, ipv6).ok_or(StoreError::OutOfSubnets)?;
+    Ok(Plan::Create { key, stale })
+}
+
+/// True when `stored` carries our public IP: the IPv4 one, or on an IPv6-only node (public IP
+/// `0.0.0.0`) the IPv6 one.
+fn same_node(stored: &LeaseAttrs, ours: &LeaseAttrs) -> bool {
+    if ours.public_ip.is_unspecified() {
+        ours.public_ipv6.is_some() && stored.public_ipv6 == ours.public_ipv6
+    } else {
+        stored.public_ip == ours.public_ip
+    }
+}
+
+/// True when `subnet` is present exactly when the family is enabled and fits its range.
+fn fits<N: Subnet>(range: Option<&AllocRange<N>>, subnet: Option<N>) -> bool {
+    match (range, subnet) {
+        (None, None) => true,
+        (Some(r), Some(s)) => r.is_compatible(&s),
+        _ => false,
+    }
+}
+
+/// A random free subnet of an enabled family (`None` when disabled).
+fn choose<N: Subnet>(range: Option<&AllocRange<N>>, taken: &[N]) -> Result<Option<N>, StoreError> {
+    match range {
+        None => Ok(None),
         Some(r) => {
-            let free6 = r.free_subnets(&taken6, MAX_CANDIDATES);
-            Some(*pick(&free6)?.ok_or(StoreError::OutOfSubnets)?)
+            let free = r.free_subnets(taken, MAX_CANDIDATES);
+            Ok(Some(*pick(&free)?.ok_or(StoreError::OutOfSubnets)?))
         }
-    };
-    Ok(Plan::Create {
-        key: SubnetKey { ipv4, ipv6 },
-        stale,
-    })
+    }
 }
 
 /// A uniformly random element (`Ok(None)` when empty).
@@ -166,7 +177,7 @@ mod tests {
         let ours = lease("10.244.1.0-24", 1).attrs;
         let none = PreviousSubnets::default();
         let plan = |keys: &[SubnetKey], leases: &[Lease], prev: &PreviousSubnets| {
-            plan_acquisition(&range4, None, keys, leases, &ours, prev)
+            plan_acquisition(&(Some(range4), None), keys, leases, &ours, prev)
         };
         // 1. Our lease, found by public IP, fits: reuse.
         let mine = [lease("10.244.2.0-24", 1)];
@@ -207,6 +218,47 @@ mod tests {
             plan(&full, &[], &none),
             Err(StoreError::OutOfSubnets)
         ));
+    }
+
+    #[test]
+    fn plan_ipv6_only() {
+        let cfg = NetConfig::parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd42:5::/48","IPv6SubnetMin":"fd42:5:0:1::","IPv6SubnetMax":"fd42:5:0:2::"}"#,
+        )
+        .expect("parses");
+        let range6 = cfg.ipv6_range().expect("ok").expect("v6");
+        let key = |s: &str| s.parse::<SubnetKey>().expect("key");
+        let attrs = LeaseAttrs::default();
+        let none = PreviousSubnets::default();
+        let plan = |keys: &[SubnetKey], prev: &PreviousSubnets| {
+            plan_acquisition(&(None, Some(range6)), keys, &[], &attrs, prev)
+        };
+        // Dual-stack keys and other IPv6-only keys block their IPv6 subnet; the zero IPv4
+        // placeholder blocks nothing.
+        let keys = [key("0.0.0.0-0&fd42:5:0:1::-64")];
+        assert_eq!(
+            plan(&keys, &none).expect("plan"),
+            Plan::Create {
+                key: key("0.0.0.0-0&fd42:5:0:2::-64"),
+                stale: None
+            }
+        );
+        let prev = PreviousSubnets {
+            ipv4: None,
+            ipv6: Some("fd42:5:0:2::/64".parse().expect("net")),
+        };
+        assert_eq!(
+            plan(&[], &prev).expect("plan"),
+            Plan::Create {
+                key: key("0.0.0.0-0&fd42:5:0:2::-64"),
+                stale: None
+            }
+        );
+        let full = [
+            key("0.0.0.0-0&fd42:5:0:1::-64"),
+            key("10.1.0.0-24&fd42:5:0:2::-64"),
+        ];
+        assert!(matches!(plan(&full, &prev), Err(StoreError::OutOfSubnets)));
     }
 
     #[test]

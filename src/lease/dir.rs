@@ -34,7 +34,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::mpsc;
 
 use super::alloc::{alloc_ranges, plan_acquisition, Plan, RACE_RETRIES};
@@ -125,19 +124,13 @@ impl DirStore {
         attrs: &LeaseAttrs,
         previous: &PreviousSubnets,
     ) -> Result<Lease, StoreError> {
-        let (range4, range6) = alloc_ranges(config, "directory")?;
+        let ranges = alloc_ranges(config, "directory")?;
         let subnets = self.subnets_dir();
         fs::create_dir_all(&subnets).map_err(|source| StoreError::Io {
             path: subnets.clone(),
             source,
         })?;
-        let lease_for = |ipv4: Ipv4Net, ipv6: Option<Ipv6Net>| Lease {
-            subnet: Some(ipv4),
-            ipv6_subnet: ipv6,
-            attrs: attrs.clone(),
-            expiration: None,
-            node: None,
-        };
+        let lease_for = |key: SubnetKey| Lease::at_key(key, attrs.clone(), None);
         let io_err = |path: &Path| {
             let path = path.to_owned();
             move |source| StoreError::Io { path, source }
@@ -150,19 +143,12 @@ impl DirStore {
                 .filter_map(|e| canonical_key(&e.name).ok())
                 .collect();
             let leases: Vec<Lease> = entries.iter().filter_map(|e| decode(e).ok()).collect();
-            let key = match plan_acquisition(
-                &range4,
-                range6.as_ref(),
-                &keys,
-                &leases,
-                attrs,
-                previous,
-            )? {
+            let key = match plan_acquisition(&ranges, &keys, &leases, attrs, previous)? {
                 Plan::Reuse(key) => {
                     let path = subnets.join(key.to_string());
                     write_file_atomic(&path, attrs.to_json().as_bytes(), 0o644)
                         .map_err(io_err(&path))?;
-                    return Ok(lease_for(key.ipv4, key.ipv6));
+                    return Ok(lease_for(key));
                 }
                 Plan::Create { key, stale } => {
                     if let Some(stale) = stale {
@@ -181,7 +167,7 @@ impl DirStore {
             match create_exclusive(&path, attrs.to_json().as_bytes()) {
                 Ok(()) => {
                     tracing::info!(lease = %key, public_ip = %attrs.public_ip, "allocated lease");
-                    return Ok(lease_for(key.ipv4, key.ipv6));
+                    return Ok(lease_for(key));
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     tracing::debug!(lease = %key, "lost the race for a subnet, retrying");

@@ -468,13 +468,7 @@ impl EtcdStore {
             return Some(invalid("value is not UTF-8".to_owned()));
         };
         Some(match LeaseAttrs::from_json(text) {
-            Ok(attrs) => Entry::Valid(Lease {
-                subnet: Some(subnet_key.ipv4),
-                ipv6_subnet: subnet_key.ipv6,
-                attrs,
-                expiration: None,
-                node: None,
-            }),
+            Ok(attrs) => Entry::Valid(Lease::at_key(subnet_key, attrs, None)),
             Err(e) => invalid(e.to_string()),
         })
     }
@@ -514,7 +508,7 @@ impl EtcdStore {
         attrs: &LeaseAttrs,
         previous: &PreviousSubnets,
     ) -> Result<Lease, StoreError> {
-        let (range4, range6) = alloc_ranges(config, STORE)?;
+        let ranges = alloc_ranges(config, STORE)?;
         for _ in 0..RACE_RETRIES {
             let (kvs, _) = self.get_subnets().await?;
             let mut keys = Vec::new();
@@ -536,14 +530,9 @@ impl EtcdStore {
                     None => {}
                 }
             }
-            let plan = plan_acquisition(&range4, range6.as_ref(), &keys, &leases, attrs, previous)?;
-            let lease_for = |key: SubnetKey, expiration| Lease {
-                subnet: Some(key.ipv4),
-                ipv6_subnet: key.ipv6,
-                attrs: attrs.clone(),
-                expiration,
-                node: None,
-            };
+            let plan = plan_acquisition(&ranges, &keys, &leases, attrs, previous)?;
+            let lease_for =
+                |key: SubnetKey, expiration| Lease::at_key(key, attrs.clone(), expiration);
             match plan {
                 Plan::Reuse(key) => {
                     // A reservation (no etcd lease) stays one.
@@ -628,7 +617,9 @@ impl EtcdStore {
         Ok(Some(expiration))
     }
 
-    /// Creates `key` if no lease for its IPv4 subnet exists; `None` when another node won.
+    /// Creates `key` if no lease for its IPv4 subnet exists (for an IPv6-only key: if the key
+    /// does not exist); `None` when another node won. IPv6 overlaps are settled afterwards by
+    /// creation revision.
     async fn create_lease(
         &self,
         key: &SubnetKey,
@@ -636,17 +627,20 @@ impl EtcdStore {
     ) -> Result<Option<SystemTime>, StoreError> {
         let client = self.client().await?;
         let etcd_key = self.lease_key(key);
-        let v4_key = self.lease_key(&SubnetKey {
-            ipv4: key.ipv4,
-            ipv6: None,
-        });
+        let compare = match key.ipv4_subnet() {
+            Some(ipv4) => {
+                let v4_key = self.lease_key(&SubnetKey { ipv4, ipv6: None });
+                vec![
+                    compare_version(&v4_key, ""),
+                    // Dual-stack keys with the same IPv4 subnet: [v4_key + "&", v4_key + "'").
+                    compare_version(&format!("{v4_key}&"), &format!("{v4_key}'")),
+                ]
+            }
+            None => vec![compare_version(&etcd_key, "")],
+        };
         let (id, expiration) = self.grant(&client).await?;
         let txn = TxnRequest {
-            compare: vec![
-                compare_version(&v4_key, ""),
-                // Dual-stack keys with the same IPv4 subnet: [v4_key + "&", v4_key + "'").
-                compare_version(&format!("{v4_key}&"), &format!("{v4_key}'")),
-            ],
+            compare,
             success: vec![put_op(&etcd_key, attrs.to_json(), id)],
             failure: Vec::new(),
         };
@@ -685,20 +679,22 @@ impl EtcdStore {
             let Some(Ok(other)) = self.parse_key(&kv.key) else {
                 return false;
             };
+            let overlap4 = match (key.ipv4_subnet(), other.ipv4_subnet()) {
+                (Some(a), Some(b)) => a.overlaps(&b),
+                _ => false,
+            };
             let overlap6 = match (key.ipv6, other.ipv6) {
                 (Some(a), Some(b)) => a.overlaps(&b),
                 _ => false,
             };
-            other != *key
-                && (key.ipv4.overlaps(&other.ipv4) || overlap6)
-                && kv.create_revision < revision
+            other != *key && (overlap4 || overlap6) && kv.create_revision < revision
         }))
     }
 
     /// [`LeaseStore::renew_lease`]: re-puts our value with a fresh etcd lease, only while the
     /// key still holds exactly that value (else [`StoreError::LeaseRevoked`]).
     pub async fn renew(&self, lease: &Lease) -> Result<Lease, StoreError> {
-        let key = lease.key().ok_or(StoreError::Ipv4Required(STORE))?;
+        let key = lease.key().ok_or(StoreError::NoSubnet(STORE))?;
         let etcd_key = self.lease_key(&key);
         let value = lease.attrs.to_json();
         let client = self.client().await?;
@@ -850,7 +846,7 @@ impl EtcdStore {
 
     /// [`LeaseStore::complete_lease`]; see there.
     pub async fn monitor_lease(&self, lease: &Lease) -> Result<(), StoreError> {
-        let key = lease.key().ok_or(StoreError::Ipv4Required(STORE))?;
+        let key = lease.key().ok_or(StoreError::NoSubnet(STORE))?;
         let etcd_key = self.lease_key(&key);
         let ours = lease.attrs.clone();
         let mut current = lease.clone();
@@ -1196,13 +1192,7 @@ async fn sleep_until_opt(at: Option<Instant>) {
 
 /// A lease known only by its key (what a delete event carries).
 fn bare_lease(key: SubnetKey) -> Lease {
-    Lease {
-        subnet: Some(key.ipv4),
-        ipv6_subnet: key.ipv6,
-        attrs: LeaseAttrs::default(),
-        expiration: None,
-        node: None,
-    }
+    Lease::at_key(key, LeaseAttrs::default(), None)
 }
 
 /// Runs one etcd request with [`REQUEST_TIMEOUT`], mapping failures to

@@ -56,12 +56,21 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// The store key, if the lease has an IPv4 subnet (flannel's keys always do).
+    /// The store key, if the lease has a subnet (an IPv6-only lease's key carries upstream's
+    /// `0.0.0.0-0` placeholder).
     pub fn key(&self) -> Option<SubnetKey> {
-        self.subnet.map(|ipv4| SubnetKey {
-            ipv4,
-            ipv6: self.ipv6_subnet,
-        })
+        SubnetKey::new(self.subnet, self.ipv6_subnet)
+    }
+
+    /// The lease stored at `key` with `attrs` (no node name).
+    pub fn at_key(key: SubnetKey, attrs: LeaseAttrs, expiration: Option<SystemTime>) -> Lease {
+        Lease {
+            subnet: key.ipv4_subnet(),
+            ipv6_subnet: key.ipv6,
+            attrs,
+            expiration,
+            node: None,
+        }
     }
 
     /// A lease from an etcd-style key (the last segment, or a whole key path) and JSON value.
@@ -71,13 +80,7 @@ impl Lease {
             key: k.to_string(),
             source,
         })?;
-        Ok(Lease {
-            subnet: Some(k.ipv4),
-            ipv6_subnet: k.ipv6,
-            attrs,
-            expiration: None,
-            node: None,
-        })
+        Ok(Lease::at_key(k, attrs, None))
     }
 
     /// True when subnets and attributes match (expiration ignored): the lease would program the
@@ -378,13 +381,32 @@ impl VxlanBackendData {
     }
 }
 
-/// A lease key: `10.244.1.0-24` or dual-stack `10.244.1.0-24&fd00:12:13::-56`.
+/// A lease key: `10.244.1.0-24`, dual-stack `10.244.1.0-24&fd00:12:13::-56`, or IPv6-only
+/// `0.0.0.0-0&fd00:12:13::-56` (upstream's `MakeSubnetKey` writes the empty IPv4 net).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SubnetKey {
-    /// The IPv4 subnet (always present in flannel's keys).
+    /// The IPv4 subnet (always present in flannel's keys; `0.0.0.0/0` means none).
     pub ipv4: Ipv4Net,
-    /// The IPv6 subnet of a dual-stack lease.
+    /// The IPv6 subnet of a dual-stack or IPv6-only lease.
     pub ipv6: Option<Ipv6Net>,
+}
+
+/// The IPv4 part of an IPv6-only key (Go's zero `ip.IP4Net`).
+const NO_IPV4: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 0);
+
+impl SubnetKey {
+    /// The key for these subnets; `None` when there are none.
+    pub fn new(ipv4: Option<Ipv4Net>, ipv6: Option<Ipv6Net>) -> Option<SubnetKey> {
+        (ipv4.is_some() || ipv6.is_some()).then_some(SubnetKey {
+            ipv4: ipv4.unwrap_or(NO_IPV4),
+            ipv6,
+        })
+    }
+
+    /// The IPv4 subnet, `None` for an IPv6-only key (IPv4 part `0.0.0.0-0`).
+    pub fn ipv4_subnet(&self) -> Option<Ipv4Net> {
+        (self.ipv4 != NO_IPV4).then_some(self.ipv4)
+    }
 }
 
 /// flannel's key pattern (`subnetRegex`), ASCII digits as in Go. Unanchored at the start, so
@@ -587,6 +609,14 @@ mod tests {
             Some("fd00:12:13::/56".into())
         );
         assert_eq!(k.to_string(), "10.12.13.0-24&fd00:12:13::-56");
+        // IPv6-only: upstream's MakeSubnetKey writes the zero IPv4 net.
+        let k: SubnetKey = "0.0.0.0-0&fd42:7::-64".parse().expect("v6 only");
+        assert_eq!(k.ipv4_subnet(), None);
+        assert_eq!(k.to_string(), "0.0.0.0-0&fd42:7::-64");
+        let lease = Lease::from_kv(&k.to_string(), "{}").expect("lease");
+        assert_eq!((lease.subnet, lease.ipv6_subnet), (None, k.ipv6));
+        assert_eq!(lease.key(), Some(k));
+        assert_eq!(SubnetKey::new(None, None), None);
         let k: SubnetKey = "/coreos.com/network/subnets/10.1.2.0-24"
             .parse()
             .expect("path");

@@ -53,9 +53,9 @@ pub enum StoreError {
     /// The network config is unusable for allocation.
     #[error(transparent)]
     Config(#[from] NetConfigError),
-    /// The store's keys need an IPv4 subnet but the config disables IPv4.
-    #[error("the {0} store needs EnableIPv4: IPv6-only leases (flannel's `0.0.0.0-0&<IPv6 subnet>` keys) are not implemented for it yet; run IPv6-only clusters with --kube-subnet-mgr")]
-    Ipv4Required(&'static str),
+    /// The lease has neither an IPv4 nor an IPv6 subnet, so it has no key in the store.
+    #[error("the {0} store cannot store a lease without an IPv4 or IPv6 subnet")]
+    NoSubnet(&'static str),
     /// No free subnet between SubnetMin and SubnetMax (upstream's message).
     #[error("out of subnets")]
     OutOfSubnets,

@@ -98,6 +98,20 @@ impl EtcdServer {
         format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
+    /// Runs `etcdctl --endpoints <this server> ARGS` (API v3, ETCDCTL_* from the environment
+    /// removed) and returns its stdout; panics when it fails.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let endpoint = self.endpoint();
+        let inherited: Vec<String> = std::env::vars_os()
+            .filter_map(|(k, _)| k.into_string().ok())
+            .filter(|k| k.starts_with("ETCDCTL_"))
+            .collect();
+        let mut argv: Vec<&str> = inherited.iter().flat_map(|k| ["-u", k.as_str()]).collect();
+        argv.extend(["ETCDCTL_API=3", "etcdctl", "--endpoints", &endpoint]);
+        argv.extend(args);
+        crate::run("env", &argv)
+    }
+
     /// The client port.
     pub fn client_port(&self) -> u16 {
         self.client_port
