@@ -121,9 +121,12 @@ impl Planes {
         self.first().map_or(0, Plane::mtu)
     }
 
+    /// The counters of every family's plane, summed on /metrics.
     pub(super) fn metrics_source(&self) -> PlaneMetrics {
-        self.first()
-            .map_or(PlaneMetrics::Kernel, Plane::metrics_source)
+        self.0
+            .iter()
+            .map(Plane::metrics_source)
+            .fold(PlaneMetrics::Kernel, PlaneMetrics::join)
     }
 
     /// [`Plane::sync`] of every family; failures joined into one line.

@@ -34,13 +34,31 @@ pub enum PlaneMetrics {
     /// The kernel forwards; nothing is counted here.
     #[default]
     Kernel,
-    /// The userspace data plane's counters.
-    Userspace {
-        /// Verdict counters of the sans-IO core.
-        counters: Arc<Counters>,
-        /// IO failures of the packet threads.
-        io_errors: Arc<IoErrors>,
-    },
+    /// The userspace data planes' counters, one per address family (dual-stack runs a plane
+    /// per family); /metrics shows their sums.
+    Userspace(Vec<UserspaceCounters>),
+}
+
+/// One userspace data plane's counters.
+#[derive(Debug, Clone)]
+pub struct UserspaceCounters {
+    /// Verdict counters of the sans-IO core.
+    pub counters: Arc<Counters>,
+    /// IO failures of the packet threads.
+    pub io_errors: Arc<IoErrors>,
+}
+
+impl PlaneMetrics {
+    /// The counters of both planes (kernel planes count nothing here).
+    pub fn join(self, other: PlaneMetrics) -> PlaneMetrics {
+        match (self, other) {
+            (PlaneMetrics::Userspace(mut a), PlaneMetrics::Userspace(b)) => {
+                a.extend(b);
+                PlaneMetrics::Userspace(a)
+            }
+            (PlaneMetrics::Kernel, p) | (p, PlaneMetrics::Kernel) => p,
+        }
+    }
 }
 
 /// One peer's probe state, as exported.
@@ -334,14 +352,17 @@ impl Collector for Scraped {
             &switches,
         )?;
         let plane = self.plane.lock().map(|p| p.clone()).unwrap_or_default();
-        let PlaneMetrics::Userspace {
-            counters,
-            io_errors,
-        } = plane
+        let PlaneMetrics::Userspace(planes) = plane else {
+            return Ok(());
+        };
+        let Some(s) = planes
+            .iter()
+            .map(|p| p.counters.snapshot())
+            .reduce(|a, b| a.sum(&b))
         else {
             return Ok(());
         };
-        let s = counters.snapshot();
+        let io = |f: fn(&IoErrors) -> u64| planes.iter().map(|p| f(&p.io_errors)).sum::<u64>();
         out.counter(
             "flannel_vxlan_rx_packets",
             "Inner packets delivered to TUN.",
@@ -371,17 +392,17 @@ impl Collector for Scraped {
         out.counter(
             "flannel_vxlan_send_failures",
             "UDP sends the kernel refused.",
-            io_errors.send_failed(),
+            io(IoErrors::send_failed),
         )?;
         out.counter(
             "flannel_vxlan_tun_write_failures",
             "TUN writes the kernel refused.",
-            io_errors.tun_write_failed(),
+            io(IoErrors::tun_write_failed),
         )?;
         out.counter(
             "flannel_vxlan_packet_loop_panics",
             "Packet loops restarted after a panic (a bug; should stay 0).",
-            io_errors.panics(),
+            io(IoErrors::panics),
         )?;
         let drops: Vec<_> = s
             .drops_by_reason()
@@ -406,15 +427,24 @@ mod tests {
         let m = DaemonMetrics::default();
         m.set_peers(3);
         m.set_peer_table(2);
-        let counters = Arc::new(Counters::new());
-        counters.count_drop(DropReason::UnknownSource);
-        counters.count_drop(DropReason::InnerSourceMismatch);
-        counters.count_drop(DropReason::IcmpRateLimited);
-        counters.count_drop(DropReason::IcmpRateLimited);
-        m.set_plane(PlaneMetrics::Userspace {
-            counters,
-            io_errors: Arc::new(IoErrors::default()),
-        });
+        // Dual-stack: one plane per family, exported as their sums.
+        let (v4, v6) = (Arc::new(Counters::new()), Arc::new(Counters::new()));
+        v4.count_drop(DropReason::UnknownSource);
+        v6.count_drop(DropReason::InnerSourceMismatch);
+        v4.count_drop(DropReason::IcmpRateLimited);
+        v6.count_drop(DropReason::IcmpRateLimited);
+        let plane = |counters| {
+            PlaneMetrics::Userspace(vec![UserspaceCounters {
+                counters,
+                io_errors: Arc::new(IoErrors::default()),
+            }])
+        };
+        m.set_plane(
+            PlaneMetrics::Kernel
+                .join(plane(v4))
+                .join(PlaneMetrics::Kernel)
+                .join(plane(v6)),
+        );
         let text = m.render();
         assert!(text.contains("flannel_peers 3\n"), "{text}");
         assert!(
@@ -455,10 +485,10 @@ mod tests {
             reachable: Some(true),
             failures_total: 0,
         }]);
-        m.set_plane(PlaneMetrics::Userspace {
+        m.set_plane(PlaneMetrics::Userspace(vec![UserspaceCounters {
             counters: Arc::new(Counters::new()),
             io_errors: Arc::new(IoErrors::default()),
-        });
+        }]));
         let text = m.render();
         let types: Vec<(&str, &str)> = text
             .lines()

@@ -24,7 +24,7 @@ use crate::wire::MacAddr;
 
 use super::backoff::{Backoff, Condition};
 use super::extif::ExternalInterface;
-use super::metrics::PlaneMetrics;
+use super::metrics::{PlaneMetrics, UserspaceCounters};
 
 /// Longest one round of firewall work may take (each iptables command is also killed after
 /// [`crate::masq::iptables::COMMAND_TIMEOUT`]).
@@ -259,10 +259,10 @@ impl Plane {
 
     pub(super) fn metrics_source(&self) -> PlaneMetrics {
         match self {
-            Plane::Userspace { dp, .. } => PlaneMetrics::Userspace {
+            Plane::Userspace { dp, .. } => PlaneMetrics::Userspace(vec![UserspaceCounters {
                 counters: dp.counters().clone(),
                 io_errors: dp.io_errors().clone(),
-            },
+            }]),
             _ => PlaneMetrics::Kernel,
         }
     }

@@ -60,6 +60,25 @@ impl CountersSnapshot {
         self.drops.iter().sum()
     }
 
+    /// The counts of two planes together (dual-stack runs one per family).
+    #[must_use]
+    pub fn sum(&self, other: &CountersSnapshot) -> CountersSnapshot {
+        let mut drops = self.drops;
+        for (d, o) in drops.iter_mut().zip(other.drops) {
+            *d += o;
+        }
+        CountersSnapshot {
+            rx_packets: self.rx_packets + other.rx_packets,
+            rx_bytes: self.rx_bytes + other.rx_bytes,
+            tx_packets: self.tx_packets + other.tx_packets,
+            tx_bytes: self.tx_bytes + other.tx_bytes,
+            replies: self.replies + other.replies,
+            rx_csum_completed: self.rx_csum_completed + other.rx_csum_completed,
+            rx_csum_bad: self.rx_csum_bad + other.rx_csum_bad,
+            drops,
+        }
+    }
+
     /// `(reason, count)` for every reason, for metric export.
     pub fn drops_by_reason(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
         DropReason::ALL.iter().map(|r| (*r, self.drops_for(*r)))
@@ -202,6 +221,14 @@ mod tests {
         c.count_rx_csum_bad(2);
         let s = c.snapshot();
         assert_eq!((s.rx_csum_completed, s.rx_csum_bad), (1, 2));
+        let twice = s.sum(&s);
+        assert_eq!(
+            (twice.tx_packets, twice.rx_bytes, twice.replies),
+            (2, 200, 4)
+        );
+        assert_eq!((twice.rx_csum_completed, twice.rx_csum_bad), (2, 4));
+        assert_eq!(twice.drops_for(DropReason::NoRoute), 4);
+        assert_eq!(twice.total_drops(), 6);
     }
 
     #[test]
