@@ -595,17 +595,7 @@ mod tests {
     use crate::netlink::VxlanAttrs;
 
     fn spec() -> VxlanSpec {
-        VxlanSpec {
-            name: "flannel.1".into(),
-            vni: 1,
-            parent: Some(2),
-            local: Some("198.18.0.1".parse().unwrap()),
-            port: 0,
-            learning: false,
-            gbp: false,
-            mtu: Some(1450),
-            mac: None,
-        }
+        VxlanSpec::example()
     }
 
     fn link(v: VxlanAttrs) -> Link {

@@ -322,12 +322,10 @@ fn parse_vxlan(data: &[InfoVxlan]) -> VxlanAttrs {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn describe_matches_iproute2_shape() {
-        let spec = VxlanSpec {
+impl VxlanSpec {
+    /// flannel.1 on ifindex 2 from 198.18.0.1, MTU 1450: the device the unit tests describe.
+    pub(crate) fn example() -> VxlanSpec {
+        VxlanSpec {
             name: "flannel.1".into(),
             vni: 1,
             parent: Some(2),
@@ -336,7 +334,20 @@ mod tests {
             learning: false,
             gbp: false,
             mtu: Some(1450),
+            mac: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_matches_iproute2_shape() {
+        let spec = VxlanSpec {
             mac: Some("02:11:22:33:44:55".parse().unwrap()),
+            ..VxlanSpec::example()
         };
         assert_eq!(
             describe_vxlan_add(&spec),
