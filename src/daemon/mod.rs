@@ -378,13 +378,14 @@ pub async fn run(flags: Flags, shutdown: impl Future<Output = ()>) -> Result<(),
                     outcome = Err(DaemonError::WatchEnded);
                     break;
                 };
-                let mut events = watcher.apply(update);
                 // A burst (many Nodes changed at once, a relist) is planned and applied once:
                 // take what is already queued before syncing the plane.
-                for _ in 0..MAX_DRAIN {
+                let mut queued = vec![update];
+                while queued.len() <= MAX_DRAIN {
                     let Ok(more) = rx.try_recv() else { break };
-                    events.extend(watcher.apply(more));
+                    queued.push(more);
                 }
+                let events = watcher.apply_all(queued);
                 for ev in &events {
                     debug!(event = ?ev, "lease event");
                 }

@@ -112,6 +112,21 @@ impl LeaseWatcher {
         }
     }
 
+    /// Applies queued updates as one. A snapshot replaces everything before it, so only the
+    /// last snapshot and what follows it are applied (a burst of Kubernetes snapshots is
+    /// diffed once, not once per snapshot).
+    pub fn apply_all(&mut self, updates: Vec<WatchUpdate>) -> Vec<LeaseEvent> {
+        let from = updates
+            .iter()
+            .rposition(|u| matches!(u, WatchUpdate::Snapshot(_)))
+            .unwrap_or(0);
+        let mut events = Vec::new();
+        for update in updates.into_iter().skip(from) {
+            events.extend(self.apply(update));
+        }
+        events
+    }
+
     /// The current set of peer leases, in key order.
     pub fn leases(&self) -> impl Iterator<Item = &Lease> {
         self.leases.values()
@@ -186,6 +201,44 @@ mod tests {
             w.leases().cloned().collect::<Vec<_>>(),
             vec![lease(2, None, 7)]
         );
+    }
+
+    #[test]
+    fn queued_updates_apply_from_the_last_snapshot() {
+        let mut one_by_one = own();
+        let mut all = own();
+        let first = vec![lease(1, None, 1), lease(2, None, 2)];
+        one_by_one.apply_snapshot(first.clone());
+        all.apply_snapshot(first);
+        let queued = || {
+            vec![
+                WatchUpdate::Events(vec![LeaseEvent::Removed(lease(1, None, 1))]),
+                WatchUpdate::Snapshot(vec![lease(3, None, 3)]),
+                WatchUpdate::Snapshot(vec![lease(2, None, 2), lease(4, None, 4)]),
+                WatchUpdate::Events(vec![LeaseEvent::Added(lease(5, None, 5))]),
+            ]
+        };
+        for u in queued() {
+            one_by_one.apply(u);
+        }
+        // Diffed against the state before the burst: 1 went, 4 and 5 came, 2 stayed, 3 was
+        // never seen.
+        assert_eq!(
+            all.apply_all(queued()),
+            vec![
+                LeaseEvent::Removed(lease(1, None, 1)),
+                LeaseEvent::Added(lease(4, None, 4)),
+                LeaseEvent::Added(lease(5, None, 5)),
+            ]
+        );
+        assert!(all.leases().eq(one_by_one.leases()));
+        // Without a snapshot every update is applied.
+        let ev = all.apply_all(vec![
+            WatchUpdate::Events(vec![LeaseEvent::Removed(lease(2, None, 2))]),
+            WatchUpdate::Events(vec![LeaseEvent::Removed(lease(4, None, 4))]),
+        ]);
+        assert_eq!(ev.len(), 2);
+        assert_eq!(all.len(), 1);
     }
 
     #[test]
