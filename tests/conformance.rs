@@ -460,9 +460,24 @@ async fn family_leases<F: AllocFixture>(f: &mut F, dual: bool) {
         F::NAME
     );
 
+    // Subnets for node 3 and the upstream node that our (randomly placed) lease cannot hold.
+    let free = |candidates: [u8; 3]| {
+        let c = candidates
+            .into_iter()
+            .find(|c| {
+                lease.subnet != Some(net(&format!("10.244.{c}.0/24")))
+                    && v6 != net6(&format!("fd42:10:0:{c}::/64"))
+            })
+            .expect("three candidates, one lease");
+        (
+            net(&format!("10.244.{c}.0/24")),
+            net6(&format!("fd42:10:0:{c}::/64")),
+        )
+    };
+    let (third4, third6) = free([77, 76, 75]);
     let prev = PreviousSubnets {
-        ipv4: dual.then(|| net("10.244.77.0/24")),
-        ipv6: Some(net6("fd42:10:0:77::/64")),
+        ipv4: dual.then_some(third4),
+        ipv6: Some(third6),
     };
     let third = f.store_for(3).await;
     let l3 = third
@@ -475,16 +490,18 @@ async fn family_leases<F: AllocFixture>(f: &mut F, dual: bool) {
         "subnet.env reused"
     );
 
+    let (foreign4, foreign6) = free([99, 98, 97]);
     let foreign = if dual {
-        "10.244.99.0-24&fd42:10:0:99::-64"
+        format!("{}-24&{}-64", foreign4.addr(), foreign6.addr())
     } else {
-        "0.0.0.0-0&fd42:10:0:99::-64"
+        format!("0.0.0.0-0&{}-64", foreign6.addr())
     };
+    let foreign = foreign.as_str();
     let theirs = family_attrs(2, dual);
     f.put_raw(foreign, &theirs.to_json()).await;
     let peers = Peers::watch_own(store.clone(), lease.subnet, lease.ipv6_subnet);
-    let want4 = dual.then(|| net("10.244.99.0/24"));
-    let foreign6 = Some(net6("fd42:10:0:99::/64"));
+    let want4 = dual.then_some(foreign4);
+    let foreign6 = Some(foreign6);
     peers
         .wait(
             "upstream node's lease and node 3, not our own",
