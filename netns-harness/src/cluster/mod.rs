@@ -516,5 +516,11 @@ mod tests {
         );
         let err = resolve_flanneld(Some(Path::new("/tmp"))).unwrap_err();
         assert!(format!("{err:#}").contains("not a regular file"));
+        let err = resolve_harness_bin(Some(Path::new("/nonexistent/nh"))).unwrap_err();
+        let s = format!("{err:#}");
+        assert!(
+            s.contains("/nonexistent/nh") && s.contains("NETNS_HARNESS_BIN"),
+            "{s}"
+        );
     }
 }
