@@ -523,6 +523,42 @@ async fn family_leases<F: AllocFixture>(f: &mut F, dual: bool) {
         .await;
 }
 
+/// IPv6-only nodes find their lease on restart by `PublicIPv6`: every IPv6-only lease says
+/// `"PublicIP":"0.0.0.0"`, so upstream's `findLeaseByIP` (PublicIP alone) would hand a
+/// restarting node the first IPv6-only lease in key order, another node's. Here an upstream
+/// node's lease holds the lowest subnet; our node restarts without a subnet.env hint and must
+/// get its own lease back, the other one untouched.
+async fn ipv6_only_restart_finds_own_lease_by_public_ipv6<F: AllocFixture>(f: &mut F) {
+    f.put_config(V6_ONLY_CONFIG).await;
+    let theirs = family_attrs(2, false);
+    let first_key = "0.0.0.0-0&fd42:10:0:1::-64";
+    f.put_raw(first_key, &theirs.to_json()).await;
+    let store = f.store_for(1).await;
+    let json = store.network_config().await.expect("network config");
+    let cfg = NetConfig::parse(&json).expect("config parses");
+    let mine = family_attrs(1, false);
+    let none = PreviousSubnets::default();
+    let lease = store.acquire(&cfg, &mine, &none).await.expect("acquire");
+    assert_ne!(lease.key().map(|k| k.to_string()).as_deref(), Some(first_key));
+    let restarted = f.store_for(1).await;
+    let again = restarted
+        .acquire(&cfg, &mine, &none)
+        .await
+        .expect("re-acquire");
+    assert_eq!(
+        again.key(),
+        lease.key(),
+        "{}: an IPv6-only node gets its own lease back",
+        F::NAME
+    );
+    assert_eq!(
+        f.get_raw(first_key).await,
+        Some(theirs.to_json()),
+        "{}: the other IPv6-only node's lease is untouched",
+        F::NAME
+    );
+}
+
 async fn ipv6_only_leases<F: AllocFixture>(f: &mut F) {
     family_leases(f, false).await;
 }
@@ -570,6 +606,7 @@ macro_rules! family_suite {
         mod $store {
             use super::*;
             case!($fixture, ipv6_only_leases);
+            case!($fixture, ipv6_only_restart_finds_own_lease_by_public_ipv6);
             case!($fixture, dual_stack_leases);
         }
     };
