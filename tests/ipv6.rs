@@ -1015,3 +1015,55 @@ fn ipv6_only_userspace_vxlan_with_the_kube_store() {
         "{frames:?}"
     );
 }
+
+/// Dual-stack vxlan with DirectRouting.
+const DUAL_VXLAN_DIRECT: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
+
+/// The lines of `ip [-6] route show` on node `n` that start with `want` (at most 10 s).
+fn wait_route(n: &Node, family: &str, want: &str) -> String {
+    let show = || n.ns.ip(&[family, "route", "show"]);
+    let ok = wait_for(Duration::from_secs(10), || {
+        show().lines().any(|l| l.starts_with(want))
+    });
+    assert!(ok.is_some(), "want `{want}`: {}\n{}", show(), n.log());
+    show()
+}
+
+/// DirectRouting on one layer-2 segment, IPv6 as IPv4 (upstream's v6DirectRoute): the
+/// userspace node (n1) and the kernel node (n2) route each other's subnets of both
+/// families via the peer's public address of that family, with no VXLAN entries for them;
+/// pods talk over both families and not one VXLAN frame crosses n1's wire.
+#[test]
+fn dual_stack_direct_routing_userspace_and_kernel() {
+    let Some((_g, tmp)) = begin("dual_stack_direct_routing_userspace_and_kernel", "direct") else {
+        return;
+    };
+    let (_sw, nodes, px) =
+        two_nodes_each(&tmp, DUAL_VXLAN_DIRECT, [&[], &["--dataplane=kernel"]]);
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    for (n, peer, i) in [(n1, &px[1], 2), (n2, &px[0], 1)] {
+        let routes6 = wait_route(n, "-6", &format!("{}/64 via 2001:db8:18::{i} dev eth0", peer.1));
+        assert!(
+            !routes6.contains(&format!("{}/64 via {} dev flannel-v6.1", peer.1, peer.1)),
+            "{routes6}"
+        );
+        wait_route(n, "-4", &format!("{}0/24 via 198.18.0.{i} dev eth0", peer.0));
+    }
+    // The kernel node has no neighbour or FDB entry for the direct peer.
+    let neigh = n2.ns.ip(&["-6", "neigh", "show", "dev", "flannel-v6.1"]);
+    assert!(!neigh.contains("PERMANENT"), "{neigh}");
+    let fdb = n2.ns.bridge(&["fdb", "show", "dev", "flannel-v6.1"]);
+    assert!(!fdb.contains(" dst "), "{fdb}");
+
+    let cap = Capture::start(n1, &tmp);
+    let (p1v6, p2v6) = (format!("{}2", px[0].1), format!("{}2", px[1].1));
+    assert!(ping_until(n1, &p2v6), "ping6 {p2v6}: {}", n1.log());
+    assert!(ping_until(n2, &p1v6), "ping6 {p1v6}: {}", n1.log());
+    assert!(ping_until(n1, &format!("{}2", px[1].0)), "ping (IPv4)");
+    assert_eq!(tcp_v6(n1, n2, &p2v6), format!("hello {p1v6}"));
+    let frames = cap.stop();
+    assert!(frames.is_empty(), "VXLAN between on-link peers: {frames:?}");
+    // The kernel's own answer for n2's pod: straight out of eth0 to n2.
+    let get = n1.ns.ip(&["-6", "route", "get", &p2v6]);
+    assert!(get.contains("via 2001:db8:18::2 dev eth0"), "{get}");
+}

@@ -1,6 +1,6 @@
 //! `--host-gw-fallback` in the userspace data plane: `<subnet> via <public IP> dev <iface>`
 //! for the peers on the direct path (the DirectRouting reconciler, told only about them) and
-//! `<VTEP address>/32 dev <tun>` so that the probes of their VTEP still go over VXLAN. The
+//! `<VTEP address>/32 dev <tun>` (`/128` for IPv6) so that the probes of their VTEP still go over VXLAN. The
 //! peers stay in the TUN device's peer table. Kernel mode does the same in its plan
 //! ([`crate::backend::plan::plan_vxlan_fallback`]).
 
@@ -57,10 +57,8 @@ impl FallbackRoutes {
         }
         let vteps: BTreeSet<IpNet> = direct
             .iter()
-            .filter_map(|p| match p.subnet {
-                IpNet::V4(n) => Some(host_net(n.network().into())),
-                IpNet::V6(_) => None,
-            })
+            .filter(|p| IpFamily::of_net(p.subnet) == IpFamily::of_net(self.network))
+            .map(|p| host_net(p.subnet.network()))
             .collect();
         if let Err(e) = self.sync_vtep_routes(&vteps).await {
             errors.push(e);
@@ -71,7 +69,7 @@ impl FallbackRoutes {
         }
     }
 
-    /// `/32` routes on the TUN device: exactly `vteps` (inside Network).
+    /// Host routes (`/32`, `/128`) on the TUN device: exactly `vteps` (inside Network).
     async fn sync_vtep_routes(&self, vteps: &BTreeSet<IpNet>) -> Result<(), String> {
         let nl = self.routes.netlink();
         let index = nl
@@ -80,13 +78,14 @@ impl FallbackRoutes {
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("device {} does not exist", self.device))?
             .index;
-        let current = crate::backend::apply::read_routes(nl, IpFamily::V4)
+        let current = crate::backend::apply::read_routes(nl, IpFamily::of_net(self.network))
             .await
             .map_err(|e| e.to_string())?;
         let present: BTreeSet<IpNet> = current
             .iter()
             .filter(|r| r.dev == Some(index) && r.via.is_none())
-            .filter(|r| r.dst.prefix_len() == 32 && self.network.contains(&r.dst))
+            .filter(|r| r.dst.prefix_len() == r.dst.max_prefix_len())
+            .filter(|r| self.network.contains(&r.dst))
             .map(|r| r.dst)
             .collect();
         let route = |dst: IpNet| {
