@@ -539,7 +539,10 @@ async fn ipv6_only_restart_finds_own_lease_by_public_ipv6<F: AllocFixture>(f: &m
     let mine = family_attrs(1, false);
     let none = PreviousSubnets::default();
     let lease = store.acquire(&cfg, &mine, &none).await.expect("acquire");
-    assert_ne!(lease.key().map(|k| k.to_string()).as_deref(), Some(first_key));
+    assert_ne!(
+        lease.key().map(|k| k.to_string()).as_deref(),
+        Some(first_key)
+    );
     let restarted = f.store_for(1).await;
     let again = restarted
         .acquire(&cfg, &mine, &none)

@@ -110,3 +110,71 @@ impl FallbackRoutes {
         first_error.map_or(Ok(()), Err)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::hostgw::HostGwConfig;
+    use crate::backend::PeerKind;
+    use crate::wire::MacAddr;
+
+    /// The IPv6 plane's fallback routes in a namespace: an IPv6 peer on the direct path gets
+    /// `<subnet> via <its PublicIPv6> dev <underlay>` and `<VTEP address>/128` on the overlay
+    /// device; leaving the path removes both.
+    #[test]
+    fn ipv6_peer_on_the_direct_path_and_back() {
+        if !netns_harness::privileged_test_guard("ipv6_peer_on_the_direct_path_and_back") {
+            return;
+        }
+        let ns = test_support::netns::Netns::new("fbv6").with_underlay();
+        // Stands in for the TUN device: only its index and routes matter here.
+        ns.ip_line("link add flannel-v6.1 type veth peer name fv6peer");
+        ns.ip_line("link set fv6peer up");
+        ns.ip_line("link set flannel-v6.1 up");
+        let peer = Peer::checked_for_test(
+            "2001:db8:42:2::/64",
+            "2001:db8:18::2",
+            PeerKind::Vxlan {
+                vtep_mac: MacAddr([0x02, 0, 0, 0, 0, 2]),
+                vni: 1,
+            },
+        );
+        let v4_peer = Peer::checked_for_test(
+            "10.244.2.0/24",
+            "198.18.0.2",
+            PeerKind::Vxlan {
+                vtep_mac: MacAddr([0x02, 0, 0, 0, 0, 3]),
+                vni: 1,
+            },
+        );
+        let routes = ns.run_async_with(|ns| async move {
+            let network: IpNet = "2001:db8:42::/56".parse().expect("net");
+            let direct = HostGw::setup_direct(HostGwConfig {
+                iface: "ul0".into(),
+                iface_addr: "2001:db8:18::1".parse().expect("ip"),
+                public_ip: "2001:db8:18::1".parse().expect("ip"),
+                network,
+                subnet: "2001:db8:42:1::/64".parse().expect("net"),
+            })
+            .await
+            .expect("setup");
+            let mut f = FallbackRoutes::new(direct, "flannel-v6.1".into(), network);
+            let peers = [peer.clone(), v4_peer.clone()];
+            f.set([peer.subnet, v4_peer.subnet].into_iter().collect());
+            f.sync(&peers).await.expect("on the direct path");
+            let on = ns.ip(&["-6", "route", "show"]);
+            f.set(HashSet::new());
+            f.sync(&peers).await.expect("back on VXLAN");
+            (on, ns.ip(&["-6", "route", "show"]), ns.ip(&["-4", "route", "show"]))
+        });
+        let (on, off, v4) = routes;
+        assert!(
+            on.contains("2001:db8:42:2::/64 via 2001:db8:18::2 dev ul0"),
+            "{on}"
+        );
+        assert!(on.contains("2001:db8:42:2:: dev flannel-v6.1"), "{on}");
+        assert!(!off.contains("2001:db8:42:2::"), "{off}");
+        // The IPv6 plane leaves the IPv4 peer alone.
+        assert!(!v4.contains("10.244.2.0"), "{v4}");
+    }
+}

@@ -116,6 +116,7 @@ impl Plane {
                         Ok(Some((pred, inh))) => {
                             info!(
                                 predecessor = pred.pid(),
+                                %device,
                                 "taking over the data plane of the running flanneld"
                             );
                             (Some(pred), Some(inh))
