@@ -448,17 +448,7 @@ async fn family_leases<F: AllocFixture>(f: &mut F, dual: bool) {
     assert_eq!(renewed.key(), lease.key());
     assert_eq!(f.get_raw(&key).await, Some(mine.to_json()), "after renewal");
 
-    let restarted = f.store_for(1).await;
-    let again = restarted
-        .acquire(&cfg, &mine, &none)
-        .await
-        .expect("re-acquire");
-    assert_eq!(
-        again.key(),
-        lease.key(),
-        "{}: same lease after restart",
-        F::NAME
-    );
+    restart_gets_back(f, &cfg, &mine, &lease, "same lease after restart").await;
 
     // Subnets for node 3 and the upstream node that our (randomly placed) lease cannot hold.
     let free = |candidates: [u8; 3]| {
@@ -523,6 +513,22 @@ async fn family_leases<F: AllocFixture>(f: &mut F, dual: bool) {
         .await;
 }
 
+/// Node 1 restarted (a new store, no subnet.env hint) with `mine` acquires `lease` again.
+async fn restart_gets_back<F: AllocFixture>(
+    f: &F,
+    cfg: &NetConfig,
+    mine: &LeaseAttrs,
+    lease: &Lease,
+    what: &str,
+) {
+    let restarted = f.store_for(1).await;
+    let again = restarted
+        .acquire(cfg, mine, &PreviousSubnets::default())
+        .await
+        .expect("re-acquire");
+    assert_eq!(again.key(), lease.key(), "{}: {what}", F::NAME);
+}
+
 /// IPv6-only nodes find their lease on restart by `PublicIPv6`: every IPv6-only lease says
 /// `"PublicIP":"0.0.0.0"`, so upstream's `findLeaseByIP` (PublicIP alone) would hand a
 /// restarting node the first IPv6-only lease in key order, another node's. Here an upstream
@@ -543,17 +549,14 @@ async fn ipv6_only_restart_finds_own_lease_by_public_ipv6<F: AllocFixture>(f: &m
         lease.key().map(|k| k.to_string()).as_deref(),
         Some(first_key)
     );
-    let restarted = f.store_for(1).await;
-    let again = restarted
-        .acquire(&cfg, &mine, &none)
-        .await
-        .expect("re-acquire");
-    assert_eq!(
-        again.key(),
-        lease.key(),
-        "{}: an IPv6-only node gets its own lease back",
-        F::NAME
-    );
+    restart_gets_back(
+        f,
+        &cfg,
+        &mine,
+        &lease,
+        "an IPv6-only node gets its own lease back",
+    )
+    .await;
     assert_eq!(
         f.get_raw(first_key).await,
         Some(theirs.to_json()),

@@ -131,22 +131,12 @@ mod tests {
         ns.ip_line("link add flannel-v6.1 type veth peer name fv6peer");
         ns.ip_line("link set fv6peer up");
         ns.ip_line("link set flannel-v6.1 up");
-        let peer = Peer::checked_for_test(
-            "2001:db8:42:2::/64",
-            "2001:db8:18::2",
-            PeerKind::Vxlan {
-                vtep_mac: MacAddr([0x02, 0, 0, 0, 0, 2]),
-                vni: 1,
-            },
-        );
-        let v4_peer = Peer::checked_for_test(
-            "10.244.2.0/24",
-            "198.18.0.2",
-            PeerKind::Vxlan {
-                vtep_mac: MacAddr([0x02, 0, 0, 0, 0, 3]),
-                vni: 1,
-            },
-        );
+        let vxlan = |subnet: &str, ip: &str, last: u8| {
+            let vtep_mac = MacAddr([0x02, 0, 0, 0, 0, last]);
+            Peer::checked_for_test(subnet, ip, PeerKind::Vxlan { vtep_mac, vni: 1 })
+        };
+        let peer = vxlan("2001:db8:42:2::/64", "2001:db8:18::2", 2);
+        let v4_peer = vxlan("10.244.2.0/24", "198.18.0.2", 3);
         let routes = ns.run_async_with(|ns| async move {
             let network: IpNet = "2001:db8:42::/56".parse().expect("net");
             let direct = HostGw::setup_direct(HostGwConfig {
@@ -165,7 +155,11 @@ mod tests {
             let on = ns.ip(&["-6", "route", "show"]);
             f.set(HashSet::new());
             f.sync(&peers).await.expect("back on VXLAN");
-            (on, ns.ip(&["-6", "route", "show"]), ns.ip(&["-4", "route", "show"]))
+            (
+                on,
+                ns.ip(&["-6", "route", "show"]),
+                ns.ip(&["-4", "route", "show"]),
+            )
         });
         let (on, off, v4) = routes;
         assert!(
