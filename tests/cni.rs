@@ -81,11 +81,8 @@ fn cni_pods_get_overlay_mtu_and_hostports_keep_flannels_source_addresses() {
         let env = SubnetEnv::read(&c.subnet_env_path(node)).unwrap();
         let pod = format!("{node}p1");
         let ip = c.pod_ip(&pod).unwrap();
-        assert!(
-            env.subnet.trunc().contains(ip),
-            "{pod} {ip} not in {}",
-            env.subnet
-        );
+        let subnet = env.subnet.expect("FLANNEL_SUBNET");
+        assert!(subnet.trunc().contains(ip), "{pod} {ip} not in {subnet}");
         let l = c.cni_layout(node).unwrap();
         let store = std::fs::read_to_string(l.ipam_dir.join("cbr0").join(ip.to_string()))
             .expect("host-local reservation of the pod's address");

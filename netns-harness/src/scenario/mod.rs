@@ -915,7 +915,8 @@ mod tests {
             src: src.into(),
             src_kind: kind,
             dst: dst.into(),
-            dst_ip: Ipv4Addr::new(10, 244, 0, 2),
+            dst_ip: Ipv4Addr::new(10, 244, 0, 2).into(),
+            family: crate::check::Family::V4,
             same_node: false,
             results: vec![ProbeOutcome {
                 kind: ProbeKind::Icmp,
