@@ -315,6 +315,18 @@ pub fn create_vtep6(
     make_vtep(ns, conf, &dev, mac, &local.to_string(), &addr, mtu)
 }
 
+/// The MTU the kernel gave a device (`ip -o link show`).
+pub fn device_mtu(ns: &str, dev: &str) -> Result<u32> {
+    let out = cmd::ns_ok(ns, &["ip", "-o", "link", "show", "dev", dev])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    words
+        .find(|w| *w == "mtu")
+        .and_then(|_| words.next())
+        .and_then(|m| m.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no mtu for {dev} in {text:?}"))
+}
+
 fn make_vtep(
     ns: &str,
     conf: &NetConf,

@@ -244,15 +244,6 @@ impl Cluster {
             let a = c.nth(1).ok_or_else(|| anyhow!("subnet {c} too small"))?;
             Cidr6::new(a, c.len)
         };
-        SubnetEnv {
-            network: subnet.map(|_| conf.network),
-            subnet: subnet.as_ref().map(first).transpose()?,
-            ipv6_network: conf.ipv6.as_ref().map(|c| c.network),
-            ipv6_subnet: subnet6.as_ref().map(first6).transpose()?,
-            mtu,
-            ipmasq: self.state.ip_masq,
-        }
-        .write(&self.subnet_env_path(&name))?;
         let dir = self.node_dir(&name);
         let node = &self.state.nodes[pos];
         if let (Some(subnet), Some(mac)) = (subnet, &node.vtep_mac) {
@@ -277,6 +268,23 @@ impl Cluster {
                 &dir.join("ip6tables.rules"),
             )?;
         }
+        // flannel reads its device back: FLANNEL_MTU is the IPv4 device's MTU, or in IPv6-only
+        // runs the IPv6 device's, which the kernel clamped for the larger IPv6 headroom.
+        let env_mtu = match subnet {
+            Some(_) => mtu,
+            None => kernel_ref::device_mtu(&ns, &kernel_ref::device_name6(conf.vni))?,
+        };
+        self.state.nodes[pos].mtu = env_mtu;
+        let node = &self.state.nodes[pos];
+        SubnetEnv {
+            network: subnet.map(|_| conf.network),
+            subnet: subnet.as_ref().map(first).transpose()?,
+            ipv6_network: conf.ipv6.as_ref().map(|c| c.network),
+            ipv6_subnet: subnet6.as_ref().map(first6).transpose()?,
+            mtu: env_mtu,
+            ipmasq: self.state.ip_masq,
+        }
+        .write(&self.subnet_env_path(&name))?;
         log(format!(
             "{name}: kernel-ref {} vtep {}{}",
             subnet.map_or_else(|| "-".into(), |s| s.to_string()),
