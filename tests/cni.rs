@@ -104,15 +104,18 @@ fn cni_pods_get_overlay_mtu_and_hostports_keep_flannels_source_addresses() {
             env.mtu
         );
         let bridge = sh(&c, node, &["ip", "-o", "addr", "show", "cni0"]);
-        assert!(bridge.contains(&env.subnet.to_string()), "{bridge}");
-        let gw = env.subnet.addr.to_string();
+        assert!(bridge.contains(&subnet.to_string()), "{bridge}");
+        let gw = subnet.addr.to_string();
         let routes = sh(&c, &pod, &["ip", "route"]);
         assert!(
             routes.contains(&format!("default via {gw} dev eth0")),
             "{routes}"
         );
         assert!(
-            routes.contains(&format!("{} via {gw} dev eth0", env.network)),
+            routes.contains(&format!(
+                "{} via {gw} dev eth0",
+                env.network.expect("FLANNEL_NETWORK")
+            )),
             "{routes}"
         );
     }
