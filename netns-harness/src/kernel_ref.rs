@@ -49,35 +49,26 @@ pub trait Peer: Clone + PartialEq {
     fn underlay(&self) -> String;
 }
 
-impl Peer for PeerEntry {
-    fn subnet_text(&self) -> String {
-        self.subnet.to_string()
-    }
-    fn gateway(&self) -> String {
-        self.subnet.network().to_string()
-    }
-    fn mac(&self) -> &str {
-        &self.vtep_mac
-    }
-    fn underlay(&self) -> String {
-        self.public_ip.to_string()
-    }
+/// Both families' peer entries have the same fields: one implementation serves them.
+macro_rules! impl_peer {
+    ($($t:ty),*) => {$(
+        impl Peer for $t {
+            fn subnet_text(&self) -> String {
+                self.subnet.to_string()
+            }
+            fn gateway(&self) -> String {
+                self.subnet.network().to_string()
+            }
+            fn mac(&self) -> &str {
+                &self.vtep_mac
+            }
+            fn underlay(&self) -> String {
+                self.public_ip.to_string()
+            }
+        }
+    )*};
 }
-
-impl Peer for PeerEntry6 {
-    fn subnet_text(&self) -> String {
-        self.subnet.to_string()
-    }
-    fn gateway(&self) -> String {
-        self.subnet.network().to_string()
-    }
-    fn mac(&self) -> &str {
-        &self.vtep_mac
-    }
-    fn underlay(&self) -> String {
-        self.public_ip.to_string()
-    }
-}
+impl_peer!(PeerEntry, PeerEntry6);
 
 /// One step of the reconciliation.
 #[derive(Debug, Clone, PartialEq, Eq)]
