@@ -8,6 +8,7 @@ mod netns;
 use std::time::Duration;
 
 use netns::*;
+use netns_harness::scenario::{self, Scenario, ScenarioOpts};
 use netns_harness::{privileged_test_guard, Family, IpFamily, NodeKind, StoreKind};
 
 use NodeKind::{Kernel, KernelRef, Userspace};
@@ -169,4 +170,56 @@ fn ipv6_only_mixed_data_planes_pass_the_matrix() {
         .find_map(|l| l.strip_prefix("FLANNEL_MTU="))
         .expect("FLANNEL_MTU");
     assert!(link.contains(&format!("mtu {mtu} ")), "{env} vs {link}");
+}
+
+#[test]
+fn p3_forward_reject_breaks_and_heals_both_families_on_dual_stack() {
+    if !privileged_test_guard("p3_forward_reject_breaks_and_heals_both_families_on_dual_stack") {
+        return;
+    }
+    let _g = serial();
+    let s = spec(&[], 0);
+    let opts = ScenarioOpts {
+        flanneld: s.flanneld,
+        harness_bin: s.harness_bin,
+        flanneld_args: s.flanneld_args,
+        ip_family: IpFamily::Dual,
+        ..ScenarioOpts::default()
+    };
+    let r = scenario::run(Scenario::P3ForwardReject, &opts).expect("p3-forward-reject on dual");
+    println!("{r}");
+    assert!(r.passed(), "{r}");
+    // The broken phase judged both families: its matrix has IPv6 cells, and the pairs
+    // forwarded by the REJECTing node fail over IPv6 as well as IPv4.
+    let broken = r
+        .phases
+        .iter()
+        .find(|p| p.name == "broken")
+        .expect("broken phase");
+    let m = broken.matrix.as_ref().expect("broken matrix");
+    assert_eq!(m.families(), vec![Family::V4, Family::V6]);
+    for fam in [Family::V4, Family::V6] {
+        let failed = m
+            .cells
+            .iter()
+            .filter(|c| c.family == fam && !c.ok())
+            .count();
+        assert!(
+            failed > 0,
+            "no {} cell failed while broken:\n{m}",
+            fam.name()
+        );
+    }
+    let fixed = r.phases.last().expect("fixed phase");
+    let m = fixed.matrix.as_ref().expect("fixed matrix");
+    assert!(
+        m.family_pass(Family::V4) && m.family_pass(Family::V6),
+        "{m}"
+    );
+    // Scenarios without an IPv6 twin of their break refuse dual-stack clusters.
+    let err = scenario::run(Scenario::P2ClusterIp, &opts).expect_err("p2 on dual");
+    assert!(
+        format!("{err:#}").contains("does not run on --ip-family dual"),
+        "{err:#}"
+    );
 }

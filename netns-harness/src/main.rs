@@ -172,6 +172,10 @@ enum Cmd {
         /// test-apiserver binary (kube store).
         #[arg(long)]
         apiserver: Option<PathBuf>,
+        /// Address families of the cluster, as for `up` (dual: the P3 causes ip-forward,
+        /// forward-reject, security-software and vxlan-port break and are judged on both).
+        #[arg(long, default_value = "v4")]
+        ip_family: String,
     },
     /// Packet capture on the underlay bridge, verified with tshark.
     Capture {
@@ -659,6 +663,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             link_offloads,
             etcd,
             apiserver,
+            ip_family,
         } => {
             if names.iter().any(|n| n == "list") {
                 for s in scenario::Scenario::ALL {
@@ -680,6 +685,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 apiserver_bin: apiserver.clone(),
                 converge: Duration::from_secs(*wait),
                 link_offloads: *link_offloads,
+                ip_family: ip_family.parse()?,
             };
             let reports = scenario::run_many(&list, &opts, |r| {
                 print!("{r}");
