@@ -522,6 +522,44 @@ mod tests {
     }
 
     #[test]
+    fn plan6_uses_the_v6_subnet_mac_and_public_ipv6() {
+        let own: Cidr6 = "fd42:244:0:1::/64".parse().unwrap();
+        let dual = |v4: &str, v6: &str, n: u8| {
+            let mut l = lease(
+                v4,
+                &format!("198.18.0.{n}"),
+                &format!("0e:00:00:00:00:0{n}"),
+            );
+            l.subnet6 = Some(v6.parse().unwrap());
+            l.attrs.public_ipv6 = Some(format!("2001:db8:18::{n}"));
+            l.attrs.backend_v6_data =
+                serde_json::json!({"VNI": 1, "VtepMAC": format!("0e:00:00:00:06:0{n}")});
+            l
+        };
+        let mut no_v6_mac = dual("10.244.4.0/24", "fd42:244:0:4::/64", 4);
+        no_v6_mac.attrs.backend_v6_data = serde_json::Value::Null;
+        let leases = vec![
+            dual("10.244.1.0/24", "fd42:244:0:1::/64", 1),
+            dual("10.244.2.0/24", "fd42:244:0:2::/64", 2),
+            lease("10.244.3.0/24", "198.18.0.3", "0e:00:00:00:00:03"),
+            no_v6_mac,
+        ];
+        let ops = plan6(&own, &leases, &[]);
+        let want = PeerEntry6 {
+            subnet: "fd42:244:0:2::/64".parse().unwrap(),
+            vtep_mac: "0e:00:00:00:06:02".into(),
+            public_ip: "2001:db8:18::2".parse().unwrap(),
+        };
+        assert_eq!(ops, vec![KernelOp::Add(want.clone())]);
+        assert_eq!(want.gateway(), "fd42:244:0:2::");
+        assert!(plan6(&own, &leases, std::slice::from_ref(&want)).is_empty());
+        assert_eq!(
+            plan6(&own, &[], &[want.clone()]),
+            vec![KernelOp::Remove(want)]
+        );
+    }
+
+    #[test]
     fn rules_match_flannel_golden_text() {
         let n: Cidr = "10.244.0.0/16".parse().unwrap();
         let p: Cidr = "10.244.1.0/24".parse().unwrap();
@@ -530,6 +568,10 @@ mod tests {
             "-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully\n"
         ));
         assert!(t.contains("-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.1.0/24 -m comment --comment \"flanneld masq\" -j RETURN\n"));
+        let t6 = family_rules_text("fd42:244::/56", "fd42:244:0:1::/64", "ff00::/8", true, true);
+        assert!(t6.contains(
+            "-A FLANNEL-POSTRTG -s fd42:244::/56 ! -d ff00::/8 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully\n"
+        ));
         let t = rules_text(&n, &p, false, true);
         assert!(!t.contains("*nat"));
         assert!(t.contains(

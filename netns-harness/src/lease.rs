@@ -747,6 +747,38 @@ mod tests {
     }
 
     #[test]
+    fn dual_leases_acquire_both_families() {
+        let dir = std::env::temp_dir().join(format!("nh-lease6-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ld = LeaseDir::new(&dir);
+        ld.init(DUAL_NET_CONF).unwrap();
+        let conf = NetConf::parse(DUAL_NET_CONF).unwrap();
+        let attrs = LeaseAttrs {
+            public_ip: "198.18.0.1".into(),
+            public_ipv6: Some("2001:db8:18::1".into()),
+            backend_type: "vxlan".into(),
+            backend_data: serde_json::json!({"VNI":1,"VtepMAC":"0e:00:00:00:00:01"}),
+            backend_v6_data: serde_json::json!({"VNI":1,"VtepMAC":"0e:00:00:00:06:01"}),
+        };
+        let (a4, a6) = ld.acquire_families(&conf, &attrs).unwrap();
+        let (b4, b6) = ld.acquire_families(&conf, &attrs).unwrap();
+        assert_eq!(a4.unwrap().to_string(), "10.244.1.0/24");
+        assert_eq!(a6.unwrap().to_string(), "fd42:244:0:1::/64");
+        assert_eq!(b6.unwrap().to_string(), "fd42:244:0:2::/64");
+        assert_eq!(b4.unwrap().to_string(), "10.244.2.0/24");
+        assert!(ld.key_path("10.244.1.0-24&fd42:244:0:1::-64").exists());
+        let (leases, bad) = ld.read_all().unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(leases[0].vxlan6().unwrap().vtep_mac, "0e:00:00:00:06:01");
+        let body = std::fs::read_to_string(ld.key_path(&leases[0].key())).unwrap();
+        assert!(
+            body.ends_with(r#""BackendV6Data":{"VNI":1,"VtepMAC":"0e:00:00:00:06:01"}}"#),
+            "{body}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn subnet_env_roundtrip() {
         let env = SubnetEnv {
             network: Some("10.244.0.0/16".parse().unwrap()),

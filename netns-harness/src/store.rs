@@ -337,6 +337,25 @@ mod tests {
         assert_eq!(l.subnet.to_string(), "10.244.2.0/24");
         assert_eq!(l.public_ip(), Some(Ipv4Addr::new(198, 18, 0, 2)));
         assert_eq!(l.vxlan().unwrap().vtep_mac, "0e:00:00:00:00:02");
+        let mut dual = node.clone();
+        dual["spec"]["podCIDRs"] = json!(["10.244.2.0/24", "fd42:244:0:2::/64"]);
+        let ann = &mut dual["metadata"]["annotations"];
+        ann["flannel.alpha.coreos.com/public-ipv6"] = json!("2001:db8:18::2");
+        ann["flannel.alpha.coreos.com/backend-v6-data"] =
+            json!("{\"VNI\":1,\"VtepMAC\":\"0e:00:00:00:06:02\"}");
+        let l = node_to_lease(&dual).unwrap().unwrap();
+        assert_eq!(l.key(), "10.244.2.0-24&fd42:244:0:2::-64");
+        assert_eq!(l.public_ipv6().unwrap().to_string(), "2001:db8:18::2");
+        assert_eq!(l.vxlan6().unwrap().vtep_mac, "0e:00:00:00:06:02");
+        let mut v6 = dual.clone();
+        v6["spec"] = json!({"podCIDR": "fd42:244:0:2::/64", "podCIDRs": ["fd42:244:0:2::/64"]});
+        v6["metadata"]["annotations"]
+            .as_object_mut()
+            .unwrap()
+            .remove("flannel.alpha.coreos.com/public-ip");
+        let l = node_to_lease(&v6).unwrap().unwrap();
+        assert_eq!(l.key(), "0.0.0.0-0&fd42:244:0:2::-64");
+        assert_eq!(l.subnet4(), None);
         let unmanaged = json!({"metadata": {"name": "x"}, "spec": {"podCIDR": "10.244.9.0/24"}});
         assert!(node_to_lease(&unmanaged).unwrap().is_none());
         let mut broken = node.clone();
