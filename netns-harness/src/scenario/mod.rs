@@ -242,6 +242,7 @@ impl Scenario {
                     | Scenario::P3ForwardReject
                     | Scenario::P3SecuritySoftware
                     | Scenario::P3VxlanPort
+                    | Scenario::P3VxlanHostGw
             )
     }
 
