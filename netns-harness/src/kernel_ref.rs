@@ -554,7 +554,7 @@ mod tests {
         assert_eq!(want.gateway(), "fd42:244:0:2::");
         assert!(plan6(&own, &leases, std::slice::from_ref(&want)).is_empty());
         assert_eq!(
-            plan6(&own, &[], &[want.clone()]),
+            plan6(&own, &[], std::slice::from_ref(&want)),
             vec![KernelOp::Remove(want)]
         );
     }
