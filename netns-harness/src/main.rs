@@ -173,7 +173,8 @@ enum Cmd {
         #[arg(long)]
         apiserver: Option<PathBuf>,
         /// Address families of the cluster, as for `up` (dual: the P3 causes ip-forward,
-        /// forward-reject, security-software and vxlan-port break and are judged on both).
+        /// forward-reject, security-software, vxlan-port and vxlan-hostgw break and are
+        /// judged on both).
         #[arg(long, default_value = "v4")]
         ip_family: String,
     },
