@@ -40,9 +40,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::capture::{CaptureOpts, CaptureReport};
-use crate::check::{Cell, Matrix, ProbeOutcome, SourceKind};
+use crate::check::{Cell, Family, Matrix, ProbeOutcome, SourceKind};
 pub use crate::cluster::{parse_ethtool_feature, KUBE_MARK};
-use crate::cluster::{Cluster, ClusterSpec, NodeKind, DEFAULT_BASE_DIR};
+use crate::cluster::{Cluster, ClusterSpec, IpFamily, NodeKind, DEFAULT_BASE_DIR};
 use crate::doctor::{DoctorReport, DoctorRun, Level};
 use crate::store::StoreKind;
 use crate::sys;
@@ -227,7 +227,23 @@ impl Scenario {
         s.etcd_bin = opts.etcd_bin.clone();
         s.apiserver_bin = opts.apiserver_bin.clone();
         s.underlay_tx_offload = opts.link_offloads && !self.needs_real_wire();
+        s.ip_family = opts.ip_family;
         s
+    }
+
+    /// True when the scenario runs on clusters of `family`: every one on IPv4; on dual-stack
+    /// and IPv6-only the P3 causes whose break has an IPv6 twin (net.ipv6 forwarding,
+    /// ip6tables REJECT and DROP) or none (security software).
+    pub fn supports(self, family: IpFamily) -> bool {
+        family == IpFamily::V4
+            || matches!(
+                self,
+                Scenario::P3IpForward
+                    | Scenario::P3ForwardReject
+                    | Scenario::P3SecuritySoftware
+                    | Scenario::P3VxlanPort
+                    | Scenario::P3VxlanHostGw
+            )
     }
 
     /// The scenario verifies every checksum on the underlay with tshark, which needs
@@ -302,6 +318,10 @@ pub struct ScenarioOpts {
     pub converge: Duration,
     /// Underlay veth offloads ([`ClusterSpec::underlay_tx_offload`]; default on).
     pub link_offloads: bool,
+    /// The cluster's address families ([`ClusterSpec::ip_family`]; default IPv4). With IPv6
+    /// in it the P3 causes that support it ([`Scenario::supports`]) break IPv6 the same way
+    /// and judge both families' cells.
+    pub ip_family: IpFamily,
 }
 
 impl Default for ScenarioOpts {
@@ -316,6 +336,7 @@ impl Default for ScenarioOpts {
             apiserver_bin: None,
             converge: Duration::from_secs(15),
             link_offloads: true,
+            ip_family: IpFamily::V4,
         }
     }
 }
@@ -625,6 +646,12 @@ pub fn run_many(
     opts: &ScenarioOpts,
     mut each: impl FnMut(&ScenarioReport),
 ) -> Result<Vec<ScenarioReport>> {
+    if let Some(s) = list.iter().find(|s| !s.supports(opts.ip_family)) {
+        bail!(
+            "scenario {s} does not run on --ip-family {} yet (IPv4 only)",
+            opts.ip_family
+        );
+    }
     let mut out = Vec::new();
     let mut i = 0;
     while i < list.len() {
@@ -713,13 +740,28 @@ fn expect_split(
         if skip_same_node && cell.same_node {
             continue;
         }
+        // IPv6 cells of a dual-stack matrix are named as such.
+        let fam = match cell.family {
+            Family::V4 => "",
+            Family::V6 => " ipv6",
+        };
         if affected(cell) {
             hit += 1;
             if cell.results.iter().any(|r| r.ok) {
-                wrong_pass.push(format!("{}->{} {}", cell.src, cell.dst, cell.letters()));
+                wrong_pass.push(format!(
+                    "{}->{}{fam} {}",
+                    cell.src,
+                    cell.dst,
+                    cell.letters()
+                ));
             }
         } else if !cell.ok() {
-            wrong_fail.push(format!("{}->{} {}", cell.src, cell.dst, cell.letters()));
+            wrong_fail.push(format!(
+                "{}->{}{fam} {}",
+                cell.src,
+                cell.dst,
+                cell.letters()
+            ));
         }
     }
     phase.expect(
@@ -915,7 +957,8 @@ mod tests {
             src: src.into(),
             src_kind: kind,
             dst: dst.into(),
-            dst_ip: Ipv4Addr::new(10, 244, 0, 2),
+            dst_ip: Ipv4Addr::new(10, 244, 0, 2).into(),
+            family: crate::check::Family::V4,
             same_node: false,
             results: vec![ProbeOutcome {
                 kind: ProbeKind::Icmp,
