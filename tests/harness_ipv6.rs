@@ -8,7 +8,7 @@ mod netns;
 use std::time::Duration;
 
 use netns::*;
-use netns_harness::scenario::{self, Scenario, ScenarioOpts};
+use netns_harness::scenario::{self, Scenario, ScenarioOpts, ScenarioReport};
 use netns_harness::{privileged_test_guard, Family, IpFamily, NodeKind, StoreKind};
 
 use NodeKind::{Kernel, KernelRef, Userspace};
@@ -172,23 +172,30 @@ fn ipv6_only_mixed_data_planes_pass_the_matrix() {
     assert!(link.contains(&format!("mtu {mtu} ")), "{env} vs {link}");
 }
 
+/// Runs scenario `s` on a dual-stack cluster of this build's binaries; every assertion must
+/// pass. Returns the options (for further runs) and the report.
+fn passes_on_dual(s: Scenario) -> (ScenarioOpts, ScenarioReport) {
+    let spec = spec(&[], 0);
+    let opts = ScenarioOpts {
+        flanneld: spec.flanneld,
+        harness_bin: spec.harness_bin,
+        flanneld_args: spec.flanneld_args,
+        ip_family: IpFamily::Dual,
+        ..ScenarioOpts::default()
+    };
+    let r = scenario::run(s, &opts).unwrap_or_else(|e| panic!("{s} on dual: {e:#}"));
+    println!("{r}");
+    assert!(r.passed(), "{r}");
+    (opts, r)
+}
+
 #[test]
 fn p3_forward_reject_breaks_and_heals_both_families_on_dual_stack() {
     if !privileged_test_guard("p3_forward_reject_breaks_and_heals_both_families_on_dual_stack") {
         return;
     }
     let _g = serial();
-    let s = spec(&[], 0);
-    let opts = ScenarioOpts {
-        flanneld: s.flanneld,
-        harness_bin: s.harness_bin,
-        flanneld_args: s.flanneld_args,
-        ip_family: IpFamily::Dual,
-        ..ScenarioOpts::default()
-    };
-    let r = scenario::run(Scenario::P3ForwardReject, &opts).expect("p3-forward-reject on dual");
-    println!("{r}");
-    assert!(r.passed(), "{r}");
+    let (opts, r) = passes_on_dual(Scenario::P3ForwardReject);
     // The broken phase judged both families: its matrix has IPv6 cells, and the pairs
     // forwarded by the REJECTing node fail over IPv6 as well as IPv4.
     let broken = r
@@ -217,9 +224,55 @@ fn p3_forward_reject_breaks_and_heals_both_families_on_dual_stack() {
         "{m}"
     );
     // Scenarios without an IPv6 twin of their break refuse dual-stack clusters.
-    let err = scenario::run(Scenario::P2ClusterIp, &opts).expect_err("p2 on dual");
+    let err = scenario::run(Scenario::NodeSetup, &opts).expect_err("node-setup on dual");
     assert!(
         format!("{err:#}").contains("does not run on --ip-family dual"),
         "{err:#}"
     );
+}
+
+#[test]
+fn p2_cluster_ip_passes_every_phase_on_dual_stack() {
+    if !privileged_test_guard("p2_cluster_ip_passes_every_phase_on_dual_stack") {
+        return;
+    }
+    let _g = serial();
+    let (_, r) = passes_on_dual(Scenario::P2ClusterIp);
+    let names: Vec<&str> = r.phases.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["baseline", "cluster-ip", "offload-on", "daemon-restart"]
+    );
+    // Both families' ClusterIPs were probed, from a pod and from the host, and all answered.
+    let ip = r.phase("cluster-ip").expect("cluster-ip phase");
+    for vip in [
+        "10.96.0.10:8080",
+        "10.96.0.11:8080",
+        "[fd42:96::10]:8080",
+        "[fd42:96::11]:8080",
+    ] {
+        let hits: Vec<_> = ip.probes.iter().filter(|p| p.target == vip).collect();
+        assert!(
+            hits.iter().any(|p| p.from.contains('p')) && hits.iter().any(|p| !p.from.contains('p')),
+            "{vip}: pod and host probes"
+        );
+        assert!(hits.iter().all(|p| p.outcome.ok), "{vip}");
+    }
+    // tshark saw VXLAN over IPv6 carrying the IPv6 ClusterIP traffic, every checksum valid
+    // (over IPv6 the outer UDP checksum must be present).
+    let (_, cap) = &ip.captures[0];
+    assert!(
+        cap.all_checksums_ok() && cap.outer_ip6 > 0 && cap.inner_tcp6 > 0,
+        "{cap}"
+    );
+    // The kernel node's IPv6 device was judged in every phase that looks at offload.
+    for phase in ["baseline", "offload-on", "daemon-restart"] {
+        let p = r.phase(phase).expect(phase);
+        assert!(
+            p.assertions
+                .iter()
+                .any(|a| a.what.contains("flannel-v6.1 ")),
+            "{phase}: no assertion about flannel-v6.1"
+        );
+    }
 }
