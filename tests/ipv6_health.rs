@@ -6,7 +6,9 @@
 //! REJECT ahead of flannel's accepts and `ip6-forward` for IPv6 forwarding off (naming each
 //! and its fix, the IPv4 twins still PASS), and PASSes again once repaired; a peer that
 //! stops answering ICMPv6 is exported unreachable (its IPv4 VTEP still reachable) and named
-//! by doctor's `peer-reachable`, until it answers again.
+//! by doctor's `peer-reachable`, until it answers again. With `--host-gw-fallback`, a peer
+//! whose IPv6 VXLAN is dropped is routed directly via its PublicIPv6 (IPv4 stays on VXLAN)
+//! and returns to VXLAN once the drop is lifted.
 //! Privileged: run as root (CI=true makes it mandatory).
 
 use std::collections::BTreeSet;
@@ -80,6 +82,15 @@ impl Node {
         (out.status.code().unwrap_or(-1), report)
     }
 
+    /// The node's IPv6 VTEP address (its subnet's network address) and prefix length:
+    /// `2001:db8:42:7::1/64` in subnet.env → (`2001:db8:42:7::`, `64`).
+    fn v6_vtep(&mut self) -> (String, String) {
+        let subnet = self.env("FLANNEL_IPV6_SUBNET");
+        let (host, len) = subnet.split_once('/').expect("prefix");
+        let vtep = host.strip_suffix('1').expect("first host");
+        (vtep.to_owned(), len.to_owned())
+    }
+
     fn metrics(&self) -> String {
         let fetch = format!(
             "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{METRICS_PORT}/metrics', timeout=2).read().decode())"
@@ -89,8 +100,8 @@ impl Node {
 }
 
 /// Two dual-stack (`v4`) or IPv6-only nodes on one veth pair, flanneld
-/// (`--dataplane=<dataplane>`) started on both.
-fn two_nodes(tmp: &Path, dataplane: &str, v4: bool) -> Vec<Node> {
+/// (`--dataplane=<dataplane>`, and `extra` arguments) started on both.
+fn two_nodes(tmp: &Path, dataplane: &str, v4: bool, extra: &[&str]) -> Vec<Node> {
     let leases = tmp.join("leases");
     std::fs::create_dir_all(&leases).expect("lease dir");
     let config = if v4 { DUAL } else { V6_ONLY };
@@ -136,6 +147,7 @@ fn two_nodes(tmp: &Path, dataplane: &str, v4: bool) -> Vec<Node> {
                     "--peer-probe-interval=1",
                     &format!("--metrics-port={METRICS_PORT}"),
                 ])
+                .args(extra)
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log_file).expect("log"))
                 .spawn()
@@ -232,12 +244,9 @@ fn userspace_v6_peer_health_and_doctor_v6_checks() {
 fn v6_health(dataplane: &str, device: &str, v4: bool) {
     let _serial = serial();
     let tmp = TempDir::new("ipv6-health");
-    let mut nodes = two_nodes(&tmp.0, dataplane, v4);
-    let v6_subnet2 = nodes[1].env("FLANNEL_IPV6_SUBNET");
+    let mut nodes = two_nodes(&tmp.0, dataplane, v4, &[]);
+    let (v6_vtep, len) = nodes[1].v6_vtep();
     nodes[0].env("FLANNEL_IPV6_SUBNET");
-    // `2001:db8:42:7::1/64` → subnet `2001:db8:42:7::/64`, VTEP `2001:db8:42:7::`.
-    let (host, len) = v6_subnet2.split_once('/').expect("prefix");
-    let v6_vtep = host.strip_suffix('1').expect("first host").to_owned();
     let v6_series = format!(
         "flannel_peer_reachable{{subnet=\"{v6_vtep}/{len}\",public_ip=\"2001:db8:18::2\"}} 1"
     );
@@ -349,4 +358,80 @@ fn v6_health(dataplane: &str, device: &str, v4: bool) {
         text.contains(&v6_series)
     });
     assert!(up.is_some(), "want {v6_series} again in:\n{text}");
+}
+
+#[test]
+fn kernel_v6_host_gw_fallback() {
+    if privileged("kernel_v6_host_gw_fallback") {
+        v6_fallback("kernel");
+    }
+}
+
+#[test]
+fn userspace_v6_host_gw_fallback() {
+    if privileged("userspace_v6_host_gw_fallback") {
+        v6_fallback("userspace");
+    }
+}
+
+/// `--host-gw-fallback` on IPv6: node 2 drops VXLAN over IPv6 (its IPv4 VXLAN still
+/// arrives); node 1's prober sees the IPv6 VTEP stop answering while 2001:db8:18::2 is
+/// on-link and routes the IPv6 subnet directly, then back over VXLAN once lifted.
+fn v6_fallback(dataplane: &str) {
+    let _serial = serial();
+    let tmp = TempDir::new("ipv6-fallback");
+    let extra = ["--host-gw-fallback", "--host-gw-fallback-damping=0"];
+    let mut nodes = two_nodes(&tmp.0, dataplane, true, &extra);
+    let (vtep, len) = nodes[1].v6_vtep();
+    let v4_net = nodes[1].env("FLANNEL_SUBNET").replacen(".1/", ".0/", 1);
+    nodes[0].env("FLANNEL_IPV6_SUBNET");
+    let v6_net = format!("{vtep}/{len}");
+    let path = |net: &str, ip: &str, path: &str| {
+        format!("flannel_peer_path{{subnet=\"{net}\",public_ip=\"{ip}\",path=\"{path}\"}} 1")
+    };
+    let v4_vxlan = path(&v4_net, "198.18.0.2", "vxlan");
+    let v6_vxlan = path(&v6_net, "2001:db8:18::2", "vxlan");
+    let v6_direct = path(&v6_net, "2001:db8:18::2", "direct");
+    let direct_route = format!("{v6_net} via 2001:db8:18::2 dev eth0");
+    let n1 = &nodes[0];
+    let mut text = String::new();
+    let on_vxlan = |text: &mut String| {
+        *text = n1.metrics();
+        text.contains(&v6_vxlan) && text.contains(&v4_vxlan)
+    };
+    let ok = wait_for(Duration::from_secs(15), || on_vxlan(&mut text));
+    assert!(
+        ok.is_some(),
+        "want {v6_vxlan} and {v4_vxlan} in:\n{text}\nlog:\n{}",
+        n1.log()
+    );
+
+    let drop = ["INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP"];
+    let n2 = &nodes[1].ns;
+    n2.exec(&[&["ip6tables", "-I"][..], &drop[..]].concat());
+    let mut routes = String::new();
+    let fell_back = wait_for(Duration::from_secs(15), || {
+        text = n1.metrics();
+        routes = n1.ns.ip(&["-6", "route", "show"]);
+        text.contains(&v6_direct) && text.contains(&v4_vxlan) && routes.contains(&direct_route)
+    });
+    assert!(
+        fell_back.is_some(),
+        "want {v6_direct}, {v4_vxlan} and route {direct_route}:\n{text}\n{routes}\nlog:\n{}",
+        n1.log()
+    );
+
+    n2.exec(&[&["ip6tables", "-D"][..], &drop[..]].concat());
+    let back = wait_for(Duration::from_secs(15), || {
+        routes = n1.ns.ip(&["-6", "route", "show"]);
+        on_vxlan(&mut text) && !routes.contains(&direct_route)
+    });
+    assert!(
+        back.is_some(),
+        "want {v6_vxlan} and no {direct_route}:\n{text}\n{routes}\nlog:\n{}",
+        n1.log()
+    );
+    // Every switch was programmed at the first attempt (the VTEP's /128 included).
+    let log = n1.log();
+    assert!(!log.contains("programming peers failed"), "{log}");
 }

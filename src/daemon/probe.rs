@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::Peer;
 use crate::io::icmp::Pinger;
+use crate::netlink::IpFamily;
 
 use super::fallback::{Path, PeerPath, Policy, Round, Switch};
 use super::metrics::{DaemonMetrics, PeerGauge, PeerPathGauge};
@@ -89,7 +90,8 @@ impl Fallback {
         }
     }
 
-    /// DirectRouting's on-link test for the vxlan peers (none when netlink is unavailable).
+    /// DirectRouting's on-link test for the vxlan peers of both families (none when netlink
+    /// is unavailable).
     async fn onlink(&mut self, peers: &[Peer]) -> HashSet<IpAddr> {
         if self.nl.is_none() {
             match crate::netlink::Netlink::connect() {
@@ -100,13 +102,14 @@ impl Fallback {
                 }
             }
         }
-        match &self.nl {
-            Some(nl) => {
-                crate::backend::kernel::onlink_public_ips(nl, crate::netlink::IpFamily::V4, peers)
-                    .await
-            }
-            None => HashSet::new(),
+        let Some(nl) = &self.nl else {
+            return HashSet::new();
+        };
+        let mut onlink = HashSet::new();
+        for family in [IpFamily::V4, IpFamily::V6] {
+            onlink.extend(crate::backend::kernel::onlink_public_ips(nl, family, peers).await);
         }
+        onlink
     }
 
     fn is_direct(&self, peer: &Peer) -> bool {
@@ -230,6 +233,18 @@ pub async fn run(
             None => HashSet::new(),
         };
         let mut addrs: Vec<IpAddr> = targets.iter().map(|(_, t)| *t).collect();
+        // Peers on the fallback path: their public IP is probed too (does the direct path
+        // work?), after the VTEPs.
+        let direct_probe: Vec<Option<usize>> = targets
+            .iter()
+            .map(|(peer, _)| match &fallback {
+                Some(f) if f.is_direct(peer) => {
+                    addrs.push(peer.public_ip);
+                    Some(addrs.len() - 1)
+                }
+                _ => None,
+            })
+            .collect();
         let mut p = match pinger.take().filter(|p| p.covers(&addrs)) {
             Some(p) => p,
             None => match Pinger::open_for(&addrs) {
@@ -243,18 +258,6 @@ pub async fn run(
                 }
             },
         };
-        // Peers on the fallback path: their public IP is probed too (does the direct path
-        // work?), after the VTEPs.
-        let direct_probe: Vec<Option<usize>> = targets
-            .iter()
-            .map(|(peer, _)| match (&fallback, peer.public_ip) {
-                (Some(f), ip @ IpAddr::V4(_)) if f.is_direct(peer) => {
-                    addrs.push(ip);
-                    Some(addrs.len() - 1)
-                }
-                _ => None,
-            })
-            .collect();
         let done = tokio::task::spawn_blocking(move || {
             let r = p.probe(&addrs, 1, PROBE_TIMEOUT);
             (p, r)
@@ -268,9 +271,9 @@ pub async fn run(
         let mut gauges = Vec::with_capacity(targets.len());
         for (i, (peer, target)) in targets.iter().enumerate() {
             let ok = answered.get(i).copied().unwrap_or(false);
-            // The fallback routes IPv4 subnets only (its direct routes are IPv4).
+            // Each family's plane routes its own fallback subnets (IPv6 via PublicIPv6).
             let switch = match fallback.as_mut() {
-                Some(f) if peer.vtep().is_some() && target.is_ipv4() => {
+                Some(f) if peer.vtep().is_some() => {
                     let round = Round {
                         on_link: onlink.contains(&peer.public_ip),
                         vxlan_answered: ok,
