@@ -8,7 +8,9 @@
 //! stops answering ICMPv6 is exported unreachable (its IPv4 VTEP still reachable) and named
 //! by doctor's `peer-reachable`, until it answers again. With `--host-gw-fallback`, a peer
 //! whose IPv6 VXLAN is dropped is routed directly via its PublicIPv6 (IPv4 stays on VXLAN)
-//! and returns to VXLAN once the drop is lifted.
+//! and returns to VXLAN once the drop is lifted. In nftables mode (`EnableNFTables`) doctor
+//! reads the `ip6` tables: an `ip6` forward chain of another table dropping the IPv6 pod
+//! network FAILs `forward-reject-v6` until it is deleted.
 //! Privileged: run as root (CI=true makes it mandatory).
 
 use std::collections::BTreeSet;
@@ -21,6 +23,7 @@ use test_support::netns::Netns;
 use test_support::{privileged, wait_for, TempDir};
 
 const DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"vxlan"}}"#;
+const DUAL_NFT: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
 const V6_ONLY: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"vxlan"}}"#;
 const METRICS_PORT: &str = "9464";
 
@@ -99,12 +102,12 @@ impl Node {
     }
 }
 
-/// Two dual-stack (`v4`) or IPv6-only nodes on one veth pair, flanneld
-/// (`--dataplane=<dataplane>`, and `extra` arguments) started on both.
-fn two_nodes(tmp: &Path, dataplane: &str, v4: bool, extra: &[&str]) -> Vec<Node> {
+/// Two nodes on one veth pair with network `config` (dual-stack, or IPv6-only when it
+/// disables IPv4), flanneld (`--dataplane=<dataplane>`, and `extra` arguments) started on both.
+fn two_nodes(tmp: &Path, dataplane: &str, config: &str, extra: &[&str]) -> Vec<Node> {
     let leases = tmp.join("leases");
     std::fs::create_dir_all(&leases).expect("lease dir");
-    let config = if v4 { DUAL } else { V6_ONLY };
+    let v4 = !config.contains(r#""EnableIPv4":false"#);
     std::fs::write(leases.join("config"), config).expect("config");
     let ns: Vec<Netns> = (1..=2).map(|i| Netns::new(&format!("h6n{i}"))).collect();
     ns[0].ip_line(&format!(
@@ -244,7 +247,7 @@ fn userspace_v6_peer_health_and_doctor_v6_checks() {
 fn v6_health(dataplane: &str, device: &str, v4: bool) {
     let _serial = serial();
     let tmp = TempDir::new("ipv6-health");
-    let mut nodes = two_nodes(&tmp.0, dataplane, v4, &[]);
+    let mut nodes = two_nodes(&tmp.0, dataplane, if v4 { DUAL } else { V6_ONLY }, &[]);
     let (v6_vtep, len) = nodes[1].v6_vtep();
     nodes[0].env("FLANNEL_IPV6_SUBNET");
     let v6_series = format!(
@@ -381,7 +384,7 @@ fn v6_fallback(dataplane: &str) {
     let _serial = serial();
     let tmp = TempDir::new("ipv6-fallback");
     let extra = ["--host-gw-fallback", "--host-gw-fallback-damping=0"];
-    let mut nodes = two_nodes(&tmp.0, dataplane, true, &extra);
+    let mut nodes = two_nodes(&tmp.0, dataplane, DUAL, &extra);
     let (vtep, len) = nodes[1].v6_vtep();
     let v4_net = nodes[1].env("FLANNEL_SUBNET").replacen(".1/", ".0/", 1);
     nodes[0].env("FLANNEL_IPV6_SUBNET");
@@ -434,4 +437,85 @@ fn v6_fallback(dataplane: &str) {
     // Every switch was programmed at the first attempt (the VTEP's /128 included).
     let log = n1.log();
     assert!(!log.contains("programming peers failed"), "{log}");
+}
+
+/// nftables mode, dual-stack kernel pair: doctor's IPv6 checks read flannel's `ip6` tables
+/// and PASS; a host firewall's `ip6` forward chain dropping the IPv6 pod network FAILs
+/// `forward-reject-v6` (IPv4 unaffected) with an `ip6` accept as fix, and PASSes once gone.
+#[test]
+fn nftables_v6_doctor_checks() {
+    if !privileged("nftables_v6_doctor_checks") {
+        return;
+    }
+    let _serial = serial();
+    let tmp = TempDir::new("ipv6-health-nft");
+    let mut nodes = two_nodes(&tmp.0, "kernel", DUAL_NFT, &[]);
+    let (v6_vtep, len) = nodes[1].v6_vtep();
+    nodes[0].env("FLANNEL_IPV6_SUBNET");
+    let series = format!(
+        "flannel_peer_reachable{{subnet=\"{v6_vtep}/{len}\",public_ip=\"2001:db8:18::2\"}} 1"
+    );
+    let mut text = String::new();
+    let seen = wait_for(Duration::from_secs(15), || {
+        text = nodes[0].metrics();
+        text.contains(&series)
+    });
+    assert!(seen.is_some(), "want {series} in:\n{text}");
+
+    let (_, healthy) = nodes[0].doctor();
+    assert_v6_pass(&healthy, &v6_vtep, "kernel vxlan");
+    assert_status(
+        &healthy,
+        "PASS",
+        "masquerade-v6",
+        "nftables chain ip6 flannel-ipv6 postrtg",
+    );
+    let baseline = failed(&healthy);
+    assert!(
+        baseline.iter().all(|id| id.starts_with("cni-")),
+        "{healthy}"
+    );
+
+    let n1 = &nodes[0].ns;
+    n1.exec(&["nft", "add", "table", "ip6", "hostfw"]);
+    n1.exec(&[
+        "nft",
+        "add",
+        "chain",
+        "ip6",
+        "hostfw",
+        "blocklist",
+        "{ type filter hook forward priority 0; policy accept; }",
+    ]);
+    n1.exec(&[
+        "nft",
+        "add",
+        "rule",
+        "ip6",
+        "hostfw",
+        "blocklist",
+        "ip6",
+        "daddr",
+        "2001:db8:42::/56",
+        "drop",
+    ]);
+    let (code, broken) = nodes[0].doctor();
+    assert_eq!(code, 1, "{broken}");
+    let mut want = baseline.clone();
+    want.insert("forward-reject-v6".to_owned());
+    assert_eq!(failed(&broken), want, "{broken}");
+    assert_status(
+        &broken,
+        "FAIL",
+        "forward-reject-v6",
+        "nftables chain ip6 hostfw blocklist: \"ip6 daddr 2001:db8:42::/56 drop\" drops pod traffic in 2001:db8:42::/56",
+    );
+    assert!(
+        broken.contains("nft insert rule ip6 hostfw blocklist ip6 daddr 2001:db8:42::/56 accept"),
+        "{broken}"
+    );
+    n1.exec(&["nft", "delete", "table", "ip6", "hostfw"]);
+    let (_, repaired) = nodes[0].doctor();
+    assert_eq!(failed(&repaired), baseline, "{repaired}");
+    assert_status(&repaired, "PASS", "forward-reject-v6", "2001:db8:42::/56");
 }
