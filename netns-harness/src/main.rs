@@ -141,7 +141,7 @@ enum Cmd {
     /// Field-problem scenarios (P2, P3): build a cluster, break it like the field report,
     /// check the matrix and `flanneld doctor`, fix it, check again, tear down. Names:
     /// p2-cluster-ip, p3-ip-forward, p3-forward-reject, p3-security-software, p3-vxlan-port,
-    /// p3 (the four P3 causes on one cluster), all; `list` describes them. Exit status 1 if an
+    /// p3 (the five P3 causes on one cluster), all; `list` describes them. Exit status 1 if an
     /// assertion failed.
     Scenario {
         /// Scenario names (several share one cluster when they can).
@@ -670,7 +670,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 for s in scenario::Scenario::ALL {
                     println!("{:<22} {}", s.name(), s.about());
                 }
-                println!("{:<22} the four P3 causes on one cluster", "p3");
+                println!("{:<22} the five P3 causes on one cluster", "p3");
                 println!("{:<22} every scenario", "all");
                 return Ok(ExitCode::SUCCESS);
             }

@@ -289,14 +289,20 @@ impl FromStr for Scenario {
     }
 }
 
-/// Parses CLI names: scenario names, `p3` (the four P3 causes) and `all`.
+/// Parses CLI names: scenario names, `p3` (the five P3 causes) and `all`; a scenario named
+/// twice (`p3 p3-vxlan-port`) runs once, at its first place.
 pub fn parse_names(names: &[String]) -> Result<Vec<Scenario>> {
-    let mut v = Vec::new();
+    let mut v: Vec<Scenario> = Vec::new();
     for n in names {
-        match n.as_str() {
-            "all" => v.extend(Scenario::ALL),
-            "p3" => v.extend(Scenario::P3),
-            other => v.push(other.parse()?),
+        let named = match n.as_str() {
+            "all" => Scenario::ALL.to_vec(),
+            "p3" => Scenario::P3.to_vec(),
+            other => vec![other.parse()?],
+        };
+        for s in named {
+            if !v.contains(&s) {
+                v.push(s);
+            }
         }
     }
     if v.is_empty() {
@@ -876,6 +882,9 @@ mod tests {
         assert_eq!(p3[3], Scenario::P3VxlanPort);
         assert_eq!(*p3.last().unwrap(), Scenario::P3VxlanHostGw);
         assert!(parse_names(&[]).is_err());
+        let twice = parse_names(&["p3-vxlan-hostgw".into(), "p3".into()]).unwrap();
+        assert_eq!(twice.len(), Scenario::P3.len());
+        assert_eq!(twice[0], Scenario::P3VxlanHostGw);
     }
 
     #[test]
