@@ -141,6 +141,10 @@ impl Plane {
                     local: local_vtep(vx.vni, mac, network, subnet),
                     tso: true,
                     mtu: mtu as usize,
+                    queues: match flags.userspace_queues {
+                        0 => crate::backend::userspace::default_queues(),
+                        n => n as usize,
+                    },
                 };
                 let handed_over = inherited.is_some();
                 let dp = if handed_over {
@@ -157,7 +161,8 @@ impl Plane {
                 configure_tun(&nl, &device, mtu, network, subnet)
                     .await
                     .map_err(fail)?;
-                info!(%device, mtu, %mac, port = cfg.port, handed_over, "userspace VXLAN data plane ready");
+                let (tun_queues, sockets) = dp.queues();
+                info!(%device, mtu, %mac, port = cfg.port, handed_over, tun_queues, sockets, "userspace VXLAN data plane ready");
                 if v6 && (vx.direct_routing || flags.host_gw_fallback) {
                     warn!(%device, "DirectRouting and --host-gw-fallback are not applied to IPv6 in userspace mode: every IPv6 peer is tunneled");
                 }
@@ -262,6 +267,7 @@ impl Plane {
             Plane::Userspace { dp, .. } => PlaneMetrics::Userspace(vec![UserspaceCounters {
                 counters: dp.counters().clone(),
                 io_errors: dp.io_errors().clone(),
+                queues: dp.queue_stats().clone(),
             }]),
             _ => PlaneMetrics::Kernel,
         }
