@@ -100,6 +100,24 @@ fn ready_line(c: &Cluster) -> String {
         .to_string()
 }
 
+/// Asserts that n1's last "ready" line says `want` (e.g. `tun_queues=2 sockets=2`).
+fn assert_ready(c: &Cluster, want: &str) {
+    let line = ready_line(c);
+    assert!(line.contains(want), "want {want}: {line}");
+}
+
+/// Asserts that 8 MiB cross from pod `from` to pod `to` intact.
+fn assert_transfer(c: &Cluster, from: &str, to: &str, port: u16) {
+    let (sent, got, bytes) = transfer(c, from, to, 8, port);
+    assert_eq!((bytes, &sent), (8 << 20, &got), "{from} -> {to}");
+}
+
+/// The flags of n1's `flannel.1` (`IFF_MULTI_QUEUE` is 0x100).
+fn tun_flags(c: &Cluster) -> u32 {
+    let flags = sh(c, "n1", &["cat", "/sys/class/net/flannel.1/tun_flags"]);
+    u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).expect("flags")
+}
+
 /// Hands n1's data plane to a new flanneld started with `queues` queues, under pings.
 fn handover_to(c: &mut Cluster, queues: &str) -> usize {
     std::env::set_var(QUEUES_ENV, queues);
@@ -119,14 +137,9 @@ fn multi_queue_spreads_flows_and_hands_over_to_any_queue_count() {
     }
     let mut c = Cluster::up(&s).expect("cluster up");
     assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
-    let flags = sh(&c, "n1", &["cat", "/sys/class/net/flannel.1/tun_flags"]);
-    let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).expect("flags");
+    let flags = tun_flags(&c);
     assert_ne!(flags & 0x100, 0, "flannel.1 is not multi-queue: {flags:#x}");
-    assert!(
-        ready_line(&c).contains("tun_queues=2 sockets=2"),
-        "{}",
-        ready_line(&c)
-    );
+    assert_ready(&c, "tun_queues=2 sockets=2");
 
     // Parallel flows: every queue of both nodes reads (flows are spread by hash, so a run
     // may miss a queue by chance; up to three runs).
@@ -150,30 +163,20 @@ fn multi_queue_spreads_flows_and_hands_over_to_any_queue_count() {
     // no ping; then data in both directions still crosses.
     let lost = handover_to(&mut c, "3");
     assert_eq!(lost, 0, "2 -> 3 queues lost pings");
-    assert!(
-        ready_line(&c).contains("tun_queues=3 sockets=3"),
-        "{}",
-        ready_line(&c)
-    );
+    assert_ready(&c, "tun_queues=3 sockets=3");
     let lost = handover_to(&mut c, "1");
     assert_eq!(lost, 0, "3 -> 1 queues lost pings");
     // The three sockets are kept (one closed by the successor would stay in the group until
     // the predecessor closes its copy); the extra TUN queues are detached.
-    assert!(
-        ready_line(&c).contains("tun_queues=1 sockets=3"),
-        "{}",
-        ready_line(&c)
-    );
-    let (sent, got, bytes) = transfer(&c, "n2p1", "n1p1", 8, 9111);
-    assert_eq!((bytes, &sent), (8 << 20, &got), "n2p1->n1p1 after 3 -> 1");
+    assert_ready(&c, "tun_queues=1 sockets=3");
+    assert_transfer(&c, "n2p1", "n1p1", 9111);
 
     // A cold start with one queue finds the multi-queue device: it is recreated single-queue.
     std::env::set_var(QUEUES_ENV, "1");
     c.restart_flanneld("n1").expect("restart");
     let log = std::fs::read_to_string(c.flanneld_log("n1")).expect("log");
     assert!(log.contains("recreating it"), "{log}");
-    let flags = sh(&c, "n1", &["cat", "/sys/class/net/flannel.1/tun_flags"]);
-    let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).expect("flags");
+    let flags = tun_flags(&c);
     assert_eq!(
         flags & 0x100,
         0,
@@ -187,13 +190,8 @@ fn multi_queue_spreads_flows_and_hands_over_to_any_queue_count() {
     assert_eq!(lost, 0, "1 -> 2 queues on a single-queue device lost pings");
     let log = std::fs::read_to_string(c.flanneld_log("n1")).expect("log");
     assert!(log.contains("cannot attach more queues"), "{log}");
-    assert!(
-        ready_line(&c).contains("tun_queues=1"),
-        "{}",
-        ready_line(&c)
-    );
-    let (sent, got, bytes) = transfer(&c, "n1p1", "n2p1", 8, 9112);
-    assert_eq!((bytes, &sent), (8 << 20, &got), "n1p1->n2p1 after 1 -> 2");
+    assert_ready(&c, "tun_queues=1");
+    assert_transfer(&c, "n1p1", "n2p1", 9112);
     std::env::remove_var(QUEUES_ENV);
     teardown(c);
 }
