@@ -81,11 +81,8 @@ fn cni_pods_get_overlay_mtu_and_hostports_keep_flannels_source_addresses() {
         let env = SubnetEnv::read(&c.subnet_env_path(node)).unwrap();
         let pod = format!("{node}p1");
         let ip = c.pod_ip(&pod).unwrap();
-        assert!(
-            env.subnet.trunc().contains(ip),
-            "{pod} {ip} not in {}",
-            env.subnet
-        );
+        let subnet = env.subnet.expect("FLANNEL_SUBNET");
+        assert!(subnet.trunc().contains(ip), "{pod} {ip} not in {subnet}");
         let l = c.cni_layout(node).unwrap();
         let store = std::fs::read_to_string(l.ipam_dir.join("cbr0").join(ip.to_string()))
             .expect("host-local reservation of the pod's address");
@@ -107,15 +104,18 @@ fn cni_pods_get_overlay_mtu_and_hostports_keep_flannels_source_addresses() {
             env.mtu
         );
         let bridge = sh(&c, node, &["ip", "-o", "addr", "show", "cni0"]);
-        assert!(bridge.contains(&env.subnet.to_string()), "{bridge}");
-        let gw = env.subnet.addr.to_string();
+        assert!(bridge.contains(&subnet.to_string()), "{bridge}");
+        let gw = subnet.addr.to_string();
         let routes = sh(&c, &pod, &["ip", "route"]);
         assert!(
             routes.contains(&format!("default via {gw} dev eth0")),
             "{routes}"
         );
         assert!(
-            routes.contains(&format!("{} via {gw} dev eth0", env.network)),
+            routes.contains(&format!(
+                "{} via {gw} dev eth0",
+                env.network.expect("FLANNEL_NETWORK")
+            )),
             "{routes}"
         );
     }

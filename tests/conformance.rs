@@ -448,17 +448,7 @@ async fn family_leases<F: AllocFixture>(f: &mut F, dual: bool) {
     assert_eq!(renewed.key(), lease.key());
     assert_eq!(f.get_raw(&key).await, Some(mine.to_json()), "after renewal");
 
-    let restarted = f.store_for(1).await;
-    let again = restarted
-        .acquire(&cfg, &mine, &none)
-        .await
-        .expect("re-acquire");
-    assert_eq!(
-        again.key(),
-        lease.key(),
-        "{}: same lease after restart",
-        F::NAME
-    );
+    restart_gets_back(f, &cfg, &mine, &lease, "same lease after restart").await;
 
     // Subnets for node 3 and the upstream node that our (randomly placed) lease cannot hold.
     let free = |candidates: [u8; 3]| {
@@ -523,6 +513,58 @@ async fn family_leases<F: AllocFixture>(f: &mut F, dual: bool) {
         .await;
 }
 
+/// Node 1 restarted (a new store, no subnet.env hint) with `mine` acquires `lease` again.
+async fn restart_gets_back<F: AllocFixture>(
+    f: &F,
+    cfg: &NetConfig,
+    mine: &LeaseAttrs,
+    lease: &Lease,
+    what: &str,
+) {
+    let restarted = f.store_for(1).await;
+    let again = restarted
+        .acquire(cfg, mine, &PreviousSubnets::default())
+        .await
+        .expect("re-acquire");
+    assert_eq!(again.key(), lease.key(), "{}: {what}", F::NAME);
+}
+
+/// IPv6-only nodes find their lease on restart by `PublicIPv6`: every IPv6-only lease says
+/// `"PublicIP":"0.0.0.0"`, so upstream's `findLeaseByIP` (PublicIP alone) would hand a
+/// restarting node the first IPv6-only lease in key order, another node's. Here an upstream
+/// node's lease holds the lowest subnet; our node restarts without a subnet.env hint and must
+/// get its own lease back, the other one untouched.
+async fn ipv6_only_restart_finds_own_lease_by_public_ipv6<F: AllocFixture>(f: &mut F) {
+    f.put_config(V6_ONLY_CONFIG).await;
+    let theirs = family_attrs(2, false);
+    let first_key = "0.0.0.0-0&fd42:10:0:1::-64";
+    f.put_raw(first_key, &theirs.to_json()).await;
+    let store = f.store_for(1).await;
+    let json = store.network_config().await.expect("network config");
+    let cfg = NetConfig::parse(&json).expect("config parses");
+    let mine = family_attrs(1, false);
+    let none = PreviousSubnets::default();
+    let lease = store.acquire(&cfg, &mine, &none).await.expect("acquire");
+    assert_ne!(
+        lease.key().map(|k| k.to_string()).as_deref(),
+        Some(first_key)
+    );
+    restart_gets_back(
+        f,
+        &cfg,
+        &mine,
+        &lease,
+        "an IPv6-only node gets its own lease back",
+    )
+    .await;
+    assert_eq!(
+        f.get_raw(first_key).await,
+        Some(theirs.to_json()),
+        "{}: the other IPv6-only node's lease is untouched",
+        F::NAME
+    );
+}
+
 async fn ipv6_only_leases<F: AllocFixture>(f: &mut F) {
     family_leases(f, false).await;
 }
@@ -570,6 +612,7 @@ macro_rules! family_suite {
         mod $store {
             use super::*;
             case!($fixture, ipv6_only_leases);
+            case!($fixture, ipv6_only_restart_finds_own_lease_by_public_ipv6);
             case!($fixture, dual_stack_leases);
         }
     };

@@ -19,6 +19,7 @@ use serde_json::json;
 use test_apiserver::TestApiServer;
 use test_support::cluster::{flanneld, serial};
 use test_support::netns::Netns;
+use test_support::ping::PingRun;
 use test_support::{privileged, wait_for};
 
 const DUAL_VXLAN: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"vxlan"}}"#;
@@ -42,9 +43,12 @@ impl Switch {
 }
 
 /// A node namespace with flanneld and one pod namespace; flanneld is stopped by its PID on
-/// drop, before the namespaces go.
+/// drop, before the namespaces go. Each node has its own run directory (subnet.env and the
+/// handover sockets beside it), as each host has its own `/run/flannel`.
 struct Node {
     flanneld: Option<Child>,
+    /// The flags of the last start.
+    args: Vec<String>,
     env_file: PathBuf,
     log_file: PathBuf,
     ns: Netns,
@@ -96,9 +100,12 @@ impl Node {
         ns.ip_line("-6 route add default via 2001:db8:18::fe dev eth0");
         let pod = Netns::new(&format!("v6p{i}"));
         sysctls(&pod, false);
+        let run_dir = dir.join(format!("run-{i}"));
+        std::fs::create_dir_all(&run_dir).expect("run dir");
         Node {
             flanneld: None,
-            env_file: dir.join(format!("subnet-{i}.env")),
+            args: Vec::new(),
+            env_file: run_dir.join("subnet.env"),
             log_file: dir.join(format!("flanneld-{i}.log")),
             ns,
             pod,
@@ -108,19 +115,55 @@ impl Node {
 
     /// Starts flanneld with `args` (and `NODE_NAME=node-<i>` for the Kubernetes store).
     fn start(&mut self, args: &[String]) {
+        self.args = args.to_vec();
+        self.flanneld = Some(self.spawn());
+    }
+
+    /// A flanneld with the last start's flags, logging to `log_file`.
+    fn spawn(&self) -> Child {
         let log = std::fs::File::create(&self.log_file).expect("log file");
-        let child = Command::new("ip")
+        Command::new("ip")
             .args(["netns", "exec", &self.ns.name])
             .arg(flanneld())
             .arg(format!("--subnet-file={}", self.env_file.display()))
             .args(["--iptables-resync=1", "-v=1"])
-            .args(args)
+            .args(&self.args)
             .env("NODE_NAME", format!("node-{}", self.index))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("start flanneld");
-        self.flanneld = Some(child);
+            .expect("start flanneld")
+    }
+
+    /// The upgrade path: a new flanneld with the same flags starts while the old one runs,
+    /// takes over the data plane of every device in `devices`; then the old one gets SIGTERM
+    /// (and must exit 0). Returns the old one's log.
+    fn handover(&mut self, devices: &[&str]) -> String {
+        let successor_log = self.log_file.with_extension("successor.log");
+        let old_log = std::mem::replace(&mut self.log_file, successor_log);
+        let mut old = self.flanneld.take().expect("a running flanneld");
+        self.flanneld = Some(self.spawn());
+        let read_old = || std::fs::read_to_string(&old_log).unwrap_or_default();
+        let handed = wait_for(Duration::from_secs(20), || {
+            let log = read_old();
+            devices.iter().all(|d| {
+                log.lines().any(|l| {
+                    l.contains("handed the data plane over") && l.contains(&format!("device={d}"))
+                })
+            })
+        });
+        let pid = old.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let exited = wait_for(Duration::from_secs(10), || {
+            matches!(old.try_wait(), Ok(Some(_)))
+        });
+        if exited.is_none() {
+            let _ = old.kill();
+        }
+        let status = old.wait().expect("wait for the old flanneld");
+        assert!(handed.is_some(), "old: {}\nnew: {}", read_old(), self.log());
+        assert!(status.success(), "old flanneld: {status}: {}", read_old());
+        read_old()
     }
 
     fn log(&self) -> String {
@@ -807,7 +850,9 @@ fn ipv6_only_kernel_vxlan_with_the_dir_store() {
 }
 
 /// A tcpdump of the VXLAN port on `eth0` of node `n`, bounded in packets and time, stopped
-/// by its PID (SIGTERM flushes the file).
+/// by its PID (SIGTERM flushes the file). Immediate mode: a packet is written when it is
+/// seen, not when the kernel's buffer times out (up to a second later, after a short test's
+/// SIGTERM).
 struct Capture {
     child: Option<Child>,
     pcap: PathBuf,
@@ -815,13 +860,27 @@ struct Capture {
 
 impl Capture {
     fn start(n: &Node, dir: &Path) -> Capture {
+        Capture::start_filtered(n, dir, "udp port 8472")
+    }
+
+    /// A capture of what the BPF expression `filter` accepts.
+    fn start_filtered(n: &Node, dir: &Path, filter: &str) -> Capture {
         let pcap = dir.join(format!("n{}.pcap", n.index));
         let log = dir.join(format!("tcpdump-{}.log", n.index));
         let child = Command::new("ip")
             .args(["netns", "exec", &n.ns.name, "timeout", "120", "tcpdump"])
-            .args(["-i", "eth0", "-n", "-U", "-c", "20000", "-w"])
+            .args([
+                "-i",
+                "eth0",
+                "-n",
+                "-U",
+                "--immediate-mode",
+                "-c",
+                "20000",
+                "-w",
+            ])
             .arg(&pcap)
-            .args(["udp", "port", "8472"])
+            .args(filter.split_whitespace())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("tcpdump log"))
             .spawn()
@@ -843,7 +902,17 @@ impl Capture {
 
     /// Stops the capture; per frame: outer IPv6 source, outer UDP checksum and its status,
     /// inner TCP and ICMPv6 checksum statuses (tshark: 0 Bad, 1 Good).
-    fn stop(mut self) -> Vec<Vec<String>> {
+    fn stop(self) -> Vec<Vec<String>> {
+        self.stop_and_read(
+            "-o udp.check_checksum:TRUE -o tcp.check_checksum:TRUE -Y vxlan -T fields \
+             -E occurrence=a -e ipv6.src -e udp.checksum -e udp.checksum.status \
+             -e tcp.checksum.status -e icmpv6.checksum.status",
+        )
+    }
+
+    /// Stops the capture and reads it with tshark's `read` options (whitespace-separated,
+    /// after `-d udp.port==8472,vxlan`); the tab-separated fields of each output line.
+    fn stop_and_read(mut self, read: &str) -> Vec<Vec<String>> {
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
@@ -851,12 +920,8 @@ impl Capture {
             let _ = c.wait();
         }
         let pcap = self.pcap.to_string_lossy();
-        const READ: &str = "-d udp.port==8472,vxlan -o udp.check_checksum:TRUE \
-            -o tcp.check_checksum:TRUE -Y vxlan -T fields -E occurrence=a -e ipv6.src \
-            -e udp.checksum -e udp.checksum.status -e tcp.checksum.status \
-            -e icmpv6.checksum.status";
-        let mut args = vec!["-n", "-r", &pcap];
-        args.extend(READ.split_whitespace());
+        let mut args = vec!["-n", "-r", &pcap, "-d", "udp.port==8472,vxlan"];
+        args.extend(read.split_whitespace());
         let out = test_support::run("tshark", &args);
         out.lines()
             .map(|l| l.split('\t').map(str::to_owned).collect())
@@ -1014,4 +1079,232 @@ fn ipv6_only_userspace_vxlan_with_the_kube_store() {
         checked_frames_from(&frames, "2001:db8:18::1") >= 5,
         "{frames:?}"
     );
+}
+
+/// Dual-stack vxlan with DirectRouting.
+const DUAL_VXLAN_DIRECT: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:42::/56","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
+
+/// The lines of `ip [-6] route show` on node `n` that start with `want` (at most 10 s).
+fn wait_route(n: &Node, family: &str, want: &str) -> String {
+    let show = || n.ns.ip(&[family, "route", "show"]);
+    let ok = wait_for(Duration::from_secs(10), || {
+        show().lines().any(|l| l.starts_with(want))
+    });
+    assert!(ok.is_some(), "want `{want}`: {}\n{}", show(), n.log());
+    show()
+}
+
+/// DirectRouting on one layer-2 segment, IPv6 as IPv4 (upstream's v6DirectRoute): the
+/// userspace node (n1) and the kernel node (n2) route each other's subnets of both
+/// families via the peer's public address of that family, with no VXLAN entries for them;
+/// pods talk over both families and not one VXLAN frame crosses n1's wire.
+#[test]
+fn dual_stack_direct_routing_userspace_and_kernel() {
+    let Some((_g, tmp)) = begin("dual_stack_direct_routing_userspace_and_kernel", "direct") else {
+        return;
+    };
+    let (_sw, nodes, px) = two_nodes_each(&tmp, DUAL_VXLAN_DIRECT, [&[], &["--dataplane=kernel"]]);
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    for (n, peer, i) in [(n1, &px[1], 2), (n2, &px[0], 1)] {
+        let routes6 = wait_route(
+            n,
+            "-6",
+            &format!("{}/64 via 2001:db8:18::{i} dev eth0", peer.1),
+        );
+        assert!(
+            !routes6.contains(&format!("{}/64 via {} dev flannel-v6.1", peer.1, peer.1)),
+            "{routes6}"
+        );
+        wait_route(
+            n,
+            "-4",
+            &format!("{}0/24 via 198.18.0.{i} dev eth0", peer.0),
+        );
+    }
+    // The kernel node has no neighbour or FDB entry for the direct peer.
+    let neigh = n2.ns.ip(&["-6", "neigh", "show", "dev", "flannel-v6.1"]);
+    assert!(!neigh.contains("PERMANENT"), "{neigh}");
+    let fdb = n2.ns.bridge(&["fdb", "show", "dev", "flannel-v6.1"]);
+    assert!(!fdb.contains(" dst "), "{fdb}");
+
+    let cap = Capture::start_filtered(n1, &tmp, "udp port 8472 or icmp6");
+    let (p1v6, p2v6) = (format!("{}2", px[0].1), format!("{}2", px[1].1));
+    assert!(ping_until(n1, &p2v6), "ping6 {p2v6}: {}", n1.log());
+    assert!(ping_until(n2, &p1v6), "ping6 {p1v6}: {}", n1.log());
+    assert!(ping_until(n1, &format!("{}2", px[1].0)), "ping (IPv4)");
+    assert_eq!(tcp_v6(n1, n2, &p2v6), format!("hello {p1v6}"));
+    // On n1's wire: the pods' echo requests themselves, no VXLAN.
+    let frames =
+        cap.stop_and_read("-T fields -E occurrence=f -e vxlan.vni -e ipv6.src -e icmpv6.type");
+    let field = |f: &[String], i: usize| f.get(i).cloned().unwrap_or_default();
+    assert!(
+        frames.iter().all(|f| field(f, 0).is_empty()),
+        "VXLAN between on-link peers: {frames:?}"
+    );
+    for pod in [&p1v6, &p2v6] {
+        assert!(
+            frames
+                .iter()
+                .any(|f| field(f, 1) == *pod && field(f, 2) == "128"),
+            "no direct echo request from {pod}: {frames:?}"
+        );
+    }
+    // The kernel's own answer for n2's pod: straight out of eth0 to n2.
+    let get = n1.ns.ip(&["-6", "route", "get", &p2v6]);
+    assert!(get.contains("via 2001:db8:18::2 dev eth0"), "{get}");
+}
+
+/// `ping -i 0.01` from the pod of `from` to `dst` (1,000 requests), running in the
+/// background until joined.
+fn pings_to(from: &Node, dst: &str) -> test_support::cluster::Pending {
+    use test_support::cluster::OutputAsync;
+    let family = if dst.contains(':') { "-6" } else { "-4" };
+    Command::new("timeout")
+        .args(["40", "ip", "netns", "exec", &from.pod.name, "ping", family])
+        .args(["-i", "0.01", "-c", "1000", "-W", "1", dst])
+        .output_async()
+}
+
+/// The upgrade of a dual-stack userspace node under traffic: both planes (`flannel.1` and
+/// `flannel-v6.1`) are handed to the new flanneld over their own handover sockets, so
+/// ping and ping6 every 10 ms from the other node's pod lose nothing while the old
+/// flanneld stops; the devices are the same ones afterwards.
+#[test]
+fn dual_stack_userspace_handover_under_pings() {
+    let Some((_g, tmp)) = begin("dual_stack_userspace_handover_under_pings", "handover") else {
+        return;
+    };
+    let (_sw, mut nodes, px) = two_nodes(&tmp, DUAL_VXLAN, &[]);
+    let (p1v4, p1v6) = (format!("{}2", px[0].0), format!("{}2", px[0].1));
+    assert!(ping_until(&nodes[1], &p1v6), "ping6: {}", nodes[0].log());
+    assert!(ping_until(&nodes[1], &p1v4), "ping: {}", nodes[0].log());
+    let ifindex = |n: &Node, dev: &str| {
+        n.ns.exec(&["cat", &format!("/sys/class/net/{dev}/ifindex")])
+    };
+    let before = (
+        ifindex(&nodes[0], "flannel.1"),
+        ifindex(&nodes[0], "flannel-v6.1"),
+    );
+
+    let (v6, v4) = (pings_to(&nodes[1], &p1v6), pings_to(&nodes[1], &p1v4));
+    std::thread::sleep(Duration::from_secs(1));
+    let old_log = nodes[0].handover(&["flannel.1", "flannel-v6.1"]);
+    let (v6, v4) = (v6.join(), v4.join());
+    let new_log = nodes[0].log();
+    for dev in ["flannel.1", "flannel-v6.1"] {
+        assert!(
+            new_log
+                .lines()
+                .any(|l| l.contains("taking over the data plane")
+                    && l.contains(&format!("device={dev}"))),
+            "{dev}: {new_log}"
+        );
+    }
+    assert!(!new_log.contains("offers no handover"), "{new_log}");
+    let runs = [("ping6", v6), ("ping", v4)].map(|(what, out)| {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let run = PingRun::parse(&text, 10);
+        println!(
+            "{what} during the handover: {} of {} lost, longest gap {} ms",
+            run.lost(),
+            run.sent,
+            run.longest_gap_ms
+        );
+        assert_eq!(run.sent, 1000, "{what} did not finish: {text}");
+        (what, run)
+    });
+    assert_eq!(
+        (
+            ifindex(&nodes[0], "flannel.1"),
+            ifindex(&nodes[0], "flannel-v6.1")
+        ),
+        before,
+        "devices recreated instead of handed over"
+    );
+    // The successor forwards on its own, both ways.
+    assert!(
+        ping_until(&nodes[0], &format!("{}2", px[1].1)),
+        "ping6 after: {new_log}"
+    );
+    assert!(ping_until(&nodes[1], &p1v6), "ping6 back after: {new_log}");
+    for (what, run) in runs {
+        assert_eq!(
+            run.lost(),
+            0,
+            "{what} lost during the handover: {run:?}\nold: {old_log}"
+        );
+    }
+}
+
+/// NDP end to end: the kernel peer (n2, its flanneld stopped so nothing reprograms it) loses
+/// the permanent neighbour entry for the userspace node's VTEP address and must resolve it:
+/// its Neighbour Solicitation goes to the solicited-node multicast MAC, which an all-zeros
+/// FDB entry floods to n1's underlay address; n1's core answers with a Neighbour
+/// Advertisement carrying its VTEP MAC. The kernel's entry becomes a learned (not
+/// permanent) one with that MAC and ping6 flows; a broken responder leaves it unresolved.
+#[test]
+fn kernel_peer_resolves_the_userspace_vtep_by_ndp() {
+    let Some((_g, tmp)) = begin("kernel_peer_resolves_the_userspace_vtep_by_ndp", "ndp") else {
+        return;
+    };
+    let (_sw, mut nodes, px) = two_nodes_each(&tmp, DUAL_VXLAN, [&[], &["--dataplane=kernel"]]);
+    let lease_dir = tmp.join("leases");
+    let mac1 = v6_vtep_mac(&lease_file(&lease_dir, "2001:db8:18::1").1);
+    let vtep1 = px[0].1.clone();
+    assert_v6_peer_entries(&nodes[1], &vtep1, &mac1, "2001:db8:18::1");
+    // n2's flanneld stops (SIGTERM leaves the kernel state as it is).
+    if let Some(mut c) = nodes[1].flanneld.take() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let _ = c.wait();
+    }
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    n2.ns
+        .ip_line(&format!("-6 neigh del {vtep1} dev flannel-v6.1"));
+    n2.ns.bridge_line(
+        "fdb append 00:00:00:00:00:00 dev flannel-v6.1 dst 2001:db8:18::1 self permanent",
+    );
+    let neigh = n2
+        .ns
+        .ip(&["-6", "neigh", "show", &vtep1, "dev", "flannel-v6.1"]);
+    assert!(!neigh.contains(&mac1), "still there: {neigh}");
+
+    let cap = Capture::start(n1, &tmp);
+    let p1v6 = format!("{}2", px[0].1);
+    let pinged = ping_until(n2, &p1v6);
+    let neigh = n2
+        .ns
+        .ip(&["-6", "neigh", "show", &vtep1, "dev", "flannel-v6.1"]);
+    // On n1's wire: the kernel's solicitation for our VTEP address, our advertisement of it.
+    let nd = cap.stop_and_read(
+        "-Y vxlan -T fields -E occurrence=a -e ipv6.src \
+         -e icmpv6.type -e icmpv6.nd.ns.target_address -e icmpv6.nd.na.target_address \
+         -e icmpv6.opt.linkaddr -e icmpv6.checksum.status",
+    );
+    let field = |f: &[String], i: usize| f.get(i).cloned().unwrap_or_default();
+    let solicited = nd.iter().any(|f| {
+        field(f, 1) == "135" && field(f, 2) == vtep1 && field(f, 0).starts_with("2001:db8:18::2,")
+    });
+    let advertised = nd.iter().any(|f| {
+        field(f, 1) == "136"
+            && field(f, 3) == vtep1
+            && field(f, 4) == mac1
+            && field(f, 5) == "1"
+            && field(f, 0) == format!("2001:db8:18::1,{vtep1}")
+    });
+    let context = format!(
+        "neighbour: {neigh} (VTEP MAC {mac1})\nVXLAN on n1's wire: {nd:?}\n{}",
+        n1.log()
+    );
+    assert!(solicited && advertised, "{context}");
+    assert!(
+        neigh.contains(&format!("lladdr {mac1} "))
+            && ["REACHABLE", "STALE", "DELAY", "PROBE"]
+                .iter()
+                .any(|s| neigh.contains(s))
+            && !neigh.contains("PERMANENT"),
+        "the kernel peer's entry for {vtep1}: {context}"
+    );
+    assert!(pinged, "ping6 {p1v6} from the kernel peer: {context}");
 }

@@ -9,59 +9,11 @@ use std::time::Duration;
 
 use netns::*;
 use netns_harness::{privileged_test_guard, Cluster, NodeKind};
+use test_support::ping::PingRun;
 
 /// Pings sent per phase: 10 s at 10 ms, the operation starting 1 s in.
 const PINGS: usize = 1000;
 const INTERVAL_MS: usize = 10;
-
-/// What one ping run saw.
-#[derive(Debug)]
-struct PingRun {
-    sent: usize,
-    answered: usize,
-    /// Longest run of consecutive unanswered sequence numbers, in milliseconds.
-    longest_gap_ms: usize,
-}
-
-impl PingRun {
-    fn lost(&self) -> usize {
-        self.sent - self.answered
-    }
-}
-
-/// Parses `ping` output: every `icmp_seq=N` reply line; `sent` from the summary.
-fn parse_ping(text: &str) -> PingRun {
-    let sent = text
-        .lines()
-        .find_map(|l| {
-            l.split(" packets transmitted")
-                .next()
-                .filter(|_| l.contains(" packets transmitted"))
-        })
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0);
-    let mut seen = vec![false; sent + 1];
-    for l in text.lines().filter(|l| l.contains("bytes from")) {
-        let seq = l
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("icmp_seq="))
-            .and_then(|n| n.parse::<usize>().ok());
-        if let Some(slot) = seq.and_then(|s| seen.get_mut(s)) {
-            *slot = true;
-        }
-    }
-    let answered = seen[1..].iter().filter(|s| **s).count();
-    let (mut run, mut longest) = (0, 0);
-    for s in &seen[1..] {
-        run = if *s { 0 } else { run + 1 };
-        longest = longest.max(run);
-    }
-    PingRun {
-        sent,
-        answered,
-        longest_gap_ms: longest * INTERVAL_MS,
-    }
-}
 
 /// Pings from n2's pod to n1's pod every 10 ms while `op` runs on the cluster (1 s in).
 fn pings_across(c: &mut Cluster, op: impl FnOnce(&mut Cluster)) -> PingRun {
@@ -77,7 +29,7 @@ fn pings_across(c: &mut Cluster, op: impl FnOnce(&mut Cluster)) -> PingRun {
     op(c);
     let out = pings.join();
     let text = String::from_utf8_lossy(&out.stdout);
-    let run = parse_ping(&text);
+    let run = PingRun::parse(&text, INTERVAL_MS);
     assert_eq!(
         run.sent,
         PINGS,

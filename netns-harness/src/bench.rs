@@ -183,7 +183,11 @@ impl Cluster {
         Some(Pair {
             src_ns: sp.ns.clone(),
             dst_ns: dp.ns.clone(),
-            dst_ip: dp.ip.to_string(),
+            // IPv6-only runs measure over IPv6 (dual-stack runs over IPv4).
+            dst_ip: match dp.ip6 {
+                Some(ip6) if !self.ip_family().has_v4() => ip6.to_string(),
+                _ => dp.ip.to_string(),
+            },
             names: (sp.name.clone(), dp.name.clone()),
         })
     }
@@ -194,7 +198,10 @@ impl Cluster {
         Some(Pair {
             src_ns: a.ns.clone(),
             dst_ns: b.ns.clone(),
-            dst_ip: b.underlay_ip.to_string(),
+            dst_ip: match b.underlay_ip6 {
+                Some(ip6) if !self.ip_family().has_v4() => ip6.to_string(),
+                _ => b.underlay_ip.to_string(),
+            },
             names: (a.name.clone(), b.name.clone()),
         })
     }

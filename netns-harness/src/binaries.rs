@@ -39,39 +39,57 @@ pub(crate) fn check_executable(path: &Path, what: &str, hint: &str) -> Result<Pa
     std::fs::canonicalize(path).with_context(|| format!("resolve {}", path.display()))
 }
 
-/// Resolves the flanneld binary: explicit path, `$NETNS_HARNESS_FLANNELD`, then a sibling.
-pub fn resolve_flanneld(explicit: Option<&Path>) -> Result<PathBuf> {
-    let hint = "Build it with `cargo build --bin flanneld` or pass --flanneld PATH \
-                (ClusterSpec::flanneld).";
-    if let Some(p) = explicit {
-        return check_executable(p, "flanneld", hint);
-    }
-    if let Some(p) = std::env::var_os("NETNS_HARNESS_FLANNELD") {
-        return check_executable(Path::new(&p), "flanneld ($NETNS_HARNESS_FLANNELD)", hint);
-    }
-    match sibling_binary("flanneld") {
-        Some(p) => check_executable(&p, "flanneld", hint),
-        None => bail!(
-            "flanneld binary not found next to {}. {hint}",
-            std::env::current_exe()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        ),
+/// A binary a run starts: its file name, the environment variable that overrides where it
+/// is, and how to get one.
+struct Binary {
+    name: &'static str,
+    env: &'static str,
+    hint: &'static str,
+}
+
+const FLANNELD: Binary = Binary {
+    name: "flanneld",
+    env: "NETNS_HARNESS_FLANNELD",
+    hint: "Build it with `cargo build --bin flanneld` or pass --flanneld PATH \
+           (ClusterSpec::flanneld).",
+};
+
+const HARNESS: Binary = Binary {
+    name: "netns-harness",
+    env: "NETNS_HARNESS_BIN",
+    hint: "Build it with `cargo build -p netns-harness` or set NETNS_HARNESS_BIN \
+           (ClusterSpec::harness_bin).",
+};
+
+impl Binary {
+    /// The explicit path, else the environment variable, else a sibling of this executable.
+    fn resolve(&self, explicit: Option<&Path>) -> Result<PathBuf> {
+        let (name, hint) = (self.name, self.hint);
+        if let Some(p) = explicit {
+            return check_executable(p, name, hint);
+        }
+        if let Some(p) = std::env::var_os(self.env) {
+            return check_executable(Path::new(&p), &format!("{name} (${})", self.env), hint);
+        }
+        match sibling_binary(name) {
+            Some(p) => check_executable(&p, name, hint),
+            None => bail!(
+                "{name} binary not found next to {}. {hint}",
+                std::env::current_exe()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
+        }
     }
 }
 
-/// Resolves the netns-harness binary (responders, probes).
+/// Resolves the flanneld binary: explicit path, `$NETNS_HARNESS_FLANNELD`, then a sibling.
+pub fn resolve_flanneld(explicit: Option<&Path>) -> Result<PathBuf> {
+    FLANNELD.resolve(explicit)
+}
+
+/// Resolves the netns-harness binary (responders, probes): explicit path,
+/// `$NETNS_HARNESS_BIN`, then a sibling.
 pub fn resolve_harness_bin(explicit: Option<&Path>) -> Result<PathBuf> {
-    let hint = "Build it with `cargo build -p netns-harness` or set NETNS_HARNESS_BIN \
-                (ClusterSpec::harness_bin).";
-    if let Some(p) = explicit {
-        return check_executable(p, "netns-harness", hint);
-    }
-    if let Some(p) = std::env::var_os("NETNS_HARNESS_BIN") {
-        return check_executable(Path::new(&p), "netns-harness ($NETNS_HARNESS_BIN)", hint);
-    }
-    match sibling_binary("netns-harness") {
-        Some(p) => check_executable(&p, "netns-harness", hint),
-        None => bail!("netns-harness binary not found next to the running executable. {hint}"),
-    }
+    HARNESS.resolve(explicit)
 }

@@ -1,10 +1,12 @@
 //! Packet capture on the underlay bridge and its verification with tshark as an independent
-//! dissector (field problem P2): every VXLAN frame's outer IPv4/UDP checksums and inner
-//! IPv4/TCP/UDP/ICMP checksums are validated.
+//! dissector (field problem P2): every VXLAN frame's outer IPv4 header and UDP checksums (over
+//! IPv6 the UDP checksum must be present and valid) and inner IPv4/TCP/UDP/ICMP/ICMPv6
+//! checksums are validated.
 //!
 //! tshark 4.0 names used (checked with `tshark -G fields` / `-G values` / `-G defaultprefs`):
 //! `vxlan.vni`, `ip.checksum.status`, `udp.checksum`, `udp.checksum.status`,
-//! `tcp.checksum.status`, `icmp.checksum.status`; status values 0 Bad, 1 Good, 2 Unverified,
+//! `tcp.checksum.status`, `icmp.checksum.status`, `icmpv6.checksum.status`, `frame.protocols`,
+//! `ipv6.src`; status values 0 Bad, 1 Good, 2 Unverified,
 //! 3 Not present, 4 Illegal; preferences `ip.check_checksum`, `udp.check_checksum`,
 //! `tcp.check_checksum` (all FALSE by default).
 
@@ -62,27 +64,34 @@ pub struct CaptureReport {
     pub vxlan_frames: u64,
     /// VNIs seen.
     pub vnis: BTreeSet<u32>,
-    /// VXLAN frames whose outer UDP checksum is zero (allowed for IPv4, RFC 7348).
+    /// VXLAN frames whose outer UDP checksum is zero (allowed for IPv4, RFC 7348; over IPv6
+    /// a zero checksum counts as bad).
     pub outer_udp_zero: u64,
+    /// VXLAN frames over IPv6 (no header checksum; their UDP checksum is mandatory).
+    pub outer_ip6: u64,
     /// Bad outer IPv4 header checksums.
     pub bad_outer_ip: u64,
-    /// Bad (non-zero, wrong) outer UDP checksums.
+    /// Bad outer UDP checksums: wrong, or zero over IPv6.
     pub bad_outer_udp: u64,
     /// Inner IPv4 packets / bad inner IPv4 header checksums.
     pub inner_ip: u64,
     /// Bad inner IPv4 header checksums.
     pub bad_inner_ip: u64,
-    /// Inner TCP segments.
+    /// Inner IPv6 packets.
+    pub inner_ip6: u64,
+    /// Inner TCP segments (both families).
     pub inner_tcp: u64,
+    /// Inner TCP segments over IPv6.
+    pub inner_tcp6: u64,
     /// Bad inner TCP checksums.
     pub bad_inner_tcp: u64,
     /// Inner UDP datagrams.
     pub inner_udp: u64,
     /// Bad inner UDP checksums.
     pub bad_inner_udp: u64,
-    /// Inner ICMP messages.
+    /// Inner ICMP and ICMPv6 messages.
     pub inner_icmp: u64,
-    /// Bad inner ICMP checksums.
+    /// Bad inner ICMP and ICMPv6 checksums.
     pub bad_inner_icmp: u64,
     /// The first few frames with a bad checksum: number and outer and inner addresses
     /// (`frame 7: outer a -> b, inner c -> d`), so a failure says which node sent them.
@@ -125,20 +134,22 @@ impl std::fmt::Display for CaptureReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "frames {}  vxlan {}  vnis {:?}",
-            self.frames, self.vxlan_frames, self.vnis
+            "frames {}  vxlan {} ({} over ipv6)  vnis {:?}",
+            self.frames, self.vxlan_frames, self.outer_ip6, self.vnis
         )?;
         writeln!(
             f,
-            "outer: bad ipv4 {}  bad udp {}  zero udp checksum {} (allowed)",
+            "outer: bad ipv4 {}  bad udp {}  zero udp checksum over ipv4 {} (allowed)",
             self.bad_outer_ip, self.bad_outer_udp, self.outer_udp_zero
         )?;
         writeln!(
             f,
-            "inner: ipv4 {} (bad {})  tcp {} (bad {})  udp {} (bad {})  icmp {} (bad {})",
+            "inner: ipv4 {} (bad {})  ipv6 {}  tcp {} ({} over ipv6; bad {})  udp {} (bad {})  icmp/icmpv6 {} (bad {})",
             self.inner_ip,
             self.bad_inner_ip,
+            self.inner_ip6,
             self.inner_tcp,
+            self.inner_tcp6,
             self.bad_inner_tcp,
             self.inner_udp,
             self.bad_inner_udp,
@@ -161,14 +172,36 @@ impl std::fmt::Display for CaptureReport {
 }
 
 const BAD: &str = "0";
+/// `udp.checksum.status` of a zero UDP checksum over IPv6 (RFC 8200 makes it mandatory).
+const ILLEGAL: &str = "4";
 
 fn statuses(field: &str) -> Vec<&str> {
     field.split(',').filter(|s| !s.is_empty()).collect()
 }
 
-/// Folds one tshark output line (fields: frame.number, vxlan.vni, ip.checksum.status,
-/// udp.checksum, udp.checksum.status, tcp.checksum.status, icmp.checksum.status, ip.src,
-/// ip.dst; each with all occurrences, comma separated, outermost first) into the report.
+/// The network layers of a frame, outermost first, from `frame.protocols`
+/// (`eth:ethertype:ipv6:udp:vxlan:eth:ethertype:ipv6:tcp`): true for IPv6. Without the field
+/// (older callers) every layer is taken to be IPv4.
+fn net_layers(protocols: &str, ipv4_layers: usize) -> Vec<bool> {
+    if protocols.is_empty() {
+        return vec![false; ipv4_layers];
+    }
+    protocols
+        .split(':')
+        .filter_map(|p| match p {
+            "ip" => Some(false),
+            "ipv6" => Some(true),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Folds one tshark output line into the report. Fields, each with all occurrences (comma
+/// separated, outermost first): frame.number, vxlan.vni, ip.checksum.status, udp.checksum,
+/// udp.checksum.status, tcp.checksum.status, icmp.checksum.status, ip.src, ip.dst,
+/// frame.protocols, ipv6.src, ipv6.dst, icmpv6.checksum.status. `frame.protocols` tells
+/// which network layer is IPv4 and which IPv6, so the IPv4 fields (header checksum, addresses)
+/// and the IPv6 ones are matched to the outer or the inner packet.
 pub fn account_line(r: &mut CaptureReport, line: &str) {
     let f: Vec<&str> = line.split('|').collect();
     let get = |i: usize| f.get(i).copied().unwrap_or("");
@@ -183,38 +216,66 @@ pub fn account_line(r: &mut CaptureReport, line: &str) {
             r.vnis.insert(n);
         }
     }
-    let (src, dst) = (statuses(get(7)), statuses(get(8)));
-    let outer_src = src.first().copied().unwrap_or("?").to_owned();
+    let ip = statuses(get(2));
+    let layers = net_layers(get(9), ip.len());
+    let (src4, dst4) = (statuses(get(7)), statuses(get(8)));
+    let (src6, dst6) = (statuses(get(10)), statuses(get(11)));
+    // The address of network layer `k` (0 outer, 1 inner): its occurrence among the layers
+    // of its family.
+    let addr = |k: usize, v4: &Vec<&str>, v6: &Vec<&str>| -> String {
+        let Some(&is6) = layers.get(k) else {
+            return "?".into();
+        };
+        let nth = layers[..k].iter().filter(|&&x| x == is6).count();
+        let list = if is6 { v6 } else { v4 };
+        list.get(nth).copied().unwrap_or("?").to_owned()
+    };
+    let outer6 = layers.first() == Some(&true);
+    let inner6 = layers.get(1) == Some(&true);
+    let outer_src = addr(0, &src4, &src6);
     *r.vxlan_by_src.entry(outer_src.clone()).or_default() += 1;
+    if outer6 {
+        r.outer_ip6 += 1;
+    }
     let mut bad = false;
     let mut bad_inner = false;
-    let ip = statuses(get(2));
-    if ip.first() == Some(&BAD) {
+    // IPv4 header checksums: the outer one if the outer layer is IPv4, then the inner ones.
+    let (outer_ip, inner_ips) = if outer6 || ip.is_empty() {
+        (None, &ip[..])
+    } else {
+        (ip.first(), &ip[1..])
+    };
+    if outer_ip == Some(&BAD) {
         r.bad_outer_ip += 1;
         bad = true;
     }
-    if ip.len() > 1 {
+    if !inner_ips.is_empty() {
         r.inner_ip += 1;
-        if ip[1..].contains(&BAD) {
+        if inner_ips.contains(&BAD) {
             r.bad_inner_ip += 1;
             bad_inner = true;
         }
     }
+    if inner6 {
+        r.inner_ip6 += 1;
+    }
     let udp_vals = statuses(get(3));
     let udp = statuses(get(4));
-    if udp_vals.first().is_some_and(|v| {
+    let zero = udp_vals.first().is_some_and(|v| {
         v.trim_start_matches("0x")
             .trim_start_matches('0')
             .is_empty()
-    }) {
+    });
+    if zero && !outer6 {
         r.outer_udp_zero += 1;
-    } else if udp.first() == Some(&BAD) {
+    } else if zero || udp.first().is_some_and(|s| *s == BAD || *s == ILLEGAL) {
+        // Over IPv6 a zero outer UDP checksum is as bad as a wrong one.
         r.bad_outer_udp += 1;
         bad = true;
     }
     if udp.len() > 1 {
         r.inner_udp += 1;
-        if udp[1..].contains(&BAD) {
+        if udp[1..].iter().any(|s| *s == BAD || *s == ILLEGAL) {
             r.bad_inner_udp += 1;
             bad_inner = true;
         }
@@ -222,12 +283,18 @@ pub fn account_line(r: &mut CaptureReport, line: &str) {
     let tcp = statuses(get(5));
     if !tcp.is_empty() {
         r.inner_tcp += 1;
+        if inner6 {
+            r.inner_tcp6 += 1;
+        }
         if tcp.contains(&BAD) {
             r.bad_inner_tcp += 1;
             bad_inner = true;
         }
     }
-    let icmp = statuses(get(6));
+    let icmp: Vec<&str> = statuses(get(6))
+        .into_iter()
+        .chain(statuses(get(12)))
+        .collect();
     if !icmp.is_empty() {
         r.inner_icmp += 1;
         if icmp.contains(&BAD) {
@@ -236,17 +303,15 @@ pub fn account_line(r: &mut CaptureReport, line: &str) {
         }
     }
     if bad_inner {
-        *r.bad_inner_by_src.entry(outer_src).or_default() += 1;
+        *r.bad_inner_by_src.entry(outer_src.clone()).or_default() += 1;
     }
     if (bad || bad_inner) && r.bad_details.len() < 10 {
         if let Ok(n) = get(0).parse::<u64>() {
-            let at = |v: &Vec<&str>, i: usize| v.get(i).copied().unwrap_or("?").to_owned();
             r.bad_details.push(format!(
-                "frame {n}: outer {} -> {}, inner {} -> {}",
-                at(&src, 0),
-                at(&dst, 0),
-                at(&src, 1),
-                at(&dst, 1)
+                "frame {n}: outer {outer_src} -> {}, inner {} -> {}",
+                addr(0, &dst4, &dst6),
+                addr(1, &src4, &src6),
+                addr(1, &dst4, &dst6)
             ));
         }
     }
@@ -277,7 +342,15 @@ pub fn verify_pcap(pcap: &Path, vxlan_port: u16) -> Result<CaptureReport> {
             ])
             .args(["-e", "udp.checksum", "-e", "udp.checksum.status"])
             .args(["-e", "tcp.checksum.status", "-e", "icmp.checksum.status"])
-            .args(["-e", "ip.src", "-e", "ip.dst"]),
+            .args(["-e", "ip.src", "-e", "ip.dst", "-e", "frame.protocols"])
+            .args([
+                "-e",
+                "ipv6.src",
+                "-e",
+                "ipv6.dst",
+                "-e",
+                "icmpv6.checksum.status",
+            ]),
         Duration::from_secs(600),
     )?;
     if !out.status.success() {
@@ -445,5 +518,84 @@ mod tests {
         assert!(r.to_string().contains("frame 5: outer 198.18.0.2"));
         assert!(r.to_string().contains("bad checksums"));
         assert!(!CaptureReport::default().all_checksums_ok());
+    }
+
+    #[test]
+    fn ipv6_accounting() {
+        // Lines as tshark 4.0 prints them for a dual-stack capture (frames 45, 46, 47 and 101
+        // of one: ICMPv6, TCP and UDP over IPv6 VXLAN over IPv6, and an ICMPv6 error quoting
+        // an IPv6/UDP packet).
+        let good = [
+            "45|1||0xba63|1|||||eth:ethertype:ipv6:udp:vxlan:eth:ethertype:ipv6:icmpv6:data|2001:db8:18::1,fd42:244:0:27::|2001:db8:18::2,fd42:244:0:28::2|1",
+            "46|1||0xbc7e|1|1||||eth:ethertype:ipv6:udp:vxlan:eth:ethertype:ipv6:tcp|2001:db8:18::1,fd42:244:0:27::|2001:db8:18::2,fd42:244:0:28::2|",
+            "47|1||0xa2da,0xab9c|1,1|||||eth:ethertype:ipv6:udp:vxlan:eth:ethertype:ipv6:udp:data|2001:db8:18::1,fd42:244:0:27::|2001:db8:18::2,fd42:244:0:28::2|",
+            "101|1||0x21d8,0xab9c|1,1|||||eth:ethertype:ipv6:udp:vxlan:eth:ethertype:ipv6:icmpv6:ipv6:udp:data|2001:db8:18::1,fd42:244:0:27::,fd42:244:0:28::2|2001:db8:18::2,fd42:244:0:28::2,fd42:244:0:27::|1",
+        ];
+        let mut r = CaptureReport::default();
+        for l in good {
+            account_line(&mut r, l);
+        }
+        assert!(r.all_checksums_ok(), "{r}");
+        assert_eq!((r.vxlan_frames, r.outer_ip6, r.inner_ip6), (4, 4, 4));
+        assert_eq!((r.inner_ip, r.bad_outer_ip), (0, 0), "no IPv4 layer at all");
+        assert_eq!(
+            (r.inner_tcp, r.inner_tcp6, r.inner_udp, r.inner_icmp),
+            (1, 1, 2, 2)
+        );
+        assert_eq!(r.vxlan_from("2001:db8:18::1"), 4);
+
+        // A zero outer UDP checksum is allowed over IPv4 but not over IPv6 (status 4, Illegal).
+        let mut r = CaptureReport::default();
+        account_line(
+            &mut r,
+            "1|1||0x0000|4|1||||eth:ethertype:ipv6:udp:vxlan:eth:ethertype:ipv6:tcp|2001:db8:18::3,fd42:244:0:3::|2001:db8:18::4,fd42:244:0:4::2|",
+        );
+        assert_eq!((r.bad_outer_udp, r.outer_udp_zero), (1, 0));
+        assert_eq!(
+            r.bad_inner_from("2001:db8:18::3"),
+            0,
+            "the inner TCP is fine"
+        );
+        assert_eq!(
+            r.bad_details,
+            ["frame 1: outer 2001:db8:18::3 -> 2001:db8:18::4, inner fd42:244:0:3:: -> fd42:244:0:4::2"]
+        );
+        // A wrong (non-zero) outer UDP checksum over IPv6, a bad inner TCP over IPv6, a bad
+        // ICMPv6 checksum.
+        account_line(
+            &mut r,
+            "2|1||0x1234|0|0||||eth:ethertype:ipv6:udp:vxlan:eth:ethertype:ipv6:tcp|2001:db8:18::3,fd42:244:0:3::|2001:db8:18::4,fd42:244:0:4::2|",
+        );
+        account_line(
+            &mut r,
+            "3|1||0x4321|1|||||eth:ethertype:ipv6:udp:vxlan:eth:ethertype:ipv6:icmpv6:data|2001:db8:18::4,fd42:244:0:4::2|2001:db8:18::3,fd42:244:0:3::|0",
+        );
+        assert_eq!(r.bad_outer_udp, 2);
+        assert_eq!((r.bad_inner_tcp, r.bad_inner_icmp), (1, 1));
+        assert_eq!(r.bad_inner_from("2001:db8:18::3"), 1);
+        assert_eq!(r.bad_inner_from("2001:db8:18::4"), 1);
+        assert!(!r.all_checksums_ok());
+
+        // Mixed layers: IPv6 inside IPv4 and IPv4 inside IPv6. The single IPv4 header
+        // checksum belongs to whichever layer is IPv4, and so do the addresses.
+        let mut r = CaptureReport::default();
+        account_line(
+            &mut r,
+            "4|1|1|0x0000|3|1||198.18.0.1|198.18.0.2|eth:ethertype:ip:udp:vxlan:eth:ethertype:ipv6:tcp|fd42:244:0:1::2|fd42:244:0:2::2|",
+        );
+        assert!(r.all_checksums_ok(), "{r}");
+        assert_eq!(
+            (r.outer_udp_zero, r.inner_ip, r.inner_ip6, r.outer_ip6),
+            (1, 0, 1, 0)
+        );
+        account_line(
+            &mut r,
+            "5|1|0|0xabcd|1|||10.244.1.2|10.244.2.2|eth:ethertype:ipv6:udp:vxlan:eth:ethertype:ip:icmp|2001:db8:18::1|2001:db8:18::2|",
+        );
+        assert_eq!((r.bad_outer_ip, r.bad_inner_ip, r.inner_ip), (0, 1, 1));
+        assert_eq!(
+            r.bad_details,
+            ["frame 5: outer 2001:db8:18::1 -> 2001:db8:18::2, inner 10.244.1.2 -> 10.244.2.2"]
+        );
     }
 }

@@ -1,9 +1,10 @@
 //! The connectivity matrix (field problem P3): from every pod to every pod on another node (and
 //! one same-node pair) ICMP, TCP, UDP and DNS-style request/response; from every node's host
-//! namespace to every remote pod ICMP and TCP.
+//! namespace to every remote pod ICMP and TCP. Dual-stack runs probe every cell over both
+//! families (one [`Cell`] per family), IPv6-only runs over IPv6.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::cmd;
@@ -44,6 +45,34 @@ impl ProbeKind {
     }
 }
 
+/// The address family a cell is probed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    /// IPv4 (ICMP, TCP, UDP, DNS to the pod's IPv4 address).
+    V4,
+    /// IPv6 (ICMPv6, TCP, UDP, DNS to the pod's IPv6 address).
+    V6,
+}
+
+impl Family {
+    /// `ipv4` / `ipv6`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+
+    /// The family of an address.
+    pub fn of(ip: IpAddr) -> Family {
+        if ip.is_ipv6() {
+            Family::V6
+        } else {
+            Family::V4
+        }
+    }
+}
+
 /// Result of one probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeOutcome {
@@ -73,8 +102,10 @@ pub struct Cell {
     pub src_kind: SourceKind,
     /// Destination pod short name.
     pub dst: String,
-    /// Destination pod address.
-    pub dst_ip: Ipv4Addr,
+    /// Destination pod address (of the cell's family).
+    pub dst_ip: IpAddr,
+    /// The family probed.
+    pub family: Family,
     /// Both ends on the same node.
     pub same_node: bool,
     /// One entry per probe kind, in I, T, U, D order.
@@ -122,9 +153,31 @@ impl Matrix {
         !self.cells.is_empty() && self.cells.iter().all(Cell::ok)
     }
 
-    /// The cell from `src` to `dst` (short names), if tested.
+    /// The cell from `src` to `dst` (short names), if tested: the IPv4 one in dual-stack
+    /// runs (see [`cell_of`](Self::cell_of)).
     pub fn cell(&self, src: &str, dst: &str) -> Option<&Cell> {
         self.cells.iter().find(|c| c.src == src && c.dst == dst)
+    }
+
+    /// The cell from `src` to `dst` probed over `family`, if tested.
+    pub fn cell_of(&self, src: &str, dst: &str, family: Family) -> Option<&Cell> {
+        self.cells
+            .iter()
+            .find(|c| c.src == src && c.dst == dst && c.family == family)
+    }
+
+    /// The families probed, in order.
+    pub fn families(&self) -> Vec<Family> {
+        let mut f: Vec<Family> = self.cells.iter().map(|c| c.family).collect();
+        f.sort();
+        f.dedup();
+        f
+    }
+
+    /// True when at least one probe of `family` ran and every one passed.
+    pub fn family_pass(&self, family: Family) -> bool {
+        let mut cells = self.cells.iter().filter(|c| c.family == family).peekable();
+        cells.peek().is_some() && cells.all(Cell::ok)
     }
 
     /// Every failed probe with its cell.
@@ -157,6 +210,13 @@ impl fmt::Display for Matrix {
             f,
             "  I=ICMP T=TCP U=UDP D=DNS; '.' = that probe failed; '-' = not tested; rows = source, columns = destination pod"
         )?;
+        let families = self.families();
+        let dual = families.len() > 1;
+        if dual {
+            writeln!(f, "  each cell: IPv4 probes/IPv6 probes (ICMPv6 over IPv6)")?;
+        } else if families == [Family::V6] {
+            writeln!(f, "  IPv6 only (ICMP = ICMPv6)")?;
+        }
         let w0 = self
             .sources
             .iter()
@@ -170,7 +230,7 @@ impl fmt::Display for Matrix {
             .map(String::len)
             .max()
             .unwrap_or(4)
-            .max(4)
+            .max(if dual { 9 } else { 4 })
             + 2;
         write!(f, "{:<w0$}", "src\\dst")?;
         for d in &self.destinations {
@@ -190,10 +250,16 @@ impl fmt::Display for Matrix {
             };
             write!(f, "{label:<w0$}")?;
             for d in &self.destinations {
-                let text = match self.cell(s, d) {
-                    Some(c) => c.letters(),
-                    None if s == d => "\\".to_string(),
-                    None => "-".to_string(),
+                let per_family: Vec<String> = families
+                    .iter()
+                    .filter_map(|fam| self.cell_of(s, d, *fam).map(Cell::letters))
+                    .collect();
+                let text = if !per_family.is_empty() {
+                    per_family.join("/")
+                } else if s == d {
+                    "\\".to_string()
+                } else {
+                    "-".to_string()
                 };
                 write!(f, "{text:>w$}")?;
             }
@@ -203,9 +269,14 @@ impl fmt::Display for Matrix {
         let verdict = if self.all_pass() { "PASS" } else { "FAIL" };
         writeln!(f, "RESULT: {verdict} ({passed}/{total} probes passed)")?;
         for (c, r) in self.failures().iter().take(50) {
+            let fam = if dual || c.family == Family::V6 {
+                format!("{} ", c.family.name())
+            } else {
+                String::new()
+            };
             writeln!(
                 f,
-                "  FAIL {} -> {} ({}) {}: {}",
+                "  FAIL {} -> {} ({}) {fam}{}: {}",
                 c.src,
                 c.dst,
                 c.dst_ip,
@@ -221,7 +292,7 @@ pub(crate) struct Task {
     pub(crate) cell: usize,
     pub(crate) kind: ProbeKind,
     pub(crate) ns: String,
-    pub(crate) ip: Ipv4Addr,
+    pub(crate) ip: IpAddr,
     /// None: the responder's port for the kind.
     pub(crate) port: Option<u16>,
 }
@@ -244,9 +315,10 @@ fn first_line(b: &[u8]) -> String {
 
 pub(crate) fn run_probe(bin: Option<&std::path::Path>, t: &Task) -> ProbeOutcome {
     let ip = t.ip.to_string();
+    let fam = if t.ip.is_ipv6() { "-6" } else { "-4" };
     let result = match t.kind {
         ProbeKind::Icmp => cmd::run(
-            &mut cmd::ns_command(&t.ns, &["ping", "-n", "-c", "1", "-W", "1", &ip]),
+            &mut cmd::ns_command(&t.ns, &["ping", fam, "-n", "-c", "1", "-W", "1", &ip]),
             Duration::from_secs(5),
         ),
         kind => {
@@ -266,7 +338,12 @@ pub(crate) fn run_probe(bin: Option<&std::path::Path>, t: &Task) -> ProbeOutcome
             cmd::run(
                 &mut cmd::ns_command(
                     &t.ns,
-                    &[&bin, "probe", kind.name(), &format!("{ip}:{port}")],
+                    &[
+                        &bin,
+                        "probe",
+                        kind.name(),
+                        &SocketAddr::new(t.ip, port).to_string(),
+                    ],
                 ),
                 Duration::from_secs(6),
             )
@@ -334,7 +411,8 @@ mod tests {
             src: "n1p1".into(),
             src_kind: SourceKind::Pod,
             dst: "n2p1".into(),
-            dst_ip: Ipv4Addr::new(10, 244, 2, 2),
+            dst_ip: IpAddr::from([10, 244, 2, 2]),
+            family: Family::V4,
             same_node: false,
             results: vec![
                 outcome(ProbeKind::Icmp, true),
@@ -352,5 +430,23 @@ mod tests {
         m.cells[0].results[1].ok = true;
         assert!(m.all_pass());
         assert!(m.to_string().contains("RESULT: PASS (4/4"));
+        // Dual-stack: the IPv6 cell of the same pair is shown after a '/', its failures named.
+        let mut c6 = m.cells[0].clone();
+        c6.family = Family::V6;
+        c6.dst_ip = "fd42:244:0:2::2".parse().unwrap();
+        c6.results[2].ok = false;
+        m.cells.push(c6);
+        assert!(m.family_pass(Family::V4) && !m.family_pass(Family::V6));
+        let text = m.to_string();
+        assert!(text.contains("ITUD/IT.D"), "{text}");
+        assert!(
+            text.contains("FAIL n1p1 -> n2p1 (fd42:244:0:2::2) ipv6 udp"),
+            "{text}"
+        );
+        assert_eq!(
+            m.cell_of("n1p1", "n2p1", Family::V6).unwrap().family,
+            Family::V6
+        );
+        assert_eq!(m.cell("n1p1", "n2p1").unwrap().family, Family::V4);
     }
 }

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::cmd;
-use crate::net::Cidr;
+use crate::net::{Cidr, Cidr6};
 
 /// How the harness wires pods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -164,13 +164,18 @@ pub fn manifest_conflist() -> Result<String> {
 }
 
 /// subnet.env as flannel's CNI plugin reads it (`flannel.go` loadFlannelSubnetEnv): lines
-/// split on the first `=` (no trimming), networks as comma lists, the subnet in network form.
+/// split on the first `=` (no trimming), networks as comma lists, subnets in network form; a
+/// network and a subnet of at least one family are required.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlannelEnv {
     /// FLANNEL_NETWORK entries.
     pub networks: Vec<Cidr>,
     /// FLANNEL_SUBNET, truncated to its network (Go's `net.ParseCIDR`).
-    pub subnet: Cidr,
+    pub subnet: Option<Cidr>,
+    /// FLANNEL_IPV6_NETWORK entries.
+    pub ipv6_networks: Vec<Cidr6>,
+    /// FLANNEL_IPV6_SUBNET, truncated to its network.
+    pub ipv6_subnet: Option<Cidr6>,
     /// FLANNEL_MTU.
     pub mtu: u32,
     /// FLANNEL_IPMASQ == "true".
@@ -181,6 +186,7 @@ impl FlannelEnv {
     /// Parses the file's text; `file` names it in the "is missing" error as flannel does.
     pub fn parse(text: &str, file: &str) -> Result<FlannelEnv> {
         let (mut networks, mut subnet, mut mtu, mut ipmasq) = (None, None, None, None);
+        let (mut networks6, mut subnet6) = (None, None);
         for line in text.lines() {
             let Some((k, v)) = line.split_once('=') else {
                 continue;
@@ -200,6 +206,20 @@ impl FlannelEnv {
                         .with_context(|| format!("{file}: FLANNEL_SUBNET={v}"))?;
                     subnet = Some(c.trunc());
                 }
+                "FLANNEL_IPV6_NETWORK" => {
+                    let nws = v
+                        .split(',')
+                        .map(|n| n.parse::<Cidr6>().map(|c| c.trunc()))
+                        .collect::<Result<Vec<_>>>()
+                        .with_context(|| format!("{file}: FLANNEL_IPV6_NETWORK={v}"))?;
+                    networks6 = Some(nws);
+                }
+                "FLANNEL_IPV6_SUBNET" => {
+                    let c: Cidr6 = v
+                        .parse()
+                        .with_context(|| format!("{file}: FLANNEL_IPV6_SUBNET={v}"))?;
+                    subnet6 = Some(c.trunc());
+                }
                 "FLANNEL_MTU" => {
                     mtu = Some(
                         v.parse::<u32>()
@@ -211,10 +231,10 @@ impl FlannelEnv {
             }
         }
         let mut missing = Vec::new();
-        if networks.is_none() {
+        if networks.is_none() && networks6.is_none() {
             missing.push("FLANNEL_NETWORK, FLANNEL_IPV6_NETWORK");
         }
-        if subnet.is_none() {
+        if subnet.is_none() && subnet6.is_none() {
             missing.push("FLANNEL_SUBNET, FLANNEL_IPV6_SUBNET");
         }
         if mtu.is_none() {
@@ -223,10 +243,12 @@ impl FlannelEnv {
         if ipmasq.is_none() {
             missing.push("FLANNEL_IPMASQ");
         }
-        match (networks, subnet, mtu, ipmasq) {
-            (Some(networks), Some(subnet), Some(mtu), Some(ipmasq)) => Ok(FlannelEnv {
-                networks,
+        match (mtu, ipmasq) {
+            (Some(mtu), Some(ipmasq)) if missing.is_empty() => Ok(FlannelEnv {
+                networks: networks.unwrap_or_default(),
                 subnet,
+                ipv6_networks: networks6.unwrap_or_default(),
+                ipv6_subnet: subnet6,
                 mtu,
                 ipmasq,
             }),
@@ -287,16 +309,26 @@ pub fn flannel_delegate(conf: &Value, env: &FlannelEnv) -> Result<Value> {
         Some(_) => bail!("failed to load netconf: 'ipam' is not a dictionary"),
     };
     ipam.entry("type").or_insert_with(|| json!("host-local"));
-    ipam.insert(
-        "ranges".into(),
-        json!([[{ "subnet": env.subnet.to_string() }]]),
-    );
+    // One range set per family, IPv4 first (flannel_linux.go getDelegateIPAM).
+    let ranges: Vec<Value> = env
+        .subnet
+        .map(|s| s.to_string())
+        .into_iter()
+        .chain(env.ipv6_subnet.map(|s| s.to_string()))
+        .map(|s| json!([{ "subnet": s }]))
+        .collect();
+    ipam.insert("ranges".into(), Value::Array(ranges));
     let mut routes: Vec<Value> = match ipam.get("routes") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(r)) => r.clone(),
         Some(_) => bail!("failed to read IPAM routes: ipam.routes is not a list"),
     };
     routes.extend(env.networks.iter().map(|n| json!({ "dst": n.to_string() })));
+    routes.extend(
+        env.ipv6_networks
+            .iter()
+            .map(|n| json!({ "dst": n.to_string() })),
+    );
     ipam.insert("routes".into(), Value::Array(routes));
     d.insert("ipam".into(), Value::Object(ipam));
     Ok(Value::Object(d))
@@ -449,6 +481,14 @@ pub fn exec_plugin(node_ns: &str, inv: &Invocation, config: &Value) -> Result<Va
 pub fn result_ipv4(result: &Value) -> Option<(Ipv4Addr, u8)> {
     result.get("ips")?.as_array()?.iter().find_map(|ip| {
         let c: Cidr = ip.get("address")?.as_str()?.parse().ok()?;
+        Some((c.addr, c.len))
+    })
+}
+
+/// The first IPv6 address of a CNI result (`ips[].address`, CIDR form).
+pub fn result_ipv6(result: &Value) -> Option<(std::net::Ipv6Addr, u8)> {
+    result.get("ips")?.as_array()?.iter().find_map(|ip| {
+        let c: Cidr6 = ip.get("address")?.as_str()?.parse().ok()?;
         Some((c.addr, c.len))
     })
 }
@@ -668,7 +708,7 @@ mod tests {
     #[test]
     fn subnet_env_as_flannel_reads_it() {
         let e = env();
-        assert_eq!(e.subnet.to_string(), "10.244.3.0/24");
+        assert_eq!(e.subnet.unwrap().to_string(), "10.244.3.0/24");
         assert_eq!(e.networks.len(), 1);
         assert_eq!(e.mtu, 1450);
         assert!(e.ipmasq);

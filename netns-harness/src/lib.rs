@@ -56,15 +56,15 @@ pub mod sys;
 
 pub use bench::{BenchPath, BenchReport, BenchRow};
 pub use capture::{verify_pcap, Capture, CaptureOpts, CaptureReport};
-pub use check::{Cell, Matrix, ProbeKind, ProbeOutcome, SourceKind};
+pub use check::{Cell, Family, Matrix, ProbeKind, ProbeOutcome, SourceKind};
 pub use cluster::{
-    list_runs, teardown_by_prefix, Cluster, ClusterSpec, NodeKind, NodeSpec, NodeState, PodState,
-    RunState, DEFAULT_BASE_DIR,
+    list_runs, teardown_by_prefix, Cluster, ClusterSpec, IpFamily, NodeKind, NodeSpec, NodeState,
+    PodState, RunState, DEFAULT_BASE_DIR,
 };
 pub use cni::{PodSetup, PortMapping};
 pub use doctor::{DoctorCheck, DoctorReport, DoctorRun, Level};
 pub use lease::{LeaseDir, NetConf, SubnetEnv};
-pub use net::Cidr;
+pub use net::{Cidr, Cidr6};
 pub use scenario::{Scenario, ScenarioOpts, ScenarioReport};
 pub use store::{ControlPlane, StoreKind};
 pub use sys::{install_signal_handler, interrupted, is_root};

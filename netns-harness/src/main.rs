@@ -75,6 +75,10 @@ struct BuildArgs {
     /// hand (the harness's own ip commands).
     #[arg(long, default_value = "cni")]
     pod_setup: String,
+    /// Overlay address families: v4, v6 (IPv6 only) or dual (nodes get 2001:db8:18::<i>/64 on
+    /// eth0, net-conf IPv6Network fd42:244::/56 unless --net-conf says otherwise).
+    #[arg(long, default_value = "v4")]
+    ip_family: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -168,6 +172,11 @@ enum Cmd {
         /// test-apiserver binary (kube store).
         #[arg(long)]
         apiserver: Option<PathBuf>,
+        /// Address families of the cluster, as for `up` (dual: the P3 causes ip-forward,
+        /// forward-reject, security-software, vxlan-port and vxlan-hostgw break and are
+        /// judged on both; p2-cluster-ip adds IPv6 ClusterIPs and checks flannel-v6.1).
+        #[arg(long, default_value = "v4")]
+        ip_family: String,
     },
     /// Packet capture on the underlay bridge, verified with tshark.
     Capture {
@@ -269,6 +278,9 @@ enum Cmd {
         /// Exit after this many seconds regardless.
         #[arg(long, default_value_t = 6 * 3600)]
         lifetime_secs: u64,
+        /// Listen on IPv6 too (dual-stack sockets on [::]).
+        #[arg(long)]
+        ipv6: bool,
     },
     /// One probe (run by `check` inside a namespace).
     #[command(hide = true)]
@@ -420,6 +432,7 @@ fn spec_from(b: &BuildArgs, default_kinds: &str) -> Result<ClusterSpec> {
     spec.flanneld = b.flanneld.clone();
     spec.flanneld_args = b.flanneld_args.clone();
     spec.net_conf = b.net_conf.clone();
+    spec.ip_family = b.ip_family.parse()?;
     spec.ip_masq = b.ip_masq;
     spec.underlay_tx_offload = b.link_offloads;
     spec.store = b.store.parse::<StoreKind>()?;
@@ -651,6 +664,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             link_offloads,
             etcd,
             apiserver,
+            ip_family,
         } => {
             if names.iter().any(|n| n == "list") {
                 for s in scenario::Scenario::ALL {
@@ -672,6 +686,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 apiserver_bin: apiserver.clone(),
                 converge: Duration::from_secs(*wait),
                 link_offloads: *link_offloads,
+                ip_family: ip_family.parse()?,
             };
             let reports = scenario::run_many(&list, &opts, |r| {
                 print!("{r}");
@@ -765,6 +780,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             udp_port,
             dns_port,
             lifetime_secs,
+            ipv6,
         } => {
             proto::serve(&proto::ServeOpts {
                 tcp_port: *tcp_port,
@@ -772,6 +788,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 dns_port: *dns_port,
                 whoami_port: proto::WHOAMI_PORT,
                 lifetime: Duration::from_secs(*lifetime_secs),
+                ipv6: *ipv6,
             })?;
             Ok(ExitCode::SUCCESS)
         }

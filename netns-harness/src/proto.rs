@@ -5,7 +5,7 @@
 //! (`netns-harness whoami <ip:port>`: what NAT did on the way).
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,6 +43,8 @@ pub struct ServeOpts {
     pub whoami_port: u16,
     /// The responder exits on its own after this long (a safety net if teardown never runs).
     pub lifetime: Duration,
+    /// Bind `[::]` (dual-stack sockets: IPv6 and IPv4-mapped clients) instead of 0.0.0.0.
+    pub ipv6: bool,
 }
 
 impl Default for ServeOpts {
@@ -53,13 +55,18 @@ impl Default for ServeOpts {
             dns_port: DNS_PORT,
             whoami_port: WHOAMI_PORT,
             lifetime: Duration::from_secs(6 * 3600),
+            ipv6: false,
         }
     }
 }
 
 /// Runs the responders until `opts.lifetime` elapses. Prints `ready` once every socket is bound.
 pub fn serve(opts: &ServeOpts) -> Result<()> {
-    let any = Ipv4Addr::UNSPECIFIED;
+    let any = if opts.ipv6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
     let tcp = TcpListener::bind((any, opts.tcp_port)).context("bind tcp")?;
     let udp = UdpSocket::bind((any, opts.udp_port)).context("bind udp")?;
     let dns = UdpSocket::bind((any, opts.dns_port)).context("bind dns")?;
@@ -112,7 +119,9 @@ fn whoami_loop(listener: TcpListener, deadline: Instant) {
             Ok((mut conn, peer)) => {
                 let _ = conn.set_nonblocking(false);
                 let _ = conn.set_write_timeout(Some(PROBE_TIMEOUT));
-                let _ = conn.write_all(format!("{}\n", peer.ip()).as_bytes());
+                // A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d; say a.b.c.d.
+                let ip = peer.ip().to_canonical();
+                let _ = conn.write_all(format!("{ip}\n").as_bytes());
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(5));
@@ -232,7 +241,11 @@ fn udp_exchange(
     accept: impl Fn(&[u8]) -> bool,
 ) -> Result<Duration> {
     let start = Instant::now();
-    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let any = match addr {
+        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    let sock = UdpSocket::bind((any, 0))?;
     sock.connect(addr)?;
     let mut buf = [0u8; MAX_MSG];
     for attempt in 0..2u32 {

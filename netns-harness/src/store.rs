@@ -28,14 +28,14 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::binaries::{check_executable, sibling_binary};
 use crate::cmd::ProcRecord;
 use crate::lease::{Lease, LeaseAttrs};
-use crate::net::Cidr;
+use crate::net::{Cidr, Cidr6};
 
 /// flannel's default etcd prefix (`--etcd-prefix`).
 pub const ETCD_PREFIX: &str = "/coreos.com/network";
@@ -200,7 +200,12 @@ pub fn etcd_key(rest: &str) -> String {
 
 /// The etcd key of one lease (`/coreos.com/network/subnets/10.244.1.0-24`).
 pub fn etcd_lease_key(subnet: &Cidr) -> String {
-    etcd_key(&format!("subnets/{}", subnet.key()))
+    etcd_lease_key_text(&subnet.key())
+}
+
+/// The etcd key of the lease with flannel key `key` (see [`crate::net::lease_key`]).
+pub fn etcd_lease_key_text(key: &str) -> String {
+    etcd_key(&format!("subnets/{key}"))
 }
 
 /// The key just past every key starting with `prefix` (etcd's `range_end` for a prefix).
@@ -242,27 +247,49 @@ pub fn node_to_lease(node: &Value) -> Result<Option<Lease>> {
     if node_annotation(node, "kube-subnet-manager") != Some("true") {
         return Ok(None);
     }
-    let cidr = node
-        .pointer("/spec/podCIDR")
-        .and_then(Value::as_str)
-        .ok_or_else(|| anyhow!("no spec.podCIDR"))?;
-    let subnet: Cidr = cidr.parse()?;
-    let public_ip = node_annotation(node, "public-ip")
-        .ok_or_else(|| anyhow!("no public-ip annotation"))?
-        .to_string();
-    let backend_data = match node_annotation(node, "backend-data") {
-        None | Some("") => Value::Null,
-        Some(text) => serde_json::from_str(text).context("backend-data is not JSON")?,
+    // podCIDRs (one per family) when set, else podCIDR, as flannel reads them.
+    let cidrs: Vec<&str> = match node.pointer("/spec/podCIDRs").and_then(Value::as_array) {
+        Some(list) if !list.is_empty() => list.iter().filter_map(Value::as_str).collect(),
+        _ => node
+            .pointer("/spec/podCIDR")
+            .and_then(Value::as_str)
+            .into_iter()
+            .collect(),
+    };
+    if cidrs.is_empty() {
+        bail!("no spec.podCIDR");
+    }
+    let mut subnet = None;
+    let mut subnet6 = None;
+    for c in &cidrs {
+        if c.contains(':') {
+            subnet6 = Some(c.parse::<Cidr6>()?.trunc());
+        } else {
+            subnet = Some(c.parse::<Cidr>()?.trunc());
+        }
+    }
+    let public_ip = match node_annotation(node, "public-ip") {
+        Some(ip) => ip.to_string(),
+        None if subnet.is_none() => "0.0.0.0".to_string(),
+        None => bail!("no public-ip annotation"),
+    };
+    let json_annotation = |name: &str| -> Result<Value> {
+        match node_annotation(node, name) {
+            None | Some("") => Ok(Value::Null),
+            Some(text) => serde_json::from_str(text).with_context(|| format!("{name} is not JSON")),
+        }
     };
     Ok(Some(Lease {
-        subnet: subnet.trunc(),
+        subnet: subnet.unwrap_or(crate::lease::NO_V4),
+        subnet6,
         attrs: LeaseAttrs {
             public_ip,
-            public_ipv6: None,
+            public_ipv6: node_annotation(node, "public-ipv6").map(String::from),
             backend_type: node_annotation(node, "backend-type")
                 .unwrap_or("")
                 .to_string(),
-            backend_data,
+            backend_data: json_annotation("backend-data")?,
+            backend_v6_data: json_annotation("backend-v6-data")?,
         },
     }))
 }
@@ -310,6 +337,25 @@ mod tests {
         assert_eq!(l.subnet.to_string(), "10.244.2.0/24");
         assert_eq!(l.public_ip(), Some(Ipv4Addr::new(198, 18, 0, 2)));
         assert_eq!(l.vxlan().unwrap().vtep_mac, "0e:00:00:00:00:02");
+        let mut dual = node.clone();
+        dual["spec"]["podCIDRs"] = json!(["10.244.2.0/24", "fd42:244:0:2::/64"]);
+        let ann = &mut dual["metadata"]["annotations"];
+        ann["flannel.alpha.coreos.com/public-ipv6"] = json!("2001:db8:18::2");
+        ann["flannel.alpha.coreos.com/backend-v6-data"] =
+            json!("{\"VNI\":1,\"VtepMAC\":\"0e:00:00:00:06:02\"}");
+        let l = node_to_lease(&dual).unwrap().unwrap();
+        assert_eq!(l.key(), "10.244.2.0-24&fd42:244:0:2::-64");
+        assert_eq!(l.public_ipv6().unwrap().to_string(), "2001:db8:18::2");
+        assert_eq!(l.vxlan6().unwrap().vtep_mac, "0e:00:00:00:06:02");
+        let mut v6 = dual.clone();
+        v6["spec"] = json!({"podCIDR": "fd42:244:0:2::/64", "podCIDRs": ["fd42:244:0:2::/64"]});
+        v6["metadata"]["annotations"]
+            .as_object_mut()
+            .unwrap()
+            .remove("flannel.alpha.coreos.com/public-ip");
+        let l = node_to_lease(&v6).unwrap().unwrap();
+        assert_eq!(l.key(), "0.0.0.0-0&fd42:244:0:2::-64");
+        assert_eq!(l.subnet4(), None);
         let unmanaged = json!({"metadata": {"name": "x"}, "spec": {"podCIDR": "10.244.9.0/24"}});
         assert!(node_to_lease(&unmanaged).unwrap().is_none());
         let mut broken = node.clone();

@@ -314,6 +314,7 @@ fn accept_loop(
                 released.store(true, Ordering::SeqCst);
                 info!(
                     successor = pid,
+                    %device,
                     "handed the data plane over; no longer forwarding, exiting on SIGTERM"
                 );
                 return;

@@ -116,6 +116,7 @@ impl Plane {
                         Ok(Some((pred, inh))) => {
                             info!(
                                 predecessor = pred.pid(),
+                                %device,
                                 "taking over the data plane of the running flanneld"
                             );
                             (Some(pred), Some(inh))
@@ -163,27 +164,14 @@ impl Plane {
                     .map_err(fail)?;
                 let (tun_queues, sockets) = dp.queues();
                 info!(%device, mtu, %mac, port = cfg.port, handed_over, tun_queues, sockets, "userspace VXLAN data plane ready");
-                if v6 && (vx.direct_routing || flags.host_gw_fallback) {
-                    warn!(%device, "DirectRouting and --host-gw-fallback are not applied to IPv6 in userspace mode: every IPv6 peer is tunneled");
-                }
-                let (IpNet::V4(network), IpNet::V4(subnet)) = (network, subnet) else {
-                    return Ok(Plane::Userspace {
-                        dp,
-                        nl,
-                        mtu,
-                        handoff: Handoff::new(path, predecessor),
-                        direct: None,
-                        fallback: None,
-                        v6,
-                    });
-                };
-                // DirectRouting and the host-gw fallback route on-link peers the same way.
+                // DirectRouting and the host-gw fallback route on-link peers of this family the
+                // same way, via their public IP of this family (upstream's v6DirectRoute).
                 let direct_config = || HostGwConfig {
                     iface: ext.name.clone(),
-                    iface_addr: ext.iface_addr.into(),
-                    public_ip: ext.ext_addr.into(),
-                    network: network.into(),
-                    subnet: subnet.into(),
+                    iface_addr,
+                    public_ip,
+                    network,
+                    subnet,
                 };
                 let direct = if vx.direct_routing {
                     let d = HostGw::setup_direct(direct_config())
@@ -201,7 +189,7 @@ impl Plane {
                     Some(Box::new(super::fallback_plane::FallbackRoutes::new(
                         routes,
                         device.clone(),
-                        network.into(),
+                        network,
                     )))
                 } else {
                     None
@@ -285,8 +273,9 @@ impl Plane {
                 v6,
                 ..
             } => {
+                let family = if *v6 { IpFamily::V6 } else { IpFamily::V4 };
                 let (direct_peers, direct_result) = match direct.as_mut() {
-                    Some(d) => sync_direct(d, peers).await,
+                    Some(d) => sync_direct(d, family, peers).await,
                     None => (HashSet::new(), Ok(())),
                 };
                 // On-link peers are reached by their direct route: not encapsulated to.
@@ -440,8 +429,12 @@ async fn open_userspace(nl: &Netlink, cfg: &UserspaceConfig) -> std::io::Result<
 
 /// Programs the direct routes of on-link vxlan peers; returns the subnets now routed directly
 /// (a peer whose route failed stays on the tunnel) and the sync's failures in one line.
-async fn sync_direct(d: &mut HostGw, peers: &[Peer]) -> (HashSet<IpNet>, Result<(), String>) {
-    let onlink = onlink_public_ips(d.netlink(), IpFamily::V4, peers).await;
+async fn sync_direct(
+    d: &mut HostGw,
+    family: IpFamily,
+    peers: &[Peer],
+) -> (HashSet<IpNet>, Result<(), String>) {
+    let onlink = onlink_public_ips(d.netlink(), family, peers).await;
     let report = d.sync_direct(peers, &onlink).await;
     let mut failed = report.failed_peers();
     // A failure tied to no peer (reading the routes, the interface gone): nothing applied.

@@ -64,7 +64,7 @@ pub(crate) fn plan_acquisition(
     let (range4, range6) = (range4.as_ref(), range6.as_ref());
     let mut taken4: Vec<Ipv4Net> = keys.iter().filter_map(SubnetKey::ipv4_subnet).collect();
     let mut taken6: Vec<Ipv6Net> = keys.iter().filter_map(|k| k.ipv6).collect();
-    let mine = leases.iter().find(|l| same_node(&l.attrs, attrs));
+    let mine = leases.iter().find(|l| l.attrs.same_node(attrs));
 
     // 1. Our own lease from a previous run, found by public IP.
     let mut stale = None;
@@ -105,16 +105,6 @@ pub(crate) fn plan_acquisition(
     let ipv6 = choose(range6, &taken6)?;
     let key = SubnetKey::new(ipv4, ipv6).ok_or(StoreError::OutOfSubnets)?;
     Ok(Plan::Create { key, stale })
-}
-
-/// True when `stored` carries our public IP: the IPv4 one, or on an IPv6-only node (public IP
-/// `0.0.0.0`) the IPv6 one.
-fn same_node(stored: &LeaseAttrs, ours: &LeaseAttrs) -> bool {
-    if ours.public_ip.is_unspecified() {
-        ours.public_ipv6.is_some() && stored.public_ipv6 == ours.public_ipv6
-    } else {
-        stored.public_ip == ours.public_ip
-    }
 }
 
 /// True when `subnet` is present exactly when the family is enabled and fits its range.

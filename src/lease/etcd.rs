@@ -1171,13 +1171,14 @@ fn own_state(kv: Option<&KeyValue>, ours: &LeaseAttrs) -> OwnState {
     }
 }
 
-/// Whether a value at the own key, attached to etcd lease `lease_id`, is ours: same public IP.
+/// Whether a value at the own key, attached to etcd lease `lease_id`, is ours: same public IP
+/// ([`LeaseAttrs::same_node`], the rule that found it).
 fn own_value_state(value: &[u8], lease_id: i64, ours: &LeaseAttrs) -> OwnState {
     let attrs = std::str::from_utf8(value)
         .ok()
         .and_then(|text| LeaseAttrs::from_json(text).ok());
     match attrs {
-        Some(a) if a.public_ip == ours.public_ip => OwnState::Present(lease_id),
+        Some(a) if a.same_node(ours) => OwnState::Present(lease_id),
         _ => OwnState::Foreign,
     }
 }
@@ -1525,6 +1526,15 @@ mod tests {
         let other = br#"{"PublicIP":"198.51.100.2","PublicIPv6":null}"#;
         assert_eq!(own_value_state(other, 7, &ours), OwnState::Foreign);
         assert_eq!(own_value_state(b"{", 0, &ours), OwnState::Foreign);
+        // IPv6-only: every lease says PublicIP 0.0.0.0; another node's PublicIPv6 is foreign.
+        let ours6 = LeaseAttrs {
+            public_ipv6: Some("2001:db8:100::1".parse().expect("ip")),
+            ..LeaseAttrs::default()
+        };
+        let mine = br#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8:100::1"}"#;
+        assert_eq!(own_value_state(mine, 7, &ours6), OwnState::Present(7));
+        let other = br#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8:100::2"}"#;
+        assert_eq!(own_value_state(other, 7, &ours6), OwnState::Foreign);
     }
 
     #[test]

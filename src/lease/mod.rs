@@ -207,6 +207,18 @@ pub enum LeaseError {
 }
 
 impl LeaseAttrs {
+    /// Whether a stored lease with these attributes is the one of the node with `ours`: the
+    /// same `PublicIP`, or on an IPv6-only node (`PublicIP` 0.0.0.0, as on every IPv6-only
+    /// lease) the same `PublicIPv6`. Upstream compares `PublicIP` alone (`findLeaseByIP`),
+    /// which on an IPv6-only node matches the first IPv6-only lease of any node.
+    pub fn same_node(&self, ours: &LeaseAttrs) -> bool {
+        if ours.public_ip.is_unspecified() {
+            ours.public_ipv6.is_some() && self.public_ipv6 == ours.public_ipv6
+        } else {
+            self.public_ip == ours.public_ip
+        }
+    }
+
     /// Decodes flannel's lease JSON (Go semantics: keys case-insensitive, unknown keys ignored).
     pub fn from_json(json: &str) -> Result<LeaseAttrs, AttrsError> {
         let mut attrs = LeaseAttrs::default();

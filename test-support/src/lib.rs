@@ -7,6 +7,7 @@
 //!   namespaces, bulk TCP transfers, teardown checks);
 //! * [`fixtures`]: lease attributes, MACs and configs the store tests share;
 //! * [`etcd`]: a private etcd server on 127.0.0.1, stopped by PID;
+//! * [`ping`]: losses and the longest outage of a `ping -i` run (restart and handover tests);
 //! * [`TempDir`]: a scratch directory removed on drop.
 //!
 //! Privileged tests start with [`privileged`]: it skips (with a message) when not root and
@@ -16,6 +17,7 @@ pub mod cluster;
 pub mod etcd;
 pub mod fixtures;
 pub mod netns;
+pub mod ping;
 mod tempdir;
 
 pub use tempdir::TempDir;

@@ -1,7 +1,10 @@
 //! IPv6 neighbour discovery for our VTEP address: what the ARP responder in
 //! [`super::decap`] does for IPv4. Kernel peers have permanent neighbour entries for our
-//! VTEP address, so solicitations are rare; when one comes (from the sending peer's subnet,
-//! for our address) it is answered in place with a neighbour advertisement.
+//! VTEP address, so solicitations are rare; when one comes (for our address, from the
+//! sending peer's subnet or from a link-local address behind the sending peer's VTEP MAC)
+//! it is answered in place with a neighbour advertisement. A kernel peer resolving our
+//! address sends from its device's link-local address: the solicitation goes to a
+//! link-local-scope multicast group, so that is the source the kernel picks.
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::ops::Range;
@@ -69,11 +72,16 @@ pub(super) fn answer_ndp(
     if !valid || Ipv6Addr::from(target) != ours {
         return drop(DropReason::NdpNotForUs);
     }
-    // Duplicate address detection (unspecified source) never comes from a peer's subnet.
-    if !table.owns_source(src, asker.into()) {
+    let asker_mac = ethernet::Frame::new_unchecked(buf.get(start + 8..ip_at)?).src_addr();
+    // Duplicate address detection (unspecified source) is never answered.
+    let from_peer = if asker.is_unicast_link_local() {
+        table.is_vtep_of(src, asker_mac)
+    } else {
+        table.owns_source(src, asker.into())
+    };
+    if !from_peer {
         return drop(DropReason::InnerSourceMismatch);
     }
-    let asker_mac = ethernet::Frame::new_unchecked(buf.get(start + 8..ip_at)?).src_addr();
     let room = end - ip_at;
     let with_opt = ipv6::HEADER_LEN + ND_LEN + LLADDR_OPT_LEN;
     let reply_len = if room >= with_opt {
@@ -134,8 +142,19 @@ mod tests {
     }
 
     /// A VXLAN datagram holding a neighbour solicitation for `target` from `from`, with the
-    /// source link-layer option when `opt`.
+    /// source link-layer option when `opt`, from node 1's VTEP MAC.
     fn solicitation(from: Ipv6Addr, target: Ipv6Addr, hop_limit: u8, opt: bool) -> Vec<u8> {
+        solicitation_from_mac(from, target, hop_limit, opt, test_node(1).mac)
+    }
+
+    /// [`solicitation`] with the inner Ethernet source `mac`.
+    fn solicitation_from_mac(
+        from: Ipv6Addr,
+        target: Ipv6Addr,
+        hop_limit: u8,
+        opt: bool,
+        mac: MacAddr,
+    ) -> Vec<u8> {
         let mut body = vec![icmp::V6_NEIGHBOR_SOLICIT, 0, 0, 0, 0, 0, 0, 0];
         body.extend_from_slice(&target.octets());
         if opt {
@@ -158,7 +177,7 @@ mod tests {
         ip[7] = hop_limit;
         let mut d = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
         d.extend_from_slice(&solicited_node_mac(target).0);
-        d.extend_from_slice(&test_node(1).mac.0);
+        d.extend_from_slice(&mac.0);
         d.extend_from_slice(&0x86ddu16.to_be_bytes());
         d.extend_from_slice(&ip);
         d
@@ -204,6 +223,35 @@ mod tests {
                 assert_eq!(&na[26..32], &test_node(2).mac.0);
             }
             assert!(icmp::Packet::new_unchecked(na).verify_checksum_v6(&vtep(2), &vtep(1)));
+        }
+    }
+
+    /// What a kernel `flannel-v6.<VNI>` sends: the solicitation from its link-local address,
+    /// answered when it comes from the sending peer's VTEP MAC, dropped from any other MAC.
+    #[test]
+    fn answers_a_link_local_solicitation_from_the_peers_vtep() {
+        let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0x99, 0xaaff, 0xfe00, 1);
+        let d = solicitation(link_local, vtep(2), 255, true);
+        let (v, b) = run(&d);
+        let DecapVerdict::Reply { dst, frame } = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(dst, test_peer(1).public_ip);
+        let eth = ethernet::Frame::new_checked(&b[frame][8..]).unwrap();
+        assert_eq!(eth.dst_addr(), test_node(1).mac);
+        let ip = ipv6::Packet::new_checked(eth.payload()).unwrap();
+        assert_eq!((ip.src_addr(), ip.dst_addr()), (vtep(2), link_local));
+        let na = ip.payload();
+        assert_eq!(na[0], icmp::V6_NEIGHBOR_ADVERT);
+        assert_eq!(&na[26..32], &test_node(2).mac.0);
+        assert!(icmp::Packet::new_unchecked(na).verify_checksum_v6(&vtep(2), &link_local));
+        // Node 3's VTEP MAC (or any other) behind node 1's underlay address is not node 1.
+        for mac in [test_node(3).mac, MacAddr([0x02, 0, 0, 0, 0, 0x42])] {
+            let d = solicitation_from_mac(link_local, vtep(2), 255, true, mac);
+            assert_eq!(
+                run(&d).0,
+                DecapVerdict::Drop(DropReason::InnerSourceMismatch)
+            );
         }
     }
 

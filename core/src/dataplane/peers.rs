@@ -243,6 +243,19 @@ impl PeerTable {
         false
     }
 
+    /// True if a subnet leased with public IP `outer` has the VTEP MAC `mac`: a frame from
+    /// `outer` with that Ethernet source comes from that peer's VTEP (for solicitations from
+    /// its link-local address, which no subnet owns).
+    pub fn is_vtep_of(&self, outer: IpAddr, mac: crate::wire::MacAddr) -> bool {
+        self.owned_by(outer).is_some_and(|idxs| {
+            idxs.iter().any(|&i| {
+                self.peers
+                    .get(i as usize)
+                    .is_some_and(|(_, v)| v.mac == mac)
+            })
+        })
+    }
+
     /// The indexes of the subnets leased with public IP `ip`.
     #[inline]
     fn owned_by(&self, ip: IpAddr) -> Option<&Vec<u32>> {

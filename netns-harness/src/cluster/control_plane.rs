@@ -9,14 +9,15 @@ use serde_json::{json, Value};
 
 use crate::cmd::{self, ProcRecord};
 use crate::http::{self, base64_decode, base64_encode, HttpResponse};
-use crate::lease::{self, Lease, LeaseAttrs};
-use crate::net::Cidr;
+use crate::lease::{self, Families, Lease, LeaseAttrs};
+use crate::net::{self, Cidr, Cidr6};
 use crate::sys;
 
 use crate::store::{
-    annotation, etcd_key, etcd_lease_key, json_i64, node_annotation, node_to_lease, prefix_end,
-    ControlPlane, StoreKind, ETCD_LEASE_TTL_SECS, ETCD_MAINTENANCE_PORT, ETCD_PEER_PORT, ETCD_PORT,
-    KUBECTL_LIMIT, KUBE_MAINTENANCE_PORT, KUBE_PORT, REQUEST_LIMIT, START_LIMIT,
+    annotation, etcd_key, etcd_lease_key_text, json_i64, node_annotation, node_to_lease,
+    prefix_end, ControlPlane, StoreKind, ETCD_LEASE_TTL_SECS, ETCD_MAINTENANCE_PORT,
+    ETCD_PEER_PORT, ETCD_PORT, KUBECTL_LIMIT, KUBE_MAINTENANCE_PORT, KUBE_PORT, REQUEST_LIMIT,
+    START_LIMIT,
 };
 
 use super::{Cluster, NodeKind, NodeState};
@@ -480,16 +481,36 @@ impl Cluster {
     /// Creates a Node with its pod CIDR (what kube-controller-manager's node IPAM does), with
     /// `kubectl create`.
     pub fn kube_create_node(&self, name: &str, pod_cidr: &Cidr, address: Ipv4Addr) -> Result<()> {
-        let cidr = pod_cidr.trunc().to_string();
+        self.kube_create_node_families(name, &(Some(*pod_cidr), None), address, None)
+    }
+
+    /// [`kube_create_node`](Self::kube_create_node) with one pod CIDR per family (`podCIDR`
+    /// is the first, IPv4 in dual-stack, as kube-controller-manager sets it) and an
+    /// InternalIP per underlay address.
+    pub fn kube_create_node_families(
+        &self,
+        name: &str,
+        cidrs: &Families,
+        address: Ipv4Addr,
+        address6: Option<std::net::Ipv6Addr>,
+    ) -> Result<()> {
+        let list: Vec<String> = cidrs
+            .0
+            .map(|c| c.trunc().to_string())
+            .into_iter()
+            .chain(cidrs.1.map(|c| c.trunc().to_string()))
+            .collect();
+        let mut addresses = vec![json!({"type": "InternalIP", "address": address.to_string()})];
+        if let Some(a6) = address6 {
+            addresses.push(json!({"type": "InternalIP", "address": a6.to_string()}));
+        }
+        addresses.push(json!({"type": "Hostname", "address": name}));
         let body = json!({
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
-            "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
-            "status": {"addresses": [
-                {"type": "InternalIP", "address": address.to_string()},
-                {"type": "Hostname", "address": name},
-            ]},
+            "spec": {"podCIDR": list.first(), "podCIDRs": list},
+            "status": {"addresses": addresses},
         });
         let cp = self
             .control_plane()
@@ -528,10 +549,11 @@ impl Cluster {
                 let mut bad = Vec::new();
                 for (key, value) in self.etcd_get_prefix(&prefix)? {
                     let name = key.strip_prefix(&prefix).unwrap_or(&key).to_string();
-                    let parsed = Cidr::from_key(&name).and_then(|subnet| {
+                    let parsed = net::parse_lease_key(&name).and_then(|(v4, v6)| {
                         let attrs: LeaseAttrs = serde_json::from_slice(&value)?;
                         Ok(Lease {
-                            subnet: subnet.trunc(),
+                            subnet: v4.map_or(lease::NO_V4, |s| s.trunc()),
+                            subnet6: v6.map(|s| s.trunc()),
                             attrs,
                         })
                     });
@@ -540,7 +562,7 @@ impl Cluster {
                         Err(e) => bad.push(format!("{key}: {e:#}")),
                     }
                 }
-                leases.sort_by_key(|l| l.subnet);
+                lease::sort_leases(&mut leases);
                 Ok((leases, bad))
             }
             StoreKind::Kube => {
@@ -558,7 +580,7 @@ impl Cluster {
                         Err(e) => bad.push(format!("node {name}: {e:#}")),
                     }
                 }
-                leases.sort_by_key(|l| l.subnet);
+                lease::sort_leases(&mut leases);
                 Ok((leases, bad))
             }
         }
@@ -570,12 +592,40 @@ impl Cluster {
             .is_ok_and(|(l, _)| l.iter().any(|l| l.subnet == subnet.trunc()))
     }
 
+    /// True when the store holds a lease with exactly these subnets.
+    pub fn store_has_families(&self, v4: Option<Cidr>, v6: Option<Cidr6>) -> bool {
+        self.leases()
+            .is_ok_and(|(l, _)| l.iter().any(|l| (l.subnet4(), l.subnet6) == (v4, v6)))
+    }
+
     /// The pod CIDR the harness assigns to node index `index` in kube runs: the `index`-th
     /// candidate subnet of the net-conf (10.244.`index`.0/24 by default).
     pub fn pod_cidr_for(&self, index: u32) -> Result<Cidr> {
         let conf = self.net_conf()?;
         let cidr = conf.candidates().nth(index.saturating_sub(1) as usize);
         cidr.ok_or_else(|| anyhow!("net-conf {} has no subnet for node {index}", conf.network))
+    }
+
+    /// The pod CIDRs of node index `index` in kube runs, one per enabled family: the
+    /// `index`-th candidate of each (fd42:244:0:`index`::/64 by default for IPv6).
+    pub fn pod_cidrs_for(&self, index: u32) -> Result<Families> {
+        let conf = self.net_conf()?;
+        let v4 = if conf.enable_ipv4 {
+            Some(self.pod_cidr_for(index)?)
+        } else {
+            None
+        };
+        let v6 = match &conf.ipv6 {
+            Some(c6) => Some(
+                c6.candidates()
+                    .nth(index.saturating_sub(1) as usize)
+                    .ok_or_else(|| {
+                        anyhow!("net-conf {} has no subnet for node {index}", c6.network)
+                    })?,
+            ),
+            None => None,
+        };
+        Ok((v4, v6))
     }
 
     /// Publishes a kernel-ref node's lease exactly as flannel would in this store and
@@ -586,22 +636,18 @@ impl Cluster {
         &mut self,
         node: &str,
         attrs: &LeaseAttrs,
-    ) -> Result<Cidr> {
+    ) -> Result<Families> {
         let conf = self.net_conf()?;
         match self.state.store {
-            StoreKind::Dir => self.lease_dir().acquire(&conf, attrs),
+            StoreKind::Dir => self.lease_dir().acquire_families(&conf, attrs),
             StoreKind::Etcd => {
                 let body = serde_json::to_vec(attrs)?;
                 for _attempt in 0..10 {
                     let (existing, _) = self.leases()?;
-                    let Some(cand) = conf
-                        .candidates()
-                        .find(|c| !existing.iter().any(|l| l.subnet.overlaps(c)))
-                    else {
-                        bail!("out of subnets in {}", conf.network);
-                    };
+                    let cand = lease::free_subnets(&conf, &existing)?;
+                    let key = net::lease_key(cand.0.as_ref(), cand.1.as_ref());
                     let lease = self.etcd_grant(ETCD_LEASE_TTL_SECS)?;
-                    if self.etcd_create(&etcd_lease_key(&cand), &body, Some(lease))? {
+                    if self.etcd_create(&etcd_lease_key_text(&key), &body, Some(lease))? {
                         return Ok(cand);
                     }
                 }
@@ -611,13 +657,23 @@ impl Cluster {
                 let n = self
                     .kube_node(node)?
                     .ok_or_else(|| anyhow!("Node {node} does not exist"))?;
-                let cidr: Cidr = n
-                    .pointer("/spec/podCIDR")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| anyhow!("node {node:?} pod cidr not assigned"))?
-                    .parse()?;
+                let cidrs: Vec<&str> = match n.pointer("/spec/podCIDRs").and_then(Value::as_array) {
+                    Some(list) if !list.is_empty() => {
+                        list.iter().filter_map(Value::as_str).collect()
+                    }
+                    _ => n
+                        .pointer("/spec/podCIDR")
+                        .and_then(Value::as_str)
+                        .into_iter()
+                        .collect(),
+                };
+                let v4 = cidrs.iter().find_map(|c| c.parse::<Cidr>().ok());
+                let v6 = cidrs.iter().find_map(|c| c.parse::<Cidr6>().ok());
+                if (v4.is_some(), v6.is_some()) != (conf.enable_ipv4, conf.ipv6.is_some()) {
+                    bail!("node {node:?} pod cidrs {cidrs:?} do not match the net-conf's families");
+                }
                 self.kube_publish(node, &n, attrs)?;
-                Ok(cidr.trunc())
+                Ok((v4.map(|c| c.trunc()), v6.map(|c| c.trunc())))
             }
         }
     }
@@ -634,12 +690,18 @@ impl Cluster {
             ));
             public_ip = ow.to_string();
         }
-        let body = json!({"metadata": {"annotations": {
+        let mut annotations = json!({
             annotation("backend-type"): attrs.backend_type,
             annotation("backend-data"): attrs.backend_data.to_string(),
             annotation("public-ip"): public_ip,
-            annotation("kube-subnet-manager"): "true",
-        }}});
+        });
+        if let Some(ip6) = &attrs.public_ipv6 {
+            let ow = node_annotation(current, "public-ipv6-overwrite").filter(|s| !s.is_empty());
+            annotations[annotation("backend-v6-data")] = json!(attrs.backend_v6_data.to_string());
+            annotations[annotation("public-ipv6")] = json!(ow.unwrap_or(ip6));
+        }
+        annotations[annotation("kube-subnet-manager")] = json!("true");
+        let body = json!({"metadata": {"annotations": annotations}});
         self.kube_call(
             "PATCH",
             &format!("/api/v1/nodes/{node}/status"),
@@ -660,19 +722,20 @@ impl Cluster {
         if n.kind != NodeKind::KernelRef {
             bail!("{} is not a kernel-ref node", n.name);
         }
-        let subnet = n
-            .subnet
-            .ok_or_else(|| anyhow!("{} has no lease yet", n.name))?;
+        if n.subnet.is_none() && n.subnet6.is_none() {
+            bail!("{} has no lease yet", n.name);
+        }
+        let subnet = net::lease_key(n.subnet.as_ref(), n.subnet6.as_ref());
         let attrs = self.kernel_ref_attrs(&n)?;
         match self.state.store {
             StoreKind::Dir => {
                 let body = serde_json::to_vec(&attrs)?;
-                lease::write_atomic(&self.lease_dir().lease_path(&subnet), &body)?;
+                lease::write_atomic(&self.lease_dir().key_path(&subnet), &body)?;
             }
             StoreKind::Etcd => {
                 let body = serde_json::to_vec(&attrs)?;
                 let id = self.etcd_grant(ETCD_LEASE_TTL_SECS)?;
-                self.etcd_put(&etcd_lease_key(&subnet), &body, Some(id))?;
+                self.etcd_put(&etcd_lease_key_text(&subnet), &body, Some(id))?;
             }
             StoreKind::Kube => {
                 let current = self
@@ -698,28 +761,34 @@ impl Cluster {
     /// Removes what the store holds for a removed node: its lease file or key if it still
     /// names the node's address, or its Node object.
     pub(crate) fn withdraw_node(&mut self, node: &NodeState) -> Result<()> {
-        let Some(subnet) = node.subnet else {
+        if node.subnet.is_none() && node.subnet6.is_none() {
             if self.state.store == StoreKind::Kube {
                 self.kube_delete_node(&node.name)?;
             }
             return Ok(());
-        };
-        let published: Vec<String> = [Some(node.underlay_ip), node.public_ip]
+        }
+        let mut published: Vec<String> = [Some(node.underlay_ip), node.public_ip]
             .into_iter()
             .flatten()
             .map(|ip| ip.to_string())
             .collect();
+        published.extend(node.underlay_ip6.map(|ip| ip.to_string()));
         match self.state.store {
             StoreKind::Dir | StoreKind::Etcd => {
                 let (leases, _) = self.leases()?;
-                let ours = leases
-                    .iter()
-                    .any(|l| l.subnet == subnet && published.contains(&l.attrs.public_ip));
-                if ours {
+                let ours = leases.iter().find(|l| {
+                    (l.subnet4(), l.subnet6) == (node.subnet, node.subnet6)
+                        && (published.contains(&l.attrs.public_ip)
+                            || l.attrs
+                                .public_ipv6
+                                .as_ref()
+                                .is_some_and(|p| published.contains(p)))
+                });
+                if let Some(l) = ours {
                     if self.state.store == StoreKind::Dir {
-                        self.lease_dir().remove(&subnet)?;
+                        self.lease_dir().remove_key(&l.key())?;
                     } else {
-                        self.etcd_delete(&etcd_lease_key(&subnet))?;
+                        self.etcd_delete(&etcd_lease_key_text(&l.key()))?;
                     }
                 }
                 Ok(())

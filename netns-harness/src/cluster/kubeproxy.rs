@@ -1,9 +1,10 @@
-//! kube-proxy emulation (iptables mode) in a node's nat table: ClusterIPs, the 0x4000 mark, MASQUERADE --random-fully, and counters for the masqueraded and marked VXLAN packets.
+//! kube-proxy emulation (iptables mode) in a node's nat table, IPv4 (iptables) and IPv6 (ip6tables): ClusterIPs, the 0x4000 mark, MASQUERADE --random-fully, and counters for the masqueraded and marked VXLAN packets.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::{anyhow, bail, Result};
 
+use crate::check::Family;
 use crate::cmd;
 use crate::proto;
 
@@ -43,7 +44,7 @@ impl Cluster {
         };
         let network = self.net_conf()?.network.to_string();
         let ns = n.ns.clone();
-        let vip_s = format!("{vip}/32");
+        let vip_s = host_prefix(vip.into());
         let vport = vip_port.to_string();
         let routed = cmd::run(
             &mut cmd::ns_command(&ns, &["ip", "route", "get", &vip.to_string()]),
@@ -106,18 +107,20 @@ impl Cluster {
     }
 
     /// Emulates one ClusterIP the way kube-proxy (iptables mode, before Kubernetes 1.19) does,
-    /// in `node`'s nat table: PREROUTING and OUTPUT jump to KUBE-SERVICES, which marks every
+    /// in `node`'s nat table of the VIP's family (iptables for IPv4, ip6tables for IPv6, the
+    /// same chains and rules): PREROUTING and OUTPUT jump to KUBE-SERVICES, which marks every
     /// packet to `vip:port` with 0x4000 (KUBE-MARK-MASQ; every source is marked, as with
     /// `--masquerade-all`, so pod traffic is masqueraded too) and DNATs it to `pod`'s TCP
-    /// responder; KUBE-POSTROUTING masquerades marked packets with `--random-fully` and does
-    /// not clear the mark, so the VXLAN packet a kernel vxlan device builds around such a
-    /// packet carries the mark too and is masqueraded again (the double NAT of kubernetes
-    /// issue 88986). A host route for the VIP via eth0 lets host traffic reach OUTPUT in runs
-    /// without a default route; the DNAT re-routes it into the overlay.
+    /// responder (its address of that family); KUBE-POSTROUTING masquerades marked packets
+    /// with `--random-fully` and does not clear the mark, so the VXLAN packet a kernel vxlan
+    /// device builds around such a packet carries the mark too and is masqueraded again (the
+    /// double NAT of kubernetes issue 88986). A host route for the VIP via eth0 lets host
+    /// traffic reach OUTPUT in runs without a default route; the DNAT re-routes it into the
+    /// overlay.
     pub fn add_kube_proxy_service(
         &self,
         node: &str,
-        vip: Ipv4Addr,
+        vip: IpAddr,
         port: u16,
         pod: &str,
     ) -> Result<()> {
@@ -125,10 +128,16 @@ impl Cluster {
             .node(node)
             .ok_or_else(|| anyhow!("no node {node:?}"))?
             .clone();
-        let dst = self.pod_ip(pod).ok_or_else(|| anyhow!("no pod {pod:?}"))?;
+        let family = Family::of(vip);
+        let dst: IpAddr = match family {
+            Family::V4 => self.pod_ip(pod).map(IpAddr::from),
+            Family::V6 => self.pod_ip6(pod).map(IpAddr::from),
+        }
+        .ok_or_else(|| anyhow!("no pod {pod:?} with an {} address", family.name()))?;
         let ns = n.ns.as_str();
+        let tool = nat_tool(family);
         let ipt = |args: &[&str]| -> Result<bool> {
-            let mut v = vec!["iptables", "-w", "-t", "nat"];
+            let mut v = vec![tool, "-w", "-t", "nat"];
             v.extend_from_slice(args);
             Ok(cmd::run(&mut cmd::ns_command(ns, &v), cmd::SHORT)?
                 .status
@@ -138,7 +147,7 @@ impl Cluster {
             if ipt(args)? {
                 Ok(())
             } else {
-                bail!("{node}: iptables -t nat {} failed", args.join(" "))
+                bail!("{node}: {tool} -t nat {} failed", args.join(" "))
             }
         };
         for chain in ["KUBE-SERVICES", "KUBE-MARK-MASQ", "KUBE-POSTROUTING"] {
@@ -171,7 +180,7 @@ impl Cluster {
                 must(&["-I", chain, "1", "-j", target])?;
             }
         }
-        let vip_s = format!("{vip}/32");
+        let vip_s = host_prefix(vip);
         let port_s = port.to_string();
         let svc = ["-d", &vip_s, "-p", "tcp", "--dport", &port_s];
         must(
@@ -182,7 +191,8 @@ impl Cluster {
             ]
             .concat(),
         )?;
-        let to = format!("{dst}:{}", proto::TCP_PORT);
+        // `addr:port`, or `[addr]:port` for IPv6, as both tools expect it.
+        let to = SocketAddr::new(dst, proto::TCP_PORT).to_string();
         must(
             &[
                 &["-A", "KUBE-SERVICES"][..],
@@ -203,12 +213,12 @@ impl Cluster {
         Ok(())
     }
 
-    /// `node`'s KUBE-POSTROUTING rules with exact packet counters (`iptables -L -v -x`).
-    fn postrouting_rules(&self, node: &str) -> Result<String> {
+    /// `node`'s KUBE-POSTROUTING rules of `family` with exact packet counters (`-L -v -x`).
+    fn postrouting_rules(&self, node: &str, family: Family) -> Result<String> {
         let out = self.exec_ok(
             node,
             &[
-                "iptables",
+                nat_tool(family),
                 "-w",
                 "-t",
                 "nat",
@@ -222,25 +232,25 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Packets counted by the KUBE-POSTROUTING MASQUERADE rule on `node`.
-    pub fn masquerade_packets(&self, node: &str) -> Result<u64> {
+    /// Packets counted by the KUBE-POSTROUTING MASQUERADE rule of `family` on `node`.
+    pub fn masquerade_packets(&self, node: &str, family: Family) -> Result<u64> {
         Ok(self
-            .postrouting_rules(node)?
+            .postrouting_rules(node, family)?
             .lines()
             .filter(|l| l.contains("MASQUERADE"))
             .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
             .sum())
     }
 
-    /// Adds a counting rule (no target) at the top of `node`'s KUBE-POSTROUTING chain for VXLAN
-    /// packets to `port` that carry kube-proxy's mark; read it with
-    /// [`marked_vxlan_packets`](Self::marked_vxlan_packets).
-    pub fn count_marked_vxlan(&self, node: &str, port: u16) -> Result<()> {
+    /// Adds a counting rule (no target) at the top of `node`'s KUBE-POSTROUTING chain of
+    /// `family` for VXLAN packets to `port` that carry kube-proxy's mark (outer packets of
+    /// that family); read it with [`marked_vxlan_packets`](Self::marked_vxlan_packets).
+    pub fn count_marked_vxlan(&self, node: &str, port: u16, family: Family) -> Result<()> {
         let port = port.to_string();
         self.exec_ok(
             node,
             &[
-                "iptables",
+                nat_tool(family),
                 "-w",
                 "-t",
                 "nat",
@@ -264,12 +274,31 @@ impl Cluster {
         .map(|_| ())
     }
 
-    /// Packets counted by the [`count_marked_vxlan`](Self::count_marked_vxlan) rule.
-    pub fn marked_vxlan_packets(&self, node: &str) -> Result<u64> {
-        self.postrouting_rules(node)?
+    /// Packets counted by the [`count_marked_vxlan`](Self::count_marked_vxlan) rule of `family`.
+    pub fn marked_vxlan_packets(&self, node: &str, family: Family) -> Result<u64> {
+        self.postrouting_rules(node, family)?
             .lines()
             .find(|l| l.contains(MARKED_VXLAN))
             .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-            .ok_or_else(|| anyhow!("{node}: no marked-VXLAN counting rule in KUBE-POSTROUTING"))
+            .ok_or_else(|| {
+                anyhow!(
+                    "{node}: no marked-VXLAN counting rule in {} KUBE-POSTROUTING",
+                    nat_tool(family)
+                )
+            })
     }
+}
+
+/// The tool owning `family`'s nat table.
+fn nat_tool(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    }
+}
+
+/// `ip/32` or `ip/128`.
+fn host_prefix(ip: IpAddr) -> String {
+    let len = if ip.is_ipv4() { 32 } else { 128 };
+    format!("{ip}/{len}")
 }

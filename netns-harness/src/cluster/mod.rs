@@ -26,7 +26,8 @@ pub use kubeproxy::KUBE_MARK;
 pub use namespaces::{list_namespaces, list_runs, run_namespaces, teardown_by_prefix};
 pub use nodes::parse_ethtool_feature;
 pub use spec::{
-    ClusterSpec, NodeKind, NodeSpec, DEFAULT_BASE_DIR, MAX_NODES, MAX_PODS, MAX_SITE_NODES, SITES,
+    ClusterSpec, IpFamily, NodeKind, NodeSpec, DEFAULT_BASE_DIR, MAX_NODES, MAX_PODS,
+    MAX_SITE_NODES, SITES,
 };
 pub use state::{CaptureState, NodeState, PodState, RunState};
 
@@ -39,6 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::cmd::{self, ProcRecord};
+use crate::cni::PodSetup;
 use crate::lease::{self, LeaseDir, NetConf};
 use crate::net::Cidr;
 use crate::proto;
@@ -92,8 +94,30 @@ impl Cluster {
         let net_conf = spec
             .net_conf
             .clone()
-            .unwrap_or_else(|| lease::DEFAULT_NET_CONF.to_string());
+            .unwrap_or_else(|| spec.ip_family.default_net_conf().to_string());
         let conf = NetConf::parse(&net_conf)?;
+        if conf.enable_ipv4 != spec.ip_family.has_v4()
+            || conf.ipv6.is_some() != spec.ip_family.has_v6()
+        {
+            bail!(
+                "net-conf enables IPv4 {} / IPv6 {}, but --ip-family is {}",
+                conf.enable_ipv4,
+                conf.ipv6.is_some(),
+                spec.ip_family
+            );
+        }
+        if spec.ip_family.has_v6() && sites {
+            bail!(
+                "--ip-family {} is not supported with --sites (the NAT routers are IPv4 only)",
+                spec.ip_family
+            );
+        }
+        if spec.ip_family.has_v6() && spec.pod_setup == PodSetup::Hand {
+            bail!(
+                "--ip-family {} needs --pod-setup cni (hand-wired pods are IPv4 only)",
+                spec.ip_family
+            );
+        }
         let needs_flanneld = spec.nodes.iter().any(|n| n.kind.runs_flanneld());
         let flanneld = if needs_flanneld {
             Some(resolve_flanneld(spec.flanneld.as_deref())?)
@@ -151,6 +175,7 @@ impl Cluster {
                 control_plane: None,
                 sites,
                 pod_setup: spec.pod_setup,
+                ip_family: spec.ip_family,
             },
             children: HashMap::new(),
             teardown_on_drop: true,
@@ -317,6 +342,16 @@ impl Cluster {
     /// A pod's address.
     pub fn pod_ip(&self, pod: &str) -> Option<Ipv4Addr> {
         self.pod(pod).map(|p| p.ip)
+    }
+
+    /// A pod's IPv6 address (dual-stack and IPv6-only runs).
+    pub fn pod_ip6(&self, pod: &str) -> Option<std::net::Ipv6Addr> {
+        self.pod(pod).and_then(|p| p.ip6)
+    }
+
+    /// The run's address families.
+    pub fn ip_family(&self) -> IpFamily {
+        self.state.ip_family
     }
 
     /// A node's underlay address.
@@ -516,5 +551,11 @@ mod tests {
         );
         let err = resolve_flanneld(Some(Path::new("/tmp"))).unwrap_err();
         assert!(format!("{err:#}").contains("not a regular file"));
+        let err = resolve_harness_bin(Some(Path::new("/nonexistent/nh"))).unwrap_err();
+        let s = format!("{err:#}");
+        assert!(
+            s.contains("/nonexistent/nh") && s.contains("NETNS_HARNESS_BIN"),
+            "{s}"
+        );
     }
 }

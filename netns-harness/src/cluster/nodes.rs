@@ -9,9 +9,9 @@ use anyhow::{anyhow, bail, Result};
 
 use crate::binaries::resolve_flanneld;
 use crate::cmd::{self, ProcRecord};
-use crate::kernel_ref::{self, KernelOp};
+use crate::kernel_ref;
 use crate::lease::{self, LeaseAttrs, NetConf, SubnetEnv, VxlanData};
-use crate::net::{self, Cidr};
+use crate::net::{self, Cidr, Cidr6};
 use crate::store::{etcd_key, StoreKind};
 use crate::sys::{self, log};
 
@@ -91,6 +91,14 @@ impl Cluster {
             site,
             public_ip,
             subnet: None,
+            underlay_ip6: self
+                .state
+                .ip_family
+                .has_v6()
+                .then(|| net::underlay_ip6(index)),
+            subnet6: None,
+            vtep_mac6: None,
+            programmed6: Vec::new(),
             mtu: 0,
             vtep_mac: None,
             extra_args: spec.extra_args.clone(),
@@ -120,6 +128,13 @@ impl Cluster {
             "dev",
             "eth0",
         ])?;
+        if let Some(ip6) = self.state.nodes[pos].underlay_ip6 {
+            // flannel's rule: the IPv6 address on the same interface as the IPv4 one (no DAD,
+            // so it is usable at once); IPv6 forwarding on, as on a Kubernetes node.
+            let a = format!("{ip6}/64");
+            cmd::ip(&["-n", &ns, "addr", "add", &a, "dev", "eth0", "nodad"])?;
+            cmd::sysctl(&ns, "net.ipv6.conf.all.forwarding", "1")?;
+        }
         cmd::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         if !self.state.underlay_tx_offload {
             // A veth with tx checksum offload hands CHECKSUM_PARTIAL skbs to its peer: the
@@ -140,8 +155,9 @@ impl Cluster {
         if self.state.store == StoreKind::Kube {
             // kube-controller-manager's part: the Node with its pod CIDR exists before the
             // node's flanneld starts.
-            let cidr = self.pod_cidr_for(index)?;
-            self.kube_create_node(&name, &cidr, underlay_ip)?;
+            let cidrs = self.pod_cidrs_for(index)?;
+            let ip6 = self.state.nodes[pos].underlay_ip6;
+            self.kube_create_node_families(&name, &cidrs, underlay_ip, ip6)?;
         }
 
         match spec.kind {
@@ -153,59 +169,131 @@ impl Cluster {
         Ok(pos)
     }
 
-    /// The lease attributes a kernel-ref node publishes: its detected (eth0) address, vxlan
-    /// with its VTEP MAC.
+    /// The lease attributes a kernel-ref node publishes (compat §7.2): per enabled family
+    /// its detected (eth0) address and vxlan data with that family's VTEP MAC (PublicIP
+    /// 0.0.0.0 and no BackendData in IPv6-only runs).
     pub(crate) fn kernel_ref_attrs(&self, node: &NodeState) -> Result<LeaseAttrs> {
         let conf = self.net_conf()?;
-        let mac = node
-            .vtep_mac
-            .clone()
-            .ok_or_else(|| anyhow!("{} has no VTEP MAC", node.name))?;
-        Ok(LeaseAttrs {
-            public_ip: node.underlay_ip.to_string(),
-            public_ipv6: None,
-            backend_type: "vxlan".into(),
-            backend_data: serde_json::to_value(VxlanData {
+        let data = |mac: &Option<String>, what: &str| -> Result<serde_json::Value> {
+            let mac = mac
+                .clone()
+                .ok_or_else(|| anyhow!("{} has no {what} VTEP MAC", node.name))?;
+            Ok(serde_json::to_value(VxlanData {
                 vni: conf.vni,
                 vtep_mac: mac,
-            })?,
+            })?)
+        };
+        let v6 = conf.ipv6.is_some();
+        Ok(LeaseAttrs {
+            public_ip: if conf.enable_ipv4 {
+                node.underlay_ip.to_string()
+            } else {
+                "0.0.0.0".into()
+            },
+            public_ipv6: if v6 {
+                let ip6 = node
+                    .underlay_ip6
+                    .ok_or_else(|| anyhow!("{} has no IPv6 underlay address", node.name))?;
+                Some(ip6.to_string())
+            } else {
+                None
+            },
+            backend_type: "vxlan".into(),
+            backend_data: if conf.enable_ipv4 {
+                data(&node.vtep_mac, "IPv4")?
+            } else {
+                serde_json::Value::Null
+            },
+            backend_v6_data: if v6 {
+                data(&node.vtep_mac6, "IPv6")?
+            } else {
+                serde_json::Value::Null
+            },
         })
     }
 
     fn setup_kernel_ref(&mut self, pos: usize) -> Result<()> {
         let conf = self.net_conf()?;
-        let mac = net::random_mac()?;
-        self.state.nodes[pos].vtep_mac = Some(mac.clone());
+        if conf.enable_ipv4 {
+            self.state.nodes[pos].vtep_mac = Some(net::random_mac()?);
+        }
+        if conf.ipv6.is_some() {
+            self.state.nodes[pos].vtep_mac6 = Some(net::random_mac()?);
+        }
         let node = &self.state.nodes[pos];
-        let (ns, name, ip) = (node.ns.clone(), node.name.clone(), node.underlay_ip);
+        let (ns, name, ip, ip6) = (
+            node.ns.clone(),
+            node.name.clone(),
+            node.underlay_ip,
+            node.underlay_ip6,
+        );
         let attrs = self.kernel_ref_attrs(node)?;
-        let subnet = self.publish_kernel_ref_lease(&name, &attrs)?;
+        let (subnet, subnet6) = self.publish_kernel_ref_lease(&name, &attrs)?;
         let mtu = conf.mtu.unwrap_or(1500).saturating_sub(50);
         {
             let node = &mut self.state.nodes[pos];
-            node.subnet = Some(subnet);
+            node.subnet = subnet;
+            node.subnet6 = subnet6;
             node.mtu = mtu;
-            node.vtep_mac = Some(mac.clone());
         }
-        let first = subnet
-            .nth(1)
-            .ok_or_else(|| anyhow!("subnet {subnet} too small"))?;
+        let first = |c: &Cidr| -> Result<Cidr> {
+            let a = c.nth(1).ok_or_else(|| anyhow!("subnet {c} too small"))?;
+            Cidr::new(a, c.len)
+        };
+        let first6 = |c: &Cidr6| -> Result<Cidr6> {
+            let a = c.nth(1).ok_or_else(|| anyhow!("subnet {c} too small"))?;
+            Cidr6::new(a, c.len)
+        };
+        let dir = self.node_dir(&name);
+        let node = &self.state.nodes[pos];
+        if let (Some(subnet), Some(mac)) = (subnet, &node.vtep_mac) {
+            kernel_ref::create_vtep(&ns, &conf, mac, ip, &subnet, mtu)?;
+            kernel_ref::install_rules(
+                &ns,
+                &conf.network,
+                &subnet,
+                self.state.ip_masq,
+                &dir.join("iptables.rules"),
+            )?;
+        }
+        if let (Some(subnet6), Some(mac6), Some(ip6), Some(c6)) =
+            (subnet6, &node.vtep_mac6, ip6, &conf.ipv6)
+        {
+            kernel_ref::create_vtep6(&ns, &conf, mac6, ip6, &subnet6, mtu)?;
+            kernel_ref::install_rules6(
+                &ns,
+                &c6.network,
+                &subnet6,
+                self.state.ip_masq,
+                &dir.join("ip6tables.rules"),
+            )?;
+        }
+        // flannel reads its device back: FLANNEL_MTU is the IPv4 device's MTU, or in IPv6-only
+        // runs the IPv6 device's, which the kernel clamped for the larger IPv6 headroom.
+        let env_mtu = match subnet {
+            Some(_) => mtu,
+            None => kernel_ref::device_mtu(&ns, &kernel_ref::device_name6(conf.vni))?,
+        };
+        self.state.nodes[pos].mtu = env_mtu;
+        let node = &self.state.nodes[pos];
         SubnetEnv {
-            network: conf.network,
-            subnet: Cidr::new(first, subnet.len)?,
-            mtu,
+            network: subnet.map(|_| conf.network),
+            subnet: subnet.as_ref().map(first).transpose()?,
+            ipv6_network: conf.ipv6.as_ref().map(|c| c.network),
+            ipv6_subnet: subnet6.as_ref().map(first6).transpose()?,
+            mtu: env_mtu,
             ipmasq: self.state.ip_masq,
         }
         .write(&self.subnet_env_path(&name))?;
-        kernel_ref::create_vtep(&ns, &conf, &mac, ip, &subnet, mtu)?;
-        kernel_ref::install_rules(
-            &ns,
-            &conf.network,
-            &subnet,
-            self.state.ip_masq,
-            &self.node_dir(&name).join("iptables.rules"),
-        )?;
-        log(format!("{name}: kernel-ref {subnet} vtep {mac}"));
+        log(format!(
+            "{name}: kernel-ref {} vtep {}{}",
+            subnet.map_or_else(|| "-".into(), |s| s.to_string()),
+            node.vtep_mac.as_deref().unwrap_or("-"),
+            match (subnet6, &node.vtep_mac6) {
+                (Some(s), Some(m)) => format!(", {s} vtep {m}"),
+                _ => String::new(),
+            }
+        ));
         Ok(())
     }
 
@@ -304,34 +392,45 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(25));
         };
-        let subnet = ready.subnet.trunc();
-        let n = &mut self.state.nodes[pos];
-        if let Some(old) = n.subnet {
-            if old != subnet {
-                log(format!(
-                    "{name}: flanneld changed the lease from {old} to {subnet}; pods keep old addresses"
-                ));
-            }
+        let subnet = ready.subnet.map(|s| s.trunc());
+        let subnet6 = ready.ipv6_subnet.map(|s| s.trunc());
+        let fam = self.state.ip_family;
+        if subnet.is_some() != fam.has_v4() || subnet6.is_some() != fam.has_v6() {
+            cmd::stop_process(&rec, Some(child));
+            self.save()?;
+            bail!(
+                "flanneld on {name} wrote {} without the subnets of --ip-family {fam}",
+                env_path.display()
+            );
         }
-        n.subnet = Some(subnet);
+        let lease_text = net::lease_key(subnet.as_ref(), subnet6.as_ref());
+        let n = &mut self.state.nodes[pos];
+        if (n.subnet.is_some() || n.subnet6.is_some()) && (n.subnet, n.subnet6) != (subnet, subnet6)
+        {
+            log(format!(
+                "{name}: flanneld changed the lease to {lease_text}; pods keep old addresses"
+            ));
+        }
+        n.subnet = subnet;
+        n.subnet6 = subnet6;
         n.mtu = ready.mtu;
         n.flanneld = Some(rec.clone());
         self.children.insert(rec.pid, child);
         log(format!(
-            "{name}: flanneld ready, lease {subnet}, mtu {}",
+            "{name}: flanneld ready, lease {lease_text}, mtu {}",
             ready.mtu
         ));
         // flannel publishes its lease before writing subnet.env; give a daemon a moment, then
         // say loudly if kernel-ref nodes will never learn about this node.
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut published = self.store_has_lease(&subnet);
+        let mut published = self.store_has_families(subnet, subnet6);
         while !published && Instant::now() < deadline && !sys::interrupted() {
             std::thread::sleep(Duration::from_millis(25));
-            published = self.store_has_lease(&subnet);
+            published = self.store_has_families(subnet, subnet6);
         }
         if !published {
             log(format!(
-                "{name}: WARNING: no lease for {subnet} in the {} store after subnet.env; other nodes cannot learn this node",
+                "{name}: WARNING: no lease for {lease_text} in the {} store after subnet.env; other nodes cannot learn this node",
                 self.state.store
             ));
         }
@@ -434,7 +533,7 @@ impl Cluster {
             .state
             .nodes
             .iter()
-            .any(|n| n.kind == NodeKind::KernelRef && n.subnet.is_some())
+            .any(|n| n.kind == NodeKind::KernelRef && (n.subnet.is_some() || n.subnet6.is_some()))
         {
             return Ok(0);
         }
@@ -443,39 +542,33 @@ impl Cluster {
             log(format!("ignoring lease file {b}"));
         }
         let vni = self.net_conf()?.vni;
-        let dev = kernel_ref::device_name(vni);
+        let (dev, dev6) = (kernel_ref::device_name(vni), kernel_ref::device_name6(vni));
         let mut applied = 0;
         for pos in 0..self.state.nodes.len() {
-            let node = &self.state.nodes[pos];
-            let (NodeKind::KernelRef, Some(own)) = (node.kind, node.subnet) else {
+            let node = &mut self.state.nodes[pos];
+            if node.kind != NodeKind::KernelRef {
                 continue;
-            };
+            }
             let ns = node.ns.clone();
-            let ops = kernel_ref::plan(&own, &leases, &node.programmed);
-            for op in ops {
-                let res = kernel_ref::apply(&ns, &dev, &op);
-                let programmed = &mut self.state.nodes[pos].programmed;
-                match (&op, res) {
-                    (KernelOp::Add(p), Ok(())) => {
-                        programmed.retain(|q| q.subnet != p.subnet);
-                        programmed.push(p.clone());
-                        applied += 1;
-                    }
-                    (KernelOp::Remove(p), r) => {
-                        // flannel logs failed deletes and forgets the peer anyway.
-                        if let Err(e) = r {
-                            log(format!("{ns}: removing {}: {e:#}", p.subnet));
-                        }
-                        programmed.retain(|q| q.subnet != p.subnet);
-                        applied += 1;
-                    }
-                    (KernelOp::Add(p), Err(e)) => {
-                        self.save()?;
-                        return Err(e.context(format!("{ns}: programming peer {}", p.subnet)));
-                    }
+            let mut res = Ok(0);
+            if let Some(own) = node.subnet {
+                let ops = kernel_ref::plan(&own, &leases, &node.programmed);
+                res = kernel_ref::reconcile(&ns, &dev, ops, &mut node.programmed);
+                node.programmed.sort_by_key(|p| p.subnet);
+            }
+            if let (Ok(n4), Some(own6)) = (&res, node.subnet6) {
+                let n4 = *n4;
+                let ops = kernel_ref::plan6(&own6, &leases, &node.programmed6);
+                res = kernel_ref::reconcile(&ns, &dev6, ops, &mut node.programmed6).map(|n| n + n4);
+                node.programmed6.sort_by_key(|p| p.subnet);
+            }
+            match res {
+                Ok(n) => applied += n,
+                Err(e) => {
+                    self.save()?;
+                    return Err(e);
                 }
             }
-            self.state.nodes[pos].programmed.sort_by_key(|p| p.subnet);
         }
         self.save()?;
         Ok(applied)

@@ -13,9 +13,9 @@ use crate::net;
 use crate::sys::{self, log};
 
 use crate::cni::{
-    exec_plugin, manifest_conflist, parse_conflist, plugin_config, result_ipv4, system_plugin_dir,
-    Cached, CniLayout, Invocation, PodSetup, PortMapping, CONFLIST_NAME, POD_IFNAME,
-    SYSTEM_PLUGINS,
+    exec_plugin, manifest_conflist, parse_conflist, plugin_config, result_ipv4, result_ipv6,
+    system_plugin_dir, Cached, CniLayout, Invocation, PodSetup, PortMapping, CONFLIST_NAME,
+    POD_IFNAME, SYSTEM_PLUGINS,
 };
 
 use super::{Cluster, PodState, MAX_PODS};
@@ -42,43 +42,34 @@ impl Cluster {
         }
         let conf = self.net_conf()?;
         let env = SubnetEnv::read(&self.subnet_env_path(&node.name))?;
-        let gw = env.subnet.addr;
-        let len = env.subnet.len;
+        let subnet = env
+            .subnet
+            .ok_or_else(|| anyhow!("{}: hand-wired pods need FLANNEL_SUBNET", node.name))?;
+        let gw = subnet.addr;
+        let len = subnet.len;
         let mtu = env.mtu.to_string();
         let ns = node.ns.as_str();
-        if !net::pod_range().contains_cidr(&env.subnet.trunc()) {
+        if !net::pod_range().contains_cidr(&subnet.trunc()) {
             bail!(
                 "{}: FLANNEL_SUBNET {} is outside {}; refusing to address pods from it",
                 node.name,
-                env.subnet,
+                subnet,
                 net::pod_range()
             );
         }
         // What the bridge plugin does on the first ADD: cni0 with the gateway address and MTU.
         cmd::ip(&["-n", ns, "link", "add", "cni0", "type", "bridge"])?;
         cmd::ip(&["-n", ns, "link", "set", "cni0", "mtu", &mtu])?;
-        cmd::ip(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &env.subnet.to_string(),
-            "dev",
-            "cni0",
-        ])?;
+        cmd::ip(&["-n", ns, "addr", "add", &subnet.to_string(), "dev", "cni0"])?;
         cmd::ip(&["-n", ns, "link", "set", "cni0", "up"])?;
         for j in 1..=count {
             sys::check_interrupted()?;
             // Pod j gets host address j+1 (the gateway is .1); never the broadcast address.
             let ip = Some(j as u64 + 1)
-                .filter(|h| *h + 1 < env.subnet.size())
-                .and_then(|h| env.subnet.nth(h))
+                .filter(|h| *h + 1 < subnet.size())
+                .and_then(|h| subnet.nth(h))
                 .ok_or_else(|| {
-                    anyhow!(
-                        "{}: subnet {} has no room for pod {j}",
-                        node.name,
-                        env.subnet
-                    )
+                    anyhow!("{}: subnet {} has no room for pod {j}", node.name, subnet)
                 })?;
             let pname = format!("{}p{j}", node.name);
             let pns = format!("{}-{pname}", self.state.prefix);
@@ -88,6 +79,7 @@ impl Cluster {
                 name: pname.clone(),
                 ns: pns.clone(),
                 ip,
+                ip6: None,
                 serve: None,
                 container_id: None,
                 ports: Vec::new(),
@@ -151,12 +143,12 @@ impl Cluster {
         let pod = self.state.nodes[pos].pods[k].clone();
         let log_path = self.state.run_dir.join(format!("{}.serve.log", pod.name));
         let bin_s = bin.to_string_lossy().into_owned();
-        let (mut child, rec) = cmd::spawn_in_ns(
-            &pod.ns,
-            &[&bin_s, "serve"],
-            &log_path,
-            &format!("serve {}", pod.name),
-        )?;
+        let mut argv = vec![bin_s.as_str(), "serve"];
+        if self.state.ip_family.has_v6() {
+            argv.push("--ipv6");
+        }
+        let (mut child, rec) =
+            cmd::spawn_in_ns(&pod.ns, &argv, &log_path, &format!("serve {}", pod.name))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if std::fs::read_to_string(&log_path).is_ok_and(|t| t.contains("ready")) {
@@ -342,12 +334,24 @@ impl Cluster {
             bail!("at most {MAX_PODS} pods per node");
         }
         let env = crate::lease::SubnetEnv::read(&self.subnet_env_path(&n.name))?;
-        if !net::pod_range().contains_cidr(&env.subnet.trunc()) {
+        if let Some(s) = env
+            .subnet
+            .filter(|s| !net::pod_range().contains_cidr(&s.trunc()))
+        {
             bail!(
-                "{}: FLANNEL_SUBNET {} is outside {}; refusing to address pods from it",
+                "{}: FLANNEL_SUBNET {s} is outside {}; refusing to address pods from it",
                 n.name,
-                env.subnet,
                 net::pod_range()
+            );
+        }
+        if let Some(s) = env
+            .ipv6_subnet
+            .filter(|s| !net::pod_range6().contains_cidr(&s.trunc()))
+        {
+            bail!(
+                "{}: FLANNEL_IPV6_SUBNET {s} is outside {}; refusing to address pods from it",
+                n.name,
+                net::pod_range6()
             );
         }
         let l = self.cni_layout(&n.name)?;
@@ -394,16 +398,32 @@ impl Cluster {
             &l.results_dir.join(format!("cbr0-{cid}-{POD_IFNAME}")),
             &serde_json::to_vec_pretty(&cached)?,
         )?;
-        let (ip, len) = result_ipv4(&result)
-            .ok_or_else(|| anyhow!("{pname}: CNI result has no IPv4 address: {result}"))?;
-        let subnet = env.subnet.trunc();
-        if !subnet.contains(ip) || len != subnet.len {
-            bail!("{pname}: CNI gave {ip}/{len}, outside the node's subnet {subnet}");
+        let mut ip = std::net::Ipv4Addr::UNSPECIFIED;
+        let mut addrs = Vec::new();
+        if let Some(subnet) = env.subnet.map(|s| s.trunc()) {
+            let (a, len) = result_ipv4(&result)
+                .ok_or_else(|| anyhow!("{pname}: CNI result has no IPv4 address: {result}"))?;
+            if !subnet.contains(a) || len != subnet.len {
+                bail!("{pname}: CNI gave {a}/{len}, outside the node's subnet {subnet}");
+            }
+            ip = a;
+            addrs.push(format!("{a}/{len}"));
+        }
+        let mut ip6 = None;
+        if let Some(subnet) = env.ipv6_subnet.map(|s| s.trunc()) {
+            let (a, len) = result_ipv6(&result)
+                .ok_or_else(|| anyhow!("{pname}: CNI result has no IPv6 address: {result}"))?;
+            if !subnet.contains(a) || len != subnet.len {
+                bail!("{pname}: CNI gave {a}/{len}, outside the node's IPv6 subnet {subnet}");
+            }
+            ip6 = Some(a);
+            addrs.push(format!("{a}/{len}"));
         }
         self.state.nodes[pos].pods.push(PodState {
             name: pname.clone(),
             ns: pns,
             ip,
+            ip6,
             serve: None,
             container_id: Some(cid),
             ports: ports.to_vec(),
@@ -415,8 +435,9 @@ impl Cluster {
             self.save()?;
         }
         log(format!(
-            "{}: pod {pname} {ip}/{len} by CNI{}",
+            "{}: pod {pname} {} by CNI{}",
             n.name,
+            addrs.join(" "),
             if ports.is_empty() {
                 String::new()
             } else {

@@ -1,11 +1,13 @@
 //! Probing the cluster: one probe, the connectivity matrix ([`crate::check`]) and timed TCP transfers.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::check::{run_probe, Cell, Matrix, ProbeKind, ProbeOutcome, SourceKind, Task, WORKERS};
+use crate::check::{
+    run_probe, Cell, Family, Matrix, ProbeKind, ProbeOutcome, SourceKind, Task, WORKERS,
+};
 use crate::cmd;
 
 use super::{Cluster, PodState};
@@ -17,9 +19,10 @@ impl Cluster {
         &self,
         from: &str,
         kind: ProbeKind,
-        ip: Ipv4Addr,
+        ip: impl Into<IpAddr>,
         port: Option<u16>,
     ) -> ProbeOutcome {
+        let ip = ip.into();
         let ns = match self.resolve_ns(from) {
             Ok(ns) => ns,
             Err(e) => {
@@ -42,7 +45,7 @@ impl Cluster {
         )
     }
 
-    /// Runs the connectivity matrix.
+    /// Runs the connectivity matrix (over each family of the run).
     pub fn check(&self) -> Matrix {
         let mut m = Matrix {
             run: self.prefix().to_string(),
@@ -65,19 +68,32 @@ impl Cluster {
         };
         for n in self.nodes() {
             m.legend.push(format!(
-                "{} {:<10} underlay {:<13} subnet {}{}",
+                "{} {:<10} underlay {:<13} subnet {}{}{}",
                 n.name,
                 n.kind.as_str(),
                 n.underlay_ip,
                 n.subnet
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| "-".into()),
+                match (n.underlay_ip6, n.subnet6) {
+                    (Some(u), s) => format!(
+                        "  underlay6 {u} subnet6 {}",
+                        s.map_or_else(|| "-".into(), |s| s.to_string())
+                    ),
+                    _ => String::new(),
+                },
                 match (n.site, n.public_ip) {
                     (Some(s), Some(p)) => format!("  site {s} NAT {p}"),
                     _ => String::new(),
                 }
             ));
         }
+        let fam = self.ip_family();
+        let families: Vec<Family> = [(fam.has_v4(), Family::V4), (fam.has_v6(), Family::V6)]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, f)| *f)
+            .collect();
         let pods = self.pods();
         m.destinations = pods.iter().map(|(_, p)| p.name.clone()).collect();
         let mut tasks = Vec::new();
@@ -94,7 +110,7 @@ impl Cluster {
                 }
                 same_node_done |= same;
                 let src = (sp.name.as_str(), SourceKind::Pod, sp.ns.as_str());
-                add_cell(&mut m, &mut tasks, src, dp, same, pod_kinds);
+                add_cells(&mut m, &mut tasks, src, dp, same, pod_kinds, &families);
             }
         }
         for n in self.nodes() {
@@ -104,7 +120,7 @@ impl Cluster {
                     continue;
                 }
                 let src = (n.name.as_str(), SourceKind::Host, n.ns.as_str());
-                add_cell(&mut m, &mut tasks, src, dp, false, host_kinds);
+                add_cells(&mut m, &mut tasks, src, dp, false, host_kinds, &families);
             }
         }
         let results: Mutex<Vec<Option<ProbeOutcome>>> = Mutex::new(vec![None; tasks.len()]);
@@ -148,10 +164,11 @@ impl Cluster {
     pub fn probe_tcp_bytes(
         &self,
         from: &str,
-        ip: Ipv4Addr,
+        ip: impl Into<IpAddr>,
         port: u16,
         bytes: usize,
     ) -> ProbeOutcome {
+        let ip = ip.into();
         let fail = |detail: String| ProbeOutcome {
             kind: ProbeKind::Tcp,
             ok: false,
@@ -161,7 +178,7 @@ impl Cluster {
             return fail(format!("no namespace {from} or no netns-harness binary"));
         };
         let bin = bin.to_string_lossy().into_owned();
-        let addr = format!("{ip}:{port}");
+        let addr = std::net::SocketAddr::new(ip, port).to_string();
         let n = bytes.to_string();
         match cmd::run(
             &mut cmd::ns_command(&ns, &[&bin, "probe", "tcp", &addr, "--bytes", &n]),
@@ -178,30 +195,41 @@ impl Cluster {
     }
 }
 
-/// One matrix cell from `src` (name, kind, namespace) to the pod `dst`, and a probe task of
-/// each kind for it.
-fn add_cell(
+/// One matrix cell per family from `src` (name, kind, namespace) to the pod `dst` (families
+/// the pod has no address of are skipped), and a probe task of each kind for each.
+fn add_cells(
     m: &mut Matrix,
     tasks: &mut Vec<Task>,
     (src, src_kind, ns): (&str, SourceKind, &str),
     dst: &PodState,
     same_node: bool,
     kinds: &[ProbeKind],
+    families: &[Family],
 ) {
-    let cell = m.cells.len();
-    m.cells.push(Cell {
-        src: src.to_string(),
-        src_kind,
-        dst: dst.name.clone(),
-        dst_ip: dst.ip,
-        same_node,
-        results: Vec::new(),
-    });
-    tasks.extend(kinds.iter().map(|&kind| Task {
-        cell,
-        kind,
-        ns: ns.to_string(),
-        ip: dst.ip,
-        port: None,
-    }));
+    for family in families {
+        let ip: IpAddr = match family {
+            Family::V4 => dst.ip.into(),
+            Family::V6 => match dst.ip6 {
+                Some(ip6) => ip6.into(),
+                None => continue,
+            },
+        };
+        let cell = m.cells.len();
+        m.cells.push(Cell {
+            src: src.to_string(),
+            src_kind,
+            dst: dst.name.clone(),
+            dst_ip: ip,
+            family: *family,
+            same_node,
+            results: Vec::new(),
+        });
+        tasks.extend(kinds.iter().map(|&kind| Task {
+            cell,
+            kind,
+            ns: ns.to_string(),
+            ip,
+            port: None,
+        }));
+    }
 }

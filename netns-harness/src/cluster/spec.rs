@@ -85,6 +85,67 @@ impl FromStr for NodeKind {
     }
 }
 
+/// Which address families the overlay carries (`--ip-family`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IpFamily {
+    /// IPv4 only (the default).
+    #[default]
+    V4,
+    /// IPv6 only (`EnableIPv4: false`).
+    V6,
+    /// Dual-stack.
+    Dual,
+}
+
+impl IpFamily {
+    /// True when pods get IPv4 addresses.
+    pub fn has_v4(self) -> bool {
+        self != IpFamily::V6
+    }
+
+    /// True when pods get IPv6 addresses and nodes an IPv6 underlay address.
+    pub fn has_v6(self) -> bool {
+        self != IpFamily::V4
+    }
+
+    /// The name used on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "v4",
+            IpFamily::V6 => "v6",
+            IpFamily::Dual => "dual",
+        }
+    }
+
+    /// The net-conf used when the spec gives none.
+    pub fn default_net_conf(self) -> &'static str {
+        match self {
+            IpFamily::V4 => crate::lease::DEFAULT_NET_CONF,
+            IpFamily::V6 => crate::lease::V6_NET_CONF,
+            IpFamily::Dual => crate::lease::DUAL_NET_CONF,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for IpFamily {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<IpFamily> {
+        match s {
+            "v4" | "ipv4" | "4" => Ok(IpFamily::V4),
+            "v6" | "ipv6" | "6" => Ok(IpFamily::V6),
+            "dual" | "dual-stack" => Ok(IpFamily::Dual),
+            other => bail!("unknown IP family {other:?} (v4, v6, dual)"),
+        }
+    }
+}
+
 /// One node to build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeSpec {
@@ -110,8 +171,12 @@ pub struct ClusterSpec {
     pub nodes: Vec<NodeSpec>,
     /// Pods per node (`n<i>p1` ...).
     pub pods_per_node: usize,
-    /// net-conf JSON written to `<lease-dir>/config` (None: [`crate::lease::DEFAULT_NET_CONF`]).
+    /// net-conf JSON written to `<lease-dir>/config` (None: the family's default,
+    /// [`IpFamily::default_net_conf`]); it must enable exactly the families of `ip_family`.
     pub net_conf: Option<String>,
+    /// `--ip-family`: v4 (default), v6 (IPv6 only) or dual. With v6 in it every node's eth0
+    /// also gets 2001:db8:18::`i`/64 and pods get IPv6 addresses from the node's IPv6 lease.
+    pub ip_family: IpFamily,
     /// Pass `--ip-masq` to flanneld; kernel-ref nodes install flannel's masquerade rules.
     pub ip_masq: bool,
     /// flanneld binary (None: `$NETNS_HARNESS_FLANNELD`, else `flanneld` next to this
@@ -164,6 +229,7 @@ impl ClusterSpec {
             nodes: kinds.iter().map(|k| NodeSpec::from(*k)).collect(),
             pods_per_node,
             net_conf: None,
+            ip_family: IpFamily::V4,
             ip_masq: false,
             flanneld: None,
             flanneld_args: Vec::new(),

@@ -1,17 +1,17 @@
 //! The run as built, saved as `state.json` for later commands: nodes, pods, processes, captures.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use crate::cmd::ProcRecord;
 use crate::cni::{PodSetup, PortMapping};
-use crate::kernel_ref::PeerEntry;
-use crate::net::Cidr;
+use crate::kernel_ref::{PeerEntry, PeerEntry6};
+use crate::net::{Cidr, Cidr6};
 use crate::store::{ControlPlane, StoreKind};
 
-use super::NodeKind;
+use super::{IpFamily, NodeKind};
 
 /// A pod as built.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,8 +20,11 @@ pub struct PodState {
     pub name: String,
     /// Namespace, e.g. `fr1a2b3c-n1p2`.
     pub ns: String,
-    /// Pod address (`eth0`).
+    /// Pod IPv4 address (`eth0`; 0.0.0.0 in IPv6-only runs).
     pub ip: Ipv4Addr,
+    /// Pod IPv6 address (dual-stack and IPv6-only runs).
+    #[serde(default)]
+    pub ip6: Option<Ipv6Addr>,
     /// The responder process, if started.
     pub serve: Option<ProcRecord>,
     /// The sandbox id the CNI plugins got (None: a hand-wired pod).
@@ -51,8 +54,20 @@ pub struct NodeState {
     /// The 1:1 NAT public address (two-site runs): peers reach the node there.
     #[serde(default)]
     pub public_ip: Option<Ipv4Addr>,
-    /// Lease subnet (network form), known once the node is ready.
+    /// Lease subnet (network form), known once the node is ready (None in IPv6-only runs).
     pub subnet: Option<Cidr>,
+    /// eth0's IPv6 address (dual-stack and IPv6-only runs).
+    #[serde(default)]
+    pub underlay_ip6: Option<Ipv6Addr>,
+    /// IPv6 lease subnet (network form), known once the node is ready.
+    #[serde(default)]
+    pub subnet6: Option<Cidr6>,
+    /// IPv6 VTEP MAC (`flannel-v6.<VNI>` of kernel-ref nodes).
+    #[serde(default)]
+    pub vtep_mac6: Option<String>,
+    /// IPv6 peers programmed on a kernel-ref node.
+    #[serde(default)]
+    pub programmed6: Vec<PeerEntry6>,
     /// FLANNEL_MTU.
     pub mtu: u32,
     /// VTEP MAC (kernel-ref nodes; flanneld nodes publish theirs in the lease).
@@ -131,4 +146,7 @@ pub struct RunState {
     /// How pods are made.
     #[serde(default)]
     pub pod_setup: PodSetup,
+    /// The overlay's address families.
+    #[serde(default)]
+    pub ip_family: IpFamily,
 }

@@ -10,7 +10,8 @@
 //! passed) while the flanneld under test has no doctor yet (exit 2, "not implemented").
 //!
 //! Everything stays inside the run's namespaces: the emulated ClusterIPs (10.96.0.10 and
-//! 10.96.0.11) exist only in one node's nat table and host route, the "security group" is an
+//! 10.96.0.11, on dual-stack also fd42:96::10 and fd42:96::11) exist only in one node's nat
+//! table and host route, the "security group" is an
 //! iptables rule in the node namespaces, the "security software" is a copy of `sleep` in the
 //! run directory stopped by PID.
 //!
@@ -32,7 +33,7 @@ use p3::{p3_forward_reject, p3_ip_forward, p3_security_software, p3_vxlan_hostgw
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -40,9 +41,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::capture::{CaptureOpts, CaptureReport};
-use crate::check::{Cell, Matrix, ProbeOutcome, SourceKind};
+use crate::check::{Cell, Family, Matrix, ProbeOutcome, SourceKind};
 pub use crate::cluster::{parse_ethtool_feature, KUBE_MARK};
-use crate::cluster::{Cluster, ClusterSpec, NodeKind, DEFAULT_BASE_DIR};
+use crate::cluster::{Cluster, ClusterSpec, IpFamily, NodeKind, DEFAULT_BASE_DIR};
 use crate::doctor::{DoctorReport, DoctorRun, Level};
 use crate::store::StoreKind;
 use crate::sys;
@@ -51,6 +52,10 @@ use crate::sys;
 pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// The emulated ClusterIP of the mixed-kind service.
 pub const CLUSTER_IP_MIXED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+/// The IPv6 twin of [`CLUSTER_IP`] (dual-stack runs; a ULA range, only inside the nodes).
+pub const CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd42, 0x96, 0, 0, 0, 0, 0, 0x10);
+/// The IPv6 twin of [`CLUSTER_IP_MIXED`].
+pub const CLUSTER_IP6_MIXED: Ipv6Addr = Ipv6Addr::new(0xfd42, 0x96, 0, 0, 0, 0, 0, 0x11);
 /// The service port of the emulated ClusterIPs (the backends listen on the responders' TCP port).
 pub const SERVICE_PORT: u16 = 8080;
 /// flanneld flags of the fallback scenarios: probes every 6 s (fallback after 3 misses,
@@ -74,7 +79,8 @@ const BIG_PROBE: usize = 4000;
 pub enum Scenario {
     /// P2: ClusterIP (DNAT + MASQUERADE --random-fully, mark 0x4000) across the overlay in
     /// userspace and kernel mode, every VXLAN frame's checksums verified with tshark, and
-    /// tx checksum offload on `flannel.1` (off by the daemon, named by doctor when on).
+    /// tx checksum offload on `flannel.1` (off by the daemon, named by doctor when on); with
+    /// IPv6 in the run the same for IPv6 ClusterIPs (ip6tables) and `flannel-v6.1`.
     P2ClusterIp,
     /// P3 cause 1: `net.ipv4.ip_forward=0` on one node.
     P3IpForward,
@@ -146,7 +152,7 @@ impl Scenario {
             Scenario::P2ClusterIp => {
                 "ClusterIP via DNAT + MASQUERADE --random-fully (mark 0x4000) across the overlay, \
                  userspace and kernel; tshark verifies every VXLAN frame; tx-checksum offload on \
-                 flannel.1 is off and doctor names it when turned on"
+                 flannel.1 (and flannel-v6.1) is off and doctor names it when turned on"
             }
             Scenario::P3IpForward => {
                 "net.ipv4.ip_forward=0 on one node breaks its forwarded pairs; doctor FAIL \
@@ -227,7 +233,25 @@ impl Scenario {
         s.etcd_bin = opts.etcd_bin.clone();
         s.apiserver_bin = opts.apiserver_bin.clone();
         s.underlay_tx_offload = opts.link_offloads && !self.needs_real_wire();
+        s.ip_family = opts.ip_family;
         s
+    }
+
+    /// True when the scenario runs on clusters of `family`: every one on IPv4; on dual-stack
+    /// and IPv6-only the P3 causes whose break has an IPv6 twin (net.ipv6 forwarding,
+    /// ip6tables REJECT and DROP) or none (security software), and p2-cluster-ip (the
+    /// ip6tables twin of its kube-proxy emulation, IPv6 ClusterIPs, `flannel-v6.<VNI>`).
+    pub fn supports(self, family: IpFamily) -> bool {
+        family == IpFamily::V4
+            || self == Scenario::P2ClusterIp
+            || matches!(
+                self,
+                Scenario::P3IpForward
+                    | Scenario::P3ForwardReject
+                    | Scenario::P3SecuritySoftware
+                    | Scenario::P3VxlanPort
+                    | Scenario::P3VxlanHostGw
+            )
     }
 
     /// The scenario verifies every checksum on the underlay with tshark, which needs
@@ -302,6 +326,10 @@ pub struct ScenarioOpts {
     pub converge: Duration,
     /// Underlay veth offloads ([`ClusterSpec::underlay_tx_offload`]; default on).
     pub link_offloads: bool,
+    /// The cluster's address families ([`ClusterSpec::ip_family`]; default IPv4). With IPv6
+    /// in it the P3 causes that support it ([`Scenario::supports`]) break IPv6 the same way
+    /// and judge both families' cells.
+    pub ip_family: IpFamily,
 }
 
 impl Default for ScenarioOpts {
@@ -316,6 +344,7 @@ impl Default for ScenarioOpts {
             apiserver_bin: None,
             converge: Duration::from_secs(15),
             link_offloads: true,
+            ip_family: IpFamily::V4,
         }
     }
 }
@@ -625,6 +654,12 @@ pub fn run_many(
     opts: &ScenarioOpts,
     mut each: impl FnMut(&ScenarioReport),
 ) -> Result<Vec<ScenarioReport>> {
+    if let Some(s) = list.iter().find(|s| !s.supports(opts.ip_family)) {
+        bail!(
+            "scenario {s} does not run on --ip-family {} yet (IPv4 only)",
+            opts.ip_family
+        );
+    }
     let mut out = Vec::new();
     let mut i = 0;
     while i < list.len() {
@@ -713,13 +748,28 @@ fn expect_split(
         if skip_same_node && cell.same_node {
             continue;
         }
+        // IPv6 cells of a dual-stack matrix are named as such.
+        let fam = match cell.family {
+            Family::V4 => "",
+            Family::V6 => " ipv6",
+        };
         if affected(cell) {
             hit += 1;
             if cell.results.iter().any(|r| r.ok) {
-                wrong_pass.push(format!("{}->{} {}", cell.src, cell.dst, cell.letters()));
+                wrong_pass.push(format!(
+                    "{}->{}{fam} {}",
+                    cell.src,
+                    cell.dst,
+                    cell.letters()
+                ));
             }
         } else if !cell.ok() {
-            wrong_fail.push(format!("{}->{} {}", cell.src, cell.dst, cell.letters()));
+            wrong_fail.push(format!(
+                "{}->{}{fam} {}",
+                cell.src,
+                cell.dst,
+                cell.letters()
+            ));
         }
     }
     phase.expect(
@@ -829,6 +879,19 @@ mod tests {
     }
 
     #[test]
+    fn families_each_scenario_runs_on() {
+        for fam in [IpFamily::Dual, IpFamily::V6] {
+            assert!(Scenario::P2ClusterIp.supports(fam));
+            assert!(Scenario::P3.iter().all(|s| s.supports(fam)));
+            assert!(!Scenario::NodeSetup.supports(fam));
+            assert!(!Scenario::P3Fallback.supports(fam));
+        }
+        assert!(Scenario::ALL.iter().all(|s| s.supports(IpFamily::V4)));
+        assert_eq!(CLUSTER_IP6.to_string(), "fd42:96::10");
+        assert_eq!(CLUSTER_IP6_MIXED.to_string(), "fd42:96::11");
+    }
+
+    #[test]
     fn specs_have_the_documented_shape() {
         let o = ScenarioOpts::default();
         let p2 = Scenario::P2ClusterIp.spec(&o);
@@ -915,7 +978,8 @@ mod tests {
             src: src.into(),
             src_kind: kind,
             dst: dst.into(),
-            dst_ip: Ipv4Addr::new(10, 244, 0, 2),
+            dst_ip: Ipv4Addr::new(10, 244, 0, 2).into(),
+            family: crate::check::Family::V4,
             same_node: false,
             results: vec![ProbeOutcome {
                 kind: ProbeKind::Icmp,

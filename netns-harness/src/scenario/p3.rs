@@ -111,10 +111,17 @@ struct IpForward {
 
 impl IpForward {
     fn set(&self, c: &Cluster, v: &str) -> Result<Phase> {
-        cmd::sysctl(&c.resolve_ns(&self.t)?, "net.ipv4.ip_forward", v)?;
+        let ns = c.resolve_ns(&self.t)?;
+        cmd::sysctl(&ns, "net.ipv4.ip_forward", v)?;
+        let mut what = format!("sysctl -w net.ipv4.ip_forward={v}");
+        if c.ip_family().has_v6() {
+            // The IPv6 twin, so that both families' forwarded pairs break.
+            cmd::sysctl(&ns, "net.ipv6.conf.all.forwarding", v)?;
+            what.push_str(&format!(" net.ipv6.conf.all.forwarding={v}"));
+        }
         Ok(Phase::new(
             if v == "0" { "broken" } else { "fixed" },
-            format!("sysctl -w net.ipv4.ip_forward={v} on {}", self.t),
+            format!("{what} on {}", self.t),
         ))
     }
 }
@@ -177,6 +184,24 @@ fn reject_args(op: &'static str) -> Vec<&'static str> {
     )
 }
 
+/// The ip6tables twin of an iptables command line.
+fn ip6(mut args: Vec<&str>) -> Vec<&str> {
+    if let Some(first) = args.first_mut() {
+        *first = "ip6tables";
+    }
+    args
+}
+
+/// `ip6tables <op> FORWARD [1] -j REJECT --reject-with icmp6-adm-prohibited` (arguments
+/// after the tool name as [`reject_args`] builds them).
+fn reject6_args(op: &'static str) -> Vec<&'static str> {
+    iptables_args(
+        op,
+        "FORWARD",
+        &["-j", "REJECT", "--reject-with", "icmp6-adm-prohibited"],
+    )
+}
+
 /// Cause 3: a REJECT rule ahead of the accept rules in `t`'s FORWARD chain.
 struct ForwardReject {
     t: String,
@@ -186,6 +211,9 @@ struct ForwardReject {
 impl ForwardReject {
     fn rule(&self, c: &Cluster, op: &'static str, name: &str) -> Result<Phase> {
         c.exec_ok(&self.t, &reject_args(op))?;
+        if c.ip_family().has_v6() {
+            c.exec_ok(&self.t, &ip6(reject6_args(op)))?;
+        }
         let pos = if op == "-I" { " 1" } else { "" };
         Ok(Phase::new(
             name,
@@ -333,10 +361,23 @@ pub(super) fn p3_security_software(c: &mut Cluster, opts: &ScenarioOpts) -> Resu
 pub(super) fn udp_drop(c: &Cluster, node: &str, port: u16, op: &'static str) -> Result<bool> {
     let port = port.to_string();
     let args = iptables_args(op, "INPUT", &["-p", "udp", "--dport", &port, "-j", "DROP"]);
-    if op == "-C" {
-        return Ok(c.exec(node, &args)?.status.success());
+    // With IPv6 in the run the same rule goes into ip6tables (VXLAN over the IPv6 underlay).
+    let mut all = vec![args.clone()];
+    if c.ip_family().has_v6() {
+        all.push(ip6(args));
     }
-    c.exec_ok(node, &args).map(|_| true)
+    if op == "-C" {
+        for a in &all {
+            if !c.exec(node, a)?.status.success() {
+                return Ok(false);
+            }
+        }
+        return Ok(true);
+    }
+    for a in &all {
+        c.exec_ok(node, a)?;
+    }
+    Ok(true)
 }
 
 /// `iptables -I INPUT 1 -p udp --dport <port> -j DROP` in every node namespace (a security
