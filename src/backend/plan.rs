@@ -7,7 +7,8 @@
 //!   With DirectRouting and an on-link peer: only `<subnet> via <public IP>`. A peer on the
 //!   `--host-gw-fallback` direct path keeps its neighbour and FDB entries, gets
 //!   `<subnet> via <public IP>` and `<VTEP address>/32 via <VTEP address> dev flannel.<VNI>
-//!   onlink`, so the probes of its VTEP still go over VXLAN.
+//!   onlink` (IPv6: `<VTEP address>/128 dev flannel-v6.<VNI>`), so the probes of its VTEP
+//!   still go over VXLAN.
 //! * host-gw: route `<subnet> via <public IP> dev <iface>`.
 //!
 //! [`Plan::diff`] orders operations as flannel does: per peer neighbour, FDB, then route (the
@@ -191,8 +192,8 @@ pub struct PeerPlan {
     pub fdb: Option<Fdb>,
     /// The route.
     pub route: RouteEntry,
-    /// `--host-gw-fallback` direct path: the `/32` keeping the peer's VTEP address on the
-    /// overlay device while `route` goes direct.
+    /// `--host-gw-fallback` direct path: the host route (`/32`, `/128`) keeping the peer's
+    /// VTEP address on the overlay device while `route` goes direct.
     pub vtep_route: Option<RouteEntry>,
 }
 
@@ -250,7 +251,8 @@ pub fn plan_vxlan(
 
 /// [`plan_vxlan`] with `--host-gw-fallback`: a peer whose subnet `is_fallback` accepts (and
 /// that DirectRouting does not already route directly) is routed via its public IP, its
-/// neighbour, FDB entry and a `/32` route to its VTEP address staying on the device.
+/// neighbour, FDB entry and a host route (`/32`, `/128`) to its VTEP address staying on the
+/// device.
 pub fn plan_vxlan_fallback(
     cfg: &VxlanPlanConfig,
     peers: &[Peer],
@@ -297,7 +299,16 @@ pub fn plan_vxlan_fallback(
                     onlink: false,
                     metric,
                 },
-                Some(overlay(host_net(gw))),
+                Some(match gw {
+                    IpAddr::V4(_) => overlay(host_net(gw)),
+                    // The kernel refuses an IPv6 route via its own destination (EINVAL); the
+                    // VTEP's permanent neighbour entry resolves it on the device instead.
+                    IpAddr::V6(_) => RouteEntry {
+                        via: None,
+                        onlink: false,
+                        ..overlay(host_net(gw))
+                    },
+                }),
             ),
             false => (overlay(subnet), None),
         };
@@ -895,6 +906,28 @@ mod tests {
             .peers
             .iter()
             .all(|p| p.vtep_route.is_none() && p.neigh.is_none()));
+    }
+
+    #[test]
+    fn ipv6_fallback_keeps_the_vtep_on_the_device_without_a_gateway() {
+        let cfg = VxlanPlanConfig {
+            ifindex: 11,
+            network: "2001:db8:42::/56".parse().unwrap(),
+            own_subnet: "2001:db8:42:1::/64".parse().unwrap(),
+        };
+        let peers = vec![vx_peer("2001:db8:42:2::/64", "2001:db8:18::2", 2)];
+        let fallback: IpNet = "2001:db8:42:2::/64".parse().unwrap();
+        let plan = plan_vxlan_fallback(&cfg, &peers, |_| false, |s| s == fallback);
+        let routes: Vec<String> = plan.peers[0].routes().map(|r| r.to_string()).collect();
+        // The kernel refuses `2001:db8:42:2::/128 via 2001:db8:42:2:: ... onlink` (EINVAL).
+        assert_eq!(
+            routes,
+            [
+                "2001:db8:42:2::/64 via 2001:db8:18::2 metric 1024",
+                "2001:db8:42:2::/128 dev ifindex 11 metric 1024"
+            ]
+        );
+        assert!(plan.peers[0].neigh.is_some() && plan.peers[0].fdb.is_some());
     }
 
     #[test]

@@ -24,9 +24,10 @@ pub struct ProbeContext {
     pub backend: String,
     /// VXLAN UDP port (`Backend.Port`, 8472 by default).
     pub port: u16,
-    /// kube store: the `public-ip-overwrite` annotation name; `None` for etcd/directory
-    /// stores (there `--public-ip` on the peer is the fix).
-    pub overwrite_annotation: Option<String>,
+    /// kube store: the `public-ip-overwrite` and `public-ipv6-overwrite` annotation names;
+    /// `None` for etcd/directory stores (there `--public-ip`/`--public-ipv6` on the peer is
+    /// the fix).
+    pub overwrite_annotation: Option<(String, String)>,
 }
 
 impl ProbeContext {
@@ -34,8 +35,13 @@ impl ProbeContext {
     pub fn new(flags: &Flags, backend: &BackendConfig) -> ProbeContext {
         let overwrite_annotation = flags.kube_subnet_mgr.then(|| {
             AnnotationNames::new(&flags.kube_annotation_prefix)
-                .map(|n| n.public_ip_overwrite)
-                .unwrap_or_else(|_| "flannel.alpha.coreos.com/public-ip-overwrite".to_owned())
+                .map(|n| (n.public_ip_overwrite, n.public_ipv6_overwrite))
+                .unwrap_or_else(|_| {
+                    (
+                        "flannel.alpha.coreos.com/public-ip-overwrite".to_owned(),
+                        "flannel.alpha.coreos.com/public-ipv6-overwrite".to_owned(),
+                    )
+                })
         });
         ProbeContext {
             backend: backend.kind().to_owned(),
@@ -49,12 +55,14 @@ impl ProbeContext {
 }
 
 /// The address to probe for `peer`: the VTEP address flannel gives the peer's overlay device
-/// (its subnet's network address, `/32` on `flannel.<VNI>`) for vxlan, the public IP for
-/// host-gw. `None` for peers of other families or backends.
-pub fn probe_target(peer: &Peer) -> Option<Ipv4Addr> {
+/// (its subnet's network address: `/32` on `flannel.<VNI>`, `/128` on `flannel-v6.<VNI>`)
+/// for vxlan, the public IP for host-gw (of the subnet's family). `None` for a host-gw peer
+/// whose public IP is of the other family.
+pub fn probe_target(peer: &Peer) -> Option<IpAddr> {
     match (peer.kind, peer.subnet, peer.public_ip) {
-        (PeerKind::Vxlan { .. }, IpNet::V4(net), _) => Some(net.network()),
-        (PeerKind::HostGw, IpNet::V4(_), IpAddr::V4(ip)) => Some(ip),
+        (PeerKind::Vxlan { .. }, net, _) => Some(net.network()),
+        (PeerKind::HostGw, IpNet::V4(_), ip @ IpAddr::V4(_))
+        | (PeerKind::HostGw, IpNet::V6(_), ip @ IpAddr::V6(_)) => Some(ip),
         _ => None,
     }
 }
@@ -68,7 +76,13 @@ pub fn is_private_or_cgnat(ip: Ipv4Addr) -> bool {
 
 /// The fixes to suggest for an unreachable peer, most likely first.
 pub fn unreachable_fixes(peer: &Peer, ctx: &ProbeContext) -> Vec<String> {
-    let nat = match (&ctx.overwrite_annotation, &peer.node) {
+    let v6 = peer.subnet.addr().is_ipv6();
+    let annotation = ctx
+        .overwrite_annotation
+        .as_ref()
+        .map(|(a4, a6)| if v6 { a6 } else { a4 });
+    let flag = if v6 { "--public-ipv6" } else { "--public-ip" };
+    let nat = match (annotation, &peer.node) {
         (Some(a), Some(node)) => format!(
             "kubectl annotate node {node} {a}=<an address this node can reach>, then restart flanneld there"
         ),
@@ -76,8 +90,7 @@ pub fn unreachable_fixes(peer: &Peer, ctx: &ProbeContext) -> Vec<String> {
             "set {a} on that node to an address this node can reach, then restart flanneld there"
         ),
         (None, _) => {
-            "start flanneld on that node with --public-ip set to an address this node can reach"
-                .to_owned()
+            format!("start flanneld on that node with {flag} set to an address this node can reach")
         }
     };
     let port = format!(
@@ -128,7 +141,7 @@ pub fn peer_label(peer: &Peer, ctx: &ProbeContext) -> String {
 
 /// One line naming an unreachable peer and the likely fixes, most likely first (the
 /// daemon's warning).
-pub fn unreachable_message(peer: &Peer, target: Ipv4Addr, ctx: &ProbeContext) -> String {
+pub fn unreachable_message(peer: &Peer, target: IpAddr, ctx: &ProbeContext) -> String {
     let fix = unreachable_fixes(peer, ctx).join("; ");
     format!(
         "{} does not answer: {UNREACHABLE_AFTER} ICMP echo requests to {target} in a row went unanswered; {fix}",

@@ -1,14 +1,15 @@
-//! Peer reachability: every peer is probed with ICMP echo over the overlay (vxlan: to the
-//! peer's VTEP address, host-gw: to its public IP), so a node whose VXLAN packets never
-//! arrive (a NATed public IP, a blocked UDP port: field problems P1 and P3) is named in the
-//! log and on `/metrics` instead of silently black-holing pod traffic.
+//! Peer reachability: every peer, IPv4 and IPv6, is probed with ICMP/ICMPv6 echo over the
+//! overlay (vxlan: to the peer's VTEP address, host-gw: to its public IP), so a node whose
+//! VXLAN packets never arrive (a NATed public IP, a blocked UDP port: field problems P1 and
+//! P3) is named in the log and on `/metrics` instead of silently black-holing pod traffic.
+//! A dual-stack peer is two peers here (one per subnet), each with its own series.
 //!
 //! The decisions shared with `flanneld doctor` (probe target, how a peer is named, the fix to
 //! suggest) are in [`crate::backend::reach`]; the state transitions are here; the probing
 //! itself is [`crate::io::icmp::Pinger`].
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::Peer;
 use crate::io::icmp::Pinger;
+use crate::netlink::IpFamily;
 
 use super::fallback::{Path, PeerPath, Policy, Round, Switch};
 use super::metrics::{DaemonMetrics, PeerGauge, PeerPathGauge};
@@ -88,7 +90,8 @@ impl Fallback {
         }
     }
 
-    /// DirectRouting's on-link test for the vxlan peers (none when netlink is unavailable).
+    /// DirectRouting's on-link test for the vxlan peers of both families (none when netlink
+    /// is unavailable).
     async fn onlink(&mut self, peers: &[Peer]) -> HashSet<IpAddr> {
         if self.nl.is_none() {
             match crate::netlink::Netlink::connect() {
@@ -99,13 +102,14 @@ impl Fallback {
                 }
             }
         }
-        match &self.nl {
-            Some(nl) => {
-                crate::backend::kernel::onlink_public_ips(nl, crate::netlink::IpFamily::V4, peers)
-                    .await
-            }
-            None => HashSet::new(),
+        let Some(nl) = &self.nl else {
+            return HashSet::new();
+        };
+        let mut onlink = HashSet::new();
+        for family in [IpFamily::V4, IpFamily::V6] {
+            onlink.extend(crate::backend::kernel::onlink_public_ips(nl, family, peers).await);
         }
+        onlink
     }
 
     fn is_direct(&self, peer: &Peer) -> bool {
@@ -118,7 +122,7 @@ impl Fallback {
     fn observe(
         &mut self,
         peer: &Peer,
-        target: Ipv4Addr,
+        target: IpAddr,
         round: Round,
         ctx: &ProbeContext,
     ) -> Option<Switch> {
@@ -205,7 +209,7 @@ pub async fn run(
     loop {
         tick.tick().await;
         let current: Vec<Peer> = peers.borrow_and_update().clone();
-        let targets: Vec<(Peer, Ipv4Addr)> = current
+        let targets: Vec<(Peer, IpAddr)> = current
             .into_iter()
             .filter_map(|p| probe_target(&p).map(|t| (p, t)))
             .collect();
@@ -228,9 +232,22 @@ pub async fn run(
             }
             None => HashSet::new(),
         };
-        let mut p = match pinger.take() {
+        let mut addrs: Vec<IpAddr> = targets.iter().map(|(_, t)| *t).collect();
+        // Peers on the fallback path: their public IP is probed too (does the direct path
+        // work?), after the VTEPs.
+        let direct_probe: Vec<Option<usize>> = targets
+            .iter()
+            .map(|(peer, _)| match &fallback {
+                Some(f) if f.is_direct(peer) => {
+                    addrs.push(peer.public_ip);
+                    Some(addrs.len() - 1)
+                }
+                _ => None,
+            })
+            .collect();
+        let mut p = match pinger.take().filter(|p| p.covers(&addrs)) {
             Some(p) => p,
-            None => match Pinger::open() {
+            None => match Pinger::open_for(&addrs) {
                 Ok(p) => p,
                 Err(e) => {
                     if !open_warned {
@@ -241,19 +258,6 @@ pub async fn run(
                 }
             },
         };
-        let mut addrs: Vec<Ipv4Addr> = targets.iter().map(|(_, t)| *t).collect();
-        // Peers on the fallback path: their public IP is probed too (does the direct path
-        // work?), after the VTEPs.
-        let direct_probe: Vec<Option<usize>> = targets
-            .iter()
-            .map(|(peer, _)| match (&fallback, peer.public_ip) {
-                (Some(f), IpAddr::V4(ip)) if f.is_direct(peer) => {
-                    addrs.push(ip);
-                    Some(addrs.len() - 1)
-                }
-                _ => None,
-            })
-            .collect();
         let done = tokio::task::spawn_blocking(move || {
             let r = p.probe(&addrs, 1, PROBE_TIMEOUT);
             (p, r)
@@ -267,6 +271,7 @@ pub async fn run(
         let mut gauges = Vec::with_capacity(targets.len());
         for (i, (peer, target)) in targets.iter().enumerate() {
             let ok = answered.get(i).copied().unwrap_or(false);
+            // Each family's plane routes its own fallback subnets (IPv6 via PublicIPv6).
             let switch = match fallback.as_mut() {
                 Some(f) if peer.vtep().is_some() => {
                     let round = Round {
@@ -324,27 +329,46 @@ mod tests {
         Peer::checked_for_test(subnet, ip, kind)
     }
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
     fn ctx(kube: bool) -> ProbeContext {
         ProbeContext {
             backend: "vxlan".into(),
             port: 8472,
-            overwrite_annotation: kube
-                .then(|| "flannel.alpha.coreos.com/public-ip-overwrite".to_owned()),
+            overwrite_annotation: kube.then(|| {
+                (
+                    "flannel.alpha.coreos.com/public-ip-overwrite".to_owned(),
+                    "flannel.alpha.coreos.com/public-ipv6-overwrite".to_owned(),
+                )
+            }),
         }
     }
 
     #[test]
     fn targets_are_vtep_or_public_ip() {
         let v = peer("10.244.2.0/24", "198.51.100.7", "vxlan");
-        assert_eq!(probe_target(&v), Some(Ipv4Addr::new(10, 244, 2, 0)));
+        assert_eq!(probe_target(&v), Some(ip("10.244.2.0")));
         let h = peer("10.244.3.0/24", "198.51.100.8", "host-gw");
-        assert_eq!(probe_target(&h), Some(Ipv4Addr::new(198, 51, 100, 8)));
+        assert_eq!(probe_target(&h), Some(ip("198.51.100.8")));
+        // IPv6 peers: the VTEP is the v6 subnet's network address (flannel-v6.<VNI>'s /128),
+        // whichever family carries the VXLAN; host-gw probes the v6 public IP.
+        let v6 = peer("2001:db8:42:7::/64", "2001:db8:18::7", "vxlan");
+        assert_eq!(probe_target(&v6), Some(ip("2001:db8:42:7::")));
+        let v6_over_v4 = peer("2001:db8:42:8::/64", "198.51.100.8", "vxlan");
+        assert_eq!(probe_target(&v6_over_v4), Some(ip("2001:db8:42:8::")));
+        let v6_host_gw = peer("2001:db8:42:9::/64", "2001:db8:18::9", "host-gw");
+        assert_eq!(probe_target(&v6_host_gw), Some(ip("2001:db8:18::9")));
+        // host-gw cannot route a v6 subnet via a v4 address (nor the reverse).
         assert_eq!(
-            probe_target(&peer("fd10::/64", "198.51.100.8", "vxlan")),
+            probe_target(&peer("2001:db8:42:9::/64", "198.51.100.9", "host-gw")),
             None
         );
-        let v6_host_gw = peer("fd10::/64", "2001:db8::9", "host-gw");
-        assert_eq!(probe_target(&v6_host_gw), None);
+        assert_eq!(
+            probe_target(&peer("10.244.3.0/24", "2001:db8:18::9", "host-gw")),
+            None
+        );
     }
 
     #[test]
@@ -389,13 +413,13 @@ mod tests {
     #[test]
     fn messages_name_peer_and_fix() {
         let nat = peer("10.244.1.0/24", "172.19.0.13", "vxlan");
-        let m = unreachable_message(&nat, Ipv4Addr::new(10, 244, 1, 0), &ctx(true));
+        let m = unreachable_message(&nat, ip("10.244.1.0"), &ctx(true));
         assert_eq!(
             m,
             "peer 10.244.1.0/24 at 172.19.0.13 (UDP 8472) does not answer: 3 ICMP echo requests to 10.244.1.0 in a row went unanswered; its public IP 172.19.0.13 is a private address, probably behind NAT: set flannel.alpha.coreos.com/public-ip-overwrite on that node to an address this node can reach, then restart flanneld there; check that UDP 8472 is allowed between the nodes, or move Backend.Port (nodes on one layer-2 network can use host-gw instead)"
         );
         let public = peer("10.244.2.0/24", "198.51.100.7", "vxlan");
-        let m = unreachable_message(&public, Ipv4Addr::new(10, 244, 2, 0), &ctx(false));
+        let m = unreachable_message(&public, ip("10.244.2.0"), &ctx(false));
         assert!(
             m.ends_with("went unanswered; check that UDP 8472 is allowed between the nodes, or move Backend.Port (nodes on one layer-2 network can use host-gw instead); if that node is behind NAT: start flanneld on that node with --public-ip set to an address this node can reach"),
             "{m}"
@@ -411,17 +435,36 @@ mod tests {
         };
         let m = unreachable_message(
             &peer("10.244.3.0/24", "198.51.100.9", "host-gw"),
-            Ipv4Addr::new(198, 51, 100, 9),
+            ip("198.51.100.9"),
             &hg,
         );
         assert!(m.contains("(host-gw)") && m.contains("layer-2"), "{m}");
     }
 
     #[test]
+    fn v6_peers_get_the_v6_fixes() {
+        let mut v6 = peer("2001:db8:42:7::/64", "2001:db8:18::7", "vxlan");
+        let m = unreachable_message(&v6, ip("2001:db8:42:7::"), &ctx(false));
+        assert!(
+            m.starts_with("peer 2001:db8:42:7::/64 at 2001:db8:18::7 (UDP 8472) does not answer: 3 ICMP echo requests to 2001:db8:42:7:: in a row"),
+            "{m}"
+        );
+        assert!(m.ends_with("start flanneld on that node with --public-ipv6 set to an address this node can reach"), "{m}");
+        v6.node = Some("worker-c".into());
+        let fixes = unreachable_fixes(&v6, &ctx(true));
+        assert!(
+            fixes[1].contains(
+                "kubectl annotate node worker-c flannel.alpha.coreos.com/public-ipv6-overwrite="
+            ),
+            "{fixes:?}"
+        );
+    }
+
+    #[test]
     fn kube_peers_are_named_with_the_command_that_fixes_them() {
         let mut named = peer("10.244.1.0/24", "172.19.0.13", "vxlan");
         named.node = Some("worker-b".into());
-        let m = unreachable_message(&named, Ipv4Addr::new(10, 244, 1, 0), &ctx(true));
+        let m = unreachable_message(&named, ip("10.244.1.0"), &ctx(true));
         assert!(
             m.starts_with("peer worker-b (10.244.1.0/24 at 172.19.0.13, UDP 8472) does not answer"),
             "{m}"

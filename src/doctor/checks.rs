@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::iptables::{forward_verdict, host_firewall, parse_filter, ForwardVerdict};
 use super::report::{ids, Finding, Status};
@@ -18,22 +18,37 @@ pub fn parse_sysctl(raw: &str) -> Option<i64> {
 
 /// `ip-forward`: the raw contents of `/proc/sys/net/ipv4/ip_forward`, or why it was unreadable.
 pub fn ip_forward(raw: Result<&str, &str>) -> Finding {
-    let id = ids::IP_FORWARD;
+    forwarding(ids::IP_FORWARD, "net.ipv4.ip_forward", "ip_forward", raw)
+}
+
+/// `ip6-forward` (IPv6 enabled): the raw contents of
+/// `/proc/sys/net/ipv6/conf/all/forwarding`, or why it was unreadable.
+pub fn ip6_forward(raw: Result<&str, &str>) -> Finding {
+    forwarding(
+        ids::IP6_FORWARD,
+        "net.ipv6.conf.all.forwarding",
+        "forwarding",
+        raw,
+    )
+}
+
+/// A forwarding sysctl `key` must be 1; `grep` finds the file that resets it at boot.
+fn forwarding(id: &'static str, key: &str, grep: &str, raw: Result<&str, &str>) -> Finding {
     match raw.map(parse_sysctl) {
-        Err(e) => Finding::new(Status::Skip, id, format!("cannot read net.ipv4.ip_forward: {e}")),
-        Ok(Some(1)) => Finding::new(Status::Pass, id, "net.ipv4.ip_forward = 1"),
+        Err(e) => Finding::new(Status::Skip, id, format!("cannot read {key}: {e}")),
+        Ok(Some(1)) => Finding::new(Status::Pass, id, format!("{key} = 1")),
         Ok(Some(v)) => Finding::new(
             Status::Fail,
             id,
-            format!("net.ipv4.ip_forward = {v}: this node does not forward pod traffic"),
+            format!("{key} = {v}: this node does not forward pod traffic"),
         )
-        .fix("sysctl -w net.ipv4.ip_forward=1, and find the sysctl file that resets it at boot (grep -r ip_forward /etc/sysctl.conf /etc/sysctl.d /usr/lib/sysctl.d /run/sysctl.d), fix it, then sysctl --system"),
+        .fix(format!("sysctl -w {key}=1, and find the sysctl file that resets it at boot (grep -r {grep} /etc/sysctl.conf /etc/sysctl.d /usr/lib/sysctl.d /run/sysctl.d), fix it, then sysctl --system")),
         Ok(None) => Finding::new(
             Status::Fail,
             id,
-            format!("net.ipv4.ip_forward has an unexpected value {:?}", raw.unwrap_or_default().trim()),
+            format!("{key} has an unexpected value {:?}", raw.unwrap_or_default().trim()),
         )
-        .fix("sysctl -w net.ipv4.ip_forward=1"),
+        .fix(format!("sysctl -w {key}=1")),
     }
 }
 
@@ -145,14 +160,17 @@ pub fn tx_checksum(d: &DeviceFacts) -> Finding {
 }
 
 /// `forward-reject`: `iptables -t filter -S` text (or why it could not be listed) and the
-/// pod Network.
-pub fn forward_reject(rules: Result<&str, &str>, network: Option<Ipv4Net>) -> Finding {
+/// pod Network; for the IPv6 Network, `ip6tables -t filter -S` text (then the fixes name
+/// ip6tables, and [`Finding::v6`] names the check).
+pub fn forward_reject(rules: Result<&str, &str>, network: Option<IpNet>) -> Finding {
     let id = ids::FORWARD_REJECT;
+    let ipt = match network {
+        Some(IpNet::V6(_)) => "ip6tables",
+        _ => "iptables",
+    };
     let text = match rules {
         Ok(t) => t,
-        Err(e) => {
-            return Finding::new(Status::Skip, id, format!("cannot list iptables rules: {e}"))
-        }
+        Err(e) => return Finding::new(Status::Skip, id, format!("cannot list {ipt} rules: {e}")),
     };
     let Some(network) = network else {
         return Finding::new(
@@ -177,17 +195,17 @@ pub fn forward_reject(rules: Result<&str, &str>, network: Option<Ipv4Net>) -> Fi
             id,
             format!("FORWARD policy is {p} and no rule accepts pod traffic in {network}"),
         )
-        .fix(format!("run flanneld with --iptables-forward-rules=true (the default), or: iptables -A FORWARD -s {network} -j ACCEPT; iptables -A FORWARD -d {network} -j ACCEPT")),
+        .fix(format!("run flanneld with --iptables-forward-rules=true (the default), or: {ipt} -A FORWARD -s {network} -j ACCEPT; {ipt} -A FORWARD -d {network} -j ACCEPT")),
         ForwardVerdict::Rejected { rule, partial } => {
             let which = if partial { "part of the pod traffic" } else { "pod traffic" };
-            let delete = rule.strip_prefix("-A ").map(|r| format!("iptables -D {r}")).unwrap_or_default();
+            let delete = rule.strip_prefix("-A ").map(|r| format!("{ipt} -D {r}")).unwrap_or_default();
             Finding::new(
                 Status::Fail,
                 id,
                 format!("\"{rule}\" rejects {which} in {network} before flannel's ACCEPT rules"),
             )
-            .fix(format!("{delete}, and remove it from the saved firewall rules (/etc/sysconfig/iptables, iptables-persistent, firewalld) so it does not come back"))
-            .fix(format!("or accept the pod network above it: iptables -I FORWARD 1 -s {network} -j ACCEPT; iptables -I FORWARD 1 -d {network} -j ACCEPT"))
+            .fix(format!("{delete}, and remove it from the saved firewall rules (/etc/sysconfig/{ipt}, iptables-persistent, firewalld) so it does not come back"))
+            .fix(format!("or accept the pod network above it: {ipt} -I FORWARD 1 -s {network} -j ACCEPT; {ipt} -I FORWARD 1 -d {network} -j ACCEPT"))
         }
     }
 }
@@ -197,7 +215,7 @@ pub fn forward_reject(rules: Result<&str, &str>, network: Option<Ipv4Net>) -> Fi
 pub fn host_firewall_check(
     rules: Result<&str, &str>,
     procs: &[Process],
-    network: Option<Ipv4Net>,
+    network: Option<IpNet>,
 ) -> Finding {
     let id = ids::HOST_FIREWALL;
     let hf = rules
@@ -320,7 +338,7 @@ pub struct PeerProbe {
     /// The peer.
     pub peer: Peer,
     /// The address probed.
-    pub target: Ipv4Addr,
+    pub target: IpAddr,
     /// Whether it answered.
     pub answered: bool,
 }
@@ -375,14 +393,40 @@ pub fn subnet_lease(
     leases: Result<&[Lease], &str>,
     ours: &[Ipv4Addr],
 ) -> Finding {
+    let ours: Vec<IpAddr> = ours.iter().copied().map(IpAddr::V4).collect();
+    lease_agrees(env_subnet.map(|s| s.map(IpNet::V4)), false, leases, &ours)
+}
+
+/// `subnet-lease-v6` (IPv6 enabled): subnet.env's `FLANNEL_IPV6_SUBNET` against the leases'
+/// IPv6 subnets; a lease is this node's by its `PublicIPv6` or `PublicIP` (in `ours`).
+pub fn subnet_lease_v6(
+    env_subnet: Result<Option<Ipv6Net>, &str>,
+    leases: Result<&[Lease], &str>,
+    ours: &[IpAddr],
+) -> Finding {
+    lease_agrees(env_subnet.map(|s| s.map(IpNet::V6)), true, leases, ours).v6()
+}
+
+/// [`subnet_lease`] for the family of `v6`.
+fn lease_agrees(
+    env_subnet: Result<Option<IpNet>, &str>,
+    v6: bool,
+    leases: Result<&[Lease], &str>,
+    ours: &[IpAddr],
+) -> Finding {
     let id = ids::SUBNET_LEASE;
+    let key = if v6 {
+        "FLANNEL_IPV6_SUBNET"
+    } else {
+        "FLANNEL_SUBNET"
+    };
     let subnet = match env_subnet {
         Err(e) => {
             return Finding::new(Status::Fail, id, format!("subnet.env unreadable: {e}"))
                 .fix("start flanneld (it writes subnet.env once it holds a lease); pods cannot get addresses without it")
         }
         Ok(None) => {
-            return Finding::new(Status::Fail, id, "subnet.env has no FLANNEL_SUBNET")
+            return Finding::new(Status::Fail, id, format!("subnet.env has no {key}"))
                 .fix("restart flanneld so it rewrites subnet.env")
         }
         Ok(Some(s)) => s,
@@ -397,19 +441,30 @@ pub fn subnet_lease(
             )
         }
     };
-    let is_ours = |l: &Lease| ours.contains(&l.attrs.public_ip);
-    let mine = leases.iter().find(|l| l.subnet == Some(subnet));
+    let subnet_of = |l: &Lease| match v6 {
+        false => l.subnet.map(IpNet::V4),
+        true => l.ipv6_subnet.map(IpNet::V6),
+    };
+    let v4_ip = |l: &Lease| IpAddr::V4(l.attrs.public_ip);
+    // How messages name the lease's node: its address of this family where it has one.
+    let ip_of = |l: &Lease| match (v6, l.attrs.public_ipv6) {
+        (true, Some(ip)) => IpAddr::V6(ip),
+        _ => v4_ip(l),
+    };
+    let shown = |l: &Lease| subnet_of(l).map(|s| s.to_string()).unwrap_or_default();
+    let is_ours = |l: &Lease| ours.contains(&ip_of(l)) || ours.contains(&v4_ip(l));
+    let mine = leases.iter().find(|l| subnet_of(l) == Some(subnet));
     let other_of_ours = leases
         .iter()
-        .find(|l| is_ours(l) && l.subnet != Some(subnet));
+        .find(|l| is_ours(l) && subnet_of(l).is_some() && subnet_of(l) != Some(subnet));
     match (mine, other_of_ours) {
         (None, Some(o)) => Finding::new(
             Status::Fail,
             id,
             format!(
                 "subnet.env says {subnet} but the store's lease for this node ({}) is {}",
-                o.attrs.public_ip,
-                o.subnet.map(|s| s.to_string()).unwrap_or_default()
+                ip_of(o),
+                shown(o)
             ),
         )
         .fix("restart flanneld so subnet.env and the pod routes follow the store's lease; pods started with the old subnet need restarting"),
@@ -422,16 +477,16 @@ pub fn subnet_lease(
         (Some(l), _) if is_ours(l) => Finding::new(
             Status::Pass,
             id,
-            format!("subnet.env and the store agree: {subnet} at {}", l.attrs.public_ip),
+            format!("subnet.env and the store agree: {subnet} at {}", ip_of(l)),
         ),
         (Some(l), Some(o)) => Finding::new(
             Status::Fail,
             id,
             format!(
                 "subnet.env says {subnet}, leased to {}, but this node's lease ({}) is {}",
-                l.attrs.public_ip,
-                o.attrs.public_ip,
-                o.subnet.map(|s| s.to_string()).unwrap_or_default()
+                ip_of(l),
+                ip_of(o),
+                shown(o)
             ),
         )
         .fix("restart flanneld so subnet.env follows the store's lease"),
@@ -440,7 +495,7 @@ pub fn subnet_lease(
             id,
             format!(
                 "subnet.env and the store agree: {subnet} at {} (not an address of this host: NAT with a public-IP override)",
-                l.attrs.public_ip
+                ip_of(l)
             ),
         ),
     }
@@ -449,8 +504,8 @@ pub fn subnet_lease(
 /// What the `vxlan-guard` checks (iptables, nftables) compare the firewall with.
 #[derive(Debug, Clone, Copy)]
 pub struct GuardWant<'a> {
-    /// The pod Network (`None`: unknown).
-    pub network: Option<Ipv4Net>,
+    /// The pod Network of the family checked (`None`: unknown).
+    pub network: Option<IpNet>,
     /// The VXLAN port (`None`: host-gw, nothing to guard).
     pub port: Option<u16>,
     /// Kernel mode: the guard also holds an allow-list of the peers' public IPs.
@@ -463,7 +518,7 @@ pub struct GuardWant<'a> {
 impl<'a> GuardWant<'a> {
     /// All fields in order.
     pub(crate) fn new(
-        network: Option<Ipv4Net>,
+        network: Option<IpNet>,
         port: Option<u16>,
         allow_list: bool,
         peers: Option<&'a [IpAddr]>,
@@ -484,7 +539,7 @@ pub(crate) fn guard_check<T>(
     listing: Result<T, &str>,
     what: &str,
     want: &GuardWant<'_>,
-    judge: impl FnOnce(T, u16, Ipv4Net) -> Finding,
+    judge: impl FnOnce(T, u16, IpNet) -> Finding,
 ) -> Finding {
     let id = ids::VXLAN_GUARD;
     let Some(port) = want.port else {
@@ -509,14 +564,14 @@ pub fn vxlan_guard(rules: Result<&str, &str>, want: &GuardWant<'_>) -> Finding {
     })
 }
 
-fn iptables_guard(text: &str, port: u16, network: Ipv4Net, want: &GuardWant<'_>) -> Finding {
+fn iptables_guard(text: &str, port: u16, network: IpNet, want: &GuardWant<'_>) -> Finding {
     use crate::masq::{guard_jumps, guard_rules, VxlanGuard, VXLAN_IN_CHAIN};
     let lines: Vec<&str> = text.lines().collect();
     let has = |r: &crate::masq::Rule| lines.contains(&r.render().as_str());
     let restart = "restart flanneld: it installs FLANNEL-VXLAN-IN/FLANNEL-VXLAN-FWD and re-checks them every --iptables-resync seconds; if they keep disappearing, find what flushes INPUT/FORWARD (a firewall reload)";
     let fixed = guard_rules(&VxlanGuard {
         port,
-        network: network.into(),
+        network,
         peers: Vec::new(),
         allow_list: want.allow_list,
     });
@@ -552,7 +607,7 @@ fn iptables_guard(text: &str, port: u16, network: Ipv4Net, want: &GuardWant<'_>)
 /// messages name its parts.
 pub(crate) struct AllowList<'a> {
     pub(crate) port: u16,
-    pub(crate) network: Ipv4Net,
+    pub(crate) network: IpNet,
     /// The addresses it accepts VXLAN from.
     pub(crate) allowed: &'a [IpAddr],
     /// How messages name it (`FLANNEL-VXLAN-IN`, `set ip flannel-rs-guard peers`).
@@ -751,7 +806,7 @@ mod tests {
 
     #[test]
     fn forward_reject_names_the_rule() {
-        let n: Ipv4Net = "10.244.0.0/16".parse().expect("net");
+        let n: IpNet = "10.244.0.0/16".parse().expect("net");
         assert_eq!(
             forward_reject(Ok(FLANNEL_FWD), Some(n)).status,
             Status::Pass
@@ -777,6 +832,74 @@ mod tests {
             Status::Skip
         );
         assert_eq!(forward_reject(Ok(FLANNEL_FWD), None).status, Status::Skip);
+    }
+
+    #[test]
+    fn v6_forwarding_and_ip6tables_reject() {
+        let f = ip6_forward(Ok("0\n"));
+        assert_eq!(
+            render1(&f),
+            "FAIL ip6-forward: net.ipv6.conf.all.forwarding = 0: this node does not forward pod traffic\n\
+             \x20 fix: sysctl -w net.ipv6.conf.all.forwarding=1, and find the sysctl file that resets it at boot (grep -r forwarding /etc/sysctl.conf /etc/sysctl.d /usr/lib/sysctl.d /run/sysctl.d), fix it, then sysctl --system\n\
+             doctor: 0 passed, 0 warnings, 1 failed\n"
+        );
+        assert_eq!(ip6_forward(Ok("1")).status, Status::Pass);
+        assert_eq!(ip6_forward(Err("no ipv6")).status, Status::Skip);
+        let n6: IpNet = "2001:db8:42::/56".parse().expect("net");
+        let fwd6 = FLANNEL_FWD.replace("10.244.0.0/16", "2001:db8:42::/56");
+        assert_eq!(
+            forward_reject(Ok(&fwd6), Some(n6)).v6().status,
+            Status::Pass
+        );
+        let bad = fwd6.replace(
+            "-A FORWARD -m comment",
+            "-A FORWARD -j REJECT --reject-with icmp6-adm-prohibited\n-A FORWARD -m comment",
+        );
+        let f = forward_reject(Ok(&bad), Some(n6)).v6();
+        assert_eq!(
+            render1(&f).lines().next(),
+            Some("FAIL forward-reject-v6: \"-A FORWARD -j REJECT --reject-with icmp6-adm-prohibited\" rejects pod traffic in 2001:db8:42::/56 before flannel's ACCEPT rules")
+        );
+        assert!(
+            f.fixes[0].starts_with("ip6tables -D FORWARD -j REJECT"),
+            "{:?}",
+            f.fixes
+        );
+        assert!(f.fixes[1].contains("ip6tables -I FORWARD 1 -s 2001:db8:42::/56 -j ACCEPT"));
+        // The v4 rules say nothing about the v6 Network: its policy decides.
+        let f = forward_reject(Ok("-P FORWARD DROP\n"), Some(n6));
+        assert!(
+            f.fixes[0].contains("ip6tables -A FORWARD -s 2001:db8:42::/56"),
+            "{:?}",
+            f.fixes
+        );
+        // Checks without a v6 twin keep their id.
+        assert_eq!(Finding::new(Status::Pass, ids::MTU, "x").v6().id, ids::MTU);
+    }
+
+    #[test]
+    fn v6_guard_compares_v6_peers() {
+        let g = crate::masq::VxlanGuard {
+            port: 8472,
+            network: "2001:db8:42::/56".parse().expect("net"),
+            peers: vec!["2001:db8:18::2".parse().expect("ip")],
+            allow_list: true,
+        };
+        let text: Vec<String> = crate::masq::guard_jumps(8472)
+            .iter()
+            .chain(crate::masq::guard_rules(&g).iter())
+            .map(crate::masq::Rule::render)
+            .collect();
+        let text = text.join("\n");
+        let peers: Vec<IpAddr> = vec!["2001:db8:18::2".parse().expect("ip")];
+        let want = GuardWant::new(Some(g.network), Some(8472), true, Some(&peers));
+        let f = vxlan_guard(Ok(&text), &want).v6();
+        assert_eq!((f.status, f.id), (Status::Pass, "vxlan-guard-v6"), "{f:?}");
+        let more: Vec<IpAddr> = vec![peers[0], "2001:db8:18::3".parse().expect("ip")];
+        let want = GuardWant::new(Some(g.network), Some(8472), true, Some(&more));
+        let f = vxlan_guard(Ok(&text), &want);
+        assert_eq!(f.status, Status::Fail, "{f:?}");
+        assert!(f.message.contains("2001:db8:18::3 is dropped"), "{f:?}");
     }
 
     fn proc(pid: u32, comm: &str, exe: &str) -> Process {
@@ -854,7 +977,10 @@ mod tests {
         ProbeContext {
             backend: "vxlan".into(),
             port: 8472,
-            overwrite_annotation: Some("flannel.alpha.coreos.com/public-ip-overwrite".into()),
+            overwrite_annotation: Some((
+                "flannel.alpha.coreos.com/public-ip-overwrite".into(),
+                "flannel.alpha.coreos.com/public-ipv6-overwrite".into(),
+            )),
         }
     }
 
@@ -965,6 +1091,34 @@ mod tests {
     }
 
     #[test]
+    fn v6_subnet_env_against_store() {
+        let mut a = lease("10.244.1.0/24", "198.18.0.1");
+        a.ipv6_subnet = Some("2001:db8:42:1::/64".parse().expect("net"));
+        a.attrs.public_ipv6 = Some("2001:db8:18::1".parse().expect("ip"));
+        let mut b = lease("10.244.2.0/24", "198.18.0.2");
+        b.ipv6_subnet = Some("2001:db8:42:2::/64".parse().expect("net"));
+        let leases = [a, b];
+        let me: Vec<IpAddr> = vec!["2001:db8:18::1".parse().expect("ip")];
+        let s1 = Some("2001:db8:42:1::/64".parse().expect("net"));
+        let s2 = Some("2001:db8:42:2::/64".parse().expect("net"));
+        let f = subnet_lease_v6(Ok(s1), Ok(&leases), &me);
+        assert_eq!((f.status, f.id), (Status::Pass, "subnet-lease-v6"), "{f:?}");
+        assert_eq!(
+            f.message,
+            "subnet.env and the store agree: 2001:db8:42:1::/64 at 2001:db8:18::1"
+        );
+        let f = subnet_lease_v6(Ok(s2), Ok(&leases), &me);
+        assert_eq!(f.status, Status::Fail);
+        assert_eq!(f.message, "subnet.env says 2001:db8:42:2::/64, leased to 198.18.0.2, but this node's lease (2001:db8:18::1) is 2001:db8:42:1::/64");
+        let f = subnet_lease_v6(Ok(None), Ok(&leases), &me);
+        assert_eq!(f.message, "subnet.env has no FLANNEL_IPV6_SUBNET");
+        // A node known by its IPv4 public IP only (IPv6 over an IPv4 underlay).
+        let v4_me: Vec<IpAddr> = vec!["198.18.0.2".parse().expect("ip")];
+        let f = subnet_lease_v6(Ok(s2), Ok(&leases), &v4_me);
+        assert_eq!(f.status, Status::Pass, "{f:?}");
+    }
+
+    #[test]
     fn own_addresses_merge() {
         let a = own_addresses(
             &[
@@ -1009,7 +1163,7 @@ mod tests {
 
     #[test]
     fn vxlan_guard_decisions() {
-        let net = "10.244.0.0/16".parse().ok();
+        let net: Option<IpNet> = "10.244.0.0/16".parse().ok();
         let peers: Vec<IpAddr> = vec!["198.18.0.2".parse().expect("ip")];
         let text = guard_text(&["198.18.0.2"]);
         let f = vxlan_guard(

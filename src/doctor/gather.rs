@@ -23,23 +23,30 @@ pub fn ip_forward() -> Result<String, String> {
     procfs::sysctl(procfs::IP_FORWARD).map_err(|e| e.to_string())
 }
 
+/// `net.ipv6.conf.all.forwarding` of this namespace.
+pub fn ip6_forward() -> Result<String, String> {
+    procfs::sysctl(procfs::IP6_FORWARD).map_err(|e| e.to_string())
+}
+
 /// Every process's pid, comm and `argv[0]` base name.
 pub fn processes() -> Vec<Process> {
     procfs::processes()
 }
 
-/// `iptables -t filter -S` with the same runner and flags flanneld's rules use.
-pub fn filter_rules() -> Result<String, String> {
-    let ipt = Iptables::detect(IpFamily::V4).map_err(|e| e.to_string())?;
-    ipt.list(Table::Filter)
-        .map(|lines| lines.join("\n"))
-        .map_err(|e| e.to_string())
+/// `iptables -t filter -S` (`ip6tables` for IPv6) with the same runner and flags flanneld's
+/// rules use.
+pub fn filter_rules(family: IpFamily) -> Result<String, String> {
+    rules(family, Table::Filter)
 }
 
-/// `iptables -t nat -S` (the backend the daemon would pick).
-pub fn nat_rules() -> Result<String, String> {
-    let ipt = Iptables::detect(IpFamily::V4).map_err(|e| e.to_string())?;
-    ipt.list(Table::Nat)
+/// `iptables -t nat -S` (`ip6tables` for IPv6; the backend the daemon would pick).
+pub fn nat_rules(family: IpFamily) -> Result<String, String> {
+    rules(family, Table::Nat)
+}
+
+fn rules(family: IpFamily, table: Table) -> Result<String, String> {
+    let ipt = Iptables::detect(family).map_err(|e| e.to_string())?;
+    ipt.list(table)
         .map(|lines| lines.join("\n"))
         .map_err(|e| e.to_string())
 }
@@ -115,9 +122,9 @@ pub async fn store(flags: &Flags) -> Result<StoreView, String> {
 }
 
 /// Probes every peer (2 tries, `timeout` each) from this namespace; `Err` when no raw ICMP
-/// socket can be opened.
+/// socket of a family the targets need can be opened.
 pub async fn probe(
-    peers: Vec<(Peer, Ipv4Addr)>,
+    peers: Vec<(Peer, IpAddr)>,
     timeout: Duration,
 ) -> Result<Vec<PeerProbe>, String> {
     probe_sized(peers, timeout, None).await
@@ -125,19 +132,19 @@ pub async fn probe(
 
 /// [`probe`] with requests of `packet_len` bytes and Don't Fragment set when given.
 pub async fn probe_sized(
-    peers: Vec<(Peer, Ipv4Addr)>,
+    peers: Vec<(Peer, IpAddr)>,
     timeout: Duration,
     packet_len: Option<usize>,
 ) -> Result<Vec<PeerProbe>, String> {
     tokio::task::spawn_blocking(move || {
-        let mut pinger = Pinger::open()
+        let targets: Vec<IpAddr> = peers.iter().map(|(_, t)| *t).collect();
+        let mut pinger = Pinger::open_for(&targets)
             .map_err(|e| format!("cannot open a raw ICMP socket (run as root): {e}"))?;
         if let Some(len) = packet_len {
             pinger
                 .sized_dont_fragment(len)
                 .map_err(|e| format!("cannot set Don't Fragment on the ICMP socket: {e}"))?;
         }
-        let targets: Vec<Ipv4Addr> = peers.iter().map(|(_, t)| *t).collect();
         let answered = pinger.probe(&targets, 2, timeout);
         Ok(peers
             .into_iter()

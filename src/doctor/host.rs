@@ -226,13 +226,13 @@ pub struct UdpSocket {
     pub owner: Option<(u32, String)>,
 }
 
-/// `vxlan-port`: nothing but this node's flanneld (userspace) or its `flannel.<VNI>` device
-/// (kernel) owns UDP `port`. `devices` are the namespace's vxlan devices (name, dst port);
+/// `vxlan-port`: nothing but this node's flanneld (userspace) or its `flannel.<VNI>` (and,
+/// with IPv6, `flannel-v6.<VNI>`) device (kernel), `own_devices`, owns UDP `port`. `devices` are the namespace's vxlan devices (name, dst port);
 /// `sockets` the UDP sockets bound to `port` (a socket no process holds is a vxlan device's
 /// kernel socket when such a device exists, else reported as unknown).
 pub fn vxlan_port(
     port: u16,
-    own_device: &str,
+    own_devices: &[String],
     userspace: bool,
     devices: &[(String, u16)],
     sockets: &[UdpSocket],
@@ -241,7 +241,7 @@ pub fn vxlan_port(
     let mut foreign = Vec::new();
     let mut fixes = Vec::new();
     for (name, _) in devices.iter().filter(|(_, p)| *p == port) {
-        if !userspace && name == own_device {
+        if !userspace && own_devices.contains(name) {
             continue;
         }
         foreign.push(format!("vxlan device {name} (dstport {port})"));
@@ -270,9 +270,9 @@ pub fn vxlan_port(
     }
     if foreign.is_empty() {
         let owner = if userspace {
-            "flanneld's userspace socket"
+            "flanneld's userspace socket".to_owned()
         } else {
-            own_device
+            own_devices.join(" and ")
         };
         return Finding::new(
             Status::Pass,
@@ -560,11 +560,30 @@ mod tests {
             ),
         ];
         for (case, userspace, devices, sockets, verdict, says) in cases {
-            let f = vxlan_port(8472, "flannel.1", userspace, &devices, &sockets);
+            let f = vxlan_port(8472, &["flannel.1".into()], userspace, &devices, &sockets);
             assert_eq!(status(&f), verdict, "{case}");
             for words in says {
                 assert!(text(&f).contains(words), "{case}: {}", text(&f));
             }
         }
+        // Dual-stack kernel mode: flannel.1 and flannel-v6.1 share the port.
+        let both = [
+            ("flannel.1".to_owned(), 8472),
+            ("flannel-v6.1".to_owned(), 8472),
+        ];
+        let own = ["flannel.1".to_owned(), "flannel-v6.1".to_owned()];
+        let f = vxlan_port(8472, &own, false, &both, &[]);
+        assert_eq!(status(&f), Status::Pass, "{}", text(&f));
+        assert!(
+            text(&f).contains("used by flannel.1 and flannel-v6.1 only"),
+            "{}",
+            text(&f)
+        );
+        let f = vxlan_port(8472, &own[..1], false, &both, &[]);
+        assert!(
+            text(&f).contains("vxlan device flannel-v6.1"),
+            "{}",
+            text(&f)
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! Reading `iptables -t filter -S` text: which rule decides the fate of pod traffic in the
+//! Reading `iptables -t filter -S` (and `ip6tables -t filter -S`) text: which rule decides the fate of pod traffic in the
 //! FORWARD chain (field problem P3: a `REJECT` above flannel's accepts), and whether a host
 //! firewall (firewalld, ufw) manages the chains.
 //!
@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 /// One `-A` rule of `iptables -S`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,11 +29,11 @@ pub struct FilterRule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Cond {
     Src {
-        net: Ipv4Net,
+        net: IpNet,
         negated: bool,
     },
     Dst {
-        net: Ipv4Net,
+        net: IpNet,
         negated: bool,
     },
     /// A match this module does not evaluate.
@@ -86,10 +86,10 @@ fn words(line: &str) -> Vec<String> {
     out
 }
 
-fn parse_net(s: &str) -> Option<Ipv4Net> {
-    s.parse::<Ipv4Net>()
+fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
         .ok()
-        .or_else(|| s.parse::<std::net::Ipv4Addr>().ok().map(Ipv4Net::from))
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
         .map(|n| n.trunc())
 }
 
@@ -212,11 +212,11 @@ enum Reach {
     Unknown,
 }
 
-fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+fn overlaps(a: IpNet, b: IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-fn reach(conds: &[Cond], network: Ipv4Net) -> Reach {
+fn reach(conds: &[Cond], network: IpNet) -> Reach {
     let mut r = Reach::All;
     for c in conds {
         let one = match c {
@@ -264,7 +264,7 @@ enum Walk {
     Return,
 }
 
-fn walk(t: &FilterTable, chain: &str, network: Ipv4Net, partial: bool, depth: u32) -> Walk {
+fn walk(t: &FilterTable, chain: &str, network: IpNet, partial: bool, depth: u32) -> Walk {
     let Some(rules) = t.rules.get(chain) else {
         return Walk::Return;
     };
@@ -295,7 +295,7 @@ fn walk(t: &FilterTable, chain: &str, network: Ipv4Net, partial: bool, depth: u3
 }
 
 /// Follows FORWARD (and the chains it jumps to) for pod traffic inside `network`.
-pub fn forward_verdict(t: &FilterTable, network: Ipv4Net) -> ForwardVerdict {
+pub fn forward_verdict(t: &FilterTable, network: IpNet) -> ForwardVerdict {
     match walk(t, "FORWARD", network, false, 0) {
         Walk::Accepted(rule) => ForwardVerdict::Accepted(rule),
         Walk::Rejected(rule, partial) => ForwardVerdict::Rejected { rule, partial },
@@ -346,8 +346,45 @@ mod tests {
 
     const N: &str = "10.244.0.0/16";
 
-    fn net() -> Ipv4Net {
+    fn net() -> IpNet {
         N.parse().expect("net")
+    }
+
+    /// ip6tables lists the same rules with v6 prefixes; a reject above flannel's accepts is
+    /// found the same way, and v4 matches never select v6 pod traffic.
+    #[test]
+    fn ip6tables_forward() {
+        let n6: IpNet = "2001:db8:42::/56".parse().expect("net");
+        let flannel6 = FLANNEL.replace("10.244.0.0/16", "2001:db8:42::/56");
+        let ok = table("-P FORWARD DROP", &flannel6);
+        assert!(matches!(
+            forward_verdict(&ok, n6),
+            ForwardVerdict::Accepted(_)
+        ));
+        let bad = table(
+            "-P FORWARD ACCEPT",
+            &format!("-A FORWARD -j REJECT --reject-with icmp6-adm-prohibited\n{flannel6}"),
+        );
+        assert_eq!(
+            forward_verdict(&bad, n6),
+            ForwardVerdict::Rejected {
+                rule: "-A FORWARD -j REJECT --reject-with icmp6-adm-prohibited".into(),
+                partial: false
+            }
+        );
+        let one_subnet = table(
+            "-P FORWARD ACCEPT",
+            &format!("-A FORWARD -d 2001:db8:42:7::/64 -j DROP\n{flannel6}"),
+        );
+        assert!(matches!(
+            forward_verdict(&one_subnet, n6),
+            ForwardVerdict::Rejected { partial: true, .. }
+        ));
+        // A v4 accept does not accept v6 traffic; the v6 policy decides.
+        assert_eq!(
+            forward_verdict(&table("-P FORWARD DROP", FLANNEL), n6),
+            ForwardVerdict::Policy("DROP".into())
+        );
     }
 
     /// flannel's forward rules (compat §9.1) as `iptables -S` lists them.

@@ -18,8 +18,10 @@ pub mod iptables;
 pub mod nft;
 pub mod report;
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::Duration;
+
+use ipnet::IpNet;
 
 use crate::backend::intake::{intake, IntakeConfig, NodeBackend};
 use crate::backend::reach::{probe_target, ProbeContext};
@@ -27,6 +29,7 @@ use crate::backend::Peer;
 use crate::config::flags::{Dataplane, Flags};
 use crate::config::netconf::{BackendConfig, NetConfig, VxlanConfig};
 use crate::config::subnet_env::SubnetEnv;
+use crate::netlink::IpFamily;
 
 use self::checks::own_addresses;
 use self::report::{ids, Finding, Status};
@@ -76,11 +79,19 @@ async fn mtu_check(
     let Some(m) = overlay_mtu else {
         return host::mtu(None, overhead, &[]);
     };
-    let answering: Vec<(Peer, Ipv4Addr)> = probes
+    // IPv4 peers only: flannel-v6.<VNI> has an MTU of its own, not subnet.env's FLANNEL_MTU.
+    let answering: Vec<(Peer, IpAddr)> = probes
         .iter()
-        .filter(|p| p.answered)
+        .filter(|p| p.answered && p.target.is_ipv4())
         .map(|p| (p.peer.clone(), p.target))
         .collect();
+    if answering.is_empty() && probes.iter().any(|p| p.answered) {
+        return Finding::new(
+            Status::Skip,
+            ids::MTU,
+            "only IPv6 peers answer: flannel-v6.<VNI> has an MTU of its own, not FLANNEL_MTU, and is not probed",
+        );
+    }
     if answering.is_empty() {
         return host::mtu(Some(m), overhead, &[]);
     }
@@ -97,12 +108,29 @@ async fn mtu_check(
     }
 }
 
+/// The enabled families, IPv4 first.
+fn families(v4: bool, v6: bool) -> impl Iterator<Item = IpFamily> {
+    [(v4, IpFamily::V4), (v6, IpFamily::V6)]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, family)| family)
+}
+
+/// The overlay devices of `vx` for the enabled families: `flannel.<VNI>` (IPv4),
+/// `flannel-v6.<VNI>` (IPv6).
+fn own_devices(vx: &VxlanConfig, v4: bool, v6: bool) -> Vec<String> {
+    families(v4, v6)
+        .map(|family| crate::backend::kernel::device_name(vx.vni, family))
+        .collect()
+}
+
 /// The node's set-up around flanneld: br_netfilter, the VXLAN port, the CNI plugins and
 /// config the kubelet uses.
 async fn host_checks(
     flags: &Flags,
     net: Option<&NetConfig>,
     backend: &BackendConfig,
+    (v4, v6): (bool, bool),
 ) -> Vec<Finding> {
     let mut out = Vec::new();
     if net.is_some_and(|n| n.enable_nftables) {
@@ -121,7 +149,7 @@ async fn host_checks(
             match gather::vxlan_port(port).await {
                 Ok((devices, sockets)) => out.push(host::vxlan_port(
                     port,
-                    &vx.device_name(),
+                    &own_devices(vx, v4, v6),
                     flags.dataplane == Dataplane::Userspace,
                     &devices,
                     &sockets,
@@ -156,8 +184,8 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
     let mut config_error = None;
     let ip_forward = gather::ip_forward();
     let procs = gather::processes();
-    let rules = gather::filter_rules();
-    let nat = gather::nat_rules();
+    let rules = gather::filter_rules(IpFamily::V4);
+    let nat = gather::nat_rules(IpFamily::V4);
     let ruleset = gather::nft_ruleset().map(|t| nft::parse_ruleset(&t));
     let env = SubnetEnv::read(&flags.subnet_file);
     let env_subnet = env.as_ref().map(|e| e.subnet).map_err(|e| e.to_string());
@@ -184,6 +212,16 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
         }
     };
     let network = net.as_ref().and_then(|n| n.network).or(env_network);
+    let env_v6 = env.as_ref().ok().map(|e| (e.ipv6_network, e.ipv6_subnet));
+    // IPv6 checks only when the node's config enables IPv6 (the store's, else subnet.env's).
+    let network6 = match &net {
+        Some(n) if n.enable_ipv6 => n.ipv6_network,
+        Some(_) => None,
+        None => env_v6.and_then(|(n, _)| n),
+    };
+    let subnet6 = network6.and(env_v6.and_then(|(_, s)| s));
+    // An IPv6-only node (EnableIPv4 false) has no IPv4 Network, lease or forwarding to check.
+    let v4 = net.as_ref().is_none_or(|n| n.enable_ipv4);
     // Without a readable config, assume flannel's defaults (vxlan, VNI 1, port 8472).
     let backend = net
         .as_ref()
@@ -191,21 +229,37 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
         .unwrap_or(BackendConfig::Vxlan(VxlanConfig::default()));
     let ctx = ProbeContext::new(flags, &backend);
 
-    let mut findings = vec![checks::ip_forward(
-        ip_forward.as_deref().map_err(String::as_str),
-    )];
+    let mut findings = vec![if v4 {
+        checks::ip_forward(ip_forward.as_deref().map_err(String::as_str))
+    } else {
+        Finding::new(Status::Skip, ids::IP_FORWARD, "EnableIPv4 is false")
+    }];
+    let rules6 = network6.map(|_| gather::filter_rules(IpFamily::V6));
+    if network6.is_some() {
+        let raw = gather::ip6_forward();
+        findings.push(checks::ip6_forward(raw.as_deref().map_err(String::as_str)));
+    }
     match &backend {
-        BackendConfig::Vxlan(vx) => match gather::device(&vx.device_name(), vx.vni).await {
-            Ok(d) => {
-                findings.push(checks::vxlan_device(&d));
-                findings.push(checks::tx_checksum(&d));
+        BackendConfig::Vxlan(vx) => {
+            // One device per enabled family, checked alike (`-v6` ids for flannel-v6.<VNI>).
+            for family in families(v4, network6.is_some()) {
+                let name = crate::backend::kernel::device_name(vx.vni, family);
+                let found = match gather::device(&name, vx.vni).await {
+                    Ok(d) => [checks::vxlan_device(&d), checks::tx_checksum(&d)],
+                    Err(e) => {
+                        let msg = format!("cannot inspect {name}: {e}");
+                        [
+                            Finding::new(Status::Skip, ids::VXLAN_DEVICE, msg.clone()),
+                            Finding::new(Status::Skip, ids::TX_CHECKSUM, msg),
+                        ]
+                    }
+                };
+                findings.extend(found.map(|f| match family {
+                    IpFamily::V4 => f,
+                    IpFamily::V6 => f.v6(),
+                }));
             }
-            Err(e) => {
-                let msg = format!("cannot inspect {}: {e}", vx.device_name());
-                findings.push(Finding::new(Status::Skip, ids::VXLAN_DEVICE, msg.clone()));
-                findings.push(Finding::new(Status::Skip, ids::TX_CHECKSUM, msg));
-            }
-        },
+        }
         other => {
             let msg = format!("{} backend: no overlay device", other.kind());
             findings.push(Finding::new(Status::Skip, ids::VXLAN_DEVICE, msg.clone()));
@@ -214,44 +268,73 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
     }
     let rules_ref = rules.as_deref().map_err(String::as_str);
     let nft_rules = ruleset.as_ref().ok();
+    let network = network.map(IpNet::V4);
     findings.push(nft::forward_reject_with_nft(
         checks::forward_reject(rules_ref, network),
         nft_rules,
         network,
     ));
+    if let (Some(n6), Some(r6)) = (network6.map(IpNet::V6), &rules6) {
+        let r6 = r6.as_deref().map_err(String::as_str);
+        let f = checks::forward_reject(r6, Some(n6));
+        findings.push(nft::forward_reject_with_nft(f, nft_rules, Some(n6)).v6());
+    }
     findings.push(nft::host_firewall_with_nft(
         checks::host_firewall_check(rules_ref, &procs, network),
         nft_rules,
         network,
     ));
     findings.extend(checks::security_software(&procs));
-    findings.extend(host_checks(flags, net.as_ref(), &backend).await);
+    let families = (v4, network6.is_some());
+    findings.extend(host_checks(flags, net.as_ref(), &backend, families).await);
 
     let stored_ip = store.as_ref().ok().and_then(|v| v.stored_public_ip);
     let ours = own_addresses(
         &gather::interface_addresses().await,
         &[flags.public_ip, stored_ip],
     );
-    let mut peer_ips: Option<Vec<std::net::IpAddr>> = None;
+    let ours6: Vec<std::net::Ipv6Addr> = gather::interface_addresses()
+        .await
+        .into_iter()
+        .filter_map(|a| match a {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        })
+        .chain(flags.public_ipv6)
+        .collect();
+    let mut peer_ips: Option<Vec<IpAddr>> = None;
     match (&store, &net) {
         (Ok(view), Some(net)) => {
             let own_subnet = env_subnet.as_ref().ok().copied().flatten();
             // Our own lease is in the listing: leave it out by subnet and public IP, and let
             // intake check the others exactly as the daemon does.
-            let others = view
-                .leases
-                .iter()
-                .filter(|l| l.subnet != own_subnet && !ours.contains(&l.attrs.public_ip));
+            let is_own = |l: &&crate::lease::Lease| {
+                (own_subnet.is_some() && l.subnet == own_subnet)
+                    || (subnet6.is_some() && l.ipv6_subnet == subnet6)
+                    || ours.contains(&l.attrs.public_ip)
+                    || l.attrs.public_ipv6.is_some_and(|ip| ours6.contains(&ip))
+            };
+            let others = view.leases.iter().filter(|l| !is_own(l));
             let cfg = IntakeConfig {
                 backend: NodeBackend::of(&backend).unwrap_or_default(),
-                network_v4: net.network,
-                own_subnets: own_subnet.map(ipnet::IpNet::V4).into_iter().collect(),
-                own_ips: ours.iter().copied().map(std::net::IpAddr::V4).collect(),
+                network_v4: net.network.filter(|_| net.enable_ipv4),
+                network_v6: network6,
+                own_subnets: own_subnet
+                    .map(IpNet::V4)
+                    .into_iter()
+                    .chain(subnet6.map(IpNet::V6))
+                    .collect(),
+                own_ips: ours
+                    .iter()
+                    .copied()
+                    .map(IpAddr::V4)
+                    .chain(ours6.iter().copied().map(IpAddr::V6))
+                    .collect(),
                 ..IntakeConfig::default()
             };
             let peers = intake(others, &cfg).peers;
             peer_ips = Some(peers.iter().map(|p| p.public_ip).collect());
-            let targets: Vec<(Peer, Ipv4Addr)> = peers
+            let targets: Vec<(Peer, IpAddr)> = peers
                 .into_iter()
                 .filter_map(|p| probe_target(&p).map(|t| (p, t)))
                 .collect();
@@ -280,11 +363,21 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
     let nftables = net.as_ref().is_some_and(|n| n.enable_nftables);
     let kernel = flags.dataplane == crate::config::flags::Dataplane::Kernel;
     let ruleset_ref = ruleset.as_ref().map_err(String::as_str);
+    // Each family's guard allows the peers' public IPs of its own family.
+    let of_family = |v6: bool| -> Option<Vec<IpAddr>> {
+        peer_ips.as_ref().map(|ips| {
+            ips.iter()
+                .copied()
+                .filter(|ip| ip.is_ipv6() == v6)
+                .collect()
+        })
+    };
+    let peers4 = of_family(false);
     let guard = checks::GuardWant {
         network,
         port,
         allow_list: kernel,
-        peers: peer_ips.as_deref(),
+        peers: peers4.as_deref(),
     };
     findings.push(if nftables {
         nft::vxlan_guard_nft(ruleset_ref, &guard)
@@ -295,19 +388,67 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
         flags.ip_masq,
         nftables,
         network,
-        env_subnet.as_ref().ok().copied().flatten(),
+        env_subnet.as_ref().ok().copied().flatten().map(IpNet::V4),
         ruleset_ref,
         nat.as_deref().map_err(String::as_str),
     ));
+    if let (Some(n6), Some(r6)) = (network6.map(IpNet::V6), &rules6) {
+        let r6 = r6.as_deref().map_err(String::as_str);
+        let peers6 = of_family(true);
+        let guard6 = checks::GuardWant {
+            network: Some(n6),
+            peers: peers6.as_deref(),
+            ..guard
+        };
+        findings.push(
+            if nftables {
+                nft::vxlan_guard_nft(ruleset_ref, &guard6)
+            } else {
+                checks::vxlan_guard(r6, &guard6)
+            }
+            .v6(),
+        );
+        let nat6 = gather::nat_rules(IpFamily::V6);
+        findings.extend(
+            nft::masquerade(
+                flags.ip_masq,
+                nftables,
+                Some(n6),
+                subnet6.map(IpNet::V6),
+                ruleset_ref,
+                nat6.as_deref().map_err(String::as_str),
+            )
+            .map(Finding::v6),
+        );
+    }
     let leases = match &store {
         Ok(v) => Ok(v.leases.as_slice()),
         Err(e) => Err(e.as_str()),
     };
-    findings.push(checks::subnet_lease(
-        env_subnet.as_ref().map(|s| *s).map_err(String::as_str),
-        leases,
-        &ours,
-    ));
+    if v4 {
+        findings.push(checks::subnet_lease(
+            env_subnet.as_ref().map(|s| *s).map_err(String::as_str),
+            leases,
+            &ours,
+        ));
+    }
+    if network6.is_some() {
+        let env6 = env
+            .as_ref()
+            .map(|e| e.ipv6_subnet)
+            .map_err(|e| e.to_string());
+        let all_ours: Vec<IpAddr> = ours
+            .iter()
+            .copied()
+            .map(IpAddr::V4)
+            .chain(ours6.iter().copied().map(IpAddr::V6))
+            .collect();
+        findings.push(checks::subnet_lease_v6(
+            env6.as_ref().map(|s| *s).map_err(String::as_str),
+            leases,
+            &all_ours,
+        ));
+    }
     Diagnosis {
         findings,
         config_error,

@@ -11,11 +11,12 @@
 
 use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::checks::{guard_check, judge_guard, AllowList, GuardWant};
 use super::report::{ids, Finding, Status};
-use crate::masq::{NFT_GUARD_TABLE, NFT_POSTRTG_CHAIN, NFT_V4_TABLE};
+use crate::masq::{nft_family, nft_table, NFT_GUARD_TABLE, NFT_POSTRTG_CHAIN};
+use crate::netlink::IpFamily;
 
 /// A chain of the ruleset.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -218,7 +219,7 @@ enum Reach {
 
 /// How much pod traffic (source and destination in `network`) a rule's matches select, and
 /// its verdict; `None` when a match is not understood or there is no verdict.
-fn classify(rule: &str, network: Ipv4Net) -> Option<(Reach, Verdict)> {
+fn classify(rule: &str, network: IpNet) -> Option<(Reach, Verdict)> {
     let w = words(rule);
     let mut matches: Vec<&str> = Vec::new();
     let mut verdict = None;
@@ -253,23 +254,25 @@ fn classify(rule: &str, network: Ipv4Net) -> Option<(Reach, Verdict)> {
     let mut reach = Reach::All;
     let mut j = 0;
     while j < matches.len() {
-        let (Some("ip"), Some("saddr" | "daddr")) =
+        let (Some(fam @ ("ip" | "ip6")), Some("saddr" | "daddr")) =
             (matches.get(j).copied(), matches.get(j + 1).copied())
         else {
             return None;
         };
         let negated = matches.get(j + 2) == Some(&"!=");
         let k = j + 2 + usize::from(negated);
-        let net: Ipv4Net = match matches.get(k) {
-            Some(s) => match s.parse::<Ipv4Net>() {
+        let net: IpNet = match matches.get(k) {
+            Some(s) => match s.parse::<IpNet>() {
                 Ok(n) => n,
-                Err(_) => Ipv4Net::from(s.parse::<std::net::Ipv4Addr>().ok()?),
+                Err(_) => IpNet::from(s.parse::<std::net::IpAddr>().ok()?),
             },
             None => return None,
         };
         let covers = net.contains(&network);
         let overlap = net.contains(&network.network()) || network.contains(&net.network());
         let one = match (negated, covers, overlap) {
+            // `ip`/`ip6` matches select only packets of their family, negated or not.
+            _ if fam != nft_family(IpFamily::of_net(network)) => Reach::None,
             (false, true, _) | (true, _, false) => Reach::All,
             (false, _, false) | (true, true, _) => Reach::None,
             _ => Reach::Part,
@@ -291,7 +294,7 @@ enum Walk {
     Return,
 }
 
-fn walk(rs: &NftRuleset, c: &NftChain, network: Ipv4Net, partial: bool, depth: u32) -> Walk {
+fn walk(rs: &NftRuleset, c: &NftChain, network: IpNet, partial: bool, depth: u32) -> Walk {
     for rule in &c.rules {
         let Some((reach, verdict)) = classify(rule, network) else {
             continue;
@@ -328,10 +331,10 @@ fn iptables_nft_table(family: &str, table: &str) -> bool {
 /// The first nftables forward base chain (outside iptables-nft's tables) that drops or
 /// rejects pod traffic in `network`: `(chain as "family table name", the rule or
 /// "policy drop", partial)`.
-pub fn forward_drop(rs: &NftRuleset, network: Ipv4Net) -> Option<(String, String, bool)> {
+pub fn forward_drop(rs: &NftRuleset, network: IpNet) -> Option<(String, String, bool)> {
     for c in &rs.chains {
         if c.hook.as_deref() != Some("forward")
-            || !matches!(c.family.as_str(), "ip" | "inet")
+            || !(c.family == "inet" || c.family == nft_family(IpFamily::of_net(network)))
             || iptables_nft_table(&c.family, &c.table)
         {
             continue;
@@ -355,7 +358,7 @@ pub fn forward_drop(rs: &NftRuleset, network: Ipv4Net) -> Option<(String, String
 pub fn forward_reject_with_nft(
     ipt: Finding,
     ruleset: Option<&NftRuleset>,
-    network: Option<Ipv4Net>,
+    network: Option<IpNet>,
 ) -> Finding {
     let (Some(rs), Some(network)) = (ruleset, network) else {
         return ipt;
@@ -363,6 +366,7 @@ pub fn forward_reject_with_nft(
     match forward_drop(rs, network) {
         Some((chain, rule, partial)) if ipt.status != Status::Fail => {
             let which = if partial { "part of the pod traffic" } else { "pod traffic" };
+            let ipf = nft_family(IpFamily::of_net(network));
             let mut parts = chain.splitn(3, ' ');
             let (fam, table, name) = (
                 parts.next().unwrap_or_default(),
@@ -375,7 +379,7 @@ pub fn forward_reject_with_nft(
                 format!("nftables chain {chain}: \"{rule}\" drops {which} in {network} (a drop in any nftables forward chain is final, whatever flannel accepts)"),
             )
             .fix(format!("nft -a list chain {chain}, delete that rule (nft delete rule {chain} handle <N>) and remove it from /etc/nftables.conf so it does not come back"))
-            .fix(format!("or accept the pod network first in that chain: nft insert rule {fam} {table} {name} ip daddr {network} accept; nft insert rule {fam} {table} {name} ip saddr {network} accept"))
+            .fix(format!("or accept the pod network first in that chain: nft insert rule {fam} {table} {name} {ipf} daddr {network} accept; nft insert rule {fam} {table} {name} {ipf} saddr {network} accept"))
         }
         None if ipt.status == Status::Skip => Finding::new(
             Status::Pass,
@@ -396,7 +400,7 @@ pub fn forward_reject_with_nft(
 pub fn host_firewall_with_nft(
     ipt: Finding,
     ruleset: Option<&NftRuleset>,
-    network: Option<Ipv4Net>,
+    network: Option<IpNet>,
 ) -> Finding {
     let Some(rs) = ruleset else { return ipt };
     let tables: Vec<String> = rs
@@ -433,15 +437,19 @@ pub fn host_firewall_with_nft(
 }
 
 /// flannel's masquerade rules of nftables mode, as `nft` lists them (`fully-random` aside).
-fn expected_nft_masq(network: Ipv4Net, subnet: Ipv4Net) -> Vec<String> {
+fn expected_nft_masq(network: IpNet, subnet: IpNet) -> Vec<String> {
     let (n, p) = (network.trunc(), subnet.trunc());
+    let (f, mc) = match network {
+        IpNet::V4(_) => ("ip", "224.0.0.0/4"),
+        IpNet::V6(_) => ("ip6", "ff00::/8"),
+    };
     vec![
         "meta mark 0x00004000 return".into(),
-        format!("ip saddr {p} ip daddr {n} return"),
-        format!("ip saddr {n} ip daddr {p} return"),
-        format!("ip saddr != {p} ip daddr {n} return"),
-        format!("ip saddr {n} ip daddr != 224.0.0.0/4 masquerade"),
-        format!("ip saddr != {n} ip daddr {n} masquerade"),
+        format!("{f} saddr {p} {f} daddr {n} return"),
+        format!("{f} saddr {n} {f} daddr {p} return"),
+        format!("{f} saddr != {p} {f} daddr {n} return"),
+        format!("{f} saddr {n} {f} daddr != {mc} masquerade"),
+        format!("{f} saddr != {n} {f} daddr {n} masquerade"),
     ]
 }
 
@@ -452,8 +460,8 @@ fn expected_nft_masq(network: Ipv4Net, subnet: Ipv4Net) -> Vec<String> {
 pub fn masquerade(
     ip_masq: bool,
     nftables: bool,
-    network: Option<Ipv4Net>,
-    subnet: Option<Ipv4Net>,
+    network: Option<IpNet>,
+    subnet: Option<IpNet>,
     ruleset: Result<&NftRuleset, &str>,
     nat: Result<&str, &str>,
 ) -> Option<Finding> {
@@ -462,8 +470,8 @@ pub fn masquerade(
 
 fn masquerade_rules(
     nftables: bool,
-    network: Option<Ipv4Net>,
-    subnet: Option<Ipv4Net>,
+    network: Option<IpNet>,
+    subnet: Option<IpNet>,
     ruleset: Result<&NftRuleset, &str>,
     nat: Result<&str, &str>,
 ) -> Finding {
@@ -476,13 +484,15 @@ fn masquerade_rules(
         );
     };
     let restart = "restart flanneld: it writes the masquerade rules at start and re-checks them every --iptables-resync seconds";
+    let family = IpFamily::of_net(network);
+    let (fam, table) = (nft_family(family), nft_table(family));
     let missing: Vec<String> = if nftables {
         let rs = match ruleset {
             Ok(rs) => rs,
             Err(e) => return Finding::new(Status::Skip, id, format!("cannot list nftables: {e}")),
         };
         let have: Vec<String> = rs
-            .chain("ip", NFT_V4_TABLE, NFT_POSTRTG_CHAIN)
+            .chain(fam, table, NFT_POSTRTG_CHAIN)
             .map(|c| {
                 c.rules
                     .iter()
@@ -505,14 +515,14 @@ fn masquerade_rules(
             .lines()
             .map(|l| l.replace(" --random-fully", ""))
             .collect();
-        crate::masq::masq_rules(network.into(), subnet.into(), false)
+        crate::masq::masq_rules(network, subnet, false)
             .iter()
             .map(crate::masq::Rule::render)
             .filter(|r| !have.contains(r))
             .collect()
     };
     let place = if nftables {
-        format!("nftables chain ip {NFT_V4_TABLE} {NFT_POSTRTG_CHAIN}")
+        format!("nftables chain {fam} {table} {NFT_POSTRTG_CHAIN}")
     } else {
         "iptables nat FLANNEL-POSTRTG".to_owned()
     };
@@ -544,24 +554,25 @@ pub fn vxlan_guard_nft(ruleset: Result<&NftRuleset, &str>, want: &GuardWant<'_>)
     })
 }
 
-fn nft_guard(rs: &NftRuleset, port: u16, network: Ipv4Net, want: &GuardWant<'_>) -> Finding {
+fn nft_guard(rs: &NftRuleset, port: u16, network: IpNet, want: &GuardWant<'_>) -> Finding {
     let allow_list = want.allow_list;
     let t = NFT_GUARD_TABLE;
-    let restart = format!("restart flanneld: in nftables mode it writes table ip {t} and re-checks it every --iptables-resync seconds");
-    let pod_drop = format!("udp dport {port} ip saddr {} drop", network.trunc());
+    let fam = nft_family(IpFamily::of_net(network));
+    let restart = format!("restart flanneld: in nftables mode it writes table {fam} {t} and re-checks it every --iptables-resync seconds");
+    let pod_drop = format!("udp dport {port} {fam} saddr {} drop", network.trunc());
     let mut missing = Vec::new();
     for chain in ["input", "forward"] {
         let ok = rs
-            .chain("ip", t, chain)
+            .chain(fam, t, chain)
             .is_some_and(|c| c.rules.contains(&pod_drop));
         if !ok {
             missing.push(format!("{chain}: {pod_drop}"));
         }
     }
-    let allow = format!("udp dport {port} ip saddr != @peers drop");
+    let allow = format!("udp dport {port} {fam} saddr != @peers drop");
     if allow_list
         && !rs
-            .chain("ip", t, "input")
+            .chain(fam, t, "input")
             .is_some_and(|c| c.rules.contains(&allow))
     {
         missing.push(format!("input: {allow}"));
@@ -569,11 +580,11 @@ fn nft_guard(rs: &NftRuleset, port: u16, network: Ipv4Net, want: &GuardWant<'_>)
     let allowed: Vec<IpAddr> = rs
         .sets
         .iter()
-        .find(|s| s.family == "ip" && s.table == t && s.name == "peers")
+        .find(|s| s.family == fam && s.table == t && s.name == "peers")
         .map(|s| s.elements.iter().filter_map(|e| e.parse().ok()).collect())
         .unwrap_or_default();
-    let name = format!("set ip {t} peers");
-    let missing_label = format!("VXLAN guard missing from nftables table ip {t}");
+    let name = format!("set {fam} {t} peers");
+    let missing_label = format!("VXLAN guard missing from nftables table {fam} {t}");
     judge_guard(
         &AllowList {
             port,
@@ -634,7 +645,7 @@ table ip flannel-rs-guard {
 }
 ";
 
-    fn net() -> Ipv4Net {
+    fn net() -> IpNet {
         "10.244.0.0/16".parse().unwrap()
     }
 
@@ -758,10 +769,10 @@ table ip flannel-rs-guard {
     #[test]
     fn masquerade_in_both_modes() {
         let rs = parse_ruleset(RULESET);
-        let sub: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let sub: IpNet = "10.244.1.0/24".parse().unwrap();
         let f = masquerade(true, true, Some(net()), Some(sub), Ok(&rs), Err("x")).unwrap();
         assert_eq!(f.status, Status::Pass, "{}", f.message);
-        let other: Ipv4Net = "10.244.2.0/24".parse().unwrap();
+        let other: IpNet = "10.244.2.0/24".parse().unwrap();
         let f = masquerade(true, true, Some(net()), Some(other), Ok(&rs), Err("x")).unwrap();
         assert_eq!(f.status, Status::Fail);
         assert!(f
@@ -771,7 +782,7 @@ table ip flannel-rs-guard {
             masquerade(false, true, Some(net()), Some(sub), Ok(&rs), Err("x")),
             None
         );
-        let nat: String = crate::masq::masq_rules(net().into(), sub.into(), true)
+        let nat: String = crate::masq::masq_rules(net(), sub, true)
             .iter()
             .map(crate::masq::Rule::render)
             .collect::<Vec<_>>()
@@ -780,6 +791,103 @@ table ip flannel-rs-guard {
         assert_eq!(f.status, Status::Pass, "{}", f.message);
         let f = masquerade(true, false, Some(net()), Some(sub), Err("x"), Ok("")).unwrap();
         assert_eq!(f.status, Status::Fail);
+    }
+
+    /// flannel's and our IPv6 tables as `nft list ruleset` shows them, and a host table with
+    /// one drop per family.
+    const RULESET6: &str = "table ip6 flannel-ipv6 {
+\tchain postrtg {
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\tmeta mark 0x00004000 return
+\t\tip6 saddr 2001:db8:42:1::/64 ip6 daddr 2001:db8:42::/56 return
+\t\tip6 saddr 2001:db8:42::/56 ip6 daddr 2001:db8:42:1::/64 return
+\t\tip6 saddr != 2001:db8:42:1::/64 ip6 daddr 2001:db8:42::/56 return
+\t\tip6 saddr 2001:db8:42::/56 ip6 daddr != ff00::/8 masquerade fully-random
+\t\tip6 saddr != 2001:db8:42::/56 ip6 daddr 2001:db8:42::/56 masquerade fully-random
+\t}
+}
+table ip6 flannel-rs-guard {
+\tset peers {
+\t\ttype ipv6_addr
+\t\telements = { 2001:db8:18::2 }
+\t}
+
+\tchain input {
+\t\ttype filter hook input priority filter - 10; policy accept;
+\t\tudp dport 8472 ip6 saddr 2001:db8:42::/56 drop
+\t\tudp dport 8472 ip6 saddr != @peers drop
+\t}
+
+\tchain forward {
+\t\ttype filter hook forward priority filter - 10; policy accept;
+\t\tudp dport 8472 ip6 saddr 2001:db8:42::/56 drop
+\t}
+}
+table inet filter {
+\tchain forward {
+\t\ttype filter hook forward priority filter; policy accept;
+\t\tip saddr 10.0.0.0/8 drop
+\t\tip6 daddr 2001:db8:42:7::/64 drop
+\t}
+}
+";
+
+    #[test]
+    fn v6_tables_and_rules_of_each_family() {
+        let rs = parse_ruleset(&format!("{RULESET}{RULESET6}"));
+        let n6: IpNet = "2001:db8:42::/56".parse().unwrap();
+        let sub6: IpNet = "2001:db8:42:1::/64".parse().unwrap();
+        let f = masquerade(true, true, Some(n6), Some(sub6), Ok(&rs), Err("x")).unwrap();
+        assert_eq!(f.status, Status::Pass, "{}", f.message);
+        assert!(f
+            .message
+            .contains("nftables chain ip6 flannel-ipv6 postrtg"));
+        let other6: IpNet = "2001:db8:42:2::/64".parse().unwrap();
+        let f = masquerade(true, true, Some(n6), Some(other6), Ok(&rs), Err("x")).unwrap();
+        assert_eq!(f.status, Status::Fail);
+        // The v4 table is not the v6 one.
+        let only_v4 = parse_ruleset(RULESET);
+        let f = masquerade(true, true, Some(n6), Some(sub6), Ok(&only_v4), Err("x")).unwrap();
+        assert_eq!(f.status, Status::Fail);
+
+        let peers: Vec<IpAddr> = vec!["2001:db8:18::2".parse().unwrap()];
+        let want = GuardWant::new(Some(n6), Some(8472), true, Some(&peers));
+        let f = vxlan_guard_nft(Ok(&rs), &want);
+        assert_eq!(f.status, Status::Pass, "{}", f.message);
+        let f = vxlan_guard_nft(Ok(&only_v4), &want);
+        assert_eq!(f.status, Status::Fail, "{}", f.message);
+        assert!(
+            f.message.contains("table ip6 flannel-rs-guard"),
+            "{}",
+            f.message
+        );
+
+        // `ip6 daddr` drops part of the v6 pod traffic and none of the v4; `ip saddr` the
+        // reverse.
+        let (chain, rule, partial) = forward_drop(&rs, n6).unwrap();
+        assert_eq!(
+            (chain.as_str(), rule.as_str(), partial),
+            (
+                "inet filter forward",
+                "ip6 daddr 2001:db8:42:7::/64 drop",
+                true
+            )
+        );
+        let (_, rule4, _) = forward_drop(&rs, net()).unwrap();
+        assert_eq!(rule4, "ip saddr 10.0.0.0/8 drop");
+        let f = forward_reject_with_nft(
+            Finding::new(Status::Pass, ids::FORWARD_REJECT, "ok"),
+            Some(&rs),
+            Some(n6),
+        )
+        .v6();
+        assert_eq!((f.status, f.id), (Status::Fail, "forward-reject-v6"));
+        assert!(
+            f.fixes[1]
+                .contains("nft insert rule inet filter forward ip6 daddr 2001:db8:42::/56 accept"),
+            "{:?}",
+            f.fixes
+        );
     }
 
     #[test]

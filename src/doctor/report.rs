@@ -67,6 +67,34 @@ pub mod ids {
     pub const MTU: &str = "mtu";
     /// With `--ip-masq`: flannel's masquerade rules in place (iptables or nftables mode).
     pub const MASQUERADE: &str = "masquerade";
+    /// IPv6 enabled: `net.ipv6.conf.all.forwarding`.
+    pub const IP6_FORWARD: &str = "ip6-forward";
+    /// [`FORWARD_REJECT`] for the IPv6 Network (ip6tables, nftables `ip6`/`inet`).
+    pub const FORWARD_REJECT_V6: &str = "forward-reject-v6";
+    /// [`VXLAN_DEVICE`] for `flannel-v6.<VNI>`, with its VTEP address and peer routes.
+    pub const VXLAN_DEVICE_V6: &str = "vxlan-device-v6";
+    /// [`VXLAN_GUARD`] for the IPv6 Network.
+    pub const VXLAN_GUARD_V6: &str = "vxlan-guard-v6";
+    /// [`MASQUERADE`] for the IPv6 Network.
+    pub const MASQUERADE_V6: &str = "masquerade-v6";
+    /// [`TX_CHECKSUM`] for `flannel-v6.<VNI>`.
+    pub const TX_CHECKSUM_V6: &str = "tx-checksum-v6";
+    /// [`SUBNET_LEASE`] for `FLANNEL_IPV6_SUBNET`.
+    pub const SUBNET_LEASE_V6: &str = "subnet-lease-v6";
+
+    /// The id of check `id` run for the IPv6 family (checks without an IPv6 twin keep theirs).
+    pub fn v6(id: &'static str) -> &'static str {
+        match id {
+            IP_FORWARD => IP6_FORWARD,
+            FORWARD_REJECT => FORWARD_REJECT_V6,
+            VXLAN_DEVICE => VXLAN_DEVICE_V6,
+            TX_CHECKSUM => TX_CHECKSUM_V6,
+            VXLAN_GUARD => VXLAN_GUARD_V6,
+            MASQUERADE => MASQUERADE_V6,
+            SUBNET_LEASE => SUBNET_LEASE_V6,
+            other => other,
+        }
+    }
 }
 
 /// One line of the report.
@@ -96,6 +124,13 @@ impl Finding {
     /// Adds a fix line.
     pub fn fix(mut self, fix: impl Into<String>) -> Finding {
         self.fixes.push(fix.into());
+        self
+    }
+
+    /// The same finding under the IPv6 twin of its check id ([`ids::v6`]): the checks
+    /// shared by both families decide once, the report names the family.
+    pub fn v6(mut self) -> Finding {
+        self.id = ids::v6(self.id);
         self
     }
 }
@@ -180,7 +215,7 @@ mod tests {
 
     #[test]
     fn every_line_matches_the_contract_pattern() {
-        let re = regex::Regex::new(r"^((PASS|WARN|FAIL|SKIP) [a-z-]+: .+|  fix: .+|doctor: \d+ passed, \d+ warnings, \d+ failed)$")
+        let re = regex::Regex::new(r"^((PASS|WARN|FAIL|SKIP) [a-z0-9-]+: .+|  fix: .+|doctor: \d+ passed, \d+ warnings, \d+ failed)$")
             .expect("regex");
         let text =
             render(&[Finding::new(Status::Fail, ids::SUBNET_LEASE, "a\r\nb\tc").fix("x\ny")]);

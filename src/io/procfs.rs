@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 /// `net.ipv4.ip_forward`.
 pub const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+/// `net.ipv6.conf.all.forwarding`.
+pub const IP6_FORWARD: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
 /// `net.bridge.bridge-nf-call-iptables`: present only while `br_netfilter` is loaded.
 pub const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
 

@@ -423,7 +423,8 @@ fn getsockopt_int(
     }
 }
 
-fn setsockopt_int(
+/// Sets an integer socket option (also the ICMP prober's).
+pub(super) fn setsockopt_int(
     fd: std::os::fd::RawFd,
     level: libc::c_int,
     name: libc::c_int,

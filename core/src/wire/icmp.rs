@@ -28,6 +28,11 @@ pub const V6_DEST_UNREACHABLE: u8 = 1;
 /// ICMPv6 destination-unreachable code: no route to destination.
 pub const V6_CODE_NO_ROUTE: u8 = 0;
 
+/// ICMPv6 type: echo request (RFC 4443 §4.1).
+pub const V6_ECHO_REQUEST: u8 = 128;
+/// ICMPv6 type: echo reply (RFC 4443 §4.2).
+pub const V6_ECHO_REPLY: u8 = 129;
+
 /// ICMPv6 type: neighbour solicitation (RFC 4861 §4.3).
 pub const V6_NEIGHBOR_SOLICIT: u8 = 135;
 /// ICMPv6 type: neighbour advertisement (RFC 4861 §4.4).
@@ -163,6 +168,62 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
 }
 
+/// Which protocol an echo is: ICMP (over IPv4) or ICMPv6. Both share the message layout and
+/// differ in type numbers and checksum coverage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EchoKind {
+    /// ICMP over IPv4: types 8/0, checksum over the message.
+    V4,
+    /// ICMPv6: types 128/129, checksum over the pseudo-header too.
+    V6,
+}
+
+impl EchoKind {
+    /// The echo request type.
+    pub const fn request(self) -> u8 {
+        match self {
+            EchoKind::V4 => ECHO_REQUEST,
+            EchoKind::V6 => V6_ECHO_REQUEST,
+        }
+    }
+
+    /// The echo reply type.
+    pub const fn reply(self) -> u8 {
+        match self {
+            EchoKind::V4 => ECHO_REPLY,
+            EchoKind::V6 => V6_ECHO_REPLY,
+        }
+    }
+}
+
+/// An echo request message of `kind` (no IP header). The ICMP checksum is filled; the
+/// ICMPv6 one is left zero, since it covers addresses only the sender's kernel knows (a raw
+/// `IPPROTO_ICMPV6` socket computes it, RFC 3542 §3.1; others call
+/// [`Packet::fill_checksum_v6`]).
+pub fn echo_request(kind: EchoKind, ident: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
+    let mut msg = vec![0u8; HEADER_LEN + payload.len()];
+    let mut p = Packet::new_unchecked(&mut msg[..]);
+    p.set_header(kind.request(), 0);
+    p.set_echo(ident, seq);
+    p.payload_mut().copy_from_slice(payload);
+    if kind == EchoKind::V4 {
+        p.fill_checksum();
+    }
+    msg
+}
+
+/// The identifier and sequence number of `msg` if it is an echo reply of `kind` (code 0); an
+/// ICMP reply must also carry a valid checksum. The ICMPv6 checksum is not checked here: a
+/// raw ICMPv6 socket's kernel has verified it (others call [`Packet::verify_checksum_v6`]).
+pub fn parse_echo_reply(kind: EchoKind, msg: &[u8]) -> Option<(u16, u16)> {
+    let p = Packet::new_checked(msg).ok()?;
+    let valid = match kind {
+        EchoKind::V4 => p.verify_checksum(),
+        EchoKind::V6 => true,
+    };
+    (p.msg_type() == kind.reply() && p.code() == 0 && valid).then(|| (p.ident(), p.seq()))
+}
+
 /// The ICMPv6 pseudo-header sum for a message of `len` bytes.
 fn v6_pseudo_header(src: &Ipv6Addr, dst: &Ipv6Addr, len: usize) -> u16 {
     checksum::pseudo_header(
@@ -217,7 +278,70 @@ mod tests {
         assert!(!v6_is_error(128) && !v6_is_error(129));
     }
 
+    /// `request` turned into the reply of `kind` (type changed, checksum refilled for ICMP).
+    fn answer(kind: EchoKind, mut request: Vec<u8>) -> Vec<u8> {
+        let mut p = Packet::new_unchecked(&mut request[..]);
+        p.set_msg_type(kind.reply());
+        if kind == EchoKind::V4 {
+            p.fill_checksum();
+        }
+        request
+    }
+
+    #[test]
+    fn echo_of_each_kind() {
+        let v4 = echo_request(EchoKind::V4, 0x1234, 7, b"abc");
+        assert_eq!(&v4[..2], &[8, 0]);
+        assert!(Packet::new_unchecked(&v4[..]).verify_checksum());
+        let v6 = echo_request(EchoKind::V6, 0x1234, 7, b"abc");
+        assert_eq!(&v6[..8], &[128, 0, 0, 0, 0x12, 0x34, 0, 7]);
+        assert_eq!(&v6[8..], b"abc");
+        // Requests are not replies; a reply of the other kind is not one either.
+        assert_eq!(parse_echo_reply(EchoKind::V4, &v4), None);
+        assert_eq!(parse_echo_reply(EchoKind::V6, &v6), None);
+        let r6 = answer(EchoKind::V6, v6);
+        assert_eq!(parse_echo_reply(EchoKind::V6, &r6), Some((0x1234, 7)));
+        assert_eq!(parse_echo_reply(EchoKind::V4, &r6), None);
+        let r4 = answer(EchoKind::V4, v4);
+        assert_eq!(parse_echo_reply(EchoKind::V4, &r4), Some((0x1234, 7)));
+        assert_eq!(parse_echo_reply(EchoKind::V6, &r4), None);
+        // A code other than 0, a bad ICMP checksum, a short message.
+        let mut coded = r6.clone();
+        coded[1] = 1;
+        assert_eq!(parse_echo_reply(EchoKind::V6, &coded), None);
+        let mut bad = r4.clone();
+        bad[10] ^= 1;
+        assert_eq!(parse_echo_reply(EchoKind::V4, &bad), None);
+        assert_eq!(parse_echo_reply(EchoKind::V6, &r6[..7]), None);
+    }
+
     proptest! {
+        #[test]
+        fn echo_round_trip(
+            v6 in any::<bool>(), ident in any::<u16>(), seq in any::<u16>(),
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+            s in any::<u128>(), d in any::<u128>(),
+        ) {
+            let kind = if v6 { EchoKind::V6 } else { EchoKind::V4 };
+            let mut reply = answer(kind, echo_request(kind, ident, seq, &payload));
+            prop_assert_eq!(&reply[HEADER_LEN..], &payload[..]);
+            prop_assert_eq!(parse_echo_reply(kind, &reply), Some((ident, seq)));
+            if v6 {
+                // As a peer's kernel sends it: checksummed over the pseudo-header.
+                let (src, dst) = (Ipv6Addr::from(s), Ipv6Addr::from(d));
+                let mut p = Packet::new_unchecked(&mut reply[..]);
+                p.fill_checksum_v6(&src, &dst);
+                prop_assert!(Packet::new_unchecked(&reply[..]).verify_checksum_v6(&src, &dst));
+                prop_assert_eq!(parse_echo_reply(kind, &reply), Some((ident, seq)));
+            }
+        }
+
+        #[test]
+        fn echo_parse_never_panics(v6 in any::<bool>(), bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let kind = if v6 { EchoKind::V6 } else { EchoKind::V4 };
+            let _ = parse_echo_reply(kind, &bytes);
+        }
+
         #[test]
         fn v6_checksum_verifies_and_depends_on_addresses(
             body in proptest::collection::vec(any::<u8>(), 0..64),
