@@ -170,6 +170,11 @@ fn metrics_parse_with_the_prometheus_client_parser() {
         ("flannel_vxlan_tun_write_failures", "counter", no_labels),
         ("flannel_vxlan_packet_loop_panics", "counter", no_labels),
         ("flannel_vxlan_drops", "counter", &["reason"]),
+        (
+            "flannel_vxlan_queue_reads",
+            "counter",
+            &["direction", "queue"],
+        ),
     ];
     let names: BTreeSet<&str> = families.keys().map(String::as_str).collect();
     let want: BTreeSet<&str> = expected.iter().map(|(n, _, _)| *n).collect();

@@ -10,8 +10,12 @@
 //! predecessor then has no data plane and waits to be stopped (Kubernetes sends SIGTERM once
 //! the new pod is ready); the successor listens for the next upgrade.
 //!
-//! Protocol, one line each way: `flannel-rs-handoff 1 <device>` → `fds <pid>` (with the two
-//! descriptors) or `refused <reason>`; `serving` → `released`.
+//! Protocol, one line each way: `flannel-rs-handoff 2 <device>` → `fds <pid> <tuns> <socks>`
+//! (with that many TUN queue descriptors, then socket descriptors) or `refused <reason>`;
+//! `serving` → `released`. Version 1 (before multi-queue) is spoken with either side of an
+//! older version: its greeting gets `fds <pid>` with the first queue and socket only (the
+//! others close with the predecessor), and a successor whose version-2 greeting is refused
+//! asks again with version 1.
 
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
@@ -29,7 +33,9 @@ use crate::backend::userspace::{Handover, Inherited};
 use crate::io::handoff::{effective_uid, peer_uid, recv_with_fds, send_with_fds};
 
 /// Protocol greeting (with its version).
-const HELLO: &str = "flannel-rs-handoff 1";
+const HELLO: &str = "flannel-rs-handoff 2";
+/// The greeting of version 1: one TUN descriptor and one socket.
+const HELLO_V1: &str = "flannel-rs-handoff 1";
 /// How long a successor may take from receiving the descriptors to serving (it needs the
 /// store's first snapshot); after that the predecessor keeps the data plane.
 const SERVING_WITHIN: Duration = Duration::from_secs(120);
@@ -126,6 +132,20 @@ pub fn connect(
     path: &Path,
     device: &str,
 ) -> Result<Option<(Predecessor, Inherited)>, HandoffError> {
+    match connect_with(path, device, HELLO) {
+        // A predecessor before version 2 refuses the greeting: ask as version 1.
+        Err(HandoffError::Refused(why)) if why.contains("unknown greeting") => {
+            connect_with(path, device, HELLO_V1)
+        }
+        r => r,
+    }
+}
+
+fn connect_with(
+    path: &Path,
+    device: &str,
+    hello: &str,
+) -> Result<Option<(Predecessor, Inherited)>, HandoffError> {
     let mut stream = match UnixStream::connect(path) {
         Ok(s) => s,
         Err(e)
@@ -149,7 +169,7 @@ pub fn connect(
         .set_write_timeout(Some(STEP))
         .map_err(io_err("set a timeout"))?;
     stream
-        .write_all(format!("{HELLO} {device}\n").as_bytes())
+        .write_all(format!("{hello} {device}\n").as_bytes())
         .map_err(io_err("send the greeting"))?;
     let mut fds = Vec::new();
     let line = read_line(&stream, &mut fds, Instant::now() + STEP, None)
@@ -157,17 +177,29 @@ pub fn connect(
     if let Some(reason) = line.strip_prefix("refused ") {
         return Err(HandoffError::Refused(reason.to_owned()));
     }
-    let pid = line
+    let bad = || HandoffError::Protocol(format!("unexpected reply {line:?}"));
+    let words: Vec<u32> = line
         .strip_prefix("fds ")
-        .and_then(|p| p.trim().parse::<u32>().ok())
-        .ok_or_else(|| HandoffError::Protocol(format!("unexpected reply {line:?}")))?;
-    let mut it = fds.into_iter();
-    let (Some(tun), Some(sock), None) = (it.next(), it.next(), it.next()) else {
-        return Err(HandoffError::Protocol(
-            "expected exactly two descriptors".into(),
-        ));
+        .ok_or_else(bad)?
+        .split_whitespace()
+        .map(|w| w.parse::<u32>().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let (pid, tuns, socks) = match words[..] {
+        [pid] => (pid, 1, 1),
+        [pid, t, s] if t >= 1 && s >= 1 => (pid, t as usize, s as usize),
+        _ => return Err(bad()),
     };
-    Ok(Some((Predecessor { stream, pid }, Inherited { tun, sock })))
+    if fds.len() != tuns + socks {
+        return Err(HandoffError::Protocol(format!(
+            "expected {tuns} + {socks} descriptors, got {}",
+            fds.len()
+        )));
+    }
+    let socks = fds.split_off(tuns);
+    Ok(Some((
+        Predecessor { stream, pid },
+        Inherited { tuns: fds, socks },
+    )))
 }
 
 impl Predecessor {
@@ -312,16 +344,32 @@ fn serve_one(
     }
     let hello = read_line(&stream, &mut Vec::new(), Instant::now() + STEP, Some(stop))
         .map_err(io_err("read the greeting"))?;
-    if hello != format!("{HELLO} {device}") {
+    let v1 = hello == format!("{HELLO_V1} {device}");
+    if !v1 && hello != format!("{HELLO} {device}") {
         let _ = stream.write_all(b"refused unknown greeting or another device\n");
         return Err(HandoffError::Protocol(format!("greeting {hello:?}")));
     }
-    let Some(fds) = handover.fds() else {
+    let Some((mut tuns, mut socks)) = handover.fds() else {
         let _ = stream.write_all(b"refused no socket to hand over\n");
         return Ok(None);
     };
-    let msg = format!("fds {}\n", std::process::id());
-    send_with_fds(&stream, msg.as_bytes(), &fds).map_err(io_err("send the descriptors"))?;
+    let msg = if v1 {
+        // An older successor takes one queue and one socket; the other sockets close with
+        // us (what they hold then is lost), the other queues are detached now.
+        handover.keep_one_queue();
+        tuns.truncate(1);
+        socks.truncate(1);
+        format!("fds {}\n", std::process::id())
+    } else {
+        format!(
+            "fds {} {} {}\n",
+            std::process::id(),
+            tuns.len(),
+            socks.len()
+        )
+    };
+    tuns.extend(socks);
+    send_with_fds(&stream, msg.as_bytes(), &tuns).map_err(io_err("send the descriptors"))?;
     let line = read_line(
         &stream,
         &mut Vec::new(),
@@ -394,7 +442,7 @@ mod tests {
         );
         assert_eq!(
             t.join().expect("thread"),
-            "flannel-rs-handoff 1 flannel.1\n"
+            "flannel-rs-handoff 2 flannel.1\n"
         );
 
         std::fs::remove_file(&path).expect("rm");
@@ -408,6 +456,69 @@ mod tests {
         let r = connect(&path, "flannel.1");
         assert!(matches!(&r, Err(HandoffError::Protocol(_))), "{r:?}");
         t.join().expect("thread");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A fake predecessor answering each of `replies` on its own connection, with `fds`
+    /// descriptors (of /dev/null) attached; returns the greetings it read.
+    fn fake_with_fds(path: &Path, replies: Vec<(&'static str, usize)>) -> JoinHandle<Vec<String>> {
+        let l = UnixListener::bind(path).expect("bind");
+        std::thread::spawn(move || {
+            let mut greetings = Vec::new();
+            for (reply, n) in replies {
+                let (mut s, _) = l.accept().expect("accept");
+                let mut buf = [0u8; 64];
+                let got = s.read(&mut buf).expect("read");
+                greetings.push(String::from_utf8_lossy(&buf[..got]).into_owned());
+                let files: Vec<std::fs::File> = (0..n)
+                    .map(|_| std::fs::File::open("/dev/null").expect("/dev/null"))
+                    .collect();
+                let fds: Vec<_> = files.iter().map(std::os::fd::AsFd::as_fd).collect();
+                send_with_fds(&s, reply.as_bytes(), &fds).expect("reply");
+            }
+            greetings
+        })
+    }
+
+    #[test]
+    fn queues_and_sockets_are_split_as_counted() {
+        let dir = temp_dir("queues");
+        let path = socket_path(&dir, "flannel.1");
+        let t = fake_with_fds(&path, vec![("fds 42 2 3\n", 5)]);
+        let (pred, inh) = connect(&path, "flannel.1").expect("connect").expect("some");
+        assert_eq!((pred.pid(), inh.tuns.len(), inh.socks.len()), (42, 2, 3));
+        t.join().expect("thread");
+
+        std::fs::remove_file(&path).expect("rm");
+        let t = fake_with_fds(&path, vec![("fds 42 2 3\n", 4)]);
+        let r = connect(&path, "flannel.1");
+        assert!(matches!(&r, Err(HandoffError::Protocol(_))), "{r:?}");
+        t.join().expect("thread");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A predecessor from before multi-queue refuses the version-2 greeting; the successor
+    /// asks again as version 1 and gets one queue and one socket.
+    #[test]
+    fn an_older_predecessor_is_asked_again_as_version_1() {
+        let dir = temp_dir("v1");
+        let path = socket_path(&dir, "flannel.1");
+        let t = fake_with_fds(
+            &path,
+            vec![
+                ("refused unknown greeting or another device\n", 0),
+                ("fds 42\n", 2),
+            ],
+        );
+        let (pred, inh) = connect(&path, "flannel.1").expect("connect").expect("some");
+        assert_eq!((pred.pid(), inh.tuns.len(), inh.socks.len()), (42, 1, 1));
+        assert_eq!(
+            t.join().expect("thread"),
+            [
+                "flannel-rs-handoff 2 flannel.1\n",
+                "flannel-rs-handoff 1 flannel.1\n"
+            ]
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

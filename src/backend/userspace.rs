@@ -1,4 +1,5 @@
-//! The userspace VXLAN data plane: a TUN device and a UDP socket, one thread per direction.
+//! The userspace VXLAN data plane: a TUN device and a UDP socket, one thread per direction,
+//! for each of N queues (a multi-queue TUN device and a `SO_REUSEPORT` socket group).
 //!
 //! Control flow: the daemon builds a [`PeerTable`] from the current peers and swaps it in
 //! atomically ([`UserspaceVxlan::sync`]); the packet threads load it per packet and never
@@ -22,8 +23,8 @@ use crate::dataplane::offload::{
 };
 use crate::dataplane::ports::{DatagramPort, TunPort};
 use crate::dataplane::{
-    decap, encap, Counters, DecapVerdict, DropReason, EncapVerdict, IcmpLimiter, LocalVtep,
-    PeerTable, RemoteVtep, VXLAN_HEADROOM,
+    decap, encap, flow_hash, Counters, DecapVerdict, DropReason, EncapVerdict, IcmpLimiter,
+    LocalVtep, PeerTable, RemoteVtep, VXLAN_HEADROOM,
 };
 use crate::io::tun::{Tun, TunOffload, VNET_HDR_LEN};
 use crate::io::udp::VxlanSocket;
@@ -39,6 +40,12 @@ const MAX_GSO_BYTES: usize = 65_000;
 const MAX_GSO_SEGMENTS: usize = 64;
 /// Messages per receive call (`recvmmsg`); each may hold a UDP GRO batch.
 const RX_SLOTS: usize = 64;
+/// Most queues (TUN queues, sockets, and TX + RX thread pairs) one data plane runs.
+pub const MAX_QUEUES: usize = 8;
+/// Send sockets (source ports) per queue when there are several queues: flows are spread
+/// over `SENDERS_PER_QUEUE * queues` source ports, so that a receiver's `SO_REUSEPORT`
+/// group, which hashes the 4-tuple, spreads them over its sockets.
+const SENDERS_PER_QUEUE: usize = 4;
 /// Bytes per receive slot: the largest UDP payload (UDP GRO batches stay below 64 KiB too),
 /// plus an odd amount so that slot starts do not all fall into the same cache sets.
 const RX_SLOT: usize = 65_536 + 320;
@@ -66,16 +73,39 @@ pub struct UserspaceConfig {
     /// GSO super-packet that crossed a link with GSO on) is written as TSO with segments
     /// that fit it.
     pub mtu: usize,
+    /// Queues: 1 is a single-queue TUN device and one socket; N > 1 a multi-queue device
+    /// with N queues, N `SO_REUSEPORT` sockets on the VXLAN port, a TX and an RX thread per
+    /// queue, and per-flow outer source ports (capped at [`MAX_QUEUES`]).
+    pub queues: usize,
+}
+
+/// The default number of queues: one per CPU the process may run on, at most
+/// [`MAX_QUEUES`].
+pub fn default_queues() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_QUEUES)
 }
 
 /// Descriptors of a running data plane handed over by the previous flanneld
-/// ([`crate::backend::handoff`]): its TUN device and its UDP socket.
+/// ([`crate::backend::handoff`]): its TUN queues and its UDP sockets.
 #[derive(Debug)]
 pub struct Inherited {
-    /// The TUN descriptor (the same open file the predecessor reads).
-    pub tun: std::os::fd::OwnedFd,
-    /// The UDP socket (the same socket, with its receive queue).
-    pub sock: std::os::fd::OwnedFd,
+    /// The TUN queue descriptors (the same open files the predecessor reads); at least one.
+    pub tuns: Vec<std::os::fd::OwnedFd>,
+    /// The UDP sockets (the same sockets, with their receive queues).
+    pub socks: Vec<std::os::fd::OwnedFd>,
+}
+
+/// The descriptors of a data plane.
+#[derive(Debug)]
+struct Io {
+    tuns: Vec<Arc<Tun>>,
+    /// Bound to the VXLAN port: they receive (and send, with one queue).
+    socks: Vec<VxlanSocket>,
+    /// With several queues: sockets on ephemeral ports the TX threads send from, picked
+    /// per inner flow. Not handed over (a successor binds its own).
+    senders: Vec<Arc<VxlanSocket>>,
 }
 
 /// A userspace data plane: the device and socket, and once [`UserspaceVxlan::serve`] ran,
@@ -90,8 +120,11 @@ pub struct UserspaceVxlan {
     /// Packet threads still running (a handover waits for 0).
     live: Arc<AtomicUsize>,
     threads: Vec<JoinHandle<()>>,
-    /// The device and socket; None once handed over and closed.
-    io: Option<(Arc<Tun>, VxlanSocket)>,
+    /// Packets read per TUN queue (TX threads) and per socket (RX threads).
+    queue_stats: Arc<QueueStats>,
+    /// The device queues and sockets (boxed: the daemon's plane enum holds this struct);
+    /// None once handed over and closed.
+    io: Option<Box<Io>>,
     local: Arc<LocalVtep>,
     port: u16,
     tso: bool,
@@ -114,28 +147,32 @@ impl UserspaceVxlan {
             tso: cfg.tso,
         };
         let addr = SocketAddr::new(cfg.bind, cfg.port);
-        let (tun, sock) = match inherited {
-            Some(inh) => {
-                let tun = Tun::adopt(inh.tun, &cfg.device, offload)?;
-                let sock = match VxlanSocket::adopt(inh.sock, addr, POLL) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(error = %e, "not using the handed-over socket; binding a new one");
-                        VxlanSocket::bind(addr, POLL)?
-                    }
-                };
-                (tun, sock)
-            }
+        let n = cfg.queues.clamp(1, MAX_QUEUES);
+        let (tuns, socks) = match inherited {
+            Some(inh) => adopt(cfg, inh, offload, addr, n)?,
             None => (
-                Tun::open(&cfg.device, offload)?,
-                VxlanSocket::bind(addr, POLL)?,
+                Tun::open_queues(&cfg.device, offload, n)?,
+                VxlanSocket::bind_group(addr, POLL, n)?,
             ),
         };
-        tun.set_persist(true)?;
+        let senders = match tuns.len().max(socks.len()) {
+            1 => Vec::new(),
+            q => (0..q * SENDERS_PER_QUEUE)
+                .map(|_| VxlanSocket::bind_sender(cfg.bind).map(Arc::new))
+                .collect::<io::Result<_>>()?,
+        };
+        if let Some(first) = tuns.first() {
+            first.set_persist(true)?;
+        }
         if cfg.tso {
-            let gro = sock.enable_gro();
+            let gro = socks.iter().all(|s| s.enable_gro());
             debug!(gro, "UDP receive offload");
         }
+        debug!(
+            tun_queues = tuns.len(),
+            sockets = socks.len(),
+            "userspace data plane queues"
+        );
         Ok(UserspaceVxlan {
             table: Arc::new(ArcSwap::from_pointee(PeerTable::new(Vec::new()))),
             counters: Arc::new(Counters::new()),
@@ -143,7 +180,12 @@ impl UserspaceVxlan {
             stop: Arc::new(AtomicBool::new(false)),
             live: Arc::new(AtomicUsize::new(0)),
             threads: Vec::new(),
-            io: Some((Arc::new(tun), sock)),
+            queue_stats: Arc::new(QueueStats::new(tuns.len(), socks.len())),
+            io: Some(Box::new(Io {
+                tuns: tuns.into_iter().map(Arc::new).collect(),
+                socks,
+                senders,
+            })),
             local: Arc::new(cfg.local),
             port: cfg.port,
             tso: cfg.tso,
@@ -156,7 +198,7 @@ impl UserspaceVxlan {
     /// [`UserspaceVxlan::sync`]: a predecessor keeps forwarding until then, and packets read
     /// with an empty table would be answered "unreachable".
     pub fn serve(&mut self) -> io::Result<()> {
-        let Some((tun, sock)) = &self.io else {
+        let Some(io) = &self.io else {
             return Ok(());
         };
         if !self.threads.is_empty() {
@@ -172,8 +214,18 @@ impl UserspaceVxlan {
             port: self.port,
             coalesce: self.tso,
             mtu: self.mtu,
+            queue_stats: self.queue_stats.clone(),
         };
-        let queues = vec![(tun.clone(), Arc::new(sock.try_clone()?))];
+        let socks = io
+            .socks
+            .iter()
+            .map(|s| s.try_clone().map(Arc::new))
+            .collect::<io::Result<Vec<_>>>()?;
+        let queues = Queues {
+            tuns: io.tuns.clone(),
+            socks,
+            senders: io.senders.clone(),
+        };
         spawn_loops(&shared, queues, &mut self.threads)?;
         Ok(())
     }
@@ -186,13 +238,25 @@ impl UserspaceVxlan {
     /// What a handover needs: the descriptors to pass on and a way to stop reading them.
     /// None once closed.
     pub fn handover(&self) -> Option<Handover> {
-        let (tun, sock) = self.io.as_ref()?;
+        let io = self.io.as_ref()?;
         Some(Handover {
-            tun: tun.clone(),
-            sock: sock.try_clone().ok(),
+            tuns: io.tuns.clone(),
+            socks: io.socks.iter().filter_map(|s| s.try_clone().ok()).collect(),
             stop: self.stop.clone(),
             live: self.live.clone(),
         })
+    }
+
+    /// The number of TUN queues and of sockets bound to the VXLAN port (0 once closed).
+    pub fn queues(&self) -> (usize, usize) {
+        self.io
+            .as_ref()
+            .map_or((0, 0), |io| (io.tuns.len(), io.socks.len()))
+    }
+
+    /// What each packet thread read.
+    pub fn queue_stats(&self) -> &Arc<QueueStats> {
+        &self.queue_stats
     }
 
     /// After a handover: stops the threads (already stopped) and closes our descriptors, so
@@ -254,16 +318,40 @@ impl Drop for UserspaceVxlan {
 /// thread that talks to it.
 #[derive(Debug)]
 pub struct Handover {
-    tun: Arc<Tun>,
-    sock: Option<VxlanSocket>,
+    tuns: Vec<Arc<Tun>>,
+    socks: Vec<VxlanSocket>,
     stop: Arc<AtomicBool>,
     live: Arc<AtomicUsize>,
 }
 
 impl Handover {
-    /// The TUN and socket descriptors, in the order [`Inherited`] expects.
-    pub fn fds(&self) -> Option<[std::os::fd::BorrowedFd<'_>; 2]> {
-        Some([self.tun.as_fd(), self.sock.as_ref()?.as_fd()])
+    /// The TUN queue descriptors and the socket descriptors, in the order [`Inherited`]
+    /// holds them; None without a socket.
+    #[allow(clippy::type_complexity)]
+    pub fn fds(
+        &self,
+    ) -> Option<(
+        Vec<std::os::fd::BorrowedFd<'_>>,
+        Vec<std::os::fd::BorrowedFd<'_>>,
+    )> {
+        if self.socks.is_empty() || self.tuns.is_empty() {
+            return None;
+        }
+        Some((
+            self.tuns.iter().map(|t| t.as_fd()).collect(),
+            self.socks.iter().map(|s| s.as_fd()).collect(),
+        ))
+    }
+
+    /// Detaches every TUN queue but the first, for a successor that takes only one (handover
+    /// protocol version 1): their flows move to the first queue now rather than being lost
+    /// until our descriptors close.
+    pub fn keep_one_queue(&self) {
+        for t in self.tuns.iter().skip(1) {
+            if let Err(e) = t.detach_queue() {
+                warn!(error = %e, "could not detach a TUN queue");
+            }
+        }
     }
 
     /// Stops reading: every packet thread finishes the packet (or batch) it holds and
@@ -355,39 +443,159 @@ struct Shared {
     coalesce: bool,
     /// The TUN MTU (see [`UserspaceConfig::mtu`]).
     mtu: usize,
+    queue_stats: Arc<QueueStats>,
 }
 
-/// Starts a TX and an RX thread for every `(TUN queue, socket)` pair, appending them to
+/// What each packet thread read: packets per TUN queue (TX threads) and messages (a
+/// datagram or a UDP GRO batch) per socket (RX threads).
+#[derive(Debug)]
+pub struct QueueStats {
+    tx: Vec<AtomicU64>,
+    rx: Vec<AtomicU64>,
+}
+
+impl QueueStats {
+    /// Zeroed counters for `tuns` TX and `socks` RX threads.
+    pub fn new(tuns: usize, socks: usize) -> QueueStats {
+        QueueStats {
+            tx: (0..tuns).map(|_| AtomicU64::new(0)).collect(),
+            rx: (0..socks).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn count(list: &[AtomicU64], queue: usize, n: usize) {
+        if let Some(c) = list.get(queue) {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// `(TX reads, RX reads)` per queue index.
+    pub fn snapshot(&self) -> Vec<(u64, u64)> {
+        let get = |l: &[AtomicU64], i: usize| l.get(i).map_or(0, |c| c.load(Ordering::Relaxed));
+        (0..self.tx.len().max(self.rx.len()))
+            .map(|i| (get(&self.tx, i), get(&self.rx, i)))
+            .collect()
+    }
+}
+
+/// Adopts the handed-over descriptors and brings them to `n` queues: extra TUN queues are
+/// detached (the kernel moves their flows to the others at once) and closed; missing ones
+/// are attached to the multi-queue device and bound into the `SO_REUSEPORT` group. Every
+/// handed-over socket is kept: one closed here stays in the group, receiving, until the
+/// predecessor closes its copy too. A device
+/// created single-queue (or sockets bound without `SO_REUSEPORT`, by a version before
+/// multi-queue) cannot grow: then fewer are served, with a warning; the next start without
+/// a handover recreates the device.
+fn adopt(
+    cfg: &UserspaceConfig,
+    inh: Inherited,
+    offload: TunOffload,
+    addr: SocketAddr,
+    n: usize,
+) -> io::Result<(Vec<Tun>, Vec<VxlanSocket>)> {
+    let mut tuns = inh
+        .tuns
+        .into_iter()
+        .map(|fd| Tun::adopt(fd, &cfg.device, offload))
+        .collect::<io::Result<Vec<_>>>()?;
+    let Some(first) = tuns.first() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "no TUN descriptor handed over",
+        ));
+    };
+    let multi_queue = first.multi_queue();
+    let mut socks = Vec::new();
+    for fd in inh.socks {
+        match VxlanSocket::adopt(fd, addr, POLL) {
+            Ok(s) => socks.push(s),
+            Err(e) => warn!(error = %e, "not using a handed-over socket"),
+        }
+    }
+    if socks.is_empty() {
+        warn!("no usable handed-over socket; binding new ones");
+        socks = VxlanSocket::bind_group(addr, POLL, n)?;
+    }
+    for extra in tuns.drain(n.min(tuns.len())..) {
+        if let Err(e) = extra.detach_queue() {
+            warn!(error = %e, "could not detach a handed-over TUN queue");
+        }
+    }
+    while tuns.len() < n {
+        match tuns[0].attach_queue() {
+            Ok(t) => tuns.push(t),
+            Err(e) => {
+                warn!(error = %e, multi_queue, want = n, serving = tuns.len(),
+                    "cannot attach more queues to the handed-over TUN device; serving fewer (a start without a handover recreates it multi-queue)");
+                break;
+            }
+        }
+    }
+    while socks.len() < tuns.len() {
+        match VxlanSocket::join_group(addr, POLL) {
+            Ok(s) => socks.push(s),
+            Err(e) => {
+                warn!(error = %e, want = tuns.len(), serving = socks.len(),
+                    "cannot add sockets beside the handed-over ones (bound without SO_REUSEPORT?); receiving on fewer");
+                break;
+            }
+        }
+    }
+    Ok((tuns, socks))
+}
+
+/// The descriptors the packet threads serve: TX thread `i` reads `tuns[i]`, RX thread `j`
+/// receives on `socks[j]`; each writes/sends on a queue of the other kind picked by index.
+struct Queues<T, S> {
+    tuns: Vec<Arc<T>>,
+    socks: Vec<Arc<S>>,
+    /// Per-flow send sockets (empty: TX thread `i` sends on `socks[i % socks.len()]`).
+    senders: Vec<Arc<S>>,
+}
+
+/// Starts a TX thread per TUN queue and an RX thread per socket, appending them to
 /// `threads`; each counts itself in `shared.live` while it runs.
 fn spawn_loops<T: TunPort + 'static, S: DatagramPort + 'static>(
     shared: &Shared,
-    queues: Vec<(Arc<T>, Arc<S>)>,
+    queues: Queues<T, S>,
     threads: &mut Vec<JoinHandle<()>>,
 ) -> io::Result<()> {
-    for (q, (tun, sock)) in queues.into_iter().enumerate() {
-        for (name, run) in [
-            ("tx", Worker::run_tx as fn(&Worker<T, S>)),
-            ("rx", Worker::run_rx as fn(&Worker<T, S>)),
-        ] {
-            let w = Worker {
-                shared: shared.clone(),
-                tun: tun.clone(),
-                sock: sock.clone(),
-            };
-            let live = shared.live.clone();
-            live.fetch_add(1, Ordering::SeqCst);
-            let spawned = std::thread::Builder::new()
-                .name(format!("vxlan-{name}{q}"))
-                .spawn(move || {
-                    w.guarded(name, run);
-                    live.fetch_sub(1, Ordering::SeqCst);
-                });
-            match spawned {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    shared.live.fetch_sub(1, Ordering::SeqCst);
-                    return Err(e);
-                }
+    let Queues {
+        tuns,
+        socks,
+        senders,
+    } = queues;
+    if tuns.is_empty() || socks.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no TUN queue or no socket",
+        ));
+    }
+    let senders: Arc<[Arc<S>]> = senders.into();
+    let plan = (0..tuns.len())
+        .map(|i| ("tx", i, Worker::run_tx as fn(&Worker<T, S>)))
+        .chain((0..socks.len()).map(|j| ("rx", j, Worker::run_rx as fn(&Worker<T, S>))));
+    for (name, q, run) in plan {
+        let w = Worker {
+            shared: shared.clone(),
+            tun: tuns[q % tuns.len()].clone(),
+            sock: socks[q % socks.len()].clone(),
+            senders: senders.clone(),
+            queue: q,
+        };
+        let live = shared.live.clone();
+        live.fetch_add(1, Ordering::SeqCst);
+        let spawned = std::thread::Builder::new()
+            .name(format!("vxlan-{name}{q}"))
+            .spawn(move || {
+                w.guarded(name, run);
+                live.fetch_sub(1, Ordering::SeqCst);
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                shared.live.fetch_sub(1, Ordering::SeqCst);
+                return Err(e);
             }
         }
     }
@@ -399,6 +607,10 @@ struct Worker<T, S> {
     shared: Shared,
     tun: Arc<T>,
     sock: Arc<S>,
+    /// Per-flow send sockets; empty: send on `sock`.
+    senders: Arc<[Arc<S>]>,
+    /// This thread's index among the TX (or RX) threads.
+    queue: usize,
 }
 
 impl<T, S> std::ops::Deref for Worker<T, S> {
@@ -441,6 +653,11 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
             let n = match self.tun.recv(&mut buf[off..], POLL) {
                 Ok(Some(n)) => n,
                 Ok(None) => continue,
+                // A successor detached this queue (it serves fewer): nothing to read here.
+                Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
+                    std::thread::sleep(POLL);
+                    continue;
+                }
                 Err(e) => {
                     warn!(error = %e, "TUN read failed");
                     std::thread::sleep(POLL);
@@ -448,6 +665,7 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
                 }
             };
             let end = off + n;
+            QueueStats::count(&self.queue_stats.tx, self.queue, 1);
             let now = epoch.elapsed();
             let hdr = match VirtioNetHdr::parse(buf.get(off..end).unwrap_or_default()) {
                 Ok(h) => h,
@@ -503,13 +721,11 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
         table: &PeerTable,
         icmp: (&mut IcmpLimiter, Duration),
     ) {
+        let sock = self.sender(buf.get(packet.clone()).unwrap_or_default());
         match encap(buf, packet, table, &self.local, icmp.0, icmp.1) {
             EncapVerdict::Transmit { dst, frame } => {
                 let len = frame.len();
-                match self
-                    .sock
-                    .send_to(&buf[frame], SocketAddr::new(dst, self.port))
-                {
+                match sock.send_to(&buf[frame], SocketAddr::new(dst, self.port)) {
                     Ok(()) => self.counters.count_tx(len),
                     Err(_) => self.io_errors.count_send_failure(),
                 }
@@ -531,6 +747,11 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
     ) {
         let (limiter, now) = icmp;
         let stride = segs.stride();
+        let first = segs
+            .packet(0)
+            .and_then(|p| arena.get(p))
+            .unwrap_or_default();
+        let sock = self.sender(first);
         let mut dst = None;
         let mut frames = 0usize;
         for (i, p) in segs.iter().enumerate() {
@@ -559,7 +780,7 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
             let stop = (start + per_send * stride).min(frames);
             let chunk = &arena[start..stop];
             let sent = if *gso_ok && chunk.len() > stride {
-                match self.sock.send_gso(chunk, stride as u16, to) {
+                match sock.send_gso(chunk, stride as u16, to) {
                     Ok(()) => true,
                     Err(e)
                         if matches!(
@@ -585,13 +806,22 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
                 }
             } else {
                 for seg in chunk.chunks(stride) {
-                    match self.sock.send_to(seg, to) {
+                    match sock.send_to(seg, to) {
                         Ok(()) => self.counters.count_tx(seg.len()),
                         Err(_) => self.io_errors.count_send_failure(),
                     }
                 }
             }
             start = stop;
+        }
+    }
+
+    /// The socket to send an inner `packet` from: with several queues, one of the per-flow
+    /// senders (so every packet of a flow leaves from the same source port).
+    fn sender(&self, packet: &[u8]) -> &S {
+        match self.senders.len() {
+            0 => &self.sock,
+            n => &self.senders[flow_hash(packet) as usize % n],
         }
     }
 
@@ -616,6 +846,7 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
             if msgs.is_empty() {
                 continue;
             }
+            QueueStats::count(&self.queue_stats.rx, self.queue, msgs.len());
             let table = self.table.load();
             packets.clear();
             for m in &msgs {

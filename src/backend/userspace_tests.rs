@@ -90,12 +90,14 @@ struct Message {
     segment: usize,
 }
 
-/// The underlay: a queue of messages per destination address. Datagrams whose sequence
+/// The underlay: a queue of messages per socket bound to a destination address; several
+/// sockets on one address form a reuseport group that the sender's port picks from, as the
+/// kernel's 4-tuple hash does. Datagrams whose sequence
 /// number (counted over every datagram sent) is in `lose` vanish, as on a lossy link. A GSO
 /// send that loses nothing arrives as one GRO message, as a receiver with `UDP_GRO` sees it.
 #[derive(Default)]
 struct FakeNet {
-    queues: Mutex<HashMap<IpAddr, VecDeque<Message>>>,
+    queues: Mutex<HashMap<IpAddr, Vec<VecDeque<Message>>>>,
     arrived: Condvar,
     lose: Mutex<HashSet<usize>>,
     sent: AtomicUsize,
@@ -103,8 +105,11 @@ struct FakeNet {
 
 impl FakeNet {
     fn deliver(&self, dst: SocketAddr, m: Message) {
-        if let Some(q) = self.queues.lock().unwrap().get_mut(&dst.ip()) {
-            q.push_back(m);
+        if let Some(group) = self.queues.lock().unwrap().get_mut(&dst.ip()) {
+            let n = group.len();
+            if let Some(q) = group.get_mut(usize::from(m.src.port()) % n.max(1)) {
+                q.push_back(m);
+            }
         }
         self.arrived.notify_all();
     }
@@ -116,21 +121,33 @@ impl FakeNet {
     }
 }
 
-/// A socket bound to `addr` on the fake network.
+/// A socket bound to `addr` on the fake network: receiving slot `slot` of its address's
+/// group, or (`slot` None) a send-only socket.
 struct FakeSocket {
     addr: SocketAddr,
     net: Arc<FakeNet>,
+    slot: Option<usize>,
 }
 
 impl FakeSocket {
+    /// Binds one more receiving socket into the group at `addr`.
     fn bind(net: &Arc<FakeNet>, addr: SocketAddr) -> FakeSocket {
-        net.queues
-            .lock()
-            .unwrap()
-            .insert(addr.ip(), VecDeque::new());
+        let mut queues = net.queues.lock().unwrap();
+        let group = queues.entry(addr.ip()).or_default();
+        group.push(VecDeque::new());
         FakeSocket {
             addr,
             net: net.clone(),
+            slot: Some(group.len() - 1),
+        }
+    }
+
+    /// A socket that only sends, from `addr`.
+    fn sender(net: &Arc<FakeNet>, addr: SocketAddr) -> FakeSocket {
+        FakeSocket {
+            addr,
+            net: net.clone(),
+            slot: None,
         }
     }
 }
@@ -178,11 +195,22 @@ impl DatagramPort for FakeSocket {
         out: &mut Vec<Received>,
     ) -> io::Result<()> {
         out.clear();
+        let Some(slot) = self.slot else {
+            return Ok(());
+        };
         let mut queues = self.net.queues.lock().unwrap();
-        if queues.get(&self.addr.ip()).is_some_and(VecDeque::is_empty) {
+        let empty = |q: &HashMap<IpAddr, Vec<VecDeque<Message>>>| {
+            q.get(&self.addr.ip())
+                .and_then(|g| g.get(slot))
+                .is_some_and(VecDeque::is_empty)
+        };
+        if empty(&queues) {
             queues = self.net.arrived.wait_timeout(queues, FAKE_WAIT).unwrap().0;
         }
-        let Some(q) = queues.get_mut(&self.addr.ip()) else {
+        let Some(q) = queues
+            .get_mut(&self.addr.ip())
+            .and_then(|g| g.get_mut(slot))
+        else {
             return Ok(());
         };
         let slots = buf.len() / slot_len.max(1);
@@ -212,9 +240,11 @@ fn vtep_mac(node: u8) -> MacAddr {
     MacAddr([0x0e, 0, 0, 0, 0, node])
 }
 
-/// A node running the real packet loops over a fake TUN and a fake socket.
+/// A node running the real packet loops over fake TUN queues and fake sockets.
 struct Node {
+    /// The first TUN queue (the only one of a single-queue node).
     tun: Arc<FakeTun>,
+    tuns: Vec<Arc<FakeTun>>,
     shared: Shared,
     threads: Vec<JoinHandle<()>>,
 }
@@ -222,6 +252,12 @@ struct Node {
 impl Node {
     /// Node `me` (pod subnet 10.244.<me>.0/24, underlay 198.18.0.<me>) with one peer.
     fn start(net: &Arc<FakeNet>, me: u8, peer: u8, coalesce: bool) -> Node {
+        Node::start_queues(net, me, peer, coalesce, 1)
+    }
+
+    /// The same with `n` TUN queues, `n` sockets in a reuseport group and, above one queue,
+    /// per-flow send sockets, as [`UserspaceVxlan::start`] lays them out.
+    fn start_queues(net: &Arc<FakeNet>, me: u8, peer: u8, coalesce: bool, n: usize) -> Node {
         let local = LocalVtep {
             vni: 1,
             mac: vtep_mac(me),
@@ -248,13 +284,31 @@ impl Node {
             port: PORT,
             coalesce,
             mtu: 1450,
+            queue_stats: Arc::new(QueueStats::new(n, n)),
         };
-        let tun = Arc::new(FakeTun::default());
-        let sock = Arc::new(FakeSocket::bind(net, public(me)));
+        let tuns: Vec<Arc<FakeTun>> = (0..n).map(|_| Arc::new(FakeTun::default())).collect();
+        let socks = (0..n)
+            .map(|_| Arc::new(FakeSocket::bind(net, public(me))))
+            .collect();
+        let senders = match n {
+            1 => Vec::new(),
+            _ => (0..n * SENDERS_PER_QUEUE)
+                .map(|k| {
+                    let from = SocketAddr::new(public(me).ip(), 40_000 + k as u16);
+                    Arc::new(FakeSocket::sender(net, from))
+                })
+                .collect(),
+        };
         let mut threads = Vec::new();
-        spawn_loops(&shared, vec![(tun.clone(), sock)], &mut threads).unwrap();
+        let queues = Queues {
+            tuns: tuns.clone(),
+            socks,
+            senders,
+        };
+        spawn_loops(&shared, queues, &mut threads).unwrap();
         Node {
-            tun,
+            tun: tuns[0].clone(),
+            tuns,
             shared,
             threads,
         }
@@ -407,9 +461,9 @@ fn core_drops_are_counted_and_unreachable_is_answered_on_tun() {
     frame.extend_from_slice(&vtep_mac(1).0);
     frame.extend_from_slice(&[0x08, 0x00]);
     frame.extend_from_slice(&udp_packet(Ipv4Addr::new(10, 244, 2, 7), 1));
-    let from_a = FakeSocket::bind(&net, public(1));
+    let from_a = FakeSocket::sender(&net, public(1));
     from_a.send_to(&frame, public(2)).unwrap();
-    let stranger = FakeSocket::bind(&net, "203.0.113.9:8472".parse().unwrap());
+    let stranger = FakeSocket::sender(&net, "203.0.113.9:8472".parse().unwrap());
     frame[4..7].copy_from_slice(&[0, 0, 1]);
     stranger.send_to(&frame, public(2)).unwrap();
     wait_until(|| b.shared.counters.snapshot().total_drops() >= 2);
@@ -437,4 +491,84 @@ fn shutdown_stops_every_loop_promptly_and_reads_no_more() {
         "a stopped loop read a packet"
     );
     assert_eq!(net.sent.load(Ordering::SeqCst), 0);
+}
+
+/// A small UDP packet of flow `flow` (source port 4000 + flow) from pod 10.244.1.5 to pod
+/// 10.244.2.7, its payload tagged with `i`.
+fn flow_packet(flow: u16, i: u8) -> Vec<u8> {
+    let mut p = udp_packet(Ipv4Addr::new(10, 244, 2, 7), i);
+    p[20..22].copy_from_slice(&(4000 + flow).to_be_bytes());
+    p
+}
+
+#[test]
+fn several_queues_carry_parallel_flows_each_in_order() {
+    const QUEUES: usize = 2;
+    const FLOWS: u16 = 16;
+    const PER_FLOW: u8 = 20;
+    let net = Arc::new(FakeNet::default());
+    let a = Node::start_queues(&net, 1, 2, true, QUEUES);
+    let b = Node::start_queues(&net, 2, 1, true, QUEUES);
+    // The kernel puts a flow on one TUN queue (here: flow number modulo the queues).
+    for i in 0..PER_FLOW {
+        for f in 0..FLOWS {
+            a.tuns[usize::from(f) % QUEUES].inject(&plain(), &flow_packet(f, i));
+        }
+    }
+    let total = usize::from(FLOWS) * usize::from(PER_FLOW);
+    wait_until(|| b.shared.counters.snapshot().rx_packets >= total as u64);
+    assert_eq!(a.shared.counters.snapshot().tx_packets, total as u64);
+    assert_eq!(b.shared.counters.snapshot().rx_packets, total as u64);
+    // Every flow arrived whole and in order on one of B's queues.
+    let mut seen = HashMap::new();
+    for (q, tun) in b.tuns.iter().enumerate() {
+        for w in tun.written.lock().unwrap().iter() {
+            let p = &w[VNET_HDR_LEN..];
+            let flow = u16::from_be_bytes([p[20], p[21]]) - 4000;
+            let (queue, tags) = seen.entry(flow).or_insert((q, Vec::new()));
+            assert_eq!(*queue, q, "flow {flow} arrived on two queues");
+            tags.push(p[28]);
+        }
+    }
+    assert_eq!(seen.len(), usize::from(FLOWS));
+    for (flow, (_, tags)) in &seen {
+        assert_eq!(*tags, (0..PER_FLOW).collect::<Vec<_>>(), "flow {flow}");
+    }
+    // Both TX threads of A and both RX threads of B carried traffic.
+    let (qa, qb) = (
+        a.shared.queue_stats.snapshot(),
+        b.shared.queue_stats.snapshot(),
+    );
+    assert_eq!(qa.len(), QUEUES);
+    assert!(qa.iter().all(|(tx, _)| *tx > 0), "{qa:?}");
+    assert!(qb.iter().all(|(_, rx)| *rx > 0), "{qb:?}");
+    assert_eq!(qa.iter().map(|q| q.0).sum::<u64>(), total as u64);
+    a.stop();
+    b.stop();
+}
+
+#[test]
+fn one_queue_sends_from_the_vxlan_port() {
+    let net = Arc::new(FakeNet::default());
+    let a = Node::start(&net, 1, 2, true);
+    let b = Node::start_queues(&net, 2, 1, true, 2);
+    for f in 0..8 {
+        a.tun.inject(&plain(), &flow_packet(f, 0));
+    }
+    let got: usize = {
+        wait_until(|| b.shared.counters.snapshot().rx_packets >= 8);
+        b.tuns.iter().map(|t| t.written.lock().unwrap().len()).sum()
+    };
+    assert_eq!(got, 8);
+    // One 4-tuple (port 8472 to 8472): the receiver's group puts it all on one socket.
+    let rx: Vec<u64> = b
+        .shared
+        .queue_stats
+        .snapshot()
+        .iter()
+        .map(|q| q.1)
+        .collect();
+    assert_eq!(rx.iter().filter(|n| **n > 0).count(), 1, "{rx:?}");
+    a.stop();
+    b.stop();
 }

@@ -25,7 +25,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Metric, Registry};
 use tracing::debug;
 
-use crate::backend::userspace::IoErrors;
+use crate::backend::userspace::{IoErrors, QueueStats};
 use crate::dataplane::Counters;
 
 /// Where data-plane counters come from.
@@ -46,6 +46,8 @@ pub struct UserspaceCounters {
     pub counters: Arc<Counters>,
     /// IO failures of the packet threads.
     pub io_errors: Arc<IoErrors>,
+    /// Reads per queue.
+    pub queues: Arc<QueueStats>,
 }
 
 impl PlaneMetrics {
@@ -404,6 +406,30 @@ impl Collector for Scraped {
             "Packet loops restarted after a panic (a bug; should stay 0).",
             io(IoErrors::panics),
         )?;
+        let mut per_queue: Vec<(u64, u64)> = Vec::new();
+        for p in &planes {
+            for (i, (tx, rx)) in p.queues.snapshot().into_iter().enumerate() {
+                if per_queue.len() <= i {
+                    per_queue.push((0, 0));
+                }
+                per_queue[i].0 += tx;
+                per_queue[i].1 += rx;
+            }
+        }
+        let queue_reads: Vec<_> = per_queue
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (tx, rx))| {
+                [("tx", *tx), ("rx", *rx)]
+                    .map(|(dir, n)| ([("queue", i.to_string()), ("direction", dir.to_owned())], n))
+            })
+            .collect();
+        out.family(
+            "flannel_vxlan_queue_reads",
+            "Reads per packet thread: tx = packets read from TUN queue N, rx = messages (a datagram or a UDP GRO batch) received on socket N.",
+            MetricType::Counter,
+            &queue_reads,
+        )?;
         let drops: Vec<_> = s
             .drops_by_reason()
             .map(|(r, n)| ([("reason", r.as_str())], n))
@@ -437,6 +463,7 @@ mod tests {
             PlaneMetrics::Userspace(vec![UserspaceCounters {
                 counters,
                 io_errors: Arc::new(IoErrors::default()),
+                queues: Arc::new(QueueStats::new(1, 1)),
             }])
         };
         m.set_plane(
@@ -488,6 +515,7 @@ mod tests {
         m.set_plane(PlaneMetrics::Userspace(vec![UserspaceCounters {
             counters: Arc::new(Counters::new()),
             io_errors: Arc::new(IoErrors::default()),
+            queues: Arc::new(QueueStats::new(2, 2)),
         }]));
         let text = m.render();
         let types: Vec<(&str, &str)> = text
@@ -512,6 +540,7 @@ mod tests {
             ("flannel_vxlan_tun_write_failures_total", "counter"),
             ("flannel_vxlan_packet_loop_panics_total", "counter"),
             ("flannel_vxlan_drops_total", "counter"),
+            ("flannel_vxlan_queue_reads_total", "counter"),
         ];
         let mut have = types.clone();
         have.sort_unstable();

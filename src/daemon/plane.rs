@@ -142,6 +142,10 @@ impl Plane {
                     local: local_vtep(vx.vni, mac, network, subnet),
                     tso: true,
                     mtu: mtu as usize,
+                    queues: match flags.userspace_queues {
+                        0 => crate::backend::userspace::default_queues(),
+                        n => n as usize,
+                    },
                 };
                 let handed_over = inherited.is_some();
                 let dp = if handed_over {
@@ -158,7 +162,8 @@ impl Plane {
                 configure_tun(&nl, &device, mtu, network, subnet)
                     .await
                     .map_err(fail)?;
-                info!(%device, mtu, %mac, port = cfg.port, handed_over, "userspace VXLAN data plane ready");
+                let (tun_queues, sockets) = dp.queues();
+                info!(%device, mtu, %mac, port = cfg.port, handed_over, tun_queues, sockets, "userspace VXLAN data plane ready");
                 // DirectRouting and the host-gw fallback route on-link peers of this family the
                 // same way, via their public IP of this family (upstream's v6DirectRoute).
                 let direct_config = || HostGwConfig {
@@ -250,6 +255,7 @@ impl Plane {
             Plane::Userspace { dp, .. } => PlaneMetrics::Userspace(vec![UserspaceCounters {
                 counters: dp.counters().clone(),
                 io_errors: dp.io_errors().clone(),
+                queues: dp.queue_stats().clone(),
             }]),
             _ => PlaneMetrics::Kernel,
         }

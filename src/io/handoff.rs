@@ -5,10 +5,12 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-/// Most descriptors one message carries.
-pub const MAX_FDS: usize = 4;
-/// Control buffer: room for one `SCM_RIGHTS` header and [`MAX_FDS`] ints, 8-byte aligned.
-const CMSG_WORDS: usize = 8;
+/// Most descriptors one message carries (a TUN queue and a socket for each of up to 8
+/// queues).
+pub const MAX_FDS: usize = 16;
+/// Control buffer: room for one `SCM_RIGHTS` header (16 bytes) and [`MAX_FDS`] ints,
+/// 8-byte aligned, with a word to spare.
+const CMSG_WORDS: usize = 2 + MAX_FDS / 2 + 1;
 
 /// Sends `msg` with `fds` attached (one `sendmsg`). The receiver gets its own descriptors
 /// for the same open files.
@@ -33,8 +35,8 @@ pub fn send_with_fds(stream: &UnixStream, msg: &[u8], fds: &[BorrowedFd<'_>]) ->
         hdr.msg_control = cbuf.as_mut_ptr().cast();
         // SAFETY: CMSG_SPACE is a pure size computation.
         hdr.msg_controllen = unsafe { libc::CMSG_SPACE(payload) } as usize;
-        // SAFETY: msg_control points at `cbuf`, whose 64 bytes hold CMSG_SPACE(4 * 4) = 32
-        // bytes, so CMSG_FIRSTHDR returns a pointer inside it (never null).
+        // SAFETY: msg_control points at `cbuf`, whose 8 * CMSG_WORDS bytes hold
+        // CMSG_SPACE(4 * MAX_FDS) = 16 + 4 * MAX_FDS bytes, so CMSG_FIRSTHDR returns a pointer inside it (never null).
         let cmsg = unsafe { &mut *libc::CMSG_FIRSTHDR(&hdr) };
         cmsg.cmsg_level = libc::SOL_SOCKET;
         cmsg.cmsg_type = libc::SCM_RIGHTS;

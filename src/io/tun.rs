@@ -13,9 +13,12 @@ const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
 const IFF_TUN: libc::c_short = 0x0001;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO6: libc::c_uint = 0x04;
@@ -49,6 +52,8 @@ pub struct Tun {
     fd: OwnedFd,
     name: String,
     offload: TunOffload,
+    /// The device was created multi-queue (`IFF_MULTI_QUEUE`): more queues can attach.
+    multi_queue: bool,
 }
 
 #[repr(C)]
@@ -59,8 +64,55 @@ struct IfReqFlags {
 }
 
 impl Tun {
-    /// Creates (or attaches to) the TUN device `name` in the calling thread's namespace.
+    /// Creates (or attaches to) the single-queue TUN device `name` in the calling thread's
+    /// namespace.
     pub fn open(name: &str, offload: TunOffload) -> io::Result<Tun> {
+        Tun::open_queue(name, offload, false)
+    }
+
+    /// Opens `n` queues of the TUN device `name`: one descriptor of a single-queue device
+    /// when `n` is 1, else `n` queues of a multi-queue device (`IFF_MULTI_QUEUE`), between
+    /// which the kernel spreads what it routes to the device by flow hash. Attaching with
+    /// the other queue mode than the device was created with fails with `EINVAL`.
+    pub fn open_queues(name: &str, offload: TunOffload, n: usize) -> io::Result<Vec<Tun>> {
+        (0..n.max(1))
+            .map(|_| Tun::open_queue(name, offload, n > 1))
+            .collect()
+    }
+
+    /// Attaches one more queue to the multi-queue device this descriptor is attached to.
+    pub fn attach_queue(&self) -> io::Result<Tun> {
+        if !self.multi_queue {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("TUN device {} was created single-queue", self.name),
+            ));
+        }
+        Tun::open_queue(&self.name, self.offload, true)
+    }
+
+    /// Detaches this queue from its multi-queue device (`TUNSETQUEUE`): the kernel stops
+    /// putting packets in it at once, for every process holding the same open file (whose
+    /// reads then fail with `EBADFD`). Closing it would not, while another process holds it.
+    pub fn detach_queue(&self) -> io::Result<()> {
+        let mut req = IfReqFlags {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_DETACH_QUEUE,
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNSETQUEUE reads an ifreq-sized struct; `req` is one and outlives the call.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), TUNSETQUEUE, &mut req) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Whether the device is multi-queue (more queues can be attached).
+    pub fn multi_queue(&self) -> bool {
+        self.multi_queue
+    }
+
+    fn open_queue(name: &str, offload: TunOffload, multi_queue: bool) -> io::Result<Tun> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -88,6 +140,9 @@ impl Tun {
         if offload.vnet_hdr {
             req.flags |= IFF_VNET_HDR;
         }
+        if multi_queue {
+            req.flags |= IFF_MULTI_QUEUE;
+        }
         for (dst, src) in req.name.iter_mut().zip(name.bytes()) {
             *dst = src as libc::c_char;
         }
@@ -105,6 +160,7 @@ impl Tun {
             fd,
             name: actual,
             offload,
+            multi_queue,
         })
     }
 
@@ -142,6 +198,7 @@ impl Tun {
             fd,
             name: actual,
             offload,
+            multi_queue: req.flags & IFF_MULTI_QUEUE != 0,
         })
     }
 

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::Duration;
 
 /// Socket buffer size asked for (wireguard-go found ~7 MB removes drops under load).
@@ -24,7 +24,72 @@ pub struct VxlanSocket {
 impl VxlanSocket {
     /// Binds `addr` (the node's underlay address and the VXLAN port).
     pub fn bind(addr: SocketAddr, recv_timeout: Duration) -> io::Result<VxlanSocket> {
-        let sock = UdpSocket::bind(addr)?;
+        VxlanSocket::bind_with(addr, false, recv_timeout)
+    }
+
+    /// Binds `n` sockets to `addr`: one plain socket when `n` is 1, else a `SO_REUSEPORT`
+    /// group between which the kernel spreads received datagrams by their 4-tuple. A port
+    /// another socket holds fails with `EADDRINUSE` in both cases (checked first with a plain
+    /// bind, so that a group never joins a process that is not handing over to us).
+    pub fn bind_group(
+        addr: SocketAddr,
+        recv_timeout: Duration,
+        n: usize,
+    ) -> io::Result<Vec<VxlanSocket>> {
+        if n <= 1 {
+            return Ok(vec![VxlanSocket::bind(addr, recv_timeout)?]);
+        }
+        drop(VxlanSocket::bind_with(addr, false, recv_timeout)?);
+        (0..n)
+            .map(|_| VxlanSocket::bind_with(addr, true, recv_timeout))
+            .collect()
+    }
+
+    /// Binds one more socket into the `SO_REUSEPORT` group at `addr` (fails with
+    /// `EADDRINUSE` if the sockets there were bound without it).
+    pub fn join_group(addr: SocketAddr, recv_timeout: Duration) -> io::Result<VxlanSocket> {
+        VxlanSocket::bind_with(addr, true, recv_timeout)
+    }
+
+    /// Binds a socket to `ip` and an ephemeral port, for sending only: datagrams of
+    /// different flows leave from different source ports (as the kernel's vxlan driver
+    /// does), so the receiver's `SO_REUSEPORT` group spreads them over its sockets.
+    pub fn bind_sender(ip: std::net::IpAddr) -> io::Result<VxlanSocket> {
+        VxlanSocket::bind_with(SocketAddr::new(ip, 0), false, Duration::from_millis(200))
+    }
+
+    fn bind_with(
+        addr: SocketAddr,
+        reuseport: bool,
+        recv_timeout: Duration,
+    ) -> io::Result<VxlanSocket> {
+        let family = match addr {
+            SocketAddr::V4(_) => libc::AF_INET,
+            SocketAddr::V6(_) => libc::AF_INET6,
+        };
+        // SAFETY: plain socket(2) call; the result is checked.
+        let raw = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        if reuseport {
+            setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+        }
+        let (storage, len) = sockaddr_from(addr);
+        // SAFETY: `storage` holds a socket address of `len` bytes and outlives the call.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&storage as *const libc::sockaddr_storage).cast(),
+                len,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let sock = UdpSocket::from(fd);
         sock.set_read_timeout(Some(recv_timeout))?;
         let fd = sock.as_raw_fd();
         for (force, plain) in [

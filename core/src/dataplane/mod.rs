@@ -17,6 +17,7 @@ mod counters;
 mod decap;
 mod drop;
 mod encap;
+mod flow;
 mod ndp;
 pub mod offload;
 mod peers;
@@ -35,6 +36,7 @@ pub use counters::{Counters, CountersSnapshot};
 pub use decap::decap;
 pub use drop::DropReason;
 pub use encap::encap;
+pub use flow::flow_hash;
 pub use peers::PeerTable;
 pub use ratelimit::IcmpLimiter;
 
