@@ -94,6 +94,26 @@ impl Cidr {
     }
 }
 
+/// Splits `addr/len` text (either family; `shape` names the expected form in the error).
+fn parse_prefix<A>(s: &str, shape: &str) -> Result<(A, u8)>
+where
+    A: FromStr,
+    A::Err: std::error::Error + Send + Sync + 'static,
+{
+    let (a, l) = s
+        .split_once('/')
+        .ok_or_else(|| anyhow!("{s:?} is not {shape}"))?;
+    let addr = a
+        .trim()
+        .parse()
+        .with_context(|| format!("bad address in {s:?}"))?;
+    let len = l
+        .trim()
+        .parse()
+        .with_context(|| format!("bad prefix length in {s:?}"))?;
+    Ok((addr, len))
+}
+
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
@@ -103,17 +123,8 @@ impl fmt::Display for Cidr {
 impl FromStr for Cidr {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Cidr> {
-        let (a, l) = s
-            .split_once('/')
-            .ok_or_else(|| anyhow!("{s:?} is not a.b.c.d/len"))?;
-        Cidr::new(
-            a.trim()
-                .parse()
-                .with_context(|| format!("bad address in {s:?}"))?,
-            l.trim()
-                .parse()
-                .with_context(|| format!("bad prefix length in {s:?}"))?,
-        )
+        let (addr, len) = parse_prefix(s, "a.b.c.d/len")?;
+        Cidr::new(addr, len)
     }
 }
 
@@ -215,17 +226,8 @@ impl fmt::Display for Cidr6 {
 impl FromStr for Cidr6 {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Cidr6> {
-        let (a, l) = s
-            .split_once('/')
-            .ok_or_else(|| anyhow!("{s:?} is not an IPv6 prefix addr/len"))?;
-        Cidr6::new(
-            a.trim()
-                .parse()
-                .with_context(|| format!("bad address in {s:?}"))?,
-            l.trim()
-                .parse()
-                .with_context(|| format!("bad prefix length in {s:?}"))?,
-        )
+        let (addr, len) = parse_prefix(s, "an IPv6 prefix addr/len")?;
+        Cidr6::new(addr, len)
     }
 }
 
