@@ -289,12 +289,9 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
     findings.extend(host_checks(flags, net.as_ref(), &backend, families).await);
 
     let stored_ip = store.as_ref().ok().and_then(|v| v.stored_public_ip);
-    let ours = own_addresses(
-        &gather::interface_addresses().await,
-        &[flags.public_ip, stored_ip],
-    );
-    let ours6: Vec<std::net::Ipv6Addr> = gather::interface_addresses()
-        .await
+    let addrs = gather::interface_addresses().await;
+    let ours = own_addresses(&addrs, &[flags.public_ip, stored_ip]);
+    let ours6: Vec<std::net::Ipv6Addr> = addrs
         .into_iter()
         .filter_map(|a| match a {
             IpAddr::V6(a) => Some(a),
