@@ -602,6 +602,53 @@ fn spawn_loops<T: TunPort + 'static, S: DatagramPort + 'static>(
     Ok(())
 }
 
+/// Frames encapsulated back to back in a TX thread's buffer, waiting to leave together in
+/// one UDP GSO send: same socket, same peer, every frame as long as the first but the last.
+struct TxBatch<'a, S> {
+    /// Where the first frame starts.
+    base: usize,
+    /// Where the last frame ends: the next packet is read right after it.
+    used: usize,
+    /// Length of the first frame.
+    stride: usize,
+    frames: usize,
+    /// The socket and peer of every frame; None while the batch is empty.
+    to: Option<(&'a S, IpAddr)>,
+}
+
+impl<S> Default for TxBatch<'_, S> {
+    fn default() -> Self {
+        TxBatch {
+            base: 0,
+            used: 0,
+            stride: 0,
+            frames: 0,
+            to: None,
+        }
+    }
+}
+
+impl<S> TxBatch<'_, S> {
+    fn is_empty(&self) -> bool {
+        self.to.is_none()
+    }
+
+    /// Whether a frame of `len` bytes from `sock` to `dst` can follow the batched ones.
+    fn accepts(&self, sock: &S, dst: IpAddr, len: usize) -> bool {
+        self.to
+            .is_some_and(|(s, d)| std::ptr::eq(s, sock) && d == dst && len <= self.stride)
+            && !self.full()
+            && self.used - self.base + len <= MAX_GSO_BYTES
+    }
+
+    /// Nothing can follow: as many segments as one send takes, or a last, shorter frame.
+    fn full(&self) -> bool {
+        self.frames >= MAX_GSO_SEGMENTS
+            || (self.used - self.base) != self.frames * self.stride
+            || self.used - self.base + self.stride > MAX_GSO_BYTES
+    }
+}
+
 /// One packet thread's view: the shared state and the queue it serves.
 struct Worker<T, S> {
     shared: Shared,
@@ -640,34 +687,61 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
 
     /// TUN → VXLAN. The packet is read so that its vnet header ends exactly where the
     /// VXLAN + Ethernet headroom ends; encap then overwrites the consumed vnet header. TSO
-    /// super-packets are split into an arena laid out for one UDP GSO send per batch. ICMP
-    /// errors the core builds are rate limited like the kernel's (1000/s, bursts of 50).
+    /// super-packets are split into an arena laid out for one UDP GSO send per batch. Other
+    /// packets are read back to back into `buf` and encapsulated in place, so that a run of
+    /// equal-sized frames to one peer (a UDP flood, a train of ACKs) leaves in one UDP GSO
+    /// send; a batch is sent as soon as the TUN queue is empty, so no packet waits for
+    /// another. ICMP errors the core builds are rate limited like the kernel's (1000/s,
+    /// bursts of 50).
     fn run_tx(&self) {
         let epoch = Instant::now();
         let mut icmp = IcmpLimiter::default();
-        let mut buf = vec![0u8; BUF_LEN];
+        let mut buf = vec![0u8; MAX_GSO_BYTES + BUF_LEN];
         let mut arena = Vec::with_capacity(2 * BUF_LEN);
         let mut gso_ok = true;
+        let mut batch = TxBatch::default();
+        // The last read found the queue empty: wait before reading again.
+        let mut drained = false;
         let off = VXLAN_HEADROOM - VNET_HDR_LEN;
         while !self.stop.load(Ordering::Relaxed) {
-            let n = match self.tun.recv(&mut buf[off..], POLL) {
+            if batch.used + BUF_LEN > buf.len() {
+                self.flush(&buf, &mut batch, &mut gso_ok);
+            }
+            let at = batch.used + off;
+            let window = &mut buf[at..at + BUF_LEN - off];
+            let read = if !batch.is_empty() {
+                self.tun.try_recv(window)
+            } else if drained {
+                self.tun.wait_recv(window, POLL)
+            } else {
+                self.tun.recv(window, POLL)
+            };
+            let n = match read {
                 Ok(Some(n)) => n,
-                Ok(None) => continue,
+                Ok(None) => {
+                    drained = true;
+                    self.flush(&buf, &mut batch, &mut gso_ok);
+                    continue;
+                }
                 // A successor detached this queue (it serves fewer): nothing to read here.
                 Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
+                    self.flush(&buf, &mut batch, &mut gso_ok);
                     std::thread::sleep(POLL);
                     continue;
                 }
                 Err(e) => {
                     warn!(error = %e, "TUN read failed");
+                    self.flush(&buf, &mut batch, &mut gso_ok);
                     std::thread::sleep(POLL);
                     continue;
                 }
             };
-            let end = off + n;
+            drained = false;
+            let end = at + n;
+            let packet = batch.used + VXLAN_HEADROOM..end;
             QueueStats::count(&self.queue_stats.tx, self.queue, 1);
             let now = epoch.elapsed();
-            let hdr = match VirtioNetHdr::parse(buf.get(off..end).unwrap_or_default()) {
+            let hdr = match VirtioNetHdr::parse(buf.get(at..end).unwrap_or_default()) {
                 Ok(h) => h,
                 Err(reason) => {
                     self.counters.count_drop(reason);
@@ -678,17 +752,25 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
             if hdr.gso_kind() == GsoKind::None {
                 if hdr.needs_csum() {
                     let (start, offset) = (hdr.csum_start.into(), hdr.csum_offset.into());
-                    let packet = &mut buf[VXLAN_HEADROOM..end];
-                    if let Err(reason) = complete_partial_checksum(packet, start, offset) {
+                    let p = &mut buf[packet.clone()];
+                    if let Err(reason) = complete_partial_checksum(p, start, offset) {
                         self.counters.count_drop(reason);
                         continue;
                     }
                 }
-                self.encap_and_send(&mut buf, VXLAN_HEADROOM..end, &table, (&mut icmp, now));
+                let sock = self.sender(buf.get(packet.clone()).unwrap_or_default());
+                match encap(&mut buf, packet, &table, &self.local, &mut icmp, now) {
+                    EncapVerdict::Transmit { dst, frame } => {
+                        self.batch_frame(&buf, &mut batch, (sock, dst, frame), &mut gso_ok)
+                    }
+                    EncapVerdict::ReplyToTun { packet } => self.reply_to_tun(&mut buf, packet),
+                    EncapVerdict::Drop(reason) => self.counters.count_drop(reason),
+                }
                 continue;
             }
-            let segs = match gso_split(&buf[VXLAN_HEADROOM..end], &hdr, &mut arena, VXLAN_HEADROOM)
-            {
+            // In order: the frames read before this super-packet leave first.
+            self.flush(&buf, &mut batch, &mut gso_ok);
+            let segs = match gso_split(&buf[packet], &hdr, &mut arena, VXLAN_HEADROOM) {
                 Ok(s) => s,
                 Err(reason) => {
                     self.counters.count_drop(reason);
@@ -702,6 +784,45 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
                 self.send_segments(&mut arena, &segs, &table, &mut gso_ok, (&mut icmp, now));
             }
         }
+        self.flush(&buf, &mut batch, &mut gso_ok);
+    }
+
+    /// Adds the frame just encapsulated at `buf[frame]` (right after the batch's frames) to
+    /// the batch, sending the batch first if the frame cannot join it (another peer or
+    /// socket, a longer frame, no room left) and afterwards if nothing can follow it.
+    fn batch_frame<'a>(
+        &'a self,
+        buf: &[u8],
+        batch: &mut TxBatch<'a, S>,
+        (sock, dst, frame): (&'a S, IpAddr, std::ops::Range<usize>),
+        gso_ok: &mut bool,
+    ) {
+        debug_assert_eq!(frame.start, batch.used);
+        if !batch.accepts(sock, dst, frame.len()) {
+            self.flush(buf, batch, gso_ok);
+            *batch = TxBatch {
+                base: frame.start,
+                used: frame.start,
+                stride: frame.len(),
+                frames: 0,
+                to: Some((sock, dst)),
+            };
+        }
+        batch.used = frame.end;
+        batch.frames += 1;
+        if batch.full() {
+            self.flush(buf, batch, gso_ok);
+        }
+    }
+
+    /// Sends the batched frames and empties the batch (the next read lands at the start of
+    /// `buf` again).
+    fn flush(&self, buf: &[u8], batch: &mut TxBatch<'_, S>, gso_ok: &mut bool) {
+        if let Some((sock, dst)) = batch.to.take() {
+            let frames = buf.get(batch.base..batch.used).unwrap_or_default();
+            self.send_frames(sock, frames, batch.stride, dst, gso_ok);
+        }
+        *batch = TxBatch::default();
     }
 
     /// Writes an error the core built in `buf[packet]` (e.g. ICMP net unreachable) back to
@@ -773,12 +894,23 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
             }
         }
         let Some(dst) = dst else { return };
+        self.send_frames(
+            sock,
+            arena.get(..frames).unwrap_or_default(),
+            stride,
+            dst,
+            gso_ok,
+        );
+    }
+
+    /// Sends `frames`, consecutive VXLAN frames of `stride` bytes (the last may be shorter),
+    /// to `dst` with UDP GSO in sends of at most 64 KiB; falls back to one send per frame
+    /// from the first time the kernel refuses GSO.
+    fn send_frames(&self, sock: &S, frames: &[u8], stride: usize, dst: IpAddr, gso_ok: &mut bool) {
         let to = SocketAddr::new(dst, self.port);
+        let stride = stride.max(1);
         let per_send = (MAX_GSO_BYTES / stride).clamp(1, MAX_GSO_SEGMENTS);
-        let mut start = 0;
-        while start < frames {
-            let stop = (start + per_send * stride).min(frames);
-            let chunk = &arena[start..stop];
+        for chunk in frames.chunks(per_send * stride) {
             let sent = if *gso_ok && chunk.len() > stride {
                 match sock.send_gso(chunk, stride as u16, to) {
                     Ok(()) => true,
@@ -812,7 +944,6 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
                     }
                 }
             }
-            start = stop;
         }
     }
 

@@ -101,6 +101,8 @@ struct FakeNet {
     arrived: Condvar,
     lose: Mutex<HashSet<usize>>,
     sent: AtomicUsize,
+    /// Every send call: the destination and the number of datagrams it carried.
+    sends: Mutex<Vec<(IpAddr, usize)>>,
 }
 
 impl FakeNet {
@@ -154,6 +156,7 @@ impl FakeSocket {
 
 impl DatagramPort for FakeSocket {
     fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<()> {
+        self.net.sends.lock().unwrap().push((dst.ip(), 1));
         if self.net.survives() {
             let m = Message {
                 src: self.addr,
@@ -167,8 +170,10 @@ impl DatagramPort for FakeSocket {
 
     fn send_gso(&self, buf: &[u8], segment: u16, dst: SocketAddr) -> io::Result<()> {
         let seg = usize::from(segment).max(1);
+        let count = buf.chunks(seg).count();
+        self.net.sends.lock().unwrap().push((dst.ip(), count));
         let kept: Vec<&[u8]> = buf.chunks(seg).filter(|_| self.net.survives()).collect();
-        if kept.len() == buf.chunks(seg).count() {
+        if kept.len() == count {
             let m = Message {
                 src: self.addr,
                 bytes: buf.to_vec(),
@@ -354,10 +359,15 @@ fn tso_1000() -> VirtioNetHdr {
 
 /// A small UDP packet from pod 10.244.1.5 to pod `dst`, its payload tagged with `i`.
 fn udp_packet(dst: Ipv4Addr, i: u8) -> Vec<u8> {
-    let mut udp = vec![0u8; 8 + 16];
+    udp_sized(dst, i, 16)
+}
+
+/// The same with `payload` bytes of payload.
+fn udp_sized(dst: Ipv4Addr, i: u8, payload: u16) -> Vec<u8> {
+    let mut udp = vec![0u8; 8 + usize::from(payload)];
     udp[0..2].copy_from_slice(&4000u16.to_be_bytes());
     udp[2..4].copy_from_slice(&5000u16.to_be_bytes());
-    udp[4..6].copy_from_slice(&24u16.to_be_bytes());
+    udp[4..6].copy_from_slice(&(8 + payload).to_be_bytes());
     udp[8..].fill(i);
     ipv4_packet(Ipv4Addr::new(10, 244, 1, 5), dst, 17, &udp)
 }
@@ -569,6 +579,67 @@ fn one_queue_sends_from_the_vxlan_port() {
         .map(|q| q.1)
         .collect();
     assert_eq!(rx.iter().filter(|n| **n > 0).count(), 1, "{rx:?}");
+    a.stop();
+    b.stop();
+}
+
+/// Queues `packets` on `tun` at once, as a burst the kernel queued before the loop ran.
+fn inject_burst(tun: &FakeTun, packets: &[Vec<u8>]) {
+    let mut q = tun.inbox.lock().unwrap();
+    for p in packets {
+        q.push_back([&plain().to_bytes()[..], p].concat());
+    }
+    drop(q);
+    tun.queued.notify_all();
+}
+
+#[test]
+fn queued_small_packets_leave_in_gso_sends_per_peer_and_size_a_lone_one_at_once() {
+    let net = Arc::new(FakeNet::default());
+    let a = Node::start(&net, 1, 2, true);
+    let b = Node::start(&net, 2, 1, true);
+    let peer = |n: u8| RemoteVtep {
+        public_ip: public(n).ip(),
+        mac: vtep_mac(n),
+        vni: 1,
+    };
+    let table = PeerTable::new([
+        ("10.244.2.0/24".parse().unwrap(), peer(2)),
+        ("10.244.3.0/24".parse().unwrap(), peer(3)),
+    ]);
+    a.shared.table.store(Arc::new(table));
+    let to2 = |i: u8| udp_packet(Ipv4Addr::new(10, 244, 2, 7), i);
+    let to3 = |i: u8| udp_packet(Ipv4Addr::new(10, 244, 3, 7), i);
+    let short = udp_sized(Ipv4Addr::new(10, 244, 2, 7), 20, 12);
+    let long = udp_sized(Ipv4Addr::new(10, 244, 3, 7), 0, 24);
+    // 20 equal packets and a shorter one to node 2, then 5 to node 3, then 5 longer ones
+    // to node 3, then 100 equal ones to node 2: all queued before the loop reads any.
+    let mut burst: Vec<Vec<u8>> = (0..20).map(to2).collect();
+    burst.push(short);
+    burst.extend((0..5).map(to3));
+    burst.extend(std::iter::repeat_n(long, 5));
+    burst.extend((0..100).map(to2));
+    inject_burst(&a.tun, &burst);
+    wait_until(|| a.shared.counters.snapshot().tx_packets >= 131);
+    let (ip2, ip3) = (public(2).ip(), public(3).ip());
+    assert_eq!(
+        *net.sends.lock().unwrap(),
+        [(ip2, 21), (ip3, 5), (ip3, 5), (ip2, MAX_GSO_SEGMENTS), (ip2, 36)],
+        "one send per run of one peer and frame size, the shorter frame last, at most {MAX_GSO_SEGMENTS} per send"
+    );
+    // Node 2 got its 121 packets intact and in order.
+    let got = b.tun.wait_written(121);
+    let want: Vec<&Vec<u8>> = burst.iter().filter(|p| p[16..19] == [10, 244, 2]).collect();
+    assert_eq!(got.len(), 121);
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(&g[VNET_HDR_LEN..], &w[..]);
+    }
+    // A lone packet is sent on its own, without waiting for company.
+    net.sends.lock().unwrap().clear();
+    a.tun.inject(&plain(), &to2(7));
+    wait_until(|| !net.sends.lock().unwrap().is_empty());
+    assert_eq!(*net.sends.lock().unwrap(), [(ip2, 1)]);
+    assert_eq!(b.tun.wait_written(122).len(), 122);
     a.stop();
     b.stop();
 }

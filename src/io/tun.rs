@@ -295,6 +295,14 @@ impl crate::dataplane::ports::TunPort for Tun {
         Tun::recv(self, buf, timeout)
     }
 
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        Tun::try_recv(self, buf)
+    }
+
+    fn wait_recv(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+        wait_then_read(self.fd.as_raw_fd(), buf, timeout)
+    }
+
     fn send(&self, packet: &[u8]) -> io::Result<()> {
         Tun::send(self, packet)
     }
@@ -383,6 +391,11 @@ fn read_with_timeout(fd: RawFd, buf: &mut [u8], timeout: Duration) -> io::Result
     if let Some(n) = read_nonblocking(fd, buf)? {
         return Ok(Some(n));
     }
+    wait_then_read(fd, buf, timeout)
+}
+
+/// Waits up to `timeout` for `fd` to be readable, then reads once.
+fn wait_then_read(fd: RawFd, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     if !wait_fd(fd, libc::POLLIN, ms)? {
         return Ok(None);

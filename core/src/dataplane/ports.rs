@@ -38,6 +38,17 @@ pub trait TunPort: Send + Sync {
     /// within `timeout`, so the caller can look for shutdown.
     fn recv(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>>;
 
+    /// Reads one packet if one is queued, without waiting.
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.recv(buf, Duration::ZERO)
+    }
+
+    /// As [`TunPort::recv`] for a caller that just found the queue empty: waits for a
+    /// packet first, sparing a read that would find nothing.
+    fn wait_recv(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+        self.recv(buf, timeout)
+    }
+
     /// Writes one packet (vnet header first).
     fn send(&self, packet: &[u8]) -> io::Result<()>;
 
