@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use super::{Peer, PeerKind};
 use crate::config::flags::Flags;
 use crate::config::netconf::BackendConfig;
-use crate::lease::annotations::AnnotationNames;
+use crate::lease::annotations::{AnnotationNames, DEFAULT_PREFIX};
 
 /// Consecutive unanswered probes after which a peer counts as unreachable.
 pub const UNREACHABLE_AFTER: u32 = 3;
@@ -33,16 +33,16 @@ pub struct ProbeContext {
 impl ProbeContext {
     /// The context of a node running with `flags` and `backend`.
     pub fn new(flags: &Flags, backend: &BackendConfig) -> ProbeContext {
-        let overwrite_annotation = flags.kube_subnet_mgr.then(|| {
+        // An invalid prefix stops the kube store at start; the default names stand in here.
+        // An invalid prefix stops the kube store at start; the default names stand in here.
+        let overwrite_annotation = if flags.kube_subnet_mgr {
             AnnotationNames::new(&flags.kube_annotation_prefix)
+                .or_else(|_| AnnotationNames::new(DEFAULT_PREFIX))
+                .ok()
                 .map(|n| (n.public_ip_overwrite, n.public_ipv6_overwrite))
-                .unwrap_or_else(|_| {
-                    (
-                        "flannel.alpha.coreos.com/public-ip-overwrite".to_owned(),
-                        "flannel.alpha.coreos.com/public-ipv6-overwrite".to_owned(),
-                    )
-                })
-        });
+        } else {
+            None
+        };
         ProbeContext {
             backend: backend.kind().to_owned(),
             port: match backend {

@@ -171,7 +171,7 @@ impl Default for Flags {
             kube_subnet_mgr: false,
             kube_api_url: String::new(),
             kubeconfig_file: String::new(),
-            kube_annotation_prefix: "flannel.alpha.coreos.com".to_owned(),
+            kube_annotation_prefix: crate::lease::annotations::DEFAULT_PREFIX.to_owned(),
             iface: Vec::new(),
             iface_regex: Vec::new(),
             iface_can_reach: None,

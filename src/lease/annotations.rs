@@ -68,6 +68,9 @@ pub enum AnnotationError {
     MissingPodCidr(&'static str),
 }
 
+/// `--kube-annotation-prefix` when not given (upstream's default).
+pub const DEFAULT_PREFIX: &str = "flannel.alpha.coreos.com";
+
 /// Upstream's prefix check, unanchored at the start as upstream's `MatchString` is.
 static PREFIX_RE: LazyLock<Option<regex::Regex>> =
     LazyLock::new(|| regex::Regex::new(r"(?:[a-z0-9_-]+\.)+[a-z0-9_-]+/(?:[a-z0-9_-]+-)?$").ok());
