@@ -126,6 +126,10 @@ enum Cmd {
         /// Directory for bench.json and bench.svg (default: the run directory).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Measure nothing: print the table of this bench.json and redraw its chart (as
+        /// bench.svg in --out, default: the JSON's directory).
+        #[arg(long, value_name = "BENCH_JSON")]
+        replot: Option<PathBuf>,
     },
     /// up (2 userspace + 2 kernel-ref nodes) → check → bench → down, cleaning up on any exit.
     Demo {
@@ -623,8 +627,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             pings,
             gso_only,
             out,
+            replot,
         } => {
-            use netns_harness::suite::{write_chart, SuiteOptions, Wire};
+            use netns_harness::suite::{write_chart, SuiteOptions, SuiteReport, Wire};
+            if let Some(json) = replot {
+                let text = std::fs::read_to_string(json)
+                    .with_context(|| format!("reading {}", json.display()))?;
+                let r = SuiteReport::from_json(&text)?;
+                print!("{r}");
+                let dir = match out {
+                    Some(d) => d.clone(),
+                    None => json.parent().map(Path::to_path_buf).unwrap_or_default(),
+                };
+                let svg = dir.join("bench.svg");
+                write_chart(&r, &svg)?;
+                println!("wrote {}", svg.display());
+                return Ok(ExitCode::SUCCESS);
+            }
             netns_harness::install_signal_handler()?;
             let mut c = Cluster::load(&cli.base_dir, run.as_deref())?;
             let options = SuiteOptions {

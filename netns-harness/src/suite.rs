@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::bench::Pair;
 use crate::cluster::{Cluster, NodeKind};
@@ -23,7 +23,7 @@ use crate::cmd;
 use crate::sys;
 
 /// Underlay link settings a round is measured on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Wire {
     /// veth default offloads (tx checksum, TSO, GSO, GRO on): 64 KB "frames" cross the link.
     Gso,
@@ -50,7 +50,7 @@ impl Wire {
 }
 
 /// A measured path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Path3 {
     /// node eth0 → node eth0.
     Underlay,
@@ -75,7 +75,7 @@ impl Path3 {
 }
 
 /// A measured value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Metric {
     /// One TCP stream, Gbit/s received.
     Tcp1,
@@ -125,7 +125,7 @@ impl Metric {
 }
 
 /// What to measure and for how long.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SuiteOptions {
     /// Rounds (each measures every wire, path and metric once).
     pub rounds: u32,
@@ -149,7 +149,7 @@ impl Default for SuiteOptions {
 }
 
 /// One measured value.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sample {
     /// Round (0-based).
     pub round: u32,
@@ -197,7 +197,7 @@ impl Spread {
 }
 
 /// Everything one `bench` invocation measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SuiteReport {
     /// The options used.
     pub options: SuiteOptions,
@@ -224,6 +224,12 @@ impl SuiteReport {
         let u = self.spread(wire, Path3::Userspace, metric)?.median;
         let k = self.spread(wire, Path3::KernelVxlan, metric)?.median;
         (k > 0.0).then(|| u / k)
+    }
+
+    /// A report read back from the JSON [`SuiteReport::to_json`] wrote (its summary is
+    /// recomputed from the samples).
+    pub fn from_json(text: &str) -> Result<SuiteReport> {
+        serde_json::from_str(text).context("not a bench.json written by `netns-harness bench`")
     }
 
     /// The report as JSON: options, samples, errors, and per wire/path/metric spreads.
@@ -607,21 +613,24 @@ pub fn write_chart(report: &SuiteReport, path: &Path) -> Result<()> {
         Wire::Gso => RGBColor(52, 101, 164),
         Wire::Mtu => RGBColor(245, 121, 0),
     };
+    let mut labelled = Vec::new();
     for (mi, m) in metrics.iter().enumerate() {
         for (wi, &w) in wires.iter().enumerate() {
             let Some(b) = bars.iter().find(|b| b.0 == m.label() && b.1 == w) else {
                 continue;
             };
             let x0 = (mi * per + wi) as f64 + 0.1;
-            chart
-                .draw_series(std::iter::once(Rectangle::new(
-                    [(x0, 0.0), (x0 + 0.8, b.2)],
-                    colour(w).filled(),
-                )))?
-                .label(if mi == 0 { w.label() } else { "" })
-                .legend(move |(x, y)| {
+            let series = chart.draw_series(std::iter::once(Rectangle::new(
+                [(x0, 0.0), (x0 + 0.8, b.2)],
+                colour(w).filled(),
+            )))?;
+            // One legend entry per wire, on its first bar.
+            if !labelled.contains(&w) {
+                labelled.push(w);
+                series.label(w.label()).legend(move |(x, y)| {
                     Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour(w).filled())
                 });
+            }
         }
     }
     chart.draw_series(LineSeries::new(
@@ -630,6 +639,7 @@ pub fn write_chart(report: &SuiteReport, path: &Path) -> Result<()> {
     ))?;
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperMiddle)
         .border_style(BLACK)
         .background_style(WHITE.mix(0.8))
         .draw()?;
@@ -671,13 +681,19 @@ mod tests {
         };
         for (round, k, u) in [(0, 10.0, 5.0), (1, 12.0, 7.0)] {
             for (path, v) in [(Path3::KernelVxlan, k), (Path3::Userspace, u)] {
-                r.samples.push(Sample {
-                    round,
-                    wire: Wire::Gso,
-                    path,
-                    metric: Metric::Tcp1,
-                    value: v,
-                });
+                for (wire, metric) in [
+                    (Wire::Gso, Metric::Tcp1),
+                    (Wire::Gso, Metric::UdpKpps),
+                    (Wire::Mtu, Metric::UdpKpps),
+                ] {
+                    r.samples.push(Sample {
+                        round,
+                        wire,
+                        path,
+                        metric,
+                        value: v,
+                    });
+                }
             }
         }
         assert_eq!(r.ratio(Wire::Gso, Metric::Tcp1), Some(6.0 / 11.0));
@@ -691,6 +707,21 @@ mod tests {
         let text = std::fs::read_to_string(&svg).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         assert!(text.starts_with("<svg"), "{}", &text[..text.len().min(80)]);
-        assert!(text.contains("<rect"));
+        // Three bars, and one legend entry (a 10 x 10 square) per wire, not per bar.
+        assert_eq!(
+            text.matches("width=\"10\" height=\"10\"").count(),
+            2,
+            "{text}"
+        );
+        assert_eq!(text.matches(">\nGSO wire\n<").count(), 1, "{text}");
+        assert_eq!(text.matches(">\nMTU wire\n<").count(), 1, "{text}");
+        // The JSON reads back into the same report.
+        let back = SuiteReport::from_json(&r.to_json().to_string()).unwrap();
+        assert_eq!(back.samples.len(), r.samples.len());
+        assert_eq!(
+            back.ratio(Wire::Gso, Metric::Tcp1),
+            r.ratio(Wire::Gso, Metric::Tcp1)
+        );
+        assert_eq!(back.to_string(), r.to_string());
     }
 }
