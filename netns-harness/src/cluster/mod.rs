@@ -205,6 +205,7 @@ impl Cluster {
             cluster.create_pods(i)?;
             cluster.save()?;
         }
+        cluster.wait_ipv6_settled()?;
         Ok(cluster)
     }
 

@@ -48,6 +48,7 @@ impl Cluster {
         self.sync_kernel_refs()?;
         self.create_pods(i)?;
         self.save()?;
+        self.wait_ipv6_settled()?;
         Ok(self.state.nodes[i].name.clone())
     }
 

@@ -30,7 +30,58 @@ fn container_id(prefix: &str, pod: &str) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// How long `up` and `add-node` wait for IPv6 duplicate address detection to finish.
+const DAD_LIMIT: Duration = Duration::from_secs(10);
+
 impl Cluster {
+    /// Waits (at most [`DAD_LIMIT`]) until no IPv6 address in a node's or pod's namespace is
+    /// still tentative. The CNI bridge plugin waits for the pod's own address only: the
+    /// gateway address it puts on a new `cni0` stays tentative for a second or more, and
+    /// until then that node's pods cannot resolve their IPv6 gateway, so a `check` right
+    /// after `up` failed their first IPv6 probes. Names what is still tentative at the limit.
+    pub(super) fn wait_ipv6_settled(&self) -> Result<()> {
+        if !self.state.ip_family.has_v6() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + DAD_LIMIT;
+        loop {
+            let mut tentative = Vec::new();
+            let spaces = self
+                .state
+                .nodes
+                .iter()
+                .flat_map(|n| std::iter::once(&n.ns).chain(n.pods.iter().map(|p| &p.ns)));
+            for ns in spaces {
+                let out = cmd::run_ok(
+                    std::process::Command::new("ip").args([
+                        "-n",
+                        ns,
+                        "-6",
+                        "addr",
+                        "show",
+                        "tentative",
+                    ]),
+                    cmd::SHORT,
+                )?;
+                if !out.stdout.is_empty() {
+                    tentative.push(ns.as_str());
+                }
+            }
+            if tentative.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                log(format!(
+                    "IPv6 addresses still tentative after {DAD_LIMIT:?} in {}",
+                    tentative.join(", ")
+                ));
+                return Ok(());
+            }
+            sys::check_interrupted()?;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub(super) fn create_pods(&mut self, pos: usize) -> Result<()> {
         if self.state.pod_setup == PodSetup::Cni {
             return self.create_pods_cni(pos);
