@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use netns_harness::cluster::{list_runs, teardown_by_prefix};
+use netns_harness::cluster::{list_runs, only_run, teardown_by_prefix};
 use netns_harness::{
     capture, proto, scale, scenario, CaptureOpts, Cluster, ClusterSpec, NodeKind, NodeSpec,
     StoreKind, DEFAULT_BASE_DIR,
@@ -87,7 +87,7 @@ enum Cmd {
     Up(BuildArgs),
     /// Connectivity matrix of a running cluster; exit status 1 if any probe fails.
     Check {
-        /// Run prefix (default: the newest run).
+        /// Run prefix (default: the only run; with several, name one).
         #[arg(long)]
         run: Option<String>,
         /// Retry for up to this many seconds until everything passes.
@@ -96,7 +96,7 @@ enum Cmd {
     },
     /// Stop every process of a run and delete its namespaces and directory. Idempotent.
     Down {
-        /// Run prefix (default: the newest run).
+        /// Run prefix (default: the only run; with several, name one).
         #[arg(long)]
         run: Option<String>,
         /// Tear down every run whose owning process (a test, a demo) died without cleaning up.
@@ -108,7 +108,7 @@ enum Cmd {
     /// RTT mean/p99, CPU per GB, on the GSO and the MTU wire, min/median/max over rounds.
     /// Prints the table and writes bench.json and bench.svg.
     Bench {
-        /// Run prefix (default: the newest run).
+        /// Run prefix (default: the only run; with several, name one).
         #[arg(long)]
         run: Option<String>,
         /// iperf3 duration per measurement.
@@ -195,7 +195,7 @@ enum Cmd {
     },
     /// Run a command inside one of the run's namespaces (`n1`, `n1p2`, `ul` or a full name).
     Exec {
-        /// Run prefix (default: the newest run).
+        /// Run prefix (default: the only run; with several, name one).
         #[arg(long)]
         run: Option<String>,
         /// Namespace.
@@ -206,7 +206,7 @@ enum Cmd {
     },
     /// Add a node to a running cluster.
     AddNode {
-        /// Run prefix (default: the newest run).
+        /// Run prefix (default: the only run; with several, name one).
         #[arg(long)]
         run: Option<String>,
         /// Site (two-site runs; default 1).
@@ -217,7 +217,7 @@ enum Cmd {
     },
     /// Stop (outage) or start the run's etcd / API server, by PID, same port and data.
     Store {
-        /// Run prefix (default: the newest run).
+        /// Run prefix (default: the only run; with several, name one).
         #[arg(long)]
         run: Option<String>,
         /// stop, start or status.
@@ -226,7 +226,7 @@ enum Cmd {
     /// Run kubectl against the run's API server (kube runs), inside the control-plane
     /// namespace: `netns-harness kubectl -- get nodes -o wide`.
     Kubectl {
-        /// Run prefix (default: the newest run).
+        /// Run prefix (default: the only run; with several, name one).
         #[arg(long)]
         run: Option<String>,
         /// kubectl's arguments.
@@ -236,7 +236,7 @@ enum Cmd {
     /// Set or remove an annotation on a node's Node object (kube runs) with `kubectl
     /// annotate`: KEY=VALUE sets, KEY- removes.
     Annotate {
-        /// Run prefix (default: the newest run).
+        /// Run prefix (default: the only run; with several, name one).
         #[arg(long)]
         run: Option<String>,
         /// Node name (`n2`).
@@ -247,7 +247,7 @@ enum Cmd {
     /// Restart a node's flanneld (or republish a kernel-ref node's lease, as a restarted
     /// flannel would).
     Restart {
-        /// Run prefix (default: the newest run).
+        /// Run prefix (default: the only run; with several, name one).
         #[arg(long)]
         run: Option<String>,
         /// Node name (`n2`).
@@ -255,7 +255,7 @@ enum Cmd {
     },
     /// Remove a node (flanneld, lease, namespaces) from a running cluster.
     RemoveNode {
-        /// Run prefix (default: the newest run).
+        /// Run prefix (default: the only run; with several, name one).
         #[arg(long)]
         run: Option<String>,
         /// Node name (`n3`).
@@ -608,8 +608,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let prefix = match run {
                 Some(p) => p.clone(),
-                None => match list_runs(&cli.base_dir).first() {
-                    Some(r) => r.0.clone(),
+                None => match only_run(&cli.base_dir)? {
+                    Some(r) => r,
                     None => {
                         println!("no runs in {}: nothing to do", cli.base_dir.display());
                         return Ok(ExitCode::SUCCESS);

@@ -23,7 +23,7 @@ pub(crate) use crate::binaries::check_executable;
 pub use crate::binaries::{resolve_flanneld, resolve_harness_bin, sibling_binary};
 pub(crate) use crate::sys::log;
 pub use kubeproxy::KUBE_MARK;
-pub use namespaces::{list_namespaces, list_runs, run_namespaces, teardown_by_prefix};
+pub use namespaces::{list_namespaces, list_runs, only_run, run_namespaces, teardown_by_prefix};
 pub use nodes::parse_ethtool_feature;
 pub use spec::{
     ClusterSpec, IpFamily, NodeKind, NodeSpec, DEFAULT_BASE_DIR, MAX_NODES, MAX_PODS,
@@ -210,16 +210,12 @@ impl Cluster {
     }
 
     /// Loads a run saved by another harness process. `run` is a prefix; None picks the only
-    /// or newest run. The loaded cluster does not tear down on drop.
+    /// run (several: an error). The loaded cluster does not tear down on drop.
     pub fn load(base_dir: &Path, run: Option<&str>) -> Result<Cluster> {
         let prefix = match run {
             Some(p) => p.to_string(),
-            None => {
-                let runs = list_runs(base_dir);
-                runs.first()
-                    .map(|r| r.0.clone())
-                    .ok_or_else(|| anyhow!("no harness run found in {}", base_dir.display()))?
-            }
+            None => only_run(base_dir)?
+                .ok_or_else(|| anyhow!("no harness run found in {}", base_dir.display()))?,
         };
         let path = base_dir.join(&prefix).join("state.json");
         let text = std::fs::read_to_string(&path)

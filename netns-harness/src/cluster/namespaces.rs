@@ -124,3 +124,51 @@ pub fn list_runs(base_dir: &Path) -> Vec<(String, SystemTime)> {
     runs.sort_by_key(|r| std::cmp::Reverse(r.1));
     runs
 }
+
+/// The run a command without `--run` acts on: the only run in `base_dir` (None if there is
+/// none). With several it refuses rather than guess: another engineer's or test's run in a
+/// shared base directory is not ours to bench or tear down.
+pub fn only_run(base_dir: &Path) -> anyhow::Result<Option<String>> {
+    let runs = list_runs(base_dir);
+    match runs.as_slice() {
+        [] => Ok(None),
+        [(one, _)] => Ok(Some(one.clone())),
+        many => anyhow::bail!(
+            "{} runs in {} ({}): name one with --run (or give each user its own --base-dir)",
+            many.len(),
+            base_dir.display(),
+            many.iter()
+                .map(|r| r.0.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_without_run_takes_the_only_run_and_refuses_to_guess_among_several() {
+        let base = std::env::temp_dir().join(format!("only-run-{}", std::process::id()));
+        let add = |name: &str| {
+            std::fs::create_dir_all(base.join(name)).unwrap();
+            std::fs::write(base.join(name).join("state.json"), "{}").unwrap();
+        };
+        assert_eq!(only_run(&base).unwrap(), None);
+        add("fraaaaaa");
+        // Not a run: no state.json.
+        std::fs::create_dir_all(base.join("frbbbbbb")).unwrap();
+        assert_eq!(only_run(&base).unwrap().as_deref(), Some("fraaaaaa"));
+        add("frcccccc");
+        let err = only_run(&base).unwrap_err().to_string();
+        let _ = std::fs::remove_dir_all(&base);
+        assert!(err.contains("2 runs in"), "{err}");
+        assert!(
+            err.contains("fraaaaaa") && err.contains("frcccccc"),
+            "{err}"
+        );
+        assert!(err.contains("--run"), "{err}");
+    }
+}
