@@ -60,6 +60,29 @@ mod tests {
         assert_eq!(flow_hash(&[]), 0);
     }
 
+    proptest::proptest! {
+        /// Any bytes hash without panicking; bytes past the ports (payload) never change
+        /// the hash of an IPv4 or IPv6 packet, so a flow keeps its source port.
+        #[test]
+        fn any_bytes_hash_and_payload_never_moves_a_flow(
+            mut p in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120),
+            version in 4u8..=6,
+            at in 64usize..120,
+            byte in proptest::prelude::any::<u8>(),
+        ) {
+            if let Some(b) = p.first_mut() {
+                *b = (version << 4) | (*b & 0x0f);
+            }
+            let h = flow_hash(&p);
+            // The IPv4 header is at most 60 bytes and the ports follow it: offset 64 on is
+            // payload for both families.
+            if let Some(b) = p.get_mut(at) {
+                *b ^= byte;
+            }
+            proptest::prop_assert_eq!(flow_hash(&p), h);
+        }
+    }
+
     #[test]
     fn fragments_hash_on_addresses_only() {
         let mut a = v4(1);
