@@ -195,3 +195,144 @@ fn multi_queue_spreads_flows_and_hands_over_to_any_queue_count() {
     std::env::remove_var(QUEUES_ENV);
     teardown(c);
 }
+
+/// CPU steering's switch, read by every flanneld of the steering test.
+const STEERING_ENV: &str = "FLANNELD_USERSPACE_CPU_STEERING";
+
+/// `Cpus_allowed_list` of each `vxlan-*` thread of `node`'s flanneld, by thread name.
+fn packet_thread_cpus(c: &Cluster, node: &str) -> Vec<(String, String)> {
+    let pid = c
+        .node(node)
+        .and_then(|n| n.flanneld.as_ref())
+        .expect("flanneld")
+        .pid;
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim().to_string();
+        if !comm.starts_with("vxlan-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        out.push((comm, cpus));
+    }
+    out.sort();
+    out
+}
+
+/// 200 pings n2p1 → n1p1 from a process pinned to `cpu`; per node, how many packets each
+/// queue's TX thread and RX thread read meanwhile.
+fn pings_on_cpu(c: &Cluster, cpu: usize) -> [Vec<(u64, u64)>; 2] {
+    let before = [queue_reads(c, "n1"), queue_reads(c, "n2")];
+    let dst = c.pod_ip("n1p1").expect("ip").to_string();
+    let ns = c.pod("n2p1").expect("pod").ns.clone();
+    let mask = format!("{:#x}", 1u64 << cpu);
+    let out = std::process::Command::new("timeout")
+        .args([
+            "20", "ip", "netns", "exec", &ns, "taskset", &mask, "ping", "-q",
+        ])
+        .args(["-i", "0.005", "-c", "200", "-W", "1", &dst])
+        .output()
+        .expect("ping");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let after = [queue_reads(c, "n1"), queue_reads(c, "n2")];
+    [0, 1].map(|i| {
+        after[i]
+            .iter()
+            .zip(&before[i])
+            .map(|(a, b)| (a.0 - b.0, a.1 - b.1))
+            .collect()
+    })
+}
+
+/// The queue that carried (nearly) all of a node's pings, if one did.
+fn busy_queue(reads: &[(u64, u64)]) -> Option<usize> {
+    let busy: Vec<usize> = (0..reads.len())
+        .filter(|&q| reads[q].0 >= 190 && reads[q].1 >= 190)
+        .collect();
+    let quiet = (0..reads.len())
+        .filter(|q| !busy.contains(q))
+        .all(|q| reads[q].0 < 20 && reads[q].1 < 20);
+    match busy[..] {
+        [q] if quiet => Some(q),
+        _ => None,
+    }
+}
+
+#[test]
+fn cpu_steering_keeps_packets_on_their_cpu_and_a_successor_without_it_undoes_it() {
+    if !privileged_test_guard(
+        "cpu_steering_keeps_packets_on_their_cpu_and_a_successor_without_it_undoes_it",
+    ) {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cpus >= 2,
+        "CPU steering needs 2 CPUs to be tested; this machine has {cpus}"
+    );
+    let _g = serial();
+    std::env::set_var(QUEUES_ENV, "2");
+    std::env::set_var(STEERING_ENV, "true");
+    let mut s = spec(&[NodeKind::Userspace, NodeKind::Userspace], 1);
+    for n in &mut s.nodes {
+        n.extra_args = vec![format!("--metrics-port={METRICS_PORT}")];
+    }
+    let mut c = Cluster::up(&s).expect("cluster up");
+    assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
+    assert_ready(&c, "tun_queues=2 sockets=2");
+
+    // Each queue's threads run on their queue's CPU only.
+    for node in ["n1", "n2"] {
+        let threads = packet_thread_cpus(&c, node);
+        let want: Vec<(String, String)> = [("rx0", "0"), ("rx1", "1"), ("tx0", "0"), ("tx1", "1")]
+            .iter()
+            .map(|(t, cpu)| (format!("vxlan-{t}"), cpu.to_string()))
+            .collect();
+        assert_eq!(threads, want, "{node}");
+    }
+    // A ping sent from CPU c crosses on queue c of both nodes, both ways (the request's
+    // and the reply's TX and RX), whatever its flow hash.
+    for cpu in [0, 1] {
+        let [n1, n2] = pings_on_cpu(&c, cpu);
+        println!("pings on CPU {cpu}: n1 (tx, rx) {n1:?}, n2 {n2:?}");
+        assert_eq!(busy_queue(&n1), Some(cpu), "n1: {n1:?}");
+        assert_eq!(busy_queue(&n2), Some(cpu), "n2: {n2:?}");
+    }
+
+    // A successor without steering removes it under pings (none lost): both CPUs' pings
+    // then take the queue their flow hashes to, the same one, and threads run anywhere.
+    std::env::remove_var(STEERING_ENV);
+    let lost = lost_pings(&mut c, |c| c.handoff_flanneld("n1").expect("handover"));
+    assert_eq!(lost, 0, "the handover lost pings");
+    let threads = packet_thread_cpus(&c, "n1");
+    assert!(
+        threads
+            .iter()
+            .all(|(_, cpus)| cpus.contains('-') || cpus.contains(',')),
+        "{threads:?}"
+    );
+    let [a, _] = pings_on_cpu(&c, 0);
+    let [b, _] = pings_on_cpu(&c, 1);
+    println!("without steering, n1 (tx, rx): CPU 0 {a:?}, CPU 1 {b:?}");
+    let (qa, qb) = (busy_queue(&a), busy_queue(&b));
+    assert!(
+        qa.is_some() && qa == qb,
+        "one flow, one queue by hash: {a:?} vs {b:?}"
+    );
+    std::env::remove_var(QUEUES_ENV);
+    teardown(c);
+}

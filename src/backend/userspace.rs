@@ -77,6 +77,10 @@ pub struct UserspaceConfig {
     /// with N queues, N `SO_REUSEPORT` sockets on the VXLAN port, a TX and an RX thread per
     /// queue, and per-flow outer source ports (capped at [`MAX_QUEUES`]).
     pub queues: usize,
+    /// With several queues: steer each packet to the queue of the CPU it is processed on
+    /// and pin each queue's threads to that CPU ([`crate::io::steer`]). Off: the kernel's
+    /// flow hash picks queues and threads run anywhere (a predecessor's steering is removed).
+    pub cpu_steering: bool,
 }
 
 /// The default number of queues: one per CPU the process may run on, at most
@@ -130,6 +134,34 @@ pub struct UserspaceVxlan {
     tso: bool,
     mtu: usize,
     device: String,
+    /// CPU steering is in place: the packet threads pin themselves to their queue's CPU.
+    steering: bool,
+}
+
+/// Sets up (or, with `on` false or a single queue, removes) CPU steering on the device and
+/// the socket group; true when it is in place. A failure is logged and leaves the kernel's
+/// flow hash in charge.
+fn steer_by_cpu(tuns: &[Tun], socks: &[VxlanSocket], on: bool) -> bool {
+    use crate::io::steer::{steer_group_by_cpu, steer_tun_by_cpu};
+    let (Some(tun), Some(sock)) = (tuns.first(), socks.first()) else {
+        return false;
+    };
+    let want = on && tuns.len() > 1 && socks.len() > 1;
+    let set = steer_tun_by_cpu(tun.as_fd(), want)
+        .and_then(|()| steer_group_by_cpu(sock.as_fd(), socks.len() as u32, want));
+    match set {
+        Ok(()) => want,
+        Err(e) if want => {
+            warn!(error = %e, "CPU steering not available; queues are picked by flow hash");
+            let _ = steer_tun_by_cpu(tun.as_fd(), false);
+            let _ = steer_group_by_cpu(sock.as_fd(), socks.len() as u32, false);
+            false
+        }
+        Err(e) => {
+            debug!(error = %e, "could not remove CPU steering");
+            false
+        }
+    }
 }
 
 impl UserspaceVxlan {
@@ -168,6 +200,7 @@ impl UserspaceVxlan {
             let gro = socks.iter().all(|s| s.enable_gro());
             debug!(gro, "UDP receive offload");
         }
+        let steering = steer_by_cpu(&tuns, &socks, cfg.cpu_steering);
         debug!(
             tun_queues = tuns.len(),
             sockets = socks.len(),
@@ -191,6 +224,7 @@ impl UserspaceVxlan {
             tso: cfg.tso,
             mtu: cfg.mtu,
             device: cfg.device.clone(),
+            steering,
         })
     }
 
@@ -215,6 +249,7 @@ impl UserspaceVxlan {
             coalesce: self.tso,
             mtu: self.mtu,
             queue_stats: self.queue_stats.clone(),
+            pin: self.steering,
         };
         let socks = io
             .socks
@@ -444,6 +479,8 @@ struct Shared {
     /// The TUN MTU (see [`UserspaceConfig::mtu`]).
     mtu: usize,
     queue_stats: Arc<QueueStats>,
+    /// Pin each packet thread to its queue's CPU (CPU steering is in place).
+    pin: bool,
 }
 
 /// What each packet thread read: packets per TUN queue (TX threads) and messages (a
@@ -572,10 +609,11 @@ fn spawn_loops<T: TunPort + 'static, S: DatagramPort + 'static>(
         ));
     }
     let senders: Arc<[Arc<S>]> = senders.into();
-    let plan = (0..tuns.len())
-        .map(|i| ("tx", i, Worker::run_tx as fn(&Worker<T, S>)))
-        .chain((0..socks.len()).map(|j| ("rx", j, Worker::run_rx as fn(&Worker<T, S>))));
-    for (name, q, run) in plan {
+    let (n_tx, n_rx) = (tuns.len(), socks.len());
+    let plan = (0..n_tx)
+        .map(|i| ("tx", i, n_tx, Worker::run_tx as fn(&Worker<T, S>)))
+        .chain((0..n_rx).map(|j| ("rx", j, n_rx, Worker::run_rx as fn(&Worker<T, S>))));
+    for (name, q, n, run) in plan {
         let w = Worker {
             shared: shared.clone(),
             tun: tuns[q % tuns.len()].clone(),
@@ -588,6 +626,14 @@ fn spawn_loops<T: TunPort + 'static, S: DatagramPort + 'static>(
         let spawned = std::thread::Builder::new()
             .name(format!("vxlan-{name}{q}"))
             .spawn(move || {
+                if w.pin {
+                    match crate::io::steer::pin_thread_to_queue(q, n) {
+                        Ok(cpu) => debug!(thread = name, queue = q, ?cpu, "pinned"),
+                        Err(e) => {
+                            warn!(error = %e, thread = name, "could not pin to the queue's CPU")
+                        }
+                    }
+                }
                 w.guarded(name, run);
                 live.fetch_sub(1, Ordering::SeqCst);
             });

@@ -290,6 +290,7 @@ impl Node {
             coalesce,
             mtu: 1450,
             queue_stats: Arc::new(QueueStats::new(n, n)),
+            pin: false,
         };
         let tuns: Vec<Arc<FakeTun>> = (0..n).map(|_| Arc::new(FakeTun::default())).collect();
         let socks = (0..n)

@@ -131,6 +131,9 @@ pub struct Flags {
     /// `--userspace-queues` (addition): TUN queues / sockets / packet thread pairs of the
     /// userspace data plane; 0 means one per CPU (at most 8).
     pub userspace_queues: u32,
+    /// `--userspace-cpu-steering` (addition): hand each packet to the queue of the CPU it is
+    /// processed on and pin each queue's threads to that CPU.
+    pub userspace_cpu_steering: bool,
     /// `--lease-dir` (addition): local directory lease store instead of etcd.
     pub lease_dir: Option<PathBuf>,
     /// `--vxlan-tx-checksum-offload` (addition): keep tx checksum offload on in kernel mode.
@@ -193,6 +196,7 @@ impl Default for Flags {
             log_backtrace_at: String::new(),
             dataplane: Dataplane::Userspace,
             userspace_queues: 0,
+            userspace_cpu_steering: false,
             lease_dir: None,
             vxlan_tx_checksum_offload: false,
             metrics_port: 0,
@@ -346,6 +350,7 @@ const SPECS: &[Spec] = &[
     addition(spec("lease-dir", Kind::Str, "", "use a local directory as the lease store instead of etcd: DIR/config holds the network config JSON, DIR/subnets/<key> one lease each (shareable by several daemons)")),
     addition(spec("vxlan-tx-checksum-offload", Kind::Bool, "", "kernel data plane: keep tx checksum offload on the vxlan device (it is turned off by default)")),
     addition(spec("userspace-queues", Kind::Int, "0", "userspace data plane: TUN queues (a multi-queue device when above 1), SO_REUSEPORT sockets and TX+RX thread pairs; 0 = one per CPU, at most 8")),
+    addition(spec("userspace-cpu-steering", Kind::Bool, "", "userspace data plane with several queues: hand each packet to the queue of the CPU it is processed on (TUN steering eBPF, SO_REUSEPORT CPU program) and pin each queue's threads to that CPU, so packet threads are woken where the packet already is (lower latency)")),
     addition(spec("metrics-port", Kind::Int, "", "the port for the Prometheus /metrics server to listen (0 to disable); /metrics is served only there")),
     addition(spec("metrics-ip", Kind::Str, "127.0.0.1", "the IP address for the metrics server to listen (the metrics name every peer's subnet and public IP: keep it off pod-reachable addresses)")),
     addition(spec("cni-bin-dir", Kind::Str, "/opt/cni/bin", "doctor only: the directory the kubelet finds CNI plugins in (checked by cni-plugin)")),
@@ -712,6 +717,7 @@ fn build(values: &BTreeMap<&'static str, (Origin, Vec<String>)>) -> Result<Flags
         log_backtrace_at,
         dataplane,
         userspace_queues: u32::try_from(int("userspace-queues", 0, 8)?).unwrap_or(0),
+        userspace_cpu_steering: boolean("userspace-cpu-steering")?,
         lease_dir,
         vxlan_tx_checksum_offload: boolean("vxlan-tx-checksum-offload")?,
         metrics_port: port("metrics-port")?,

@@ -146,6 +146,7 @@ impl Plane {
                         0 => crate::backend::userspace::default_queues(),
                         n => n as usize,
                     },
+                    cpu_steering: flags.userspace_cpu_steering,
                 };
                 let handed_over = inherited.is_some();
                 let dp = if handed_over {

@@ -1,5 +1,5 @@
 //! The OS beyond rtnetlink (which is `crate::netlink`): TUN device, UDP batching, ethtool ioctls,
-//! raw ICMP probes, namespaces, fd passing (the only `unsafe` code), running programs
+//! raw ICMP probes, namespaces, fd passing, CPU steering (the only `unsafe` code), running programs
 //! ([`exec`]) and reading `/proc` ([`procfs`]).
 #![allow(unsafe_code)]
 
@@ -9,5 +9,6 @@ pub mod handoff;
 pub mod icmp;
 pub mod netns;
 pub mod procfs;
+pub mod steer;
 pub mod tun;
 pub mod udp;
