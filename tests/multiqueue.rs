@@ -124,22 +124,28 @@ fn handover_to(c: &mut Cluster, queues: &str) -> usize {
     lost_pings(c, |c| c.handoff_flanneld("n1").expect("handover"))
 }
 
+/// Two userspace nodes with two queues each and `/metrics` on, their matrix passing.
+fn two_queue_cluster() -> Cluster {
+    std::env::set_var(QUEUES_ENV, "2");
+    let mut s = spec(&[NodeKind::Userspace, NodeKind::Userspace], 1);
+    for n in &mut s.nodes {
+        n.extra_args = vec![format!("--metrics-port={METRICS_PORT}")];
+    }
+    let c = Cluster::up(&s).expect("cluster up");
+    assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
+    assert_ready(&c, "tun_queues=2 sockets=2");
+    c
+}
+
 #[test]
 fn multi_queue_spreads_flows_and_hands_over_to_any_queue_count() {
     if !privileged_test_guard("multi_queue_spreads_flows_and_hands_over_to_any_queue_count") {
         return;
     }
     let _g = serial();
-    std::env::set_var(QUEUES_ENV, "2");
-    let mut s = spec(&[NodeKind::Userspace, NodeKind::Userspace], 1);
-    for n in &mut s.nodes {
-        n.extra_args = vec![format!("--metrics-port={METRICS_PORT}")];
-    }
-    let mut c = Cluster::up(&s).expect("cluster up");
-    assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
+    let mut c = two_queue_cluster();
     let flags = tun_flags(&c);
     assert_ne!(flags & 0x100, 0, "flannel.1 is not multi-queue: {flags:#x}");
-    assert_ready(&c, "tun_queues=2 sockets=2");
 
     // Parallel flows: every queue of both nodes reads (flows are spread by hash, so a run
     // may miss a queue by chance; up to three runs).
@@ -285,15 +291,8 @@ fn cpu_steering_keeps_packets_on_their_cpu_and_a_successor_without_it_undoes_it(
         "CPU steering needs 2 CPUs to be tested; this machine has {cpus}"
     );
     let _g = serial();
-    std::env::set_var(QUEUES_ENV, "2");
     std::env::set_var(STEERING_ENV, "true");
-    let mut s = spec(&[NodeKind::Userspace, NodeKind::Userspace], 1);
-    for n in &mut s.nodes {
-        n.extra_args = vec![format!("--metrics-port={METRICS_PORT}")];
-    }
-    let mut c = Cluster::up(&s).expect("cluster up");
-    assert!(c.check_until_pass(Duration::from_secs(5)).all_pass());
-    assert_ready(&c, "tun_queues=2 sockets=2");
+    let mut c = two_queue_cluster();
 
     // Each queue's threads run on their queue's CPU only.
     for node in ["n1", "n2"] {

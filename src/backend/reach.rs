@@ -34,7 +34,6 @@ impl ProbeContext {
     /// The context of a node running with `flags` and `backend`.
     pub fn new(flags: &Flags, backend: &BackendConfig) -> ProbeContext {
         // An invalid prefix stops the kube store at start; the default names stand in here.
-        // An invalid prefix stops the kube store at start; the default names stand in here.
         let overwrite_annotation = if flags.kube_subnet_mgr {
             AnnotationNames::new(&flags.kube_annotation_prefix)
                 .or_else(|_| AnnotationNames::new(DEFAULT_PREFIX))

@@ -804,13 +804,8 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
                         continue;
                     }
                 }
-                let sock = self.sender(buf.get(packet.clone()).unwrap_or_default());
-                match encap(&mut buf, packet, &table, &self.local, &mut icmp, now) {
-                    EncapVerdict::Transmit { dst, frame } => {
-                        self.batch_frame(&buf, &mut batch, (sock, dst, frame), &mut gso_ok)
-                    }
-                    EncapVerdict::ReplyToTun { packet } => self.reply_to_tun(&mut buf, packet),
-                    EncapVerdict::Drop(reason) => self.counters.count_drop(reason),
+                if let Some(to) = self.encap_one(&mut buf, packet, &table, (&mut icmp, now)) {
+                    self.batch_frame(&buf, &mut batch, to, &mut gso_ok);
                 }
                 continue;
             }
@@ -880,7 +875,31 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
         }
     }
 
-    /// Encapsulates and sends one packet; `icmp` is the error rate limit and the time now.
+    /// Encapsulates one packet in place: the socket to send it from, the peer and the
+    /// frame; None when an error went back to TUN instead or the drop was counted. `icmp`
+    /// is the error rate limit and the time now.
+    fn encap_one(
+        &self,
+        buf: &mut [u8],
+        packet: std::ops::Range<usize>,
+        table: &PeerTable,
+        icmp: (&mut IcmpLimiter, Duration),
+    ) -> Option<(&S, IpAddr, std::ops::Range<usize>)> {
+        let sock = self.sender(buf.get(packet.clone()).unwrap_or_default());
+        match encap(buf, packet, table, &self.local, icmp.0, icmp.1) {
+            EncapVerdict::Transmit { dst, frame } => Some((sock, dst, frame)),
+            EncapVerdict::ReplyToTun { packet } => {
+                self.reply_to_tun(buf, packet);
+                None
+            }
+            EncapVerdict::Drop(reason) => {
+                self.counters.count_drop(reason);
+                None
+            }
+        }
+    }
+
+    /// Encapsulates and sends one packet on its own.
     fn encap_and_send(
         &self,
         buf: &mut [u8],
@@ -888,17 +907,13 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
         table: &PeerTable,
         icmp: (&mut IcmpLimiter, Duration),
     ) {
-        let sock = self.sender(buf.get(packet.clone()).unwrap_or_default());
-        match encap(buf, packet, table, &self.local, icmp.0, icmp.1) {
-            EncapVerdict::Transmit { dst, frame } => {
-                let len = frame.len();
-                match sock.send_to(&buf[frame], SocketAddr::new(dst, self.port)) {
-                    Ok(()) => self.counters.count_tx(len),
-                    Err(_) => self.io_errors.count_send_failure(),
-                }
-            }
-            EncapVerdict::ReplyToTun { packet } => self.reply_to_tun(buf, packet),
-            EncapVerdict::Drop(reason) => self.counters.count_drop(reason),
+        let Some((sock, dst, frame)) = self.encap_one(buf, packet, table, icmp) else {
+            return;
+        };
+        let len = frame.len();
+        match sock.send_to(&buf[frame], SocketAddr::new(dst, self.port)) {
+            Ok(()) => self.counters.count_tx(len),
+            Err(_) => self.io_errors.count_send_failure(),
         }
     }
 
