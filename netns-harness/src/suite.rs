@@ -723,5 +723,13 @@ mod tests {
             r.ratio(Wire::Gso, Metric::Tcp1)
         );
         assert_eq!(back.to_string(), r.to_string());
+        // Anything else is refused with a reason, not half-read.
+        for bad in ["", "{}", "[]", r#"{"options":{},"samples":[],"errors":[]}"#] {
+            let e = SuiteReport::from_json(bad).unwrap_err();
+            assert!(
+                format!("{e:#}").contains("not a bench.json"),
+                "{bad}: {e:#}"
+            );
+        }
     }
 }
