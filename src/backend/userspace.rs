@@ -1,5 +1,7 @@
 //! The userspace VXLAN data plane: a TUN device and a UDP socket, one thread per direction,
-//! for each of N queues (a multi-queue TUN device and a `SO_REUSEPORT` socket group).
+//! for each of N queues (a multi-queue TUN device and a `SO_REUSEPORT` socket group). An RX
+//! thread also sends the few answers its own TUN writes produced, so they do not wait for
+//! the TX thread to wake.
 //!
 //! Control flow: the daemon builds a [`PeerTable`] from the current peers and swaps it in
 //! atomically ([`UserspaceVxlan::sync`]); the packet threads load it per packet and never
@@ -8,7 +10,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -40,6 +42,9 @@ const MAX_GSO_BYTES: usize = 65_000;
 const MAX_GSO_SEGMENTS: usize = 64;
 /// Messages per receive call (`recvmmsg`); each may hold a UDP GRO batch.
 const RX_SLOTS: usize = 64;
+/// Most packets an RX thread forwards from TUN after a write (the answers its write
+/// produced); more is left to the queue's TX thread, so receiving never starves.
+const REPLY_DRAIN: usize = 8;
 /// Most queues (TUN queues, sockets, and TX + RX thread pairs) one data plane runs.
 pub const MAX_QUEUES: usize = 8;
 /// Send sockets (source ports) per queue when there are several queues: flows are spread
@@ -610,14 +615,19 @@ fn spawn_loops<T: TunPort + 'static, S: DatagramPort + 'static>(
     }
     let senders: Arc<[Arc<S>]> = senders.into();
     let (n_tx, n_rx) = (tuns.len(), socks.len());
+    let tx_states: Vec<Arc<Mutex<TxState>>> = (0..n_tx)
+        .map(|_| Arc::new(Mutex::new(TxState::new())))
+        .collect();
     let plan = (0..n_tx)
         .map(|i| ("tx", i, n_tx, Worker::run_tx as fn(&Worker<T, S>)))
         .chain((0..n_rx).map(|j| ("rx", j, n_rx, Worker::run_rx as fn(&Worker<T, S>))));
     for (name, q, n, run) in plan {
         let w = Worker {
             shared: shared.clone(),
-            tun: tuns[q % tuns.len()].clone(),
-            sock: socks[q % socks.len()].clone(),
+            tun: tuns[q % n_tx].clone(),
+            tx: tx_states[q % n_tx].clone(),
+            tun_queue: q % n_tx,
+            sock: socks[q % n_rx].clone(),
             senders: senders.clone(),
             queue: q,
         };
@@ -675,10 +685,6 @@ impl<S> Default for TxBatch<'_, S> {
 }
 
 impl<S> TxBatch<'_, S> {
-    fn is_empty(&self) -> bool {
-        self.to.is_none()
-    }
-
     /// Whether a frame of `len` bytes from `sock` to `dst` can follow the batched ones.
     fn accepts(&self, sock: &S, dst: IpAddr, len: usize) -> bool {
         self.to
@@ -695,10 +701,40 @@ impl<S> TxBatch<'_, S> {
     }
 }
 
+/// The TX side of one TUN queue, held by whichever thread reads the queue (its TX thread,
+/// or the RX thread forwarding what its own TUN write produced): one reader at a time, so
+/// a flow's packets leave in the order they were read.
+struct TxState {
+    /// Packets are read into it and encapsulated in place, back to back while batching.
+    buf: Vec<u8>,
+    /// Segments of a TSO super-packet.
+    arena: Vec<u8>,
+    /// UDP GSO works (until the kernel first refuses it).
+    gso_ok: bool,
+    icmp: IcmpLimiter,
+    epoch: Instant,
+}
+
+impl TxState {
+    fn new() -> TxState {
+        TxState {
+            buf: vec![0u8; MAX_GSO_BYTES + BUF_LEN],
+            arena: Vec::with_capacity(2 * BUF_LEN),
+            gso_ok: true,
+            icmp: IcmpLimiter::default(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
 /// One packet thread's view: the shared state and the queue it serves.
 struct Worker<T, S> {
     shared: Shared,
+    /// The TUN queue this thread reads (TX) or writes (RX), and its TX side.
     tun: Arc<T>,
+    tx: Arc<Mutex<TxState>>,
+    /// Index of `tun` among the TUN queues.
+    tun_queue: usize,
     sock: Arc<S>,
     /// Per-flow send sockets; empty: send on `sock`.
     senders: Arc<[Arc<S>]>,
@@ -731,61 +767,69 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
         }
     }
 
-    /// TUN → VXLAN. The packet is read so that its vnet header ends exactly where the
-    /// VXLAN + Ethernet headroom ends; encap then overwrites the consumed vnet header. TSO
-    /// super-packets are split into an arena laid out for one UDP GSO send per batch. Other
-    /// packets are read back to back into `buf` and encapsulated in place, so that a run of
-    /// equal-sized frames to one peer (a UDP flood, a train of ACKs) leaves in one UDP GSO
-    /// send; a batch is sent as soon as the TUN queue is empty, so no packet waits for
+    /// TUN → VXLAN: waits for the queue to be readable, then drains it
+    /// ([`Worker::drain_tun`]).
+    fn run_tx(&self) {
+        let mut readable = true;
+        while !self.stop.load(Ordering::Relaxed) {
+            let drained = if readable {
+                let mut st = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
+                self.drain_tun(&mut st, usize::MAX, false)
+            } else {
+                Ok(())
+            };
+            match drained.and_then(|()| self.tun.wait_readable(POLL)) {
+                Ok(r) => readable = r,
+                // A successor detached this queue (it serves fewer): nothing to read here.
+                Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
+                    readable = true;
+                    std::thread::sleep(POLL);
+                }
+                Err(e) => {
+                    readable = true;
+                    warn!(error = %e, "TUN read failed");
+                    std::thread::sleep(POLL);
+                }
+            }
+        }
+    }
+
+    /// Reads the TUN queue until it is empty, `limit` packets were read, or (`small_only`)
+    /// a TSO super-packet was read, and sends what was read. A packet is read so that its
+    /// vnet header ends exactly where the VXLAN + Ethernet headroom ends; encap then
+    /// overwrites the consumed vnet header. TSO super-packets are split into an arena laid out for one UDP GSO send per batch. Other
+    /// packets are read back to back into the buffer and encapsulated in place, so that a
+    /// run of equal-sized frames to one peer (a UDP flood, a train of ACKs) leaves in one
+    /// UDP GSO send; a batch is sent as soon as the queue is empty, so no packet waits for
     /// another. ICMP errors the core builds are rate limited like the kernel's (1000/s,
     /// bursts of 50).
-    fn run_tx(&self) {
-        let epoch = Instant::now();
-        let mut icmp = IcmpLimiter::default();
-        let mut buf = vec![0u8; MAX_GSO_BYTES + BUF_LEN];
-        let mut arena = Vec::with_capacity(2 * BUF_LEN);
-        let mut gso_ok = true;
+    fn drain_tun(&self, st: &mut TxState, limit: usize, small_only: bool) -> io::Result<()> {
+        let TxState {
+            buf,
+            arena,
+            gso_ok,
+            icmp,
+            epoch,
+        } = st;
         let mut batch = TxBatch::default();
-        // The last read found the queue empty: wait before reading again.
-        let mut drained = false;
         let off = VXLAN_HEADROOM - VNET_HDR_LEN;
-        while !self.stop.load(Ordering::Relaxed) {
+        for _ in 0..limit {
             if batch.used + BUF_LEN > buf.len() {
-                self.flush(&buf, &mut batch, &mut gso_ok);
+                self.flush(buf, &mut batch, gso_ok);
             }
             let at = batch.used + off;
             let window = &mut buf[at..at + BUF_LEN - off];
-            let read = if !batch.is_empty() {
-                self.tun.try_recv(window)
-            } else if drained {
-                self.tun.wait_recv(window, POLL)
-            } else {
-                self.tun.recv(window, POLL)
-            };
-            let n = match read {
+            let n = match self.tun.try_recv(window) {
                 Ok(Some(n)) => n,
-                Ok(None) => {
-                    drained = true;
-                    self.flush(&buf, &mut batch, &mut gso_ok);
-                    continue;
-                }
-                // A successor detached this queue (it serves fewer): nothing to read here.
-                Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
-                    self.flush(&buf, &mut batch, &mut gso_ok);
-                    std::thread::sleep(POLL);
-                    continue;
-                }
+                Ok(None) => break,
                 Err(e) => {
-                    warn!(error = %e, "TUN read failed");
-                    self.flush(&buf, &mut batch, &mut gso_ok);
-                    std::thread::sleep(POLL);
-                    continue;
+                    self.flush(buf, &mut batch, gso_ok);
+                    return Err(e);
                 }
             };
-            drained = false;
             let end = at + n;
             let packet = batch.used + VXLAN_HEADROOM..end;
-            QueueStats::count(&self.queue_stats.tx, self.queue, 1);
+            QueueStats::count(&self.queue_stats.tx, self.tun_queue, 1);
             let now = epoch.elapsed();
             let hdr = match VirtioNetHdr::parse(buf.get(at..end).unwrap_or_default()) {
                 Ok(h) => h,
@@ -804,14 +848,14 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
                         continue;
                     }
                 }
-                if let Some(to) = self.encap_one(&mut buf, packet, &table, (&mut icmp, now)) {
-                    self.batch_frame(&buf, &mut batch, to, &mut gso_ok);
+                if let Some(to) = self.encap_one(buf, packet, &table, (icmp, now)) {
+                    self.batch_frame(buf, &mut batch, to, gso_ok);
                 }
                 continue;
             }
             // In order: the frames read before this super-packet leave first.
-            self.flush(&buf, &mut batch, &mut gso_ok);
-            let segs = match gso_split(&buf[packet], &hdr, &mut arena, VXLAN_HEADROOM) {
+            self.flush(buf, &mut batch, gso_ok);
+            let segs = match gso_split(&buf[packet], &hdr, arena, VXLAN_HEADROOM) {
                 Ok(s) => s,
                 Err(reason) => {
                     self.counters.count_drop(reason);
@@ -820,12 +864,33 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
             };
             if segs.len() == 1 {
                 let Some(p) = segs.packet(0) else { continue };
-                self.encap_and_send(&mut arena, p, &table, (&mut icmp, now));
+                self.encap_and_send(arena, p, &table, (icmp, now));
             } else {
-                self.send_segments(&mut arena, &segs, &table, &mut gso_ok, (&mut icmp, now));
+                self.send_segments(arena, &segs, &table, gso_ok, (icmp, now));
+            }
+            if small_only {
+                break;
             }
         }
-        self.flush(&buf, &mut batch, &mut gso_ok);
+        self.flush(buf, &mut batch, gso_ok);
+        Ok(())
+    }
+
+    /// Sends what this RX thread's TUN writes just produced, unless the TX thread is
+    /// reading the queue already. The kernel answers a packet written to TUN in the
+    /// writer's context (an echo reply, a request's response, a TCP ACK) and queues the
+    /// answer on this TUN queue (the queue a flow was written to, or with CPU steering the
+    /// queue of this CPU); sent from here, it does not wait for the TX thread's wake-up
+    /// (tens of µs on a VM). Only a few packets and no bulk: a TSO super-packet read ends
+    /// it, the rest is the TX thread's.
+    fn forward_replies(&self) {
+        let mut st = match self.tx.try_lock() {
+            Ok(st) => st,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return,
+        };
+        // Errors are the TX thread's to report.
+        let _ = self.drain_tun(&mut st, REPLY_DRAIN, true);
     }
 
     /// Adds the frame just encapsulated at `buf[frame]` (right after the batch's frames) to
@@ -1041,6 +1106,9 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
             QueueStats::count(&self.queue_stats.rx, self.queue, msgs.len());
             let table = self.table.load();
             packets.clear();
+            // A TSO super-packet went to TUN: bulk traffic, whose answers (ACKs) can wait
+            // for the TX thread.
+            let mut bulk = false;
             for m in &msgs {
                 if m.truncated {
                     self.counters.count_drop(DropReason::Truncated);
@@ -1052,6 +1120,7 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
                             let p = buf.get_mut(packet.clone()).unwrap_or_default();
                             if let Some(hdr) = rx_super_packet(p, self.mtu) {
                                 // In order: what came before it first.
+                                bulk = true;
                                 self.write_batch(&mut buf, &mut packets, &mut coalescer);
                                 let len = packet.len();
                                 match self.tun.send_gather(&hdr.to_bytes(), &buf, &[packet]) {
@@ -1073,26 +1142,31 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
                     }
                 }
             }
-            self.write_batch(&mut buf, &mut packets, &mut coalescer);
+            bulk |= self.write_batch(&mut buf, &mut packets, &mut coalescer);
+            if !bulk {
+                self.forward_replies();
+            }
         }
     }
 
-    /// Writes the decapsulated `packets` to TUN (merged where possible) and clears the list.
+    /// Writes the decapsulated `packets` to TUN (merged where possible) and clears the list;
+    /// true if a merged super-packet was written.
     fn write_batch(
         &self,
         buf: &mut [u8],
         packets: &mut Vec<std::ops::Range<usize>>,
         coalescer: &mut Coalescer,
-    ) {
+    ) -> bool {
         if packets.is_empty() {
-            return;
+            return false;
         }
         if !self.coalesce {
             for p in packets.drain(..) {
                 self.deliver_one(buf, p);
             }
-            return;
+            return false;
         }
+        let mut merged = false;
         coalescer.coalesce(buf, packets);
         packets.clear();
         self.counters.count_rx_csum_bad(coalescer.bad_checksums());
@@ -1103,13 +1177,17 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
                     self.deliver_one(buf, one.clone());
                     continue;
                 }
-                _ => self.tun.send_gather(&w.hdr.to_bytes(), buf, pieces),
+                _ => {
+                    merged = true;
+                    self.tun.send_gather(&w.hdr.to_bytes(), buf, pieces)
+                }
             };
             match sent {
                 Ok(()) => w.segment_lens().for_each(|l| self.counters.count_rx(l)),
                 Err(_) => self.io_errors.count_tun_write_failure(),
             }
         }
+        merged
     }
 
     /// Writes one decapsulated inner packet to TUN.

@@ -25,6 +25,12 @@ struct FakeTun {
     queued: Condvar,
     written: Mutex<Vec<Vec<u8>>>,
     wrote: Condvar,
+    /// Answer every IPv4 packet written, as the kernel answers a ping or a TCP segment in
+    /// the writer's context, queueing the answer on the written queue; `wait_readable` never
+    /// reports these answers, as if the waiting reader's wake-up were too slow to matter.
+    answer: AtomicBool,
+    /// Answers queued and not yet read.
+    unannounced: AtomicUsize,
 }
 
 impl FakeTun {
@@ -60,9 +66,26 @@ impl TunPort for FakeTun {
         let Some(p) = q.pop_front() else {
             return Ok(None);
         };
+        let _ = self
+            .unannounced
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         let n = p.len().min(buf.len());
         buf[..n].copy_from_slice(&p[..n]);
         Ok(Some(n))
+    }
+
+    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        let announced = |q: &VecDeque<Vec<u8>>| q.len() > self.unannounced.load(Ordering::SeqCst);
+        let q = self.inbox.lock().unwrap();
+        if announced(&q) {
+            return Ok(true);
+        }
+        let q = self
+            .queued
+            .wait_timeout(q, timeout.min(FAKE_WAIT))
+            .unwrap()
+            .0;
+        Ok(announced(&q))
     }
 
     fn send(&self, packet: &[u8]) -> io::Result<()> {
@@ -77,10 +100,27 @@ impl TunPort for FakeTun {
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "piece out of range"))?;
             p.extend_from_slice(piece);
         }
+        if self.answer.load(Ordering::SeqCst) {
+            if let Some(reply) = p.get(VNET_HDR_LEN..).and_then(swapped_ipv4) {
+                let mut inbox = self.inbox.lock().unwrap();
+                inbox.push_back([&[0u8; VNET_HDR_LEN][..], &reply].concat());
+                self.unannounced.fetch_add(1, Ordering::SeqCst);
+            }
+        }
         self.written.lock().unwrap().push(p);
         self.wrote.notify_all();
         Ok(())
     }
+}
+
+/// An IPv4 packet's answer: the same protocol and payload from its destination to its
+/// source.
+fn swapped_ipv4(p: &[u8]) -> Option<Vec<u8>> {
+    if p.len() < 20 || p[0] >> 4 != 4 {
+        return None;
+    }
+    let addr = |at: usize| Ipv4Addr::new(p[at], p[at + 1], p[at + 2], p[at + 3]);
+    Some(ipv4_packet(addr(16), addr(12), p[9], &p[20..]))
 }
 
 /// One receive of the fake network: a datagram, or a UDP GRO run of equal-sized ones.
@@ -641,6 +681,30 @@ fn queued_small_packets_leave_in_gso_sends_per_peer_and_size_a_lone_one_at_once(
     wait_until(|| !net.sends.lock().unwrap().is_empty());
     assert_eq!(*net.sends.lock().unwrap(), [(ip2, 1)]);
     assert_eq!(b.tun.wait_written(122).len(), 122);
+    a.stop();
+    b.stop();
+}
+
+#[test]
+fn an_answer_the_kernel_queues_during_a_tun_write_leaves_without_the_tx_thread() {
+    let net = Arc::new(FakeNet::default());
+    let a = Node::start(&net, 1, 2, true);
+    let b = Node::start(&net, 2, 1, true);
+    // B's TX thread is never told of the answers: only B's RX thread, which wrote the
+    // packet, can send them on.
+    b.tun.answer.store(true, Ordering::SeqCst);
+    for i in 0..3 {
+        let ping = udp_packet(Ipv4Addr::new(10, 244, 2, 7), i);
+        a.tun.inject(&plain(), &ping);
+        let got = a.tun.wait_written(usize::from(i) + 1);
+        let answer = swapped_ipv4(&ping).unwrap();
+        assert_eq!(
+            got.get(usize::from(i)),
+            Some(&[&[0u8; VNET_HDR_LEN][..], &answer].concat()),
+            "answer {i} came back"
+        );
+    }
+    assert_eq!(b.shared.counters.snapshot().tx_packets, 3);
     a.stop();
     b.stop();
 }

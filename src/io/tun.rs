@@ -299,8 +299,9 @@ impl crate::dataplane::ports::TunPort for Tun {
         Tun::try_recv(self, buf)
     }
 
-    fn wait_recv(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
-        wait_then_read(self.fd.as_raw_fd(), buf, timeout)
+    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        wait_fd(self.fd.as_raw_fd(), libc::POLLIN, ms)
     }
 
     fn send(&self, packet: &[u8]) -> io::Result<()> {

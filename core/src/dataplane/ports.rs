@@ -43,11 +43,9 @@ pub trait TunPort: Send + Sync {
         self.recv(buf, Duration::ZERO)
     }
 
-    /// As [`TunPort::recv`] for a caller that just found the queue empty: waits for a
-    /// packet first, sparing a read that would find nothing.
-    fn wait_recv(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
-        self.recv(buf, timeout)
-    }
+    /// Waits up to `timeout` for a packet to read, without reading it; false when none
+    /// came, so the caller can look for shutdown.
+    fn wait_readable(&self, timeout: Duration) -> io::Result<bool>;
 
     /// Writes one packet (vnet header first).
     fn send(&self, packet: &[u8]) -> io::Result<()>;
