@@ -780,14 +780,13 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
             };
             match drained.and_then(|()| self.tun.wait_readable(POLL)) {
                 Ok(r) => readable = r,
-                // A successor detached this queue (it serves fewer): nothing to read here.
-                Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
-                    readable = true;
-                    std::thread::sleep(POLL);
-                }
                 Err(e) => {
+                    // EBADFD: a successor detached this queue (it serves fewer); nothing to
+                    // read here, and nothing to report.
+                    if e.raw_os_error() != Some(libc::EBADFD) {
+                        warn!(error = %e, "TUN read failed");
+                    }
                     readable = true;
-                    warn!(error = %e, "TUN read failed");
                     std::thread::sleep(POLL);
                 }
             }
@@ -797,12 +796,12 @@ impl<T: TunPort, S: DatagramPort> Worker<T, S> {
     /// Reads the TUN queue until it is empty, `limit` packets were read, or (`small_only`)
     /// a TSO super-packet was read, and sends what was read. A packet is read so that its
     /// vnet header ends exactly where the VXLAN + Ethernet headroom ends; encap then
-    /// overwrites the consumed vnet header. TSO super-packets are split into an arena laid out for one UDP GSO send per batch. Other
-    /// packets are read back to back into the buffer and encapsulated in place, so that a
-    /// run of equal-sized frames to one peer (a UDP flood, a train of ACKs) leaves in one
-    /// UDP GSO send; a batch is sent as soon as the queue is empty, so no packet waits for
-    /// another. ICMP errors the core builds are rate limited like the kernel's (1000/s,
-    /// bursts of 50).
+    /// overwrites the consumed vnet header. TSO super-packets are split into an arena laid
+    /// out for one UDP GSO send per batch. Other packets are read back to back into the
+    /// buffer and encapsulated in place, so that a run of equal-sized frames to one peer (a
+    /// UDP flood, a train of ACKs) leaves in one UDP GSO send; a batch is sent as soon as
+    /// the queue is empty, so no packet waits for another. ICMP errors the core builds are
+    /// rate limited like the kernel's (1000/s, bursts of 50).
     fn drain_tun(&self, st: &mut TxState, limit: usize, small_only: bool) -> io::Result<()> {
         let TxState {
             buf,

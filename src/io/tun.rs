@@ -300,8 +300,7 @@ impl crate::dataplane::ports::TunPort for Tun {
     }
 
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        wait_fd(self.fd.as_raw_fd(), libc::POLLIN, ms)
+        wait_readable(self.fd.as_raw_fd(), timeout)
     }
 
     fn send(&self, packet: &[u8]) -> io::Result<()> {
@@ -392,16 +391,16 @@ fn read_with_timeout(fd: RawFd, buf: &mut [u8], timeout: Duration) -> io::Result
     if let Some(n) = read_nonblocking(fd, buf)? {
         return Ok(Some(n));
     }
-    wait_then_read(fd, buf, timeout)
-}
-
-/// Waits up to `timeout` for `fd` to be readable, then reads once.
-fn wait_then_read(fd: RawFd, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    if !wait_fd(fd, libc::POLLIN, ms)? {
+    if !wait_readable(fd, timeout)? {
         return Ok(None);
     }
     read_nonblocking(fd, buf)
+}
+
+/// Waits up to `timeout` for `fd` to be readable.
+fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    wait_fd(fd, libc::POLLIN, ms)
 }
 
 #[cfg(test)]
