@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use netns::*;
 use netns_harness::scenario::{self, Scenario, ScenarioOpts, ScenarioReport};
-use netns_harness::{privileged_test_guard, Family, IpFamily, NodeKind, StoreKind};
+use netns_harness::{privileged_test_guard, Family, IpFamily, Level, NodeKind, StoreKind};
 
 use NodeKind::{Kernel, KernelRef, Userspace};
 
@@ -224,10 +224,50 @@ fn p3_forward_reject_breaks_and_heals_both_families_on_dual_stack() {
         "{m}"
     );
     // Scenarios without an IPv6 twin of their break refuse dual-stack clusters.
-    let err = scenario::run(Scenario::NodeSetup, &opts).expect_err("node-setup on dual");
+    let err = scenario::run(Scenario::P3Fallback, &opts).expect_err("p3-fallback on dual");
     assert!(
         format!("{err:#}").contains("does not run on --ip-family dual"),
         "{err:#}"
+    );
+}
+
+/// The node set-up checks on dual stack: doctor's MTU check probes each family with its own
+/// overlay MTU, so a peer's underlay MTU that fits neither names both of its subnets.
+#[test]
+fn node_setup_names_both_families_mtu_on_dual_stack() {
+    if !privileged_test_guard("node_setup_names_both_families_mtu_on_dual_stack") {
+        return;
+    }
+    let _g = serial();
+    let (_, r) = passes_on_dual(Scenario::NodeSetup);
+    let mtu = r.phase("mtu").expect("mtu phase");
+    let doctor = mtu.doctor.last().expect("doctor run in the mtu phase");
+    let fails: Vec<&str> = doctor
+        .report
+        .checks
+        .iter()
+        .filter(|c| c.level == Level::Fail)
+        .map(|c| c.id.as_str())
+        .collect();
+    assert_eq!(fails, ["mtu", "mtu-v6"], "{doctor}");
+    let v6 = doctor
+        .report
+        .checks
+        .iter()
+        .find(|c| c.id == "mtu-v6")
+        .expect("mtu-v6");
+    assert!(
+        v6.text()
+            .contains("overlay MTU 1430 (1500 bytes on the underlay)"),
+        "{doctor}"
+    );
+    let baseline = r.phase("baseline").expect("baseline phase");
+    assert!(
+        baseline
+            .doctor
+            .iter()
+            .all(|d| d.report.has(Level::Pass, "mtu") && d.report.has(Level::Pass, "mtu-v6")),
+        "baseline doctor runs pass both MTU checks"
     );
 }
 

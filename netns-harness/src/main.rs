@@ -178,7 +178,8 @@ enum Cmd {
         apiserver: Option<PathBuf>,
         /// Address families of the cluster, as for `up` (dual: the P3 causes ip-forward,
         /// forward-reject, security-software, vxlan-port and vxlan-hostgw break and are
-        /// judged on both; p2-cluster-ip adds IPv6 ClusterIPs and checks flannel-v6.1).
+        /// judged on both; p2-cluster-ip adds IPv6 ClusterIPs and checks flannel-v6.1;
+        /// node-setup breaks the underlay MTU of both families).
         #[arg(long, default_value = "v4")]
         ip_family: String,
     },

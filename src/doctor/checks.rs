@@ -65,6 +65,8 @@ pub struct DeviceFacts {
     pub carrier: bool,
     /// `tx-checksum-ip-generic` of a kernel vxlan device (`Err`: could not read).
     pub tx_checksum: Option<Result<bool, String>>,
+    /// The device's MTU, if it exists.
+    pub mtu: Option<u32>,
 }
 
 fn recreate_fix(name: &str) -> String {
@@ -743,6 +745,7 @@ mod tests {
             link: link.map(|(k, up, vni)| (Some(k.to_owned()), up, vni)),
             carrier: true,
             tx_checksum: tx,
+            mtu: Some(1450),
         }
     }
 
@@ -874,7 +877,10 @@ mod tests {
             f.fixes
         );
         // Checks without a v6 twin keep their id.
-        assert_eq!(Finding::new(Status::Pass, ids::MTU, "x").v6().id, ids::MTU);
+        assert_eq!(
+            Finding::new(Status::Pass, ids::CNI_PLUGIN, "x").v6().id,
+            ids::CNI_PLUGIN
+        );
     }
 
     #[test]

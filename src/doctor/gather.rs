@@ -74,6 +74,7 @@ pub async fn device(name: &str, vni: u32) -> Result<DeviceFacts, String> {
         name: name.to_owned(),
         vni,
         carrier: link.as_ref().is_some_and(|l| l.lower_up),
+        mtu: link.as_ref().and_then(|l| l.mtu),
         link: link.map(|l| {
             let vni = l.vxlan.as_ref().and_then(|v| v.vni);
             (l.kind, l.up, vni)

@@ -64,48 +64,92 @@ impl Diagnosis {
     }
 }
 
-/// `mtu`: the peers that answered small echoes, probed again with Don't-Fragment echoes of
-/// the overlay MTU.
+/// What one family's peers are probed with: the overlay MTU (or why it is unknown) and what
+/// the backend adds to it on the underlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MtuPlan {
+    family: IpFamily,
+    mtu: Result<u32, String>,
+    overhead: u32,
+}
+
+/// The MTU probe of each enabled family. IPv4 uses subnet.env's `FLANNEL_MTU`. IPv6 over
+/// VXLAN uses the MTU of `flannel-v6.<VNI>` (`dev6_mtu`): flannel sizes that device for the
+/// 70 bytes VXLAN adds over an IPv6 underlay, and `FLANNEL_MTU` is the IPv4 device's
+/// unless IPv6 is the only family (then it is the IPv6 device's and stands in for a device
+/// that cannot be read). host-gw adds nothing: `FLANNEL_MTU` for both.
+fn mtu_plans(
+    backend: &BackendConfig,
+    (v4, v6): (bool, bool),
+    flannel_mtu: Option<u32>,
+    dev6_mtu: Option<u32>,
+) -> Vec<MtuPlan> {
+    let no_env = || "subnet.env has no FLANNEL_MTU to probe with".to_owned();
+    families(v4, v6)
+        .map(|family| {
+            let (mtu, overhead) = match (backend, family) {
+                (BackendConfig::Vxlan(_), IpFamily::V4) => (
+                    flannel_mtu.ok_or_else(no_env),
+                    crate::backend::kernel::VXLAN_OVERHEAD,
+                ),
+                (BackendConfig::Vxlan(vx), IpFamily::V6) => {
+                    let dev = crate::backend::kernel::device_name(vx.vni, IpFamily::V6);
+                    let mtu = dev6_mtu.or(flannel_mtu.filter(|_| !v4)).ok_or_else(|| {
+                        format!("{dev} not found: no IPv6 overlay MTU to probe with")
+                    });
+                    (mtu, crate::backend::kernel::VXLAN6_OVERHEAD)
+                }
+                _ => (flannel_mtu.ok_or_else(no_env), 0),
+            };
+            MtuPlan {
+                family,
+                mtu,
+                overhead,
+            }
+        })
+        .collect()
+}
+
+/// `mtu` and `mtu-v6`: per family, the peers that answered small echoes, probed again with
+/// Don't-Fragment echoes of that family's overlay MTU.
 async fn mtu_check(
     probes: &[checks::PeerProbe],
     ctx: &ProbeContext,
-    backend: &BackendConfig,
-    overlay_mtu: Option<u32>,
-) -> Finding {
-    let overhead = match backend {
-        BackendConfig::Vxlan(_) => crate::backend::kernel::VXLAN_OVERHEAD,
-        _ => 0,
-    };
-    let Some(m) = overlay_mtu else {
-        return host::mtu(None, overhead, &[]);
-    };
-    // IPv4 peers only: flannel-v6.<VNI> has an MTU of its own, not subnet.env's FLANNEL_MTU.
-    let answering: Vec<(Peer, IpAddr)> = probes
-        .iter()
-        .filter(|p| p.answered && p.target.is_ipv4())
-        .map(|p| (p.peer.clone(), p.target))
-        .collect();
-    if answering.is_empty() && probes.iter().any(|p| p.answered) {
-        return Finding::new(
-            Status::Skip,
-            ids::MTU,
-            "only IPv6 peers answer: flannel-v6.<VNI> has an MTU of its own, not FLANNEL_MTU, and is not probed",
-        );
+    plans: Vec<MtuPlan>,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for plan in plans {
+        let v6 = plan.family == IpFamily::V6;
+        let finding = match plan.mtu {
+            Err(why) => Finding::new(Status::Skip, ids::MTU, why),
+            Ok(m) => {
+                let answering: Vec<(Peer, IpAddr)> = probes
+                    .iter()
+                    .filter(|p| p.answered && p.target.is_ipv6() == v6)
+                    .map(|p| (p.peer.clone(), p.target))
+                    .collect();
+                if answering.is_empty() {
+                    host::mtu(Some(m), plan.overhead, &[])
+                } else {
+                    let len = usize::try_from(m).unwrap_or(usize::MAX);
+                    match gather::probe_sized(answering, PROBE_TIMEOUT, Some(len)).await {
+                        Ok(big) => {
+                            let results: Vec<(String, bool)> = big
+                                .iter()
+                                .map(|p| {
+                                    (crate::backend::reach::peer_label(&p.peer, ctx), p.answered)
+                                })
+                                .collect();
+                            host::mtu(Some(m), plan.overhead, &results)
+                        }
+                        Err(e) => Finding::new(Status::Skip, ids::MTU, e),
+                    }
+                }
+            }
+        };
+        out.push(if v6 { finding.v6() } else { finding });
     }
-    if answering.is_empty() {
-        return host::mtu(Some(m), overhead, &[]);
-    }
-    let len = usize::try_from(m).unwrap_or(usize::MAX);
-    match gather::probe_sized(answering, PROBE_TIMEOUT, Some(len)).await {
-        Ok(big) => {
-            let results: Vec<(String, bool)> = big
-                .iter()
-                .map(|p| (crate::backend::reach::peer_label(&p.peer, ctx), p.answered))
-                .collect();
-            host::mtu(Some(m), overhead, &results)
-        }
-        Err(e) => Finding::new(Status::Skip, ids::MTU, e),
-    }
+    out
 }
 
 /// The enabled families, IPv4 first.
@@ -239,13 +283,20 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
         let raw = gather::ip6_forward();
         findings.push(checks::ip6_forward(raw.as_deref().map_err(String::as_str)));
     }
+    // The MTU of flannel-v6.<VNI>, which the IPv6 peers are probed with.
+    let mut dev6_mtu = None;
     match &backend {
         BackendConfig::Vxlan(vx) => {
             // One device per enabled family, checked alike (`-v6` ids for flannel-v6.<VNI>).
             for family in families(v4, network6.is_some()) {
                 let name = crate::backend::kernel::device_name(vx.vni, family);
                 let found = match gather::device(&name, vx.vni).await {
-                    Ok(d) => [checks::vxlan_device(&d), checks::tx_checksum(&d)],
+                    Ok(d) => {
+                        if family == IpFamily::V6 && d.link.is_some() {
+                            dev6_mtu = d.mtu;
+                        }
+                        [checks::vxlan_device(&d), checks::tx_checksum(&d)]
+                    }
                     Err(e) => {
                         let msg = format!("cannot inspect {name}: {e}");
                         [
@@ -285,8 +336,8 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
         network,
     ));
     findings.extend(checks::security_software(&procs));
-    let families = (v4, network6.is_some());
-    findings.extend(host_checks(flags, net.as_ref(), &backend, families).await);
+    let stack = (v4, network6.is_some());
+    findings.extend(host_checks(flags, net.as_ref(), &backend, stack).await);
 
     let stored_ip = store.as_ref().ok().and_then(|v| v.stored_public_ip);
     let addrs = gather::interface_addresses().await;
@@ -339,11 +390,18 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
                 Ok(probes) => {
                     findings.extend(checks::peer_reachable(&probes, &ctx));
                     let overlay_mtu = env.as_ref().ok().map(|e| e.mtu).filter(|m| *m > 0);
-                    findings.push(mtu_check(&probes, &ctx, &backend, overlay_mtu).await);
+                    let plans = mtu_plans(&backend, stack, overlay_mtu, dev6_mtu);
+                    findings.extend(mtu_check(&probes, &ctx, plans).await);
                 }
                 Err(e) => {
                     findings.push(Finding::new(Status::Skip, ids::PEER_REACHABLE, e.clone()));
-                    findings.push(Finding::new(Status::Skip, ids::MTU, e));
+                    findings.extend(families(stack.0, stack.1).map(|family| {
+                        let f = Finding::new(Status::Skip, ids::MTU, e.clone());
+                        match family {
+                            IpFamily::V4 => f,
+                            IpFamily::V6 => f.v6(),
+                        }
+                    }));
                 }
             }
         }
@@ -449,5 +507,48 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
     Diagnosis {
         findings,
         config_error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(p: &MtuPlan) -> (IpFamily, Result<u32, String>, u32) {
+        (p.family, p.mtu.clone(), p.overhead)
+    }
+
+    #[test]
+    fn each_family_is_probed_with_its_own_overlay_mtu() {
+        let vx = BackendConfig::Vxlan(VxlanConfig::default());
+        // Dual stack: FLANNEL_MTU is flannel.1's; IPv6 peers get flannel-v6.1's.
+        let p: Vec<_> = mtu_plans(&vx, (true, true), Some(1450), Some(1430))
+            .iter()
+            .map(plan)
+            .collect();
+        assert_eq!(
+            p,
+            [(IpFamily::V4, Ok(1450), 50), (IpFamily::V6, Ok(1430), 70)]
+        );
+        // IPv6 only: FLANNEL_MTU is flannel-v6.1's and stands in when it cannot be read.
+        let p = mtu_plans(&vx, (false, true), Some(1430), None);
+        assert_eq!(
+            p.iter().map(plan).collect::<Vec<_>>(),
+            [(IpFamily::V6, Ok(1430), 70)]
+        );
+        // Dual stack without flannel-v6.1: nothing to probe IPv6 with, and it says why.
+        let p = mtu_plans(&vx, (true, true), Some(1450), None);
+        let why = p[1].mtu.clone().expect_err("no device");
+        assert!(why.contains("flannel-v6.1 not found"), "{why}");
+        // host-gw: no encapsulation, FLANNEL_MTU for both.
+        let p: Vec<_> = mtu_plans(&BackendConfig::HostGw, (true, true), Some(1500), None)
+            .iter()
+            .map(plan)
+            .collect();
+        assert_eq!(
+            p,
+            [(IpFamily::V4, Ok(1500), 0), (IpFamily::V6, Ok(1500), 0)]
+        );
+        assert!(mtu_plans(&vx, (true, false), None, None)[0].mtu.is_err());
     }
 }

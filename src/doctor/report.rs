@@ -81,6 +81,8 @@ pub mod ids {
     pub const TX_CHECKSUM_V6: &str = "tx-checksum-v6";
     /// [`SUBNET_LEASE`] for `FLANNEL_IPV6_SUBNET`.
     pub const SUBNET_LEASE_V6: &str = "subnet-lease-v6";
+    /// [`MTU`] for the IPv6 peers (the MTU of `flannel-v6.<VNI>`, 70 bytes of overhead).
+    pub const MTU_V6: &str = "mtu-v6";
 
     /// The id of check `id` run for the IPv6 family (checks without an IPv6 twin keep theirs).
     pub fn v6(id: &'static str) -> &'static str {
@@ -92,6 +94,7 @@ pub mod ids {
             VXLAN_GUARD => VXLAN_GUARD_V6,
             MASQUERADE => MASQUERADE_V6,
             SUBNET_LEASE => SUBNET_LEASE_V6,
+            MTU => MTU_V6,
             other => other,
         }
     }

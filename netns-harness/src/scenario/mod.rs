@@ -239,11 +239,13 @@ impl Scenario {
 
     /// True when the scenario runs on clusters of `family`: every one on IPv4; on dual-stack
     /// and IPv6-only the P3 causes whose break has an IPv6 twin (net.ipv6 forwarding,
-    /// ip6tables REJECT and DROP) or none (security software), and p2-cluster-ip (the
-    /// ip6tables twin of its kube-proxy emulation, IPv6 ClusterIPs, `flannel-v6.<VNI>`).
+    /// ip6tables REJECT and DROP) or none (security software), p2-cluster-ip (the
+    /// ip6tables twin of its kube-proxy emulation, IPv6 ClusterIPs, `flannel-v6.<VNI>`) and
+    /// node-setup (doctor's `mtu-v6`).
     pub fn supports(self, family: IpFamily) -> bool {
         family == IpFamily::V4
             || self == Scenario::P2ClusterIp
+            || self == Scenario::NodeSetup
             || matches!(
                 self,
                 Scenario::P3IpForward

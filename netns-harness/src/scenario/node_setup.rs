@@ -12,13 +12,14 @@ pub(super) fn node_setup(c: &mut Cluster, opts: &ScenarioOpts) -> Result<Vec<Pha
     let u = first_of(c, NodeKind::Userspace)?;
     let k = first_of(c, NodeKind::Kernel)?;
     let (bin, conf) = c.cni_dirs(&u)?;
-    let ids = [
-        "cni-plugin",
-        "cni-config",
-        "br-netfilter",
-        "vxlan-port",
-        "mtu",
-    ];
+    // The MTU is checked per family: `mtu` for IPv4 peers, `mtu-v6` for IPv6 ones.
+    let family = opts.ip_family;
+    let mtu_ids: Vec<&str> = [(family.has_v4(), "mtu"), (family.has_v6(), "mtu-v6")]
+        .into_iter()
+        .filter_map(|(on, id)| on.then_some(id))
+        .collect();
+    let mut ids = vec!["cni-plugin", "cni-config", "br-netfilter", "vxlan-port"];
+    ids.extend(&mtu_ids);
     let mut phases = Vec::new();
 
     let mut p = Phase::new(
@@ -27,12 +28,9 @@ pub(super) fn node_setup(c: &mut Cluster, opts: &ScenarioOpts) -> Result<Vec<Pha
     );
     expect_matrix_pass(&mut p, c, opts.converge);
     for node in [&u, &k] {
-        p.expect_doctor(
-            c,
-            node,
-            "PASS cni-plugin, cni-config, br-netfilter, vxlan-port, mtu; no FAIL",
-            |r| ids.iter().all(|id| r.has(Level::Pass, id)) && no_fail(r),
-        );
+        p.expect_doctor(c, node, &format!("PASS {}; no FAIL", ids.join(", ")), |r| {
+            ids.iter().all(|id| r.has(Level::Pass, id)) && no_fail(r)
+        });
     }
     phases.push(p);
 
@@ -105,12 +103,36 @@ pub(super) fn node_setup(c: &mut Cluster, opts: &ScenarioOpts) -> Result<Vec<Pha
 
     let mut p = Phase::new(
         "mtu",
-        format!("ip link set eth0 mtu 1400 on {k} (overlay MTU 1450 + 50 no longer fits)"),
+        format!(
+            "ip link set eth0 mtu 1400 on {k} (IPv4 overlay MTU 1450 + 50, IPv6 1430 + 70 no longer fit)"
+        ),
     );
+    // The subnet each family's finding names: the IPv4 lease's, the IPv6 lease's.
+    let node = c.node(&k);
+    let named: Vec<(&str, String)> = [
+        ("mtu", node.and_then(|n| n.subnet).map(|s| s.to_string())),
+        (
+            "mtu-v6",
+            node.and_then(|n| n.subnet6).map(|s| s.to_string()),
+        ),
+    ]
+    .into_iter()
+    .filter(|(id, _)| mtu_ids.contains(id))
+    .map(|(id, s)| (id, s.unwrap_or_default()))
+    .collect();
     c.exec_ok(&k, &["ip", "link", "set", "eth0", "mtu", "1400"])?;
-    p.expect_doctor(c, &u, &format!("FAIL mtu naming {k}'s subnet"), |r| {
-        let subnet = c.node_subnet(&k).map(|s| s.to_string()).unwrap_or_default();
-        fails_only(r, "mtu", &subnet)
+    let what = named
+        .iter()
+        .map(|(id, s)| format!("FAIL {id} naming {s}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    p.expect_doctor(c, &u, &format!("{what}; nothing else fails"), |r| {
+        named
+            .iter()
+            .all(|(id, s)| r.has_mentioning(Level::Fail, id, s))
+            && r.checks
+                .iter()
+                .all(|x| x.level != Level::Fail || mtu_ids.contains(&x.id.as_str()))
     });
     c.exec_ok(&k, &["ip", "link", "set", "eth0", "mtu", "1500"])?;
     phases.push(p);
