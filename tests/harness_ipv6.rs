@@ -223,10 +223,14 @@ fn p3_forward_reject_breaks_and_heals_both_families_on_dual_stack() {
         m.family_pass(Family::V4) && m.family_pass(Family::V6),
         "{m}"
     );
-    // Scenarios without an IPv6 twin of their break refuse dual-stack clusters.
-    let err = scenario::run(Scenario::P3Fallback, &opts).expect_err("p3-fallback on dual");
+    // The two-site NAT topology (IPv4 routers) refuses dual-stack clusters, before it
+    // builds anything.
+    let mut s = spec(&[Userspace, Kernel], 1);
+    s.ip_family = opts.ip_family;
+    s.sites = vec![1, 2];
+    let err = netns_harness::Cluster::up(&s).expect_err("--sites on dual");
     assert!(
-        format!("{err:#}").contains("does not run on --ip-family dual"),
+        format!("{err:#}").contains("is not supported with --sites"),
         "{err:#}"
     );
 }
@@ -269,6 +273,59 @@ fn node_setup_names_both_families_mtu_on_dual_stack() {
             .all(|d| d.report.has(Level::Pass, "mtu") && d.report.has(Level::Pass, "mtu-v6")),
         "baseline doctor runs pass both MTU checks"
     );
+}
+
+/// `--host-gw-fallback` on dual stack: the drop (iptables and ip6tables) breaks both
+/// families' VXLAN to n2; the fallback routes both directly (IPv6 subnet via the IPv6
+/// underlay address), the VTEP of each is still probed over VXLAN, and both return.
+#[test]
+fn p3_fallback_heals_both_families_on_dual_stack() {
+    if !privileged_test_guard("p3_fallback_heals_both_families_on_dual_stack") {
+        return;
+    }
+    let _g = serial();
+    let (_, r) = passes_on_dual(Scenario::P3Fallback);
+    let capture = |phase: &str, label: &str| {
+        let p = r.phase(phase).expect("phase");
+        p.captures
+            .iter()
+            .find(|(l, _)| l == label)
+            .map(|(_, c)| c.clone())
+            .unwrap_or_else(|| panic!("{phase}: no capture {label:?}"))
+    };
+    let to = capture(
+        "fallback",
+        "VXLAN to 2001:db8:18::2, not ICMPv6 (must be empty)",
+    );
+    assert_eq!(to.frames, 0, "{to}");
+    let probes = capture("fallback", "VXLAN to 2001:db8:18::2, ICMPv6 probes");
+    assert!(
+        probes.frames > 0 && probes.outer_ip6 == probes.frames,
+        "{probes}"
+    );
+    let plain = capture("fallback", "net fd42:244::/56");
+    assert!(plain.frames > 0 && plain.vxlan_frames == 0, "{plain}");
+    let back = capture("lifted", "VXLAN to 2001:db8:18::2, not ICMPv6");
+    assert!(back.outer_ip6 > 0 && back.bad_total() == 0, "{back}");
+}
+
+/// The mixed fallback on dual stack: the blocked node is upstream flannel (kernel-ref), whose
+/// replies keep coming over VXLAN on both families while ours route to it directly.
+#[test]
+fn p3_fallback_with_an_upstream_peer_on_dual_stack() {
+    if !privileged_test_guard("p3_fallback_with_an_upstream_peer_on_dual_stack") {
+        return;
+    }
+    let _g = serial();
+    let (_, r) = passes_on_dual(Scenario::P3FallbackMixed);
+    let p = r.phase("fallback").expect("fallback phase");
+    let from = p
+        .captures
+        .iter()
+        .find(|(l, _)| l == "VXLAN from 2001:db8:18::1, not ICMPv6")
+        .map(|(_, c)| c)
+        .expect("IPv6 capture from n1");
+    assert!(from.frames > 0 && from.outer_ip6 == from.frames, "{from}");
 }
 
 #[test]

@@ -176,10 +176,9 @@ enum Cmd {
         /// test-apiserver binary (kube store).
         #[arg(long)]
         apiserver: Option<PathBuf>,
-        /// Address families of the cluster, as for `up` (dual: the P3 causes ip-forward,
-        /// forward-reject, security-software, vxlan-port and vxlan-hostgw break and are
-        /// judged on both; p2-cluster-ip adds IPv6 ClusterIPs and checks flannel-v6.1;
-        /// node-setup breaks the underlay MTU of both families).
+        /// Address families of the cluster, as for `up` (dual: every scenario breaks and
+        /// judges both families; p2-cluster-ip adds IPv6 ClusterIPs and checks flannel-v6.1,
+        /// node-setup expects doctor's mtu and mtu-v6, the fallbacks route both directly).
         #[arg(long, default_value = "v4")]
         ip_family: String,
     },

@@ -2,7 +2,7 @@
 //! A P3 [`Cause`] with an extra phase: baseline, broken, fallback, lifted.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
@@ -13,10 +13,10 @@ use crate::cluster::{Cluster, NodeState};
 use crate::sys;
 
 use super::p3::{
-    baseline_break_fix, ipv4_routes, missing_direct_routes, udp_drop, Affected, Cause,
+    baseline_break_fix, direct_routes, missing_direct_routes, routes, udp_drop, Affected, Cause,
 };
 use super::{
-    broken_matrix, capture_during, expect_matrix_pass, flanneld_nodes, fmt_secs, owners, Phase,
+    broken_matrix, captures_during, expect_matrix_pass, flanneld_nodes, fmt_secs, owners, Phase,
     ScenarioOpts, FALLBACK_ARGS, FALLBACK_METRICS_PORT,
 };
 
@@ -30,15 +30,34 @@ fn node_metrics(c: &Cluster, node: &str) -> String {
         .unwrap_or_default()
 }
 
-/// `flannel_peer_path{…,path="<path>"} 1` for `peer` on `node`.
-fn path_line(c: &Cluster, peer: &str, path: &str) -> String {
-    format!(
-        "flannel_peer_path{{subnet=\"{}\",public_ip=\"{}\",path=\"{path}\"}} 1\n",
-        c.node_subnet(peer)
-            .map(|s| s.to_string())
-            .unwrap_or_default(),
-        c.node_ip(peer).map(|s| s.to_string()).unwrap_or_default(),
-    )
+/// `peer`'s (subnet, underlay address) of each family it has a lease of, IPv4 first.
+fn leases(c: &Cluster, peer: &str) -> Vec<(String, String)> {
+    let Some(n) = c.node(peer) else {
+        return Vec::new();
+    };
+    let v4 = n.subnet.map(|s| (s.to_string(), n.underlay_ip.to_string()));
+    let v6 = n
+        .subnet6
+        .zip(n.underlay_ip6)
+        .map(|(s, ip)| (s.to_string(), ip.to_string()));
+    v4.into_iter().chain(v6).collect()
+}
+
+/// `flannel_peer_path{…,path="<path>"} 1` for each of `peer`'s leases (one per family).
+fn path_lines(c: &Cluster, peer: &str, path: &str) -> Vec<String> {
+    leases(c, peer)
+        .into_iter()
+        .map(|(subnet, ip)| {
+            format!(
+                "flannel_peer_path{{subnet=\"{subnet}\",public_ip=\"{ip}\",path=\"{path}\"}} 1\n"
+            )
+        })
+        .collect()
+}
+
+/// True when `text` holds every one of `lines`.
+fn has_all(text: &str, lines: &[String]) -> bool {
+    lines.iter().all(|l| text.contains(l.as_str()))
 }
 
 /// Polls `f` every 500 ms until it holds or `limit` passed; returns whether it held.
@@ -71,6 +90,51 @@ fn vxlan_filter(port: u16, hosts: &str, icmp: bool, vteps: &[Ipv4Addr]) -> Strin
     f
 }
 
+/// [`vxlan_filter`] for VXLAN over IPv6 (outer IPv6 header without extension headers, so the
+/// inner IPv6 header starts at byte 70: next header at 76, destination at 94): libpcap's
+/// `udp[…]` only indexes UDP over IPv4.
+fn vxlan_filter6(port: u16, hosts: &str, icmp: bool, vteps: &[Ipv6Addr]) -> String {
+    if icmp {
+        return format!("ip6 and udp port {port} and {hosts} and ip6[76] = 58");
+    }
+    let mut f = format!("ip6 and udp port {port} and {hosts} and ip6[76] != 58");
+    for v in vteps {
+        let words: Vec<String> = v
+            .octets()
+            .chunks(4)
+            .zip([94, 98, 102, 106])
+            .map(|(w, at)| {
+                let w = u32::from_be_bytes([w[0], w[1], w[2], w[3]]);
+                format!("ip6[{at}:4] = 0x{w:08x}")
+            })
+            .collect();
+        f.push_str(&format!(" and not ({})", words.join(" and ")));
+    }
+    f
+}
+
+/// The blocked node's side of one address family.
+struct Family {
+    v6: bool,
+    /// Its subnet of this family.
+    subnet: String,
+    /// Its VTEP address (the network address of that subnet).
+    vtep: String,
+    /// Its underlay address of this family.
+    underlay: String,
+}
+
+impl Family {
+    /// `/32` or `/128`.
+    fn host_len(&self) -> &'static str {
+        if self.v6 {
+            "/128"
+        } else {
+            "/32"
+        }
+    }
+}
+
 /// Checks the matrix until every cell `judged` accepts passes, or `limit`.
 fn check_until(c: &Cluster, limit: Duration, judged: impl Fn(&Cell) -> bool) -> Matrix {
     let deadline = Instant::now() + limit;
@@ -92,10 +156,14 @@ struct HostGwFallback {
     b: NodeState,
     /// Whether `blocked` runs flannel-rs (and so falls back itself).
     b_falls_back: bool,
+    /// The blocked node's families, IPv4 first.
+    families: Vec<Family>,
     port: u16,
-    network: String,
-    /// Every node's VTEP address (the network address of its subnet).
+    /// The pod Network of each family.
+    networks: Vec<String>,
+    /// Every node's VTEP address (the network address of its subnet), per family.
     vteps: Vec<Ipv4Addr>,
+    vteps6: Vec<Ipv6Addr>,
     /// The flannel-rs nodes that must route to `blocked` directly.
     others: Vec<String>,
     /// The first of `others`, whose /metrics the baseline and lifted phases read.
@@ -111,7 +179,7 @@ struct HostGwFallback {
     lifted_at: Instant,
 }
 
-/// Per node: its name, its IPv4 routes and those joined for a detail line.
+/// Per node: its name, its routes of one family and those joined for a detail line.
 type NodeRoutes<'a> = Vec<(&'a str, String, String)>;
 
 /// How long the fallback and lifted phases wait for a switch and the matrix.
@@ -139,16 +207,44 @@ impl HostGwFallback {
         let Some(watcher) = others.first().cloned() else {
             bail!("no flanneld node besides {blocked}");
         };
+        let v4 = b.subnet.map(|s| Family {
+            v6: false,
+            subnet: s.to_string(),
+            vtep: s.network().to_string(),
+            underlay: b.underlay_ip.to_string(),
+        });
+        let v6 = b.subnet6.zip(b.underlay_ip6).map(|(s, ip)| Family {
+            v6: true,
+            subnet: s.to_string(),
+            vtep: s.network().to_string(),
+            underlay: ip.to_string(),
+        });
+        let families: Vec<Family> = v4.into_iter().chain(v6).collect();
+        if families.is_empty() {
+            bail!("{blocked} has no subnet");
+        }
+        let network6 = conf.ipv6.as_ref().map(|v6| v6.network.to_string());
         Ok(HostGwFallback {
             blocked: blocked.to_string(),
             b_falls_back: b.kind.runs_flanneld(),
             b,
+            families,
             port: conf.effective_port(),
-            network: conf.network.to_string(),
+            networks: conf
+                .enable_ipv4
+                .then(|| conf.network.to_string())
+                .into_iter()
+                .chain(network6)
+                .collect(),
             vteps: c
                 .nodes()
                 .iter()
                 .filter_map(|n| n.subnet.map(|s| s.network()))
+                .collect(),
+            vteps6: c
+                .nodes()
+                .iter()
+                .filter_map(|n| n.subnet6.map(|s| s.network()))
                 .collect(),
             others,
             watcher,
@@ -166,45 +262,45 @@ impl HostGwFallback {
         !self.b_falls_back && cell.src_kind == SourceKind::Host && cell.src == self.blocked
     }
 
-    /// The blocked node's subnet and VTEP address.
-    fn subnet_vtep(&self) -> Result<(String, String)> {
-        match self.b.subnet {
-            Some(s) => Ok((s.to_string(), s.network().to_string())),
-            None => bail!("{} has no subnet", self.blocked),
-        }
-    }
-
-    /// Each of `others` with its IPv4 routes (and those joined for a detail line), beside the
-    /// start of the direct route to the blocked node and of the blocked node's VTEP /32.
-    fn others_routes(&self, c: &Cluster) -> Result<(String, String, NodeRoutes<'_>)> {
-        let (b_subnet, b_vtep) = self.subnet_vtep()?;
-        let direct = format!("{b_subnet} via {} dev eth0", self.b.underlay_ip);
+    /// Each of `others` with its routes of `fam`'s family (and those joined for a detail
+    /// line), beside the start of the direct route to the blocked node and of the blocked
+    /// node's VTEP host route.
+    fn others_routes(&self, c: &Cluster, fam: &Family) -> (String, String, NodeRoutes<'_>) {
+        let direct = format!("{} via {} dev eth0", fam.subnet, fam.underlay);
         let routes = self
             .others
             .iter()
             .map(|n| {
-                let r = ipv4_routes(c, n);
+                let r = routes(c, n, fam.v6);
                 let joined = r.lines().collect::<Vec<_>>().join("; ");
                 (n.as_str(), r, joined)
             })
             .collect();
-        Ok((direct, format!("{b_vtep} "), routes))
+        (direct, format!("{} ", fam.vtep), routes)
     }
 
-    /// A capture of VXLAN to or from (`dir`) the blocked node, its probes (`icmp`) or not.
+    /// The filter for `fam`'s VXLAN to or from (`dir`) the blocked node, its probes (`icmp`)
+    /// or not.
+    fn vxlan_filter(&self, fam: &Family, dir: &str, icmp: bool) -> String {
+        let hosts = format!("{dir} host {}", fam.underlay);
+        if fam.v6 {
+            vxlan_filter6(self.port, &hosts, icmp, &self.vteps6)
+        } else {
+            vxlan_filter(self.port, &hosts, icmp, &self.vteps)
+        }
+    }
+
+    /// A capture of `fam`'s VXLAN to or from (`dir`) the blocked node, its probes (`icmp`)
+    /// or not.
     fn start_vxlan_capture(
         &self,
         c: &mut Cluster,
+        fam: &Family,
         dir: &str,
         icmp: bool,
     ) -> Result<crate::capture::Capture> {
         c.start_capture(&CaptureOpts {
-            filter: Some(vxlan_filter(
-                self.port,
-                &format!("{dir} host {}", self.b.underlay_ip),
-                icmp,
-                &self.vteps,
-            )),
+            filter: Some(self.vxlan_filter(fam, dir, icmp)),
             max_seconds: 120,
             ..CaptureOpts::default()
         })
@@ -273,23 +369,28 @@ impl Cause for HostGwFallback {
     }
     fn healthy(&self, p: &mut Phase, c: &Cluster) {
         let (watcher, blocked) = (&self.watcher, &self.blocked);
-        let want = path_line(c, blocked, "vxlan");
+        let want = path_lines(c, blocked, "vxlan");
         let ok = wait_until(Duration::from_secs(10), || {
-            node_metrics(c, watcher).contains(&want)
+            has_all(&node_metrics(c, watcher), &want)
         });
         p.expect(
-            format!("{watcher}: /metrics shows the path to {blocked} as vxlan"),
+            format!("{watcher}: /metrics shows the path to {blocked} as vxlan (each family)"),
             ok,
-            want.trim().to_string(),
+            want.concat().trim().to_string(),
         );
     }
     fn break_it(&mut self, c: &mut Cluster) -> Result<Phase> {
         udp_drop(c, &self.blocked, self.port, "-I")?;
         self.blocked_at = Instant::now();
+        let tools = if c.ip_family().has_v6() {
+            "iptables and ip6tables"
+        } else {
+            "iptables"
+        };
         Ok(Phase::new(
             "broken",
             format!(
-                "iptables -I INPUT 1 -p udp --dport {} -j DROP on {} only",
+                "{tools} -I INPUT 1 -p udp --dport {} -j DROP on {} only",
                 self.port, self.blocked
             ),
         ))
@@ -315,11 +416,14 @@ impl Cause for HostGwFallback {
     fn broken(&mut self, p: &mut Phase, c: &mut Cluster) -> Result<()> {
         let measured = self.measured;
         p.note(format!("matrix measured within {measured:?} of the drop"));
-        let direct = path_line(c, &self.blocked, "direct");
+        let direct = path_lines(c, &self.blocked, "direct");
         let early: Vec<&String> = self
             .others
             .iter()
-            .filter(|n| node_metrics(c, n).contains(&direct))
+            .filter(|n| {
+                let text = node_metrics(c, n);
+                direct.iter().any(|l| text.contains(l.as_str()))
+            })
             .collect();
         p.expect(
             "no node had fallen back yet when the broken matrix was taken",
@@ -329,42 +433,41 @@ impl Cause for HostGwFallback {
         self.broken = p.matrix.clone();
         Ok(())
     }
-    /// The drop stays: the fallback switches the blocked node's pairs to direct routes, the
-    /// matrix heals, the captures show the pod traffic unencapsulated.
+    /// The drop stays: the fallback switches the blocked node's pairs to direct routes (each
+    /// family), the matrix heals, the captures show the pod traffic unencapsulated.
     fn while_broken(&mut self, c: &mut Cluster, opts: &ScenarioOpts) -> Result<Option<Phase>> {
         let (blocked, port, others) = (self.blocked.as_str(), self.port, &self.others);
-        let (b, b_ip, network) = (&self.b, self.b.underlay_ip.to_string(), &self.network);
         let mut p = Phase::new(
             "fallback",
             format!("the drop stays; no config change, no restart: the fallback routes {blocked}'s pairs directly"),
         );
         let limit = limit(opts);
         // Wait for the switch first, so the captures below only see the direct path.
-        let want = path_line(c, blocked, "direct");
+        let want = path_lines(c, blocked, "direct");
         let switched = wait_until(limit, || {
-            others.iter().all(|n| node_metrics(c, n).contains(&want))
+            others.iter().all(|n| has_all(&node_metrics(c, n), &want))
         });
         // …and for the data planes to have applied it (the main loop syncs after the prober
-        // published the set): the direct routes on every fallback node.
-        let direct_route = |o: &NodeState| {
-            o.subnet
-                .map(|s| format!("{s} via {} dev eth0", o.underlay_ip))
-        };
-        let mut route_wanted: Vec<(String, String)> = others
+        // published the set): the direct routes of every family on every fallback node.
+        let mut route_wanted: Vec<(String, bool, String)> = others
             .iter()
-            .filter_map(|n| Some((n.clone(), direct_route(b)?)))
+            .flat_map(|n| {
+                direct_routes(&self.b)
+                    .into_iter()
+                    .map(move |(v6, r)| (n.clone(), v6, r))
+            })
             .collect();
         if self.b_falls_back {
             for o in c.nodes().iter().filter(|o| o.name != blocked) {
-                if let Some(r) = direct_route(o) {
-                    route_wanted.push((blocked.to_string(), r));
+                for (v6, r) in direct_routes(o) {
+                    route_wanted.push((blocked.to_string(), v6, r));
                 }
             }
         }
         let routed = wait_until(limit, || {
             route_wanted
                 .iter()
-                .all(|(n, r)| ipv4_routes(c, n).lines().any(|l| l.starts_with(r.as_str())))
+                .all(|(n, v6, r)| routes(c, n, *v6).lines().any(|l| l.starts_with(r.as_str())))
         });
         p.expect(
             "every fallback node has its direct routes in place",
@@ -374,16 +477,24 @@ impl Cause for HostGwFallback {
         let healed_after = self.blocked_at.elapsed();
         p.expect(
             format!(
-                "/metrics of {} shows the path to {blocked} as direct",
+                "/metrics of {} shows the path to {blocked} as direct (each family)",
                 others.join(", ")
             ),
             switched,
             format!("{} after the drop", fmt_secs(healed_after)),
         );
-        let cap_to = self.start_vxlan_capture(c, "dst", false)?;
-        let cap_from = self.start_vxlan_capture(c, "src", false)?;
-        let cap_probes = self.start_vxlan_capture(c, "dst", true)?;
-        let (_, pcap_plain) = capture_during(c, &format!("net {network}"), |c| {
+        // Per family: VXLAN to and from the blocked node (pod traffic), its probes.
+        let mut caps = Vec::new();
+        for fam in &self.families {
+            caps.push((
+                fam,
+                self.start_vxlan_capture(c, fam, "dst", false)?,
+                self.start_vxlan_capture(c, fam, "src", false)?,
+                self.start_vxlan_capture(c, fam, "dst", true)?,
+            ));
+        }
+        let plain_filters: Vec<String> = self.networks.iter().map(|n| format!("net {n}")).collect();
+        let (_, pcaps_plain) = captures_during(c, &plain_filters, |c| {
             if self.b_falls_back {
                 expect_matrix_pass(&mut p, c, limit)
             } else {
@@ -402,70 +513,86 @@ impl Cause for HostGwFallback {
         ));
         // Let at least one probe round go by inside the captures.
         std::thread::sleep(Duration::from_millis(6500));
-        let to = crate::capture::verify_pcap(&c.stop_capture(&cap_to.name)?, port)?;
-        let from = crate::capture::verify_pcap(&c.stop_capture(&cap_from.name)?, port)?;
-        let probes = crate::capture::verify_pcap(&c.stop_capture(&cap_probes.name)?, port)?;
-        let plain = crate::capture::verify_pcap(&pcap_plain, port)?;
-        p.expect(
-            format!("capture: no pod traffic over VXLAN to {blocked} ({b_ip}) on the direct path"),
-            to.frames == 0,
-            format!("{} frames", to.frames),
-        );
-        if self.b_falls_back {
+        for (fam, cap_to, cap_from, cap_probes) in caps {
+            let b_ip = &fam.underlay;
+            let to = crate::capture::verify_pcap(&c.stop_capture(&cap_to.name)?, port)?;
+            let from = crate::capture::verify_pcap(&c.stop_capture(&cap_from.name)?, port)?;
+            let probes = crate::capture::verify_pcap(&c.stop_capture(&cap_probes.name)?, port)?;
             p.expect(
                 format!(
-                    "capture: no pod traffic over VXLAN from {blocked} either (it fell back too)"
+                    "capture: no pod traffic over VXLAN to {blocked} ({b_ip}) on the direct path"
                 ),
-                from.frames == 0,
-                format!("{} frames", from.frames),
+                to.frames == 0,
+                format!("{} frames", to.frames),
             );
-        } else {
+            if self.b_falls_back {
+                p.expect(
+                    format!(
+                        "capture: no pod traffic over VXLAN from {blocked} ({b_ip}) either (it fell back too)"
+                    ),
+                    from.frames == 0,
+                    format!("{} frames", from.frames),
+                );
+            } else {
+                p.expect(
+                    format!(
+                        "capture: {blocked} (upstream, no fallback) still sends its replies over VXLAN from {b_ip}"
+                    ),
+                    from.frames > 0,
+                    format!("{} frames", from.frames),
+                );
+            }
+            let icmp = if fam.v6 { "ICMPv6" } else { "ICMP" };
             p.expect(
                 format!(
-                    "capture: {blocked} (upstream, no fallback) still sends its replies over VXLAN"
+                    "capture: the VTEP {} of {blocked} is still probed over VXLAN (inner {icmp})",
+                    fam.vtep
                 ),
-                from.frames > 0,
-                format!("{} frames", from.frames),
+                probes.frames > 0,
+                format!("{} frames", probes.frames),
             );
+            p.captures
+                .push((format!("VXLAN to {b_ip}, not {icmp} (must be empty)"), to));
+            p.captures
+                .push((format!("VXLAN from {b_ip}, not {icmp}"), from));
+            p.captures
+                .push((format!("VXLAN to {b_ip}, {icmp} probes"), probes));
         }
-        p.expect(
-            format!("capture: the VTEP of {blocked} is still probed over VXLAN (inner ICMP)"),
-            probes.frames > 0,
-            format!("{} frames", probes.frames),
-        );
-        p.expect(
-            format!("capture: pod traffic crosses the underlay unencapsulated ({network})"),
-            plain.frames > 0 && plain.vxlan_frames == 0,
-            format!("{} frames, {} VXLAN", plain.frames, plain.vxlan_frames),
-        );
-        p.captures
-            .push((format!("VXLAN to {b_ip}, not ICMP (must be empty)"), to));
-        p.captures
-            .push((format!("VXLAN from {b_ip}, not ICMP"), from));
-        p.captures
-            .push((format!("VXLAN to {b_ip}, ICMP probes"), probes));
-        p.captures.push((format!("net {network}"), plain));
-        let (direct, vtep, routes) = self.others_routes(c)?;
-        for (n, routes, joined) in routes {
-            let on_overlay = |l: &str| l.starts_with(&vtep) && l.contains("dev flannel");
+        for (network, pcap) in self.networks.iter().zip(pcaps_plain) {
+            let plain = crate::capture::verify_pcap(&pcap, port)?;
             p.expect(
-                format!(
-                    "{n}: {direct}, and {}/32 stays on the overlay device",
-                    vtep.trim_end()
-                ),
-                routes.lines().any(|l| l.starts_with(&direct)) && routes.lines().any(on_overlay),
-                joined,
+                format!("capture: pod traffic crosses the underlay unencapsulated ({network})"),
+                plain.frames > 0 && plain.vxlan_frames == 0,
+                format!("{} frames, {} VXLAN", plain.frames, plain.vxlan_frames),
             );
-            let log = std::fs::read_to_string(c.flanneld_log(n)).unwrap_or_default();
-            let line = format!("host-gw fallback, routing its subnet directly via {b_ip}");
-            p.expect(
-                format!("{n}: one log line names {blocked} and why"),
-                log.lines().filter(|l| l.contains(&line)).count() == 1
-                    && log
-                        .lines()
-                        .any(|l| l.contains(&line) && l.contains("went unanswered")),
-                line,
-            );
+            p.captures.push((format!("net {network}"), plain));
+        }
+        for fam in &self.families {
+            let (direct, vtep, routes) = self.others_routes(c, fam);
+            let b_ip = &fam.underlay;
+            for (n, routes, joined) in routes {
+                let on_overlay = |l: &str| l.starts_with(&vtep) && l.contains("dev flannel");
+                p.expect(
+                    format!(
+                        "{n}: {direct}, and {}{} stays on the overlay device",
+                        fam.vtep,
+                        fam.host_len()
+                    ),
+                    routes.lines().any(|l| l.starts_with(&direct))
+                        && routes.lines().any(on_overlay),
+                    joined,
+                );
+                let log = std::fs::read_to_string(c.flanneld_log(n)).unwrap_or_default();
+                let line = format!("host-gw fallback, routing its subnet directly via {b_ip}");
+                p.expect(
+                    format!("{n}: one log line names {blocked} ({b_ip}) and why"),
+                    log.lines().filter(|l| l.contains(&line)).count() == 1
+                        && log
+                            .lines()
+                            .any(|l| l.contains(&line) && l.contains("went unanswered")),
+                    line,
+                );
+            }
         }
         if self.b_falls_back {
             let missing = missing_direct_routes(c, blocked);
@@ -486,64 +613,88 @@ impl Cause for HostGwFallback {
             format!("the DROP of UDP {port} on {blocked} deleted: back to VXLAN after the 5 s damping window"),
         ))
     }
-    /// Back on VXLAN: /metrics, the switch count, the capture, no direct route left.
+    /// Back on VXLAN (each family): /metrics, the switch count, the capture, no direct route
+    /// left.
     fn fixed(&mut self, p: &mut Phase, c: &mut Cluster, opts: &ScenarioOpts) -> Result<()> {
         let (blocked, port, others, watcher) =
             (&self.blocked, self.port, &self.others, &self.watcher);
-        let b_ip = self.b.underlay_ip.to_string();
-        let (b_subnet, _) = self.subnet_vtep()?;
         let limit = limit(opts);
-        let want = path_line(c, blocked, "vxlan");
+        let want = path_lines(c, blocked, "vxlan");
         let back = wait_until(limit, || {
-            others.iter().all(|n| node_metrics(c, n).contains(&want))
+            others.iter().all(|n| has_all(&node_metrics(c, n), &want))
         });
         p.expect(
             format!(
-                "/metrics of {} shows the path to {blocked} as vxlan again",
+                "/metrics of {} shows the path to {blocked} as vxlan again (each family)",
                 others.join(", ")
             ),
             back,
             format!("{} after lifting", fmt_secs(self.lifted_at.elapsed())),
         );
-        let switches = format!(
-            "flannel_peer_path_switches_total{{subnet=\"{}\",public_ip=\"{b_ip}\"}} 2\n",
-            b_subnet
-        );
+        let switches: Vec<String> = self
+            .families
+            .iter()
+            .map(|f| {
+                format!(
+                    "flannel_peer_path_switches_total{{subnet=\"{}\",public_ip=\"{}\"}} 2\n",
+                    f.subnet, f.underlay
+                )
+            })
+            .collect();
         let text = node_metrics(c, watcher);
         p.expect(
-            format!("{watcher}: exactly 2 switches for {blocked} (there and back)"),
-            text.contains(&switches),
-            switches.trim().to_string(),
+            format!("{watcher}: exactly 2 switches for {blocked} (there and back, each family)"),
+            has_all(&text, &switches),
+            switches.concat().trim().to_string(),
         );
         if self.b_falls_back {
-            let want: Vec<String> = others.iter().map(|o| path_line(c, o, "vxlan")).collect();
-            let ok = wait_until(limit, || {
-                let t = node_metrics(c, blocked);
-                want.iter().all(|w| t.contains(w))
-            });
+            let want: Vec<String> = others
+                .iter()
+                .flat_map(|o| path_lines(c, o, "vxlan"))
+                .collect();
+            let ok = wait_until(limit, || has_all(&node_metrics(c, blocked), &want));
             p.expect(
                 format!("{blocked}: every peer back on vxlan"),
                 ok,
-                want.join(""),
+                want.concat(),
             );
         }
-        let (_, pcap_vx) = capture_during(
-            c,
-            &vxlan_filter(port, &format!("dst host {b_ip}"), false, &self.vteps),
-            |c| expect_matrix_pass(p, c, limit),
-        )?;
-        let vx = crate::capture::verify_pcap(&pcap_vx, port)?;
-        p.expect(
-            format!("capture: pod traffic to {blocked} is VXLAN again, checksums valid"),
-            vx.vxlan_frames > 0 && vx.bad_total() == 0,
-            vx.to_string().replace('\n', "; "),
-        );
-        p.captures.push((format!("VXLAN to {b_ip}, not ICMP"), vx));
-        let (direct, vtep, routes) = self.others_routes(c)?;
-        for (n, routes, joined) in routes {
-            let left = |l: &str| l.starts_with(&direct) || l.starts_with(&vtep);
-            let what = format!("{n}: no direct route and no /32 to {blocked} left");
-            p.expect(what, !routes.lines().any(left), joined);
+        let filters: Vec<String> = self
+            .families
+            .iter()
+            .map(|f| self.vxlan_filter(f, "dst", false))
+            .collect();
+        let (_, pcaps) = captures_during(c, &filters, |c| expect_matrix_pass(p, c, limit))?;
+        for (fam, pcap) in self.families.iter().zip(pcaps) {
+            let b_ip = &fam.underlay;
+            let vx = crate::capture::verify_pcap(&pcap, port)?;
+            let over = if fam.v6 {
+                vx.outer_ip6
+            } else {
+                vx.vxlan_frames - vx.outer_ip6
+            };
+            p.expect(
+                format!(
+                    "capture: pod traffic to {blocked} ({b_ip}) is VXLAN again, checksums valid"
+                ),
+                vx.vxlan_frames > 0 && over == vx.vxlan_frames && vx.bad_total() == 0,
+                vx.to_string().replace('\n', "; "),
+            );
+            let icmp = if fam.v6 { "ICMPv6" } else { "ICMP" };
+            p.captures
+                .push((format!("VXLAN to {b_ip}, not {icmp}"), vx));
+        }
+        for fam in &self.families {
+            let (direct, vtep, routes) = self.others_routes(c, fam);
+            for (n, routes, joined) in routes {
+                let left = |l: &str| l.starts_with(&direct) || l.starts_with(&vtep);
+                let what = format!(
+                    "{n}: no direct route and no {} to {blocked} ({}) left",
+                    fam.host_len(),
+                    fam.underlay
+                );
+                p.expect(what, !routes.lines().any(left), joined);
+            }
         }
         Ok(())
     }
@@ -556,4 +707,29 @@ pub(super) fn p3_fallback(
 ) -> Result<Vec<Phase>> {
     let cause = HostGwFallback::new(c, blocked)?;
     baseline_break_fix(c, opts, cause)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vxlan_filters_index_the_inner_header_of_each_outer_family() {
+        let vtep: Ipv4Addr = "10.244.62.0".parse().unwrap();
+        assert_eq!(
+            vxlan_filter(8472, "dst host 198.18.0.2", false, &[vtep]),
+            "udp port 8472 and dst host 198.18.0.2 and udp[39] != 1 and udp[46:4] != 0x0af43e00"
+        );
+        let vtep6: Ipv6Addr = "fd42:244:0:50::".parse().unwrap();
+        assert_eq!(
+            vxlan_filter6(8472, "src host 2001:db8:18::2", true, &[vtep6]),
+            "ip6 and udp port 8472 and src host 2001:db8:18::2 and ip6[76] = 58"
+        );
+        assert_eq!(
+            vxlan_filter6(8472, "dst host 2001:db8:18::2", false, &[vtep6]),
+            "ip6 and udp port 8472 and dst host 2001:db8:18::2 and ip6[76] != 58 and not \
+             (ip6[94:4] = 0xfd420244 and ip6[98:4] = 0x00000050 and ip6[102:4] = 0x00000000 \
+             and ip6[106:4] = 0x00000000)"
+        );
+    }
 }

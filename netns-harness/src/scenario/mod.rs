@@ -237,25 +237,6 @@ impl Scenario {
         s
     }
 
-    /// True when the scenario runs on clusters of `family`: every one on IPv4; on dual-stack
-    /// and IPv6-only the P3 causes whose break has an IPv6 twin (net.ipv6 forwarding,
-    /// ip6tables REJECT and DROP) or none (security software), p2-cluster-ip (the
-    /// ip6tables twin of its kube-proxy emulation, IPv6 ClusterIPs, `flannel-v6.<VNI>`) and
-    /// node-setup (doctor's `mtu-v6`).
-    pub fn supports(self, family: IpFamily) -> bool {
-        family == IpFamily::V4
-            || self == Scenario::P2ClusterIp
-            || self == Scenario::NodeSetup
-            || matches!(
-                self,
-                Scenario::P3IpForward
-                    | Scenario::P3ForwardReject
-                    | Scenario::P3SecuritySoftware
-                    | Scenario::P3VxlanPort
-                    | Scenario::P3VxlanHostGw
-            )
-    }
-
     /// The scenario verifies every checksum on the underlay with tshark, which needs
     /// `--link-offloads off` (finished checksums, MTU-sized frames): it runs with off
     /// whatever [`ScenarioOpts::link_offloads`] says, and so does a cluster it shares.
@@ -662,12 +643,6 @@ pub fn run_many(
     opts: &ScenarioOpts,
     mut each: impl FnMut(&ScenarioReport),
 ) -> Result<Vec<ScenarioReport>> {
-    if let Some(s) = list.iter().find(|s| !s.supports(opts.ip_family)) {
-        bail!(
-            "scenario {s} does not run on --ip-family {} yet (IPv4 only)",
-            opts.ip_family
-        );
-    }
     let mut out = Vec::new();
     let mut i = 0;
     while i < list.len() {
@@ -842,17 +817,34 @@ fn capture_during<T>(
     filter: &str,
     f: impl FnOnce(&mut Cluster) -> T,
 ) -> Result<(T, PathBuf)> {
-    let cap = c.start_capture(&CaptureOpts {
-        filter: Some(filter.to_string()),
-        max_packets: 50_000,
-        max_seconds: 120,
-        ..CaptureOpts::default()
-    })?;
+    let (t, mut pcaps) = captures_during(c, &[filter.to_string()], f)?;
+    let pcap = pcaps.pop().ok_or_else(|| anyhow!("no capture"))?;
+    Ok((t, pcap))
+}
+
+/// One capture per filter while `f` runs; the pcaps in the filters' order.
+fn captures_during<T>(
+    c: &mut Cluster,
+    filters: &[String],
+    f: impl FnOnce(&mut Cluster) -> T,
+) -> Result<(T, Vec<PathBuf>)> {
+    let mut caps = Vec::new();
+    for filter in filters {
+        caps.push(c.start_capture(&CaptureOpts {
+            filter: Some(filter.clone()),
+            max_packets: 50_000,
+            max_seconds: 120,
+            ..CaptureOpts::default()
+        })?);
+    }
     let t = f(c);
     // Frames still in flight reach tcpdump within milliseconds (immediate mode).
     std::thread::sleep(Duration::from_millis(200));
-    let pcap = c.stop_capture(&cap.name)?;
-    Ok((t, pcap))
+    let pcaps = caps
+        .iter()
+        .map(|cap| c.stop_capture(&cap.name))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((t, pcaps))
 }
 
 fn fmt_secs(d: Duration) -> String {
@@ -890,14 +882,7 @@ mod tests {
     }
 
     #[test]
-    fn families_each_scenario_runs_on() {
-        for fam in [IpFamily::Dual, IpFamily::V6] {
-            assert!(Scenario::P2ClusterIp.supports(fam));
-            assert!(Scenario::P3.iter().all(|s| s.supports(fam)));
-            assert!(!Scenario::NodeSetup.supports(fam));
-            assert!(!Scenario::P3Fallback.supports(fam));
-        }
-        assert!(Scenario::ALL.iter().all(|s| s.supports(IpFamily::V4)));
+    fn cluster_ips_of_ipv6_runs() {
         assert_eq!(CLUSTER_IP6.to_string(), "fd42:96::10");
         assert_eq!(CLUSTER_IP6_MIXED.to_string(), "fd42:96::11");
     }

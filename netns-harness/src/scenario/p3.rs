@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::capture::CaptureOpts;
 use crate::check::{Cell, Matrix};
-use crate::cluster::{Cluster, NodeKind};
+use crate::cluster::{Cluster, NodeKind, NodeState};
 use crate::cmd;
 use crate::doctor::Level;
 use crate::lease::NetConf;
@@ -620,7 +620,10 @@ fn host_gw_fixed(
     for n in c.nodes().to_vec() {
         let missing = missing_direct_routes(c, &n.name);
         p.expect(
-            format!("{}: a host-gw route to every other node's subnet", n.name),
+            format!(
+                "{}: a host-gw route to every other node's subnet of each family",
+                n.name
+            ),
             missing.is_empty(),
             format!("missing: {}", missing.join(", ")),
         );
@@ -629,24 +632,41 @@ fn host_gw_fixed(
     Ok(())
 }
 
-/// `ip -4 route show` in `node`'s namespace (empty if that fails).
-pub(super) fn ipv4_routes(c: &Cluster, node: &str) -> String {
-    c.exec_ok(node, &["ip", "-4", "route", "show"])
+/// `ip -4 route show` (`v6`: `ip -6`) in `node`'s namespace (empty if that fails).
+pub(super) fn routes(c: &Cluster, node: &str, v6: bool) -> String {
+    let family = if v6 { "-6" } else { "-4" };
+    c.exec_ok(node, &["ip", family, "route", "show"])
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default()
 }
 
-/// The direct (host-gw) routes `node` lacks: `<subnet> via <underlay> dev eth0` for every other
-/// node.
+/// The direct (host-gw) route to `o` of each family it has a lease of: `<subnet> via
+/// <underlay> dev eth0`, and for IPv6 `<IPv6 subnet> via <IPv6 underlay> dev eth0`, paired
+/// with whether it is the IPv6 one.
+pub(super) fn direct_routes(o: &NodeState) -> Vec<(bool, String)> {
+    let v4 = o
+        .subnet
+        .map(|s| (false, format!("{s} via {} dev eth0", o.underlay_ip)));
+    let v6 = o
+        .subnet6
+        .zip(o.underlay_ip6)
+        .map(|(s, ip)| (true, format!("{s} via {ip} dev eth0")));
+    v4.into_iter().chain(v6).collect()
+}
+
+/// The direct (host-gw) routes `node` lacks: [`direct_routes`] of every other node.
 pub(super) fn missing_direct_routes(c: &Cluster, node: &str) -> Vec<String> {
-    let routes = ipv4_routes(c, node);
+    let tables = [routes(c, node, false), routes(c, node, true)];
     c.nodes()
         .iter()
         .filter(|o| o.name != node)
-        .filter_map(|o| {
-            let want = format!("{} via {} dev eth0", o.subnet?, o.underlay_ip);
-            (!routes.lines().any(|l| l.starts_with(&want))).then_some(want)
+        .flat_map(direct_routes)
+        .filter(|(v6, want)| {
+            !tables[usize::from(*v6)]
+                .lines()
+                .any(|l| l.starts_with(want.as_str()))
         })
+        .map(|(_, want)| want)
         .collect()
 }
 
