@@ -175,15 +175,20 @@ fn ipv6_only_mixed_data_planes_pass_the_matrix() {
 /// Runs scenario `s` on a dual-stack cluster of this build's binaries; every assertion must
 /// pass. Returns the options (for further runs) and the report.
 fn passes_on_dual(s: Scenario) -> (ScenarioOpts, ScenarioReport) {
+    passes_on(s, IpFamily::Dual)
+}
+
+/// [`passes_on_dual`] on clusters of `family`.
+fn passes_on(s: Scenario, family: IpFamily) -> (ScenarioOpts, ScenarioReport) {
     let spec = spec(&[], 0);
     let opts = ScenarioOpts {
         flanneld: spec.flanneld,
         harness_bin: spec.harness_bin,
         flanneld_args: spec.flanneld_args,
-        ip_family: IpFamily::Dual,
+        ip_family: family,
         ..ScenarioOpts::default()
     };
-    let r = scenario::run(s, &opts).unwrap_or_else(|e| panic!("{s} on dual: {e:#}"));
+    let r = scenario::run(s, &opts).unwrap_or_else(|e| panic!("{s} on {family}: {e:#}"));
     println!("{r}");
     assert!(r.passed(), "{r}");
     (opts, r)
@@ -235,44 +240,51 @@ fn p3_forward_reject_breaks_and_heals_both_families_on_dual_stack() {
     );
 }
 
-/// The node set-up checks on dual stack: doctor's MTU check probes each family with its own
-/// overlay MTU, so a peer's underlay MTU that fits neither names both of its subnets.
+/// The node set-up checks on dual stack and IPv6 only: doctor's MTU check probes each family
+/// with its own overlay MTU, so a peer's underlay MTU that fits neither names its subnet of
+/// each family (dual: `mtu` and `mtu-v6`; IPv6 only: `mtu-v6` with FLANNEL_MTU, which is
+/// then flannel-v6.1's).
 #[test]
-fn node_setup_names_both_families_mtu_on_dual_stack() {
-    if !privileged_test_guard("node_setup_names_both_families_mtu_on_dual_stack") {
+fn node_setup_names_each_familys_mtu_on_dual_stack_and_ipv6_only() {
+    if !privileged_test_guard("node_setup_names_each_familys_mtu_on_dual_stack_and_ipv6_only") {
         return;
     }
     let _g = serial();
-    let (_, r) = passes_on_dual(Scenario::NodeSetup);
-    let mtu = r.phase("mtu").expect("mtu phase");
-    let doctor = mtu.doctor.last().expect("doctor run in the mtu phase");
-    let fails: Vec<&str> = doctor
-        .report
-        .checks
-        .iter()
-        .filter(|c| c.level == Level::Fail)
-        .map(|c| c.id.as_str())
-        .collect();
-    assert_eq!(fails, ["mtu", "mtu-v6"], "{doctor}");
-    let v6 = doctor
-        .report
-        .checks
-        .iter()
-        .find(|c| c.id == "mtu-v6")
-        .expect("mtu-v6");
-    assert!(
-        v6.text()
-            .contains("overlay MTU 1430 (1500 bytes on the underlay)"),
-        "{doctor}"
-    );
-    let baseline = r.phase("baseline").expect("baseline phase");
-    assert!(
-        baseline
-            .doctor
+    for (family, ids) in [
+        (IpFamily::Dual, &["mtu", "mtu-v6"][..]),
+        (IpFamily::V6, &["mtu-v6"][..]),
+    ] {
+        let (_, r) = passes_on(Scenario::NodeSetup, family);
+        let mtu = r.phase("mtu").expect("mtu phase");
+        let doctor = mtu.doctor.last().expect("doctor run in the mtu phase");
+        let fails: Vec<&str> = doctor
+            .report
+            .checks
             .iter()
-            .all(|d| d.report.has(Level::Pass, "mtu") && d.report.has(Level::Pass, "mtu-v6")),
-        "baseline doctor runs pass both MTU checks"
-    );
+            .filter(|c| c.level == Level::Fail)
+            .map(|c| c.id.as_str())
+            .collect();
+        assert_eq!(fails, ids, "{family}: {doctor}");
+        let v6 = doctor
+            .report
+            .checks
+            .iter()
+            .find(|c| c.id == "mtu-v6")
+            .expect("mtu-v6");
+        assert!(
+            v6.text()
+                .contains("overlay MTU 1430 (1500 bytes on the underlay)"),
+            "{doctor}"
+        );
+        let baseline = r.phase("baseline").expect("baseline phase");
+        assert!(
+            baseline
+                .doctor
+                .iter()
+                .all(|d| ids.iter().all(|id| d.report.has(Level::Pass, id))),
+            "{family}: baseline doctor runs pass every family's MTU check"
+        );
+    }
 }
 
 /// `--host-gw-fallback` on dual stack: the drop (iptables and ip6tables) breaks both
