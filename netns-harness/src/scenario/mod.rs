@@ -316,8 +316,7 @@ pub struct ScenarioOpts {
     /// Underlay veth offloads ([`ClusterSpec::underlay_tx_offload`]; default on).
     pub link_offloads: bool,
     /// The cluster's address families ([`ClusterSpec::ip_family`]; default IPv4). With IPv6
-    /// in it the P3 causes that support it ([`Scenario::supports`]) break IPv6 the same way
-    /// and judge both families' cells.
+    /// in it every scenario breaks IPv6 the same way and judges both families.
     pub ip_family: IpFamily,
 }
 
