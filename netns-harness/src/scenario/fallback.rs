@@ -133,6 +133,15 @@ impl Family {
             "/32"
         }
     }
+
+    /// The probes' protocol: `ICMP` or `ICMPv6`.
+    fn icmp(&self) -> &'static str {
+        if self.v6 {
+            "ICMPv6"
+        } else {
+            "ICMP"
+        }
+    }
 }
 
 /// Checks the matrix until every cell `judged` accepts passes, or `limit`.
@@ -542,7 +551,7 @@ impl Cause for HostGwFallback {
                     format!("{} frames", from.frames),
                 );
             }
-            let icmp = if fam.v6 { "ICMPv6" } else { "ICMP" };
+            let icmp = fam.icmp();
             p.expect(
                 format!(
                     "capture: the VTEP {} of {blocked} is still probed over VXLAN (inner {icmp})",
@@ -680,7 +689,7 @@ impl Cause for HostGwFallback {
                 vx.vxlan_frames > 0 && over == vx.vxlan_frames && vx.bad_total() == 0,
                 vx.to_string().replace('\n', "; "),
             );
-            let icmp = if fam.v6 { "ICMPv6" } else { "ICMP" };
+            let icmp = fam.icmp();
             p.captures
                 .push((format!("VXLAN to {b_ip}, not {icmp}"), vx));
         }
