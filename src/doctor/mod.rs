@@ -119,37 +119,46 @@ async fn mtu_check(
 ) -> Vec<Finding> {
     let mut out = Vec::new();
     for plan in plans {
-        let v6 = plan.family == IpFamily::V6;
-        let finding = match plan.mtu {
-            Err(why) => Finding::new(Status::Skip, ids::MTU, why),
-            Ok(m) => {
-                let answering: Vec<(Peer, IpAddr)> = probes
-                    .iter()
-                    .filter(|p| p.answered && p.target.is_ipv6() == v6)
-                    .map(|p| (p.peer.clone(), p.target))
-                    .collect();
-                if answering.is_empty() {
-                    host::mtu(Some(m), plan.overhead, &[])
-                } else {
-                    let len = usize::try_from(m).unwrap_or(usize::MAX);
-                    match gather::probe_sized(answering, PROBE_TIMEOUT, Some(len)).await {
-                        Ok(big) => {
-                            let results: Vec<(String, bool)> = big
-                                .iter()
-                                .map(|p| {
-                                    (crate::backend::reach::peer_label(&p.peer, ctx), p.answered)
-                                })
-                                .collect();
-                            host::mtu(Some(m), plan.overhead, &results)
-                        }
-                        Err(e) => Finding::new(Status::Skip, ids::MTU, e),
-                    }
-                }
-            }
-        };
-        out.push(if v6 { finding.v6() } else { finding });
+        let family = plan.family;
+        out.push(of_family(mtu_probe(probes, ctx, plan).await, family));
     }
     out
+}
+
+/// The `mtu` finding of one family's [`MtuPlan`] (its IPv4 id).
+async fn mtu_probe(probes: &[checks::PeerProbe], ctx: &ProbeContext, plan: MtuPlan) -> Finding {
+    let m = match plan.mtu {
+        Ok(m) => m,
+        Err(why) => return Finding::new(Status::Skip, ids::MTU, why),
+    };
+    let v6 = plan.family == IpFamily::V6;
+    let answering: Vec<(Peer, IpAddr)> = probes
+        .iter()
+        .filter(|p| p.answered && p.target.is_ipv6() == v6)
+        .map(|p| (p.peer.clone(), p.target))
+        .collect();
+    if answering.is_empty() {
+        return host::mtu(Some(m), plan.overhead, &[]);
+    }
+    let len = usize::try_from(m).unwrap_or(usize::MAX);
+    match gather::probe_sized(answering, PROBE_TIMEOUT, Some(len)).await {
+        Ok(big) => {
+            let results: Vec<(String, bool)> = big
+                .iter()
+                .map(|p| (crate::backend::reach::peer_label(&p.peer, ctx), p.answered))
+                .collect();
+            host::mtu(Some(m), plan.overhead, &results)
+        }
+        Err(e) => Finding::new(Status::Skip, ids::MTU, e),
+    }
+}
+
+/// `f` as the finding of `family`: its `-v6` id for IPv6 ([`Finding::v6`]).
+fn of_family(f: Finding, family: IpFamily) -> Finding {
+    match family {
+        IpFamily::V4 => f,
+        IpFamily::V6 => f.v6(),
+    }
 }
 
 /// The enabled families, IPv4 first.
@@ -292,7 +301,7 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
                 let name = crate::backend::kernel::device_name(vx.vni, family);
                 let found = match gather::device(&name, vx.vni).await {
                     Ok(d) => {
-                        if family == IpFamily::V6 && d.link.is_some() {
+                        if family == IpFamily::V6 {
                             dev6_mtu = d.mtu;
                         }
                         [checks::vxlan_device(&d), checks::tx_checksum(&d)]
@@ -305,10 +314,7 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
                         ]
                     }
                 };
-                findings.extend(found.map(|f| match family {
-                    IpFamily::V4 => f,
-                    IpFamily::V6 => f.v6(),
-                }));
+                findings.extend(found.map(|f| of_family(f, family)));
             }
         }
         other => {
@@ -396,11 +402,7 @@ pub async fn diagnose(flags: &Flags) -> Diagnosis {
                 Err(e) => {
                     findings.push(Finding::new(Status::Skip, ids::PEER_REACHABLE, e.clone()));
                     findings.extend(families(stack.0, stack.1).map(|family| {
-                        let f = Finding::new(Status::Skip, ids::MTU, e.clone());
-                        match family {
-                            IpFamily::V4 => f,
-                            IpFamily::V6 => f.v6(),
-                        }
+                        of_family(Finding::new(Status::Skip, ids::MTU, e.clone()), family)
                     }));
                 }
             }
