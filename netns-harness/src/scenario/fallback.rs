@@ -9,11 +9,11 @@ use anyhow::{anyhow, bail, Result};
 
 use crate::capture::CaptureOpts;
 use crate::check::{Cell, Matrix, SourceKind};
-use crate::cluster::{Cluster, NodeState};
+use crate::cluster::Cluster;
 use crate::sys;
 
 use super::p3::{
-    baseline_break_fix, direct_routes, missing_direct_routes, routes, udp_drop, Affected, Cause,
+    baseline_break_fix, missing_direct_routes, routes, udp_drop, Affected, Cause, Family,
 };
 use super::{
     broken_matrix, captures_during, expect_matrix_pass, flanneld_nodes, fmt_secs, owners, Phase,
@@ -30,26 +30,16 @@ fn node_metrics(c: &Cluster, node: &str) -> String {
         .unwrap_or_default()
 }
 
-/// `peer`'s (subnet, underlay address) of each family it has a lease of, IPv4 first.
-fn leases(c: &Cluster, peer: &str) -> Vec<(String, String)> {
-    let Some(n) = c.node(peer) else {
-        return Vec::new();
-    };
-    let v4 = n.subnet.map(|s| (s.to_string(), n.underlay_ip.to_string()));
-    let v6 = n
-        .subnet6
-        .zip(n.underlay_ip6)
-        .map(|(s, ip)| (s.to_string(), ip.to_string()));
-    v4.into_iter().chain(v6).collect()
-}
-
 /// `flannel_peer_path{…,path="<path>"} 1` for each of `peer`'s leases (one per family).
 fn path_lines(c: &Cluster, peer: &str, path: &str) -> Vec<String> {
-    leases(c, peer)
+    c.node(peer)
+        .map(Family::of)
+        .unwrap_or_default()
         .into_iter()
-        .map(|(subnet, ip)| {
+        .map(|f| {
             format!(
-                "flannel_peer_path{{subnet=\"{subnet}\",public_ip=\"{ip}\",path=\"{path}\"}} 1\n"
+                "flannel_peer_path{{subnet=\"{}\",public_ip=\"{}\",path=\"{path}\"}} 1\n",
+                f.subnet, f.underlay
             )
         })
         .collect()
@@ -113,37 +103,6 @@ fn vxlan_filter6(port: u16, hosts: &str, icmp: bool, vteps: &[Ipv6Addr]) -> Stri
     f
 }
 
-/// The blocked node's side of one address family.
-struct Family {
-    v6: bool,
-    /// Its subnet of this family.
-    subnet: String,
-    /// Its VTEP address (the network address of that subnet).
-    vtep: String,
-    /// Its underlay address of this family.
-    underlay: String,
-}
-
-impl Family {
-    /// `/32` or `/128`.
-    fn host_len(&self) -> &'static str {
-        if self.v6 {
-            "/128"
-        } else {
-            "/32"
-        }
-    }
-
-    /// The probes' protocol: `ICMP` or `ICMPv6`.
-    fn icmp(&self) -> &'static str {
-        if self.v6 {
-            "ICMPv6"
-        } else {
-            "ICMP"
-        }
-    }
-}
-
 /// Checks the matrix until every cell `judged` accepts passes, or `limit`.
 fn check_until(c: &Cluster, limit: Duration, judged: impl Fn(&Cell) -> bool) -> Matrix {
     let deadline = Instant::now() + limit;
@@ -161,8 +120,6 @@ fn check_until(c: &Cluster, limit: Duration, judged: impl Fn(&Cell) -> bool) -> 
 /// share: the nodes' roles and the timings across phases.
 struct HostGwFallback {
     blocked: String,
-    /// The blocked node.
-    b: NodeState,
     /// Whether `blocked` runs flannel-rs (and so falls back itself).
     b_falls_back: bool,
     /// The blocked node's families, IPv4 first.
@@ -216,19 +173,7 @@ impl HostGwFallback {
         let Some(watcher) = others.first().cloned() else {
             bail!("no flanneld node besides {blocked}");
         };
-        let v4 = b.subnet.map(|s| Family {
-            v6: false,
-            subnet: s.to_string(),
-            vtep: s.network().to_string(),
-            underlay: b.underlay_ip.to_string(),
-        });
-        let v6 = b.subnet6.zip(b.underlay_ip6).map(|(s, ip)| Family {
-            v6: true,
-            subnet: s.to_string(),
-            vtep: s.network().to_string(),
-            underlay: ip.to_string(),
-        });
-        let families: Vec<Family> = v4.into_iter().chain(v6).collect();
+        let families = Family::of(&b);
         if families.is_empty() {
             bail!("{blocked} has no subnet");
         }
@@ -236,7 +181,6 @@ impl HostGwFallback {
         Ok(HostGwFallback {
             blocked: blocked.to_string(),
             b_falls_back: b.kind.runs_flanneld(),
-            b,
             families,
             port: conf.effective_port(),
             networks: conf
@@ -275,7 +219,7 @@ impl HostGwFallback {
     /// line), beside the start of the direct route to the blocked node and of the blocked
     /// node's VTEP host route.
     fn others_routes(&self, c: &Cluster, fam: &Family) -> (String, String, NodeRoutes<'_>) {
-        let direct = format!("{} via {} dev eth0", fam.subnet, fam.underlay);
+        let direct = fam.direct_route();
         let routes = self
             .others
             .iter()
@@ -461,15 +405,15 @@ impl Cause for HostGwFallback {
         let mut route_wanted: Vec<(String, bool, String)> = others
             .iter()
             .flat_map(|n| {
-                direct_routes(&self.b)
-                    .into_iter()
-                    .map(move |(v6, r)| (n.clone(), v6, r))
+                self.families
+                    .iter()
+                    .map(move |f| (n.clone(), f.v6, f.direct_route()))
             })
             .collect();
         if self.b_falls_back {
             for o in c.nodes().iter().filter(|o| o.name != blocked) {
-                for (v6, r) in direct_routes(o) {
-                    route_wanted.push((blocked.to_string(), v6, r));
+                for f in Family::of(o) {
+                    route_wanted.push((blocked.to_string(), f.v6, f.direct_route()));
                 }
             }
         }

@@ -640,33 +640,70 @@ pub(super) fn routes(c: &Cluster, node: &str, v6: bool) -> String {
         .unwrap_or_default()
 }
 
-/// The direct (host-gw) route to `o` of each family it has a lease of: `<subnet> via
-/// <underlay> dev eth0`, and for IPv6 `<IPv6 subnet> via <IPv6 underlay> dev eth0`, paired
-/// with whether it is the IPv6 one.
-pub(super) fn direct_routes(o: &NodeState) -> Vec<(bool, String)> {
-    let v4 = o
-        .subnet
-        .map(|s| (false, format!("{s} via {} dev eth0", o.underlay_ip)));
-    let v6 = o
-        .subnet6
-        .zip(o.underlay_ip6)
-        .map(|(s, ip)| (true, format!("{s} via {ip} dev eth0")));
-    v4.into_iter().chain(v6).collect()
+/// One address family of a node: its lease's subnet, VTEP address (that subnet's network
+/// address) and underlay address.
+pub(super) struct Family {
+    pub(super) v6: bool,
+    pub(super) subnet: String,
+    pub(super) vtep: String,
+    pub(super) underlay: String,
 }
 
-/// The direct (host-gw) routes `node` lacks: [`direct_routes`] of every other node.
+impl Family {
+    /// The families `o` has a lease of, IPv4 first.
+    pub(super) fn of(o: &NodeState) -> Vec<Family> {
+        let v4 = o.subnet.map(|s| Family {
+            v6: false,
+            subnet: s.to_string(),
+            vtep: s.network().to_string(),
+            underlay: o.underlay_ip.to_string(),
+        });
+        let v6 = o.subnet6.zip(o.underlay_ip6).map(|(s, ip)| Family {
+            v6: true,
+            subnet: s.to_string(),
+            vtep: s.network().to_string(),
+            underlay: ip.to_string(),
+        });
+        v4.into_iter().chain(v6).collect()
+    }
+
+    /// The direct (host-gw) route to this family's subnet: `<subnet> via <underlay> dev eth0`.
+    pub(super) fn direct_route(&self) -> String {
+        format!("{} via {} dev eth0", self.subnet, self.underlay)
+    }
+
+    /// `/32` or `/128`.
+    pub(super) fn host_len(&self) -> &'static str {
+        if self.v6 {
+            "/128"
+        } else {
+            "/32"
+        }
+    }
+
+    /// The probes' protocol: `ICMP` or `ICMPv6`.
+    pub(super) fn icmp(&self) -> &'static str {
+        if self.v6 {
+            "ICMPv6"
+        } else {
+            "ICMP"
+        }
+    }
+}
+
+/// The direct (host-gw) routes `node` lacks: [`Family::direct_route`] of every family of
+/// every other node.
 pub(super) fn missing_direct_routes(c: &Cluster, node: &str) -> Vec<String> {
     let tables = [routes(c, node, false), routes(c, node, true)];
     c.nodes()
         .iter()
         .filter(|o| o.name != node)
-        .flat_map(direct_routes)
-        .filter(|(v6, want)| {
-            !tables[usize::from(*v6)]
-                .lines()
-                .any(|l| l.starts_with(want.as_str()))
+        .flat_map(Family::of)
+        .filter_map(|f| {
+            let want = f.direct_route();
+            let table = &tables[usize::from(f.v6)];
+            (!table.lines().any(|l| l.starts_with(&want))).then_some(want)
         })
-        .map(|(_, want)| want)
         .collect()
 }
 
