@@ -805,10 +805,17 @@ fn no_fail(r: &DoctorReport) -> bool {
 
 /// The only FAIL is `id`, and it mentions `needle`.
 fn fails_only(r: &DoctorReport, id: &str, needle: &str) -> bool {
-    r.has_mentioning(Level::Fail, id, needle)
+    fails_only_these(r, &[(id, needle)])
+}
+
+/// Every `(id, needle)` FAILs mentioning its needle, and nothing else FAILs.
+fn fails_only_these(r: &DoctorReport, expected: &[(&str, &str)]) -> bool {
+    expected
+        .iter()
+        .all(|(id, needle)| r.has_mentioning(Level::Fail, id, needle))
         && r.checks
             .iter()
-            .all(|c| c.level != Level::Fail || c.id == id)
+            .all(|c| c.level != Level::Fail || expected.iter().any(|(id, _)| c.id == *id))
 }
 
 fn capture_during<T>(

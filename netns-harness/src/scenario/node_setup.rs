@@ -6,20 +6,34 @@ use crate::cluster::{Cluster, NodeKind};
 use crate::cmd;
 use crate::doctor::Level;
 
-use super::{expect_matrix_pass, fails_only, first_of, no_fail, Phase, ScenarioOpts};
+use super::{
+    expect_matrix_pass, fails_only, fails_only_these, first_of, no_fail, Phase, ScenarioOpts,
+};
 
 pub(super) fn node_setup(c: &mut Cluster, opts: &ScenarioOpts) -> Result<Vec<Phase>> {
     let u = first_of(c, NodeKind::Userspace)?;
     let k = first_of(c, NodeKind::Kernel)?;
     let (bin, conf) = c.cni_dirs(&u)?;
-    // The MTU is checked per family: `mtu` for IPv4 peers, `mtu-v6` for IPv6 ones.
-    let family = opts.ip_family;
-    let mtu_ids: Vec<&str> = [(family.has_v4(), "mtu"), (family.has_v6(), "mtu-v6")]
-        .into_iter()
-        .filter_map(|(on, id)| on.then_some(id))
-        .collect();
+    // The MTU is checked per family: `mtu` for IPv4 peers, `mtu-v6` for IPv6 ones, each
+    // naming the kernel node's subnet of its family when it fails.
+    let (family, node) = (opts.ip_family, c.node(&k));
+    let mtu_named: Vec<(&str, String)> = [
+        (
+            family.has_v4(),
+            "mtu",
+            node.and_then(|n| n.subnet).map(|s| s.to_string()),
+        ),
+        (
+            family.has_v6(),
+            "mtu-v6",
+            node.and_then(|n| n.subnet6).map(|s| s.to_string()),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(on, id, s)| on.then(|| (id, s.unwrap_or_default())))
+    .collect();
     let mut ids = vec!["cni-plugin", "cni-config", "br-netfilter", "vxlan-port"];
-    ids.extend(&mtu_ids);
+    ids.extend(mtu_named.iter().map(|(id, _)| *id));
     let mut phases = Vec::new();
 
     let mut p = Phase::new(
@@ -107,32 +121,15 @@ pub(super) fn node_setup(c: &mut Cluster, opts: &ScenarioOpts) -> Result<Vec<Pha
             "ip link set eth0 mtu 1400 on {k} (IPv4 overlay MTU 1450 + 50, IPv6 1430 + 70 no longer fit)"
         ),
     );
-    // The subnet each family's finding names: the IPv4 lease's, the IPv6 lease's.
-    let node = c.node(&k);
-    let named: Vec<(&str, String)> = [
-        ("mtu", node.and_then(|n| n.subnet).map(|s| s.to_string())),
-        (
-            "mtu-v6",
-            node.and_then(|n| n.subnet6).map(|s| s.to_string()),
-        ),
-    ]
-    .into_iter()
-    .filter(|(id, _)| mtu_ids.contains(id))
-    .map(|(id, s)| (id, s.unwrap_or_default()))
-    .collect();
     c.exec_ok(&k, &["ip", "link", "set", "eth0", "mtu", "1400"])?;
-    let what = named
+    let expected: Vec<(&str, &str)> = mtu_named.iter().map(|(id, s)| (*id, s.as_str())).collect();
+    let what = expected
         .iter()
         .map(|(id, s)| format!("FAIL {id} naming {s}"))
         .collect::<Vec<_>>()
         .join(", ");
     p.expect_doctor(c, &u, &format!("{what}; nothing else fails"), |r| {
-        named
-            .iter()
-            .all(|(id, s)| r.has_mentioning(Level::Fail, id, s))
-            && r.checks
-                .iter()
-                .all(|x| x.level != Level::Fail || mtu_ids.contains(&x.id.as_str()))
+        fails_only_these(r, &expected)
     });
     c.exec_ok(&k, &["ip", "link", "set", "eth0", "mtu", "1500"])?;
     phases.push(p);
