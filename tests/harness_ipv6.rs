@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use netns::*;
 use netns_harness::scenario::{self, Scenario, ScenarioOpts, ScenarioReport};
-use netns_harness::{privileged_test_guard, Family, IpFamily, Level, NodeKind, StoreKind};
+use netns_harness::{
+    privileged_test_guard, CaptureReport, Family, IpFamily, Level, NodeKind, StoreKind,
+};
 
 use NodeKind::{Kernel, KernelRef, Userspace};
 
@@ -287,6 +289,14 @@ fn node_setup_names_each_familys_mtu_on_dual_stack_and_ipv6_only() {
     }
 }
 
+/// The capture of `phase` labelled `label`.
+fn capture<'a>(r: &'a ScenarioReport, phase: &str, label: &str) -> &'a CaptureReport {
+    r.phase(phase)
+        .and_then(|p| p.captures.iter().find(|(l, _)| l == label))
+        .map(|(_, c)| c)
+        .unwrap_or_else(|| panic!("{phase}: no capture {label:?}"))
+}
+
 /// `--host-gw-fallback` on dual stack: the drop (iptables and ip6tables) breaks both
 /// families' VXLAN to n2; the fallback routes both directly (IPv6 subnet via the IPv6
 /// underlay address), the VTEP of each is still probed over VXLAN, and both return.
@@ -297,14 +307,7 @@ fn p3_fallback_heals_both_families_on_dual_stack() {
     }
     let _g = serial();
     let (_, r) = passes_on_dual(Scenario::P3Fallback);
-    let capture = |phase: &str, label: &str| {
-        let p = r.phase(phase).expect("phase");
-        p.captures
-            .iter()
-            .find(|(l, _)| l == label)
-            .map(|(_, c)| c.clone())
-            .unwrap_or_else(|| panic!("{phase}: no capture {label:?}"))
-    };
+    let capture = |phase: &str, label: &str| capture(&r, phase, label);
     let to = capture(
         "fallback",
         "VXLAN to 2001:db8:18::2, not ICMPv6 (must be empty)",
@@ -330,13 +333,7 @@ fn p3_fallback_with_an_upstream_peer_on_dual_stack() {
     }
     let _g = serial();
     let (_, r) = passes_on_dual(Scenario::P3FallbackMixed);
-    let p = r.phase("fallback").expect("fallback phase");
-    let from = p
-        .captures
-        .iter()
-        .find(|(l, _)| l == "VXLAN from 2001:db8:18::1, not ICMPv6")
-        .map(|(_, c)| c)
-        .expect("IPv6 capture from n1");
+    let from = capture(&r, "fallback", "VXLAN from 2001:db8:18::1, not ICMPv6");
     assert!(from.frames > 0 && from.outer_ip6 == from.frames, "{from}");
 }
 
